@@ -1,0 +1,829 @@
+//! Configuration in two stages: `raw` mirrors the TOML file with serde, and
+//! [`Config::load`] validates it into the resolved types below, which the rest
+//! of the gateway takes. Every problem names the file, the line and what to
+//! write instead; all problems are reported at once.
+
+mod raw;
+mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use raw::{RawAccess, RawConfig, RawIdentity, RawOidc, RawServer, RawTarget, RawTls};
+
+/// The validated configuration of one gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; relative paths in it were resolved against its directory.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub tls: Option<TlsFiles>,
+    pub identity: IdentityConfig,
+    pub targets: Vec<Target>,
+}
+
+/// The PostgreSQL listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Sessions served at once; further clients get SQLSTATE 53300.
+    pub max_connections: usize,
+    /// Largest frontend message accepted; a larger one ends the session.
+    pub max_message_size: usize,
+    /// How long sessions may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// How long a client may take from connecting to being authenticated.
+    pub auth_timeout: Duration,
+    /// Whether tokens may arrive without TLS. Only ever true on a loopback listener.
+    pub allow_plaintext: bool,
+}
+
+/// Certificate chain and private key of the client-facing TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IdentityConfig {
+    pub oidc: Option<OidcConfig>,
+    pub tokens: Vec<StaticTokenConfig>,
+}
+
+/// An OpenID Connect issuer whose ID tokens the gateway accepts.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub issuer: String,
+    /// The `aud` the tokens must carry: the client id registered for Sluice.
+    pub audience: String,
+    /// The claim that lists the user's groups.
+    pub groups_claim: String,
+    /// Signature algorithms accepted (never `none`, never shared-secret HMAC).
+    pub algorithms: Vec<String>,
+    /// How often the key set is fetched again even without an unknown `kid`.
+    pub jwks_refresh: Duration,
+    /// Lower bound between two fetches, so unknown `kid`s cannot flood the issuer.
+    pub min_refresh_interval: Duration,
+    /// Timeout of each request to the issuer.
+    pub http_timeout: Duration,
+}
+
+/// A static service token; only its SHA-256 is configured.
+#[derive(Debug, Clone)]
+pub struct StaticTokenConfig {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub groups: Vec<String>,
+    /// Free-form labels (`kind = "agent"`, `model = "..."`) for auditors.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An upstream database that clients reach by its name (their `dbname`).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub address: UpstreamAddress,
+    /// The database name on the upstream server.
+    pub database: String,
+    pub tls: UpstreamTls,
+    /// CA certificates for `verify-ca` / `verify-full`; the system roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Name checked against the server certificate; the host when absent.
+    pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    /// Who may use this target and as which upstream role; first match wins.
+    pub access: Vec<AccessRule>,
+}
+
+/// Where an upstream server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddress {
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    /// A Unix socket directory, as libpq's `host=/path`.
+    Unix {
+        dir: PathBuf,
+        port: u16,
+    },
+}
+
+impl fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddress::Tcp { host, port } => write!(f, "{host}:{port}"),
+            UpstreamAddress::Unix { dir, port } => {
+                write!(f, "{}/.s.PGSQL.{port}", dir.display())
+            }
+        }
+    }
+}
+
+/// TLS towards the upstream server, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    Disable,
+    /// Encrypt, do not verify the certificate.
+    Require,
+    /// Encrypt and verify the chain, not the name.
+    VerifyCa,
+    /// Encrypt, verify the chain and the host name.
+    VerifyFull,
+}
+
+/// Maps identities or groups to an upstream role and its credentials.
+#[derive(Debug, Clone)]
+pub struct AccessRule {
+    /// Identity names (token names, emails or subjects); `*` matches anyone.
+    pub identities: Vec<String>,
+    pub groups: Vec<String>,
+    pub role: String,
+    pub password: Option<Secret>,
+}
+
+/// A credential held by the gateway. Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// One thing wrong in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem belongs to one value.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "{} has {} problem{}:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for problem in problems {
+        match problem.line {
+            Some(line) => out.push_str(&format!("\n  {}:{line}: {}", path.display(), problem.message)),
+            None => out.push_str(&format!("\n  {}: {}", path.display(), problem.message)),
+        }
+    }
+    out
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates configuration text as if it were read from `path`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+            let (line, column) = err.span().map(|span| line_col(text, span.start)).unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: err.message().trim().to_string(),
+            }
+        })?;
+        let mut v = Validator {
+            text,
+            base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            problems: Vec::new(),
+        };
+        // Whether any identity source was written at all, valid or not: an
+        // invalid one is reported on its own line, not again as "missing".
+        let identity_written = raw.identity.oidc.is_some() || !raw.identity.tokens.is_empty();
+        let server = v.server(raw.server);
+        let tls = raw.tls.map(|tls| v.tls(tls));
+        let identity = v.identity(raw.identity);
+        let targets = v.targets(raw.targets);
+        if let Some(server) = &server
+            && tls.is_none()
+            && !server.allow_plaintext
+        {
+            v.problem(
+                None,
+                "no [tls] section and allow_plaintext is off, so no client could ever \
+                     authenticate: add [tls] with cert and key, or set server.allow_plaintext = true \
+                     on a loopback listener",
+            );
+        }
+        if !identity_written {
+            v.problem(
+                None,
+                "no identity source: add [identity.oidc] or at least one [[identity.tokens]]",
+            );
+        }
+        match server {
+            Some(server) if v.problems.is_empty() => Ok(Config {
+                source: path.to_path_buf(),
+                server,
+                tls,
+                identity,
+                targets,
+            }),
+            _ => Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: v.problems,
+            }),
+        }
+    }
+
+    /// The target a client names as its database.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// Collects problems while resolving raw values.
+struct Validator<'a> {
+    text: &'a str,
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, span: Option<std::ops::Range<usize>>, message: impl Into<String>) {
+        let line = span.map(|span| line_col(self.text, span.start).0);
+        self.problems.push(Problem {
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
+        self.problem(Some(value.span()), message);
+    }
+
+    fn path(&self, value: &str) -> PathBuf {
+        let path = Path::new(value);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<Spanned<raw::RawDuration>>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match units::parse_duration(value.get_ref()) {
+            Ok(duration) => duration,
+            Err(message) => {
+                self.at(&value, format!("{key}: {message}"));
+                default
+            }
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
+        let listen = match &raw.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 7432)),
+            Some(listen) => match listen.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.at(
+                        listen,
+                        format!(
+                            "server.listen = \"{}\" is not an address: write an IP and a port, \
+                             such as \"127.0.0.1:7432\" or \"0.0.0.0:7432\"",
+                            listen.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let max_connections = match &raw.max_connections {
+            None => 1000,
+            Some(value) if *value.get_ref() >= 1 => *value.get_ref() as usize,
+            Some(value) => {
+                self.at(
+                    value,
+                    format!("server.max_connections = {} must be at least 1", value.get_ref()),
+                );
+                1
+            }
+        };
+        let max_message_size = match &raw.max_message_size {
+            None => 64 << 20,
+            Some(value) => match units::parse_size(value.get_ref()) {
+                Ok(size) if size >= 8 << 10 => size,
+                Ok(size) => {
+                    self.at(
+                        value,
+                        format!(
+                            "server.max_message_size = {size} bytes is too small for ordinary \
+                             queries: write at least \"8KiB\" (the default is \"64MiB\")"
+                        ),
+                    );
+                    8 << 10
+                }
+                Err(message) => {
+                    self.at(value, format!("server.max_message_size: {message}"));
+                    64 << 20
+                }
+            },
+        };
+        let shutdown_grace = self.duration("server.shutdown_grace", raw.shutdown_grace, Duration::from_secs(30));
+        let auth_timeout = self.duration("server.auth_timeout", raw.auth_timeout, Duration::from_secs(30));
+        let allow_plaintext = raw.allow_plaintext.as_ref().is_some_and(|v| *v.get_ref());
+        if allow_plaintext && !listen.ip().is_loopback() {
+            let span = raw.allow_plaintext.as_ref().map(Spanned::span);
+            self.problem(
+                span,
+                format!(
+                    "server.allow_plaintext = true is only allowed on a loopback listener, \
+                     and server.listen is {listen}: configure [tls] instead, or listen on 127.0.0.1"
+                ),
+            );
+        }
+        Some(ServerConfig {
+            listen,
+            max_connections,
+            max_message_size,
+            shutdown_grace,
+            auth_timeout,
+            allow_plaintext,
+        })
+    }
+
+    fn tls(&mut self, raw: RawTls) -> TlsFiles {
+        TlsFiles {
+            cert: self.path(raw.cert.get_ref()),
+            key: self.path(raw.key.get_ref()),
+        }
+    }
+
+    fn identity(&mut self, raw: RawIdentity) -> IdentityConfig {
+        let oidc = raw.oidc.and_then(|oidc| self.oidc(oidc));
+        let mut tokens = Vec::new();
+        let mut names = HashSet::new();
+        let mut hashes = HashSet::new();
+        for token in raw.tokens {
+            let name = token.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.at(&token.name, "identity.tokens: name must not be empty");
+                continue;
+            }
+            if !names.insert(name.clone()) {
+                self.at(
+                    &token.name,
+                    format!("identity.tokens: the name \"{name}\" is used twice; token names identify people and machines and must be unique"),
+                );
+            }
+            let mut sha256 = [0u8; 32];
+            if hex::decode_to_slice(token.sha256.get_ref().trim(), &mut sha256).is_err() {
+                self.at(
+                    &token.sha256,
+                    format!(
+                        "identity.tokens \"{name}\": sha256 must be 64 hex digits, the SHA-256 of the \
+                         token (print it with `sluice hash-token`), never the token itself"
+                    ),
+                );
+                continue;
+            }
+            if !hashes.insert(sha256) {
+                self.at(
+                    &token.sha256,
+                    format!("identity.tokens \"{name}\": this sha256 is already configured for another token"),
+                );
+            }
+            tokens.push(StaticTokenConfig {
+                name,
+                sha256,
+                groups: token.groups,
+                labels: token.labels,
+            });
+        }
+        IdentityConfig { oidc, tokens }
+    }
+
+    fn oidc(&mut self, raw: RawOidc) -> Option<OidcConfig> {
+        let issuer = raw.issuer.get_ref().trim().to_string();
+        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+            self.at(
+                &raw.issuer,
+                format!(
+                    "identity.oidc.issuer = \"{issuer}\" must be the issuer URL, such as \"https://login.example.com\""
+                ),
+            );
+            return None;
+        }
+        let audience = raw.audience.get_ref().trim().to_string();
+        if audience.is_empty() {
+            self.at(
+                &raw.audience,
+                "identity.oidc.audience must be the client id that Sluice's tokens are issued for",
+            );
+        }
+        const ACCEPTED: [&str; 9] = [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+        ];
+        let algorithms = match raw.algorithms {
+            None => vec!["RS256".to_string()],
+            Some(algs) => {
+                let mut ok = Vec::new();
+                for alg in algs.get_ref() {
+                    if ACCEPTED.contains(&alg.as_str()) {
+                        ok.push(alg.clone());
+                    } else {
+                        self.at(
+                            &algs,
+                            format!(
+                                "identity.oidc.algorithms: \"{alg}\" is not accepted; use public-key \
+                                 algorithms only ({}). `none` and shared-secret HS* would let \
+                                 others mint tokens",
+                                ACCEPTED.join(", ")
+                            ),
+                        );
+                    }
+                }
+                if ok.is_empty() && algs.get_ref().is_empty() {
+                    self.at(
+                        &algs,
+                        "identity.oidc.algorithms must list at least one algorithm, such as [\"RS256\"]",
+                    );
+                }
+                ok
+            }
+        };
+        let jwks_refresh = self.duration(
+            "identity.oidc.jwks_refresh",
+            raw.jwks_refresh,
+            Duration::from_secs(3600),
+        );
+        let min_refresh_interval = self.duration(
+            "identity.oidc.min_refresh_interval",
+            raw.min_refresh_interval,
+            Duration::from_secs(30),
+        );
+        let http_timeout = self.duration("identity.oidc.http_timeout", raw.http_timeout, Duration::from_secs(10));
+        Some(OidcConfig {
+            issuer,
+            audience,
+            groups_claim: raw.groups_claim.unwrap_or_else(|| "groups".to_string()),
+            algorithms,
+            jwks_refresh,
+            min_refresh_interval,
+            http_timeout,
+        })
+    }
+
+    fn targets(&mut self, raw: Vec<RawTarget>) -> Vec<Target> {
+        let mut targets = Vec::new();
+        let mut names = HashSet::new();
+        for raw in raw {
+            let name = raw.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.at(&raw.name, "targets: name must not be empty");
+                continue;
+            }
+            if !names.insert(name.clone()) {
+                self.at(
+                    &raw.name,
+                    format!("targets: the name \"{name}\" is used twice; clients choose a target by name"),
+                );
+            }
+            if let Some(target) = self.target(name, raw) {
+                targets.push(target);
+            }
+        }
+        targets
+    }
+
+    fn target(&mut self, name: String, raw: RawTarget) -> Option<Target> {
+        let port = match &raw.port {
+            None => 5432,
+            Some(port) => match u16::try_from(*port.get_ref()) {
+                Ok(port) if port > 0 => port,
+                _ => {
+                    self.at(
+                        port,
+                        format!("target \"{name}\": port = {} is not a TCP port", port.get_ref()),
+                    );
+                    return None;
+                }
+            },
+        };
+        let host = raw.host.get_ref().trim().to_string();
+        let address = if host.starts_with('/') {
+            UpstreamAddress::Unix {
+                dir: PathBuf::from(&host),
+                port,
+            }
+        } else if host.is_empty() {
+            self.at(&raw.host, format!("target \"{name}\": host must not be empty"));
+            return None;
+        } else {
+            UpstreamAddress::Tcp { host, port }
+        };
+        let local = match &address {
+            UpstreamAddress::Unix { .. } => true,
+            UpstreamAddress::Tcp { host, .. } => {
+                host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        let tls = match &raw.tls {
+            // A remote database is reached over the network: verify it unless told otherwise.
+            None if local => UpstreamTls::Disable,
+            None => UpstreamTls::VerifyFull,
+            Some(mode) => match mode.get_ref().as_str() {
+                "disable" => UpstreamTls::Disable,
+                "require" => UpstreamTls::Require,
+                "verify-ca" => UpstreamTls::VerifyCa,
+                "verify-full" => UpstreamTls::VerifyFull,
+                other => {
+                    self.at(
+                        mode,
+                        format!(
+                            "target \"{name}\": tls = \"{other}\" is not a mode; write \"disable\", \
+                             \"require\", \"verify-ca\" or \"verify-full\""
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        if matches!(address, UpstreamAddress::Unix { .. }) && tls != UpstreamTls::Disable {
+            let span = raw.tls.as_ref().map(Spanned::span);
+            self.problem(
+                span,
+                format!("target \"{name}\": a Unix socket cannot use TLS; write tls = \"disable\""),
+            );
+        }
+        let ca = raw.ca.as_ref().map(|ca| self.path(ca.get_ref()));
+        let connect_timeout = self.duration(
+            &format!("target \"{name}\" connect_timeout"),
+            raw.connect_timeout,
+            Duration::from_secs(10),
+        );
+        if raw.access.is_empty() {
+            self.at(
+                &raw.name,
+                format!(
+                    "target \"{name}\" has no [[targets.access]] entry, so nobody could use it: \
+                     add one that maps identities or groups to an upstream role"
+                ),
+            );
+        }
+        let access = raw
+            .access
+            .into_iter()
+            .filter_map(|access| self.access(&name, access))
+            .collect();
+        Some(Target {
+            database: raw.database.unwrap_or_else(|| name.clone()),
+            name,
+            address,
+            tls,
+            ca,
+            server_name: raw.server_name,
+            connect_timeout,
+            access,
+        })
+    }
+
+    fn access(&mut self, target: &str, raw: RawAccess) -> Option<AccessRule> {
+        if raw.identities.is_empty() && raw.groups.is_empty() {
+            self.at(
+                &raw.role,
+                format!(
+                    "target \"{target}\": an access entry for role \"{}\" names no identities and \
+                     no groups; write identities = [\"alice@example.com\"] or groups = [\"oncall\"] \
+                     (\"*\" in identities matches every verified identity)",
+                    raw.role.get_ref()
+                ),
+            );
+            return None;
+        }
+        let sources = [
+            raw.password.is_some(),
+            raw.password_env.is_some(),
+            raw.password_file.is_some(),
+        ];
+        if sources.iter().filter(|&&set| set).count() > 1 {
+            self.at(
+                &raw.role,
+                format!(
+                    "target \"{target}\" role \"{}\": set only one of password, password_env and password_file",
+                    raw.role.get_ref()
+                ),
+            );
+            return None;
+        }
+        let password = if let Some(password) = raw.password {
+            Some(Secret::new(password.into_inner()))
+        } else if let Some(var) = raw.password_env {
+            match std::env::var(var.get_ref()) {
+                Ok(value) => Some(Secret::new(value)),
+                Err(_) => {
+                    self.at(
+                        &var,
+                        format!(
+                            "target \"{target}\" role \"{}\": the environment variable {} is not set",
+                            raw.role.get_ref(),
+                            var.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        } else if let Some(file) = raw.password_file {
+            let path = self.path(file.get_ref());
+            match std::fs::read_to_string(&path) {
+                Ok(value) => Some(Secret::new(value.trim_end_matches(['\r', '\n']))),
+                Err(err) => {
+                    self.at(
+                        &file,
+                        format!(
+                            "target \"{target}\" role \"{}\": cannot read password_file {}: {err}",
+                            raw.role.get_ref(),
+                            path.display()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        Some(AccessRule {
+            identities: raw.identities,
+            groups: raw.groups,
+            role: raw.role.into_inner(),
+            password,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/sluice/sluice.toml"))
+    }
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[server]
+allow_plaintext = true
+
+[[identity.tokens]]
+name = "ci"
+sha256 = "{HASH}"
+groups = ["deploy"]
+labels = {{ kind = "agent", model = "m1" }}
+
+[[targets]]
+name = "shop"
+host = "127.0.0.1"
+
+[[targets.access]]
+groups = ["deploy"]
+role = "app"
+password = "pw"
+"#
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = load(&minimal()).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:7432".parse().unwrap());
+        assert_eq!(config.server.max_message_size, 64 << 20);
+        assert_eq!(config.server.max_connections, 1000);
+        let target = config.target("shop").unwrap();
+        assert_eq!(target.database, "shop");
+        assert_eq!(target.tls, UpstreamTls::Disable);
+        assert_eq!(
+            target.address,
+            UpstreamAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5432
+            }
+        );
+        assert_eq!(config.identity.tokens[0].labels["kind"], "agent");
+        assert_eq!(format!("{:?}", target.access[0].password), "Some(Secret(..))");
+    }
+
+    #[test]
+    fn remote_targets_verify_tls_by_default() {
+        let text = minimal().replace("host = \"127.0.0.1\"", "host = \"db.internal\"");
+        let config = load(&text).unwrap();
+        assert_eq!(config.targets[0].tls, UpstreamTls::VerifyFull);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let text = minimal().replace("allow_plaintext = true", "allow_plaintext = true\nmax_conections = 5");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("/etc/sluice/sluice.toml:4:"), "{err}");
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn all_problems_reported_with_lines() {
+        let text = minimal()
+            .replace(
+                "allow_plaintext = true",
+                "allow_plaintext = true\nlisten = \"0.0.0.0:7432\"",
+            )
+            .replace(HASH, "not-a-hash")
+            .replace("host = \"127.0.0.1\"", "host = \"127.0.0.1\"\ntls = \"sometimes\"");
+        let err = load(&text).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected validation problems, got {err}");
+        };
+        let rendered = err.to_string();
+        assert!(rendered.contains("only allowed on a loopback listener"), "{rendered}");
+        assert!(rendered.contains("64 hex digits"), "{rendered}");
+        assert!(rendered.contains("\"sometimes\" is not a mode"), "{rendered}");
+        assert!(problems.iter().all(|p| p.line.is_some()), "{problems:?}");
+        assert!(rendered.contains("sluice.toml:3:"), "{rendered}");
+    }
+
+    #[test]
+    fn shared_secret_algorithms_are_refused() {
+        let text = minimal()
+            + "\n[identity.oidc]\nissuer = \"https://id.example.com\"\naudience = \"sluice\"\nalgorithms = [\"HS256\"]\n";
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("\"HS256\" is not accepted"), "{err}");
+    }
+
+    #[test]
+    fn missing_password_env_is_named() {
+        let text = minimal().replace("password = \"pw\"", "password_env = \"SLUICE_TEST_SURELY_UNSET\"");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_TEST_SURELY_UNSET is not set"), "{err}");
+    }
+
+    #[test]
+    fn no_tls_and_no_plaintext_is_useless() {
+        let text = minimal().replace("allow_plaintext = true", "");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("no [tls] section"), "{err}");
+    }
+
+    #[test]
+    fn access_without_subjects_is_refused() {
+        let text = minimal().replace("groups = [\"deploy\"]\nrole", "role");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("names no identities and no groups"), "{err}");
+    }
+}

@@ -1,0 +1,114 @@
+//! The configuration file as written: serde structs with defaults, no meaning
+//! attached yet. `super::validate` turns these into the resolved types the rest
+//! of the gateway takes. Unknown keys are errors, so a typo is reported with its
+//! line instead of being ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_message_size: Option<Spanned<RawSize>>,
+    pub shutdown_grace: Option<Spanned<RawDuration>>,
+    pub auth_timeout: Option<Spanned<RawDuration>>,
+    pub allow_plaintext: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub oidc: Option<RawOidc>,
+    #[serde(default)]
+    pub tokens: Vec<RawToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidc {
+    pub issuer: Spanned<String>,
+    pub audience: Spanned<String>,
+    pub groups_claim: Option<String>,
+    pub algorithms: Option<Spanned<Vec<String>>>,
+    pub jwks_refresh: Option<Spanned<RawDuration>>,
+    pub min_refresh_interval: Option<Spanned<RawDuration>>,
+    pub http_timeout: Option<Spanned<RawDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub name: Spanned<String>,
+    pub sha256: Spanned<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub name: Spanned<String>,
+    pub host: Spanned<String>,
+    pub port: Option<Spanned<i64>>,
+    pub database: Option<String>,
+    pub tls: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<String>,
+    pub connect_timeout: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub access: Vec<RawAccess>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub role: Spanned<String>,
+    pub password: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+}
+
+/// A duration written as `"30s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(i64),
+    Text(String),
+}
+
+/// A size written as `"64MiB"`, `"512KiB"`, `"1GiB"` or a number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
+}

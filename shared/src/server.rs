@@ -1,0 +1,164 @@
+//! The gateway: binds the PostgreSQL listener, accepts clients within the
+//! connection limit, and shuts down gracefully.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::gate::StatementGate;
+use crate::identity::Verifier;
+use crate::session::{self, Shared};
+use crate::tls::{self, TlsError, UpstreamTlsConnector};
+
+/// How long sessions get to send their goodbye after the grace period.
+const FINAL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot load the TLS certificate for clients: {0}")]
+    Tls(#[source] TlsError),
+    #[error("cannot prepare TLS towards target \"{target}\": {source}")]
+    UpstreamTls {
+        target: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The TLS material a configuration names, loaded and checked.
+struct TlsSetup {
+    tls: Option<TlsAcceptor>,
+    upstream_tls: HashMap<String, Option<UpstreamTlsConnector>>,
+}
+
+impl TlsSetup {
+    fn load(config: &Config) -> Result<TlsSetup, GatewayError> {
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::from(tls::server_config(files).map_err(GatewayError::Tls)?)),
+            None => None,
+        };
+        let mut upstream_tls = HashMap::new();
+        for target in &config.targets {
+            let connector = tls::upstream_connector(target).map_err(|source| GatewayError::UpstreamTls {
+                target: target.name.clone(),
+                source,
+            })?;
+            upstream_tls.insert(target.name.clone(), connector);
+        }
+        Ok(TlsSetup { tls, upstream_tls })
+    }
+}
+
+/// Checks what `bind` would load from disk (certificates, keys, CAs) without
+/// binding or connecting anywhere: `sluice config check` runs this.
+pub fn check_files(config: &Config) -> Result<(), GatewayError> {
+    TlsSetup::load(config).map(|_| ())
+}
+
+/// A bound, not yet running, gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+}
+
+impl Gateway {
+    /// Loads TLS material, prepares the verifiers and binds the listener.
+    pub async fn bind(config: Config, gate: Arc<dyn StatementGate>) -> Result<Gateway, GatewayError> {
+        let TlsSetup { tls, upstream_tls } = TlsSetup::load(&config)?;
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let shared = Shared {
+            verifier: Verifier::new(&config.identity),
+            config,
+            gate,
+            tls,
+            upstream_tls,
+            cancels: Arc::new(CancelRegistry::default()),
+            draining: CancellationToken::new(),
+            deadline: CancellationToken::new(),
+        };
+        Ok(Gateway {
+            shared: Arc::new(shared),
+            listener,
+        })
+    }
+
+    /// The address clients connect to (useful when the configuration says port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.config.server.listen)
+    }
+
+    /// Serves clients until `shutdown` is cancelled, then stops accepting,
+    /// lets sessions finish for `server.shutdown_grace`, and ends the rest.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Gateway { shared, listener } = self;
+        let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        let sessions = TaskTracker::new();
+        // Fetch OIDC keys ahead of the first client. A failure is not fatal:
+        // the issuer may come up after the gateway, and tokens are checked
+        // (and refused, with the reason) until it does.
+        let warm = shared.clone();
+        tokio::spawn(async move {
+            if let Err(err) = warm.verifier.warm_up().await {
+                tracing::warn!(error = %err, "OIDC issuer not reachable yet");
+            }
+        });
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "gateway ready");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        tcp.set_nodelay(true).ok();
+                        let permit = limit.clone().try_acquire_owned().ok();
+                        sessions.spawn(session::serve(shared.clone(), tcp, peer, permit));
+                    }
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off
+                        // instead of spinning, and keep serving.
+                        tracing::error!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        sessions.close();
+        tracing::info!(
+            sessions = sessions.len(),
+            grace = ?shared.config.server.shutdown_grace,
+            "shutting down: no new connections; sessions end when idle"
+        );
+        shared.draining.cancel();
+        if tokio::time::timeout(shared.config.server.shutdown_grace, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "grace period over: ending the remaining sessions"
+            );
+            shared.deadline.cancel();
+            let _ = tokio::time::timeout(FINAL_WAIT, sessions.wait()).await;
+        }
+        tracing::info!("gateway stopped");
+    }
+}

@@ -1,0 +1,278 @@
+//! One client connection from accept to close.
+//!
+//! The states, in order:
+//!
+//! 1. **Negotiating** (`startup::negotiate`): SSLRequest (TLS handshake),
+//!    GSSENCRequest (declined), CancelRequest (forwarded, connection done),
+//!    StartupMessage (parameters screened).
+//! 2. **Authenticating** (`startup::authenticate`): the token arrives as the
+//!    password and becomes an [`Identity`]; the target named by the client's
+//!    database is looked up and the identity mapped to an upstream role.
+//! 3. **Connecting upstream** (`crate::upstream`): login as that role; the
+//!    client then gets AuthenticationOk, the server's parameter statuses, its
+//!    real process id with the gateway's cancel key, and ReadyForQuery.
+//! 4. **Proxying** (`proxy`): until either side ends or the gateway shuts down.
+//!
+//! Steps 1 and 2 must finish within `server.auth_timeout`. Every failure before
+//! step 4 ends with a FATAL ErrorResponse that says what was wrong.
+
+mod pending;
+mod proxy;
+mod results;
+mod startup;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field};
+
+use crate::cancel::CancelRegistry;
+use crate::config::{AccessRule, Config};
+use crate::conn::Connection;
+use crate::gate::StatementGate;
+use crate::identity::{Identity, Verifier};
+use crate::net::Stream;
+use crate::protocol::backend::{BackendKeyData, ErrorFields, Severity};
+use crate::tls::UpstreamTlsConnector;
+use crate::upstream::{self, Login};
+
+pub use pending::{Expect, PendingQueue};
+use startup::{Failure, Opening};
+
+/// What every session of one gateway shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub gate: Arc<dyn StatementGate>,
+    pub tls: Option<TlsAcceptor>,
+    /// Per target name: its TLS connector, `None` for `tls = "disable"`.
+    pub upstream_tls: HashMap<String, Option<UpstreamTlsConnector>>,
+    pub cancels: Arc<CancelRegistry>,
+    /// Cancelled when the gateway stops: sessions end at their next idle moment.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period is over: sessions end now.
+    pub deadline: CancellationToken,
+}
+
+/// A new session id: time-ordered, so ids sort by start.
+fn session_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Serves one accepted connection. Without a `permit` the gateway is at its
+/// connection limit: the client is told so once it has said hello.
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+    let id = session_id();
+    let span = tracing::info_span!(
+        "session",
+        id = %id,
+        peer = %peer,
+        identity = field::Empty,
+        target = field::Empty,
+    );
+    async move {
+        let _permit = permit;
+        let started = Instant::now();
+        let conn = Connection::new(Stream::Tcp(tcp));
+        let opening = tokio::select! {
+            opening = tokio::time::timeout(shared.config.server.auth_timeout, open(&shared, conn, peer, _permit.is_some())) => opening,
+            _ = shared.draining.cancelled() => {
+                tracing::debug!("gateway shutting down during startup");
+                return;
+            }
+        };
+        let (conn, identity, params) = match opening {
+            Err(_) => {
+                tracing::warn!(after = ?shared.config.server.auth_timeout, "authentication timed out");
+                return;
+            }
+            Ok(Err(())) | Ok(Ok(None)) => return,
+            Ok(Ok(Some(session))) => session,
+        };
+        run_session(&shared, &id, conn, identity, params, started).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Steps 1 and 2. `Ok(None)` when the connection was a cancel request.
+async fn open(
+    shared: &Shared,
+    conn: Connection,
+    peer: SocketAddr,
+    admitted: bool,
+) -> Result<Option<(Connection, Identity, startup::StartupParams)>, ()> {
+    let (mut conn, params) = match startup::negotiate(conn, shared).await {
+        Ok(Opening::Cancel { process_id, secret_key }) => {
+            forward_cancel(shared, process_id, secret_key).await;
+            return Ok(None);
+        }
+        Ok(Opening::Session { conn, params }) => (conn, params),
+        Err((failure, conn)) => {
+            report(failure, conn).await;
+            return Err(());
+        }
+    };
+    if !admitted {
+        let limit = shared.config.server.max_connections;
+        tracing::warn!(limit, "connection refused: at the connection limit");
+        let error = ErrorFields::new(
+            Severity::Fatal,
+            "53300",
+            format!("too many connections: the gateway serves at most {limit} sessions"),
+        );
+        report(Failure::Refuse(error), Some(conn)).await;
+        return Err(());
+    }
+    match startup::authenticate(&mut conn, shared, peer).await {
+        Ok(identity) => {
+            let identity = identity.with_application_name(params.application_name.as_deref());
+            Ok(Some((conn, identity, params)))
+        }
+        Err(failure) => {
+            report(failure, Some(conn)).await;
+            Err(())
+        }
+    }
+}
+
+/// Sends a startup failure to the client (if it is still there) and closes.
+async fn report(failure: Failure, conn: Option<Connection>) {
+    match failure {
+        Failure::Gone(reason) => tracing::debug!(%reason, "client left during startup"),
+        Failure::Refuse(error) => {
+            tracing::info!(code = error.code, reason = %error.message, "session refused");
+            if let Some(mut conn) = conn {
+                let mut out = BytesMut::new();
+                error.encode(&mut out);
+                let _ = conn.send(&out).await;
+                conn.close().await;
+            }
+        }
+    }
+}
+
+/// The access rule that maps this identity on the target, first match wins.
+fn access_rule<'c>(rules: &'c [AccessRule], identity: &Identity) -> Option<&'c AccessRule> {
+    rules.iter().find(|rule| {
+        rule.identities.iter().any(|name| identity.matches_name(name))
+            || rule.groups.iter().any(|group| group == "*" || identity.in_group(group))
+    })
+}
+
+/// Steps 3 and 4.
+async fn run_session(
+    shared: &Shared,
+    id: &str,
+    mut conn: Connection,
+    identity: Identity,
+    params: startup::StartupParams,
+    started: Instant,
+) {
+    let span = tracing::Span::current();
+    span.record("identity", identity.name());
+    span.record("target", params.target.as_str());
+
+    let refuse = |code: &'static str, message: String| ErrorFields::new(Severity::Fatal, code, message);
+    let Some(target) = shared.config.target(&params.target) else {
+        let error = refuse("3D000", format!("target \"{}\" does not exist", params.target))
+            .with_hint("the database name you connect to selects a Sluice target");
+        return report(Failure::Refuse(error), Some(conn)).await;
+    };
+    let Some(rule) = access_rule(&target.access, &identity) else {
+        let error = refuse(
+            "28000",
+            format!("{} may not use target \"{}\"", identity.name(), target.name),
+        )
+        .with_hint("ask an administrator for access (a [[targets.access]] entry for you or your group)");
+        return report(Failure::Refuse(error), Some(conn)).await;
+    };
+    let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
+    let login = Login {
+        target,
+        tls,
+        role: &rule.role,
+        password: rule.password.as_ref(),
+        params: &params.forward,
+    };
+    let upstream = match upstream::connect(login).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            // The details are for the operator; the client learns that the
+            // target is unavailable, never the upstream credentials or role.
+            tracing::error!(error = %err, role = %rule.role, "cannot open upstream session");
+            let error = refuse(
+                "08001",
+                format!("the gateway could not connect to target \"{}\"", target.name),
+            )
+            .with_hint("the gateway's log has the details; try again or contact its operator");
+            return report(Failure::Refuse(error), Some(conn)).await;
+        }
+    };
+
+    let (client_key, _cancel_guard) = shared.cancels.register(&target.name, upstream.key);
+    let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 64);
+    proxy::encode_greeting(&upstream.greeting, client_key, upstream.status, &mut greeting);
+    if let Err(err) = conn.send(&greeting).await {
+        tracing::debug!(error = %err, "client left before the session began");
+        return;
+    }
+    tracing::info!(
+        client_user = %params.user,
+        application = params.application_name.as_deref().unwrap_or(""),
+        tls = conn.is_tls(),
+        upstream_role = %rule.role,
+        backend_pid = upstream.key.process_id,
+        "session opened"
+    );
+
+    let (client, client_in) = conn.into_parts();
+    let (server, server_in) = upstream.conn.into_parts();
+    let ctx = proxy::ProxyContext {
+        gate: shared.gate.as_ref(),
+        identity: &identity,
+        target: &target.name,
+        session_id: id,
+        max_message_size: shared.config.server.max_message_size,
+    };
+    let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
+    let end = proxy.run(&shared.draining, &shared.deadline).await;
+    let counters = proxy.counters();
+    tracing::info!(
+        reason = end.reason(),
+        detail = end.detail(),
+        statements = counters.statements,
+        refused = counters.refused,
+        rows = counters.rows,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session closed"
+    );
+}
+
+/// Passes a client's CancelRequest to the right backend with its real key.
+/// Unknown keys are ignored silently, as PostgreSQL does.
+async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+    let Some(entry) = shared.cancels.lookup(process_id, secret_key) else {
+        tracing::info!(process_id, "cancel request with an unknown key ignored");
+        return;
+    };
+    let Some(target) = shared.config.target(&entry.target) else {
+        return;
+    };
+    let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
+    let key = BackendKeyData {
+        process_id: entry.upstream.process_id,
+        secret_key: entry.upstream.secret_key,
+    };
+    match upstream::send_cancel(target, tls, key).await {
+        Ok(()) => tracing::info!(process_id, target = %target.name, "cancel request forwarded"),
+        Err(err) => tracing::warn!(error = %err, "cannot forward cancel request"),
+    }
+}

@@ -1,0 +1,314 @@
+//! Which frontend message each backend message answers.
+//!
+//! Clients pipeline: many messages can be on their way before the first answer
+//! comes back. The proxy pushes one [`Expect`] per frontend message that gets an
+//! answer, and [`PendingQueue::on_backend`] retires entries as answers arrive,
+//! following PostgreSQL's rules: an error in the extended protocol discards
+//! everything up to the next Sync; ReadyForQuery ends a simple Query, a Sync or
+//! a FunctionCall; Sync and Flush are ignored while COPY FROM STDIN runs.
+//!
+//! This is what lets the gateway replace the error of a refused statement with
+//! its own, and lets the masker (later) know which RowDescription a DataRow
+//! belongs to.
+
+use std::collections::VecDeque;
+
+use crate::protocol::backend::{ErrorFields, tag};
+
+/// A frontend message awaiting its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// A simple Query; `refusal` is set when the gateway replaced it with a
+    /// statement that fails, and its error must be replaced by this one.
+    Query {
+        refusal: Option<Box<ErrorFields>>,
+    },
+    Parse {
+        refusal: Option<Box<ErrorFields>>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    FunctionCall,
+    /// CopyDone or CopyFail from the client: marks where a COPY FROM STDIN
+    /// ends in the client's stream. Gets no answer of its own.
+    CopyEnd,
+}
+
+/// The answers still owed to the client, oldest first.
+#[derive(Debug, Default)]
+pub struct PendingQueue {
+    queue: VecDeque<Expect>,
+    /// Whether the server is in COPY FROM STDIN mode.
+    copy_in: bool,
+}
+
+impl PendingQueue {
+    pub fn push(&mut self, expect: Expect) {
+        self.queue.push_back(expect);
+    }
+
+    /// Nothing owed: the session is between requests.
+    pub fn is_empty(&self) -> bool {
+        self.queue.iter().all(|e| *e == Expect::CopyEnd)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The oldest entry that expects an answer. CopyEnd markers that reach the
+    /// front belong to a COPY that is over (or never started) and are dropped.
+    fn front(&mut self) -> Option<&mut Expect> {
+        while self.queue.front() == Some(&Expect::CopyEnd) {
+            self.queue.pop_front();
+        }
+        self.queue.front_mut()
+    }
+
+    fn pop(&mut self) -> Option<Expect> {
+        self.front();
+        self.queue.pop_front()
+    }
+
+    /// A COPY FROM STDIN ended: the Syncs the client sent while it ran were
+    /// ignored by the server (as is libpq's Sync sent with the Execute), so
+    /// they get no ReadyForQuery and must not wait for one.
+    fn end_copy_in(&mut self) {
+        self.copy_in = false;
+        let mut index = 1;
+        while index < self.queue.len() {
+            match self.queue[index] {
+                Expect::CopyEnd => break,
+                Expect::Sync => {
+                    self.queue.remove(index);
+                }
+                _ => index += 1,
+            }
+        }
+    }
+
+    /// Accounts for one backend message. Returns the refusal to send instead
+    /// of this message when it is the error of a statement the gateway refused.
+    pub fn on_backend(&mut self, message_tag: u8) -> Option<Box<ErrorFields>> {
+        match message_tag {
+            tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE | tag::NO_DATA | tag::PORTAL_SUSPENDED => {
+                self.pop();
+            }
+            tag::ROW_DESCRIPTION => {
+                // Part of a simple Query's answer unless a Describe asked for it.
+                if matches!(self.front(), Some(Expect::Describe)) {
+                    self.pop();
+                }
+            }
+            tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE => {
+                if self.copy_in {
+                    self.end_copy_in();
+                }
+                if matches!(self.front(), Some(Expect::Execute)) {
+                    self.pop();
+                }
+            }
+            tag::COPY_IN_RESPONSE => self.copy_in = true,
+            tag::ERROR_RESPONSE => {
+                if self.copy_in {
+                    self.end_copy_in();
+                }
+                return self.on_error();
+            }
+            tag::READY_FOR_QUERY => {
+                while let Some(expect) = self.pop() {
+                    if matches!(expect, Expect::Query { .. } | Expect::Sync | Expect::FunctionCall) {
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn on_error(&mut self) -> Option<Box<ErrorFields>> {
+        match self.front()? {
+            // A simple Query or FunctionCall ends with ReadyForQuery after its error.
+            Expect::Query { refusal } => refusal.take(),
+            Expect::FunctionCall | Expect::Sync => None,
+            // The extended protocol: the server discards messages until Sync.
+            _ => {
+                let refusal = match self.queue.pop_front() {
+                    Some(Expect::Parse { refusal }) => refusal,
+                    _ => None,
+                };
+                while let Some(front) = self.queue.front() {
+                    if *front == Expect::Sync {
+                        break;
+                    }
+                    self.queue.pop_front();
+                }
+                refusal
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::Severity;
+
+    fn refusal() -> Option<Box<ErrorFields>> {
+        Some(Box::new(ErrorFields::new(Severity::Error, "42501", "refused")))
+    }
+
+    fn feed(queue: &mut PendingQueue, tags: &[u8]) -> Vec<Option<Box<ErrorFields>>> {
+        tags.iter().map(|&t| queue.on_backend(t)).collect()
+    }
+
+    #[test]
+    fn simple_query_lifecycle() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Query { refusal: None });
+        feed(&mut q, b"TDDCTDC");
+        assert!(!q.is_empty());
+        feed(&mut q, b"Z");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn extended_pipeline_retires_in_order() {
+        let mut q = PendingQueue::default();
+        for e in [
+            Expect::Parse { refusal: None },
+            Expect::Bind,
+            Expect::Describe,
+            Expect::Execute,
+            Expect::Sync,
+        ] {
+            q.push(e);
+        }
+        q.push(Expect::Bind);
+        q.push(Expect::Execute);
+        q.push(Expect::Sync);
+        feed(&mut q, b"12TDDCZ");
+        assert_eq!(q.len(), 3);
+        feed(&mut q, b"2DsZ");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn refused_parse_error_is_replaced_and_batch_discarded() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Parse { refusal: None });
+        q.push(Expect::Bind);
+        q.push(Expect::Execute);
+        q.push(Expect::Parse { refusal: refusal() });
+        q.push(Expect::Bind);
+        q.push(Expect::Execute);
+        q.push(Expect::Sync);
+        q.push(Expect::Query { refusal: None });
+        let out = feed(&mut q, b"12C");
+        assert!(out.iter().all(Option::is_none));
+        // The refused Parse's error is the one to replace.
+        assert!(q.on_backend(b'E').is_some());
+        feed(&mut q, b"Z");
+        assert_eq!(q.queue.front(), Some(&Expect::Query { refusal: None }));
+    }
+
+    #[test]
+    fn earlier_error_skips_the_refused_parse_like_postgres_does() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Parse { refusal: None });
+        q.push(Expect::Bind);
+        q.push(Expect::Execute);
+        q.push(Expect::Parse { refusal: refusal() });
+        q.push(Expect::Sync);
+        // The first statement fails at Execute; the server never sees the
+        // refused Parse, so no error may be replaced.
+        let out = feed(&mut q, b"12EZ");
+        assert!(out.iter().all(Option::is_none));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn refused_simple_query() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Query { refusal: refusal() });
+        assert!(q.on_backend(b'E').is_some());
+        assert!(q.on_backend(b'E').is_none());
+        feed(&mut q, b"Z");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn libpq_extended_copy_in_ignores_the_early_sync() {
+        // libpq: Parse/Bind/Describe/Execute/Sync, then CopyData..., CopyDone, Sync.
+        let mut q = PendingQueue::default();
+        for e in [
+            Expect::Parse { refusal: None },
+            Expect::Bind,
+            Expect::Describe,
+            Expect::Execute,
+            Expect::Sync,
+        ] {
+            q.push(e);
+        }
+        feed(&mut q, b"12nG");
+        q.push(Expect::CopyEnd);
+        q.push(Expect::Sync);
+        feed(&mut q, b"C");
+        feed(&mut q, b"Z");
+        assert!(q.is_empty(), "{:?}", q.queue);
+        q.push(Expect::Query { refusal: refusal() });
+        assert!(q.on_backend(b'E').is_some(), "queue drifted: {:?}", q.queue);
+    }
+
+    #[test]
+    fn extended_copy_in_failing_mid_stream() {
+        let mut q = PendingQueue::default();
+        for e in [
+            Expect::Parse { refusal: None },
+            Expect::Bind,
+            Expect::Execute,
+            Expect::Sync,
+        ] {
+            q.push(e);
+        }
+        feed(&mut q, b"12G");
+        // The server rejects a row before the client finished sending.
+        feed(&mut q, b"E");
+        q.push(Expect::CopyEnd);
+        q.push(Expect::Sync);
+        feed(&mut q, b"Z");
+        assert!(q.is_empty(), "{:?}", q.queue);
+    }
+
+    #[test]
+    fn simple_copy_in_and_stray_copy_done() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Query { refusal: None });
+        feed(&mut q, b"G");
+        q.push(Expect::CopyEnd);
+        feed(&mut q, b"CZ");
+        assert!(q.is_empty());
+        // A CopyDone sent after a failed COPY is ignored by the server.
+        q.push(Expect::CopyEnd);
+        q.push(Expect::Query { refusal: refusal() });
+        assert!(q.on_backend(b'E').is_some());
+    }
+
+    #[test]
+    fn function_call_and_describe_statement() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::FunctionCall);
+        feed(&mut q, b"VZ");
+        assert!(q.is_empty());
+        q.push(Expect::Describe);
+        q.push(Expect::Sync);
+        feed(&mut q, b"tT");
+        assert_eq!(q.len(), 1);
+        feed(&mut q, b"Z");
+        assert!(q.is_empty());
+    }
+}

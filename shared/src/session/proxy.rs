@@ -1,0 +1,687 @@
+//! The proxy loop of an authenticated session.
+//!
+//! One task owns both sockets and four buffers and never waits on one
+//! direction while the other could move: [`Proxy::poll_io`] writes whatever is
+//! queued, then reads from whichever side has room downstream. This is what
+//! keeps a pipelining client and a server writing large results from
+//! deadlocking each other, and it gives backpressure for free: a side is not
+//! read while the buffer it feeds is above [`HIGH_WATER`].
+//!
+//! Frontend messages are read whole (up to `server.max_message_size`); Query
+//! and Parse pass through the statement gate. Backend messages are read whole
+//! unless they exceed [`STREAM_THRESHOLD`], in which case the result seam may let
+//! them stream through in chunks. Every backend message reaches the client
+//! through the result seam.
+//!
+//! A refused statement is not simply dropped: the gateway sends upstream, in
+//! its place, a statement that fails to parse, and replaces that failure's
+//! ErrorResponse with the refusal. The server therefore does exactly what it
+//! would do for any failed statement (abort the transaction block, discard the
+//! rest of the extended-protocol batch until Sync, answer ReadyForQuery with
+//! the right status), and the client's view stays consistent.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::io::{poll_read_buf, poll_write_buf};
+use tokio_util::sync::CancellationToken;
+
+use super::pending::{Expect, PendingQueue};
+use super::results::ResultSeam;
+use super::startup::encoding_is_safe;
+use crate::gate::{StatementContext, StatementGate, StatementSource, Verdict};
+use crate::identity::Identity;
+use crate::net::Stream;
+use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError, Severity};
+use crate::protocol::codec::{self, HEADER_LEN, printable};
+use crate::protocol::frontend::{self, Parse, Query, tag as fe};
+use crate::protocol::{DecodeError, TxStatus};
+
+/// Stop reading a side while the buffer it feeds holds this much.
+const HIGH_WATER: usize = 256 * 1024;
+
+/// Read into buffers in steps of this size.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Backend messages larger than this are streamed through instead of held
+/// whole, when the result seam allows it.
+const STREAM_THRESHOLD: usize = 1024 * 1024;
+
+/// How long the last bytes of a closing session may take to drain.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the upstream server receives in place of a refused statement. It is a
+/// syntax error whatever the server's state, and it names the gateway in the
+/// server's own log.
+pub(crate) const REFUSED_STATEMENT: &str = "SLUICE REFUSED THIS STATEMENT";
+
+/// How a session ended, for its closing log line.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    ClientTerminated,
+    ClientDisconnected,
+    ServerClosed,
+    Shutdown,
+    ClientProtocol(String),
+    ServerFailed(String),
+    ClientIo(String),
+}
+
+impl SessionEnd {
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            SessionEnd::ClientTerminated => "client_terminated",
+            SessionEnd::ClientDisconnected => "client_disconnected",
+            SessionEnd::ServerClosed => "server_closed",
+            SessionEnd::Shutdown => "gateway_shutdown",
+            SessionEnd::ClientProtocol(_) => "client_protocol_error",
+            SessionEnd::ServerFailed(_) => "server_error",
+            SessionEnd::ClientIo(_) => "client_io_error",
+        }
+    }
+
+    /// What went wrong, for the ends that are failures.
+    pub(crate) fn detail(&self) -> &str {
+        match self {
+            SessionEnd::ClientProtocol(detail) | SessionEnd::ServerFailed(detail) | SessionEnd::ClientIo(detail) => {
+                detail
+            }
+            _ => "",
+        }
+    }
+}
+
+/// What a round of IO produced.
+enum Event {
+    ClientData,
+    ServerData,
+    ClientEof,
+    ServerEof,
+    /// The client sent Terminate and it has been passed on.
+    Terminated,
+}
+
+/// Why the loop must stop.
+enum Stop {
+    /// The client broke the protocol: tell it and close.
+    Client(ErrorFields),
+    /// The server broke the protocol or the connection to it failed.
+    Server(String),
+    ClientIo(io::Error),
+}
+
+/// The static parts of a session the loop needs.
+pub(crate) struct ProxyContext<'a> {
+    pub gate: &'a dyn StatementGate,
+    pub identity: &'a Identity,
+    pub target: &'a str,
+    pub session_id: &'a str,
+    pub max_message_size: usize,
+}
+
+/// Statement counts, for the session's closing log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Counters {
+    pub statements: u64,
+    pub refused: u64,
+    pub rows: u64,
+}
+
+pub(crate) struct Proxy<'a> {
+    ctx: ProxyContext<'a>,
+    client: Stream,
+    /// Bytes read from the client, not yet processed.
+    client_in: BytesMut,
+    /// Bytes for the client, not yet written.
+    to_client: BytesMut,
+    client_unflushed: bool,
+    server: Stream,
+    server_in: BytesMut,
+    to_server: BytesMut,
+    server_unflushed: bool,
+    /// Bytes of an oversized backend message that still stream through unparsed.
+    server_streaming: usize,
+    pending: PendingQueue,
+    seam: ResultSeam,
+    tx_status: TxStatus,
+    /// The client sent Terminate: pass it on, then end.
+    terminating: bool,
+    /// The server reported a FATAL error; its closing is explained already.
+    server_said_fatal: bool,
+    /// Alternates which side is read first, so neither starves the other.
+    server_first: bool,
+    counters: Counters,
+}
+
+impl<'a> Proxy<'a> {
+    pub(crate) fn new(
+        ctx: ProxyContext<'a>,
+        client: Stream,
+        client_in: BytesMut,
+        server: Stream,
+        server_in: BytesMut,
+        tx_status: TxStatus,
+    ) -> Proxy<'a> {
+        Proxy {
+            ctx,
+            client,
+            client_in,
+            to_client: BytesMut::with_capacity(READ_CHUNK),
+            client_unflushed: false,
+            server,
+            server_in,
+            to_server: BytesMut::with_capacity(READ_CHUNK),
+            server_unflushed: false,
+            server_streaming: 0,
+            pending: PendingQueue::default(),
+            seam: ResultSeam::default(),
+            tx_status,
+            terminating: false,
+            server_said_fatal: false,
+            server_first: false,
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        Counters {
+            rows: self.seam.rows(),
+            ..self.counters
+        }
+    }
+
+    /// Runs until the session ends. After `draining` is cancelled the session
+    /// ends at its next idle moment; after `deadline`, at once.
+    pub(crate) async fn run(&mut self, draining: &CancellationToken, deadline: &CancellationToken) -> SessionEnd {
+        // Anything the client pipelined behind its startup packet.
+        if !self.client_in.is_empty()
+            && let Err(stop) = self.on_client_data()
+        {
+            return self.stop(stop).await;
+        }
+        loop {
+            if draining.is_cancelled() && self.is_idle() {
+                return self.shut_down("the gateway is shutting down").await;
+            }
+            let event = tokio::select! {
+                biased;
+                _ = deadline.cancelled() => {
+                    return self.shut_down("the gateway is shutting down and the grace period is over").await;
+                }
+                _ = draining.cancelled(), if !draining.is_cancelled() => continue,
+                event = poll_fn(|cx| self.poll_io(cx)) => event,
+            };
+            let result = match event {
+                Ok(Event::ClientData) => self.on_client_data(),
+                Ok(Event::ServerData) => self.on_server_data(),
+                Ok(Event::Terminated) => {
+                    self.close_quietly().await;
+                    return SessionEnd::ClientTerminated;
+                }
+                Ok(Event::ClientEof) => {
+                    frontend::encode_terminate(&mut self.to_server);
+                    self.close_quietly().await;
+                    return SessionEnd::ClientDisconnected;
+                }
+                Ok(Event::ServerEof) => {
+                    if !self.server_said_fatal {
+                        self.queue_fatal(ErrorFields::new(
+                            Severity::Fatal,
+                            "08006",
+                            format!("the target \"{}\" closed the connection unexpectedly", self.ctx.target),
+                        ));
+                    }
+                    self.close_quietly().await;
+                    return SessionEnd::ServerClosed;
+                }
+                Err(stop) => Err(stop),
+            };
+            if let Err(stop) = result {
+                return self.stop(stop).await;
+            }
+        }
+    }
+
+    /// Between requests: nothing owed, nothing half-read, no transaction open.
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.tx_status == TxStatus::Idle
+            && self.client_in.is_empty()
+            && self.server_streaming == 0
+            && self.to_server.is_empty()
+    }
+
+    /// Moves bytes until something needs processing.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
+        loop {
+            let mut progressed = false;
+            if !self.to_server.is_empty() {
+                match poll_write_buf(Pin::new(&mut self.server), cx, &mut self.to_server) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(Stop::Server("upstream stopped accepting data".into())));
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        progressed = true;
+                        self.server_unflushed = true;
+                    }
+                    Poll::Ready(Err(err)) => {
+                        return Poll::Ready(Err(Stop::Server(format!("writing to upstream: {err}"))));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if self.to_server.is_empty() && self.server_unflushed {
+                match Pin::new(&mut self.server).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.server_unflushed = false,
+                    Poll::Ready(Err(err)) => {
+                        return Poll::Ready(Err(Stop::Server(format!("writing to upstream: {err}"))));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !self.to_client.is_empty() {
+                match poll_write_buf(Pin::new(&mut self.client), cx, &mut self.to_client) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(Stop::ClientIo(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        progressed = true;
+                        self.client_unflushed = true;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(Stop::ClientIo(err))),
+                    Poll::Pending => {}
+                }
+            }
+            if self.to_client.is_empty() && self.client_unflushed {
+                match Pin::new(&mut self.client).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.client_unflushed = false,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(Stop::ClientIo(err))),
+                    Poll::Pending => {}
+                }
+            }
+            if self.terminating {
+                if self.to_server.is_empty() && !self.server_unflushed {
+                    return Poll::Ready(Ok(Event::Terminated));
+                }
+            } else {
+                self.server_first = !self.server_first;
+                for server_side in [self.server_first, !self.server_first] {
+                    let event = if server_side {
+                        self.poll_read_server(cx)
+                    } else {
+                        self.poll_read_client(cx)
+                    };
+                    if let Poll::Ready(event) = event {
+                        return Poll::Ready(event);
+                    }
+                }
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
+        if self.to_server.len() >= HIGH_WATER {
+            return Poll::Pending;
+        }
+        reserve_for_read(&mut self.client_in);
+        match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(Event::ClientEof)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Event::ClientData)),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(Stop::ClientIo(err))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_read_server(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
+        if self.to_client.len() >= HIGH_WATER {
+            return Poll::Pending;
+        }
+        reserve_for_read(&mut self.server_in);
+        match poll_read_buf(Pin::new(&mut self.server), cx, &mut self.server_in) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(Event::ServerEof)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Event::ServerData)),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(Stop::Server(format!("reading from upstream: {err}")))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Processes every complete frontend message buffered.
+    fn on_client_data(&mut self) -> Result<(), Stop> {
+        let mut buf = std::mem::take(&mut self.client_in);
+        let mut offset = 0;
+        let result = loop {
+            if self.terminating {
+                break Ok(());
+            }
+            let rest = &buf[offset..];
+            let header = match codec::peek_header(rest, self.ctx.max_message_size) {
+                Ok(Some(header)) => header,
+                Ok(None) => break Ok(()),
+                Err(err @ codec::FrameError::TooLarge { .. }) => {
+                    tracing::warn!(error = %err, "client message over the size limit");
+                    break Err(Stop::Client(
+                        ErrorFields::new(Severity::Fatal, "54000", err.to_string())
+                            .with_hint("the limit is server.max_message_size in the gateway's configuration"),
+                    ));
+                }
+                Err(err) => {
+                    break Err(Stop::Client(ErrorFields::new(
+                        Severity::Fatal,
+                        "08P01",
+                        err.to_string(),
+                    )));
+                }
+            };
+            let total = header.total_len();
+            if rest.len() < total {
+                break Ok(());
+            }
+            if let Err(stop) = self.on_frontend(header.tag, &rest[..total]) {
+                break Err(stop);
+            }
+            offset += total;
+        };
+        buf.advance(offset);
+        if let Ok(Some(header)) = codec::peek_header(&buf, self.ctx.max_message_size)
+            && buf.len() < header.total_len()
+        {
+            buf.reserve(header.total_len() - buf.len());
+        }
+        self.client_in = buf;
+        result
+    }
+
+    /// One complete frontend message (header included).
+    fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<(), Stop> {
+        let body = &message[HEADER_LEN..];
+        let expect = match message_tag {
+            fe::QUERY => {
+                self.counters.statements += 1;
+                let refusal = match Query::decode(body) {
+                    Ok(query) => self.check(query.sql, StatementSource::SimpleQuery),
+                    Err(err) => Some(undecodable(err, "Query")?),
+                };
+                match refusal {
+                    None => self.to_server.extend_from_slice(message),
+                    Some(_) => Query::encode(REFUSED_STATEMENT, &mut self.to_server),
+                }
+                self.pending.push(Expect::Query { refusal });
+                return Ok(());
+            }
+            fe::PARSE => {
+                self.counters.statements += 1;
+                let (name, refusal) = match Parse::decode(body) {
+                    Ok(parse) => (
+                        parse.name,
+                        self.check(parse.sql, StatementSource::Parse { statement: parse.name }),
+                    ),
+                    Err(err) => ("", Some(undecodable(err, "Parse")?)),
+                };
+                match refusal {
+                    None => self.to_server.extend_from_slice(message),
+                    Some(_) => Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server),
+                }
+                self.pending.push(Expect::Parse { refusal });
+                return Ok(());
+            }
+            fe::BIND => Some(Expect::Bind),
+            fe::DESCRIBE => Some(Expect::Describe),
+            fe::EXECUTE => Some(Expect::Execute),
+            fe::CLOSE => Some(Expect::Close),
+            fe::SYNC => Some(Expect::Sync),
+            fe::FUNCTION_CALL => Some(Expect::FunctionCall),
+            fe::COPY_DONE | fe::COPY_FAIL => Some(Expect::CopyEnd),
+            fe::FLUSH | fe::COPY_DATA => None,
+            fe::TERMINATE => {
+                self.terminating = true;
+                None
+            }
+            other => {
+                return Err(Stop::Client(ErrorFields::new(
+                    Severity::Fatal,
+                    "08P01",
+                    format!("invalid frontend message type {}", printable(other)),
+                )));
+            }
+        };
+        self.to_server.extend_from_slice(message);
+        if let Some(expect) = expect {
+            self.pending.push(expect);
+        }
+        Ok(())
+    }
+
+    /// Asks the gate; returns the error to show when it refuses.
+    fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Option<Box<ErrorFields>> {
+        let ctx = StatementContext {
+            identity: self.ctx.identity,
+            target: self.ctx.target,
+            session_id: self.ctx.session_id,
+            source,
+        };
+        match self.ctx.gate.check(&ctx, sql) {
+            Verdict::Allow => None,
+            Verdict::Deny(refusal) => {
+                self.counters.refused += 1;
+                tracing::info!(code = refusal.code, reason = %refusal.message, "statement refused");
+                let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
+                error.hint = refusal.hint;
+                Some(Box::new(error))
+            }
+        }
+    }
+
+    /// Processes every complete backend message buffered, streaming oversized
+    /// ones through when the seam allows.
+    fn on_server_data(&mut self) -> Result<(), Stop> {
+        let mut buf = std::mem::take(&mut self.server_in);
+        let mut offset = 0;
+        let result = loop {
+            if self.server_streaming > 0 {
+                let n = self.server_streaming.min(buf.len() - offset);
+                self.to_client.extend_from_slice(&buf[offset..offset + n]);
+                offset += n;
+                self.server_streaming -= n;
+                if self.server_streaming > 0 {
+                    break Ok(());
+                }
+                continue;
+            }
+            let rest = &buf[offset..];
+            let header = match codec::peek_header(rest, i32::MAX as usize) {
+                Ok(Some(header)) => header,
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(Stop::Server(format!("invalid message from upstream: {err}"))),
+            };
+            let total = header.total_len();
+            if rest.len() < total {
+                if total > STREAM_THRESHOLD {
+                    if self.seam.start_streaming(header.tag) {
+                        self.pending.on_backend(header.tag);
+                        self.to_client.extend_from_slice(rest);
+                        self.server_streaming = total - rest.len();
+                        offset = buf.len();
+                    } else if total > self.ctx.max_message_size {
+                        break Err(Stop::Server(format!(
+                            "upstream message type {} of {total} bytes is over the limit of {} bytes",
+                            printable(header.tag),
+                            self.ctx.max_message_size
+                        )));
+                    }
+                }
+                break Ok(());
+            }
+            if let Err(stop) = self.on_backend(header.tag, &rest[..total]) {
+                break Err(stop);
+            }
+            offset += total;
+        };
+        buf.advance(offset);
+        if self.server_streaming == 0
+            && let Ok(Some(header)) = codec::peek_header(&buf, i32::MAX as usize)
+            && buf.len() < header.total_len()
+            && header.total_len() <= STREAM_THRESHOLD
+        {
+            buf.reserve(header.total_len() - buf.len());
+        }
+        self.server_in = buf;
+        result
+    }
+
+    /// One complete backend message (header included).
+    fn on_backend(&mut self, message_tag: u8, message: &[u8]) -> Result<(), Stop> {
+        let body = &message[HEADER_LEN..];
+        let refusal = self.pending.on_backend(message_tag);
+        match message_tag {
+            backend::tag::ERROR_RESPONSE => {
+                if let Some(refusal) = refusal {
+                    refusal.encode(&mut self.to_client);
+                    return Ok(());
+                }
+                if let Ok(error) = ReceivedError::decode(body)
+                    && matches!(error.severity, "FATAL" | "PANIC")
+                {
+                    self.server_said_fatal = true;
+                }
+            }
+            backend::tag::READY_FOR_QUERY => {
+                self.tx_status = backend::decode_ready_for_query(body)
+                    .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
+            }
+            backend::tag::PARAMETER_STATUS => {
+                let status = ParameterStatus::decode(body)
+                    .map_err(|err| Stop::Server(format!("invalid ParameterStatus from upstream: {err}")))?;
+                if status.name == "client_encoding" && !encoding_is_safe(status.value) {
+                    // Statements would no longer mean what the gateway reads.
+                    return Err(Stop::Client(ErrorFields::new(
+                        Severity::Fatal,
+                        "22023",
+                        format!(
+                            "client_encoding was set to \"{}\", which Sluice does not support: the session ends; reconnect and keep UTF8",
+                            status.value
+                        ),
+                    )));
+                }
+            }
+            backend::tag::AUTHENTICATION | backend::tag::BACKEND_KEY_DATA => {
+                return Err(Stop::Server(format!(
+                    "unexpected message type {} from upstream after login",
+                    printable(message_tag)
+                )));
+            }
+            _ => {}
+        }
+        self.seam.forward(message_tag, message, &mut self.to_client);
+        Ok(())
+    }
+
+    fn queue_fatal(&mut self, error: ErrorFields) {
+        // In the middle of a streamed message an error would corrupt the
+        // stream; the client then only sees the connection close.
+        if self.server_streaming == 0 {
+            error.encode(&mut self.to_client);
+        }
+    }
+
+    async fn stop(&mut self, stop: Stop) -> SessionEnd {
+        match stop {
+            Stop::Client(error) => {
+                let reason = error.message.clone();
+                tracing::warn!(code = error.code, %reason, "ending session: client protocol error");
+                self.queue_fatal(error);
+                frontend::encode_terminate(&mut self.to_server);
+                self.close_quietly().await;
+                SessionEnd::ClientProtocol(reason)
+            }
+            Stop::Server(reason) => {
+                tracing::warn!(%reason, "ending session: upstream failed");
+                self.queue_fatal(ErrorFields::new(
+                    Severity::Fatal,
+                    "08006",
+                    format!("lost the connection to target \"{}\"", self.ctx.target),
+                ));
+                self.close_quietly().await;
+                SessionEnd::ServerFailed(reason)
+            }
+            Stop::ClientIo(err) => {
+                frontend::encode_terminate(&mut self.to_server);
+                self.close_quietly().await;
+                SessionEnd::ClientIo(err.to_string())
+            }
+        }
+    }
+
+    async fn shut_down(&mut self, message: &str) -> SessionEnd {
+        self.queue_fatal(ErrorFields::new(
+            Severity::Fatal,
+            "57P01",
+            format!("terminating connection: {message}"),
+        ));
+        frontend::encode_terminate(&mut self.to_server);
+        self.close_quietly().await;
+        SessionEnd::Shutdown
+    }
+
+    /// Writes what is queued on both sides, then closes both, within
+    /// [`CLOSE_TIMEOUT`]: a client that stopped reading cannot hold the task.
+    async fn close_quietly(&mut self) {
+        let drain = async {
+            let server = async {
+                let _ = write_all_and_close(&mut self.server, &mut self.to_server).await;
+            };
+            let client = async {
+                let _ = write_all_and_close(&mut self.client, &mut self.to_client).await;
+            };
+            tokio::join!(server, client);
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+    }
+}
+
+async fn write_all_and_close(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.write_buf(buf).await?;
+    }
+    stream.flush().await?;
+    stream.shutdown().await
+}
+
+fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// A Query or Parse that could not be decoded. Text that is not UTF-8 is
+/// refused like a policy decision (the session goes on); a message whose
+/// structure is broken ends the session.
+fn undecodable(err: DecodeError, what: &str) -> Result<Box<ErrorFields>, Stop> {
+    match err {
+        DecodeError::NotUtf8 { .. } => Ok(Box::new(
+            ErrorFields::new(Severity::Error, "22021", format!("statement refused: {err}"))
+                .with_hint("set client_encoding to UTF8"),
+        )),
+        err => Err(Stop::Client(ErrorFields::new(
+            Severity::Fatal,
+            "08P01",
+            format!("malformed {what} message: {err}"),
+        ))),
+    }
+}
+
+/// Writes the greeting after login: the client sees the upstream's parameter
+/// statuses and real process id, with the gateway's own cancel key.
+pub(crate) fn encode_greeting(greeting: &[u8], key: backend::BackendKeyData, status: TxStatus, out: &mut BytesMut) {
+    backend::encode_auth_ok(out);
+    out.extend_from_slice(greeting);
+    key.encode(out);
+    backend::encode_ready_for_query(status, out);
+}

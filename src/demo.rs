@@ -1,0 +1,100 @@
+//! `sluice demo`: a throwaway PostgreSQL with the shop demo data, a demo CA,
+//! and a gateway in front, all gone again on ctrl-c.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use sluice_core::config::{TlsFiles, UpstreamAddress};
+use sluice_core::devcluster::{ClusterOptions, DevCluster, DevPki};
+use sluice_core::{AllowAll, Config, Gateway};
+
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+const DEMO_DATA: &str = include_str!("../config/demo/shop.sql");
+
+/// The demo identities and what they may do, for the banner.
+const PEOPLE: [(&str, &str); 4] = [
+    ("alice", "engineering: reads as shop_reader"),
+    ("bob", "oncall: writes as shop_writer"),
+    ("carol", "leads: writes as shop_writer"),
+    (
+        "report-bot",
+        "an AI agent (labels kind=agent, model=demo-model-1): reads",
+    ),
+];
+
+/// A temporary directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
+    let work = TempDir(std::env::temp_dir().join(format!("sluice-demo-{:08x}", rand::random::<u32>())));
+    std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
+
+    eprintln!("Starting a throwaway PostgreSQL and loading the shop demo data...");
+    let cluster = tokio::task::spawn_blocking(|| -> anyhow::Result<DevCluster> {
+        let cluster = DevCluster::start(&ClusterOptions::default()).context("starting PostgreSQL")?;
+        cluster
+            .psql("postgres", DEMO_DATA)
+            .context("loading config/demo/shop.sql")?;
+        Ok(cluster)
+    })
+    .await
+    .context("starting PostgreSQL")??;
+
+    let pki = DevPki::generate("Sluice demo CA", &["localhost", "127.0.0.1"]).context("generating the demo CA")?;
+    let (ca, cert, key) = pki
+        .write_to(&work.0)
+        .with_context(|| format!("writing the demo certificates to {}", work.0.display()))?;
+
+    let mut config = Config::from_toml(DEMO_CONFIG, Path::new("config/demo.toml"))?;
+    config.server.listen = listen;
+    config.tls = Some(TlsFiles { cert, key });
+    for target in &mut config.targets {
+        target.address = UpstreamAddress::Tcp {
+            host: "127.0.0.1".into(),
+            port: cluster.port(),
+        };
+    }
+    let gateway = Gateway::bind(config, Arc::new(AllowAll))
+        .await
+        .with_context(|| format!("starting the gateway (is another one on {listen}? try --listen 127.0.0.1:0)"))?;
+    print_banner(gateway.local_addr(), cluster.port(), &ca);
+
+    let shutdown = crate::shutdown_on_signal()?;
+    gateway.run(shutdown).await;
+    eprintln!("Stopping PostgreSQL and removing the demo files...");
+    tokio::task::spawn_blocking(move || cluster.stop()).await.ok();
+    Ok(())
+}
+
+fn print_banner(gateway: SocketAddr, postgres_port: u16, ca: &Path) {
+    let (host, port) = (gateway.ip(), gateway.port());
+    println!();
+    println!("Sluice demo is running.");
+    println!();
+    println!("  gateway   {gateway}  (TLS with a demo CA; plaintext allowed on loopback)");
+    println!("  database  throwaway PostgreSQL on 127.0.0.1:{postgres_port} with the `shop` demo data");
+    println!();
+    println!("Connect as a demo identity: the password is the identity's token.");
+    for (name, what) in PEOPLE {
+        println!();
+        println!("  {name} ({what}):");
+        println!("    PGPASSWORD={name}-demo-token psql \"host={host} port={port} dbname=shop user={name}\"");
+    }
+    println!();
+    println!("  With verified TLS:");
+    println!(
+        "    PGPASSWORD=alice-demo-token psql \"host=localhost port={port} dbname=shop user=alice sslmode=verify-full sslrootcert={}\"",
+        ca.display()
+    );
+    println!();
+    println!("Try: SELECT name, email, card_number FROM customers LIMIT 5;");
+    println!("Press ctrl-c to stop; the database and its files are removed.");
+}

@@ -1,0 +1,149 @@
+//! The `sluice` command: a thin CLI over `sluice-core`.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_core::{AllowAll, Config, Gateway};
+use tokio_util::sync::CancellationToken;
+
+/// Identity-aware access gateway for PostgreSQL.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL with demo data and a gateway in front of it.
+    Demo {
+        /// Where the gateway listens for PostgreSQL clients.
+        #[arg(long, default_value = "127.0.0.1:7432")]
+        listen: std::net::SocketAddr,
+    },
+    /// Check a configuration file without starting anything.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Print the SHA-256 to configure for a service token read from stdin
+    /// (or for a new random token with --generate).
+    HashToken {
+        /// Generate a new random token and print it with its hash.
+        #[arg(long)]
+        generate: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate a configuration file and report every problem with its line.
+    Check {
+        #[arg(long, short, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(err) = run(cli) {
+        eprintln!("sluice: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(serve(config))
+        }
+        Command::Demo { listen } => runtime()?.block_on(demo::run(listen)),
+        Command::Config {
+            action: ConfigAction::Check { config },
+        } => {
+            let loaded = Config::load(&config)?;
+            sluice_core::server::check_files(&loaded)?;
+            println!(
+                "{}: OK ({} target{}, {} service token{}, OIDC {})",
+                config.display(),
+                loaded.targets.len(),
+                if loaded.targets.len() == 1 { "" } else { "s" },
+                loaded.identity.tokens.len(),
+                if loaded.identity.tokens.len() == 1 { "" } else { "s" },
+                if loaded.identity.oidc.is_some() { "on" } else { "off" },
+            );
+            Ok(())
+        }
+        Command::HashToken { generate } => {
+            let token = if generate {
+                let bytes: [u8; 32] = rand::random();
+                let token = format!("slc_{}", hex::encode(bytes));
+                println!("token:  {token}");
+                token
+            } else {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the token from stdin")?;
+                line.trim().to_string()
+            };
+            anyhow::ensure!(!token.is_empty(), "no token on stdin: pipe one in, or use --generate");
+            println!("sha256: {}", hex::encode(sluice_core::identity::hash_token(&token)));
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Runs a gateway until ctrl-c or SIGTERM.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let gateway = Gateway::bind(config, Arc::new(AllowAll)).await?;
+    let shutdown = shutdown_on_signal()?;
+    gateway.run(shutdown).await;
+    Ok(())
+}
+
+/// A token cancelled on the first ctrl-c or SIGTERM.
+pub(crate) fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("ctrl-c received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,193 @@
+//! Identity at the door: OIDC ID tokens verified against a local issuer whose
+//! keys the test controls, and static service tokens. Every refusal says what
+//! was wrong without echoing the token.
+
+use serde_json::json;
+
+use crate::harness::issuer::{self, TestIssuer, now};
+use crate::harness::{AGENT, APP_PASSWORD, APP_ROLE, BOB, Spec, TestGateway, db_error};
+
+fn oidc_spec(issuer: &TestIssuer) -> Spec {
+    Spec {
+        oidc: Some(issuer.config("")),
+        // People in `engineering` and the agent's group may connect; nobody else.
+        access: format!(
+            "[[targets.access]]\ngroups = [\"engineering\", \"analytics\"]\nrole = \"{APP_ROLE}\"\npassword = \"{APP_PASSWORD}\"\n"
+        ),
+        ..Spec::default()
+    }
+}
+
+/// Connects with `token` and returns the error's SQLSTATE and message.
+async fn refused(gw: &TestGateway, token: &str) -> (String, String) {
+    let err = gw.connect(token).await.expect_err("the token should be refused");
+    let (code, message) = db_error(&err);
+    assert!(!message.contains(token), "the error echoes the token: {message}");
+    (code, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_id_token_maps_to_identity_and_role() {
+    let issuer = TestIssuer::start().await;
+    let gw = TestGateway::start("oidc_valid", oidc_spec(&issuer)).await;
+    let token = issuer::key(0).token(&issuer.claims("dana@example.com", &["engineering"]));
+    let client = gw.connect(&token).await.expect("a valid token connects");
+    let role: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(role, APP_ROLE);
+
+    // Right token, wrong group: authenticated, but no access to this target.
+    let outsider = issuer::key(0).token(&issuer.claims("eve@example.com", &["marketing"]));
+    let (code, message) = refused(&gw, &outsider).await;
+    assert_eq!(code, "28000");
+    assert_eq!(message, format!("eve@example.com may not use target \"{}\"", gw.db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_id_tokens_are_refused_with_the_reason() {
+    let issuer = TestIssuer::start().await;
+    let gw = TestGateway::start("oidc_bad", oidc_spec(&issuer)).await;
+    let key = issuer::key(0);
+    let good = issuer.claims("dana@example.com", &["engineering"]);
+
+    let mut expired = good.clone();
+    expired["iat"] = json!(now() - 7200);
+    expired["exp"] = json!(now() - 3600);
+    let (code, message) = refused(&gw, &key.token(&expired)).await;
+    assert_eq!(code, "28P01");
+    assert!(message.contains("expired at"), "{message}");
+
+    let mut future = good.clone();
+    future["nbf"] = json!(now() + 3600);
+    let (_, message) = refused(&gw, &key.token(&future)).await;
+    assert!(message.contains("not valid before"), "{message}");
+
+    let mut wrong_audience = good.clone();
+    wrong_audience["aud"] = json!("another-app");
+    let (code, message) = refused(&gw, &key.token(&wrong_audience)).await;
+    assert_eq!(code, "28P01");
+    assert!(message.contains("for audience `another-app`"), "{message}");
+
+    let mut wrong_issuer = good.clone();
+    wrong_issuer["iss"] = json!("https://evil.example.com");
+    let (_, message) = refused(&gw, &key.token(&wrong_issuer)).await;
+    assert!(message.contains("issued by `https://evil.example.com`"), "{message}");
+
+    // A valid signature over different claims: swap the payload.
+    let token = key.token(&good);
+    let mut parts: Vec<&str> = token.split('.').collect();
+    let mut elevated = good.clone();
+    elevated["groups"] = json!(["engineering", "admins"]);
+    let forged_payload = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(elevated.to_string())
+    };
+    parts[1] = &forged_payload;
+    let (_, message) = refused(&gw, &parts.join(".")).await;
+    assert!(message.contains("signature does not verify"), "{message}");
+
+    // alg none, no signature.
+    let unsigned = {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(good.clone()))
+    };
+    let (_, message) = refused(&gw, &unsigned).await;
+    assert!(message.contains("algorithm") && message.contains("none"), "{message}");
+
+    // Signed with HS256 using the public key as the secret: the classic confusion.
+    let hs = key.sign(&json!({"alg": "HS256", "kid": key.kid}), &good);
+    let (_, message) = refused(&gw, &hs).await;
+    assert!(message.contains("HS256"), "{message}");
+
+    // The good token still works.
+    gw.connect(&key.token(&good)).await.expect("good token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kid_refreshes_keys_once_then_rejects() {
+    let issuer = TestIssuer::start().await;
+    let gw = TestGateway::start("oidc_kid", oidc_spec(&issuer)).await;
+    let claims = issuer.claims("dana@example.com", &["engineering"]);
+    gw.connect(&issuer::key(0).token(&claims)).await.expect("known key");
+    let fetches = issuer.jwks_fetches();
+
+    // The issuer rotates: a token signed with a newly published key is
+    // accepted after exactly one refresh.
+    issuer.publish(issuer::key(1));
+    gw.connect(&issuer::key(1).token(&claims)).await.expect("rotated key");
+    assert_eq!(issuer.jwks_fetches(), fetches + 1);
+
+    // A key the issuer never published: one refresh, then a refusal.
+    let rogue = issuer::key(2);
+    let (code, message) = refused(&gw, &rogue.token(&claims)).await;
+    assert_eq!(code, "28P01");
+    assert_eq!(
+        message,
+        "authentication failed: the ID token is signed with key key-2, which the issuer does not publish"
+    );
+    assert_eq!(issuer.jwks_fetches(), fetches + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_refreshes_are_rate_limited() {
+    let issuer = TestIssuer::start().await;
+    let spec = Spec {
+        oidc: Some(
+            issuer
+                .config("")
+                .replace("min_refresh_interval = \"0s\"", "min_refresh_interval = \"1h\""),
+        ),
+        ..oidc_spec(&issuer)
+    };
+    let gw = TestGateway::start("oidc_ratelimit", spec).await;
+    let claims = issuer.claims("dana@example.com", &["engineering"]);
+    gw.connect(&issuer::key(0).token(&claims)).await.expect("known key");
+    let fetches = issuer.jwks_fetches();
+    // A flood of tokens with unknown kids cannot make the gateway hammer the issuer.
+    for _ in 0..5 {
+        refused(&gw, &issuer::key(2).token(&claims)).await;
+    }
+    assert_eq!(issuer.jwks_fetches(), fetches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_tokens_and_unknown_tokens() {
+    let gw = TestGateway::start("static_tokens", Spec::default()).await;
+    let client = gw.connect(AGENT).await.expect("service token");
+    client.batch_execute("SELECT 1").await.unwrap();
+    let (code, message) = refused(&gw, "no-such-token").await;
+    assert_eq!(code, "28P01");
+    assert_eq!(
+        message,
+        "authentication failed: token not recognised: it is neither a configured service token nor an ID token"
+    );
+    // A JWT-shaped token with no issuer configured.
+    let (code, message) = refused(&gw, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln").await;
+    assert_eq!(code, "28000");
+    assert!(message.contains("no OIDC issuer configured"), "{message}");
+    // The user name is informational only: bob's token is bob whatever the name says.
+    let client = crate::harness::TestGateway::connect(&gw, BOB).await.unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_down_refuses_with_a_clear_message() {
+    // Bind a port and drop it: nothing listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let spec = Spec {
+        oidc: Some(format!(
+            "[identity.oidc]\nissuer = \"{url}\"\naudience = \"sluice-test\"\nhttp_timeout = \"2s\"\n"
+        )),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("oidc_down", spec).await;
+    let claims = json!({"iss": url, "aud": "sluice-test", "sub": "dana", "iat": now(), "exp": now() + 600});
+    let token = issuer::key(0).token(&claims);
+    let (code, message) = refused(&gw, &token).await;
+    assert_eq!(code, "28000");
+    assert!(message.contains("unreachable"), "{message}");
+    // Static tokens keep working while the issuer is down.
+    gw.connect(AGENT).await.expect("service token");
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests: the gateway in front of a real PostgreSQL, driven by real
+//! clients (psql, pgbench, tokio-postgres) and by a raw protocol client for
+//! what real drivers never send. One binary, one cluster, a database per test.
+
+mod harness;
+
+mod bad_input;
+mod cli;
+mod clients;
+mod identity;
+mod lifecycle;
+mod pgbench;
+mod refusals;
+mod tls;
+mod upstream;
