@@ -78,9 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            runtime()?.block_on(serve(config))
+            runtime(config.server.worker_threads)?.block_on(serve(config))
         }
-        Command::Demo { listen } => runtime()?.block_on(demo::run(listen)),
+        Command::Demo { listen } => runtime(0)?.block_on(demo::run(listen)),
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -117,11 +117,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+/// The async runtime: one worker per core unless `worker_threads` says otherwise.
+fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build().context("starting the async runtime")
 }
 
 /// Runs a gateway until ctrl-c or SIGTERM.

@@ -17,6 +17,7 @@ pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod tls;
 pub mod upstream;
 

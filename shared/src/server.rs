@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::gate::StatementGate;
 use crate::identity::Verifier;
 use crate::session::{self, Shared};
+use crate::shutdown::{Phase, Shutdown};
 use crate::tls::{self, TlsError, UpstreamTlsConnector};
 
 /// How long sessions get to send their goodbye after the grace period.
@@ -92,8 +93,7 @@ impl Gateway {
             tls,
             upstream_tls,
             cancels: Arc::new(CancelRegistry::default()),
-            draining: CancellationToken::new(),
-            deadline: CancellationToken::new(),
+            shutdown: Arc::new(Shutdown::default()),
         };
         Ok(Gateway {
             shared: Arc::new(shared),
@@ -147,7 +147,7 @@ impl Gateway {
             grace = ?shared.config.server.shutdown_grace,
             "shutting down: no new connections; sessions end when idle"
         );
-        shared.draining.cancel();
+        shared.shutdown.advance(Phase::Draining);
         if tokio::time::timeout(shared.config.server.shutdown_grace, sessions.wait())
             .await
             .is_err()
@@ -156,7 +156,7 @@ impl Gateway {
                 sessions = sessions.len(),
                 "grace period over: ending the remaining sessions"
             );
-            shared.deadline.cancel();
+            shared.shutdown.advance(Phase::Deadline);
             let _ = tokio::time::timeout(FINAL_WAIT, sessions.wait()).await;
         }
         tracing::info!("gateway stopped");

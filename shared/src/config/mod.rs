@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub auth_timeout: Duration,
     /// Whether tokens may arrive without TLS. Only ever true on a loopback listener.
     pub allow_plaintext: bool,
+    /// Threads serving sessions; 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 /// Certificate chain and private key of the client-facing TLS listener.
@@ -389,6 +391,22 @@ impl Validator<'_> {
                 ),
             );
         }
+        let worker_threads = match &raw.worker_threads {
+            None => 0,
+            Some(value) => match usize::try_from(*value.get_ref()) {
+                Ok(n) if n <= 1024 => n,
+                _ => {
+                    self.at(
+                        value,
+                        format!(
+                            "server.worker_threads = {} is out of range: write 0 (one per CPU core) or a number up to 1024",
+                            value.get_ref()
+                        ),
+                    );
+                    0
+                }
+            },
+        };
         Some(ServerConfig {
             listen,
             max_connections,
@@ -396,6 +414,7 @@ impl Validator<'_> {
             shutdown_grace,
             auth_timeout,
             allow_plaintext,
+            worker_threads,
         })
     }
 

@@ -29,6 +29,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<Spanned<RawDuration>>,
     pub auth_timeout: Option<Spanned<RawDuration>>,
     pub allow_plaintext: Option<Spanned<bool>>,
+    pub worker_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

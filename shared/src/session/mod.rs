@@ -30,7 +30,6 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
 use crate::cancel::CancelRegistry;
@@ -40,6 +39,7 @@ use crate::gate::StatementGate;
 use crate::identity::{Identity, Verifier};
 use crate::net::Stream;
 use crate::protocol::backend::{BackendKeyData, ErrorFields, Severity};
+use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::tls::UpstreamTlsConnector;
 use crate::upstream::{self, Login};
 
@@ -55,10 +55,8 @@ pub(crate) struct Shared {
     /// Per target name: its TLS connector, `None` for `tls = "disable"`.
     pub upstream_tls: HashMap<String, Option<UpstreamTlsConnector>>,
     pub cancels: Arc<CancelRegistry>,
-    /// Cancelled when the gateway stops: sessions end at their next idle moment.
-    pub draining: CancellationToken,
-    /// Cancelled when the grace period is over: sessions end now.
-    pub deadline: CancellationToken,
+    /// Tells sessions when the gateway drains and when its grace period ends.
+    pub shutdown: Arc<Shutdown>,
 }
 
 /// A new session id: time-ordered, so ids sort by start.
@@ -78,12 +76,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         target = field::Empty,
     );
     async move {
+        let admitted = permit.is_some();
         let _permit = permit;
         let started = Instant::now();
+        let mut shutdown = shared.shutdown.listener();
         let conn = Connection::new(Stream::Tcp(tcp));
         let opening = tokio::select! {
-            opening = tokio::time::timeout(shared.config.server.auth_timeout, open(&shared, conn, peer, _permit.is_some())) => opening,
-            _ = shared.draining.cancelled() => {
+            opening = tokio::time::timeout(shared.config.server.auth_timeout, open(&shared, conn, peer, admitted)) => opening,
+            _ = shutdown.stopping() => {
                 tracing::debug!("gateway shutting down during startup");
                 return;
             }
@@ -96,7 +96,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
             Ok(Err(())) | Ok(Ok(None)) => return,
             Ok(Ok(Some(session))) => session,
         };
-        run_session(&shared, &id, conn, identity, params, started).await;
+        run_session(&shared, &id, conn, identity, params, started, &mut shutdown).await;
     }
     .instrument(span)
     .await
@@ -175,6 +175,7 @@ async fn run_session(
     identity: Identity,
     params: startup::StartupParams,
     started: Instant,
+    shutdown: &mut ShutdownListener,
 ) {
     let span = tracing::Span::current();
     span.record("identity", identity.name());
@@ -243,7 +244,7 @@ async fn run_session(
         max_message_size: shared.config.server.max_message_size,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
-    let end = proxy.run(&shared.draining, &shared.deadline).await;
+    let end = proxy.run(shutdown).await;
     let counters = proxy.counters();
     tracing::info!(
         reason = end.reason(),

@@ -28,8 +28,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::io::{poll_read_buf, poll_write_buf};
-use tokio_util::sync::CancellationToken;
+use tokio_util::io::poll_read_buf;
 
 use super::pending::{Expect, PendingQueue};
 use super::results::ResultSeam;
@@ -41,6 +40,7 @@ use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError
 use crate::protocol::codec::{self, HEADER_LEN, printable};
 use crate::protocol::frontend::{self, Parse, Query, tag as fe};
 use crate::protocol::{DecodeError, TxStatus};
+use crate::shutdown::{Phase, ShutdownListener};
 
 /// Stop reading a side while the buffer it feeds holds this much.
 const HIGH_WATER: usize = 256 * 1024;
@@ -104,6 +104,10 @@ enum Event {
     ServerEof,
     /// The client sent Terminate and it has been passed on.
     Terminated,
+    /// The gateway is draining and this session is idle.
+    Drained,
+    /// The gateway's grace period is over.
+    Deadline,
 }
 
 /// Why the loop must stop.
@@ -195,9 +199,9 @@ impl<'a> Proxy<'a> {
         }
     }
 
-    /// Runs until the session ends. After `draining` is cancelled the session
-    /// ends at its next idle moment; after `deadline`, at once.
-    pub(crate) async fn run(&mut self, draining: &CancellationToken, deadline: &CancellationToken) -> SessionEnd {
+    /// Runs until the session ends. Once the gateway drains, the session ends
+    /// at its next idle moment; at the deadline, at once.
+    pub(crate) async fn run(&mut self, shutdown: &mut ShutdownListener) -> SessionEnd {
         // Anything the client pipelined behind its startup packet.
         if !self.client_in.is_empty()
             && let Err(stop) = self.on_client_data()
@@ -205,20 +209,27 @@ impl<'a> Proxy<'a> {
             return self.stop(stop).await;
         }
         loop {
-            if draining.is_cancelled() && self.is_idle() {
-                return self.shut_down("the gateway is shutting down").await;
-            }
-            let event = tokio::select! {
-                biased;
-                _ = deadline.cancelled() => {
-                    return self.shut_down("the gateway is shutting down and the grace period is over").await;
+            let event = poll_fn(|cx| {
+                let phase = shutdown.poll_phase(cx);
+                if phase == Phase::Deadline {
+                    return Poll::Ready(Ok(Event::Deadline));
                 }
-                _ = draining.cancelled(), if !draining.is_cancelled() => continue,
-                event = poll_fn(|cx| self.poll_io(cx)) => event,
-            };
+                let io = self.poll_io(cx);
+                if io.is_pending() && phase == Phase::Draining && self.is_idle() {
+                    return Poll::Ready(Ok(Event::Drained));
+                }
+                io
+            })
+            .await;
             let result = match event {
                 Ok(Event::ClientData) => self.on_client_data(),
                 Ok(Event::ServerData) => self.on_server_data(),
+                Ok(Event::Drained) => return self.shut_down("the gateway is shutting down").await,
+                Ok(Event::Deadline) => {
+                    return self
+                        .shut_down("the gateway is shutting down and the grace period is over")
+                        .await;
+                }
                 Ok(Event::Terminated) => {
                     self.close_quietly().await;
                     return SessionEnd::ClientTerminated;
@@ -261,7 +272,7 @@ impl<'a> Proxy<'a> {
         loop {
             let mut progressed = false;
             if !self.to_server.is_empty() {
-                match poll_write_buf(Pin::new(&mut self.server), cx, &mut self.to_server) {
+                match poll_write_all(&mut self.server, cx, &mut self.to_server) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(Stop::Server("upstream stopped accepting data".into())));
                     }
@@ -285,7 +296,7 @@ impl<'a> Proxy<'a> {
                 }
             }
             if !self.to_client.is_empty() {
-                match poll_write_buf(Pin::new(&mut self.client), cx, &mut self.to_client) {
+                match poll_write_all(&mut self.client, cx, &mut self.to_client) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(Stop::ClientIo(io::ErrorKind::WriteZero.into())));
                     }
@@ -652,6 +663,16 @@ async fn write_all_and_close(stream: &mut Stream, buf: &mut BytesMut) -> io::Res
     }
     stream.flush().await?;
     stream.shutdown().await
+}
+
+/// Writes from the front of `buf` with one plain write (`send`): the buffer
+/// is contiguous, so a vectored write would only add the iovec handling.
+fn poll_write_all(stream: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    let result = Pin::new(stream).poll_write(cx, buf);
+    if let Poll::Ready(Ok(n)) = result {
+        buf.advance(n);
+    }
+    result
 }
 
 fn reserve_for_read(buf: &mut BytesMut) {
