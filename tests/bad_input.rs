@@ -210,3 +210,26 @@ async fn startup_parameters_that_escape_the_gate_are_refused() {
     let timeout: String = client.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
     assert_eq!(timeout, "4321ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_an_unsafe_client_encoding_ends_the_session() {
+    let gw = TestGateway::start("encoding_switch", Spec::default()).await;
+    let other = bystander(&gw).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, ALICE).await;
+    // In SJIS a multibyte character can swallow a quote or backslash, so the
+    // gateway would no longer read statements as the server does.
+    client.send(&raw::query("SET client_encoding = 'SJIS'")).await;
+    let messages = client.until_closed().await;
+    let error = first_error(&messages);
+    assert_eq!(error[&'S'], "FATAL");
+    assert_eq!(error[&'C'], "22023");
+    assert!(
+        error[&'M'].contains("\"SJIS\", which Sluice does not support"),
+        "{error:?}"
+    );
+    // A safe switch is fine.
+    let client = gw.connect(ALICE).await.unwrap();
+    client.batch_execute("SET client_encoding = 'UTF8'").await.unwrap();
+    still_fine(&other, &gw).await;
+}

@@ -89,3 +89,22 @@ async fn gateway_without_tls_declines_ssl_request() {
     let out = gw.psql(ALICE, "sslmode=prefer", &["-c", "SELECT 'fell back'"]).await;
     assert_eq!(stdout_ok(&out), "fell back\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_sent_before_the_tls_handshake_is_refused() {
+    use crate::harness::raw::{RawClient, first_error};
+    let gw = TestGateway::start("tls_stuffing", Spec::default()).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    // SSLRequest followed at once by a plaintext startup packet: if the
+    // gateway read it after the handshake, a man in the middle could inject
+    // a session (CVE-2021-23214).
+    let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    bytes.extend(crate::harness::raw::startup_packet(
+        196_608,
+        &[("user", "x"), ("database", &gw.db)],
+    ));
+    client.send(&bytes).await;
+    let error = first_error(&client.until_closed().await);
+    assert_eq!(error[&'C'], "08P01");
+    assert_eq!(error[&'M'], "received unencrypted data after SSL request");
+}

@@ -139,3 +139,38 @@ async fn unknown_target_and_no_access() {
     );
     gw.connect(crate::harness::BOB).await.expect("bob is allowed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_a_clear_error() {
+    let db = harness::database("upstream_down").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let extra = format!(
+        "\n[[targets]]\nname = \"{db}_down\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"disable\"\n\
+         [[targets.access]]\nidentities = [\"*\"]\nrole = \"{APP_ROLE}\"\n"
+    );
+    let gw = TestGateway::start_for(
+        db,
+        Spec {
+            extra,
+            ..Spec::default()
+        },
+    )
+    .await;
+    let err = gw.connect_target(&format!("{}_down", gw.db), ALICE).await.unwrap_err();
+    assert_eq!(
+        db_error(&err),
+        (
+            "08001".into(),
+            format!("the gateway could not connect to target \"{}_down\"", gw.db)
+        )
+    );
+    // Other targets of the same gateway are unaffected.
+    gw.connect(ALICE)
+        .await
+        .expect("the healthy target")
+        .batch_execute("SELECT 1")
+        .await
+        .unwrap();
+}

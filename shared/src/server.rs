@@ -23,6 +23,11 @@ use crate::tls::{self, TlsError, UpstreamTlsConnector};
 /// How long sessions get to send their goodbye after the grace period.
 const FINAL_WAIT: Duration = Duration::from_secs(5);
 
+/// Connections over the limit are told so (53300) once they have said hello;
+/// at most this many at a time, so a flood cannot hold tasks and sockets
+/// for `auth_timeout` each. Beyond it, connections are closed at once.
+const OVER_LIMIT_HANDSHAKES: usize = 64;
+
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -111,6 +116,7 @@ impl Gateway {
     pub async fn run(self, shutdown: CancellationToken) {
         let Gateway { shared, listener } = self;
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        let over_limit = Arc::new(Semaphore::new(OVER_LIMIT_HANDSHAKES));
         let sessions = TaskTracker::new();
         // Fetch OIDC keys ahead of the first client. A failure is not fatal:
         // the issuer may come up after the gateway, and tokens are checked
@@ -128,8 +134,21 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         tcp.set_nodelay(true).ok();
-                        let permit = limit.clone().try_acquire_owned().ok();
-                        sessions.spawn(session::serve(shared.clone(), tcp, peer, permit));
+                        match limit.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                sessions.spawn(session::serve(shared.clone(), tcp, peer, Some(permit)));
+                            }
+                            Err(_) => match over_limit.clone().try_acquire_owned() {
+                                Ok(permit) => {
+                                    let shared = shared.clone();
+                                    sessions.spawn(async move {
+                                        let _permit = permit;
+                                        session::serve(shared, tcp, peer, None).await;
+                                    });
+                                }
+                                Err(_) => tracing::debug!(%peer, "connection dropped: over the limit"),
+                            },
+                        }
                     }
                     Err(err) => {
                         // Out of file descriptors and the like: back off

@@ -72,6 +72,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         "session",
         id = %id,
         peer = %peer,
+        client_user = field::Empty,
         identity = field::Empty,
         target = field::Empty,
     );
@@ -114,7 +115,10 @@ async fn open(
             forward_cancel(shared, process_id, secret_key).await;
             return Ok(None);
         }
-        Ok(Opening::Session { conn, params }) => (conn, params),
+        Ok(Opening::Session { conn, params }) => {
+            tracing::Span::current().record("client_user", params.user.as_str());
+            (conn, params)
+        }
         Err((failure, conn)) => {
             report(failure, conn).await;
             return Err(());
@@ -226,7 +230,6 @@ async fn run_session(
         return;
     }
     tracing::info!(
-        client_user = %params.user,
         application = params.application_name.as_deref().unwrap_or(""),
         tls = conn.is_tls(),
         upstream_role = %rule.role,

@@ -418,7 +418,7 @@ impl<'a> Proxy<'a> {
                 self.counters.statements += 1;
                 let refusal = match Query::decode(body) {
                     Ok(query) => self.check(query.sql, StatementSource::SimpleQuery),
-                    Err(err) => Some(undecodable(err, "Query")?),
+                    Err(err) => Some(self.undecodable(err, "Query")?),
                 };
                 match refusal {
                     None => self.to_server.extend_from_slice(message),
@@ -434,7 +434,7 @@ impl<'a> Proxy<'a> {
                         parse.name,
                         self.check(parse.sql, StatementSource::Parse { statement: parse.name }),
                     ),
-                    Err(err) => ("", Some(undecodable(err, "Parse")?)),
+                    Err(err) => ("", Some(self.undecodable(err, "Parse")?)),
                 };
                 match refusal {
                     None => self.to_server.extend_from_slice(message),
@@ -487,6 +487,26 @@ impl<'a> Proxy<'a> {
                 error.hint = refusal.hint;
                 Some(Box::new(error))
             }
+        }
+    }
+
+    /// A Query or Parse that could not be decoded. Text that is not UTF-8 is
+    /// refused like a policy decision (the session goes on); a message whose
+    /// structure is broken ends the session.
+    fn undecodable(&mut self, err: DecodeError, what: &str) -> Result<Box<ErrorFields>, Stop> {
+        match err {
+            DecodeError::NotUtf8 { .. } => {
+                self.counters.refused += 1;
+                Ok(Box::new(
+                    ErrorFields::new(Severity::Error, "22021", format!("statement refused: {err}"))
+                        .with_hint("set client_encoding to UTF8"),
+                ))
+            }
+            err => Err(Stop::Client(ErrorFields::new(
+                Severity::Fatal,
+                "08P01",
+                format!("malformed {what} message: {err}"),
+            ))),
         }
     }
 
@@ -678,23 +698,6 @@ fn poll_write_all(stream: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut)
 fn reserve_for_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
-    }
-}
-
-/// A Query or Parse that could not be decoded. Text that is not UTF-8 is
-/// refused like a policy decision (the session goes on); a message whose
-/// structure is broken ends the session.
-fn undecodable(err: DecodeError, what: &str) -> Result<Box<ErrorFields>, Stop> {
-    match err {
-        DecodeError::NotUtf8 { .. } => Ok(Box::new(
-            ErrorFields::new(Severity::Error, "22021", format!("statement refused: {err}"))
-                .with_hint("set client_encoding to UTF8"),
-        )),
-        err => Err(Stop::Client(ErrorFields::new(
-            Severity::Fatal,
-            "08P01",
-            format!("malformed {what} message: {err}"),
-        ))),
     }
 }
 

@@ -85,7 +85,12 @@ pub(crate) async fn negotiate(mut conn: Connection, shared: &Shared) -> Result<O
                             }
                         })
                         .await
-                        .map_err(|err| (Failure::Gone(format!("TLS handshake failed: {err}")), None))?;
+                        .map_err(|err| {
+                            // Worth an operator's eye: usually a client that
+                            // does not trust the gateway's certificate.
+                            tracing::info!(error = %err, "TLS handshake with a client failed");
+                            (Failure::Gone(format!("TLS handshake failed: {err}")), None)
+                        })?;
                     continue;
                 }
                 _ => b"N",
