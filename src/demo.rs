@@ -8,9 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use sluice_core::config::{TlsFiles, UpstreamAddress};
 use sluice_core::devcluster::{ClusterOptions, DevCluster, DevPki};
-use sluice_core::{AllowAll, Config, Gateway};
+use sluice_core::{Config, Gateway, PolicyGate};
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+const DEMO_POLICY: &str = include_str!("../config/policy.toml");
 const DEMO_DATA: &str = include_str!("../config/demo/shop.sql");
 
 /// The demo identities and what they may do, for the banner.
@@ -53,7 +54,10 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .write_to(&work.0)
         .with_context(|| format!("writing the demo certificates to {}", work.0.display()))?;
 
-    let mut config = Config::from_toml(DEMO_CONFIG, Path::new("config/demo.toml"))?;
+    // The embedded configuration includes its policy file by a relative path:
+    // put both side by side in the work directory.
+    std::fs::write(work.0.join("policy.toml"), DEMO_POLICY).context("writing the demo policy")?;
+    let mut config = Config::from_toml(DEMO_CONFIG, &work.0.join("demo.toml"))?;
     config.server.listen = listen;
     config.tls = Some(TlsFiles { cert, key });
     for target in &mut config.targets {
@@ -62,7 +66,8 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
             port: cluster.port(),
         };
     }
-    let gateway = Gateway::bind(config, Arc::new(AllowAll))
+    let gate = Arc::new(PolicyGate::new(&config));
+    let gateway = Gateway::bind(config, gate)
         .await
         .with_context(|| format!("starting the gateway (is another one on {listen}? try --listen 127.0.0.1:0)"))?;
     print_banner(gateway.local_addr(), cluster.port(), &ca);

@@ -1,13 +1,14 @@
 //! The `sluice` command: a thin CLI over `sluice-core`.
 
 mod demo;
+mod policy_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_core::{AllowAll, Config, Gateway};
+use sluice_core::{Config, Gateway, PolicyGate};
 use tokio_util::sync::CancellationToken;
 
 /// Identity-aware access gateway for PostgreSQL.
@@ -37,12 +38,48 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Explain and test the statement policy.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
     HashToken {
         /// Generate a new random token and print it with its hash.
         #[arg(long)]
         generate: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Classify a statement and show every matching rule and the decision.
+    /// Exits 0 when allowed, 1 when denied, 2 when it needs approval.
+    Check {
+        #[arg(long, short, default_value = "config/sluice.toml")]
+        config: PathBuf,
+        /// The identity's name.
+        #[arg(long)]
+        user: String,
+        /// The identity's groups (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Identity labels, key=value (repeatable): --label kind=agent.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The target, as a client would name it in dbname.
+        #[arg(long)]
+        target: String,
+        /// The statement text.
+        sql: String,
+    },
+    /// Run a table of cases (identity, target, statement, expected decision).
+    Test {
+        #[arg(long, short, default_value = "config/sluice.toml")]
+        config: PathBuf,
+        /// The case file (TOML).
+        file: PathBuf,
     },
 }
 
@@ -97,6 +134,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Policy {
+            action:
+                PolicyAction::Check {
+                    config,
+                    user,
+                    groups,
+                    labels,
+                    target,
+                    sql,
+                },
+        } => {
+            let code = policy_cmd::check(policy_cmd::CheckArgs {
+                config: &config,
+                user: &user,
+                groups: &groups,
+                labels: &labels,
+                target: &target,
+                sql: &sql,
+            })?;
+            std::process::exit(code)
+        }
+        Command::Policy {
+            action: PolicyAction::Test { config, file },
+        } => {
+            let code = policy_cmd::test(&config, &file)?;
+            std::process::exit(code)
+        }
         Command::HashToken { generate } => {
             let token = if generate {
                 let bytes: [u8; 32] = rand::random();
@@ -128,7 +192,8 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs a gateway until ctrl-c or SIGTERM.
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let gateway = Gateway::bind(config, Arc::new(AllowAll)).await?;
+    let gate = Arc::new(PolicyGate::new(&config));
+    let gateway = Gateway::bind(config, gate).await?;
     let shutdown = shutdown_on_signal()?;
     gateway.run(shutdown).await;
     Ok(())

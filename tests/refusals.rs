@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sluice_core::gate::{Refusal, StatementContext, StatementGate, Verdict};
+use sluice_core::gate::{GateSession, Refusal, StatementContext, StatementGate, Verdict};
 
 use crate::harness::raw::{self, RawClient, first_error, tags};
 use crate::harness::{self, ALICE, Spec, TestGateway, db_error};
@@ -13,7 +13,7 @@ use crate::harness::{self, ALICE, Spec, TestGateway, db_error};
 struct RefuseForbidden;
 
 impl StatementGate for RefuseForbidden {
-    fn check(&self, ctx: &StatementContext<'_>, sql: &str) -> Verdict {
+    fn check(&self, ctx: &StatementContext<'_>, _session: &mut GateSession, sql: &str) -> Verdict {
         if sql.contains("forbidden") {
             Verdict::Deny(Refusal {
                 code: "42501",
@@ -24,14 +24,14 @@ impl StatementGate for RefuseForbidden {
                 hint: Some("ask for approval".into()),
             })
         } else {
-            Verdict::Allow
+            Verdict::allow()
         }
     }
 }
 
 fn spec() -> Spec {
     Spec {
-        gate: Arc::new(RefuseForbidden),
+        gate: Some(Arc::new(RefuseForbidden)),
         ..Spec::default()
     }
 }

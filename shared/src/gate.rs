@@ -3,7 +3,12 @@
 //! before anything reaches the database. The gate decides; the session enforces
 //! the decision in a way that keeps the protocol and the client's transaction
 //! state exactly as PostgreSQL would have left them (see `session::proxy`).
+//! The production gate is `policy::PolicyGate`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::ApprovalConfig;
 use crate::identity::Identity;
 
 /// How a statement arrived.
@@ -36,27 +41,85 @@ pub struct Refusal {
     pub hint: Option<String>,
 }
 
+/// A limit on the rows one write may touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLimit {
+    pub rows: u64,
+    /// The rule that set it, named when the limit is hit.
+    pub rule: Arc<str>,
+}
+
+/// What an allowed statement may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowance {
+    /// For a write: the most rows it may touch, checked on its result.
+    pub max_rows: Option<RowLimit>,
+}
+
+/// A statement that may run only once approvers agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRequest {
+    /// The rule that asks for approval.
+    pub rule: String,
+    /// Who may approve, how many, for how long (`None` for statements the
+    /// classifier could not read, which no rule describes).
+    pub approval: Option<ApprovalConfig>,
+    /// What the client is told while the statement cannot be held.
+    pub refusal: Refusal,
+}
+
 /// The gate's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Allow,
+    Allow(Allowance),
     Deny(Refusal),
+    RequireApproval(Box<ApprovalRequest>),
+}
+
+impl Verdict {
+    /// Allowed, without limits.
+    pub fn allow() -> Verdict {
+        Verdict::Allow(Allowance::default())
+    }
+}
+
+/// What the gate remembers about one session between statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateSession {
+    /// The session changed `search_path` (at startup or with SET), so
+    /// unqualified names can no longer be assumed to be in `public`.
+    pub search_path_changed: bool,
+    /// The server's `standard_conforming_strings` for this session.
+    pub standard_conforming_strings: bool,
+    /// Row limits of SQL-level prepared statements (PREPARE name AS ...),
+    /// applied when they are EXECUTEd.
+    pub prepared_limits: HashMap<String, RowLimit>,
+}
+
+impl Default for GateSession {
+    fn default() -> GateSession {
+        GateSession {
+            search_path_changed: false,
+            standard_conforming_strings: true,
+            prepared_limits: HashMap::new(),
+        }
+    }
 }
 
 /// Decides, for each statement, whether it may run. Implementations are pure
 /// and synchronous: no IO on the statement path.
 pub trait StatementGate: Send + Sync {
-    fn check(&self, ctx: &StatementContext<'_>, sql: &str) -> Verdict;
+    fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict;
 }
 
-/// The gate of the foundation: allows every statement and records that it saw
-/// it. Statement text is not logged (it may hold values that masking must see
-/// first); its length and leading keyword are.
+/// A gate that allows every statement and records that it saw it: for tests
+/// of the seam itself. Statement text is not logged (it may hold values that
+/// masking must see first); its length and leading keyword are.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AllowAll;
 
 impl StatementGate for AllowAll {
-    fn check(&self, ctx: &StatementContext<'_>, sql: &str) -> Verdict {
+    fn check(&self, ctx: &StatementContext<'_>, _session: &mut GateSession, sql: &str) -> Verdict {
         tracing::debug!(
             identity = %ctx.identity,
             target = ctx.target,
@@ -66,7 +129,7 @@ impl StatementGate for AllowAll {
             len = sql.len(),
             "statement allowed"
         );
-        Verdict::Allow
+        Verdict::allow()
     }
 }
 

@@ -14,6 +14,7 @@ pub mod devcluster;
 pub mod gate;
 pub mod identity;
 pub mod net;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -23,4 +24,5 @@ pub mod upstream;
 
 pub use config::Config;
 pub use gate::{AllowAll, StatementGate};
+pub use policy::PolicyGate;
 pub use server::{Gateway, GatewayError};

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sluice_core::devcluster::{ClusterOptions, DevCluster, DevPki};
 use sluice_core::gate::StatementGate;
-use sluice_core::{AllowAll, Config, Gateway};
+use sluice_core::{Config, Gateway, PolicyGate};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -106,7 +106,11 @@ pub struct Spec {
     pub access: String,
     /// Further TOML appended as is (more targets).
     pub extra: String,
-    pub gate: Arc<dyn StatementGate>,
+    /// A `[policy]` section (inline rules); none means the permissive
+    /// default (allow what is understood, unknown needs approval).
+    pub policy: Option<String>,
+    /// A statement gate to use instead of the configured policy.
+    pub gate: Option<Arc<dyn StatementGate>>,
 }
 
 impl Default for Spec {
@@ -122,7 +126,8 @@ impl Default for Spec {
                 "[[targets.access]]\nidentities = [\"*\"]\nrole = \"{APP_ROLE}\"\npassword = \"{APP_PASSWORD}\"\n"
             ),
             extra: String::new(),
-            gate: Arc::new(AllowAll),
+            policy: None,
+            gate: None,
         }
     }
 }
@@ -188,6 +193,11 @@ pub fn config_text(spec: &Spec, db: &str) -> String {
         spec.access
     ));
     text.push_str(&spec.extra);
+    if let Some(policy) = &spec.policy {
+        text.push('\n');
+        text.push_str(policy);
+        text.push('\n');
+    }
     text
 }
 
@@ -203,7 +213,10 @@ impl TestGateway {
         let text = config_text(&spec, &db);
         let config = Config::from_toml(&text, std::path::Path::new("test.toml"))
             .unwrap_or_else(|err| panic!("test configuration invalid: {err}\n{text}"));
-        let gateway = Gateway::bind(config, spec.gate).await.expect("binding the gateway");
+        let gate = spec
+            .gate
+            .unwrap_or_else(|| Arc::new(PolicyGate::new(&config)) as Arc<dyn StatementGate>);
+        let gateway = Gateway::bind(config, gate).await.expect("binding the gateway");
         let addr = gateway.local_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(gateway.run(shutdown.clone()));

@@ -3,6 +3,7 @@
 //! of the gateway takes. Every problem names the file, the line and what to
 //! write instead; all problems are reported at once.
 
+mod policy;
 mod raw;
 mod units;
 
@@ -14,7 +15,10 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use raw::{RawAccess, RawConfig, RawIdentity, RawOidc, RawServer, RawTarget, RawTls};
+pub use policy::{
+    ApprovalConfig, ApprovalMode, DecisionKind, Pattern, PolicyConfig, PolicyMode, RelationPattern, RuleConfig,
+};
+use raw::{RawAccess, RawConfig, RawIdentity, RawOidc, RawPolicy, RawServer, RawTarget, RawTls};
 
 /// The validated configuration of one gateway.
 #[derive(Debug, Clone)]
@@ -25,6 +29,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub identity: IdentityConfig,
     pub targets: Vec<Target>,
+    pub policy: PolicyConfig,
 }
 
 /// The PostgreSQL listener.
@@ -99,6 +104,8 @@ pub struct Target {
     /// Name checked against the server certificate; the host when absent.
     pub server_name: Option<String>,
     pub connect_timeout: Duration,
+    /// Policy decisions here are recorded, not enforced.
+    pub monitor: bool,
     /// Who may use this target and as which upstream role; first match wins.
     pub access: Vec<AccessRule>,
 }
@@ -189,6 +196,8 @@ pub enum ConfigError {
 /// One thing wrong in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The included file the problem is in, when not the main file.
+    pub file: Option<PathBuf>,
     /// 1-based line, when the problem belongs to one value.
     pub line: Option<usize>,
     pub message: String,
@@ -202,9 +211,10 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
         if problems.len() == 1 { "" } else { "s" }
     );
     for problem in problems {
+        let file = problem.file.as_deref().unwrap_or(path).display();
         match problem.line {
-            Some(line) => out.push_str(&format!("\n  {}:{line}: {}", path.display(), problem.message)),
-            None => out.push_str(&format!("\n  {}: {}", path.display(), problem.message)),
+            Some(line) => out.push_str(&format!("\n  {file}:{line}: {}", problem.message)),
+            None => out.push_str(&format!("\n  {file}: {}", problem.message)),
         }
     }
     out
@@ -243,6 +253,10 @@ impl Config {
         let tls = raw.tls.map(|tls| v.tls(tls));
         let identity = v.identity(raw.identity);
         let targets = v.targets(raw.targets);
+        let policy = match raw.policy {
+            None => PolicyConfig::permissive(path.to_path_buf()),
+            Some(raw_policy) => v.policy_section(raw_policy, path)?,
+        };
         if let Some(server) = &server
             && tls.is_none()
             && !server.allow_plaintext
@@ -267,6 +281,7 @@ impl Config {
                 tls,
                 identity,
                 targets,
+                policy,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -300,9 +315,55 @@ impl Validator<'_> {
     fn problem(&mut self, span: Option<std::ops::Range<usize>>, message: impl Into<String>) {
         let line = span.map(|span| line_col(self.text, span.start).0);
         self.problems.push(Problem {
+            file: None,
             line,
             message: message.into(),
         });
+    }
+
+    /// `[policy]`: inline, or `file = "..."` naming a policy file that is read
+    /// and validated here, its problems reported with its own name and lines.
+    fn policy_section(&mut self, raw: RawPolicy, main: &Path) -> Result<PolicyConfig, ConfigError> {
+        let Some(file) = raw.file.clone() else {
+            return Ok(self.policy(raw, main.to_path_buf()));
+        };
+        if raw.mode.is_some() || raw.default.is_some() || raw.unknown.is_some() || !raw.rules.is_empty() {
+            self.at(
+                &file,
+                "[policy] names a file and also has policy keys of its own: keep the policy in one place",
+            );
+        }
+        let path = self.path(file.get_ref());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => {
+                self.at(&file, format!("cannot read the policy file {}: {err}", path.display()));
+                return Ok(PolicyConfig::permissive(path));
+            }
+        };
+        let raw: RawPolicy = toml::from_str(&text).map_err(|err| {
+            let (line, column) = err.span().map(|span| line_col(&text, span.start)).unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: path.clone(),
+                line,
+                column,
+                message: err.message().trim().to_string(),
+            }
+        })?;
+        let mut inner = Validator {
+            text: &text,
+            base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            problems: Vec::new(),
+        };
+        if let Some(nested) = &raw.file {
+            inner.at(nested, "a policy file cannot name another policy file");
+        }
+        let policy = inner.policy(raw, path.clone());
+        for mut problem in inner.problems {
+            problem.file = Some(path.clone());
+            self.problems.push(problem);
+        }
+        Ok(policy)
     }
 
     fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
@@ -644,6 +705,7 @@ impl Validator<'_> {
             .collect();
         Some(Target {
             database: raw.database.unwrap_or_else(|| name.clone()),
+            monitor: raw.monitor,
             name,
             address,
             tls,

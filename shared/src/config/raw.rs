@@ -18,6 +18,61 @@ pub struct RawConfig {
     pub identity: RawIdentity,
     #[serde(default)]
     pub targets: Vec<RawTarget>,
+    pub policy: Option<RawPolicy>,
+}
+
+/// A policy: inline under `[policy]` in the main file, or in its own file
+/// that `[policy] file = "..."` names (which may not name another).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub file: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub default: Option<Spanned<String>>,
+    pub unknown: Option<Spanned<String>>,
+    pub max_statement_length: Option<Spanned<RawSize>>,
+    pub classification_cache: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Spanned<String>,
+    pub decision: Spanned<String>,
+    pub reason: Option<String>,
+    pub hint: Option<String>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub except_users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub except_groups: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub databases: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub relations: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub access: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub features: Vec<Spanned<String>>,
+    pub max_rows: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub monitor: bool,
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    pub approvals: Option<Spanned<i64>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub approval_mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -81,6 +136,9 @@ pub struct RawTarget {
     pub ca: Option<Spanned<String>>,
     pub server_name: Option<String>,
     pub connect_timeout: Option<Spanned<RawDuration>>,
+    /// Policy decisions on this target are recorded, not enforced.
+    #[serde(default)]
+    pub monitor: bool,
     #[serde(default)]
     pub access: Vec<RawAccess>,
 }

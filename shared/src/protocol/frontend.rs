@@ -131,6 +131,11 @@ pub fn encode_sasl_response(data: &[u8], out: &mut BytesMut) {
     MessageBuilder::new(out, tag::PASSWORD).bytes(data).finish();
 }
 
+/// Flush: asks the server to send what it has.
+pub fn encode_flush(out: &mut BytesMut) {
+    MessageBuilder::new(out, tag::FLUSH).finish();
+}
+
 /// Terminate.
 pub fn encode_terminate(out: &mut BytesMut) {
     MessageBuilder::new(out, tag::TERMINATE).finish();

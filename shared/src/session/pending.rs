@@ -18,26 +18,65 @@ use crate::protocol::backend::{ErrorFields, tag};
 /// A frontend message awaiting its answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
-    /// A simple Query; `refusal` is set when the gateway replaced it with a
-    /// statement that fails, and its error must be replaced by this one.
+    /// A simple Query. `refusal` is set when the gateway replaced it with a
+    /// statement that fails, and its error must be replaced by this one;
+    /// `guarded` when a row-limit guard owns its answer.
     Query {
         refusal: Option<Box<ErrorFields>>,
+        guarded: bool,
     },
     Parse {
         refusal: Option<Box<ErrorFields>>,
     },
     Bind,
     Describe,
-    Execute,
+    Execute {
+        guarded: bool,
+    },
     Close,
     Sync,
     FunctionCall,
     /// CopyDone or CopyFail from the client: marks where a COPY FROM STDIN
     /// ends in the client's stream. Gets no answer of its own.
     CopyEnd,
+    /// A simple Query the gateway sent on its own (BEGIN, COMMIT, ROLLBACK
+    /// around a row-limited write): its answer is the gateway's, not the client's.
+    Internal,
 }
 
-/// The answers still owed to the client, oldest first.
+impl Expect {
+    /// A Query the client sent, as it is.
+    pub fn query() -> Expect {
+        Expect::Query {
+            refusal: None,
+            guarded: false,
+        }
+    }
+
+    fn owner(&self) -> Owner {
+        match self {
+            Expect::Query { guarded: true, .. } | Expect::Execute { guarded: true } => Owner::Guard,
+            Expect::Internal => Owner::Internal,
+            _ => Owner::Client,
+        }
+    }
+}
+
+/// Who a backend message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The client, through the result seam.
+    Client,
+    /// The client, but this error replaces the message: it is the error of a
+    /// statement the gateway refused.
+    Refusal(Box<ErrorFields>),
+    /// The row-limit guard of the statement it answers.
+    Guard,
+    /// The gateway: the answer to a statement it sent itself.
+    Internal,
+}
+
+/// The answers still owed, oldest first.
 #[derive(Debug, Default)]
 pub struct PendingQueue {
     queue: VecDeque<Expect>,
@@ -68,6 +107,10 @@ impl PendingQueue {
         self.queue.front_mut()
     }
 
+    fn front_owner(&mut self) -> Owner {
+        self.front().map(|e| e.owner()).unwrap_or(Owner::Client)
+    }
+
     fn pop(&mut self) -> Option<Expect> {
         self.front();
         self.queue.pop_front()
@@ -90,56 +133,86 @@ impl PendingQueue {
         }
     }
 
-    /// Accounts for one backend message. Returns the refusal to send instead
-    /// of this message when it is the error of a statement the gateway refused.
-    pub fn on_backend(&mut self, message_tag: u8) -> Option<Box<ErrorFields>> {
+    /// Accounts for one backend message and says who it is for.
+    pub fn on_backend(&mut self, message_tag: u8) -> Owner {
         match message_tag {
             tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE | tag::NO_DATA | tag::PORTAL_SUSPENDED => {
+                let owner = self.front_owner();
                 self.pop();
+                owner
             }
             tag::ROW_DESCRIPTION => {
                 // Part of a simple Query's answer unless a Describe asked for it.
                 if matches!(self.front(), Some(Expect::Describe)) {
                     self.pop();
+                    Owner::Client
+                } else {
+                    self.front_owner()
                 }
             }
+            tag::DATA_ROW | tag::NOTICE_RESPONSE => match self.front_owner() {
+                // A notice during an internal statement (such as a warning
+                // about the transaction state) is the gateway's.
+                Owner::Internal => Owner::Internal,
+                Owner::Guard if message_tag == tag::DATA_ROW => Owner::Guard,
+                _ => Owner::Client,
+            },
             tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE => {
                 if self.copy_in {
                     self.end_copy_in();
                 }
-                if matches!(self.front(), Some(Expect::Execute)) {
+                let owner = self.front_owner();
+                if matches!(self.front(), Some(Expect::Execute { .. })) {
                     self.pop();
                 }
+                owner
             }
-            tag::COPY_IN_RESPONSE => self.copy_in = true,
+            tag::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                Owner::Client
+            }
             tag::ERROR_RESPONSE => {
                 if self.copy_in {
                     self.end_copy_in();
                 }
-                return self.on_error();
+                self.on_error()
             }
             tag::READY_FOR_QUERY => {
+                let mut owner = Owner::Client;
                 while let Some(expect) = self.pop() {
-                    if matches!(expect, Expect::Query { .. } | Expect::Sync | Expect::FunctionCall) {
+                    if matches!(
+                        expect,
+                        Expect::Query { .. } | Expect::Sync | Expect::FunctionCall | Expect::Internal
+                    ) {
+                        owner = expect.owner();
                         break;
                     }
                 }
+                owner
             }
-            _ => {}
+            _ => Owner::Client,
         }
-        None
     }
 
-    fn on_error(&mut self) -> Option<Box<ErrorFields>> {
-        match self.front()? {
+    fn on_error(&mut self) -> Owner {
+        let Some(front) = self.front() else {
+            return Owner::Client;
+        };
+        match front {
             // A simple Query or FunctionCall ends with ReadyForQuery after its error.
-            Expect::Query { refusal } => refusal.take(),
-            Expect::FunctionCall | Expect::Sync => None,
+            Expect::Query { refusal, guarded } => match refusal.take() {
+                Some(refusal) => Owner::Refusal(refusal),
+                None if *guarded => Owner::Guard,
+                None => Owner::Client,
+            },
+            Expect::Internal => Owner::Internal,
+            Expect::FunctionCall | Expect::Sync => Owner::Client,
             // The extended protocol: the server discards messages until Sync.
             _ => {
-                let refusal = match self.queue.pop_front() {
-                    Some(Expect::Parse { refusal }) => refusal,
-                    _ => None,
+                let owner = match self.queue.pop_front() {
+                    Some(Expect::Parse { refusal: Some(refusal) }) => Owner::Refusal(refusal),
+                    Some(Expect::Execute { guarded: true }) => Owner::Guard,
+                    _ => Owner::Client,
                 };
                 while let Some(front) = self.queue.front() {
                     if *front == Expect::Sync {
@@ -147,7 +220,7 @@ impl PendingQueue {
                     }
                     self.queue.pop_front();
                 }
-                refusal
+                owner
             }
         }
     }
@@ -162,14 +235,25 @@ mod tests {
         Some(Box::new(ErrorFields::new(Severity::Error, "42501", "refused")))
     }
 
-    fn feed(queue: &mut PendingQueue, tags: &[u8]) -> Vec<Option<Box<ErrorFields>>> {
+    fn refused_query() -> Expect {
+        Expect::Query {
+            refusal: refusal(),
+            guarded: false,
+        }
+    }
+
+    fn is_refusal(owner: &Owner) -> bool {
+        matches!(owner, Owner::Refusal(_))
+    }
+
+    fn feed(queue: &mut PendingQueue, tags: &[u8]) -> Vec<Owner> {
         tags.iter().map(|&t| queue.on_backend(t)).collect()
     }
 
     #[test]
     fn simple_query_lifecycle() {
         let mut q = PendingQueue::default();
-        q.push(Expect::Query { refusal: None });
+        q.push(Expect::query());
         feed(&mut q, b"TDDCTDC");
         assert!(!q.is_empty());
         feed(&mut q, b"Z");
@@ -183,13 +267,13 @@ mod tests {
             Expect::Parse { refusal: None },
             Expect::Bind,
             Expect::Describe,
-            Expect::Execute,
+            Expect::Execute { guarded: false },
             Expect::Sync,
         ] {
             q.push(e);
         }
         q.push(Expect::Bind);
-        q.push(Expect::Execute);
+        q.push(Expect::Execute { guarded: false });
         q.push(Expect::Sync);
         feed(&mut q, b"12TDDCZ");
         assert_eq!(q.len(), 3);
@@ -202,18 +286,18 @@ mod tests {
         let mut q = PendingQueue::default();
         q.push(Expect::Parse { refusal: None });
         q.push(Expect::Bind);
-        q.push(Expect::Execute);
+        q.push(Expect::Execute { guarded: false });
         q.push(Expect::Parse { refusal: refusal() });
         q.push(Expect::Bind);
-        q.push(Expect::Execute);
+        q.push(Expect::Execute { guarded: false });
         q.push(Expect::Sync);
-        q.push(Expect::Query { refusal: None });
+        q.push(Expect::query());
         let out = feed(&mut q, b"12C");
-        assert!(out.iter().all(Option::is_none));
+        assert!(out.iter().all(|o| *o == Owner::Client));
         // The refused Parse's error is the one to replace.
-        assert!(q.on_backend(b'E').is_some());
+        assert!(is_refusal(&q.on_backend(b'E')));
         feed(&mut q, b"Z");
-        assert_eq!(q.queue.front(), Some(&Expect::Query { refusal: None }));
+        assert_eq!(q.queue.front(), Some(&Expect::query()));
     }
 
     #[test]
@@ -221,22 +305,22 @@ mod tests {
         let mut q = PendingQueue::default();
         q.push(Expect::Parse { refusal: None });
         q.push(Expect::Bind);
-        q.push(Expect::Execute);
+        q.push(Expect::Execute { guarded: false });
         q.push(Expect::Parse { refusal: refusal() });
         q.push(Expect::Sync);
         // The first statement fails at Execute; the server never sees the
         // refused Parse, so no error may be replaced.
         let out = feed(&mut q, b"12EZ");
-        assert!(out.iter().all(Option::is_none));
+        assert!(out.iter().all(|o| *o == Owner::Client));
         assert!(q.is_empty());
     }
 
     #[test]
     fn refused_simple_query() {
         let mut q = PendingQueue::default();
-        q.push(Expect::Query { refusal: refusal() });
-        assert!(q.on_backend(b'E').is_some());
-        assert!(q.on_backend(b'E').is_none());
+        q.push(refused_query());
+        assert!(is_refusal(&q.on_backend(b'E')));
+        assert_eq!(q.on_backend(b'E'), Owner::Client);
         feed(&mut q, b"Z");
         assert!(q.is_empty());
     }
@@ -249,7 +333,7 @@ mod tests {
             Expect::Parse { refusal: None },
             Expect::Bind,
             Expect::Describe,
-            Expect::Execute,
+            Expect::Execute { guarded: false },
             Expect::Sync,
         ] {
             q.push(e);
@@ -260,8 +344,8 @@ mod tests {
         feed(&mut q, b"C");
         feed(&mut q, b"Z");
         assert!(q.is_empty(), "{:?}", q.queue);
-        q.push(Expect::Query { refusal: refusal() });
-        assert!(q.on_backend(b'E').is_some(), "queue drifted: {:?}", q.queue);
+        q.push(refused_query());
+        assert!(is_refusal(&q.on_backend(b'E')), "queue drifted: {:?}", q.queue);
     }
 
     #[test]
@@ -270,7 +354,7 @@ mod tests {
         for e in [
             Expect::Parse { refusal: None },
             Expect::Bind,
-            Expect::Execute,
+            Expect::Execute { guarded: false },
             Expect::Sync,
         ] {
             q.push(e);
@@ -287,15 +371,37 @@ mod tests {
     #[test]
     fn simple_copy_in_and_stray_copy_done() {
         let mut q = PendingQueue::default();
-        q.push(Expect::Query { refusal: None });
+        q.push(Expect::query());
         feed(&mut q, b"G");
         q.push(Expect::CopyEnd);
         feed(&mut q, b"CZ");
         assert!(q.is_empty());
         // A CopyDone sent after a failed COPY is ignored by the server.
         q.push(Expect::CopyEnd);
-        q.push(Expect::Query { refusal: refusal() });
-        assert!(q.on_backend(b'E').is_some());
+        q.push(refused_query());
+        assert!(is_refusal(&q.on_backend(b'E')));
+    }
+
+    #[test]
+    fn guarded_and_internal_answers_are_attributed() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Internal);
+        q.push(Expect::Query {
+            refusal: None,
+            guarded: true,
+        });
+        assert_eq!(feed(&mut q, b"CZ"), vec![Owner::Internal, Owner::Internal]);
+        assert_eq!(feed(&mut q, b"TDCZ"), vec![Owner::Guard; 4]);
+        assert!(q.is_empty());
+        // A guarded Execute, then the rest of the batch.
+        q.push(Expect::Execute { guarded: true });
+        q.push(Expect::Sync);
+        assert_eq!(feed(&mut q, b"DC"), vec![Owner::Guard, Owner::Guard]);
+        assert_eq!(feed(&mut q, b"Z"), vec![Owner::Client]);
+        q.push(Expect::Execute { guarded: true });
+        q.push(Expect::Sync);
+        assert_eq!(feed(&mut q, b"EZ"), vec![Owner::Guard, Owner::Client]);
+        assert!(q.is_empty());
     }
 
     #[test]

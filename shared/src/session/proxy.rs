@@ -20,6 +20,7 @@
 //! rest of the extended-protocol batch until Sync, answer ReadyForQuery with
 //! the right status), and the client's view stays consistent.
 
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -30,16 +31,17 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::pending::{Expect, PendingQueue};
+use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, command_count};
+use super::pending::{Expect, Owner, PendingQueue};
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
-use crate::gate::{StatementContext, StatementGate, StatementSource, Verdict};
+use crate::gate::{Allowance, GateSession, RowLimit, StatementContext, StatementGate, StatementSource, Verdict};
 use crate::identity::Identity;
 use crate::net::Stream;
 use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError, Severity};
 use crate::protocol::codec::{self, HEADER_LEN, printable};
 use crate::protocol::frontend::{self, Parse, Query, tag as fe};
-use crate::protocol::{DecodeError, TxStatus};
+use crate::protocol::{Cursor, DecodeError, TxStatus};
 use crate::shutdown::{Phase, ShutdownListener};
 
 /// Stop reading a side while the buffer it feeds holds this much.
@@ -119,6 +121,25 @@ enum Stop {
     ClientIo(io::Error),
 }
 
+/// What the gate's verdict means for the proxy.
+#[derive(Debug)]
+enum Outcome {
+    Forward,
+    Refuse(Box<ErrorFields>),
+    /// Run it, under a row limit.
+    Guard(RowLimit),
+}
+
+/// Whether a frontend message was handled or must wait in the buffer.
+enum Consumed {
+    Yes,
+    Wait,
+}
+
+/// The name of the statement the gateway prepares, failing, to undo a
+/// row-limited write in the extended protocol. Never created: it fails.
+const GUARD_STATEMENT: &str = "sluice_row_limit";
+
 /// The static parts of a session the loop needs.
 pub(crate) struct ProxyContext<'a> {
     pub gate: &'a dyn StatementGate,
@@ -151,6 +172,18 @@ pub(crate) struct Proxy<'a> {
     /// Bytes of an oversized backend message that still stream through unparsed.
     server_streaming: usize,
     pending: PendingQueue,
+    /// What the statement gate remembers about this session.
+    gate_session: GateSession,
+    /// The row-limited write in progress; while it runs, the client's
+    /// messages wait (COPY data excepted).
+    guard: Option<Guard>,
+    /// The verdict for the Query at the front of `client_in`, which waits
+    /// for the answers still owed before it can run under a guard.
+    deferred: Option<Outcome>,
+    /// Row limits of prepared statements (extended protocol), by name.
+    statement_limits: HashMap<String, RowLimit>,
+    /// Row limits of bound portals, with the rows they returned so far.
+    portal_limits: HashMap<String, (RowLimit, u64)>,
     seam: ResultSeam,
     tx_status: TxStatus,
     /// The client sent Terminate: pass it on, then end.
@@ -183,6 +216,11 @@ impl<'a> Proxy<'a> {
             server_unflushed: false,
             server_streaming: 0,
             pending: PendingQueue::default(),
+            gate_session: GateSession::default(),
+            guard: None,
+            deferred: None,
+            statement_limits: HashMap::new(),
+            portal_limits: HashMap::new(),
             seam: ResultSeam::default(),
             tx_status,
             terminating: false,
@@ -223,7 +261,15 @@ impl<'a> Proxy<'a> {
             .await;
             let result = match event {
                 Ok(Event::ClientData) => self.on_client_data(),
-                Ok(Event::ServerData) => self.on_server_data(),
+                Ok(Event::ServerData) => self.on_server_data().and_then(|()| {
+                    // Answers may have ended a guard or let a deferred
+                    // statement go: carry on with what the client sent.
+                    if !self.client_in.is_empty() && !self.client_blocked() {
+                        self.on_client_data()
+                    } else {
+                        Ok(())
+                    }
+                }),
                 Ok(Event::Drained) => return self.shut_down("the gateway is shutting down").await,
                 Ok(Event::Deadline) => {
                     return self
@@ -260,7 +306,9 @@ impl<'a> Proxy<'a> {
 
     /// Between requests: nothing owed, nothing half-read, no transaction open.
     fn is_idle(&self) -> bool {
-        self.pending.is_empty()
+        self.guard.is_none()
+            && self.deferred.is_none()
+            && self.pending.is_empty()
             && self.tx_status == TxStatus::Idle
             && self.client_in.is_empty()
             && self.server_streaming == 0
@@ -339,7 +387,7 @@ impl<'a> Proxy<'a> {
     }
 
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
-        if self.to_server.len() >= HIGH_WATER {
+        if self.to_server.len() >= HIGH_WATER || (self.client_blocked() && self.client_in.len() >= HIGH_WATER) {
             return Poll::Pending;
         }
         reserve_for_read(&mut self.client_in);
@@ -395,10 +443,15 @@ impl<'a> Proxy<'a> {
             if rest.len() < total {
                 break Ok(());
             }
-            if let Err(stop) = self.on_frontend(header.tag, &rest[..total]) {
-                break Err(stop);
+            // While a guard runs, only COPY data may reach the server.
+            if self.client_blocked() && !matches!(header.tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL) {
+                break Ok(());
             }
-            offset += total;
+            match self.on_frontend(header.tag, &rest[..total]) {
+                Ok(Consumed::Yes) => offset += total,
+                Ok(Consumed::Wait) => break Ok(()),
+                Err(stop) => break Err(stop),
+            }
         };
         buf.advance(offset);
         if let Ok(Some(header)) = codec::peek_header(&buf, self.ctx.max_message_size)
@@ -410,43 +463,129 @@ impl<'a> Proxy<'a> {
         result
     }
 
+    /// Whether the client's messages must wait: a guard runs, or a guarded
+    /// statement waits for the answers still owed.
+    fn client_blocked(&self) -> bool {
+        self.guard.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
+    }
+
     /// One complete frontend message (header included).
-    fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<(), Stop> {
+    fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
         let expect = match message_tag {
             fe::QUERY => {
-                self.counters.statements += 1;
-                let refusal = match Query::decode(body) {
-                    Ok(query) => self.check(query.sql, StatementSource::SimpleQuery),
-                    Err(err) => Some(self.undecodable(err, "Query")?),
+                let outcome = match self.deferred.take() {
+                    Some(outcome) => outcome,
+                    None => {
+                        self.counters.statements += 1;
+                        match Query::decode(body) {
+                            Ok(query) => self.check(query.sql, StatementSource::SimpleQuery),
+                            Err(err) => Outcome::Refuse(self.undecodable(err, "Query")?),
+                        }
+                    }
                 };
-                match refusal {
-                    None => self.to_server.extend_from_slice(message),
-                    Some(_) => Query::encode(REFUSED_STATEMENT, &mut self.to_server),
+                match outcome {
+                    Outcome::Forward => {
+                        self.to_server.extend_from_slice(message);
+                        self.pending.push(Expect::query());
+                    }
+                    Outcome::Refuse(refusal) => {
+                        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+                        self.pending.push(Expect::Query {
+                            refusal: Some(refusal),
+                            guarded: false,
+                        });
+                    }
+                    Outcome::Guard(limit) => {
+                        // The guard needs the transaction status as it will
+                        // be when the statement runs: wait for what is owed.
+                        if !self.pending.is_empty() {
+                            self.deferred = Some(Outcome::Guard(limit));
+                            return Ok(Consumed::Wait);
+                        }
+                        self.start_simple_guard(limit, message);
+                    }
                 }
-                self.pending.push(Expect::Query { refusal });
-                return Ok(());
+                return Ok(Consumed::Yes);
             }
             fe::PARSE => {
                 self.counters.statements += 1;
-                let (name, refusal) = match Parse::decode(body) {
+                let (name, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
                         self.check(parse.sql, StatementSource::Parse { statement: parse.name }),
                     ),
-                    Err(err) => ("", Some(self.undecodable(err, "Parse")?)),
+                    Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
-                match refusal {
-                    None => self.to_server.extend_from_slice(message),
-                    Some(_) => Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server),
-                }
+                let refusal = match outcome {
+                    Outcome::Forward => {
+                        self.statement_limits.remove(name);
+                        self.to_server.extend_from_slice(message);
+                        None
+                    }
+                    Outcome::Guard(limit) => {
+                        self.statement_limits.insert(name.to_string(), limit);
+                        self.to_server.extend_from_slice(message);
+                        None
+                    }
+                    Outcome::Refuse(refusal) => {
+                        self.statement_limits.remove(name);
+                        Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
+                        Some(refusal)
+                    }
+                };
                 self.pending.push(Expect::Parse { refusal });
-                return Ok(());
+                return Ok(Consumed::Yes);
             }
-            fe::BIND => Some(Expect::Bind),
+            fe::BIND => {
+                if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
+                    let (portal, statement) = bind_names(body)?;
+                    match self.statement_limits.get(statement) {
+                        Some(limit) => {
+                            self.portal_limits.insert(portal.to_string(), (limit.clone(), 0));
+                        }
+                        None => {
+                            self.portal_limits.remove(portal);
+                        }
+                    }
+                }
+                Some(Expect::Bind)
+            }
+            fe::EXECUTE => {
+                if !self.portal_limits.is_empty() {
+                    let portal = first_name(body, "portal name")?;
+                    if let Some((limit, rows)) = self.portal_limits.get(portal) {
+                        let mut guard = Guard::new(
+                            limit.clone(),
+                            GuardKind::Extended {
+                                portal: portal.to_string(),
+                            },
+                            GuardPhase::Running,
+                        );
+                        guard.rows = *rows;
+                        self.guard = Some(guard);
+                        // Flush so the answer comes back before anything the
+                        // client sends next (its Sync) reaches the server.
+                        self.to_server.extend_from_slice(message);
+                        frontend::encode_flush(&mut self.to_server);
+                        self.pending.push(Expect::Execute { guarded: true });
+                        return Ok(Consumed::Yes);
+                    }
+                }
+                Some(Expect::Execute { guarded: false })
+            }
+            fe::CLOSE => {
+                if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
+                    let kind = body.first().copied();
+                    let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
+                    match kind {
+                        Some(b'S') => self.statement_limits.remove(name),
+                        _ => self.portal_limits.remove(name).map(|(limit, _)| limit),
+                    };
+                }
+                Some(Expect::Close)
+            }
             fe::DESCRIBE => Some(Expect::Describe),
-            fe::EXECUTE => Some(Expect::Execute),
-            fe::CLOSE => Some(Expect::Close),
             fe::SYNC => Some(Expect::Sync),
             fe::FUNCTION_CALL => Some(Expect::FunctionCall),
             fe::COPY_DONE | fe::COPY_FAIL => Some(Expect::CopyEnd),
@@ -467,26 +606,232 @@ impl<'a> Proxy<'a> {
         if let Some(expect) = expect {
             self.pending.push(expect);
         }
-        Ok(())
+        Ok(Consumed::Yes)
     }
 
-    /// Asks the gate; returns the error to show when it refuses.
-    fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Option<Box<ErrorFields>> {
+    /// Asks the gate what to do with a statement.
+    fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
         let ctx = StatementContext {
             identity: self.ctx.identity,
             target: self.ctx.target,
             session_id: self.ctx.session_id,
             source,
         };
-        match self.ctx.gate.check(&ctx, sql) {
-            Verdict::Allow => None,
-            Verdict::Deny(refusal) => {
-                self.counters.refused += 1;
-                tracing::info!(code = refusal.code, reason = %refusal.message, "statement refused");
-                let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
-                error.hint = refusal.hint;
-                Some(Box::new(error))
+        let refusal = match self.ctx.gate.check(&ctx, &mut self.gate_session, sql) {
+            Verdict::Allow(Allowance { max_rows: None }) => return Outcome::Forward,
+            Verdict::Allow(Allowance { max_rows: Some(limit) }) => return Outcome::Guard(limit),
+            // Approvals cannot hold a statement yet: it is refused, with a
+            // message that says approval is what it needs.
+            Verdict::RequireApproval(request) => request.refusal,
+            Verdict::Deny(refusal) => refusal,
+        };
+        self.counters.refused += 1;
+        let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
+        error.hint = refusal.hint;
+        Outcome::Refuse(Box::new(error))
+    }
+
+    /// A simple Query under a row limit. Inside a transaction it runs as is
+    /// (and the transaction is aborted if it goes over); outside one, the
+    /// gateway opens a transaction first so that it can still roll it back.
+    fn start_simple_guard(&mut self, limit: RowLimit, message: &[u8]) {
+        match self.tx_status {
+            // It will fail like everything in a failed transaction.
+            TxStatus::Failed => {
+                self.to_server.extend_from_slice(message);
+                self.pending.push(Expect::query());
             }
+            TxStatus::InTransaction => {
+                self.to_server.extend_from_slice(message);
+                self.pending.push(Expect::Query {
+                    refusal: None,
+                    guarded: true,
+                });
+                self.guard = Some(Guard::new(
+                    limit,
+                    GuardKind::Simple { wrapped: false },
+                    GuardPhase::Running,
+                ));
+            }
+            TxStatus::Idle => {
+                Query::encode("BEGIN", &mut self.to_server);
+                self.pending.push(Expect::Internal);
+                self.guard = Some(Guard::new(
+                    limit,
+                    GuardKind::Simple { wrapped: true },
+                    GuardPhase::Beginning {
+                        query: message.to_vec(),
+                        failed: false,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// A backend message that answers a guarded statement.
+    fn guard_message(&mut self, message_tag: u8, message: &[u8]) {
+        let Some(guard) = self.guard.as_mut() else {
+            self.seam.forward(message_tag, message, &mut self.to_client);
+            return;
+        };
+        let extended = matches!(guard.kind, GuardKind::Extended { .. });
+        match message_tag {
+            backend::tag::DATA_ROW => {
+                guard.rows += 1;
+                if guard.over() {
+                    return;
+                }
+                if guard.held.len() + message.len() > HOLD_CAP {
+                    guard.overflowed = true;
+                    return;
+                }
+                self.seam.forward(message_tag, message, &mut guard.held);
+            }
+            backend::tag::COMMAND_COMPLETE => {
+                guard.completed = command_count(&message[HEADER_LEN..]);
+                self.seam.forward(message_tag, message, &mut guard.held);
+                if extended {
+                    self.finish_extended_guard();
+                }
+            }
+            backend::tag::PORTAL_SUSPENDED => {
+                self.seam.forward(message_tag, message, &mut guard.held);
+                self.finish_extended_guard();
+            }
+            backend::tag::ERROR_RESPONSE => {
+                if extended {
+                    // The Execute failed: nothing to undo, the server does.
+                    let guard = self.guard.take().expect("guard present");
+                    self.to_client.extend_from_slice(&guard.held);
+                    self.seam.forward(message_tag, message, &mut self.to_client);
+                } else {
+                    guard.error = Some(message.to_vec());
+                }
+            }
+            backend::tag::READY_FOR_QUERY => self.finish_simple_guard(message),
+            // RowDescription, EmptyQueryResponse: part of the held answer.
+            _ => self.seam.forward(message_tag, message, &mut guard.held),
+        }
+    }
+
+    /// The guarded Execute finished (or was suspended at its row limit).
+    fn finish_extended_guard(&mut self) {
+        let Some(guard) = self.guard.take() else { return };
+        let GuardKind::Extended { portal } = &guard.kind else {
+            return;
+        };
+        if guard.over() {
+            // Make the batch fail, so the server rolls the write back at
+            // Sync (or aborts the transaction it is in).
+            self.portal_limits.remove(portal);
+            self.counters.refused += 1;
+            tracing::info!(rows = guard.rows, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; rolled back");
+            Parse::encode(GUARD_STATEMENT, REFUSED_STATEMENT, &mut self.to_server);
+            frontend::encode_flush(&mut self.to_server);
+            self.pending.push(Expect::Parse {
+                refusal: Some(Box::new(guard.refusal())),
+            });
+        } else {
+            if guard.completed.is_some() {
+                self.portal_limits.remove(portal);
+            } else if let Some(entry) = self.portal_limits.get_mut(portal) {
+                entry.1 = guard.rows;
+            }
+            self.to_client.extend_from_slice(&guard.held);
+        }
+    }
+
+    /// The guarded Query's ReadyForQuery: decide, and end or finish the guard.
+    fn finish_simple_guard(&mut self, ready: &[u8]) {
+        let Some(guard) = self.guard.as_mut() else { return };
+        let over = guard.over();
+        match guard.kind {
+            GuardKind::Simple { wrapped: true } => {
+                let mut payload = std::mem::take(&mut guard.held);
+                let commit = if let Some(error) = guard.error.take() {
+                    payload.extend_from_slice(&error);
+                    false
+                } else if over {
+                    payload.clear();
+                    guard.refusal().encode(&mut payload);
+                    false
+                } else {
+                    true
+                };
+                if over {
+                    self.counters.refused += 1;
+                    tracing::info!(rows = ?guard.completed, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; rolled back");
+                }
+                Query::encode(if commit { "COMMIT" } else { "ROLLBACK" }, &mut self.to_server);
+                self.pending.push(Expect::Internal);
+                guard.phase = GuardPhase::Finishing { payload, commit };
+            }
+            _ => {
+                let guard = self.guard.take().expect("guard present");
+                if let Some(error) = &guard.error {
+                    self.to_client.extend_from_slice(&guard.held);
+                    self.to_client.extend_from_slice(error);
+                    self.to_client.extend_from_slice(ready);
+                } else if over {
+                    // Abort the transaction, as after any failed statement:
+                    // the write can then never be committed.
+                    self.counters.refused += 1;
+                    tracing::info!(rows = ?guard.completed, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; transaction aborted");
+                    Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+                    self.pending.push(Expect::Query {
+                        refusal: Some(Box::new(guard.refusal())),
+                        guarded: false,
+                    });
+                } else {
+                    self.to_client.extend_from_slice(&guard.held);
+                    self.to_client.extend_from_slice(ready);
+                }
+            }
+        }
+    }
+
+    /// A backend message that answers a statement the gateway sent itself.
+    fn internal_message(&mut self, message_tag: u8, message: &[u8]) {
+        let Some(guard) = self.guard.as_mut() else { return };
+        match (&mut guard.phase, message_tag) {
+            (GuardPhase::Beginning { failed, .. }, backend::tag::ERROR_RESPONSE) => *failed = true,
+            (GuardPhase::Beginning { query, failed }, backend::tag::READY_FOR_QUERY) => {
+                if *failed {
+                    // Without the transaction the write could not be undone:
+                    // it is not run.
+                    let guard = self.guard.take().expect("guard present");
+                    tracing::warn!(rule = %guard.limit.rule, "could not open a transaction for a row-limited write");
+                    ErrorFields::new(
+                        Severity::Error,
+                        "55000",
+                        "statement not run: the gateway could not open the transaction it checks row limits in",
+                    )
+                    .encode(&mut self.to_client);
+                    self.to_client.extend_from_slice(message);
+                } else {
+                    let query = std::mem::take(query);
+                    self.to_server.extend_from_slice(&query);
+                    self.pending.push(Expect::Query {
+                        refusal: None,
+                        guarded: true,
+                    });
+                    guard.phase = GuardPhase::Running;
+                }
+            }
+            (GuardPhase::Finishing { payload, commit: true }, backend::tag::ERROR_RESPONSE) => {
+                // COMMIT failed (a deferred constraint, say): in autocommit
+                // the statement itself would have failed with this error.
+                payload.clear();
+                payload.extend_from_slice(message);
+            }
+            (GuardPhase::Finishing { payload, .. }, backend::tag::READY_FOR_QUERY) => {
+                let payload = std::mem::take(payload);
+                self.guard = None;
+                self.to_client.extend_from_slice(&payload);
+                self.to_client.extend_from_slice(message);
+            }
+            // CommandComplete of BEGIN / COMMIT / ROLLBACK, notices.
+            _ => {}
         }
     }
 
@@ -570,22 +915,19 @@ impl<'a> Proxy<'a> {
     /// One complete backend message (header included).
     fn on_backend(&mut self, message_tag: u8, message: &[u8]) -> Result<(), Stop> {
         let body = &message[HEADER_LEN..];
-        let refusal = self.pending.on_backend(message_tag);
+        let owner = self.pending.on_backend(message_tag);
+        // What the gateway tracks whoever the message is for.
         match message_tag {
+            backend::tag::READY_FOR_QUERY => {
+                self.tx_status = backend::decode_ready_for_query(body)
+                    .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
+            }
             backend::tag::ERROR_RESPONSE => {
-                if let Some(refusal) = refusal {
-                    refusal.encode(&mut self.to_client);
-                    return Ok(());
-                }
                 if let Ok(error) = ReceivedError::decode(body)
                     && matches!(error.severity, "FATAL" | "PANIC")
                 {
                     self.server_said_fatal = true;
                 }
-            }
-            backend::tag::READY_FOR_QUERY => {
-                self.tx_status = backend::decode_ready_for_query(body)
-                    .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
             }
             backend::tag::PARAMETER_STATUS => {
                 let status = ParameterStatus::decode(body)
@@ -601,6 +943,9 @@ impl<'a> Proxy<'a> {
                         ),
                     )));
                 }
+                if status.name == "standard_conforming_strings" {
+                    self.gate_session.standard_conforming_strings = status.value == "on";
+                }
             }
             backend::tag::AUTHENTICATION | backend::tag::BACKEND_KEY_DATA => {
                 return Err(Stop::Server(format!(
@@ -610,7 +955,12 @@ impl<'a> Proxy<'a> {
             }
             _ => {}
         }
-        self.seam.forward(message_tag, message, &mut self.to_client);
+        match owner {
+            Owner::Client => self.seam.forward(message_tag, message, &mut self.to_client),
+            Owner::Refusal(refusal) => refusal.encode(&mut self.to_client),
+            Owner::Guard => self.guard_message(message_tag, message),
+            Owner::Internal => self.internal_message(message_tag, message),
+        }
         Ok(())
     }
 
@@ -699,6 +1049,32 @@ fn reserve_for_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
+}
+
+/// The first name (a NUL-terminated string) of a message body.
+fn first_name<'m>(body: &'m [u8], field: &'static str) -> Result<&'m str, Stop> {
+    Cursor::new(body).cstr(field).map_err(|err| {
+        Stop::Client(ErrorFields::new(
+            Severity::Fatal,
+            "08P01",
+            format!("malformed message: {err}"),
+        ))
+    })
+}
+
+/// The portal and statement names of a Bind body.
+fn bind_names(body: &[u8]) -> Result<(&str, &str), Stop> {
+    let mut cursor = Cursor::new(body);
+    let malformed = |err: DecodeError| {
+        Stop::Client(ErrorFields::new(
+            Severity::Fatal,
+            "08P01",
+            format!("malformed Bind message: {err}"),
+        ))
+    };
+    let portal = cursor.cstr("portal name").map_err(malformed)?;
+    let statement = cursor.cstr("statement name").map_err(malformed)?;
+    Ok((portal, statement))
 }
 
 /// Writes the greeting after login: the client sees the upstream's parameter

@@ -1,0 +1,1071 @@
+//! The classifier: statement text in, [`Classification`] out. Pure: no IO,
+//! no clock, no configuration beyond [`ClassifyOptions`].
+//!
+//! 1. The text is split into statements by [`scan`](super::scan), which
+//!    follows PostgreSQL's lexer.
+//! 2. Each statement, with its comments blanked out, is tokenized by
+//!    sqlparser; the two lexers must agree on the sequence of words, quoted
+//!    identifiers, strings and parameters, or the statement is `unknown`.
+//! 3. sqlparser parses the tokens (with a recursion limit) into exactly one
+//!    statement, which [`Walker`] turns into a kind, relations and features.
+//! 4. What sqlparser cannot parse goes to [`fallback`](super::fallback), which
+//!    recognises a few forms by their keywords; anything else is `unknown`.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    self, CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, GrantObjects,
+    ObjectName, ObjectNamePart, ObjectType, Query, SetExpr, Statement, TableFactor, TableObject, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+use super::class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
+use super::fallback;
+use super::scan::{self, ScanOptions, Scanner, TokenKind};
+
+/// Limits that keep the classifier safe from hostile input.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifyOptions {
+    /// Statements longer than this (in bytes) are `unknown` without parsing.
+    pub max_statement_length: usize,
+    /// Nesting depth at which sqlparser gives up (parse bombs).
+    pub recursion_limit: usize,
+    /// The session's `standard_conforming_strings`; off makes everything
+    /// `unknown`, since sqlparser reads strings the standard way only.
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for ClassifyOptions {
+    fn default() -> ClassifyOptions {
+        ClassifyOptions {
+            max_statement_length: 1 << 20,
+            recursion_limit: 50,
+            standard_conforming_strings: true,
+        }
+    }
+}
+
+/// Classifies a Query or Parse text.
+pub fn classify(sql: &str, options: &ClassifyOptions) -> Classification {
+    if sql.len() > options.max_statement_length {
+        return single_unknown(format!(
+            "the statement is {} bytes long, over the classifier's limit of {} bytes",
+            sql.len(),
+            options.max_statement_length
+        ));
+    }
+    if !options.standard_conforming_strings {
+        return single_unknown(
+            "standard_conforming_strings is off in this session, so string constants cannot be read reliably",
+        );
+    }
+    let scan_options = ScanOptions {
+        standard_conforming_strings: true,
+    };
+    let spans = match scan::split_statements(sql, scan_options) {
+        Ok(spans) => spans,
+        Err(err) => return single_unknown(format!("the text cannot be read: {err}")),
+    };
+    let statements = spans
+        .into_iter()
+        .map(|span| classify_one(&sql[span], options))
+        .collect();
+    Classification { statements }
+}
+
+fn single_unknown(reason: impl Into<String>) -> Classification {
+    Classification {
+        statements: vec![StatementClass::unknown(reason)],
+    }
+}
+
+/// The text with every comment replaced by spaces (same length), so that no
+/// difference in how two lexers end a comment can change what they read.
+fn blank_comments(text: &str) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    for token in Scanner::new(text, ScanOptions::default()).flatten() {
+        if token.kind == TokenKind::Comment {
+            bytes[token.span].fill(b' ');
+        }
+    }
+    // Only whole comments were replaced, by ASCII spaces: still UTF-8.
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// The parts of a token stream both lexers must agree on.
+#[derive(Debug, PartialEq, Eq)]
+enum Sig {
+    Word(String),
+    Quoted(String),
+    Str,
+    Dollar,
+    Param,
+}
+
+fn our_signature(text: &str) -> Vec<Sig> {
+    Scanner::new(text, ScanOptions::default())
+        .flatten()
+        .filter_map(|token| {
+            let raw = &text[token.span];
+            match token.kind {
+                TokenKind::Word => Some(Sig::Word(raw.to_ascii_lowercase())),
+                TokenKind::QuotedIdent => {
+                    let inner = raw.trim_start_matches("U&").trim_start_matches("u&");
+                    let inner = &inner[1..inner.len() - 1];
+                    Some(Sig::Quoted(inner.replace("\"\"", "\"")))
+                }
+                TokenKind::String => Some(Sig::Str),
+                TokenKind::DollarString => Some(Sig::Dollar),
+                TokenKind::Param => Some(Sig::Param),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn parser_signature(tokens: &[Token]) -> Vec<Sig> {
+    tokens
+        .iter()
+        .filter_map(|token| match token {
+            Token::Word(word) => match word.quote_style {
+                None => Some(Sig::Word(word.value.to_ascii_lowercase())),
+                Some('"') => Some(Sig::Quoted(word.value.clone())),
+                Some(_) => Some(Sig::Str),
+            },
+            Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::HexStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_) => Some(Sig::Str),
+            Token::DollarQuotedString(_) => Some(Sig::Dollar),
+            Token::Placeholder(p) if p.starts_with('$') => Some(Sig::Param),
+            _ => None,
+        })
+        .collect()
+}
+
+fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
+    let text = blank_comments(text);
+    let dialect = PostgreSqlDialect {};
+    let tokens = match Tokenizer::new(&dialect, &text).tokenize_with_location() {
+        Ok(tokens) => tokens,
+        Err(err) => return fallback::classify(&text).unwrap_or_else(|| StatementClass::unknown(err.to_string())),
+    };
+    let plain: Vec<Token> = tokens.iter().map(|t| t.token.clone()).collect();
+    if parser_signature(&plain) != our_signature(&text) {
+        return StatementClass::unknown(
+            "the statement's quoting is read differently by PostgreSQL's rules and by the parser",
+        );
+    }
+    let parsed = Parser::new(&dialect)
+        .with_recursion_limit(options.recursion_limit)
+        .with_tokens_with_locations(tokens)
+        .parse_statements();
+    match parsed {
+        Ok(statements) if statements.len() == 1 => Walker::classify(&statements[0]),
+        Ok(statements) => StatementClass::unknown(format!(
+            "the parser found {} statements where PostgreSQL finds one",
+            statements.len()
+        )),
+        Err(err) => fallback::classify(&text).unwrap_or_else(|| StatementClass::unknown(err.to_string())),
+    }
+}
+
+/// A name as PostgreSQL resolves it: unquoted parts fold to lower case.
+fn ident(ident: &ast::Ident) -> String {
+    match ident.quote_style {
+        None => ident.value.to_ascii_lowercase(),
+        Some(_) => ident.value.clone(),
+    }
+}
+
+/// `[catalog.][schema.]name` as (schema, name); `None` for anything else.
+fn split_name(name: &ObjectName) -> Option<(Option<String>, String)> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|part| match part {
+            ObjectNamePart::Identifier(id) => Some(ident(id)),
+            ObjectNamePart::Function(_) => None,
+        })
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [name] => Some((None, name.clone())),
+        [schema, name] | [_, schema, name] => Some((Some(schema.clone()), name.clone())),
+        _ => None,
+    }
+}
+
+/// The last part of a function's name, lower-cased.
+fn function_base_name(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|part| match part {
+            ObjectNamePart::Identifier(id) => Some(ident(id)),
+            ObjectNamePart::Function(_) => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a table factor is sqlparser's reading of `ONLY name`: a table
+/// named ONLY (unquoted) with an alias.
+fn only_table(name: &ObjectName, alias: &Option<ast::TableAlias>) -> Option<ObjectName> {
+    let [ObjectNamePart::Identifier(first)] = name.0.as_slice() else {
+        return None;
+    };
+    if first.quote_style.is_some() || !first.value.eq_ignore_ascii_case("only") {
+        return None;
+    }
+    let alias = alias.as_ref()?;
+    if !alias.columns.is_empty() {
+        return None;
+    }
+    Some(ObjectName(vec![ObjectNamePart::Identifier(alias.name.clone())]))
+}
+
+/// Risk features of calling a function, by its (base) name.
+fn function_features(name: &str, args: &[FunctionArg]) -> Features {
+    let mut features = Features::default();
+    match name {
+        "pg_read_file"
+        | "pg_read_binary_file"
+        | "pg_ls_dir"
+        | "pg_stat_file"
+        | "pg_ls_logdir"
+        | "pg_ls_waldir"
+        | "pg_ls_tmpdir"
+        | "pg_ls_archive_statusdir"
+        | "pg_ls_logicalsnapdir"
+        | "pg_ls_logicalmapdir"
+        | "pg_ls_replslotdir"
+        | "pg_file_write"
+        | "pg_file_rename"
+        | "pg_file_unlink"
+        | "pg_file_sync"
+        | "pg_logdir_ls" => features.insert(Feature::FileAccess),
+        "lo_import" | "lo_export" | "lo_from_bytea" | "lo_get" | "lo_put" | "lo_create" | "lo_creat" | "lo_unlink"
+        | "lo_open" | "loread" | "lowrite" | "lo_truncate" | "lo_truncate64" => features.insert(Feature::LargeObject),
+        name if name.starts_with("dblink") => features.insert(Feature::ForeignData),
+        // These run SQL given as a string, or dump whole tables, schemas or
+        // the database: what they read is invisible to the gateway.
+        "query_to_xml"
+        | "query_to_xmlschema"
+        | "query_to_xml_and_xmlschema"
+        | "cursor_to_xml"
+        | "cursor_to_xmlschema"
+        | "table_to_xml"
+        | "table_to_xmlschema"
+        | "table_to_xml_and_xmlschema"
+        | "schema_to_xml"
+        | "schema_to_xmlschema"
+        | "schema_to_xml_and_xmlschema"
+        | "database_to_xml"
+        | "database_to_xmlschema"
+        | "database_to_xml_and_xmlschema" => features.insert(Feature::DynamicSql),
+        "set_config" => {
+            features.insert(Feature::SetConfig);
+            // A literal setting name says exactly what changes; anything
+            // else could be any setting, including the role.
+            match first_string_argument(args)
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("role") => features.insert(Feature::SetRole),
+                Some("session_authorization") => features.insert(Feature::SessionAuthorization),
+                Some("standard_conforming_strings") => features.insert(Feature::NonstandardStrings),
+                Some("search_path") => features.insert(Feature::SearchPath),
+                Some(_) => {}
+                None => {
+                    features.insert(Feature::SetRole);
+                    features.insert(Feature::NonstandardStrings);
+                    features.insert(Feature::SearchPath);
+                }
+            }
+        }
+        _ => {}
+    }
+    features
+}
+
+fn first_string_argument(args: &[FunctionArg]) -> Option<String> {
+    match args.first()? {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(value))) => match &value.value {
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether a WHERE clause is true for every row (as far as constants show).
+fn trivially_true(expr: &Expr) -> bool {
+    matches!(constant(expr), Some(Constant::Bool(true)))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Constant {
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    Null,
+}
+
+/// Folds an expression made of literals; `None` if it depends on a row.
+fn constant(expr: &Expr) -> Option<Constant> {
+    use ast::BinaryOperator as Op;
+    use ast::UnaryOperator as Un;
+    match expr {
+        Expr::Nested(inner) => constant(inner),
+        Expr::Value(value) => match &value.value {
+            Value::Boolean(b) => Some(Constant::Bool(*b)),
+            Value::Number(n, _) => n.parse().ok().map(Constant::Number),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(Constant::Text(s.clone())),
+            Value::Null => Some(Constant::Null),
+            _ => None,
+        },
+        Expr::UnaryOp { op: Un::Not, expr } => match constant(expr)? {
+            Constant::Bool(b) => Some(Constant::Bool(!b)),
+            _ => None,
+        },
+        Expr::UnaryOp { op: Un::Minus, expr } => match constant(expr)? {
+            Constant::Number(n) => Some(Constant::Number(-n)),
+            _ => None,
+        },
+        Expr::IsTrue(inner) => Some(Constant::Bool(constant(inner)? == Constant::Bool(true))),
+        Expr::IsNotFalse(inner) => Some(Constant::Bool(constant(inner)? != Constant::Bool(false))),
+        Expr::IsNotNull(inner) => Some(Constant::Bool(constant(inner)? != Constant::Null)),
+        Expr::Cast { expr, .. } => match constant(expr)? {
+            Constant::Text(t) if matches!(t.to_ascii_lowercase().as_str(), "t" | "true" | "yes" | "on" | "1") => {
+                Some(Constant::Bool(true))
+            }
+            other => Some(other),
+        },
+        Expr::BinaryOp { left, op, right } => {
+            // `x = x` is true for every row where x is not null: near enough
+            // to "every row" for a guardrail.
+            if matches!(op, Op::Eq | Op::GtEq | Op::LtEq) && left == right && !matches!(**left, Expr::Value(_)) {
+                return Some(Constant::Bool(true));
+            }
+            match op {
+                Op::Or => {
+                    let (l, r) = (constant(left), constant(right));
+                    if l == Some(Constant::Bool(true)) || r == Some(Constant::Bool(true)) {
+                        return Some(Constant::Bool(true));
+                    }
+                    match (l?, r?) {
+                        (Constant::Bool(a), Constant::Bool(b)) => Some(Constant::Bool(a || b)),
+                        _ => None,
+                    }
+                }
+                Op::And => match (constant(left)?, constant(right)?) {
+                    (Constant::Bool(a), Constant::Bool(b)) => Some(Constant::Bool(a && b)),
+                    _ => None,
+                },
+                Op::Eq | Op::NotEq | Op::Lt | Op::LtEq | Op::Gt | Op::GtEq => {
+                    let ordering = match (constant(left)?, constant(right)?) {
+                        (Constant::Number(a), Constant::Number(b)) => a.partial_cmp(&b)?,
+                        (Constant::Text(a), Constant::Text(b)) => a.cmp(&b),
+                        (Constant::Bool(a), Constant::Bool(b)) => a.cmp(&b),
+                        _ => return None,
+                    };
+                    use std::cmp::Ordering::*;
+                    Some(Constant::Bool(match op {
+                        Op::Eq => ordering == Equal,
+                        Op::NotEq => ordering != Equal,
+                        Op::Lt => ordering == Less,
+                        Op::LtEq => ordering != Greater,
+                        Op::Gt => ordering == Greater,
+                        _ => ordering != Less,
+                    }))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// CTE names visible at some point of a query, and how CTE bodies nest.
+struct Scope {
+    /// CTE names visible here (innermost last).
+    visible: Vec<String>,
+    /// For a query with a WITH clause: where its CTE bodies are, so that
+    /// each body can be given exactly the names it may see.
+    with: Option<WithFrame>,
+}
+
+struct WithFrame {
+    /// The CTE bodies, by address.
+    bodies: Vec<*const Query>,
+    names: Vec<String>,
+    recursive: bool,
+    /// Names visible outside this WITH.
+    outer: Vec<String>,
+}
+
+/// Walks one parsed statement, collecting relations and features.
+struct Walker {
+    relations: BTreeSet<Relation>,
+    features: Features,
+    scopes: Vec<Scope>,
+    /// How many CTE bodies enclose the current node.
+    cte_depth: usize,
+    /// A write (INSERT, UPDATE, DELETE, MERGE) anywhere in the statement.
+    writes: bool,
+    /// Names of procedural bodies (DO, CREATE FUNCTION) to scan for EXECUTE.
+    bodies: Vec<String>,
+}
+
+impl Walker {
+    fn classify(statement: &Statement) -> StatementClass {
+        let mut walker = Walker {
+            relations: BTreeSet::new(),
+            features: Features::default(),
+            scopes: Vec::new(),
+            cte_depth: 0,
+            writes: false,
+            bodies: Vec::new(),
+        };
+        let _ = statement.visit(&mut walker);
+        let (kind, command) = walker.top_level(statement);
+        for body in &walker.bodies {
+            if fallback::mentions_execute(body) {
+                walker.features.insert(Feature::DynamicSql);
+            }
+        }
+        let opaque = matches!(kind, Kind::Procedural | Kind::Unknown)
+            || walker.features.contains(Feature::DynamicSql)
+            || matches!(statement, Statement::Execute { .. });
+        let prepared = match statement {
+            Statement::Prepare { name, .. } => Some(PreparedRef::Prepare(ident(name))),
+            Statement::Execute { name: Some(name), .. } => Some(PreparedRef::Execute(function_base_name(name))),
+            Statement::Deallocate { name, .. }
+                if name.value.eq_ignore_ascii_case("all") && name.quote_style.is_none() =>
+            {
+                Some(PreparedRef::Deallocate(None))
+            }
+            Statement::Deallocate { name, .. } => Some(PreparedRef::Deallocate(Some(ident(name)))),
+            Statement::Discard { .. } => Some(PreparedRef::Deallocate(None)),
+            _ => None,
+        };
+        StatementClass {
+            kind,
+            relations: walker.relations.into_iter().collect(),
+            features: walker.features,
+            opaque,
+            note: None,
+            command,
+            prepared,
+        }
+    }
+
+    fn add(&mut self, name: &ObjectName, access: Access) {
+        if let Some((schema, name)) = split_name(name) {
+            self.relations.insert(Relation { schema, name, access });
+        }
+    }
+
+    fn visible(&self) -> &[String] {
+        self.scopes.last().map(|s| s.visible.as_slice()).unwrap_or(&[])
+    }
+
+    /// A table reference in FROM: a relation, unless it names a visible CTE.
+    fn table_reference(&mut self, name: &ObjectName) {
+        if let [ObjectNamePart::Identifier(only)] = name.0.as_slice() {
+            let name = ident(only);
+            if self.visible().contains(&name) {
+                return;
+            }
+        }
+        self.add(name, Access::Read);
+    }
+
+    /// The kind and command of the top-level statement; adds the relations
+    /// named outside table references (DDL targets and the like).
+    fn top_level(&mut self, statement: &Statement) -> (Kind, String) {
+        use Kind::*;
+        let kind = match statement {
+            Statement::Query(query) => {
+                if let SetExpr::Select(select) = query.body.as_ref()
+                    && let Some(into) = &select.into
+                {
+                    self.features.insert(Feature::CopiesData);
+                    for target in &into.targets {
+                        if let Some(name) = expr_object_name(target) {
+                            self.add(&name, Access::Ddl);
+                        }
+                    }
+                    return (Ddl, "SELECT INTO".into());
+                }
+                if self.writes { Write } else { Read }
+            }
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => Write,
+            Statement::Truncate(truncate) => {
+                self.features.insert(Feature::Truncate);
+                for target in &truncate.table_names {
+                    self.add(&target.name, Access::Write);
+                }
+                Write
+            }
+            Statement::Copy { source, to, target, .. } => {
+                match target {
+                    CopyTarget::Program { .. } => self.features.insert(Feature::CopyProgram),
+                    CopyTarget::File { .. } => self.features.insert(Feature::CopyFile),
+                    CopyTarget::Stdin | CopyTarget::Stdout => {}
+                }
+                if let CopySource::Table { table_name, .. } = source {
+                    self.add(table_name, if *to { Access::Read } else { Access::Write });
+                }
+                // COPY (DELETE ... RETURNING *) TO STDOUT writes.
+                if self.writes {
+                    Write
+                } else if *to {
+                    CopyOut
+                } else {
+                    CopyIn
+                }
+            }
+            Statement::Explain {
+                analyze,
+                statement: inner,
+                ..
+            } => {
+                if *analyze {
+                    // EXPLAIN ANALYZE runs the statement: it is what it explains.
+                    let (kind, _) = self.top_level(inner);
+                    if self.writes || matches!(kind, Write | Ddl) {
+                        self.features.insert(Feature::ExplainAnalyzeWrite);
+                    }
+                    return (kind, "EXPLAIN ANALYZE".into());
+                }
+                self.top_level(inner);
+                Utility
+            }
+            Statement::ExplainTable { table_name, .. } => {
+                self.add(table_name, Access::Read);
+                Utility
+            }
+            Statement::Prepare { statement: inner, .. } => {
+                self.features.insert(Feature::PreparedSql);
+                let (kind, _) = self.top_level(inner);
+                return (kind, "PREPARE".into());
+            }
+            Statement::Execute { .. } => {
+                self.features.insert(Feature::PreparedSql);
+                Utility
+            }
+            Statement::Deallocate { .. } => Session,
+            Statement::Declare { .. } => Read,
+            Statement::Fetch { .. } | Statement::Close { .. } => Read,
+            Statement::CreateTable(create) => {
+                self.add(&create.name, Access::Ddl);
+                if create.query.is_some() {
+                    self.features.insert(Feature::CopiesData);
+                }
+                Ddl
+            }
+            Statement::CreateView(view) => {
+                self.add(&view.name, Access::Ddl);
+                if view.materialized {
+                    self.features.insert(Feature::CopiesData);
+                }
+                Ddl
+            }
+            Statement::CreateIndex(index) => {
+                self.add(&index.table_name, Access::Ddl);
+                Ddl
+            }
+            Statement::AlterTable(alter) => {
+                self.features.insert(Feature::Alter);
+                self.add(&alter.name, Access::Ddl);
+                Ddl
+            }
+            Statement::AlterIndex { name, .. } | Statement::AlterView { name, .. } => {
+                self.features.insert(Feature::Alter);
+                self.add(name, Access::Ddl);
+                Ddl
+            }
+            Statement::AlterSchema(_)
+            | Statement::AlterType(_)
+            | Statement::AlterFunction(_)
+            | Statement::AlterCollation(_)
+            | Statement::AlterOperator(_)
+            | Statement::AlterOperatorFamily(_)
+            | Statement::AlterOperatorClass(_)
+            | Statement::AlterPolicy(_)
+            | Statement::AlterTextSearch(_) => {
+                self.features.insert(Feature::Alter);
+                Ddl
+            }
+            Statement::AlterRole { .. } | Statement::AlterUser(_) => {
+                self.features.insert(Feature::Alter);
+                Dcl
+            }
+            Statement::Drop {
+                object_type,
+                names,
+                table,
+                ..
+            } => {
+                self.features.insert(Feature::Drop);
+                if matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView | ObjectType::Sequence
+                ) {
+                    for name in names {
+                        self.add(name, Access::Ddl);
+                    }
+                }
+                if let Some(table) = table {
+                    self.add(table, Access::Ddl);
+                }
+                if matches!(object_type, ObjectType::Role | ObjectType::User) {
+                    Dcl
+                } else {
+                    Ddl
+                }
+            }
+            Statement::DropFunction(_)
+            | Statement::DropDomain(_)
+            | Statement::DropProcedure { .. }
+            | Statement::DropPolicy(_)
+            | Statement::DropTrigger(_)
+            | Statement::DropExtension(_)
+            | Statement::DropOperator(_)
+            | Statement::DropOperatorFamily(_)
+            | Statement::DropOperatorClass(_) => {
+                self.features.insert(Feature::Drop);
+                Ddl
+            }
+            Statement::CreateSchema { .. }
+            | Statement::CreateDatabase { .. }
+            | Statement::CreateSequence { .. }
+            | Statement::CreateType { .. }
+            | Statement::CreateDomain(_)
+            | Statement::CreatePolicy(_)
+            | Statement::CreateCollation(_)
+            | Statement::CreateOperator(_)
+            | Statement::CreateOperatorFamily(_)
+            | Statement::CreateOperatorClass(_)
+            | Statement::CreateTextSearch(_)
+            | Statement::Comment { .. } => Ddl,
+            Statement::CreateTrigger(trigger) => {
+                self.add(&trigger.table_name, Access::Ddl);
+                Ddl
+            }
+            Statement::CreateExtension(_) => {
+                self.features.insert(Feature::Extension);
+                Ddl
+            }
+            Statement::CreateFunction(function) => {
+                if let Some(body) = &function.function_body {
+                    self.bodies.push(body_text(body));
+                }
+                Procedural
+            }
+            Statement::CreateProcedure { .. } => Procedural,
+            Statement::Call(_) => Procedural,
+            Statement::CreateRole(_) | Statement::CreateUser(_) => Dcl,
+            Statement::Grant(grant) => {
+                self.features.insert(Feature::Grant);
+                self.grant_objects(grant.objects.as_ref());
+                Dcl
+            }
+            Statement::Revoke(revoke) => {
+                self.features.insert(Feature::Grant);
+                self.grant_objects(revoke.objects.as_ref());
+                Dcl
+            }
+            Statement::Set(set) => self.set(set),
+            Statement::Reset(reset) => {
+                match &reset.reset {
+                    ast::Reset::ConfigurationParameter(name) => match function_base_name(name).as_str() {
+                        // RESET restores the server's default, which may be off.
+                        "standard_conforming_strings" => self.features.insert(Feature::NonstandardStrings),
+                        "search_path" => self.features.insert(Feature::SearchPath),
+                        _ => {}
+                    },
+                    ast::Reset::ALL => self.features.insert(Feature::SearchPath),
+                    ast::Reset::SessionAuthorization => {}
+                }
+                Session
+            }
+            Statement::ShowVariable { .. } | Statement::Discard { .. } => Session,
+            Statement::StartTransaction { statements, .. } => {
+                if statements.is_empty() {
+                    Transaction
+                } else {
+                    return (Unknown, "BEGIN ... END block".into());
+                }
+            }
+            Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => Transaction,
+            Statement::Lock(lock) => {
+                for target in &lock.tables {
+                    self.add(&target.name, Access::Read);
+                }
+                Utility
+            }
+            Statement::Vacuum(vacuum) => {
+                if let Some(name) = &vacuum.table_name {
+                    self.add(name, Access::Ddl);
+                }
+                Utility
+            }
+            Statement::Analyze(analyze) => {
+                if let Some(name) = &analyze.table_name {
+                    self.add(name, Access::Ddl);
+                }
+                Utility
+            }
+            Statement::LISTEN { .. } | Statement::UNLISTEN { .. } | Statement::NOTIFY { .. } => Utility,
+            // Everything else is either not PostgreSQL or not understood well
+            // enough here to allow it without a human.
+            _ => {
+                return (Unknown, command_of(statement));
+            }
+        };
+        (kind, command_of(statement))
+    }
+
+    fn grant_objects(&mut self, objects: Option<&GrantObjects>) {
+        if let Some(GrantObjects::Tables(names) | GrantObjects::Views(names) | GrantObjects::Sequences(names)) = objects
+        {
+            for name in names {
+                self.add(name, Access::Ddl);
+            }
+        }
+    }
+
+    fn set(&mut self, set: &ast::Set) -> Kind {
+        match set {
+            ast::Set::SetRole { .. } => self.features.insert(Feature::SetRole),
+            ast::Set::SetSessionAuthorization(_) => self.features.insert(Feature::SessionAuthorization),
+            ast::Set::SingleAssignment { variable, values, .. } => self.set_variable(variable, values),
+            ast::Set::MultipleAssignments { assignments } => {
+                for assignment in assignments {
+                    self.set_variable(&assignment.name, std::slice::from_ref(&assignment.value));
+                }
+            }
+            ast::Set::ParenthesizedAssignments { variables, values } => {
+                for variable in variables {
+                    self.set_variable(variable, values);
+                }
+            }
+            ast::Set::SetTransaction { .. } => return Kind::Transaction,
+            _ => {}
+        }
+        Kind::Session
+    }
+
+    fn set_variable(&mut self, variable: &ObjectName, values: &[Expr]) {
+        match function_base_name(variable).as_str() {
+            "role" => self.features.insert(Feature::SetRole),
+            "search_path" => self.features.insert(Feature::SearchPath),
+            "session_authorization" => self.features.insert(Feature::SessionAuthorization),
+            "standard_conforming_strings" => {
+                let stays_on = values.iter().all(|value| match value {
+                    Expr::Value(v) => match &v.value {
+                        Value::Boolean(b) => *b,
+                        Value::SingleQuotedString(s) => {
+                            matches!(s.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
+                        }
+                        Value::Number(n, _) => n == "1",
+                        _ => false,
+                    },
+                    Expr::Identifier(id) => matches!(id.value.to_ascii_lowercase().as_str(), "on" | "true" | "yes"),
+                    _ => false,
+                });
+                if !stays_on {
+                    self.features.insert(Feature::NonstandardStrings);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A write statement at any depth: its target, and the no-WHERE check.
+    fn write_statement(&mut self, statement: &Statement) {
+        let mut no_where = |selection: &Option<Expr>| {
+            if selection.as_ref().is_none_or(trivially_true) {
+                self.features.insert(Feature::NoWhere);
+            }
+        };
+        match statement {
+            Statement::Insert(insert) => {
+                if let TableObject::TableName(name) = &insert.table {
+                    let name = name.clone();
+                    self.add(&name, Access::Write);
+                }
+            }
+            Statement::Update(update) => {
+                no_where(&update.selection);
+                if let Some(name) = factor_table(&update.table.relation) {
+                    self.add(&name, Access::Write);
+                }
+            }
+            Statement::Delete(delete) => {
+                no_where(&delete.selection);
+                let from = match &delete.from {
+                    FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => tables,
+                };
+                let targets: Vec<ObjectName> = if delete.tables.is_empty() {
+                    from.iter().filter_map(|t| factor_table(&t.relation)).collect()
+                } else {
+                    delete.tables.clone()
+                };
+                for name in targets {
+                    self.add(&name, Access::Write);
+                }
+            }
+            Statement::Merge(merge) => {
+                if let Some(name) = factor_table(&merge.table) {
+                    self.add(&name, Access::Write);
+                }
+            }
+            _ => return,
+        }
+        self.writes = true;
+        if self.cte_depth > 0 {
+            self.features.insert(Feature::DataModifyingCte);
+        }
+    }
+}
+
+/// The table a table factor names (resolving `ONLY name`), if it is one.
+fn factor_table(factor: &TableFactor) -> Option<ObjectName> {
+    match factor {
+        TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } => Some(only_table(name, alias).unwrap_or_else(|| name.clone())),
+        _ => None,
+    }
+}
+
+/// `SELECT ... INTO name`: the target as an object name.
+fn expr_object_name(expr: &Expr) -> Option<ObjectName> {
+    match expr {
+        Expr::Identifier(id) => Some(ObjectName(vec![ObjectNamePart::Identifier(id.clone())])),
+        Expr::CompoundIdentifier(ids) => Some(ObjectName(
+            ids.iter().cloned().map(ObjectNamePart::Identifier).collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// The source text of a function body, to look for dynamic SQL in.
+fn body_text(body: &ast::CreateFunctionBody) -> String {
+    match body {
+        ast::CreateFunctionBody::AsBeforeOptions { body, .. }
+        | ast::CreateFunctionBody::AsAfterOptions(body)
+        | ast::CreateFunctionBody::Return(body) => body.to_string(),
+        ast::CreateFunctionBody::AsBeginEnd(statements) => statements.to_string(),
+        ast::CreateFunctionBody::AsReturnExpr(expr) => expr.to_string(),
+        ast::CreateFunctionBody::AsReturnSelect(select) => select.to_string(),
+    }
+}
+
+/// The statement's command, for messages: "DELETE", "CREATE TABLE"...
+fn command_of(statement: &Statement) -> String {
+    let text = statement.to_string();
+    let mut words = text.split_whitespace();
+    let first = words.next().unwrap_or("").to_string();
+    let keyword = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+    match first.as_str() {
+        // The object type is part of these commands.
+        "CREATE" | "DROP" | "ALTER" | "COMMENT" => {
+            let mut command = first;
+            for word in words.take_while(|w| keyword(w)).take(3) {
+                if matches!(word, "IF" | "NOT" | "EXISTS" | "ON") {
+                    break;
+                }
+                command.push(' ');
+                command.push_str(word);
+            }
+            command
+        }
+        _ => first,
+    }
+}
+
+impl Visitor for Walker {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let pointer = query as *const Query;
+        // Is this query the body of a CTE of an enclosing WITH? Then it sees
+        // the CTEs before it (all of them, for WITH RECURSIVE).
+        let mut visible = self.visible().to_vec();
+        let mut is_cte_body = false;
+        if let Some(frame) = self.scopes.last().and_then(|s| s.with.as_ref())
+            && let Some(index) = frame.bodies.iter().position(|b| *b == pointer)
+        {
+            visible = frame.outer.clone();
+            let upto = if frame.recursive { frame.names.len() } else { index };
+            visible.extend(frame.names[..upto].iter().cloned());
+            is_cte_body = true;
+        }
+        if is_cte_body {
+            self.cte_depth += 1;
+        }
+        let with = query.with.as_ref().map(|with| WithFrame {
+            bodies: with.cte_tables.iter().map(|cte| &*cte.query as *const Query).collect(),
+            names: with.cte_tables.iter().map(|cte| ident(&cte.alias.name)).collect(),
+            recursive: with.recursive,
+            outer: visible.clone(),
+        });
+        if let Some(frame) = &with {
+            // The query's own body sees every CTE of its WITH.
+            visible.extend(frame.names.iter().cloned());
+        }
+        self.scopes.push(Scope { visible, with });
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        self.scopes.pop();
+        // Leaving a CTE body: find out whether this query was one.
+        let pointer = query as *const Query;
+        if let Some(frame) = self.scopes.last().and_then(|s| s.with.as_ref())
+            && frame.bodies.contains(&pointer)
+        {
+            self.cte_depth -= 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table { name, alias, args, .. } => match args {
+                // A function in FROM, such as generate_series(1, 10).
+                Some(args) => {
+                    let features = function_features(&function_base_name(name), &args.args);
+                    self.features = self.features.union(features);
+                }
+                None => match only_table(name, alias) {
+                    Some(real) => self.add(&real, Access::Read),
+                    None => self.table_reference(name),
+                },
+            },
+            TableFactor::Function { name, args, .. } => {
+                let features = function_features(&function_base_name(name), args);
+                self.features = self.features.union(features);
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(function) = expr {
+            let args = match &function.args {
+                FunctionArguments::List(list) => list.args.as_slice(),
+                _ => &[],
+            };
+            let features = function_features(&function_base_name(&function.name), args);
+            self.features = self.features.union(features);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        self.write_statement(statement);
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> StatementClass {
+        let classification = classify(sql, &ClassifyOptions::default());
+        assert_eq!(classification.statements.len(), 1, "{sql}: {classification:?}");
+        classification.statements.into_iter().next().unwrap()
+    }
+
+    fn rels(class: &StatementClass) -> Vec<String> {
+        class.relations.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn cte_names_are_not_tables_but_scoping_is_exact() {
+        let class = one("WITH x AS (SELECT * FROM orders) SELECT * FROM x");
+        assert_eq!(rels(&class), vec!["orders (read)"]);
+        // In a non-recursive WITH, an earlier CTE cannot see a later one: the
+        // name refers to the real table.
+        let class = one("WITH a AS (SELECT * FROM secret), secret AS (SELECT 1) SELECT * FROM a");
+        assert_eq!(rels(&class), vec!["secret (read)"]);
+        let class = one("WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT 1 FROM r) SELECT * FROM r");
+        assert!(class.relations.is_empty(), "{class:?}");
+        // A CTE does not shadow a schema-qualified name.
+        let class = one("WITH orders AS (SELECT 1) SELECT * FROM public.orders");
+        assert_eq!(rels(&class), vec!["public.orders (read)"]);
+    }
+
+    #[test]
+    fn only_is_the_table_not_a_table_named_only() {
+        let class = one("DELETE FROM ONLY users WHERE id = 1");
+        assert_eq!(class.kind, Kind::Write);
+        assert!(rels(&class).contains(&"users (write)".to_string()), "{class:?}");
+        assert!(!rels(&class).iter().any(|r| r.starts_with("only")));
+        let class = one("SELECT * FROM \"ONLY\" u");
+        assert_eq!(rels(&class), vec!["ONLY (read)"]);
+    }
+
+    #[test]
+    fn trivially_true_where() {
+        for sql in [
+            "DELETE FROM t",
+            "DELETE FROM t WHERE 1=1",
+            "UPDATE t SET a = 1 WHERE true",
+            "DELETE FROM t WHERE NOT false OR id = 3",
+            "DELETE FROM t WHERE id = id",
+            "DELETE FROM t WHERE 'a' = 'a' AND 2 > 1",
+            "DELETE FROM t WHERE (1 = 1) IS TRUE",
+        ] {
+            assert!(one(sql).features.contains(Feature::NoWhere), "{sql}");
+        }
+        for sql in ["DELETE FROM t WHERE id = 3", "UPDATE t SET a = 1 WHERE id > 0 OR false"] {
+            assert!(!one(sql).features.contains(Feature::NoWhere), "{sql}");
+        }
+    }
+
+    #[test]
+    fn comment_tricks_do_not_hide_relations() {
+        let class = one("SELECT 1 --x\r, secret FROM t");
+        assert_eq!(rels(&class), vec!["t (read)"]);
+        let classification = classify("SELECT 1 /* ; */ ; DROP TABLE t", &ClassifyOptions::default());
+        assert_eq!(classification.statements.len(), 2);
+        assert_eq!(classification.statements[1].kind, Kind::Ddl);
+    }
+
+    #[test]
+    fn parse_bombs_are_unknown_not_crashes() {
+        let deep = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));
+        assert_eq!(one(&deep).kind, Kind::Unknown);
+        let options = ClassifyOptions {
+            max_statement_length: 100,
+            ..ClassifyOptions::default()
+        };
+        let long = format!("SELECT '{}'", "x".repeat(200));
+        let classification = classify(&long, &options);
+        assert_eq!(classification.statements[0].kind, Kind::Unknown);
+    }
+}

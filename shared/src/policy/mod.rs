@@ -1,0 +1,567 @@
+//! Statement policy: the classifier and the rules that decide, for every
+//! statement, whether it runs, is refused, or needs approval.
+//!
+//! Evaluation is pure: a classification, an identity and a target in, a
+//! [`Decision`] out. [`PolicyGate`] wraps it as the gateway's
+//! [`StatementGate`], with a bounded cache of classifications by statement
+//! text so that repeated and prepared statements are parsed once.
+
+pub mod cases;
+mod class;
+mod classify;
+mod fallback;
+pub mod scan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+pub use class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
+pub use classify::{ClassifyOptions, classify};
+
+use crate::config::{Config, DecisionKind, PolicyConfig, PolicyMode, RelationPattern, RuleConfig};
+use crate::gate::{
+    Allowance, ApprovalRequest, GateSession, Refusal, RowLimit, StatementContext, StatementGate, Verdict,
+};
+use crate::identity::Identity;
+
+/// What policy knows about a target.
+#[derive(Debug, Clone)]
+struct TargetInfo {
+    database: String,
+    monitor: bool,
+}
+
+/// The rules of one gateway, ready to evaluate.
+#[derive(Debug)]
+pub struct Policy {
+    config: PolicyConfig,
+    targets: HashMap<String, TargetInfo>,
+}
+
+/// Who is asking, where, and in what session state. Built from a verified
+/// [`Identity`] on the gateway's path, or from plain values by the policy
+/// tools (`sluice policy check` / `test`), which ask "what if".
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub name: &'a str,
+    pub subject: &'a str,
+    pub email: Option<&'a str>,
+    pub groups: &'a [String],
+    pub labels: &'a BTreeMap<String, String>,
+    pub target: &'a str,
+    /// The session changed search_path: unqualified names may live anywhere.
+    pub search_path_changed: bool,
+}
+
+impl<'a> Subject<'a> {
+    pub fn of(identity: &'a Identity, target: &'a str, search_path_changed: bool) -> Subject<'a> {
+        Subject {
+            name: identity.name(),
+            subject: identity.subject(),
+            email: identity.email(),
+            groups: identity.groups(),
+            labels: identity.labels(),
+            target,
+            search_path_changed,
+        }
+    }
+
+    fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+}
+
+/// The decision for one statement of a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementDecision {
+    /// What is enforced.
+    pub decision: DecisionKind,
+    /// What would be enforced without monitor mode (never less strict).
+    pub would_be: DecisionKind,
+    /// The rule that decided (index into the policy's rules); `None` when
+    /// the default or the `unknown` setting decided.
+    pub rule: Option<usize>,
+    /// Every rule that matched, in order.
+    pub matched: Vec<usize>,
+    /// The tightest row limit of the matching allow rules, and its rule.
+    pub max_rows: Option<(u64, usize)>,
+}
+
+/// The decision for a whole text: the strictest of its statements.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub classification: Arc<Classification>,
+    pub statements: Vec<StatementDecision>,
+    /// Index of the statement whose decision is the text's.
+    pub deciding: Option<usize>,
+}
+
+impl Decision {
+    pub fn decision(&self) -> DecisionKind {
+        self.deciding
+            .map(|i| self.statements[i].decision)
+            .unwrap_or(DecisionKind::Allow)
+    }
+
+    pub fn would_be(&self) -> DecisionKind {
+        self.statements
+            .iter()
+            .map(|s| s.would_be)
+            .max()
+            .unwrap_or(DecisionKind::Allow)
+    }
+}
+
+fn relation_matches(pattern: &RelationPattern, relation: &Relation, strict: bool, search_path_changed: bool) -> bool {
+    if !pattern.name.matches(&relation.name) {
+        return false;
+    }
+    match (&pattern.schema, &relation.schema) {
+        (None, _) => true,
+        (Some(p), Some(schema)) => p.matches(schema),
+        // An unqualified name: the session's search_path decides where it
+        // lives. A restricting rule assumes the worst (it may be that
+        // schema); an allowing rule assumes only the default search_path
+        // ("$user", public), and nothing once the session changed it.
+        (Some(p), None) => strict || p.as_str() == "*" || (!search_path_changed && p.matches("public")),
+    }
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Policy {
+        Policy {
+            config: config.policy.clone(),
+            targets: config
+                .targets
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        TargetInfo {
+                            database: t.database.clone(),
+                            monitor: t.monitor,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    pub fn rule(&self, index: usize) -> &RuleConfig {
+        &self.config.rules[index]
+    }
+
+    fn rule_matches(&self, rule: &RuleConfig, subject: &Subject<'_>, statement: &StatementClass) -> bool {
+        let names = |p: &crate::config::Pattern| {
+            p.matches(subject.name) || p.matches(subject.subject) || subject.email.is_some_and(|e| p.matches(e))
+        };
+        if !rule.users.is_empty() && !rule.users.iter().any(names) {
+            return false;
+        }
+        if rule.except_users.iter().any(names) {
+            return false;
+        }
+        if !rule.groups.is_empty() && !rule.groups.iter().any(|g| g == "*" || subject.in_group(g)) {
+            return false;
+        }
+        if rule.except_groups.iter().any(|g| subject.in_group(g)) {
+            return false;
+        }
+        let labels_match = rule.labels.iter().all(|(key, value)| {
+            subject
+                .labels
+                .get(key)
+                .is_some_and(|have| value == "*" || have == value)
+        });
+        if !labels_match {
+            return false;
+        }
+        if !rule.targets.is_empty() && !rule.targets.iter().any(|p| p.matches(subject.target)) {
+            return false;
+        }
+        if !rule.databases.is_empty() {
+            let database = self
+                .targets
+                .get(subject.target)
+                .map(|t| t.database.as_str())
+                .unwrap_or("");
+            if !rule.databases.iter().any(|p| p.matches(database)) {
+                return false;
+            }
+        }
+        if !rule.kinds.is_empty() && !rule.kinds.contains(&statement.kind) {
+            return false;
+        }
+        if !rule.features.is_empty() && !statement.features.intersects(rule.features) {
+            return false;
+        }
+        if !rule.relations.is_empty() || !rule.access.is_empty() {
+            let strict = rule.decision > DecisionKind::Allow;
+            let touches = statement
+                .relations
+                .iter()
+                .filter(|r| rule.access.is_empty() || rule.access.contains(&r.access))
+                .any(|r| {
+                    rule.relations.is_empty()
+                        || rule
+                            .relations
+                            .iter()
+                            .any(|p| relation_matches(p, r, strict, subject.search_path_changed))
+                });
+            // What the classifier cannot see into may touch anything: a rule
+            // that restricts assumes it does; a rule that allows does not.
+            let assumed = strict && statement.opaque;
+            if !(touches || assumed) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Decides one statement.
+    pub fn decide_statement(&self, subject: &Subject<'_>, statement: &StatementClass) -> StatementDecision {
+        let target_monitor = self.targets.get(subject.target).is_some_and(|t| t.monitor);
+        let monitor_all = self.config.mode == PolicyMode::Monitor || target_monitor;
+        let mut enforced: Option<(DecisionKind, Option<usize>)> = None;
+        let mut would_be: Option<(DecisionKind, Option<usize>)> = None;
+        let mut matched = Vec::new();
+        let mut max_rows: Option<(u64, usize)> = None;
+        if statement.kind == Kind::Unknown {
+            enforced = Some((self.config.unknown, None));
+            would_be = enforced;
+        }
+        for (index, rule) in self.config.rules.iter().enumerate() {
+            if !self.rule_matches(rule, subject, statement) {
+                continue;
+            }
+            matched.push(index);
+            if would_be.is_none_or(|(d, _)| rule.decision > d) {
+                would_be = Some((rule.decision, Some(index)));
+            }
+            if rule.monitor {
+                continue;
+            }
+            if enforced.is_none_or(|(d, _)| rule.decision > d) {
+                enforced = Some((rule.decision, Some(index)));
+            }
+            if rule.decision == DecisionKind::Allow
+                && let Some(limit) = rule.max_rows
+                && max_rows.is_none_or(|(m, _)| limit < m)
+            {
+                max_rows = Some((limit, index));
+            }
+        }
+        let (decision, rule) = enforced.unwrap_or((self.config.default, None));
+        let would = would_be.map(|(d, _)| d).unwrap_or(self.config.default).max(decision);
+        let (decision, rule) = if monitor_all {
+            (DecisionKind::Allow, would_be.and_then(|(_, r)| r).or(rule))
+        } else {
+            (decision, rule)
+        };
+        StatementDecision {
+            decision,
+            would_be: would,
+            rule,
+            matched,
+            max_rows: if decision == DecisionKind::Allow {
+                max_rows
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Decides a whole text: the strictest decision of its statements.
+    pub fn decide(&self, subject: &Subject<'_>, classification: Arc<Classification>) -> Decision {
+        let statements: Vec<StatementDecision> = classification
+            .statements
+            .iter()
+            .map(|statement| self.decide_statement(subject, statement))
+            .collect();
+        let deciding = statements
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, s)| (s.decision, s.would_be, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i);
+        Decision {
+            classification,
+            statements,
+            deciding,
+        }
+    }
+
+    /// The message a client sees for a refused or held statement.
+    pub fn refusal(&self, decision: &Decision, subject: &Subject<'_>) -> Refusal {
+        let index = decision.deciding.unwrap_or(0);
+        let statement = &decision.classification.statements[index];
+        let verdict = &decision.statements[index];
+        let mut message = String::new();
+        if decision.classification.statements.len() > 1 {
+            let _ = write!(
+                message,
+                "statement {} of {} ({}): ",
+                index + 1,
+                decision.classification.statements.len(),
+                describe(statement)
+            );
+        }
+        let hint = match verdict.rule.map(|i| self.rule(i)) {
+            Some(rule) => {
+                let reason = rule.reason.clone().unwrap_or_else(|| describe(statement));
+                let verb = match verdict.decision {
+                    DecisionKind::RequireApproval => "needs approval under",
+                    _ => "refused by",
+                };
+                if message.is_empty() {
+                    message.push_str("statement ");
+                }
+                let _ = write!(message, "{verb} rule \"{}\": {reason}", rule.name);
+
+                rule.hint.clone().or_else(|| match (&rule.approval, verdict.decision) {
+                    (Some(approval), DecisionKind::RequireApproval) => Some(format!(
+                        "approval by {} of: {} is needed",
+                        approval.approvals,
+                        approval.approvers.join(", ")
+                    )),
+                    _ => Some("if you need this, ask for a policy change or an approved exception".into()),
+                })
+            }
+            None if statement.kind == Kind::Unknown => {
+                let note = statement.note.clone().unwrap_or_default();
+                let verb = match verdict.decision {
+                    DecisionKind::RequireApproval => "needs approval",
+                    _ => "refused",
+                };
+                let _ = write!(message, "statement {verb}: Sluice cannot classify it ({note})");
+                Some("rewrite it in a form the gateway understands, or ask an approver to run it".into())
+            }
+            None => {
+                let reason = format!(
+                    "no rule allows {} on target \"{}\" for {}, and the policy's default is {}",
+                    describe(statement),
+                    subject.target,
+                    subject.name,
+                    self.config.default
+                );
+                message.push_str("statement refused: ");
+                message.push_str(&reason);
+                Some("ask for a policy change if you need this".into())
+            }
+        };
+        Refusal {
+            code: "42501",
+            message,
+            hint,
+        }
+    }
+}
+
+/// "DELETE on public.orders (write; no_where)".
+pub fn describe(statement: &StatementClass) -> String {
+    let mut out = if statement.command.is_empty() {
+        statement.kind.name().to_string()
+    } else {
+        statement.command.clone()
+    };
+    let relations: Vec<String> = statement
+        .relations
+        .iter()
+        .filter(|r| r.access != Access::Read || statement.kind == Kind::Read)
+        .map(|r| match &r.schema {
+            Some(schema) => format!("{schema}.{}", r.name),
+            None => r.name.clone(),
+        })
+        .collect();
+    if !relations.is_empty() {
+        let mut unique = relations;
+        unique.dedup();
+        let _ = write!(out, " on {}", unique.join(", "));
+    }
+    let features: Vec<&str> = statement.features.iter().map(Feature::name).collect();
+    if !features.is_empty() {
+        let _ = write!(out, " ({})", features.join(", "));
+    }
+    out
+}
+
+/// The row limit of an `EXECUTE name` whose PREPARE set one.
+fn executed_limit(classification: &Classification, session: &GateSession) -> Option<RowLimit> {
+    classification.statements.iter().find_map(|s| match &s.prepared {
+        Some(PreparedRef::Execute(name)) => session.prepared_limits.get(name).cloned(),
+        _ => None,
+    })
+}
+
+/// Keeps the session's record of SQL-level prepared statements' limits up
+/// to date after an allowed PREPARE, DEALLOCATE or DISCARD.
+fn remember_prepared(classification: &Classification, allowance: &Allowance, session: &mut GateSession) {
+    for statement in &classification.statements {
+        match &statement.prepared {
+            Some(PreparedRef::Prepare(name)) => match &allowance.max_rows {
+                Some(limit) => {
+                    session.prepared_limits.insert(name.clone(), limit.clone());
+                }
+                None => {
+                    session.prepared_limits.remove(name);
+                }
+            },
+            Some(PreparedRef::Deallocate(Some(name))) => {
+                session.prepared_limits.remove(name);
+            }
+            Some(PreparedRef::Deallocate(None)) => session.prepared_limits.clear(),
+            Some(PreparedRef::Execute(_)) | None => {}
+        }
+    }
+}
+
+/// The gateway's statement gate: classification (cached) and policy.
+pub struct PolicyGate {
+    policy: Policy,
+    options: ClassifyOptions,
+    cache: quick_cache::sync::Cache<Box<str>, Arc<Classification>>,
+}
+
+impl PolicyGate {
+    pub fn new(config: &Config) -> PolicyGate {
+        let policy = Policy::new(config);
+        let options = ClassifyOptions {
+            max_statement_length: policy.config.max_statement_length,
+            ..ClassifyOptions::default()
+        };
+        let capacity = policy.config.classification_cache.max(1);
+        PolicyGate {
+            policy,
+            options,
+            cache: quick_cache::sync::Cache::new(capacity),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The classification of a text, from the cache when it was seen before.
+    pub fn classify(&self, sql: &str, standard_conforming_strings: bool) -> Arc<Classification> {
+        if !standard_conforming_strings {
+            let options = ClassifyOptions {
+                standard_conforming_strings: false,
+                ..self.options
+            };
+            return Arc::new(classify(sql, &options));
+        }
+        if let Some(hit) = self.cache.get(sql) {
+            return hit;
+        }
+        let classification = Arc::new(classify(sql, &self.options));
+        // Texts over the statement limit are not kept: they are unknown
+        // anyway, and caching them would let one client fill memory.
+        if sql.len() <= self.options.max_statement_length {
+            self.cache.insert(sql.into(), classification.clone());
+        }
+        classification
+    }
+}
+
+impl StatementGate for PolicyGate {
+    fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict {
+        let classification = self.classify(sql, session.standard_conforming_strings);
+        let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed);
+        let decision = self.policy.decide(&subject, classification);
+        let changes_search_path = decision
+            .classification
+            .statements
+            .iter()
+            .any(|s| s.features.contains(Feature::SearchPath));
+        let verdict = match decision.decision() {
+            DecisionKind::Allow => {
+                if decision.would_be() > DecisionKind::Allow {
+                    let index = decision.deciding.unwrap_or(0);
+                    tracing::info!(
+                        would_be = %decision.would_be(),
+                        rule = decision.statements[index].rule.map(|i| self.policy.rule(i).name.as_str()).unwrap_or("(default)"),
+                        statement = %describe(&decision.classification.statements[index]),
+                        "policy monitor: statement allowed that the policy would not allow"
+                    );
+                }
+                let single = decision.statements.len() == 1;
+                let max_rows = decision
+                    .statements
+                    .iter()
+                    .filter_map(|s| s.max_rows)
+                    .min()
+                    .map(|(rows, rule)| RowLimit {
+                        rows,
+                        rule: Arc::from(self.policy.rule(rule).name.as_str()),
+                    });
+                let max_rows = max_rows.or_else(|| executed_limit(&decision.classification, session));
+                if max_rows.is_some() && !single {
+                    // A row limit is checked on one statement's count; in a
+                    // string of several it could not be told apart.
+                    Verdict::Deny(Refusal {
+                        code: "42501",
+                        message: "statement refused: a write with a row limit must be sent on its own, not in a string of several statements".into(),
+                        hint: Some("send the limited write as a statement of its own".into()),
+                    })
+                } else {
+                    Verdict::Allow(Allowance { max_rows })
+                }
+            }
+            DecisionKind::Deny => Verdict::Deny(self.policy.refusal(&decision, &subject)),
+            DecisionKind::RequireApproval => {
+                let refusal = self.policy.refusal(&decision, &subject);
+                let index = decision.deciding.unwrap_or(0);
+                let rule = decision.statements[index].rule.map(|i| self.policy.rule(i));
+                Verdict::RequireApproval(Box::new(ApprovalRequest {
+                    rule: rule
+                        .map(|r| r.name.clone())
+                        .unwrap_or_else(|| "unknown-statement".into()),
+                    approval: rule.and_then(|r| r.approval.clone()),
+                    refusal,
+                }))
+            }
+        };
+        let verdict = match verdict {
+            Verdict::Allow(allowance) => {
+                if changes_search_path {
+                    session.search_path_changed = true;
+                }
+                remember_prepared(&decision.classification, &allowance, session);
+                // PREPARE writes nothing: its limit applies when it is EXECUTEd.
+                let prepares = decision
+                    .classification
+                    .statements
+                    .iter()
+                    .all(|s| matches!(s.prepared, Some(PreparedRef::Prepare(_))));
+                if prepares && !decision.classification.is_empty() {
+                    Verdict::allow()
+                } else {
+                    Verdict::Allow(allowance)
+                }
+            }
+            other => other,
+        };
+        match &verdict {
+            Verdict::Allow(_) => tracing::debug!(
+                identity = %ctx.identity,
+                target = ctx.target,
+                statements = decision.statements.len(),
+                "statement allowed"
+            ),
+            Verdict::Deny(refusal) => {
+                tracing::info!(identity = %ctx.identity, target = ctx.target, reason = %refusal.message, "statement refused")
+            }
+            Verdict::RequireApproval(request) => tracing::info!(
+                identity = %ctx.identity,
+                target = ctx.target,
+                rule = %request.rule,
+                "statement needs approval"
+            ),
+        }
+        verdict
+    }
+}
