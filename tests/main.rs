@@ -10,6 +10,7 @@ mod clients;
 mod identity;
 mod lifecycle;
 mod pgbench;
+mod policy;
 mod refusals;
 mod tls;
 mod upstream;

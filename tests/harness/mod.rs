@@ -2,6 +2,7 @@
 //! per test, and a gateway per test running in the test's own runtime on
 //! port 0, configured through the same TOML loader as `sluice serve`.
 
+pub mod events;
 pub mod issuer;
 pub mod raw;
 
@@ -82,6 +83,16 @@ pub async fn database(test: &str) -> String {
         .expect("join")
         .unwrap_or_else(|err| panic!("creating database {db}: {err}"));
     name
+}
+
+/// Runs setup SQL as the application role, so what it creates belongs to
+/// the role the gateway logs in as.
+pub async fn setup(db: &str, sql: &str) {
+    let admin = superuser(db).await;
+    admin
+        .batch_execute(&format!("SET ROLE {APP_ROLE}; {sql}; RESET ROLE"))
+        .await
+        .unwrap_or_else(|err| panic!("setup failed: {err}\n{sql}"));
 }
 
 /// A superuser connection straight to PostgreSQL, for setup and checks.
@@ -210,6 +221,7 @@ impl TestGateway {
 
     /// Starts a gateway for an existing database.
     pub async fn start_for(db: String, spec: Spec) -> TestGateway {
+        events::install();
         let text = config_text(&spec, &db);
         let config = Config::from_toml(&text, std::path::Path::new("test.toml"))
             .unwrap_or_else(|err| panic!("test configuration invalid: {err}\n{text}"));

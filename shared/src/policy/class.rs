@@ -162,6 +162,7 @@ features! {
     SystemConfig = 19, "system_config", "ALTER SYSTEM: changes the server's configuration file";
     Extension = 20, "extension", "CREATE or ALTER EXTENSION: installs code into the database";
     SearchPath = 21, "search_path", "changes search_path, which decides what unqualified names refer to";
+    ServerAdmin = 22, "server_admin", "functions that administer the server or other sessions (pg_terminate_backend, pg_reload_conf...)";
 }
 
 impl Feature {

@@ -172,7 +172,22 @@ fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
         .with_tokens_with_locations(tokens)
         .parse_statements();
     match parsed {
-        Ok(statements) if statements.len() == 1 => Walker::classify(&statements[0]),
+        Ok(statements) if statements.len() == 1 => {
+            let class = Walker::classify(&statements[0]);
+            if class.kind != Kind::Unknown {
+                return class;
+            }
+            // sqlparser read it as something this classifier does not know
+            // (often another dialect's statement of the same name, such as
+            // Hive's LOAD): the keywords may still settle it.
+            fallback::classify(&text).unwrap_or_else(|| {
+                let command = class.command.clone();
+                StatementClass {
+                    note: Some(format!("the gateway does not classify {command} statements")),
+                    ..class
+                }
+            })
+        }
         Ok(statements) => StatementClass::unknown(format!(
             "the parser found {} statements where PostgreSQL finds one",
             statements.len()
@@ -217,6 +232,47 @@ fn function_base_name(name: &ObjectName) -> String {
         .unwrap_or_default()
 }
 
+/// A setting's name as PostgreSQL looks it up: every part, case-insensitive
+/// whether quoted or not (`SET "ROLE"` is `SET role`).
+fn setting_name(name: &ObjectName) -> String {
+    let mut out = String::new();
+    for part in &name.0 {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        match part {
+            ObjectNamePart::Identifier(id) => out.push_str(&id.value.to_ascii_lowercase()),
+            ObjectNamePart::Function(_) => out.push('?'),
+        }
+    }
+    out
+}
+
+/// Whether an EXPLAIN executes its statement: `ANALYZE`, or the option
+/// `(ANALYZE [true|on|1|...])` in the parenthesised list.
+fn explain_executes(analyze: bool, options: &Option<Vec<ast::UtilityOption>>) -> bool {
+    analyze
+        || options.iter().flatten().any(|option| {
+            option.name.value.eq_ignore_ascii_case("analyze")
+                && option.arg.as_ref().is_none_or(|arg| !option_is_false(arg))
+        })
+}
+
+/// A boolean option argument that is false (`false`, `off`, `0`, `no`).
+fn option_is_false(arg: &Expr) -> bool {
+    let word = match arg {
+        Expr::Value(value) => match &value.value {
+            Value::Boolean(b) => return !b,
+            Value::Number(n, _) => return n.parse::<f64>().is_ok_and(|n| n == 0.0),
+            Value::SingleQuotedString(s) => s.to_ascii_lowercase(),
+            _ => return false,
+        },
+        Expr::Identifier(id) => id.value.to_ascii_lowercase(),
+        _ => return false,
+    };
+    matches!(word.as_str(), "false" | "off" | "no" | "0" | "f" | "n" | "of")
+}
+
 /// Whether a table factor is sqlparser's reading of `ONLY name`: a table
 /// named ONLY (unquoted) with an alias.
 fn only_table(name: &ObjectName, alias: &Option<ast::TableAlias>) -> Option<ObjectName> {
@@ -256,6 +312,32 @@ fn function_features(name: &str, args: &[FunctionArg]) -> Features {
         "lo_import" | "lo_export" | "lo_from_bytea" | "lo_get" | "lo_put" | "lo_create" | "lo_creat" | "lo_unlink"
         | "lo_open" | "loread" | "lowrite" | "lo_truncate" | "lo_truncate64" => features.insert(Feature::LargeObject),
         name if name.starts_with("dblink") => features.insert(Feature::ForeignData),
+        "pg_terminate_backend"
+        | "pg_cancel_backend"
+        | "pg_reload_conf"
+        | "pg_rotate_logfile"
+        | "pg_switch_wal"
+        | "pg_create_restore_point"
+        | "pg_promote"
+        | "pg_wal_replay_pause"
+        | "pg_wal_replay_resume"
+        | "pg_backup_start"
+        | "pg_backup_stop"
+        | "pg_start_backup"
+        | "pg_stop_backup"
+        | "pg_log_backend_memory_contexts"
+        | "pg_import_system_collations"
+        | "pg_logical_emit_message"
+        | "pg_replication_slot_advance" => features.insert(Feature::ServerAdmin),
+        name if name.starts_with("pg_stat_reset")
+            || name.starts_with("pg_create_") && name.ends_with("_replication_slot")
+            || name.starts_with("pg_copy_") && name.ends_with("_replication_slot")
+            || name == "pg_drop_replication_slot"
+            || name.starts_with("pg_logical_slot_")
+            || name.starts_with("pg_replication_origin_") =>
+        {
+            features.insert(Feature::ServerAdmin)
+        }
         // These run SQL given as a string, or dump whole tables, schemas or
         // the database: what they read is invisible to the gateway.
         "query_to_xml"
@@ -308,6 +390,25 @@ fn first_string_argument(args: &[FunctionArg]) -> Option<String> {
     }
 }
 
+/// A relation named in a string, as `'schema.name'::regclass` reads it.
+fn regclass_name(text: &str) -> Option<(Option<String>, String)> {
+    let part = |p: &str| {
+        let p = p.trim();
+        if p.len() >= 2 && p.starts_with('"') && p.ends_with('"') {
+            Some(p[1..p.len() - 1].replace("\"\"", "\""))
+        } else if !p.is_empty() && !p.contains('"') {
+            Some(p.to_ascii_lowercase())
+        } else {
+            None
+        }
+    };
+    match text.rsplit_once('.') {
+        Some((schema, name)) if !schema.contains('.') => Some((Some(part(schema)?), part(name)?)),
+        Some(_) => None,
+        None => Some((None, part(text)?)),
+    }
+}
+
 /// Whether a WHERE clause is true for every row (as far as constants show).
 fn trivially_true(expr: &Expr) -> bool {
     matches!(constant(expr), Some(Constant::Bool(true)))
@@ -345,6 +446,29 @@ fn constant(expr: &Expr) -> Option<Constant> {
         Expr::IsTrue(inner) => Some(Constant::Bool(constant(inner)? == Constant::Bool(true))),
         Expr::IsNotFalse(inner) => Some(Constant::Bool(constant(inner)? != Constant::Bool(false))),
         Expr::IsNotNull(inner) => Some(Constant::Bool(constant(inner)? != Constant::Null)),
+        Expr::IsNull(inner) => Some(Constant::Bool(constant(inner)? == Constant::Null)),
+        Expr::IsFalse(inner) => Some(Constant::Bool(constant(inner)? == Constant::Bool(false))),
+        Expr::IsNotTrue(inner) => Some(Constant::Bool(constant(inner)? != Constant::Bool(true))),
+        Expr::InList { expr, list, negated } => {
+            // True for every row when the constant is in a constant list.
+            let value = constant(expr)?;
+            let mut found = false;
+            for item in list {
+                found |= compare(&value, &constant(item)?)? == std::cmp::Ordering::Equal;
+            }
+            Some(Constant::Bool(found != *negated))
+        }
+        Expr::Between {
+            expr,
+            negated,
+            low,
+            high,
+        } => match (constant(expr)?, constant(low)?, constant(high)?) {
+            (Constant::Number(v), Constant::Number(l), Constant::Number(h)) => {
+                Some(Constant::Bool((l <= v && v <= h) != *negated))
+            }
+            _ => None,
+        },
         Expr::Cast { expr, .. } => match constant(expr)? {
             Constant::Text(t) if matches!(t.to_ascii_lowercase().as_str(), "t" | "true" | "yes" | "on" | "1") => {
                 Some(Constant::Bool(true))
@@ -373,12 +497,7 @@ fn constant(expr: &Expr) -> Option<Constant> {
                     _ => None,
                 },
                 Op::Eq | Op::NotEq | Op::Lt | Op::LtEq | Op::Gt | Op::GtEq => {
-                    let ordering = match (constant(left)?, constant(right)?) {
-                        (Constant::Number(a), Constant::Number(b)) => a.partial_cmp(&b)?,
-                        (Constant::Text(a), Constant::Text(b)) => a.cmp(&b),
-                        (Constant::Bool(a), Constant::Bool(b)) => a.cmp(&b),
-                        _ => return None,
-                    };
+                    let ordering = compare(&constant(left)?, &constant(right)?)?;
                     use std::cmp::Ordering::*;
                     Some(Constant::Bool(match op {
                         Op::Eq => ordering == Equal,
@@ -392,6 +511,17 @@ fn constant(expr: &Expr) -> Option<Constant> {
                 _ => None,
             }
         }
+        _ => None,
+    }
+}
+
+/// Orders two constants of the same type; `None` for NULL or mixed types,
+/// whose comparison PostgreSQL resolves by rules not followed here.
+fn compare(a: &Constant, b: &Constant) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Constant::Number(a), Constant::Number(b)) => a.partial_cmp(b),
+        (Constant::Text(a), Constant::Text(b)) => Some(a.cmp(b)),
+        (Constant::Bool(a), Constant::Bool(b)) => Some(a.cmp(b)),
         _ => None,
     }
 }
@@ -425,6 +555,8 @@ struct Walker {
     writes: bool,
     /// Names of procedural bodies (DO, CREATE FUNCTION) to scan for EXECUTE.
     bodies: Vec<String>,
+    /// Inside a plain EXPLAIN: statements are planned, never run.
+    plan_only: bool,
 }
 
 impl Walker {
@@ -436,6 +568,7 @@ impl Walker {
             cte_depth: 0,
             writes: false,
             bodies: Vec::new(),
+            plan_only: false,
         };
         let _ = statement.visit(&mut walker);
         let (kind, command) = walker.top_level(statement);
@@ -508,7 +641,13 @@ impl Walker {
                     }
                     return (Ddl, "SELECT INTO".into());
                 }
-                if self.writes { Write } else { Read }
+                if self.features.contains(Feature::ServerAdmin) {
+                    Admin
+                } else if self.writes {
+                    Write
+                } else {
+                    Read
+                }
             }
             Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => Write,
             Statement::Truncate(truncate) => {
@@ -538,10 +677,11 @@ impl Walker {
             }
             Statement::Explain {
                 analyze,
+                options,
                 statement: inner,
                 ..
             } => {
-                if *analyze {
+                if explain_executes(*analyze, options) {
                     // EXPLAIN ANALYZE runs the statement: it is what it explains.
                     let (kind, _) = self.top_level(inner);
                     if self.writes || matches!(kind, Write | Ddl) {
@@ -664,6 +804,10 @@ impl Walker {
                 self.add(&trigger.table_name, Access::Ddl);
                 Ddl
             }
+            Statement::CreateServer(_) => {
+                self.features.insert(Feature::ForeignData);
+                Ddl
+            }
             Statement::CreateExtension(_) => {
                 self.features.insert(Feature::Extension);
                 Ddl
@@ -690,7 +834,7 @@ impl Walker {
             Statement::Set(set) => self.set(set),
             Statement::Reset(reset) => {
                 match &reset.reset {
-                    ast::Reset::ConfigurationParameter(name) => match function_base_name(name).as_str() {
+                    ast::Reset::ConfigurationParameter(name) => match setting_name(name).as_str() {
                         // RESET restores the server's default, which may be off.
                         "standard_conforming_strings" => self.features.insert(Feature::NonstandardStrings),
                         "search_path" => self.features.insert(Feature::SearchPath),
@@ -772,7 +916,7 @@ impl Walker {
     }
 
     fn set_variable(&mut self, variable: &ObjectName, values: &[Expr]) {
-        match function_base_name(variable).as_str() {
+        match setting_name(variable).as_str() {
             "role" => self.features.insert(Feature::SetRole),
             "search_path" => self.features.insert(Feature::SearchPath),
             "session_authorization" => self.features.insert(Feature::SessionAuthorization),
@@ -799,8 +943,11 @@ impl Walker {
 
     /// A write statement at any depth: its target, and the no-WHERE check.
     fn write_statement(&mut self, statement: &Statement) {
+        let plan_only = self.plan_only;
+        // A planned-only write reads the catalog, and changes nothing.
+        let access = if plan_only { Access::Read } else { Access::Write };
         let mut no_where = |selection: &Option<Expr>| {
-            if selection.as_ref().is_none_or(trivially_true) {
+            if !plan_only && selection.as_ref().is_none_or(trivially_true) {
                 self.features.insert(Feature::NoWhere);
             }
         };
@@ -808,13 +955,13 @@ impl Walker {
             Statement::Insert(insert) => {
                 if let TableObject::TableName(name) = &insert.table {
                     let name = name.clone();
-                    self.add(&name, Access::Write);
+                    self.add(&name, access);
                 }
             }
             Statement::Update(update) => {
                 no_where(&update.selection);
                 if let Some(name) = factor_table(&update.table.relation) {
-                    self.add(&name, Access::Write);
+                    self.add(&name, access);
                 }
             }
             Statement::Delete(delete) => {
@@ -828,15 +975,18 @@ impl Walker {
                     delete.tables.clone()
                 };
                 for name in targets {
-                    self.add(&name, Access::Write);
+                    self.add(&name, access);
                 }
             }
             Statement::Merge(merge) => {
                 if let Some(name) = factor_table(&merge.table) {
-                    self.add(&name, Access::Write);
+                    self.add(&name, access);
                 }
             }
             _ => return,
+        }
+        if plan_only {
+            return;
         }
         self.writes = true;
         if self.cte_depth > 0 {
@@ -978,13 +1128,32 @@ impl Visitor for Walker {
                 FunctionArguments::List(list) => list.args.as_slice(),
                 _ => &[],
             };
-            let features = function_features(&function_base_name(&function.name), args);
+            let name = function_base_name(&function.name);
+            let features = function_features(&name, args);
             self.features = self.features.union(features);
+            // Advancing or setting a sequence is a write: PostgreSQL refuses
+            // both in a read-only transaction.
+            if matches!(name.as_str(), "nextval" | "setval") && !self.plan_only {
+                self.writes = true;
+                if let Some((schema, name)) = first_string_argument(args).as_deref().and_then(regclass_name) {
+                    self.relations.insert(Relation {
+                        schema,
+                        name,
+                        access: Access::Write,
+                    });
+                }
+            }
         }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        if let Statement::Explain { analyze, options, .. } = statement
+            && !explain_executes(*analyze, options)
+        {
+            // Planned, not run: what it would write, it only reads about.
+            self.plan_only = true;
+        }
         self.write_statement(statement);
         ControlFlow::Continue(())
     }

@@ -146,6 +146,13 @@ pub fn classify(text: &str) -> Option<StatementClass> {
                     Some(class)
                 }
                 Some(Tok::Word(w, _)) if w == "RULE" => Some(class(Kind::Ddl, "CREATE RULE", true)),
+                Some(Tok::Word(w, _))
+                    if w == "SERVER" || w == "FOREIGN" || (w == "USER" && is_word(rest.get(1), "MAPPING")) =>
+                {
+                    let mut class = class(Kind::Ddl, &format!("CREATE {w}"), true);
+                    class.features.insert(Feature::ForeignData);
+                    Some(class)
+                }
                 _ => None,
             }
         }
@@ -171,7 +178,21 @@ pub fn classify(text: &str) -> Option<StatementClass> {
             class.features.insert(Feature::Extension);
             Some(class)
         }
-        "CLUSTER" | "REINDEX" | "VACUUM" | "ANALYZE" | "ANALYSE" => Some(class(Kind::Utility, first, false)),
+        "CLUSTER" | "REINDEX" | "VACUUM" | "ANALYZE" | "ANALYSE" => maintenance(first, &tokens[1..]),
+        "SET" => set(&tokens[1..]),
+        "ALTER" if is_word(second, "EXTENSION") => {
+            let mut class = class(Kind::Ddl, "ALTER EXTENSION", false);
+            class.features.insert(Feature::Alter);
+            class.features.insert(Feature::Extension);
+            Some(class)
+        }
+        // Role membership and other forms the parser rejects: what they
+        // grant on is not read here, so they may touch anything.
+        "GRANT" | "REVOKE" => {
+            let mut class = class(Kind::Dcl, first, true);
+            class.features.insert(Feature::Grant);
+            Some(class)
+        }
         "REFRESH" if is_word(second, "MATERIALIZED") && is_word(tokens.get(2), "VIEW") => {
             let mut rest = &tokens[3..];
             if is_word(rest.first(), "CONCURRENTLY") {
@@ -194,6 +215,128 @@ pub fn classify(text: &str) -> Option<StatementClass> {
         }
         _ => None,
     }
+}
+
+/// A comma-separated list of `[schema.]name [(columns)]` filling all of
+/// `tokens`, or `None` if anything else is there.
+fn relation_list(tokens: &[Tok<'_>], access: Access) -> Option<Vec<Relation>> {
+    let mut relations = Vec::new();
+    let mut at = 0;
+    while at < tokens.len() {
+        let (schema, name, used) = qualified_name(&tokens[at..])?;
+        relations.push(Relation { schema, name, access });
+        at += used;
+        if tokens.get(at) == Some(&Tok::Other("(")) {
+            while tokens.get(at)? != &Tok::Other(")") {
+                at += 1;
+            }
+            at += 1;
+        }
+        match tokens.get(at) {
+            None => break,
+            Some(Tok::Other(",")) if at + 1 < tokens.len() => at += 1,
+            Some(_) => return None,
+        }
+    }
+    Some(relations)
+}
+
+/// Skips a parenthesised option list, if there is one.
+fn skip_options<'t, 'a>(tokens: &'t [Tok<'a>]) -> Option<&'t [Tok<'a>]> {
+    if tokens.first() != Some(&Tok::Other("(")) {
+        return Some(tokens);
+    }
+    let close = tokens.iter().position(|t| t == &Tok::Other(")"))?;
+    Some(&tokens[close + 1..])
+}
+
+/// VACUUM, ANALYZE, CLUSTER and REINDEX with the tables they maintain. A
+/// form whose tables are not read here (a whole database or schema, an
+/// index) may touch any table, so it is opaque.
+fn maintenance(command: &str, tokens: &[Tok<'_>]) -> Option<StatementClass> {
+    let mut rest = skip_options(tokens)?;
+    let words: &[&str] = match command {
+        "VACUUM" => &["FULL", "FREEZE", "VERBOSE", "ANALYZE", "ANALYSE"],
+        "ANALYZE" | "ANALYSE" => &["VERBOSE"],
+        "CLUSTER" => &["VERBOSE"],
+        _ => &[],
+    };
+    while let Some(Tok::Word(w, _)) = rest.first() {
+        if !words.contains(&w.as_str()) {
+            break;
+        }
+        rest = &rest[1..];
+    }
+    let mut class = class(Kind::Utility, command, false);
+    let relations = match command {
+        "REINDEX" => {
+            let what = match rest.first() {
+                Some(Tok::Word(w, _)) => w.clone(),
+                _ => return None,
+            };
+            rest = &rest[1..];
+            if is_word(rest.first(), "CONCURRENTLY") {
+                rest = &rest[1..];
+            }
+            match what.as_str() {
+                "TABLE" => relation_list(rest, Access::Ddl).filter(|r| r.len() == 1)?,
+                "INDEX" | "SCHEMA" | "DATABASE" | "SYSTEM" => Vec::new(),
+                _ => return None,
+            }
+        }
+        "CLUSTER" => {
+            // CLUSTER table [USING index]
+            let using = rest.iter().position(|t| is_word(Some(t), "USING"));
+            let (table, index) = match using {
+                Some(at) => (&rest[..at], &rest[at + 1..]),
+                None => (rest, &rest[rest.len()..]),
+            };
+            if using.is_some() && relation_list(index, Access::Ddl).is_none_or(|r| r.len() != 1) {
+                return None;
+            }
+            let relations = relation_list(table, Access::Ddl)?;
+            if relations.len() > 1 {
+                return None;
+            }
+            relations
+        }
+        _ => relation_list(rest, Access::Ddl)?,
+    };
+    class.opaque = relations.is_empty();
+    class.relations = relations;
+    Some(class)
+}
+
+/// `SET [SESSION | LOCAL] ...` forms the parser rejects (`SET ROLE TO
+/// 'name'`): what is being set decides the features, whatever the value.
+fn set(tokens: &[Tok<'_>]) -> Option<StatementClass> {
+    let mut rest = tokens;
+    if matches!(rest.first(), Some(Tok::Word(w, _)) if w == "SESSION" || w == "LOCAL")
+        && !is_word(rest.get(1), "AUTHORIZATION")
+    {
+        rest = &rest[1..];
+    }
+    let mut class = class(Kind::Session, "SET", false);
+    let name = match rest.first()? {
+        Tok::Word(w, _) if w == "SESSION" && is_word(rest.get(1), "AUTHORIZATION") => {
+            class.features.insert(Feature::SessionAuthorization);
+            return Some(class);
+        }
+        Tok::Word(w, _) if w == "ROLE" => "role".to_string(),
+        Tok::Word(_, raw) => raw.to_ascii_lowercase(),
+        // Setting names are case-insensitive, quoted or not.
+        Tok::Quoted(raw) => raw[1..raw.len() - 1].to_ascii_lowercase(),
+        _ => return None,
+    };
+    match name.as_str() {
+        "role" => class.features.insert(Feature::SetRole),
+        "session_authorization" => class.features.insert(Feature::SessionAuthorization),
+        "search_path" => class.features.insert(Feature::SearchPath),
+        // Whatever the value: the parser could not read it, so assume off.
+        "standard_conforming_strings" => class.features.insert(Feature::NonstandardStrings),
+        _ => {}
+    }
+    Some(class)
 }
 
 /// `COPY table [(columns)] FROM|TO target ...` and `COPY (query) TO target
@@ -312,6 +455,48 @@ mod tests {
         let class = classify("COPY (DELETE FROM t WHERE id = 1 RETURNING *) TO STDOUT WITH (freeze on)").unwrap();
         assert_eq!(class.kind, Kind::Write);
         assert!(classify("COPY t FROM STDIN; DROP TABLE t").is_none());
+    }
+
+    #[test]
+    fn maintenance_keeps_its_tables() {
+        let names = |sql: &str| {
+            let class = classify(sql).unwrap();
+            (
+                class.relations.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                class.opaque,
+            )
+        };
+        assert_eq!(
+            names("VACUUM (VERBOSE, ANALYZE) api_keys"),
+            (vec!["api_keys (ddl)".into()], false)
+        );
+        assert_eq!(
+            names("vacuum full analyze a, s.b (x, y)"),
+            (vec!["a (ddl)".into(), "s.b (ddl)".into()], false)
+        );
+        assert_eq!(
+            names("CLUSTER api_keys USING api_keys_pkey"),
+            (vec!["api_keys (ddl)".into()], false)
+        );
+        assert_eq!(
+            names("REINDEX TABLE CONCURRENTLY \"Keys\""),
+            (vec!["Keys (ddl)".into()], false)
+        );
+        // No table named: any table.
+        assert_eq!(names("VACUUM"), (vec![], true));
+        assert_eq!(names("REINDEX INDEX api_keys_pkey"), (vec![], true));
+        assert!(classify("VACUUM a b").is_none());
+        assert!(classify("REINDEX TABLE a, b").is_none());
+    }
+
+    #[test]
+    fn set_forms_the_parser_rejects() {
+        let class = classify("set role to 'postgres'").unwrap();
+        assert!(class.features.contains(Feature::SetRole));
+        let class = classify("SET LOCAL \"Role\" TO 'postgres'").unwrap();
+        assert!(class.features.contains(Feature::SetRole));
+        let class = classify("SET SESSION AUTHORIZATION 'x' 'y'").unwrap();
+        assert!(class.features.contains(Feature::SessionAuthorization));
     }
 
     #[test]

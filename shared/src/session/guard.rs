@@ -52,6 +52,10 @@ pub(crate) struct Guard {
     pub error: Option<Vec<u8>>,
     /// Held output outgrew [`HOLD_CAP`].
     pub overflowed: bool,
+    /// The statement is a COPY FROM STDIN that the server started: the
+    /// client's copy data flows until its CopyDone or CopyFail (`copy_ended`).
+    pub copy_in: bool,
+    pub copy_ended: bool,
 }
 
 impl Guard {
@@ -65,6 +69,8 @@ impl Guard {
             completed: None,
             error: None,
             overflowed: false,
+            copy_in: false,
+            copy_ended: false,
         }
     }
 

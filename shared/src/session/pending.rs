@@ -169,7 +169,11 @@ impl PendingQueue {
             }
             tag::COPY_IN_RESPONSE => {
                 self.copy_in = true;
-                Owner::Client
+                // A guarded COPY's guard lets the client's data through.
+                match self.front_owner() {
+                    Owner::Guard => Owner::Guard,
+                    _ => Owner::Client,
+                }
             }
             tag::ERROR_RESPONSE => {
                 if self.copy_in {

@@ -262,9 +262,10 @@ impl<'a> Proxy<'a> {
             let result = match event {
                 Ok(Event::ClientData) => self.on_client_data(),
                 Ok(Event::ServerData) => self.on_server_data().and_then(|()| {
-                    // Answers may have ended a guard or let a deferred
-                    // statement go: carry on with what the client sent.
-                    if !self.client_in.is_empty() && !self.client_blocked() {
+                    // Answers may have ended a guard, started its COPY or
+                    // let a deferred statement go: carry on with what the
+                    // client sent (each message checks whether it may pass).
+                    if !self.client_in.is_empty() {
                         self.on_client_data()
                     } else {
                         Ok(())
@@ -443,8 +444,7 @@ impl<'a> Proxy<'a> {
             if rest.len() < total {
                 break Ok(());
             }
-            // While a guard runs, only COPY data may reach the server.
-            if self.client_blocked() && !matches!(header.tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL) {
+            if self.client_blocked() && !self.passes_while_blocked(header.tag) {
                 break Ok(());
             }
             match self.on_frontend(header.tag, &rest[..total]) {
@@ -467,6 +467,28 @@ impl<'a> Proxy<'a> {
     /// statement waits for the answers still owed.
     fn client_blocked(&self) -> bool {
         self.guard.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
+    }
+
+    /// Whether a client message may reach the server while a guard runs:
+    /// only the data of a COPY FROM STDIN, up to its end. The Syncs and
+    /// Flushes drivers send while COPY runs pass too (the server ignores
+    /// them); the Sync after CopyDone would commit, so it waits for the
+    /// guard's verdict.
+    fn passes_while_blocked(&mut self, message_tag: u8) -> bool {
+        let Some(guard) = self.guard.as_mut() else {
+            return matches!(message_tag, fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL);
+        };
+        if !guard.copy_in || guard.copy_ended {
+            return false;
+        }
+        match message_tag {
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                guard.copy_ended = true;
+                true
+            }
+            fe::COPY_DATA | fe::SYNC | fe::FLUSH => true,
+            _ => false,
+        }
     }
 
     /// One complete frontend message (header included).
@@ -603,6 +625,11 @@ impl<'a> Proxy<'a> {
             }
         };
         self.to_server.extend_from_slice(message);
+        if matches!(message_tag, fe::COPY_DONE | fe::COPY_FAIL) && self.guard.is_some() {
+            // The guard needs the COPY's CommandComplete now, not when the
+            // client's Sync (which it holds back) would flush it.
+            frontend::encode_flush(&mut self.to_server);
+        }
         if let Some(expect) = expect {
             self.pending.push(expect);
         }
@@ -707,6 +734,14 @@ impl<'a> Proxy<'a> {
                 } else {
                     guard.error = Some(message.to_vec());
                 }
+            }
+            backend::tag::COPY_IN_RESPONSE | backend::tag::COPY_BOTH_RESPONSE => {
+                // The client must see this to send its data; only the row
+                // count at CopyDone's CommandComplete is held.
+                guard.copy_in = true;
+                self.to_client.extend_from_slice(&guard.held);
+                guard.held.clear();
+                self.seam.forward(message_tag, message, &mut self.to_client);
             }
             backend::tag::READY_FOR_QUERY => self.finish_simple_guard(message),
             // RowDescription, EmptyQueryResponse: part of the held answer.

@@ -1,0 +1,431 @@
+//! Statement policy through the gateway: the demo policy's refusals, denied
+//! statements in pipelines and multi-statement strings, monitor mode, and
+//! exact row limits in both protocols, inside and outside transactions.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+
+use crate::harness::raw::{self, RawClient, first_error, tags};
+use crate::harness::{self, ALICE, BOB, Spec, TestGateway, db_error, events};
+
+/// The shipped default policy, as the demo uses it.
+fn demo_policy() -> Spec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    Spec {
+        policy: Some(format!("[policy]\nfile = \"{}\"\n", path.display())),
+        ..Spec::default()
+    }
+}
+
+/// A policy that allows everything for everyone and limits bob's writes.
+fn limited(max_rows: u64) -> Spec {
+    Spec {
+        policy: Some(format!(
+            r#"
+[policy]
+default = "allow"
+
+[[policy.rules]]
+name = "bob-small-writes"
+decision = "allow"
+users = ["bob"]
+kinds = ["write", "copy_in"]
+max_rows = {max_rows}
+"#
+        )),
+        ..Spec::default()
+    }
+}
+
+async fn table_with_rows(db: &str, rows: i32) {
+    harness::setup(
+        db,
+        &format!("CREATE TABLE t (id int PRIMARY KEY, note text); INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, {rows}) g"),
+    )
+    .await;
+}
+
+async fn count(db: &str) -> i64 {
+    let admin = harness::superuser(db).await;
+    admin.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_policy_refuses_drop_for_alice_and_the_session_goes_on() {
+    let gw = TestGateway::start("policy_drop", demo_policy()).await;
+    harness::setup(&gw.db, "CREATE TABLE customers (id int)").await;
+    let client = gw.connect(ALICE).await.unwrap();
+    let err = client.batch_execute("DROP TABLE customers").await.unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert_eq!(
+        message,
+        "statement refused by rule \"no-drop-or-truncate\": dropping or truncating is not done through the gateway except by leads"
+    );
+    assert_eq!(
+        err.as_db_error().unwrap().hint(),
+        Some("ask a lead; they can do it with a second lead's approval")
+    );
+    // The table is intact and the session usable.
+    let rows = client.query("SELECT count(*) FROM customers", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+    // Tricks do not help: a comment, case games, a second statement after a
+    // string that looks closed (standard_conforming_strings is on).
+    for sql in [
+        "/* harmless */ drop /* really */ TABLE \"customers\"",
+        "SELECT 'a\\'; DROP TABLE customers; --'",
+        "SELECT 1; drop table public.customers",
+    ] {
+        let (code, _) = db_error(&client.batch_execute(sql).await.unwrap_err());
+        assert_eq!(code, "42501", "{sql}");
+    }
+    let admin = harness::superuser(&gw.db).await;
+    admin
+        .query_one("SELECT 'customers'::regclass::text", &[])
+        .await
+        .expect("the table still exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_required_is_refused_with_the_rule_and_approvers() {
+    let gw = TestGateway::start("policy_approval", demo_policy()).await;
+    harness::setup(&gw.db, "CREATE TABLE orders (id int, status text)").await;
+    let client = gw.connect(ALICE).await.unwrap();
+    let err = client
+        .batch_execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert_eq!(
+        db.message(),
+        "statement needs approval under rule \"writes-need-approval\": engineers change data with an approval from on-call or a lead"
+    );
+    assert_eq!(db.hint(), Some("approval by 1 of: leads, oncall is needed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_statement_in_a_pipeline_leaves_its_neighbours_alone() {
+    let gw = TestGateway::start("policy_pipeline", demo_policy()).await;
+    harness::setup(&gw.db, "CREATE TABLE customers (id int)").await;
+    let client = gw.connect(ALICE).await.unwrap();
+    // tokio-postgres pipelines these; each has its own Sync.
+    let (a, b, c) = tokio::join!(
+        client.query("SELECT 1::int", &[]),
+        client.query("DROP TABLE customers", &[]),
+        client.query("SELECT 2::int", &[]),
+    );
+    assert_eq!(a.unwrap()[0].get::<_, i32>(0), 1);
+    assert_eq!(db_error(&b.unwrap_err()).0, "42501");
+    assert_eq!(c.unwrap()[0].get::<_, i32>(0), 2);
+
+    // One batch with one Sync: the refusal fails the batch, as any error would.
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, ALICE).await;
+    let mut batch = Vec::new();
+    batch.extend(raw::parse("", "SELECT 1"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::parse("", "TRUNCATE customers"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::parse("", "SELECT 2"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    raw.send(&batch).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "12DCEZ");
+    assert!(first_error(&messages)[&'M'].contains("no-drop-or-truncate"));
+    assert_eq!(raw.simple("SELECT 3").await, vec![vec![Some("3".into())]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_forbidden_part_stops_the_whole_string() {
+    let spec = Spec {
+        policy: Some(
+            "[policy]\ndefault = \"allow\"\n[[policy.rules]]\nname = \"no-truncate\"\ndecision = \"deny\"\nfeatures = [\"truncate\"]\n"
+                .into(),
+        ),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("policy_multi", spec).await;
+    table_with_rows(&gw.db, 3).await;
+    let client = gw.connect(ALICE).await.unwrap();
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (10, 'x'); TRUNCATE t; INSERT INTO t VALUES (11, 'y')")
+        .await
+        .unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert!(
+        message.starts_with("statement 2 of 3 (TRUNCATE on t (truncate)): refused by rule \"no-truncate\""),
+        "{message}"
+    );
+    assert_eq!(count(&gw.db).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_mode_lets_it_run_and_records_the_would_be_decision() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("mode = \"enforce\"", "mode = \"monitor\"");
+    let file = harness::cluster()
+        .dev
+        .dir()
+        .join(format!("monitor-policy-{}.toml", std::process::id()));
+    std::fs::write(&file, policy).unwrap();
+    let spec = Spec {
+        policy: Some(format!("[policy]\nfile = \"{}\"\n", file.display())),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("policy_monitor", spec).await;
+    harness::setup(&gw.db, "CREATE TABLE customers (id int)").await;
+    let client = gw.connect(ALICE).await.unwrap();
+    client
+        .batch_execute("DROP TABLE customers")
+        .await
+        .expect("monitor mode enforces nothing");
+    let recorded = events::for_target(&gw.db);
+    let monitor = recorded
+        .iter()
+        .find(|e| e.message.starts_with("policy monitor"))
+        .unwrap_or_else(|| panic!("no monitor event in {recorded:#?}"));
+    assert_eq!(monitor.fields["would_be"], "deny");
+    assert_eq!(monitor.fields["rule"], "no-drop-or-truncate");
+    assert_eq!(monitor.fields["identity"], "alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_outside_a_transaction_simple_protocol() {
+    let gw = TestGateway::start("limit_simple", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let client = gw.connect(BOB).await.unwrap();
+
+    // Within the limit: exactly what PostgreSQL says, committed.
+    let rows = client.simple_query("DELETE FROM t WHERE id <= 2").await.unwrap();
+    assert!(matches!(
+        rows.last(),
+        Some(tokio_postgres::SimpleQueryMessage::CommandComplete(2))
+    ));
+    assert_eq!(count(&gw.db).await, 8);
+
+    // Over it: refused with the count, and nothing changed.
+    let err = client.simple_query("DELETE FROM t WHERE id <= 8").await.unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert_eq!(
+        message,
+        "statement refused: it would have deleted 6 rows, over the limit of 3 set by rule \"bob-small-writes\"; it was rolled back"
+    );
+    assert_eq!(count(&gw.db).await, 8);
+
+    // RETURNING: the rows arrive when within the limit, none when over.
+    let rows = client
+        .simple_query("DELETE FROM t WHERE id IN (3, 4) RETURNING id")
+        .await
+        .unwrap();
+    let returned = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(returned, 2);
+    let err = client
+        .simple_query("UPDATE t SET note = 'changed' WHERE id > 4 RETURNING id")
+        .await
+        .unwrap_err();
+    assert!(db_error(&err).1.contains("would have updated 6 rows"), "{err}");
+    assert_eq!(count(&gw.db).await, 6);
+    let admin = harness::superuser(&gw.db).await;
+    let changed: i64 = admin
+        .query_one("SELECT count(*) FROM t WHERE note = 'changed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, 0);
+    // The session is idle and usable afterwards.
+    client.batch_execute("SELECT 1").await.unwrap();
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_inside_a_transaction() {
+    let gw = TestGateway::start("limit_txn", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.send(&raw::query("BEGIN")).await;
+    raw.until_ready().await;
+    raw.send(&raw::query("DELETE FROM t WHERE id <= 2")).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "CZ");
+    assert_eq!(messages[1].1, b"T");
+    // Over the limit: the transaction is aborted, as after any error.
+    raw.send(&raw::query("DELETE FROM t WHERE id > 2")).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    assert_eq!(messages[1].1, b"E");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+    raw.send(&raw::query("COMMIT")).await;
+    let messages = raw.until_ready().await;
+    // COMMIT of a failed transaction rolls back.
+    assert_eq!(messages[0].1, b"ROLLBACK\0");
+    assert_eq!(count(&gw.db).await, 10);
+
+    // Within the limit in a transaction that commits.
+    raw.simple("BEGIN").await;
+    raw.simple("DELETE FROM t WHERE id = 1").await;
+    raw.simple("COMMIT").await;
+    assert_eq!(count(&gw.db).await, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_in_the_extended_protocol() {
+    let gw = TestGateway::start("limit_extended", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut client = gw.connect(BOB).await.unwrap();
+    let delete = client.prepare("DELETE FROM t WHERE id <= $1").await.unwrap();
+    assert_eq!(client.execute(&delete, &[&2i32]).await.unwrap(), 2);
+    // The same prepared statement, re-executed with a wider reach.
+    let err = client.execute(&delete, &[&9i32]).await.unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert!(
+        message.contains("would have deleted 7 rows, over the limit of 3"),
+        "{message}"
+    );
+    assert_eq!(count(&gw.db).await, 8);
+    assert_eq!(client.execute(&delete, &[&3i32]).await.unwrap(), 1);
+
+    // RETURNING through the extended protocol.
+    let rows = client
+        .query("UPDATE t SET note = 'x' WHERE id IN (4, 5) RETURNING id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        client
+            .query("UPDATE t SET note = 'y' WHERE id > 3 RETURNING id", &[])
+            .await
+            .is_err()
+    );
+
+    // In a transaction: the refusal aborts it.
+    let tx = client.transaction().await.unwrap();
+    assert_eq!(tx.execute("DELETE FROM t WHERE id = 4", &[]).await.unwrap(), 1);
+    assert!(tx.execute("DELETE FROM t WHERE id > 4", &[]).await.is_err());
+    let (code, _) = db_error(&tx.execute("SELECT 1", &[]).await.unwrap_err());
+    assert_eq!(code, "25P02");
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&gw.db).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_on_a_pipelined_batch() {
+    let gw = TestGateway::start("limit_batch", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    // A write within the limit and one over it, in one batch with one Sync:
+    // the batch is one transaction, and the refusal rolls all of it back.
+    let mut batch = Vec::new();
+    batch.extend(raw::parse("", "DELETE FROM t WHERE id = 1"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::parse("", "DELETE FROM t WHERE id > 5"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::parse("", "SELECT 1"));
+    batch.extend(raw::sync());
+    raw.send(&batch).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "12C12EZ");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 5 rows"));
+    assert_eq!(messages.last().unwrap().1, b"I");
+    assert_eq!(count(&gw.db).await, 10);
+    // A simple Query pipelined behind another waits its turn.
+    raw.send(&[raw::query("SELECT 1"), raw::query("DELETE FROM t WHERE id = 10")].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "TDCZ");
+    assert_eq!(tags(&raw.until_ready().await), "CZ");
+    assert_eq!(count(&gw.db).await, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_on_copy_and_sql_prepared_statements() {
+    let gw = TestGateway::start("limit_copy", limited(3)).await;
+    table_with_rows(&gw.db, 0).await;
+    let client = gw.connect(BOB).await.unwrap();
+    let copy = |rows: std::ops::Range<i32>| {
+        let client = &client;
+        async move {
+            let sink = client.copy_in("COPY t FROM STDIN").await?;
+            futures_util::pin_mut!(sink);
+            let data: String = rows.map(|i| format!("{i}\tnote\n")).collect();
+            sink.send(bytes::Bytes::from(data)).await?;
+            sink.finish().await
+        }
+    };
+    assert_eq!(copy(1..3).await.unwrap(), 2);
+    let err = copy(10..15).await.unwrap_err();
+    assert!(db_error(&err).1.contains("would have copied 5 rows"), "{err}");
+    assert_eq!(count(&gw.db).await, 2);
+
+    // psql's \copy is COPY FROM STDIN in a simple Query: the guard opens a
+    // transaction around it and rolls it back when it copies too much.
+    let conn = gw.conn_str("bob", BOB, "");
+    let over = harness::psql(
+        &conn,
+        &["-c", "\\copy t from stdin"],
+        Some("20\tx\n21\tx\n22\tx\n23\tx\n"),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&over.stderr);
+    assert!(
+        !over.status.success() && err.contains("would have copied 4 rows"),
+        "{err}"
+    );
+    let within = harness::psql(&conn, &["-c", "\\copy t from stdin"], Some("20\tx\n")).await;
+    assert!(within.status.success(), "{within:?}");
+    assert_eq!(count(&gw.db).await, 3);
+    harness::setup(&gw.db, "DELETE FROM t WHERE id = 20").await;
+
+    // PREPARE carries the limit to EXECUTE.
+    client
+        .batch_execute("PREPARE wipe(int) AS DELETE FROM t WHERE id >= $1")
+        .await
+        .unwrap();
+    table_with_rows_more(&gw.db).await;
+    let err = client.batch_execute("EXECUTE wipe(0)").await.unwrap_err();
+    assert!(db_error(&err).1.contains("would have deleted"), "{err}");
+    client.batch_execute("EXECUTE wipe(5)").await.unwrap();
+    assert_eq!(count(&gw.db).await, 4);
+}
+
+async fn table_with_rows_more(db: &str) {
+    harness::setup(db, "INSERT INTO t SELECT g, 'more' FROM generate_series(3, 6) g").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_fails_reports_its_error_like_autocommit() {
+    let gw = TestGateway::start("limit_commit", limited(3)).await;
+    harness::setup(
+        &gw.db,
+        "CREATE TABLE parent (id int PRIMARY KEY); \
+         CREATE TABLE child (id int, parent int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await;
+    let client = gw.connect(BOB).await.unwrap();
+    // The deferred foreign key fails at COMMIT, which the guard sends.
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.batch_execute("INSERT INTO child VALUES (1, 42)"),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(db_error(&err).0, "23503");
+    client.batch_execute("SELECT 1").await.unwrap();
+}
