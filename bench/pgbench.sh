@@ -28,6 +28,10 @@
 #                          at -c 10 -M simple: connection setup cost
 #   SCALE=10               pgbench -i scale factor
 #   WARMUP=2               seconds of warm-up per path before measuring (0: none)
+#   POLICY=config/policy.toml  statement policy the gateway enforces (the
+#                          shipped default); "none" runs without [policy]
+#                          (statements are still classified, every rule is
+#                          empty)
 #   SLUICE_BIN=target/release/sluice   gateway binary (built if missing)
 #   SLUICE_PG_BIN=...      PostgreSQL bin dir (default: highest version under
 #                          /usr/lib/postgresql/*/bin, else pg_config --bindir)
@@ -57,6 +61,7 @@ ONLY_MODES=${ONLY_MODES:-"simple prepared"}
 CONNECT=${CONNECT:-0}
 SCALE=${SCALE:-10}
 WARMUP=${WARMUP:-2}
+POLICY=${POLICY:-config/policy.toml}
 THREADS=2
 PATHS=(direct pgbouncer sluice)
 
@@ -290,6 +295,11 @@ wait_for pgbouncer "$PGB_PORT" "$PG_PASSWORD" '[[ ! -s $PGB_PIDFILE ]] || kill -
 
 echo "starting sluice ($SLUICE_BIN) on 127.0.0.1:$GW_PORT"
 TOKEN_SHA=$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)
+POLICY_SECTION=
+if [[ $POLICY != none ]]; then
+    [[ -f $POLICY ]] || die "POLICY=$POLICY: no such file (or POLICY=none)"
+    POLICY_SECTION=$(printf '[policy]\nfile = "%s"\n' "$(realpath "$POLICY")")
+fi
 cat >"$TMP/sluice.toml" <<EOF
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -297,6 +307,7 @@ allow_plaintext = true
 max_connections = 1000
 shutdown_grace = "1s"
 
+$POLICY_SECTION
 [[identity.tokens]]
 name = "bench"
 sha256 = "$TOKEN_SHA"
@@ -430,6 +441,7 @@ echo "pgbouncer:  $("$PGBOUNCER" --version | head -n 1), pool_mode=session, auth
 echo "sluice:     $SLUICE_VERSION ($SLUICE_BIN, $GIT_DESC)"
 echo "command:    pgbench -n -S -c CLIENTS -j $THREADS -T $DURATION -M MODE -h 127.0.0.1 -p PORT -U $PG_USER $DB"
 echo "            (row \"simple -C\" adds -C: a new connection per transaction)"
+echo "policy:     $POLICY"
 echo "paths:      direct    -p $PG_PORT  PGPASSWORD=$PG_PASSWORD (SCRAM)"
 echo "            pgbouncer -p $PGB_PORT  PGPASSWORD=$PG_PASSWORD (cleartext to pgbouncer, SCRAM upstream)"
 echo "            sluice    -p $GW_PORT  PGPASSWORD=$TOKEN (token, SCRAM upstream)"

@@ -11,6 +11,8 @@
 //! 4. What sqlparser cannot parse goes to [`fallback`](super::fallback), which
 //!    recognises a few forms by their keywords; anything else is `unknown`.
 
+use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
@@ -20,7 +22,7 @@ use sqlparser::ast::{
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
-use sqlparser::tokenizer::{Token, Tokenizer};
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use super::class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
 use super::fallback;
@@ -50,6 +52,104 @@ impl Default for ClassifyOptions {
 
 /// Classifies a Query or Parse text.
 pub fn classify(sql: &str, options: &ClassifyOptions) -> Classification {
+    classify_text(sql, options)
+}
+
+thread_local! {
+    /// Set while a text is classified when its class depends on more than
+    /// its shape (see [`classify_with_shape`]).
+    static SHAPE_SENSITIVE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes that the class being built depends on a number's value, or on a
+/// reading (fallback scanner, error message) that sees the whole text.
+fn shape_sensitive() {
+    SHAPE_SENSITIVE.set(true);
+}
+
+/// Classifies a text and says whether the class also holds for every text
+/// of the same shape ([`shape_key`]): texts that differ from it only in the
+/// values of plain numbers. That holds unless the classifier read a
+/// number's value (a constant WHERE such as `1 = 1`, an `ANALYZE 0` option,
+/// a setting's value), or fell back to reading the text itself, or could not
+/// classify (unknown and opaque statements are never shared).
+pub fn classify_with_shape(sql: &str, options: &ClassifyOptions) -> (Classification, bool) {
+    SHAPE_SENSITIVE.set(false);
+    let classification = classify_text(sql, options);
+    let shareable = !SHAPE_SENSITIVE.replace(false)
+        && classification
+            .statements
+            .iter()
+            .all(|s| s.kind != Kind::Unknown && !s.opaque);
+    (classification, shareable)
+}
+
+/// The cache key shared by texts that differ only in plain numbers: the text
+/// with each such number replaced by a NUL character (which no statement
+/// text contains). `None` when the text has no plain number, or contains a
+/// NUL itself.
+///
+/// A plain number is digits with an optional fraction and exponent
+/// (`42`, `1.5`, `2e10`) with no identifier character or `.` on either side,
+/// so that no lexer can read it, or what surrounds it, another way.
+pub fn shape_key(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    if bytes.contains(&0) {
+        return None;
+    }
+    let mut key: Option<String> = None;
+    let mut copied = 0;
+    for token in Scanner::new(sql, ScanOptions::default()) {
+        let Ok(token) = token else { return None };
+        if token.kind != TokenKind::Number || !plain_number(bytes, token.span.clone()) {
+            continue;
+        }
+        let key = key.get_or_insert_with(|| String::with_capacity(sql.len()));
+        key.push_str(&sql[copied..token.span.start]);
+        key.push('\0');
+        copied = token.span.end;
+    }
+    let mut key = key?;
+    key.push_str(&sql[copied..]);
+    Some(key)
+}
+
+fn plain_number(bytes: &[u8], span: std::ops::Range<usize>) -> bool {
+    let joins = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'.') || b >= 0x80;
+    if span.start > 0 && joins(bytes[span.start - 1]) {
+        return false;
+    }
+    if bytes.get(span.end).is_some_and(|&b| joins(b)) {
+        return false;
+    }
+    let number = &bytes[span];
+    let digits = |s: &[u8]| -> usize { s.iter().take_while(|b| b.is_ascii_digit()).count() };
+    let mut at = digits(number);
+    if at == 0 {
+        return false;
+    }
+    if number.get(at) == Some(&b'.') {
+        let fraction = digits(&number[at + 1..]);
+        if fraction == 0 {
+            return false;
+        }
+        at += 1 + fraction;
+    }
+    if matches!(number.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(number.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        let exponent = digits(&number[at..]);
+        if exponent == 0 {
+            return false;
+        }
+        at += exponent;
+    }
+    at == number.len()
+}
+
+fn classify_text(sql: &str, options: &ClassifyOptions) -> Classification {
     if sql.len() > options.max_statement_length {
         return single_unknown(format!(
             "the statement is {} bytes long, over the classifier's limit of {} bytes",
@@ -84,38 +184,77 @@ fn single_unknown(reason: impl Into<String>) -> Classification {
 
 /// The text with every comment replaced by spaces (same length), so that no
 /// difference in how two lexers end a comment can change what they read.
-fn blank_comments(text: &str) -> String {
-    let mut bytes = text.as_bytes().to_vec();
+/// Borrowed when there is no comment, which is the common case.
+fn blank_comments(text: &str) -> Cow<'_, str> {
+    let mut bytes: Option<Vec<u8>> = None;
     for token in Scanner::new(text, ScanOptions::default()).flatten() {
         if token.kind == TokenKind::Comment {
-            bytes[token.span].fill(b' ');
+            bytes.get_or_insert_with(|| text.as_bytes().to_vec())[token.span].fill(b' ');
         }
     }
-    // Only whole comments were replaced, by ASCII spaces: still UTF-8.
-    String::from_utf8(bytes).unwrap_or_default()
+    match bytes {
+        // Only whole comments were replaced, by ASCII spaces: still UTF-8.
+        Some(bytes) => Cow::Owned(String::from_utf8(bytes).unwrap_or_default()),
+        None => Cow::Borrowed(text),
+    }
 }
 
-/// The parts of a token stream both lexers must agree on.
-#[derive(Debug, PartialEq, Eq)]
-enum Sig {
-    Word(String),
-    Quoted(String),
+/// The parts of a token stream both lexers must agree on, borrowed from
+/// either lexer's output.
+#[derive(Debug, Clone, Copy)]
+enum Sig<'a> {
+    /// An unquoted word, as written.
+    Word(&'a str),
+    /// A quoted identifier's value, already unescaped (the parser's).
+    Quoted(&'a str),
+    /// A quoted identifier between its quotes, `""` still doubled (ours).
+    QuotedRaw(&'a str),
     Str,
     Dollar,
     Param,
 }
 
-fn our_signature(text: &str) -> Vec<Sig> {
+impl Sig<'_> {
+    fn agrees(self, other: Sig<'_>) -> bool {
+        match (self, other) {
+            (Sig::Word(a), Sig::Word(b)) => a.eq_ignore_ascii_case(b),
+            (Sig::QuotedRaw(raw), Sig::Quoted(value)) | (Sig::Quoted(value), Sig::QuotedRaw(raw)) => {
+                unescaped_eq(raw, value)
+            }
+            (Sig::Str, Sig::Str) | (Sig::Dollar, Sig::Dollar) | (Sig::Param, Sig::Param) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether `raw` with each `""` read as `"` equals `value`.
+fn unescaped_eq(raw: &str, value: &str) -> bool {
+    let mut raw = raw.bytes();
+    let mut value = value.bytes();
+    loop {
+        match (raw.next(), value.next()) {
+            (None, None) => return true,
+            (Some(b'"'), Some(b'"')) => {
+                if raw.next() != Some(b'"') {
+                    return false;
+                }
+            }
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+fn our_signature(text: &str) -> impl Iterator<Item = Sig<'_>> {
     Scanner::new(text, ScanOptions::default())
         .flatten()
-        .filter_map(|token| {
+        .filter_map(move |token| {
             let raw = &text[token.span];
             match token.kind {
-                TokenKind::Word => Some(Sig::Word(raw.to_ascii_lowercase())),
+                TokenKind::Word => Some(Sig::Word(raw)),
                 TokenKind::QuotedIdent => {
                     let inner = raw.trim_start_matches("U&").trim_start_matches("u&");
-                    let inner = &inner[1..inner.len() - 1];
-                    Some(Sig::Quoted(inner.replace("\"\"", "\"")))
+                    Some(Sig::QuotedRaw(&inner[1..inner.len() - 1]))
                 }
                 TokenKind::String => Some(Sig::Str),
                 TokenKind::DollarString => Some(Sig::Dollar),
@@ -123,35 +262,52 @@ fn our_signature(text: &str) -> Vec<Sig> {
                 _ => None,
             }
         })
-        .collect()
 }
 
-fn parser_signature(tokens: &[Token]) -> Vec<Sig> {
-    tokens
-        .iter()
-        .filter_map(|token| match token {
-            Token::Word(word) => match word.quote_style {
-                None => Some(Sig::Word(word.value.to_ascii_lowercase())),
-                Some('"') => Some(Sig::Quoted(word.value.clone())),
-                Some(_) => Some(Sig::Str),
-            },
-            Token::SingleQuotedString(_)
-            | Token::DoubleQuotedString(_)
-            | Token::EscapedStringLiteral(_)
-            | Token::NationalStringLiteral(_)
-            | Token::HexStringLiteral(_)
-            | Token::UnicodeStringLiteral(_)
-            | Token::SingleQuotedByteStringLiteral(_)
-            | Token::DoubleQuotedByteStringLiteral(_)
-            | Token::TripleSingleQuotedString(_)
-            | Token::TripleDoubleQuotedString(_)
-            | Token::SingleQuotedRawStringLiteral(_)
-            | Token::DoubleQuotedRawStringLiteral(_) => Some(Sig::Str),
-            Token::DollarQuotedString(_) => Some(Sig::Dollar),
-            Token::Placeholder(p) if p.starts_with('$') => Some(Sig::Param),
-            _ => None,
-        })
-        .collect()
+fn parser_signature(tokens: &[TokenWithSpan]) -> impl Iterator<Item = Sig<'_>> {
+    tokens.iter().filter_map(|token| match &token.token {
+        Token::Word(word) => match word.quote_style {
+            None => Some(Sig::Word(&word.value)),
+            Some('"') => Some(Sig::Quoted(&word.value)),
+            Some(_) => Some(Sig::Str),
+        },
+        Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::HexStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_) => Some(Sig::Str),
+        Token::DollarQuotedString(_) => Some(Sig::Dollar),
+        Token::Placeholder(p) if p.starts_with('$') => Some(Sig::Param),
+        _ => None,
+    })
+}
+
+/// Whether both lexers read the same words, identifiers, strings and
+/// parameters in the same order.
+fn signatures_agree(tokens: &[TokenWithSpan], text: &str) -> bool {
+    let mut ours = our_signature(text);
+    let mut theirs = parser_signature(tokens);
+    loop {
+        match (ours.next(), theirs.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a.agrees(b) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The fallback scanner's class of a text, or `otherwise`. Either reads the
+/// text itself, so the class is never shared with texts of the same shape.
+fn fallback_or(text: &str, otherwise: impl FnOnce() -> StatementClass) -> StatementClass {
+    shape_sensitive();
+    fallback::classify(text).unwrap_or_else(otherwise)
 }
 
 fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
@@ -159,10 +315,9 @@ fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
     let dialect = PostgreSqlDialect {};
     let tokens = match Tokenizer::new(&dialect, &text).tokenize_with_location() {
         Ok(tokens) => tokens,
-        Err(err) => return fallback::classify(&text).unwrap_or_else(|| StatementClass::unknown(err.to_string())),
+        Err(err) => return fallback_or(&text, || StatementClass::unknown(err.to_string())),
     };
-    let plain: Vec<Token> = tokens.iter().map(|t| t.token.clone()).collect();
-    if parser_signature(&plain) != our_signature(&text) {
+    if !signatures_agree(&tokens, &text) {
         return StatementClass::unknown(
             "the statement's quoting is read differently by PostgreSQL's rules and by the parser",
         );
@@ -180,7 +335,7 @@ fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
             // sqlparser read it as something this classifier does not know
             // (often another dialect's statement of the same name, such as
             // Hive's LOAD): the keywords may still settle it.
-            fallback::classify(&text).unwrap_or_else(|| {
+            fallback_or(&text, || {
                 let command = class.command.clone();
                 StatementClass {
                     note: Some(format!("the gateway does not classify {command} statements")),
@@ -192,7 +347,7 @@ fn classify_one(text: &str, options: &ClassifyOptions) -> StatementClass {
             "the parser found {} statements where PostgreSQL finds one",
             statements.len()
         )),
-        Err(err) => fallback::classify(&text).unwrap_or_else(|| StatementClass::unknown(err.to_string())),
+        Err(err) => fallback_or(&text, || StatementClass::unknown(err.to_string())),
     }
 }
 
@@ -263,7 +418,10 @@ fn option_is_false(arg: &Expr) -> bool {
     let word = match arg {
         Expr::Value(value) => match &value.value {
             Value::Boolean(b) => return !b,
-            Value::Number(n, _) => return n.parse::<f64>().is_ok_and(|n| n == 0.0),
+            Value::Number(n, _) => {
+                shape_sensitive();
+                return n.parse::<f64>().is_ok_and(|n| n == 0.0);
+            }
             Value::SingleQuotedString(s) => s.to_ascii_lowercase(),
             _ => return false,
         },
@@ -430,7 +588,10 @@ fn constant(expr: &Expr) -> Option<Constant> {
         Expr::Nested(inner) => constant(inner),
         Expr::Value(value) => match &value.value {
             Value::Boolean(b) => Some(Constant::Bool(*b)),
-            Value::Number(n, _) => n.parse().ok().map(Constant::Number),
+            Value::Number(n, _) => {
+                shape_sensitive();
+                n.parse().ok().map(Constant::Number)
+            }
             Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(Constant::Text(s.clone())),
             Value::Null => Some(Constant::Null),
             _ => None,
@@ -927,7 +1088,10 @@ impl Walker {
                         Value::SingleQuotedString(s) => {
                             matches!(s.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
                         }
-                        Value::Number(n, _) => n == "1",
+                        Value::Number(n, _) => {
+                            shape_sensitive();
+                            n == "1"
+                        }
                         _ => false,
                     },
                     Expr::Identifier(id) => matches!(id.value.to_ascii_lowercase().as_str(), "on" | "true" | "yes"),
@@ -1171,6 +1335,64 @@ mod tests {
 
     fn rels(class: &StatementClass) -> Vec<String> {
         class.relations.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn shape_keys_replace_only_plain_numbers() {
+        assert_eq!(
+            shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 4217;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = \0;")
+        );
+        assert_eq!(
+            shape_key("SELECT 1.5, 2e10, 3E-2 FROM t LIMIT 10").as_deref(),
+            Some("SELECT \0, \0, \0 FROM t LIMIT \0")
+        );
+        // Numbers in strings, quoted names and comments are text, not numbers.
+        assert_eq!(shape_key("SELECT '42', \"7\" /* 9 */ FROM t -- 3").as_deref(), None);
+        // Anything a lexer could read another way stays as written.
+        for text in [
+            "SELECT 1e FROM t",
+            "SELECT 1. FROM t",
+            "SELECT .5 FROM t",
+            "SELECT 1.5.3",
+            "SELECT 1UNION SELECT 2x",
+            "SELECT t1, t.1, $1, x$1, 0x1F",
+            "SELECT 1é",
+            "SELECT 'unterminated 1",
+        ] {
+            let key = shape_key(text);
+            assert!(
+                key.as_deref()
+                    .is_none_or(|k| k.matches('\0').count() < text.matches(char::is_numeric).count()),
+                "{text}: {key:?}"
+            );
+        }
+        assert_eq!(
+            shape_key("SELECT 1UNION SELECT 2").as_deref(),
+            Some("SELECT 1UNION SELECT \0")
+        );
+        assert_eq!(shape_key("SELECT 0x1F, 7").as_deref(), Some("SELECT 0x1F, \0"));
+        assert_eq!(shape_key("SELECT 1\0"), None, "a text with a NUL has no shape");
+    }
+
+    #[test]
+    fn classes_that_read_a_number_are_not_shared() {
+        let shared = |sql: &str| classify_with_shape(sql, &ClassifyOptions::default()).1;
+        assert!(shared("SELECT abalance FROM pgbench_accounts WHERE aid = 4217"));
+        assert!(shared(
+            "UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 3"
+        ));
+        assert!(shared("DELETE FROM orders WHERE id = 3"));
+        // A constant WHERE is judged by its numbers' values.
+        assert!(!shared("DELETE FROM orders WHERE 1 = 2"));
+        assert!(!shared("DELETE FROM orders WHERE 2 > 1"));
+        assert!(!shared("UPDATE orders SET note = 'x' WHERE 1 BETWEEN 0 AND 2"));
+        assert!(!shared("EXPLAIN (ANALYZE 0) DELETE FROM orders"));
+        assert!(!shared("SET standard_conforming_strings = 1"));
+        // What the walker cannot see into, and the fallback scanner's reads.
+        assert!(!shared("DO $$ BEGIN PERFORM 1; END $$"));
+        assert!(!shared("VACUUM (VERBOSE) orders"));
+        assert!(!shared("SELEC 1"));
     }
 
     #[test]

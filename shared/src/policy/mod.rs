@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 pub use class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
-pub use classify::{ClassifyOptions, classify};
+pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
 
 use crate::config::{Config, DecisionKind, PolicyConfig, PolicyMode, RelationPattern, RuleConfig};
 use crate::gate::{
@@ -454,15 +454,34 @@ impl PolicyGate {
             };
             return Arc::new(classify(sql, &options));
         }
+        // Texts over the statement limit are not kept: they are unknown
+        // anyway, and caching them would let one client fill memory.
+        if sql.len() > self.options.max_statement_length {
+            return Arc::new(classify(sql, &self.options));
+        }
         if let Some(hit) = self.cache.get(sql) {
             return hit;
         }
-        let classification = Arc::new(classify(sql, &self.options));
-        // Texts over the statement limit are not kept: they are unknown
-        // anyway, and caching them would let one client fill memory.
-        if sql.len() <= self.options.max_statement_length {
-            self.cache.insert(sql.into(), classification.clone());
+        // Texts that differ only in plain numbers (pgbench's and most
+        // applications' simple-protocol statements) also share one entry
+        // under their shape, unless a number's value mattered to the class.
+        // Shape keys contain a NUL and statement texts never do, so the two
+        // kinds of key cannot meet. A shape hit is not copied to the exact
+        // key: a stream of new literals would only churn the cache.
+        let shape = shape_key(sql);
+        if let Some(shape) = &shape
+            && let Some(hit) = self.cache.get(shape.as_str())
+        {
+            return hit;
         }
+        let (classification, shareable) = classify_with_shape(sql, &self.options);
+        let classification = Arc::new(classification);
+        if let Some(shape) = shape
+            && shareable
+        {
+            self.cache.insert(shape.into(), classification.clone());
+        }
+        self.cache.insert(sql.into(), classification.clone());
         classification
     }
 }
@@ -563,5 +582,85 @@ impl StatementGate for PolicyGate {
             ),
         }
         verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> PolicyGate {
+        let text = r#"
+[server]
+allow_plaintext = true
+
+[[identity.tokens]]
+name = "ci"
+sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+groups = ["deploy"]
+
+[[targets]]
+name = "shop"
+host = "127.0.0.1"
+
+[[targets.access]]
+groups = ["deploy"]
+role = "app"
+password = "pw"
+
+[policy]
+default = "allow"
+
+[[policy.rules]]
+name = "no-unbounded-writes"
+decision = "deny"
+groups = ["*"]
+features = ["no_where"]
+"#;
+        PolicyGate::new(&Config::from_toml(text, std::path::Path::new("/etc/sluice/sluice.toml")).unwrap())
+    }
+
+    fn decide(gate: &PolicyGate, sql: &str) -> DecisionKind {
+        let groups = vec!["deploy".to_string()];
+        let labels = BTreeMap::new();
+        let subject = Subject {
+            name: "ci",
+            subject: "ci",
+            email: None,
+            groups: &groups,
+            labels: &labels,
+            target: "shop",
+            search_path_changed: false,
+        };
+        gate.policy().decide(&subject, gate.classify(sql, true)).decision()
+    }
+
+    /// Texts of one shape share a cache entry, but a text whose numbers
+    /// decide its class never lends its class to another: a harmless
+    /// `WHERE 1 = 2` seen first must not make `WHERE 1 = 1` harmless.
+    #[test]
+    fn the_shape_cache_cannot_be_primed() {
+        let gate = gate();
+        assert_eq!(decide(&gate, "DELETE FROM orders WHERE 1 = 2"), DecisionKind::Allow);
+        assert_eq!(decide(&gate, "DELETE FROM orders WHERE 1 = 1"), DecisionKind::Deny);
+        assert_eq!(decide(&gate, "DELETE FROM orders WHERE 2 = 2"), DecisionKind::Deny);
+        assert_eq!(decide(&gate, "DELETE FROM orders WHERE 3 = 2"), DecisionKind::Allow);
+
+        assert_eq!(decide(&gate, "DELETE FROM orders WHERE id = 1"), DecisionKind::Allow);
+        let first = gate.classify("DELETE FROM orders WHERE id = 1", true);
+        let same_shape = gate.classify("DELETE FROM orders WHERE id = 99", true);
+        assert!(Arc::ptr_eq(&first, &same_shape), "one entry for one shape");
+        assert_eq!(
+            decide(&gate, "DELETE FROM orders WHERE id = 1 OR 1 = 1"),
+            DecisionKind::Deny
+        );
+        // Whatever the folding decides, a cached class agrees with a fresh one.
+        for sql in [
+            "DELETE FROM orders WHERE id = 5 OR 2 = 2",
+            "DELETE FROM orders WHERE 7 = 7 OR id = 5",
+        ] {
+            let fresh = classify(sql, &gate.options);
+            assert_eq!(*gate.classify(sql, true), fresh, "{sql}");
+        }
     }
 }

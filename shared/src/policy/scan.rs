@@ -274,11 +274,18 @@ impl<'a> Scanner<'a> {
             }
             b if b.is_ascii_digit() || (b == b'.' && next.is_some_and(|n| n.is_ascii_digit())) => {
                 self.pos += 1;
-                while self
-                    .peek(0)
-                    .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-                {
-                    self.pos += 1;
+                loop {
+                    match self.peek(0) {
+                        // A signed exponent (`3E-2`) is part of the number.
+                        Some(b'e' | b'E')
+                            if matches!(self.peek(1), Some(b'+' | b'-'))
+                                && self.peek(2).is_some_and(|b| b.is_ascii_digit()) =>
+                        {
+                            self.pos += 3
+                        }
+                        Some(b) if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' => self.pos += 1,
+                        _ => break,
+                    }
                 }
                 TokenKind::Number
             }
