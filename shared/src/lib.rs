@@ -13,6 +13,7 @@ pub mod conn;
 pub mod devcluster;
 pub mod gate;
 pub mod identity;
+pub mod mask;
 pub mod net;
 pub mod policy;
 pub mod protocol;

@@ -1,0 +1,24 @@
+//! Dynamic masking: the pure core that decides what a sensitive value
+//! becomes before it reaches a client, the audit log or the console.
+//!
+//! Two pieces live here, both without IO or async:
+//!
+//! - [`detect`]: content detectors that find emails, phone numbers, cards,
+//!   national ids, IBANs, tokens and private keys inside a value. They cover
+//!   values with no column origin (expressions, function results, views), so
+//!   masking works with zero configuration, and they run on every such value
+//!   of every row: no allocation unless something matched.
+//! - [`strategy`]: what a column value covered by a rule becomes (redacted,
+//!   partially kept, email domain kept, keyed hash, NULL).
+//!
+//! Still to come, on top of these: column rules (`schema.table.column` and
+//! name patterns) with per-identity profiles, the catalog lookup that maps a
+//! RowDescription's table OID and attribute number to names, and the rewriter
+//! at the result seam that applies both to DataRow, CopyData and error
+//! messages.
+
+pub mod detect;
+pub mod strategy;
+
+pub use detect::{Detector, DetectorError, DetectorSet, Finding, Findings, findings, scrub, scrub_into};
+pub use strategy::{HashKey, Masked, Strategy, StrategyError};
