@@ -18,7 +18,7 @@ const DEMO_DATA: &str = include_str!("../config/demo/shop.sql");
 const PEOPLE: [(&str, &str); 4] = [
     ("alice", "engineering: reads as shop_reader"),
     ("bob", "oncall: writes as shop_writer"),
-    ("carol", "leads: writes as shop_writer"),
+    ("carol", "leads: writes as shop_writer, sees clear values"),
     (
         "report-bot",
         "an AI agent (labels kind=agent, model=demo-model-1): reads",

@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod identity;
 mod lifecycle;
+mod masking;
 mod pgbench;
 mod policy;
 mod refusals;

@@ -40,7 +40,7 @@ CREATE TABLE api_keys (
 INSERT INTO customers (name, email, phone, card_number, ssn, created_at)
 SELECT first || ' ' || last,
        lower(first) || '.' || lower(last) || n || '@example.com',
-       '+1-555-01' || lpad((n % 100)::text, 2, '0'),
+       '+1-415-555-01' || lpad((n % 100)::text, 2, '0'),
        (ARRAY['4111111111111111', '5555555555554444', '378282246310005',
               '6011111111111117', '4012888888881881'])[1 + n % 5],
        '9' || lpad((n * 37 % 100)::text, 2, '0') || '-' || lpad((n % 90 + 10)::text, 2, '0')

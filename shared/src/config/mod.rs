@@ -30,6 +30,34 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub targets: Vec<Target>,
     pub policy: PolicyConfig,
+    pub masking: MaskingConfig,
+}
+
+/// `[masking]`, validated.
+#[derive(Debug, Clone)]
+pub struct MaskingConfig {
+    /// Content detectors run on every value; empty when masking is off.
+    pub detectors: crate::mask::DetectorSet,
+    /// Identities in these groups see clear values (the unmask grant);
+    /// every session that uses it is logged.
+    pub unmasked_groups: Vec<String>,
+}
+
+impl Default for MaskingConfig {
+    /// Every detector on, nobody unmasked: masking with zero configuration.
+    fn default() -> MaskingConfig {
+        MaskingConfig {
+            detectors: crate::mask::DetectorSet::ALL,
+            unmasked_groups: Vec::new(),
+        }
+    }
+}
+
+impl MaskingConfig {
+    /// Whether an identity with these groups sees clear values.
+    pub fn unmasked(&self, groups: &[String]) -> bool {
+        groups.iter().any(|g| self.unmasked_groups.contains(g))
+    }
 }
 
 /// The PostgreSQL listener.
@@ -257,6 +285,7 @@ impl Config {
             None => PolicyConfig::permissive(path.to_path_buf()),
             Some(raw_policy) => v.policy_section(raw_policy, path)?,
         };
+        let masking = raw.masking.map(|m| v.masking(m)).unwrap_or_default();
         if let Some(server) = &server
             && tls.is_none()
             && !server.allow_plaintext
@@ -282,6 +311,7 @@ impl Config {
                 identity,
                 targets,
                 policy,
+                masking,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -364,6 +394,39 @@ impl Validator<'_> {
             self.problems.push(problem);
         }
         Ok(policy)
+    }
+
+    /// `[masking]`.
+    fn masking(&mut self, raw: raw::RawMasking) -> MaskingConfig {
+        let mut masking = MaskingConfig {
+            unmasked_groups: raw.unmasked_groups,
+            ..MaskingConfig::default()
+        };
+        if let Some(names) = raw.detectors {
+            let mut set = crate::mask::DetectorSet::EMPTY;
+            for name in &names {
+                if name.get_ref() == "all" {
+                    set = crate::mask::DetectorSet::ALL;
+                    continue;
+                }
+                match name.get_ref().parse::<crate::mask::Detector>() {
+                    Ok(detector) => set = set.with(detector),
+                    Err(_) => self.at(
+                        name,
+                        format!(
+                            "masking detectors: \"{}\" is not a detector; write \"all\" or some of: {}",
+                            name.get_ref(),
+                            crate::mask::Detector::ALL.map(|d| d.name()).join(", ")
+                        ),
+                    ),
+                }
+            }
+            masking.detectors = set;
+        }
+        if raw.enabled == Some(false) {
+            masking.detectors = crate::mask::DetectorSet::EMPTY;
+        }
+        masking
     }
 
     fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {

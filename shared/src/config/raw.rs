@@ -19,6 +19,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub targets: Vec<RawTarget>,
     pub policy: Option<RawPolicy>,
+    pub masking: Option<RawMasking>,
+}
+
+/// `[masking]`: what the result seam does to values.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMasking {
+    pub enabled: Option<bool>,
+    pub detectors: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub unmasked_groups: Vec<String>,
 }
 
 /// A policy: inline under `[policy]` in the main file, or in its own file

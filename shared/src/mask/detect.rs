@@ -509,9 +509,19 @@ fn numeric_start_ok(v: &[u8], i: usize) -> bool {
     match prev(v, i) {
         None => true,
         Some(b) if is_word(b) => false,
+        // A comma between numbers separates fields (CSV, records, arrays,
+        // JSON) unless what follows reads as a thousands group.
+        Some(b',') => !(prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()) && thousands_group(v, i)),
         Some(b) if joins_numbers(b) => !prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()),
         Some(_) => true,
     }
+}
+
+/// Whether the digits at `at` are a thousands group (`1,234`): exactly three
+/// digits, then something that does not continue a number.
+fn thousands_group(v: &[u8], at: usize) -> bool {
+    v.get(at..at + 3).is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+        && !v.get(at + 3).is_some_and(|&b| b.is_ascii_digit() || b == b'-')
 }
 
 /// Whether a number may end at `end`: not inside a word, and not followed by
@@ -521,6 +531,7 @@ fn numeric_end_ok(v: &[u8], end: usize) -> bool {
     match v.get(end) {
         None => true,
         Some(&b) if is_word(b) => false,
+        Some(b',') => !thousands_group(v, end + 1),
         Some(&b) if joins_numbers(b) => !v.get(end + 1).is_some_and(u8::is_ascii_digit),
         Some(_) => true,
     }
@@ -775,9 +786,11 @@ fn issuer_known(number: &[u8], len: usize) -> bool {
     }
 }
 
-/// US social security numbers, `ddd-dd-dddd` only: without the dashes nine
-/// digits are far more often an id. Numbers the SSA never issues (area 000,
-/// 666 or 900–999, group 00, serial 0000) are not matched.
+/// US social security numbers and ITINs, `ddd-dd-dddd` only: without the
+/// dashes nine digits are far more often an id. Area 900–999 is never an SSN
+/// but is the IRS's individual taxpayer number (ITIN), just as sensitive, so
+/// it is matched; numbers of neither kind (area 000 or 666, group 00, serial
+/// 0000) are not.
 fn ssn_at(v: &[u8], i: usize) -> Option<usize> {
     let s = v.get(i..i + 11)?;
     let shaped = s.iter().enumerate().all(|(k, &b)| {
@@ -792,7 +805,7 @@ fn ssn_at(v: &[u8], i: usize) -> Option<usize> {
     }
     let number = |digits: &[u8]| digits.iter().fold(0, |acc, b| acc * 10 + u32::from(b - b'0'));
     let (area, group, serial) = (number(&s[0..3]), number(&s[4..6]), number(&s[7..11]));
-    let issued = area != 0 && area != 666 && area < 900 && group != 0 && serial != 0;
+    let issued = area != 0 && area != 666 && group != 0 && serial != 0;
     issued.then_some(i + 11)
 }
 
@@ -1468,15 +1481,28 @@ mod tests {
     }
 
     #[test]
+    fn commas_between_fields_are_boundaries() {
+        // Records, arrays and CSV put sensitive numbers next to each other.
+        assert_eq!(
+            found("(1,4111111111111111,123-45-6789)"),
+            [(Detector::Card, "4111111111111111"), (Detector::Ssn, "123-45-6789")]
+        );
+        assert_eq!(found("{5555555555554444,078-05-1120}").len(), 2);
+        // A thousands separator still joins: 1,234 is one number.
+        assert!(found("total 4,111,111,111,111,111 units").is_empty());
+    }
+
+    #[test]
     fn social_security_numbers() {
         assert_whole(Detector::Ssn, "123-45-6789");
         assert_whole(Detector::Ssn, "078-05-1120");
+        // ITINs (area 9xx) are tax ids, as sensitive as SSNs.
+        assert_whole(Detector::Ssn, "900-70-1234");
+        assert_whole(Detector::Ssn, "999-99-9999");
         assert_eq!(found("(SSN 123-45-6789)"), [(Detector::Ssn, "123-45-6789")]);
         for value in [
             "000-12-3456",
             "666-12-3456",
-            "900-12-3456",
-            "999-99-9999",
             "123-00-4567",
             "123-45-0000",
             "123456789",

@@ -11,14 +11,19 @@
 //! - [`strategy`]: what a column value covered by a rule becomes (redacted,
 //!   partially kept, email domain kept, keyed hash, NULL).
 //!
-//! Still to come, on top of these: column rules (`schema.table.column` and
-//! name patterns) with per-identity profiles, the catalog lookup that maps a
-//! RowDescription's table OID and attribute number to names, and the rewriter
-//! at the result seam that applies both to DataRow, CopyData and error
-//! messages.
+//! - [`rows`]: the rewriter the result seam uses per session: detectors on
+//!   every value of DataRow (text and binary formats), CopyData of COPY TO
+//!   STDOUT (text, CSV, binary), errors, notices, notifications and function
+//!   call results.
+//!
+//! Still to come: column rules (`schema.table.column` and name patterns)
+//! with strategies, resolved through a catalog lookup that maps a
+//! RowDescription's table OID and attribute number to names.
 
 pub mod detect;
+pub mod rows;
 pub mod strategy;
 
 pub use detect::{Detector, DetectorError, DetectorSet, Finding, Findings, findings, scrub, scrub_into};
+pub use rows::{MaskError, RowMasker};
 pub use strategy::{HashKey, Masked, Strategy, StrategyError};

@@ -132,6 +132,11 @@ pub fn encode_sasl_response(data: &[u8], out: &mut BytesMut) {
 }
 
 /// Flush: asks the server to send what it has.
+/// Describe of a portal (`kind` b'P') or prepared statement (b'S').
+pub fn encode_describe(kind: u8, name: &str, out: &mut BytesMut) {
+    MessageBuilder::new(out, tag::DESCRIBE).u8(kind).cstr(name).finish();
+}
+
 pub fn encode_flush(out: &mut BytesMut) {
     MessageBuilder::new(out, tag::FLUSH).finish();
 }

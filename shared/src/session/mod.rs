@@ -246,6 +246,7 @@ async fn run_session(
         target: &target.name,
         session_id: id,
         max_message_size: shared.config.server.max_message_size,
+        masker: masker_for(&shared.config.masking, &identity),
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
@@ -256,6 +257,7 @@ async fn run_session(
         statements = counters.statements,
         refused = counters.refused,
         rows = counters.rows,
+        masked = counters.masked,
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
@@ -280,4 +282,18 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         Ok(()) => tracing::info!(process_id, target = %target.name, "cancel request forwarded"),
         Err(err) => tracing::warn!(error = %err, "cannot forward cancel request"),
     }
+}
+
+/// The session's masker: detectors on, unless the identity holds the unmask
+/// grant (its use is logged: audit records it once the audit store lands)
+/// or masking is off.
+fn masker_for(masking: &crate::config::MaskingConfig, identity: &Identity) -> Option<crate::mask::RowMasker> {
+    if masking.unmasked(identity.groups()) {
+        tracing::info!(identity = %identity, "unmask grant used: this session sees clear values");
+        return None;
+    }
+    if masking.detectors.is_empty() {
+        return None;
+    }
+    Some(crate::mask::RowMasker::new(masking.detectors))
 }

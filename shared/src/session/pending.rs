@@ -39,6 +39,11 @@ pub enum Expect {
     /// CopyDone or CopyFail from the client: marks where a COPY FROM STDIN
     /// ends in the client's stream. Gets no answer of its own.
     CopyEnd,
+    /// A Describe of a portal the gateway sent on its own before an Execute,
+    /// so the masker knows the rows' formats: its RowDescription or NoData is
+    /// the gateway's. An error it gets is the client's (the Execute would
+    /// have failed the same way, and is then discarded by the server).
+    InternalDescribe,
     /// A simple Query the gateway sent on its own (BEGIN, COMMIT, ROLLBACK
     /// around a row-limited write): its answer is the gateway's, not the client's.
     Internal,
@@ -56,7 +61,7 @@ impl Expect {
     fn owner(&self) -> Owner {
         match self {
             Expect::Query { guarded: true, .. } | Expect::Execute { guarded: true } => Owner::Guard,
-            Expect::Internal => Owner::Internal,
+            Expect::Internal | Expect::InternalDescribe => Owner::Internal,
             _ => Owner::Client,
         }
     }
@@ -111,6 +116,12 @@ impl PendingQueue {
         self.front().map(|e| e.owner()).unwrap_or(Owner::Client)
     }
 
+    fn front_owner_pop(&mut self) -> Owner {
+        let owner = self.front_owner();
+        self.pop();
+        owner
+    }
+
     fn pop(&mut self) -> Option<Expect> {
         self.front();
         self.queue.pop_front()
@@ -143,9 +154,8 @@ impl PendingQueue {
             }
             tag::ROW_DESCRIPTION => {
                 // Part of a simple Query's answer unless a Describe asked for it.
-                if matches!(self.front(), Some(Expect::Describe)) {
-                    self.pop();
-                    Owner::Client
+                if matches!(self.front(), Some(Expect::Describe | Expect::InternalDescribe)) {
+                    self.front_owner_pop()
                 } else {
                     self.front_owner()
                 }

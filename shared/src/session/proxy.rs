@@ -37,6 +37,7 @@ use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
 use crate::gate::{Allowance, GateSession, RowLimit, StatementContext, StatementGate, StatementSource, Verdict};
 use crate::identity::Identity;
+use crate::mask::RowMasker;
 use crate::net::Stream;
 use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError, Severity};
 use crate::protocol::codec::{self, HEADER_LEN, printable};
@@ -147,6 +148,9 @@ pub(crate) struct ProxyContext<'a> {
     pub target: &'a str,
     pub session_id: &'a str,
     pub max_message_size: usize,
+    /// The session's result masker; `None` when the identity sees clear
+    /// values.
+    pub masker: Option<RowMasker>,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -155,6 +159,8 @@ pub(crate) struct Counters {
     pub statements: u64,
     pub refused: u64,
     pub rows: u64,
+    /// Values the masker replaced.
+    pub masked: u64,
 }
 
 pub(crate) struct Proxy<'a> {
@@ -204,6 +210,8 @@ impl<'a> Proxy<'a> {
         server_in: BytesMut,
         tx_status: TxStatus,
     ) -> Proxy<'a> {
+        let mut ctx = ctx;
+        let seam = ResultSeam::new(ctx.masker.take());
         Proxy {
             ctx,
             client,
@@ -221,7 +229,7 @@ impl<'a> Proxy<'a> {
             deferred: None,
             statement_limits: HashMap::new(),
             portal_limits: HashMap::new(),
-            seam: ResultSeam::default(),
+            seam,
             tx_status,
             terminating: false,
             server_said_fatal: false,
@@ -233,6 +241,7 @@ impl<'a> Proxy<'a> {
     pub(crate) fn counters(&self) -> Counters {
         Counters {
             rows: self.seam.rows(),
+            masked: self.seam.masked(),
             ..self.counters
         }
     }
@@ -469,6 +478,20 @@ impl<'a> Proxy<'a> {
         self.guard.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
     }
 
+    /// With masking on, every Execute is preceded by a Describe of its portal
+    /// that the gateway sends itself: its RowDescription (with the formats the
+    /// portal really uses) reaches the masker, not the client, so rows of a
+    /// portal the client executes without describing are still read right.
+    fn describe_before_execute(&mut self, execute_body: &[u8]) -> Result<(), Stop> {
+        if !self.seam.masking() {
+            return Ok(());
+        }
+        let portal = first_name(execute_body, "portal name")?;
+        frontend::encode_describe(b'P', portal, &mut self.to_server);
+        self.pending.push(Expect::InternalDescribe);
+        Ok(())
+    }
+
     /// Whether a client message may reach the server while a guard runs:
     /// only the data of a COPY FROM STDIN, up to its end. The Syncs and
     /// Flushes drivers send while COPY runs pass too (the server ignores
@@ -586,6 +609,7 @@ impl<'a> Proxy<'a> {
                         );
                         guard.rows = *rows;
                         self.guard = Some(guard);
+                        self.describe_before_execute(body)?;
                         // Flush so the answer comes back before anything the
                         // client sends next (its Sync) reaches the server.
                         self.to_server.extend_from_slice(message);
@@ -594,6 +618,7 @@ impl<'a> Proxy<'a> {
                         return Ok(Consumed::Yes);
                     }
                 }
+                self.describe_before_execute(body)?;
                 Some(Expect::Execute { guarded: false })
             }
             fe::CLOSE => {
@@ -954,6 +979,7 @@ impl<'a> Proxy<'a> {
         // What the gateway tracks whoever the message is for.
         match message_tag {
             backend::tag::READY_FOR_QUERY => {
+                self.seam.observe(message_tag, message);
                 self.tx_status = backend::decode_ready_for_query(body)
                     .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
             }
@@ -982,6 +1008,11 @@ impl<'a> Proxy<'a> {
                     self.gate_session.standard_conforming_strings = status.value == "on";
                 }
             }
+            backend::tag::ROW_DESCRIPTION
+            | backend::tag::NO_DATA
+            | backend::tag::COPY_OUT_RESPONSE
+            | backend::tag::COPY_BOTH_RESPONSE
+            | backend::tag::COPY_DONE => self.seam.observe(message_tag, message),
             backend::tag::AUTHENTICATION | backend::tag::BACKEND_KEY_DATA => {
                 return Err(Stop::Server(format!(
                     "unexpected message type {} from upstream after login",
@@ -995,6 +1026,18 @@ impl<'a> Proxy<'a> {
             Owner::Refusal(refusal) => refusal.encode(&mut self.to_client),
             Owner::Guard => self.guard_message(message_tag, message),
             Owner::Internal => self.internal_message(message_tag, message),
+        }
+        if message_tag == backend::tag::ERROR_RESPONSE {
+            self.seam.observe(message_tag, message);
+        }
+        if let Some(err) = self.seam.take_failure() {
+            // Fail closed: what cannot be read cannot be masked.
+            tracing::warn!(error = %err, "ending session: a result could not be masked");
+            return Err(Stop::Client(ErrorFields::new(
+                Severity::Fatal,
+                "XX000",
+                format!("the gateway could not mask a result ({err}); the session ends rather than pass it on"),
+            )));
         }
         Ok(())
     }

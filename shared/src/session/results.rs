@@ -1,16 +1,20 @@
 //! The result seam: every backend message bound for the client leaves through
 //! [`ResultSeam::forward`], and nowhere else.
 //!
-//! Today the seam copies messages unchanged. It is where the masker sits: it
-//! will read RowDescription (table OID and attribute number per column, kept
-//! per statement and per portal using the proxy's `PendingQueue`), rewrite
-//! DataRow values and their length prefixes, rewrite CopyData rows of
-//! COPY TO STDOUT, and scrub values echoed in ErrorResponse, NoticeResponse and
-//! NotificationResponse. Because the proxy loop already routes every message
-//! here with its tag, masking changes this file, not the loop.
+//! With masking on (the default), the seam's [`RowMasker`] rewrites DataRow,
+//! CopyData (COPY TO STDOUT), ErrorResponse, NoticeResponse and
+//! NotificationResponse so that values the content detectors find never
+//! reach the client in clear. RowDescription and NoData are observed with
+//! [`ResultSeam::observe`] whoever they are for (the proxy's own Describe
+//! before an Execute included), so the masker always knows the formats of
+//! the rows that follow.
+//!
+//! A message the masker cannot read is not passed on: the seam records the
+//! failure and the proxy ends the session.
 
 use bytes::BytesMut;
 
+use crate::mask::{MaskError, RowMasker};
 use crate::protocol::backend::tag;
 
 /// The path values take from the database to the client.
@@ -18,9 +22,48 @@ use crate::protocol::backend::tag;
 pub struct ResultSeam {
     /// Messages that carried values, for the session's summary.
     rows: u64,
+    /// `None` when this session sees clear values (an unmask grant).
+    masker: Option<RowMasker>,
+    failure: Option<MaskError>,
 }
 
 impl ResultSeam {
+    pub fn new(masker: Option<RowMasker>) -> ResultSeam {
+        ResultSeam {
+            rows: 0,
+            masker,
+            failure: None,
+        }
+    }
+
+    /// Whether values are masked on this session.
+    pub fn masking(&self) -> bool {
+        self.masker.is_some()
+    }
+
+    /// Notes a backend message that describes what follows, whoever it is
+    /// for: RowDescription, NoData, CopyOutResponse, and the ends of COPY.
+    #[inline]
+    pub fn observe(&mut self, message_tag: u8, message: &[u8]) {
+        let Some(masker) = &mut self.masker else { return };
+        let result = match message_tag {
+            tag::ROW_DESCRIPTION => masker.describe(&message[5..]),
+            tag::NO_DATA => {
+                masker.no_data();
+                Ok(())
+            }
+            tag::COPY_OUT_RESPONSE | tag::COPY_BOTH_RESPONSE => masker.copy_out(&message[5..]),
+            tag::COPY_DONE | tag::ERROR_RESPONSE | tag::READY_FOR_QUERY => {
+                masker.copy_done();
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(err) = result {
+            self.failure.get_or_insert(err);
+        }
+    }
+
     /// Appends what the client receives for one complete backend message
     /// (tag, length and body).
     #[inline]
@@ -28,14 +71,40 @@ impl ResultSeam {
         if message_tag == tag::DATA_ROW {
             self.rows += 1;
         }
-        out.extend_from_slice(message);
+        let Some(masker) = &mut self.masker else {
+            out.extend_from_slice(message);
+            return;
+        };
+        let result = match message_tag {
+            tag::DATA_ROW => masker.data_row(message, out),
+            tag::COPY_DATA => masker.copy_data(message, out),
+            tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE => masker.error_or_notice(message_tag, message, out),
+            tag::NOTIFICATION_RESPONSE => masker.notification(message, out),
+            tag::FUNCTION_CALL_RESPONSE => masker.function_result(message, out),
+            _ => {
+                out.extend_from_slice(message);
+                Ok(())
+            }
+        };
+        if let Err(err) = result {
+            self.failure.get_or_insert(err);
+        }
+    }
+
+    /// A message the masker could not read, if there was one: the session
+    /// must end, since its result cannot be passed on safely.
+    pub fn take_failure(&mut self) -> Option<MaskError> {
+        self.failure.take()
     }
 
     /// Asks to pass a backend message too large to hold whole (over the
-    /// proxy's streaming threshold) in chunks, unseen. A masker that must see
-    /// a row whole answers no for the tags it rewrites, and the proxy then
-    /// ends the session instead of passing the message unread.
+    /// proxy's streaming threshold) in chunks, unseen. With masking on, no
+    /// message that carries values may pass unseen: the proxy then holds it
+    /// whole (up to `server.max_message_size`) or ends the session.
     pub fn start_streaming(&mut self, message_tag: u8) -> bool {
+        if self.masker.is_some() {
+            return false;
+        }
         match message_tag {
             tag::DATA_ROW => {
                 self.rows += 1;
@@ -49,5 +118,10 @@ impl ResultSeam {
     /// DataRow messages passed to the client so far.
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// Values the masker replaced so far.
+    pub fn masked(&self) -> u64 {
+        self.masker.as_ref().map_or(0, RowMasker::masked)
     }
 }

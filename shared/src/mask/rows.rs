@@ -1,0 +1,666 @@
+//! The result rewriter: what a session's masker does to each backend message
+//! that can carry a value (DataRow, CopyData of COPY TO STDOUT, ErrorResponse,
+//! NoticeResponse, NotificationResponse) before the client sees it.
+//!
+//! Content detectors run on every value; a value with a finding is masked in
+//! place when its wire form is text (text format of any type, or the binary
+//! form of a text-like type, which is the same UTF-8), and becomes NULL when
+//! its wire form is some other binary structure (an array, a record, a
+//! number), where rewriting bytes would corrupt it. Messages without a
+//! finding are copied unchanged, without allocating.
+//!
+//! The rewriter knows which columns a DataRow has from the last
+//! RowDescription the server sent on the session: the proxy makes sure there
+//! is one before every Execute (it asks with a Describe of its own when the
+//! client did not), so that rows of a portal executed without a Describe are
+//! still read with their real formats.
+
+use bytes::{BufMut, BytesMut};
+
+use super::detect::{DetectorSet, findings, scrub_into};
+use crate::protocol::backend::tag;
+use crate::protocol::{Cursor, DecodeError};
+
+/// Type OIDs whose binary form is their text (UTF-8, as the client encoding
+/// is UTF-8 on every session the gateway keeps).
+const TEXT_LIKE: [u32; 7] = [
+    25,   // text
+    1043, // varchar
+    1042, // bpchar
+    19,   // name
+    114,  // json
+    142,  // xml
+    705,  // unknown
+];
+/// jsonb's binary form: a version byte (1), then the text.
+const JSONB: u32 = 3802;
+/// Number types wide enough to hold a card number, whose binary form the
+/// masker reads back into digits for the detectors.
+const INT8: u32 = 20;
+const NUMERIC: u32 = 1700;
+
+/// How a column's values travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Text format, or binary of a text-like type: mask in place.
+    Text,
+    /// jsonb in binary: a version byte, then text.
+    JsonbBinary,
+    /// int8 or numeric in binary: read as decimal digits; NULL when
+    /// something is found (a card number stored as a number).
+    BinaryNumber { numeric: bool },
+    /// Any other binary form: NULL when something is found.
+    Binary,
+}
+
+/// The COPY TO STDOUT in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyOut {
+    None,
+    Text,
+    Binary,
+}
+
+/// Why a message could not be masked. The proxy ends the session rather than
+/// pass it on.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskError {
+    #[error("invalid {message} from upstream: {source}")]
+    Decode {
+        message: &'static str,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("a binary COPY row could not be read, so it could not be masked")]
+    BinaryCopy,
+}
+
+fn decode(message: &'static str) -> impl FnOnce(DecodeError) -> MaskError {
+    move |source| MaskError::Decode { message, source }
+}
+
+/// One session's masker state.
+#[derive(Debug)]
+pub struct RowMasker {
+    detectors: DetectorSet,
+    /// Wire forms of the current result's columns; `None` before the first
+    /// RowDescription (values are then read as text).
+    columns: Option<Vec<Wire>>,
+    copy: CopyOut,
+    /// Reused for each masked value.
+    scratch: Vec<u8>,
+    /// Values masked so far, for the session summary and audit.
+    masked: u64,
+}
+
+impl RowMasker {
+    pub fn new(detectors: DetectorSet) -> RowMasker {
+        RowMasker {
+            detectors,
+            columns: None,
+            copy: CopyOut::None,
+            scratch: Vec::new(),
+            masked: 0,
+        }
+    }
+
+    /// Values masked so far.
+    pub fn masked(&self) -> u64 {
+        self.masked
+    }
+
+    /// Reads a RowDescription body: the columns of the rows that follow.
+    pub fn describe(&mut self, body: &[u8]) -> Result<(), MaskError> {
+        let mut cur = Cursor::new(body);
+        let count = cur.count16("column count").map_err(decode("RowDescription"))?;
+        let mut columns = self.columns.take().unwrap_or_default();
+        columns.clear();
+        for _ in 0..count {
+            cur.cstr_bytes("column name").map_err(decode("RowDescription"))?;
+            cur.i32("table oid").map_err(decode("RowDescription"))?;
+            cur.i16("attribute number").map_err(decode("RowDescription"))?;
+            let type_oid = cur.i32("type oid").map_err(decode("RowDescription"))? as u32;
+            cur.i16("type length").map_err(decode("RowDescription"))?;
+            cur.i32("type modifier").map_err(decode("RowDescription"))?;
+            let format = cur.i16("format code").map_err(decode("RowDescription"))?;
+            columns.push(match format {
+                0 => Wire::Text,
+                _ if TEXT_LIKE.contains(&type_oid) => Wire::Text,
+                _ if type_oid == JSONB => Wire::JsonbBinary,
+                _ if type_oid == INT8 => Wire::BinaryNumber { numeric: false },
+                _ if type_oid == NUMERIC => Wire::BinaryNumber { numeric: true },
+                _ => Wire::Binary,
+            });
+        }
+        cur.finish().map_err(decode("RowDescription"))?;
+        self.columns = Some(columns);
+        Ok(())
+    }
+
+    /// A NoData answer: no rows follow.
+    pub fn no_data(&mut self) {
+        if let Some(columns) = &mut self.columns {
+            columns.clear();
+        }
+    }
+
+    /// Reads a CopyOutResponse body: the format of the CopyData that follows.
+    pub fn copy_out(&mut self, body: &[u8]) -> Result<(), MaskError> {
+        let mut cur = Cursor::new(body);
+        let format = cur.u8("copy format").map_err(decode("CopyOutResponse"))?;
+        self.copy = if format == 0 { CopyOut::Text } else { CopyOut::Binary };
+        Ok(())
+    }
+
+    /// The COPY ended (CopyDone, or an error).
+    pub fn copy_done(&mut self) {
+        self.copy = CopyOut::None;
+    }
+
+    /// The wire form of field `index` of a row.
+    fn wire(&self, index: usize) -> Wire {
+        match &self.columns {
+            Some(columns) => columns.get(index).copied().unwrap_or(Wire::Text),
+            None => Wire::Text,
+        }
+    }
+
+    fn finds(&self, value: &[u8]) -> bool {
+        findings(value, self.detectors).next().is_some()
+    }
+
+    /// Whether a field's value has a finding, read as its wire form says.
+    fn field_finds(&self, wire: Wire, value: &[u8]) -> bool {
+        match wire {
+            Wire::JsonbBinary => self.finds(value.get(1..).unwrap_or_default()),
+            Wire::BinaryNumber { numeric } => {
+                let mut digits = [0u8; 64];
+                match binary_digits(value, numeric, &mut digits) {
+                    Some(len) => self.finds(&digits[..len]),
+                    // Unreadable: judge the raw bytes.
+                    None => self.finds(value),
+                }
+            }
+            Wire::Text | Wire::Binary => self.finds(value),
+        }
+    }
+
+    /// Appends a DataRow (whole message), masked, to `out`.
+    pub fn data_row(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        let body = &message[5..];
+        let mut cur = Cursor::new(body);
+        let count = cur.count16("field count").map_err(decode("DataRow"))?;
+        // First pass: does any value need masking? Most rows: no.
+        let mut dirty = false;
+        for index in 0..count {
+            let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
+                continue;
+            };
+            if self.field_finds(self.wire(index), value) {
+                dirty = true;
+                break;
+            }
+        }
+        if !dirty {
+            out.extend_from_slice(message);
+            return Ok(());
+        }
+        // Second pass: rebuild the row with new length prefixes.
+        let mut cur = Cursor::new(body);
+        let count = cur.count16("field count").map_err(decode("DataRow"))?;
+        out.put_u8(tag::DATA_ROW);
+        let start = out.len();
+        out.put_i32(0);
+        out.put_i16(count as i16);
+        for index in 0..count {
+            let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
+                out.put_i32(-1);
+                continue;
+            };
+            let wire = self.wire(index);
+            if let Wire::BinaryNumber { .. } = wire {
+                if self.field_finds(wire, value) {
+                    self.masked += 1;
+                    out.put_i32(-1);
+                } else {
+                    put_value(out, value);
+                }
+                continue;
+            }
+            let (prefix, text) = match wire {
+                Wire::JsonbBinary if !value.is_empty() => value.split_at(1),
+                _ => (&value[..0], value),
+            };
+            self.scratch.clear();
+            if !scrub_into(text, self.detectors, &mut self.scratch) {
+                put_value(out, value);
+                continue;
+            }
+            self.masked += 1;
+            match wire {
+                Wire::Binary | Wire::BinaryNumber { .. } => out.put_i32(-1),
+                Wire::Text | Wire::JsonbBinary => {
+                    out.put_i32((prefix.len() + self.scratch.len()) as i32);
+                    out.put_slice(prefix);
+                    out.put_slice(&self.scratch);
+                }
+            }
+        }
+        cur.finish().map_err(decode("DataRow"))?;
+        finish(out, start);
+        Ok(())
+    }
+
+    /// Appends a CopyData of COPY TO STDOUT, masked, to `out`.
+    pub fn copy_data(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        match self.copy {
+            CopyOut::Binary => self.binary_copy_data(message, out),
+            // Text and CSV (the protocol does not tell them apart): values
+            // are masked within the runs between delimiters, quotes and line
+            // ends, and masks contain none of those, so the row keeps its
+            // shape in either format.
+            CopyOut::Text | CopyOut::None => {
+                let body = &message[5..];
+                if !self.finds(body) {
+                    out.extend_from_slice(message);
+                    return Ok(());
+                }
+                out.put_u8(tag::COPY_DATA);
+                let start = out.len();
+                out.put_i32(0);
+                for run in body.split_inclusive(|&b| matches!(b, b'\t' | b',' | b'"' | b'\n' | b'\r' | b'|' | b';')) {
+                    let (text, delimiter) = match run.last() {
+                        Some(b'\t' | b',' | b'"' | b'\n' | b'\r' | b'|' | b';') => run.split_at(run.len() - 1),
+                        _ => (run, &run[..0]),
+                    };
+                    self.scratch.clear();
+                    if scrub_into(text, self.detectors, &mut self.scratch) {
+                        self.masked += 1;
+                        out.put_slice(&self.scratch);
+                    } else {
+                        out.put_slice(text);
+                    }
+                    out.put_slice(delimiter);
+                }
+                finish(out, start);
+                Ok(())
+            }
+        }
+    }
+
+    /// Binary COPY: the server sends the header with the first row and one
+    /// row per CopyData; each field with a finding becomes NULL (its type is
+    /// not known here).
+    fn binary_copy_data(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+        let body = &message[5..];
+        let mut cur = Cursor::new(body);
+        let mut header = 0;
+        if body.starts_with(SIGNATURE) {
+            cur.bytes(SIGNATURE.len(), "signature")
+                .map_err(|_| MaskError::BinaryCopy)?;
+            cur.i32("flags").map_err(|_| MaskError::BinaryCopy)?;
+            let extension = cur.i32("extension length").map_err(|_| MaskError::BinaryCopy)?;
+            let extension = usize::try_from(extension).map_err(|_| MaskError::BinaryCopy)?;
+            cur.bytes(extension, "extension").map_err(|_| MaskError::BinaryCopy)?;
+            header = body.len() - cur.remaining().len();
+        }
+        // First pass: any finding at all?
+        let mut dirty = false;
+        let mut scan = Cursor::new(&body[header..]);
+        while !scan.is_empty() {
+            let count = scan.i16("field count").map_err(|_| MaskError::BinaryCopy)?;
+            if count == -1 {
+                continue;
+            }
+            for _ in 0..count.max(0) {
+                if let Some(value) = scan.nullable_value("field").map_err(|_| MaskError::BinaryCopy)?
+                    && self.finds(value)
+                {
+                    dirty = true;
+                }
+            }
+        }
+        if !dirty {
+            out.extend_from_slice(message);
+            return Ok(());
+        }
+        out.put_u8(tag::COPY_DATA);
+        let start = out.len();
+        out.put_i32(0);
+        out.put_slice(&body[..header]);
+        let mut cur = Cursor::new(&body[header..]);
+        while !cur.is_empty() {
+            let count = cur.i16("field count").map_err(|_| MaskError::BinaryCopy)?;
+            out.put_i16(count);
+            for _ in 0..count.max(0) {
+                match cur.nullable_value("field").map_err(|_| MaskError::BinaryCopy)? {
+                    Some(value) if self.finds(value) => {
+                        self.masked += 1;
+                        out.put_i32(-1);
+                    }
+                    Some(value) => put_value(out, value),
+                    None => out.put_i32(-1),
+                }
+            }
+        }
+        finish(out, start);
+        Ok(())
+    }
+
+    /// Appends an ErrorResponse or NoticeResponse with detectors applied to
+    /// every text field (PostgreSQL echoes values in messages and details:
+    /// `invalid input syntax for type integer: "123-45-6789"`).
+    pub fn error_or_notice(&mut self, message_tag: u8, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        let body = &message[5..];
+        if !self.finds(body) {
+            out.extend_from_slice(message);
+            return Ok(());
+        }
+        let mut cur = Cursor::new(body);
+        out.put_u8(message_tag);
+        let start = out.len();
+        out.put_i32(0);
+        loop {
+            let field = cur.u8("field type").map_err(decode("ErrorResponse"))?;
+            out.put_u8(field);
+            if field == 0 {
+                break;
+            }
+            let value = cur.cstr_bytes("field").map_err(decode("ErrorResponse"))?;
+            self.put_scrubbed_cstr(value, out);
+        }
+        finish(out, start);
+        Ok(())
+    }
+
+    /// Appends a NotificationResponse with detectors applied to its channel
+    /// and payload.
+    pub fn notification(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        let body = &message[5..];
+        if !self.finds(body) {
+            out.extend_from_slice(message);
+            return Ok(());
+        }
+        let mut cur = Cursor::new(body);
+        let pid = cur.i32("process id").map_err(decode("NotificationResponse"))?;
+        let channel = cur.cstr_bytes("channel").map_err(decode("NotificationResponse"))?;
+        let payload = cur.cstr_bytes("payload").map_err(decode("NotificationResponse"))?;
+        out.put_u8(tag::NOTIFICATION_RESPONSE);
+        let start = out.len();
+        out.put_i32(0);
+        out.put_i32(pid);
+        self.put_scrubbed_cstr(channel, out);
+        self.put_scrubbed_cstr(payload, out);
+        finish(out, start);
+        Ok(())
+    }
+
+    /// Appends a FunctionCallResponse; a result with a finding becomes NULL
+    /// (its format, text or binary, is the caller's choice and not known here).
+    pub fn function_result(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        let mut cur = Cursor::new(&message[5..]);
+        match cur.nullable_value("result").map_err(decode("FunctionCallResponse"))? {
+            Some(value) if self.finds(value) => {
+                self.masked += 1;
+                out.put_u8(tag::FUNCTION_CALL_RESPONSE);
+                out.put_i32(8);
+                out.put_i32(-1);
+            }
+            _ => out.extend_from_slice(message),
+        }
+        Ok(())
+    }
+
+    fn put_scrubbed_cstr(&mut self, value: &[u8], out: &mut BytesMut) {
+        self.scratch.clear();
+        if scrub_into(value, self.detectors, &mut self.scratch) {
+            self.masked += 1;
+            out.put_slice(&self.scratch);
+        } else {
+            out.put_slice(value);
+        }
+        out.put_u8(0);
+    }
+}
+
+fn put_value(out: &mut BytesMut, value: &[u8]) {
+    out.put_i32(value.len() as i32);
+    out.put_slice(value);
+}
+
+/// Writes the length prefix of a message started at `start` (its length field).
+fn finish(out: &mut BytesMut, start: usize) {
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The decimal digits of a binary int8 or numeric (its integer part), written
+/// into `buf` without allocating; `None` if the value is not one or does not
+/// fit. Only the digits matter: detectors look for card numbers.
+fn binary_digits(value: &[u8], numeric: bool, buf: &mut [u8; 64]) -> Option<usize> {
+    if !numeric {
+        let n = i64::from_be_bytes(value.try_into().ok()?);
+        let mut n = n.unsigned_abs();
+        let mut at = buf.len();
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        buf.copy_within(at.., 0);
+        return Some(buf.len() - at);
+    }
+    // numeric: ndigits, weight, sign, dscale (i16 each), then base-10000 digits.
+    let header = value.get(..8)?;
+    let ndigits = i16::from_be_bytes([header[0], header[1]]);
+    let weight = i16::from_be_bytes([header[2], header[3]]);
+    let ndigits = usize::try_from(ndigits).ok()?;
+    let digits = value.get(8..8 + 2 * ndigits)?;
+    if weight < 0 {
+        buf[0] = b'0';
+        return Some(1);
+    }
+    let integer_groups = weight as usize + 1;
+    let mut len = 0;
+    for group in 0..integer_groups {
+        let d = match digits.get(2 * group..2 * group + 2) {
+            Some(pair) => u16::from_be_bytes([pair[0], pair[1]]),
+            None => 0,
+        };
+        let text = [
+            b'0' + (d / 1000) as u8,
+            b'0' + (d / 100 % 10) as u8,
+            b'0' + (d / 10 % 10) as u8,
+            b'0' + (d % 10) as u8,
+        ];
+        for b in text {
+            if len == 0 && b == b'0' {
+                continue;
+            }
+            *buf.get_mut(len)? = b;
+            len += 1;
+        }
+    }
+    if len == 0 {
+        buf[0] = b'0';
+        len = 1;
+    }
+    Some(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_description(columns: &[(u32, i16)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(columns.len() as i16).to_be_bytes());
+        for (type_oid, format) in columns {
+            body.extend_from_slice(b"c\0");
+            body.extend_from_slice(&0i32.to_be_bytes());
+            body.extend_from_slice(&0i16.to_be_bytes());
+            body.extend_from_slice(&type_oid.to_be_bytes());
+            body.extend_from_slice(&(-1i16).to_be_bytes());
+            body.extend_from_slice(&(-1i32).to_be_bytes());
+            body.extend_from_slice(&format.to_be_bytes());
+        }
+        body
+    }
+
+    fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut message = vec![tag::DATA_ROW, 0, 0, 0, 0];
+        message.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for value in values {
+            match value {
+                Some(v) => {
+                    message.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    message.extend_from_slice(v);
+                }
+                None => message.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        let len = (message.len() - 1) as i32;
+        message[1..5].copy_from_slice(&len.to_be_bytes());
+        message
+    }
+
+    fn fields(message: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let len = i32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 1, message.len(), "length prefix");
+        let mut cur = Cursor::new(&message[5..]);
+        let count = cur.count16("n").unwrap();
+        let values = (0..count)
+            .map(|_| cur.nullable_value("v").unwrap().map(<[u8]>::to_vec))
+            .collect();
+        cur.finish().unwrap();
+        values
+    }
+
+    #[test]
+    fn clean_rows_pass_unchanged_and_dirty_ones_are_rebuilt() {
+        let mut masker = RowMasker::new(DetectorSet::ALL);
+        masker.describe(&row_description(&[(23, 0), (25, 0), (25, 0)])).unwrap();
+        let clean = data_row(&[Some(b"42"), Some(b"Ada Lovelace"), None]);
+        let mut out = BytesMut::new();
+        masker.data_row(&clean, &mut out).unwrap();
+        assert_eq!(&out[..], &clean[..]);
+
+        let dirty = data_row(&[Some(b"42"), Some(b"ada@example.com"), None]);
+        out.clear();
+        masker.data_row(&dirty, &mut out).unwrap();
+        let got = fields(&out);
+        assert_eq!(got[0].as_deref(), Some(&b"42"[..]));
+        assert_eq!(got[1].as_deref(), Some(&b"****@example.com"[..]));
+        assert_eq!(got[2], None);
+        assert_eq!(masker.masked(), 1);
+    }
+
+    #[test]
+    fn binary_values_are_masked_in_place_or_become_null() {
+        let mut masker = RowMasker::new(DetectorSet::ALL);
+        // text, jsonb, int8 and a text[] array, all binary.
+        masker
+            .describe(&row_description(&[(25, 1), (3802, 1), (20, 1), (1009, 1), (1700, 1)]))
+            .unwrap();
+        let card: i64 = 4111111111111111;
+        let mut array = vec![0u8; 20];
+        array.extend_from_slice(b"ada@example.com");
+        // numeric 4111111111111111: weight 3, digits 4111 1111 1111 1111.
+        let mut numeric = Vec::new();
+        for part in [4i16, 3, 0, 0, 4111, 1111, 1111, 1111] {
+            numeric.extend_from_slice(&part.to_be_bytes());
+        }
+        let row = data_row(&[
+            Some(b"call +1 415 555 0100"),
+            Some(b"\x01{\"email\": \"ada@example.com\"}"),
+            Some(&card.to_be_bytes()),
+            Some(&array),
+            Some(&numeric),
+        ]);
+        let mut out = BytesMut::new();
+        masker.data_row(&row, &mut out).unwrap();
+        let got = fields(&out);
+        assert_eq!(got[0].as_deref(), Some(&b"call [masked:phone]"[..]));
+        assert_eq!(got[1].as_deref(), Some(&b"\x01{\"email\": \"****@example.com\"}"[..]));
+        assert_eq!(got[2], None, "a card number stored as int8");
+        assert_eq!(got[3], None, "a binary array cannot be rewritten in place");
+        assert_eq!(got[4], None, "a card number stored as numeric");
+        // Ordinary numbers pass.
+        let row = data_row(&[None, None, Some(&42i64.to_be_bytes()), None, None]);
+        out.clear();
+        masker.data_row(&row, &mut out).unwrap();
+        assert_eq!(&out[..], &row[..]);
+    }
+
+    #[test]
+    fn copy_text_and_csv_keep_their_shape() {
+        let mut masker = RowMasker::new(DetectorSet::ALL);
+        masker.copy_out(&[0, 0, 2, 0, 0, 0, 0]).unwrap();
+        for (line, want) in [
+            (
+                &b"1\tada@example.com\t123-45-6789\n"[..],
+                &b"1\t****@example.com\t[masked:ssn]\n"[..],
+            ),
+            (
+                b"1,\"Lovelace, Ada\",ada@example.com\n",
+                b"1,\"Lovelace, Ada\",****@example.com\n",
+            ),
+        ] {
+            let mut message = vec![tag::COPY_DATA];
+            message.extend_from_slice(&((line.len() + 4) as i32).to_be_bytes());
+            message.extend_from_slice(line);
+            let mut out = BytesMut::new();
+            masker.copy_data(&message, &mut out).unwrap();
+            assert_eq!(&out[5..], want);
+            assert_eq!(
+                i32::from_be_bytes(out[1..5].try_into().unwrap()) as usize,
+                want.len() + 4
+            );
+        }
+    }
+
+    #[test]
+    fn errors_and_notifications_are_scrubbed() {
+        let mut masker = RowMasker::new(DetectorSet::ALL);
+        let mut error = BytesMut::new();
+        crate::protocol::backend::ErrorFields::new(
+            crate::protocol::backend::Severity::Error,
+            "22P02",
+            "invalid input syntax for type integer: \"123-45-6789\"",
+        )
+        .encode(&mut error);
+        let mut out = BytesMut::new();
+        masker.error_or_notice(tag::ERROR_RESPONSE, &error, &mut out).unwrap();
+        let got = crate::protocol::backend::ReceivedError::decode(&out[5..]).unwrap();
+        assert_eq!(got.message, "invalid input syntax for type integer: \"[masked:ssn]\"");
+        assert_eq!(got.code, "22P02");
+
+        let mut note = vec![tag::NOTIFICATION_RESPONSE, 0, 0, 0, 0];
+        note.extend_from_slice(&7i32.to_be_bytes());
+        note.extend_from_slice(b"ch\0ada@example.com\0");
+        let len = (note.len() - 1) as i32;
+        note[1..5].copy_from_slice(&len.to_be_bytes());
+        out.clear();
+        masker.notification(&note, &mut out).unwrap();
+        assert_eq!(&out[5..], b"\0\0\0\x07ch\0****@example.com\0");
+    }
+
+    #[test]
+    fn binary_digits_read_int8_and_numeric() {
+        let mut buf = [0u8; 64];
+        let n = binary_digits(&(-1234567890123i64).to_be_bytes(), false, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"1234567890123");
+        let mut numeric = Vec::new();
+        for part in [2i16, 1, 0, 2, 12, 3400] {
+            numeric.extend_from_slice(&part.to_be_bytes());
+        }
+        // 12 3400 with weight 1: 123400
+        let n = binary_digits(&numeric, true, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"123400");
+        assert_eq!(binary_digits(b"\x00\x01", true, &mut buf), None);
+    }
+}

@@ -1,0 +1,349 @@
+//! Masking through the gateway, with zero configuration: content detectors
+//! on every path a value can take out of PostgreSQL. A bypass corpus tries to
+//! read the fixture's sensitive values every way a client can ask for them,
+//! and nothing the client receives may contain one in clear.
+
+use futures_util::TryStreamExt;
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::harness::{self, ALICE, BOB, Spec, TestGateway, events};
+
+/// A customers table like the demo's. All values are fake: example.com
+/// emails, card networks' published test numbers, never-issued SSNs.
+const FIXTURE: &str = "
+CREATE TABLE customers (
+    id serial PRIMARY KEY,
+    name text NOT NULL,
+    email text NOT NULL,
+    phone text,
+    card_number text,
+    ssn text,
+    \"Notes\" jsonb
+);
+INSERT INTO customers (name, email, phone, card_number, ssn, \"Notes\") VALUES
+    ('Ada Lovelace', 'ada.lovelace@example.com', '+1-415-555-0101', '4111111111111111', '123-45-6789',
+     '{\"backup_email\": \"ada.backup@example.org\"}'),
+    ('Grace Hopper', 'grace.hopper@example.com', '+1-415-555-0102', '5555555555554444', '219-09-9999',
+     '{\"card\": \"378282246310005\"}'),
+    ('Alan Turing', 'alan.turing@example.com', '+44 20 7946 0958', '6011111111111117', '078-05-1120', NULL);
+CREATE TABLE api_keys (id serial PRIMARY KEY, service text, secret text);
+INSERT INTO api_keys (service, secret) VALUES
+    ('aws', 'AKIAIOSFODNN7EXAMPLE'),
+    ('github', 'ghp_x9Demox9Demox9Demox9Demox9Demox9Demo');
+CREATE VIEW contacts AS SELECT name, email AS contact, phone FROM customers;
+";
+
+/// Every sensitive value of the fixture, and the parts a masked value must
+/// not give away either.
+const SECRETS: &[&str] = &[
+    "ada.lovelace@",
+    "grace.hopper@",
+    "alan.turing@",
+    "ada.backup@",
+    "415-555-0101",
+    "415-555-0102",
+    "7946 0958",
+    "4111111111111111",
+    "5555555555554444",
+    "6011111111111117",
+    "378282246310005",
+    "123-45-6789",
+    "219-09-9999",
+    "078-05-1120",
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_x9Demo",
+];
+
+fn assert_no_secret(what: &str, received: &str) {
+    for secret in SECRETS {
+        assert!(
+            !received.contains(secret),
+            "{what}: {secret} reached the client:\n{received}"
+        );
+    }
+}
+
+/// The bypass corpus, through psql (simple protocol, psql's COPY and
+/// cursors). Each entry must leave no clear value in stdout or stderr.
+const CORPUS: &[&str] = &[
+    "SELECT * FROM customers",
+    "SELECT email AS e, card_number AS \"Card\" FROM customers",
+    "SELECT upper(email), lower(ssn) FROM customers",
+    "SELECT email || '' FROM customers",
+    "SELECT concat(name, ' <', email, '>') FROM customers",
+    "SELECT format('%s / %s', email, phone) FROM customers",
+    "SELECT substring(email from 1) FROM customers",
+    "SELECT string_agg(email, ',') FROM customers",
+    "SELECT string_agg(card_number, ' ') FROM customers",
+    "SELECT array_agg(email) FROM customers",
+    "SELECT array_agg(ssn ORDER BY id) FROM customers",
+    "SELECT json_agg(c) FROM customers c",
+    "SELECT row_to_json(c) FROM customers c",
+    "SELECT to_jsonb(c) FROM customers c",
+    "SELECT jsonb_build_object('e', email, 'c', card_number) FROM customers",
+    "SELECT c FROM customers c",
+    "SELECT c::text FROM customers c",
+    "SELECT (c).* FROM customers c",
+    "SELECT \"Notes\" FROM customers",
+    "SELECT \"Notes\"->>'backup_email', \"Notes\"->'card' FROM customers",
+    "SELECT (SELECT email FROM customers ORDER BY id LIMIT 1)",
+    "SELECT * FROM (SELECT email, ssn FROM customers) AS sub",
+    "WITH x AS (SELECT email, card_number FROM customers) SELECT * FROM x",
+    "WITH RECURSIVE r(e) AS (SELECT email FROM customers) SELECT * FROM r",
+    "SELECT email FROM customers UNION ALL SELECT ssn FROM customers",
+    "SELECT email FROM customers INTERSECT SELECT email FROM customers",
+    "SELECT * FROM contacts",
+    "SELECT contact FROM contacts WHERE name LIKE 'A%'",
+    "SELECT card_number::bigint FROM customers",
+    "SELECT card_number::numeric FROM customers",
+    "SELECT replace(email, 'x', 'x') FROM customers",
+    "SELECT trim(' ' || email || ' ') FROM customers",
+    "SELECT md5(email), email FROM customers",
+    "SELECT secret FROM api_keys",
+    "SELECT service || ':' || secret FROM api_keys",
+    "SELECT ssn::int FROM customers",
+    "SELECT email::int FROM customers",
+    "SELECT card_number::int FROM customers",
+    "SELECT 1 / 0 FROM customers WHERE email = 'ada.lovelace@example.com'",
+    "SELECT email::date FROM customers",
+    "DO $$ BEGIN RAISE NOTICE 'found %', (SELECT email FROM customers LIMIT 1); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION 'leak %', (SELECT ssn FROM customers LIMIT 1); END $$",
+    "SELECT pg_notify('leaks', email) FROM customers",
+    "BEGIN; DECLARE cur CURSOR FOR SELECT * FROM customers; FETCH 2 FROM cur; FETCH ALL FROM cur; COMMIT",
+    "BEGIN; DECLARE bcur BINARY CURSOR FOR SELECT email, card_number FROM customers; FETCH ALL FROM bcur; COMMIT",
+    "BEGIN; UPDATE customers SET name = name RETURNING *; ROLLBACK",
+    "BEGIN; INSERT INTO customers (name, email) VALUES ('x', 'x.leak@example.net') RETURNING email; ROLLBACK",
+    "BEGIN; DELETE FROM customers RETURNING email, ssn; ROLLBACK",
+    "PREPARE q AS SELECT email FROM customers WHERE id > $1; EXECUTE q(0)",
+    "COPY customers TO STDOUT",
+    "COPY customers TO STDOUT WITH (FORMAT csv, HEADER)",
+    "COPY customers TO STDOUT WITH (FORMAT csv, DELIMITER '|', QUOTE '''')",
+    "COPY (SELECT email, card_number FROM customers) TO STDOUT",
+    "COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT WITH (FORMAT csv)",
+    "COPY api_keys TO STDOUT",
+    "COPY customers TO STDOUT WITH (FORMAT binary)",
+    "SELECT email FROM customers /* a comment */ -- and another",
+    "select EMAIL from CUSTOMERS",
+    "SELECT \"email\" FROM \"public\".\"customers\"",
+    "TABLE customers",
+    "SELECT email FROM ONLY customers",
+    "SELECT E'\\x41' || email FROM customers",
+    "SELECT left(card_number, 20) FROM customers",
+    "SELECT regexp_replace(email, '$', '') FROM customers",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bypass_corpus_never_shows_a_clear_value_over_psql() {
+    let gw = TestGateway::start("mask_corpus", Spec::default()).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    assert!(CORPUS.len() >= 60, "{}", CORPUS.len());
+    let conn = gw.conn_str("bob", BOB, "");
+    let mut script = String::from("LISTEN leaks;\n");
+    for query in CORPUS {
+        script.push_str(query);
+        script.push_str(";\n");
+    }
+    let out = harness::psql(&conn, &["-v", "ON_ERROR_STOP=0", "-f", "-"], Some(&script)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_no_secret("stdout", &stdout);
+    assert_no_secret("stderr", &stderr);
+    // The corpus really reached the data: masked values are there instead.
+    for masked in [
+        "****@example.com",
+        "[masked:ssn]",
+        "************1111",
+        "[masked:aws_access_key]",
+    ] {
+        assert!(stdout.contains(masked), "no {masked} in:\n{stdout}");
+    }
+    assert!(
+        stderr.contains("invalid input syntax for type integer: \"[masked:ssn]\""),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("Asynchronous notification \"leaks\" with payload \"****@example.com\""),
+        "{stdout}"
+    );
+    // And the session kept working after every error: the last query ran.
+    assert!(stdout.trim_end().ends_with("****@example.com"), "{stdout}");
+}
+
+/// tokio-postgres reads results in binary: text columns are masked in place,
+/// numbers holding card numbers become NULL, and the extended protocol's
+/// re-executions without Describe are read with the right formats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_results_and_prepared_statements_are_masked() {
+    let gw = TestGateway::start("mask_binary", Spec::default()).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let client = gw.connect(BOB).await.unwrap();
+    let statement = client
+        .prepare("SELECT email, card_number::bigint, card_number::numeric::text, ssn, \"Notes\" FROM customers WHERE id >= $1 ORDER BY id")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let rows = client.query(&statement, &[&1i32]).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        for row in &rows {
+            let email: String = row.get(0);
+            assert!(email.starts_with("****@example."), "{email}");
+            let card: Option<i64> = row.get(1);
+            assert_eq!(card, None, "a card number in an int8 becomes NULL");
+            let card_text: String = row.get(2);
+            assert!(card_text.starts_with("****"), "{card_text}");
+            let ssn: String = row.get(3);
+            assert_eq!(ssn, "[masked:ssn]");
+            let notes: Option<serde_json::Value> = row.get(4);
+            assert_no_secret("jsonb", &format!("{notes:?}"));
+        }
+    }
+    // A portal fetched in chunks, inside a transaction.
+    let mut tx_client = gw.connect(BOB).await.unwrap();
+    let tx = tx_client.transaction().await.unwrap();
+    let portal = tx.bind("SELECT email FROM customers ORDER BY id", &[]).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 1).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(seen.len(), 3);
+    assert_no_secret("portal", &seen.join("\n"));
+
+    // The simple protocol through the same driver.
+    let messages = client.simple_query("SELECT email, ssn FROM customers").await.unwrap();
+    let text: Vec<String> = messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(format!("{:?} {:?}", row.get(0), row.get(1))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text.len(), 3);
+    assert_no_secret("simple", &text.join("\n"));
+}
+
+/// COPY TO STDOUT through tokio-postgres in text, CSV and binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_out_is_masked_in_every_format() {
+    let gw = TestGateway::start("mask_copy", Spec::default()).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let client = gw.connect(BOB).await.unwrap();
+    for statement in [
+        "COPY customers TO STDOUT",
+        "COPY customers TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY (SELECT email, ssn FROM customers) TO STDOUT WITH (FORMAT binary)",
+        "COPY customers TO STDOUT WITH (FORMAT binary)",
+    ] {
+        let stream = client.copy_out(statement).await.unwrap();
+        let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+        let data: Vec<u8> = chunks.concat();
+        assert_no_secret(statement, &String::from_utf8_lossy(&data));
+        if !statement.contains("binary") {
+            let text = String::from_utf8(data).unwrap();
+            // Rows keep their shape: as many lines and fields as before.
+            assert_eq!(text.lines().filter(|l| l.contains("example")).count(), 3, "{text}");
+        }
+    }
+}
+
+/// psql's aligned output lines up with masked values in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_tables_still_line_up() {
+    let gw = TestGateway::start("mask_psql", Spec::default()).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let conn = gw.conn_str("bob", BOB, "");
+    let out = harness::psql(
+        &conn,
+        &[
+            "-P",
+            "format=aligned",
+            "-P",
+            "tuples_only=off",
+            "-c",
+            "SELECT id, email, ssn FROM customers ORDER BY id",
+        ],
+        None,
+    )
+    .await;
+    let text = harness::stdout_ok(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains('|')).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let bars = |l: &str| {
+        l.char_indices()
+            .filter(|(_, c)| *c == '|')
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    for line in &lines {
+        assert_eq!(bars(line), bars(lines[0]), "{text}");
+    }
+    assert!(
+        text.contains("****@example.com") && text.contains("[masked:ssn]"),
+        "{text}"
+    );
+    assert_no_secret("psql", &text);
+}
+
+/// The unmask grant: an identity in `unmasked_groups` sees clear values, and
+/// the session says so in the log; everyone else is masked as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unmask_grant_shows_clear_values_and_is_logged() {
+    let spec = Spec {
+        extra: "[masking]\nunmasked_groups = [\"oncall\"]\n".into(),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("mask_grant", spec).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let bob = gw.connect(BOB).await.unwrap();
+    let email: String = bob
+        .query_one("SELECT email FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(email, "ada.lovelace@example.com");
+    let alice = gw.connect(ALICE).await.unwrap();
+    let email: String = alice
+        .query_one("SELECT email FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(email, "****@example.com");
+    let grants: Vec<_> = events::for_target(&gw.db)
+        .into_iter()
+        .filter(|e| e.message.contains("unmask grant used"))
+        .collect();
+    assert_eq!(grants.len(), 1, "{grants:#?}");
+    assert!(
+        grants[0].fields.get("identity").is_some_and(|i| i.contains("bob")),
+        "{grants:#?}"
+    );
+}
+
+/// Masking can be turned off, and detectors chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detectors_are_configurable() {
+    let spec = Spec {
+        extra: "[masking]\ndetectors = [\"ssn\"]\n".into(),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("mask_some", spec).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let client = gw.connect(BOB).await.unwrap();
+    let row = client
+        .query_one("SELECT email, ssn FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "ada.lovelace@example.com");
+    assert_eq!(row.get::<_, String>(1), "[masked:ssn]");
+    // Only the chosen detectors run, on every path.
+    let stream = client
+        .copy_out("COPY (SELECT email, ssn FROM customers WHERE id = 1) TO STDOUT")
+        .await
+        .unwrap();
+    let data: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    assert_eq!(data.concat(), b"ada.lovelace@example.com\t[masked:ssn]\n");
+}
