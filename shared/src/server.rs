@@ -99,6 +99,7 @@ impl Gateway {
             upstream_tls,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: Arc::new(Shutdown::default()),
+            catalogs: std::sync::Mutex::default(),
         };
         Ok(Gateway {
             shared: Arc::new(shared),

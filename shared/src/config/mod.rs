@@ -41,6 +41,61 @@ pub struct MaskingConfig {
     /// Identities in these groups see clear values (the unmask grant);
     /// every session that uses it is logged.
     pub unmasked_groups: Vec<String>,
+    /// Column rules, in file order: the first that matches a column and
+    /// applies to the identity decides.
+    pub rules: Vec<MaskRule>,
+    /// How long a target's catalog snapshot (which columns the rules match)
+    /// is used before it is read again.
+    pub catalog_ttl: Duration,
+}
+
+/// One `[[masking.rules]]` entry.
+#[derive(Debug, Clone)]
+pub struct MaskRule {
+    pub columns: Vec<ColumnPattern>,
+    pub strategy: std::sync::Arc<crate::mask::Strategy>,
+    pub groups: Vec<String>,
+}
+
+/// A column pattern: `column`, `table.column` or `schema.table.column`,
+/// each part a case-insensitive wildcard (`*`, `?`). Missing parts match any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnPattern {
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+}
+
+impl ColumnPattern {
+    /// Reads a pattern; `None` if it has more than three parts, an empty
+    /// part, or a character the catalog query cannot carry (`\`, `'`).
+    pub fn parse(text: &str) -> Option<ColumnPattern> {
+        if text.contains(['\\', '\'']) {
+            return None;
+        }
+        let parts: Vec<&str> = text.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        let (schema, table, column) = match parts.as_slice() {
+            [column] => ("*", "*", *column),
+            [table, column] => ("*", *table, *column),
+            [schema, table, column] => (*schema, *table, *column),
+            _ => return None,
+        };
+        Some(ColumnPattern {
+            schema: schema.to_string(),
+            table: table.to_string(),
+            column: column.to_string(),
+        })
+    }
+}
+
+impl MaskRule {
+    /// Whether the rule applies to an identity with these groups.
+    pub fn applies_to(&self, groups: &[String]) -> bool {
+        self.groups.is_empty() || groups.iter().any(|g| self.groups.contains(g))
+    }
 }
 
 impl Default for MaskingConfig {
@@ -49,6 +104,8 @@ impl Default for MaskingConfig {
         MaskingConfig {
             detectors: crate::mask::DetectorSet::ALL,
             unmasked_groups: Vec::new(),
+            rules: Vec::new(),
+            catalog_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -423,10 +480,102 @@ impl Validator<'_> {
             }
             masking.detectors = set;
         }
+        masking.catalog_ttl = self.duration("masking catalog_ttl", raw.catalog_ttl, masking.catalog_ttl);
+        let key = self.hash_key(raw.hash_key_env, raw.hash_key_file);
+        for rule in raw.rules {
+            let strategy = match crate::mask::Strategy::parse(rule.strategy.get_ref(), key.as_ref()) {
+                Ok(strategy) => Some(std::sync::Arc::new(strategy)),
+                Err(err) => {
+                    let hint = if key.is_none() && rule.strategy.get_ref().starts_with("hash") {
+                        " (set hash_key_env or hash_key_file in [masking])"
+                    } else {
+                        ""
+                    };
+                    self.at(&rule.strategy, format!("masking rule: {err}{hint}"));
+                    None
+                }
+            };
+            let mut columns = Vec::new();
+            for text in &rule.columns {
+                match ColumnPattern::parse(text.get_ref()) {
+                    Some(pattern) => columns.push(pattern),
+                    None => self.at(
+                        text,
+                        format!(
+                            "masking rule: \"{}\" is not a column pattern; write \"column\", \"table.column\" or \"schema.table.column\" (wildcards * and ?)",
+                            text.get_ref()
+                        ),
+                    ),
+                }
+            }
+            if rule.columns.is_empty() {
+                self.at(
+                    &rule.strategy,
+                    "masking rule: columns is empty; name the columns it masks",
+                );
+            }
+            let Some(strategy) = strategy else { continue };
+            masking.rules.push(MaskRule {
+                columns,
+                strategy,
+                groups: rule.groups,
+            });
+        }
         if raw.enabled == Some(false) {
             masking.detectors = crate::mask::DetectorSet::EMPTY;
+            masking.rules.clear();
         }
         masking
+    }
+
+    /// The key of the `hash` strategy, from the environment or a file.
+    fn hash_key(
+        &mut self,
+        env: Option<Spanned<String>>,
+        file: Option<Spanned<String>>,
+    ) -> Option<std::sync::Arc<crate::mask::HashKey>> {
+        let (bytes, at) = match (env, file) {
+            (Some(env), Some(file)) => {
+                self.at(&file, "masking: set only one of hash_key_env and hash_key_file");
+                let _ = env;
+                return None;
+            }
+            (Some(env), None) => match std::env::var(env.get_ref()) {
+                Ok(value) => (value.into_bytes(), env),
+                Err(_) => {
+                    let message = format!(
+                        "masking hash_key_env: the environment variable {} is not set",
+                        env.get_ref()
+                    );
+                    self.at(&env, message);
+                    return None;
+                }
+            },
+            (None, Some(file)) => {
+                let path = self.path(file.get_ref());
+                match std::fs::read(&path) {
+                    Ok(mut bytes) => {
+                        while bytes.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+                            bytes.pop();
+                        }
+                        (bytes, file)
+                    }
+                    Err(err) => {
+                        let message = format!("masking hash_key_file: cannot read {}: {err}", path.display());
+                        self.at(&file, message);
+                        return None;
+                    }
+                }
+            }
+            (None, None) => return None,
+        };
+        match crate::mask::HashKey::new(&bytes) {
+            Ok(key) => Some(std::sync::Arc::new(key)),
+            Err(err) => {
+                self.at(&at, format!("masking hash key: {err}"));
+                None
+            }
+        }
     }
 
     fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
@@ -955,6 +1104,41 @@ password = "pw"
         let text = minimal().replace("password = \"pw\"", "password_env = \"SLUICE_TEST_SURELY_UNSET\"");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("SLUICE_TEST_SURELY_UNSET is not set"), "{err}");
+    }
+
+    #[test]
+    fn masking_problems_are_named_with_their_lines() {
+        let text = minimal()
+            + r#"
+[masking]
+detectors = ["email", "passport"]
+
+[[masking.rules]]
+columns = ["public.customers.email.extra"]
+strategy = "partial:x"
+
+[[masking.rules]]
+columns = ["ssn"]
+strategy = "hash"
+"#;
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("\"passport\" is not a detector; write \"all\" or some of: email,"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\"public.customers.email.extra\" is not a column pattern"),
+            "{err}"
+        );
+        assert!(err.contains("partial:x"), "{err}");
+        assert!(err.contains("hash"), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("sluice.toml:")).collect();
+        assert_eq!(lines.len(), 4, "{err}");
+
+        let config = load(&(minimal() + "\n[masking]\nenabled = false\n")).unwrap();
+        assert!(config.masking.detectors.is_empty());
+        let config = load(&minimal()).unwrap();
+        assert_eq!(config.masking.detectors, crate::mask::DetectorSet::ALL);
     }
 
     #[test]

@@ -30,6 +30,22 @@ pub struct RawMasking {
     pub detectors: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub unmasked_groups: Vec<String>,
+    pub hash_key_env: Option<Spanned<String>>,
+    pub hash_key_file: Option<Spanned<String>>,
+    pub catalog_ttl: Option<Spanned<RawDuration>>,
+    #[serde(default)]
+    pub rules: Vec<RawMaskRule>,
+}
+
+/// `[[masking.rules]]`: columns and what their values become.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaskRule {
+    pub columns: Vec<Spanned<String>>,
+    pub strategy: Spanned<String>,
+    /// Only for identities in these groups (default: everyone masked).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A policy: inline under `[policy]` in the main file, or in its own file

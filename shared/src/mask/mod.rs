@@ -16,10 +16,11 @@
 //!   STDOUT (text, CSV, binary), errors, notices, notifications and function
 //!   call results.
 //!
-//! Still to come: column rules (`schema.table.column` and name patterns)
-//! with strategies, resolved through a catalog lookup that maps a
-//! RowDescription's table OID and attribute number to names.
+//! - [`catalog`]: column rules (`schema.table.column` and name patterns)
+//!   resolved to table OIDs and attribute numbers, which RowDescription
+//!   carries whatever alias a query uses.
 
+pub mod catalog;
 pub mod detect;
 pub mod rows;
 pub mod strategy;

@@ -15,9 +15,13 @@
 //! client did not), so that rows of a portal executed without a Describe are
 //! still read with their real formats.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 
+use super::catalog::ColumnRules;
 use super::detect::{DetectorSet, findings, scrub_into};
+use super::{Masked, Strategy};
 use crate::protocol::backend::tag;
 use crate::protocol::{Cursor, DecodeError};
 
@@ -53,6 +57,19 @@ enum Wire {
     Binary,
 }
 
+/// What a column rule does to a result column.
+#[derive(Debug, Clone)]
+enum Rule {
+    /// The column is a masked table column (by table OID and attribute
+    /// number, whatever its alias).
+    Column(Arc<Strategy>),
+    /// A whole row (or an array of rows) of a table with a masked column.
+    Row,
+}
+
+/// The text a whole-row value holding a masked column becomes.
+const ROW_MASK: &[u8] = b"[masked:row]";
+
 /// The COPY TO STDOUT in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyOut {
@@ -83,9 +100,13 @@ fn decode(message: &'static str) -> impl FnOnce(DecodeError) -> MaskError {
 #[derive(Debug)]
 pub struct RowMasker {
     detectors: DetectorSet,
+    /// Column rules for this identity on this target.
+    rules: ColumnRules,
     /// Wire forms of the current result's columns; `None` before the first
     /// RowDescription (values are then read as text).
     columns: Option<Vec<Wire>>,
+    /// The rule of each current column, if any (parallel to `columns`).
+    column_rules: Vec<Option<Rule>>,
     copy: CopyOut,
     /// Reused for each masked value.
     scratch: Vec<u8>,
@@ -94,10 +115,12 @@ pub struct RowMasker {
 }
 
 impl RowMasker {
-    pub fn new(detectors: DetectorSet) -> RowMasker {
+    pub fn new(detectors: DetectorSet, rules: ColumnRules) -> RowMasker {
         RowMasker {
             detectors,
+            rules,
             columns: None,
+            column_rules: Vec::new(),
             copy: CopyOut::None,
             scratch: Vec::new(),
             masked: 0,
@@ -115,11 +138,22 @@ impl RowMasker {
         let count = cur.count16("column count").map_err(decode("RowDescription"))?;
         let mut columns = self.columns.take().unwrap_or_default();
         columns.clear();
+        self.column_rules.clear();
         for _ in 0..count {
             cur.cstr_bytes("column name").map_err(decode("RowDescription"))?;
-            cur.i32("table oid").map_err(decode("RowDescription"))?;
-            cur.i16("attribute number").map_err(decode("RowDescription"))?;
+            let table = cur.i32("table oid").map_err(decode("RowDescription"))? as u32;
+            let attnum = cur.i16("attribute number").map_err(decode("RowDescription"))?;
             let type_oid = cur.i32("type oid").map_err(decode("RowDescription"))? as u32;
+            let rule = if self.rules.is_empty() {
+                None
+            } else if let Some(strategy) = self.rules.columns.get(&(table, attnum)) {
+                Some(Rule::Column(strategy.clone()))
+            } else if self.rules.rowtypes.contains(&type_oid) {
+                Some(Rule::Row)
+            } else {
+                None
+            };
+            self.column_rules.push(rule);
             cur.i16("type length").map_err(decode("RowDescription"))?;
             cur.i32("type modifier").map_err(decode("RowDescription"))?;
             let format = cur.i16("format code").map_err(decode("RowDescription"))?;
@@ -142,6 +176,7 @@ impl RowMasker {
         if let Some(columns) = &mut self.columns {
             columns.clear();
         }
+        self.column_rules.clear();
     }
 
     /// Reads a CopyOutResponse body: the format of the CopyData that follows.
@@ -196,7 +231,7 @@ impl RowMasker {
             let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
                 continue;
             };
-            if self.field_finds(self.wire(index), value) {
+            if self.column_rules.get(index).is_some_and(Option::is_some) || self.field_finds(self.wire(index), value) {
                 dirty = true;
                 break;
             }
@@ -218,6 +253,23 @@ impl RowMasker {
                 continue;
             };
             let wire = self.wire(index);
+            if let Some(rule) = self.column_rules.get(index).and_then(Option::as_ref) {
+                self.masked += 1;
+                match (rule, wire) {
+                    (Rule::Column(strategy), Wire::Text) => {
+                        self.scratch.clear();
+                        match strategy.apply(value, &mut self.scratch) {
+                            Masked::Value => put_value(out, &self.scratch),
+                            Masked::Null => out.put_i32(-1),
+                        }
+                    }
+                    (Rule::Row, Wire::Text) => put_value(out, ROW_MASK),
+                    // A binary value (jsonb, numbers, arrays, records) would
+                    // not decode with masked text in it.
+                    _ => out.put_i32(-1),
+                }
+                continue;
+            }
             if let Wire::BinaryNumber { .. } = wire {
                 if self.field_finds(wire, value) {
                     self.masked += 1;
@@ -542,7 +594,7 @@ mod tests {
 
     #[test]
     fn clean_rows_pass_unchanged_and_dirty_ones_are_rebuilt() {
-        let mut masker = RowMasker::new(DetectorSet::ALL);
+        let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
         masker.describe(&row_description(&[(23, 0), (25, 0), (25, 0)])).unwrap();
         let clean = data_row(&[Some(b"42"), Some(b"Ada Lovelace"), None]);
         let mut out = BytesMut::new();
@@ -561,7 +613,7 @@ mod tests {
 
     #[test]
     fn binary_values_are_masked_in_place_or_become_null() {
-        let mut masker = RowMasker::new(DetectorSet::ALL);
+        let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
         // text, jsonb, int8 and a text[] array, all binary.
         masker
             .describe(&row_description(&[(25, 1), (3802, 1), (20, 1), (1009, 1), (1700, 1)]))
@@ -598,7 +650,7 @@ mod tests {
 
     #[test]
     fn copy_text_and_csv_keep_their_shape() {
-        let mut masker = RowMasker::new(DetectorSet::ALL);
+        let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
         masker.copy_out(&[0, 0, 2, 0, 0, 0, 0]).unwrap();
         for (line, want) in [
             (
@@ -625,7 +677,7 @@ mod tests {
 
     #[test]
     fn errors_and_notifications_are_scrubbed() {
-        let mut masker = RowMasker::new(DetectorSet::ALL);
+        let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
         let mut error = BytesMut::new();
         crate::protocol::backend::ErrorFields::new(
             crate::protocol::backend::Severity::Error,

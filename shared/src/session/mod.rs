@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// Tells sessions when the gateway drains and when its grace period ends.
     pub shutdown: Arc<Shutdown>,
+    /// Per target: the masking rules' catalog snapshot, read by the first
+    /// session after it expires (`masking.catalog_ttl`).
+    pub catalogs: std::sync::Mutex<HashMap<String, Arc<crate::mask::catalog::Catalog>>>,
 }
 
 /// A new session id: time-ordered, so ids sort by start.
@@ -223,6 +226,17 @@ async fn run_session(
         }
     };
 
+    let mut upstream = upstream;
+    let masker = if shared.config.masking.unmasked(identity.groups()) {
+        tracing::info!(identity = %identity, "unmask grant used: this session sees clear values");
+        None
+    } else {
+        let rules = column_rules(shared, &target.name, &identity, &mut upstream.conn).await;
+        let masking = &shared.config.masking;
+        (!masking.detectors.is_empty() || !rules.is_empty())
+            .then(|| crate::mask::RowMasker::new(masking.detectors, rules))
+    };
+
     let (client_key, _cancel_guard) = shared.cancels.register(&target.name, upstream.key);
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 64);
     proxy::encode_greeting(&upstream.greeting, client_key, upstream.status, &mut greeting);
@@ -246,7 +260,7 @@ async fn run_session(
         target: &target.name,
         session_id: id,
         max_message_size: shared.config.server.max_message_size,
-        masker: masker_for(&shared.config.masking, &identity),
+        masker,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
@@ -284,16 +298,104 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     }
 }
 
-/// The session's masker: detectors on, unless the identity holds the unmask
-/// grant (its use is logged: audit records it once the audit store lands)
-/// or masking is off.
-fn masker_for(masking: &crate::config::MaskingConfig, identity: &Identity) -> Option<crate::mask::RowMasker> {
-    if masking.unmasked(identity.groups()) {
-        tracing::info!(identity = %identity, "unmask grant used: this session sees clear values");
-        return None;
+/// The column rules that apply to this identity on this target, from the
+/// target's catalog snapshot; the snapshot is read on this session's own
+/// upstream connection (before the client's first statement) when it is
+/// missing or older than `masking.catalog_ttl`. If it cannot be read, the
+/// session is masked by detectors only, and the log says so.
+async fn column_rules(
+    shared: &Shared,
+    target: &str,
+    identity: &Identity,
+    conn: &mut Connection,
+) -> crate::mask::catalog::ColumnRules {
+    let masking = &shared.config.masking;
+    let Some(query) = crate::mask::catalog::query(&masking.rules) else {
+        return Default::default();
+    };
+    let cached = shared
+        .catalogs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(target)
+        .cloned();
+    let catalog = match cached {
+        Some(catalog) if catalog.loaded.elapsed() < masking.catalog_ttl => catalog,
+        _ => match load_catalog(conn, &query, shared.config.server.max_message_size).await {
+            Ok(catalog) => {
+                let catalog = Arc::new(catalog);
+                shared
+                    .catalogs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(target.to_string(), catalog.clone());
+                catalog
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "masking rules: cannot read the target's catalog; this session is masked by detectors only");
+                return Default::default();
+            }
+        },
+    };
+    catalog.for_identity(&masking.rules, identity.groups())
+}
+
+/// Runs the catalog query on an idle upstream connection and reads its rows.
+async fn load_catalog(
+    conn: &mut Connection,
+    query: &str,
+    max_message_size: usize,
+) -> Result<crate::mask::catalog::Catalog, String> {
+    use crate::protocol::backend::tag;
+    let mut out = BytesMut::new();
+    crate::protocol::frontend::Query::encode(query, &mut out);
+    conn.send(&out)
+        .await
+        .map_err(|e| format!("sending the catalog query: {e}"))?;
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let mut error = None;
+    loop {
+        let message = conn
+            .read_message(max_message_size)
+            .await
+            .map_err(|e| format!("reading the catalog: {e}"))?;
+        match message.tag {
+            tag::DATA_ROW => {
+                let mut cur = crate::protocol::Cursor::new(&message.body);
+                let count = cur.count16("field count").map_err(|e| e.to_string())?;
+                let mut fields: [String; 5] = Default::default();
+                if count != 5 {
+                    return Err(format!("catalog row with {count} fields"));
+                }
+                for field in &mut fields {
+                    let value = cur
+                        .nullable_value("field")
+                        .map_err(|e| e.to_string())?
+                        .unwrap_or_default();
+                    *field = String::from_utf8_lossy(value).into_owned();
+                }
+                rows.push(fields);
+            }
+            tag::ERROR_RESPONSE => {
+                let received = crate::protocol::backend::ReceivedError::decode(&message.body)
+                    .map(|e| format!("{} {}", e.code, e.message))
+                    .unwrap_or_else(|e| e.to_string());
+                error = Some(received);
+            }
+            tag::READY_FOR_QUERY => break,
+            _ => {}
+        }
     }
-    if masking.detectors.is_empty() {
-        return None;
+    if let Some(error) = error {
+        return Err(format!("the catalog query failed: {error}"));
     }
-    Some(crate::mask::RowMasker::new(masking.detectors))
+    crate::mask::catalog::from_rows(rows.iter().map(|r| {
+        [
+            r[0].as_str(),
+            r[1].as_str(),
+            r[2].as_str(),
+            r[3].as_str(),
+            r[4].as_str(),
+        ]
+    }))
 }

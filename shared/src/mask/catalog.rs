@@ -1,0 +1,223 @@
+//! Column attribution for masking rules: which (table OID, attribute number)
+//! pairs the rules' column patterns name on a target.
+//!
+//! RowDescription names each result column's origin by table OID and
+//! attribute number, whatever alias the query gave it. The gateway reads
+//! the target's catalog once per `masking.catalog_ttl` (see
+//! `session::load_catalog`), asking only for the columns the rules match, and
+//! this module builds the query and reads its rows. Inheritance children and
+//! partitions are followed (their columns are matched by name, since their
+//! attribute numbers may differ), and each matched table's row type and its
+//! array type are kept, so that a whole-row reference (`SELECT c FROM
+//! customers c`) is masked too.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Strategy;
+use crate::config::{ColumnPattern, MaskRule};
+
+/// One target's snapshot: for each matched column, the rules that match it.
+#[derive(Debug)]
+pub struct Catalog {
+    columns: HashMap<(u32, i16), Vec<usize>>,
+    /// Row types (and their array types) of tables with a matched column,
+    /// with the rules of those columns.
+    rowtypes: HashMap<u32, Vec<usize>>,
+    pub loaded: Instant,
+}
+
+/// What one identity's session masks by rule.
+#[derive(Debug, Default, Clone)]
+pub struct ColumnRules {
+    pub columns: HashMap<(u32, i16), Arc<Strategy>>,
+    /// Whole-row values of these types hold a masked column.
+    pub rowtypes: HashSet<u32>,
+}
+
+impl ColumnRules {
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty() && self.rowtypes.is_empty()
+    }
+}
+
+/// A glob as an `ILIKE` pattern in an `E''` literal: `*` and `?` become `%`
+/// and `_`, while `%`, `_` and `\` written in the glob match themselves.
+fn like(glob: &str) -> String {
+    let mut out = String::from("E'");
+    for c in glob.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            // In an E'' literal a backslash is written twice; ILIKE then
+            // reads one backslash as its escape character.
+            '%' | '_' => {
+                out.push_str("\\\\");
+                out.push(c);
+            }
+            '\\' => out.push_str("\\\\\\\\"),
+            '\'' => out.push_str("''"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The catalog query for these rules; `None` when there are none.
+pub fn query(rules: &[MaskRule]) -> Option<String> {
+    let patterns: Vec<(usize, &ColumnPattern)> = rules
+        .iter()
+        .enumerate()
+        .flat_map(|(i, rule)| rule.columns.iter().map(move |p| (i, p)))
+        .collect();
+    if patterns.is_empty() {
+        return None;
+    }
+    let mut values = String::new();
+    for (n, (i, pattern)) in patterns.iter().enumerate() {
+        if n > 0 {
+            values.push_str(", ");
+        }
+        let _ = write!(
+            values,
+            "({i}, {}, {}, {})",
+            like(&pattern.schema),
+            like(&pattern.table),
+            like(&pattern.column)
+        );
+    }
+    Some(format!(
+        "WITH RECURSIVE matched(relid, attname, rule) AS (\
+           SELECT c.oid, a.attname, r.rule \
+           FROM pg_catalog.pg_attribute a \
+           JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+           JOIN (VALUES {values}) AS r(rule, s, t, col) \
+             ON n.nspname ILIKE r.s AND c.relname ILIKE r.t AND a.attname ILIKE r.col \
+           WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
+           UNION \
+           SELECT i.inhrelid, m.attname, m.rule \
+           FROM pg_catalog.pg_inherits i JOIN matched m ON i.inhparent = m.relid\
+         ) \
+         SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule \
+         FROM matched m \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = m.relid AND a.attname = m.attname \
+         JOIN pg_catalog.pg_class c ON c.oid = m.relid \
+         JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype \
+         ORDER BY m.rule"
+    ))
+}
+
+/// Builds a snapshot from the query's rows (text values, in its column
+/// order). A row that does not read is an error: the caller then masks by
+/// detectors only and says so.
+pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; 5]>) -> Result<Catalog, String> {
+    let mut columns: HashMap<(u32, i16), Vec<usize>> = HashMap::new();
+    let mut rowtypes: HashMap<u32, Vec<usize>> = HashMap::new();
+    for [relid, attnum, reltype, typarray, rule] in rows {
+        let bad = |what: &str, value: &str| format!("catalog row: {what} {value:?} is not a number");
+        let relid: u32 = relid.parse().map_err(|_| bad("relation", relid))?;
+        let attnum: i16 = attnum.parse().map_err(|_| bad("attribute", attnum))?;
+        let reltype: u32 = reltype.parse().map_err(|_| bad("row type", reltype))?;
+        let typarray: u32 = typarray.parse().map_err(|_| bad("array type", typarray))?;
+        let rule: usize = rule.parse().map_err(|_| bad("rule", rule))?;
+        let entry = columns.entry((relid, attnum)).or_default();
+        if !entry.contains(&rule) {
+            entry.push(rule);
+        }
+        for row_type in [reltype, typarray] {
+            if row_type != 0 {
+                let entry = rowtypes.entry(row_type).or_default();
+                if !entry.contains(&rule) {
+                    entry.push(rule);
+                }
+            }
+        }
+    }
+    Ok(Catalog {
+        columns,
+        rowtypes,
+        loaded: Instant::now(),
+    })
+}
+
+impl Catalog {
+    /// The rules that apply to an identity with these groups: for each
+    /// column, the first matching rule (in file order) that applies.
+    pub fn for_identity(&self, rules: &[MaskRule], groups: &[String]) -> ColumnRules {
+        let applies = |i: &usize| rules.get(*i).is_some_and(|r| r.applies_to(groups));
+        let columns = self
+            .columns
+            .iter()
+            .filter_map(|(key, matching)| {
+                let first = matching.iter().copied().filter(applies).min()?;
+                Some((*key, rules[first].strategy.clone()))
+            })
+            .collect();
+        let rowtypes = self
+            .rowtypes
+            .iter()
+            .filter(|(_, matching)| matching.iter().any(applies))
+            .map(|(oid, _)| *oid)
+            .collect();
+        ColumnRules { columns, rowtypes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(columns: &[&str], strategy: &str, groups: &[&str]) -> MaskRule {
+        MaskRule {
+            columns: columns.iter().map(|c| ColumnPattern::parse(c).unwrap()).collect(),
+            strategy: Arc::new(Strategy::parse(strategy, None).unwrap()),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn globs_become_escaped_like_patterns() {
+        assert_eq!(like("*email*"), "E'%email%'");
+        assert_eq!(like("card_number"), "E'card\\\\_number'");
+        assert_eq!(like("a?c"), "E'a_c'");
+        assert_eq!(like("50%"), "E'50\\\\%'");
+    }
+
+    #[test]
+    fn the_query_names_every_pattern_with_its_rule() {
+        let rules = [
+            rule(&["public.customers.email"], "email", &[]),
+            rule(&["ssn", "*card*"], "redact", &[]),
+        ];
+        let sql = query(&rules).unwrap();
+        assert!(sql.contains("(0, E'public', E'customers', E'email')"), "{sql}");
+        assert!(sql.contains("(1, E'%', E'%', E'ssn')"), "{sql}");
+        assert!(sql.contains("(1, E'%', E'%', E'%card%')"), "{sql}");
+        assert_eq!(query(&[]), None);
+    }
+
+    #[test]
+    fn the_first_applicable_rule_decides_per_identity() {
+        let rules = [
+            rule(&["email"], "redact:leads-see-this", &["leads"]),
+            rule(&["email", "ssn"], "partial:2", &[]),
+        ];
+        let catalog = from_rows([
+            ["16384", "3", "16386", "16385", "0"],
+            ["16384", "3", "16386", "16385", "1"],
+            ["16384", "5", "16386", "16385", "1"],
+        ])
+        .unwrap();
+        let leads = catalog.for_identity(&rules, &["leads".to_string()]);
+        assert_eq!(leads.columns[&(16384, 3)].to_string(), "redact:leads-see-this");
+        assert_eq!(leads.columns[&(16384, 5)].to_string(), "partial:2");
+        let others = catalog.for_identity(&rules, &["engineering".to_string()]);
+        assert_eq!(others.columns[&(16384, 3)].to_string(), "partial:2");
+        assert!(others.rowtypes.contains(&16386) && others.rowtypes.contains(&16385));
+        assert!(from_rows([["x", "1", "1", "1", "0"]]).is_err());
+    }
+}
