@@ -29,7 +29,8 @@ INSERT INTO customers (name, email, phone, card_number, ssn, \"Notes\") VALUES
 CREATE TABLE api_keys (id serial PRIMARY KEY, service text, secret text);
 INSERT INTO api_keys (service, secret) VALUES
     ('aws', 'AKIAIOSFODNN7EXAMPLE'),
-    ('github', 'ghp_x9Demox9Demox9Demox9Demox9Demox9Demo');
+    ('github', 'ghp_x9Demox9Demox9Demox9Demox9Demox9Demo'),
+    ('internal', 'not-a-real-secret-but-treat-it-like-one');
 CREATE VIEW contacts AS SELECT name, email AS contact, phone FROM customers;
 ";
 
@@ -388,7 +389,7 @@ groups = ["engineering"]
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(secrets, ["[masked]", "[masked]"]);
+    assert_eq!(secrets, ["[masked]", "[masked]", "[masked]"]);
 
     // A keyed hash: the same value gives the same token, in text and binary
     // format and under any alias, so joins and GROUP BY still work.
@@ -443,6 +444,27 @@ groups = ["engineering"]
         .unwrap()
         .get(0);
     assert_eq!(name, "Ada Lovelace");
+    // COPY rows carry no column origins: a COPY that reads a table with
+    // masked columns is refused, in any form, while other COPYs run.
+    let conn = gw.conn_str("bob", BOB, "");
+    for copy in [
+        "COPY api_keys TO STDOUT",
+        "COPY public.api_keys (secret) TO STDOUT WITH (FORMAT csv)",
+        "COPY (SELECT secret FROM api_keys) TO STDOUT",
+        "COPY (SELECT c.id FROM customers c) TO STDOUT",
+    ] {
+        let out = harness::psql(&conn, &["-c", copy], None).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("would pass columns that are masked for you"),
+            "{copy}: {err}"
+        );
+        assert_no_secret(copy, &String::from_utf8_lossy(&out.stdout));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("not-a-real"), "{copy}");
+    }
+    let out = harness::psql(&conn, &["-c", "COPY (SELECT 42) TO STDOUT"], None).await;
+    assert_eq!(harness::stdout_ok(&out), "42\n");
+
     // Detectors still cover what no rule names (the view's column here).
     let contact: String = bob
         .query_one("SELECT contact FROM contacts WHERE name = 'Ada Lovelace'", &[])

@@ -23,6 +23,8 @@ use crate::config::{ColumnPattern, MaskRule};
 #[derive(Debug)]
 pub struct Catalog {
     columns: HashMap<(u32, i16), Vec<usize>>,
+    /// Schema and name of each relation with a matched column (lower case).
+    names: HashMap<u32, (String, String)>,
     /// Row types (and their array types) of tables with a matched column,
     /// with the rules of those columns.
     rowtypes: HashMap<u32, Vec<usize>>,
@@ -35,11 +37,22 @@ pub struct ColumnRules {
     pub columns: HashMap<(u32, i16), Arc<Strategy>>,
     /// Whole-row values of these types hold a masked column.
     pub rowtypes: HashSet<u32>,
+    /// Relations with a masked column, as (schema, name) in lower case.
+    pub tables: HashSet<(String, String)>,
 }
 
 impl ColumnRules {
     pub fn is_empty(&self) -> bool {
         self.columns.is_empty() && self.rowtypes.is_empty()
+    }
+
+    /// Whether a relation as a statement names it (schema if written) has a
+    /// masked column. An unqualified name matches in any schema, since the
+    /// session's search_path decides which one it is.
+    pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
+        self.tables
+            .iter()
+            .any(|(s, t)| t.eq_ignore_ascii_case(name) && schema.is_none_or(|schema| s.eq_ignore_ascii_case(schema)))
     }
 }
 
@@ -102,28 +115,34 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
            SELECT i.inhrelid, m.attname, m.rule \
            FROM pg_catalog.pg_inherits i JOIN matched m ON i.inhparent = m.relid\
          ) \
-         SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule \
+         SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname \
          FROM matched m \
          JOIN pg_catalog.pg_attribute a ON a.attrelid = m.relid AND a.attname = m.attname \
          JOIN pg_catalog.pg_class c ON c.oid = m.relid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype \
          ORDER BY m.rule"
     ))
 }
 
+/// Columns of the catalog query's rows.
+pub const FIELDS: usize = 7;
+
 /// Builds a snapshot from the query's rows (text values, in its column
 /// order). A row that does not read is an error: the caller then masks by
 /// detectors only and says so.
-pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; 5]>) -> Result<Catalog, String> {
+pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; FIELDS]>) -> Result<Catalog, String> {
     let mut columns: HashMap<(u32, i16), Vec<usize>> = HashMap::new();
     let mut rowtypes: HashMap<u32, Vec<usize>> = HashMap::new();
-    for [relid, attnum, reltype, typarray, rule] in rows {
+    let mut names = HashMap::new();
+    for [relid, attnum, reltype, typarray, rule, schema, table] in rows {
         let bad = |what: &str, value: &str| format!("catalog row: {what} {value:?} is not a number");
         let relid: u32 = relid.parse().map_err(|_| bad("relation", relid))?;
         let attnum: i16 = attnum.parse().map_err(|_| bad("attribute", attnum))?;
         let reltype: u32 = reltype.parse().map_err(|_| bad("row type", reltype))?;
         let typarray: u32 = typarray.parse().map_err(|_| bad("array type", typarray))?;
         let rule: usize = rule.parse().map_err(|_| bad("rule", rule))?;
+        names.insert(relid, (schema.to_lowercase(), table.to_lowercase()));
         let entry = columns.entry((relid, attnum)).or_default();
         if !entry.contains(&rule) {
             entry.push(rule);
@@ -139,6 +158,7 @@ pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; 5]>) -> Result<Cat
     }
     Ok(Catalog {
         columns,
+        names,
         rowtypes,
         loaded: Instant::now(),
     })
@@ -149,7 +169,7 @@ impl Catalog {
     /// column, the first matching rule (in file order) that applies.
     pub fn for_identity(&self, rules: &[MaskRule], groups: &[String]) -> ColumnRules {
         let applies = |i: &usize| rules.get(*i).is_some_and(|r| r.applies_to(groups));
-        let columns = self
+        let columns: HashMap<(u32, i16), Arc<Strategy>> = self
             .columns
             .iter()
             .filter_map(|(key, matching)| {
@@ -157,13 +177,21 @@ impl Catalog {
                 Some((*key, rules[first].strategy.clone()))
             })
             .collect();
+        let tables = columns
+            .keys()
+            .filter_map(|(relid, _)| self.names.get(relid).cloned())
+            .collect();
         let rowtypes = self
             .rowtypes
             .iter()
             .filter(|(_, matching)| matching.iter().any(applies))
             .map(|(oid, _)| *oid)
             .collect();
-        ColumnRules { columns, rowtypes }
+        ColumnRules {
+            columns,
+            rowtypes,
+            tables,
+        }
     }
 }
 
@@ -207,9 +235,9 @@ mod tests {
             rule(&["email", "ssn"], "partial:2", &[]),
         ];
         let catalog = from_rows([
-            ["16384", "3", "16386", "16385", "0"],
-            ["16384", "3", "16386", "16385", "1"],
-            ["16384", "5", "16386", "16385", "1"],
+            ["16384", "3", "16386", "16385", "0", "public", "customers"],
+            ["16384", "3", "16386", "16385", "1", "public", "customers"],
+            ["16384", "5", "16386", "16385", "1", "public", "customers"],
         ])
         .unwrap();
         let leads = catalog.for_identity(&rules, &["leads".to_string()]);
@@ -218,6 +246,8 @@ mod tests {
         let others = catalog.for_identity(&rules, &["engineering".to_string()]);
         assert_eq!(others.columns[&(16384, 3)].to_string(), "partial:2");
         assert!(others.rowtypes.contains(&16386) && others.rowtypes.contains(&16385));
-        assert!(from_rows([["x", "1", "1", "1", "0"]]).is_err());
+        assert!(others.masks_table(None, "Customers") && others.masks_table(Some("public"), "customers"));
+        assert!(!others.masks_table(Some("audit"), "customers") && !others.masks_table(None, "orders"));
+        assert!(from_rows([["x", "1", "1", "1", "0", "s", "t"]]).is_err());
     }
 }

@@ -127,6 +127,11 @@ impl RowMasker {
         }
     }
 
+    /// Whether a relation has columns this session masks by rule.
+    pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
+        self.rules.masks_table(schema, name)
+    }
+
     /// Values masked so far.
     pub fn masked(&self) -> u64 {
         self.masked

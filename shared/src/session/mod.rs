@@ -352,7 +352,8 @@ async fn load_catalog(
     conn.send(&out)
         .await
         .map_err(|e| format!("sending the catalog query: {e}"))?;
-    let mut rows: Vec<[String; 5]> = Vec::new();
+    use crate::mask::catalog::FIELDS;
+    let mut rows: Vec<[String; FIELDS]> = Vec::new();
     let mut error = None;
     loop {
         let message = conn
@@ -363,8 +364,8 @@ async fn load_catalog(
             tag::DATA_ROW => {
                 let mut cur = crate::protocol::Cursor::new(&message.body);
                 let count = cur.count16("field count").map_err(|e| e.to_string())?;
-                let mut fields: [String; 5] = Default::default();
-                if count != 5 {
+                let mut fields: [String; FIELDS] = Default::default();
+                if count != FIELDS {
                     return Err(format!("catalog row with {count} fields"));
                 }
                 for field in &mut fields {
@@ -389,13 +390,5 @@ async fn load_catalog(
     if let Some(error) = error {
         return Err(format!("the catalog query failed: {error}"));
     }
-    crate::mask::catalog::from_rows(rows.iter().map(|r| {
-        [
-            r[0].as_str(),
-            r[1].as_str(),
-            r[2].as_str(),
-            r[3].as_str(),
-            r[4].as_str(),
-        ]
-    }))
+    crate::mask::catalog::from_rows(rows.iter().map(|r| std::array::from_fn(|i| r[i].as_str())))
 }

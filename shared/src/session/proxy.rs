@@ -35,7 +35,9 @@ use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, command_count};
 use super::pending::{Expect, Owner, PendingQueue};
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
-use crate::gate::{Allowance, GateSession, RowLimit, StatementContext, StatementGate, StatementSource, Verdict};
+use crate::gate::{
+    Allowance, GateSession, Refusal, RowLimit, StatementContext, StatementGate, StatementSource, Verdict,
+};
 use crate::identity::Identity;
 use crate::mask::RowMasker;
 use crate::net::Stream;
@@ -669,9 +671,34 @@ impl<'a> Proxy<'a> {
             session_id: self.ctx.session_id,
             source,
         };
-        let refusal = match self.ctx.gate.check(&ctx, &mut self.gate_session, sql) {
-            Verdict::Allow(Allowance { max_rows: None }) => return Outcome::Forward,
-            Verdict::Allow(Allowance { max_rows: Some(limit) }) => return Outcome::Guard(limit),
+        let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
+        let copied_masked = match &verdict {
+            Verdict::Allow(allowance) => allowance
+                .copies_out
+                .iter()
+                .find(|(schema, table)| self.seam.masks_table(schema.as_deref(), table)),
+            _ => None,
+        };
+        let refusal = match verdict {
+            _ if let Some((schema, table)) = copied_masked => {
+                let name = match schema {
+                    Some(schema) => format!("{schema}.{table}"),
+                    None => table.clone(),
+                };
+                Refusal {
+                    code: "42501",
+                    message: format!(
+                        "statement refused: COPY of {name} would pass columns that are masked for you; COPY rows carry no column names for the gateway to mask by"
+                    ),
+                    hint: Some(format!(
+                        "SELECT from {name} instead: results of SELECT are masked column by column"
+                    )),
+                }
+            }
+            Verdict::Allow(Allowance { max_rows: None, .. }) => return Outcome::Forward,
+            Verdict::Allow(Allowance {
+                max_rows: Some(limit), ..
+            }) => return Outcome::Guard(limit),
             // Approvals cannot hold a statement yet: it is refused, with a
             // message that says approval is what it needs.
             Verdict::RequireApproval(request) => request.refusal,

@@ -36,6 +36,11 @@ impl ResultSeam {
         }
     }
 
+    /// Whether a relation has columns this session masks by rule.
+    pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
+        self.masker.as_ref().is_some_and(|m| m.masks_table(schema, name))
+    }
+
     /// Whether values are masked on this session.
     pub fn masking(&self) -> bool {
         self.masker.is_some()
