@@ -10,6 +10,13 @@
 //! attribute numbers may differ), and each matched table's row type and its
 //! array type are kept, so that a whole-row reference (`SELECT c FROM
 //! customers c`) is masked too.
+//!
+//! Views (and materialized views) carry their own OID in RowDescription, and
+//! PostgreSQL's catalog records which base columns a view depends on but not
+//! which view column shows which: every column of a view that depends on a
+//! masked column gets that column's rule (views of views too). That masks
+//! more than needed when a view only filters on a masked column, and never
+//! less: an alias or a swap of column names inside the view cannot unmask.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -112,8 +119,21 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
              ON n.nspname ILIKE r.s AND c.relname ILIKE r.t AND a.attname ILIKE r.col \
            WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
            UNION \
-           SELECT i.inhrelid, m.attname, m.rule \
-           FROM pg_catalog.pg_inherits i JOIN matched m ON i.inhparent = m.relid\
+           SELECT x.relid, x.attname, m.rule \
+           FROM matched m \
+           CROSS JOIN LATERAL (\
+             SELECT i.inhrelid AS relid, m.attname AS attname \
+             FROM pg_catalog.pg_inherits i WHERE i.inhparent = m.relid \
+             UNION ALL \
+             SELECT rw.ev_class, va.attname \
+             FROM pg_catalog.pg_attribute ba \
+             JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+               AND d.refobjid = ba.attrelid AND d.refobjsubid = ba.attnum \
+               AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+             JOIN pg_catalog.pg_rewrite rw ON rw.oid = d.objid AND rw.ev_class <> ba.attrelid \
+             JOIN pg_catalog.pg_attribute va ON va.attrelid = rw.ev_class AND va.attnum > 0 AND NOT va.attisdropped \
+             WHERE ba.attrelid = m.relid AND ba.attname = m.attname\
+           ) x\
          ) \
          SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname \
          FROM matched m \
