@@ -449,6 +449,49 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
         .unwrap()
         .get(0);
     assert_eq!(name, "Ada Lovelace");
+    // Expressions over a table with masked columns cannot show them: text,
+    // json and record expressions are redacted, numbers are not.
+    let texts = |messages: Vec<SimpleQueryMessage>| -> Vec<String> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).unwrap_or("NULL"))
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    let rows = texts(
+        bob.simple_query(
+            "SELECT upper(secret), service || secret, row_to_json(k), k::text, count(*) OVER () \
+             FROM api_keys k WHERE service = 'internal'",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        rows,
+        ["[masked:expression]|[masked:expression]|[masked:expression]|[masked:expression]|1"]
+    );
+    let lowered: String = bob
+        .query_one("SELECT lower(secret) FROM api_keys WHERE service = 'internal'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lowered, "[masked:expression]");
+    let fetched = texts(
+        bob.simple_query("BEGIN; DECLARE k CURSOR FOR SELECT initcap(secret) FROM api_keys; FETCH 1 FROM k; COMMIT")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(fetched, ["[masked:expression]"]);
+    // A statement that reads no masked table is left alone.
+    assert_eq!(texts(bob.simple_query("SELECT upper('x')").await.unwrap()), ["X"]);
+
     // COPY rows carry no column origins: a COPY that reads a table with
     // masked columns is refused, in any form, while other COPYs run.
     let conn = gw.conn_str("bob", BOB, "");

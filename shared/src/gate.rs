@@ -54,11 +54,11 @@ pub struct RowLimit {
 pub struct Allowance {
     /// For a write: the most rows it may touch, checked on its result.
     pub max_rows: Option<RowLimit>,
-    /// Tables (schema if written, name) that a COPY ... TO in the text reads:
-    /// COPY rows carry no column origins, so the session refuses a COPY of a
-    /// table with masked columns rather than pass its values by detectors
-    /// alone.
-    pub copies_out: Vec<(Option<String>, String)>,
+    /// What the text was classified as, when the gate classified it: the
+    /// session's masker needs the relations a statement reads (COPY of a
+    /// table with masked columns is refused; expressions over one are
+    /// masked).
+    pub classification: Option<std::sync::Arc<crate::policy::Classification>>,
 }
 
 /// A statement that may run only once approvers agree.

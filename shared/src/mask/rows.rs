@@ -65,10 +65,26 @@ enum Rule {
     Column(Arc<Strategy>),
     /// A whole row (or an array of rows) of a table with a masked column.
     Row,
+    /// An expression in a statement over a table with masked columns.
+    Expression,
 }
 
 /// The text a whole-row value holding a masked column becomes.
 const ROW_MASK: &[u8] = b"[masked:row]";
+/// The text an expression over a table with masked columns becomes.
+const EXPRESSION_MASK: &[u8] = b"[masked:expression]";
+
+/// Whether a value of this type can carry text from a masked column:
+/// text-like types, jsonb, bytea, records, their arrays, and user types
+/// (enums, domains, composites), which the masker cannot inspect.
+fn carries_text(type_oid: u32) -> bool {
+    TEXT_LIKE.contains(&type_oid)
+        || matches!(
+            type_oid,
+            JSONB | 17 | 2249 | 1009 | 1015 | 1014 | 1003 | 199 | 3807 | 2287 | 1001 | 143 | 1263
+        )
+        || type_oid >= 16384
+}
 
 /// The COPY TO STDOUT in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +143,11 @@ impl RowMasker {
         }
     }
 
+    /// Whether this session masks columns by rule.
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     /// Whether a relation has columns this session masks by rule.
     pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
         self.rules.masks_table(schema, name)
@@ -138,7 +159,11 @@ impl RowMasker {
     }
 
     /// Reads a RowDescription body: the columns of the rows that follow.
-    pub fn describe(&mut self, body: &[u8]) -> Result<(), MaskError> {
+    /// `sensitive`: the statement reads a table with columns masked by rule,
+    /// so a column that is an expression (no table origin) of a type that
+    /// can carry a masked value (text, json, records, arrays, bytea, user
+    /// types) is redacted whole: `upper(secret)` must not show it.
+    pub fn describe(&mut self, body: &[u8], sensitive: bool) -> Result<(), MaskError> {
         let mut cur = Cursor::new(body);
         let count = cur.count16("column count").map_err(decode("RowDescription"))?;
         let mut columns = self.columns.take().unwrap_or_default();
@@ -155,6 +180,8 @@ impl RowMasker {
                 Some(Rule::Column(strategy.clone()))
             } else if self.rules.rowtypes.contains(&type_oid) {
                 Some(Rule::Row)
+            } else if sensitive && table == 0 && carries_text(type_oid) {
+                Some(Rule::Expression)
             } else {
                 None
             };
@@ -269,6 +296,7 @@ impl RowMasker {
                         }
                     }
                     (Rule::Row, Wire::Text) => put_value(out, ROW_MASK),
+                    (Rule::Expression, Wire::Text) => put_value(out, EXPRESSION_MASK),
                     // A binary value (jsonb, numbers, arrays, records) would
                     // not decode with masked text in it.
                     _ => out.put_i32(-1),
@@ -568,6 +596,12 @@ mod tests {
         body
     }
 
+    impl RowMasker {
+        fn describe_for_test(&mut self, body: &[u8]) -> Result<(), MaskError> {
+            self.describe(body, false)
+        }
+    }
+
     fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
         let mut message = vec![tag::DATA_ROW, 0, 0, 0, 0];
         message.extend_from_slice(&(values.len() as i16).to_be_bytes());
@@ -600,7 +634,9 @@ mod tests {
     #[test]
     fn clean_rows_pass_unchanged_and_dirty_ones_are_rebuilt() {
         let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
-        masker.describe(&row_description(&[(23, 0), (25, 0), (25, 0)])).unwrap();
+        masker
+            .describe_for_test(&row_description(&[(23, 0), (25, 0), (25, 0)]))
+            .unwrap();
         let clean = data_row(&[Some(b"42"), Some(b"Ada Lovelace"), None]);
         let mut out = BytesMut::new();
         masker.data_row(&clean, &mut out).unwrap();
@@ -621,7 +657,7 @@ mod tests {
         let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
         // text, jsonb, int8 and a text[] array, all binary.
         masker
-            .describe(&row_description(&[(25, 1), (3802, 1), (20, 1), (1009, 1), (1700, 1)]))
+            .describe_for_test(&row_description(&[(25, 1), (3802, 1), (20, 1), (1009, 1), (1700, 1)]))
             .unwrap();
         let card: i64 = 4111111111111111;
         let mut array = vec![0u8; 20];

@@ -527,14 +527,10 @@ impl StatementGate for PolicyGate {
                         hint: Some("send the limited write as a statement of its own".into()),
                     })
                 } else {
-                    let copies_out = decision
-                        .classification
-                        .statements
-                        .iter()
-                        .filter(|s| s.kind == Kind::CopyOut)
-                        .flat_map(|s| s.relations.iter().map(|r| (r.schema.clone(), r.name.clone())))
-                        .collect();
-                    Verdict::Allow(Allowance { max_rows, copies_out })
+                    Verdict::Allow(Allowance {
+                        max_rows,
+                        classification: Some(decision.classification.clone()),
+                    })
                 }
             }
             DecisionKind::Deny => Verdict::Deny(self.policy.refusal(&decision, &subject)),

@@ -24,12 +24,16 @@ pub enum Expect {
     Query {
         refusal: Option<Box<ErrorFields>>,
         guarded: bool,
+        /// Its results may carry rule-masked values in expressions.
+        sensitive: bool,
     },
     Parse {
         refusal: Option<Box<ErrorFields>>,
     },
     Bind,
-    Describe,
+    Describe {
+        sensitive: bool,
+    },
     Execute {
         guarded: bool,
     },
@@ -43,7 +47,9 @@ pub enum Expect {
     /// so the masker knows the rows' formats: its RowDescription or NoData is
     /// the gateway's. An error it gets is the client's (the Execute would
     /// have failed the same way, and is then discarded by the server).
-    InternalDescribe,
+    InternalDescribe {
+        sensitive: bool,
+    },
     /// A simple Query the gateway sent on its own (BEGIN, COMMIT, ROLLBACK
     /// around a row-limited write): its answer is the gateway's, not the client's.
     Internal,
@@ -51,17 +57,18 @@ pub enum Expect {
 
 impl Expect {
     /// A Query the client sent, as it is.
-    pub fn query() -> Expect {
+    pub fn query(sensitive: bool) -> Expect {
         Expect::Query {
             refusal: None,
             guarded: false,
+            sensitive,
         }
     }
 
     fn owner(&self) -> Owner {
         match self {
             Expect::Query { guarded: true, .. } | Expect::Execute { guarded: true } => Owner::Guard,
-            Expect::Internal | Expect::InternalDescribe => Owner::Internal,
+            Expect::Internal | Expect::InternalDescribe { .. } => Owner::Internal,
             _ => Owner::Client,
         }
     }
@@ -116,6 +123,18 @@ impl PendingQueue {
         self.front().map(|e| e.owner()).unwrap_or(Owner::Client)
     }
 
+    /// Whether the RowDescription arriving now describes results that may
+    /// carry rule-masked values in expressions. When the answer cannot be
+    /// placed, it is treated as sensitive.
+    pub fn front_sensitive(&mut self) -> bool {
+        match self.front() {
+            Some(Expect::Query { sensitive, .. })
+            | Some(Expect::Describe { sensitive })
+            | Some(Expect::InternalDescribe { sensitive }) => *sensitive,
+            _ => true,
+        }
+    }
+
     fn front_owner_pop(&mut self) -> Owner {
         let owner = self.front_owner();
         self.pop();
@@ -154,7 +173,10 @@ impl PendingQueue {
             }
             tag::ROW_DESCRIPTION => {
                 // Part of a simple Query's answer unless a Describe asked for it.
-                if matches!(self.front(), Some(Expect::Describe | Expect::InternalDescribe)) {
+                if matches!(
+                    self.front(),
+                    Some(Expect::Describe { .. } | Expect::InternalDescribe { .. })
+                ) {
                     self.front_owner_pop()
                 } else {
                     self.front_owner()
@@ -214,7 +236,7 @@ impl PendingQueue {
         };
         match front {
             // A simple Query or FunctionCall ends with ReadyForQuery after its error.
-            Expect::Query { refusal, guarded } => match refusal.take() {
+            Expect::Query { refusal, guarded, .. } => match refusal.take() {
                 Some(refusal) => Owner::Refusal(refusal),
                 None if *guarded => Owner::Guard,
                 None => Owner::Client,
@@ -253,6 +275,7 @@ mod tests {
         Expect::Query {
             refusal: refusal(),
             guarded: false,
+            sensitive: false,
         }
     }
 
@@ -267,7 +290,7 @@ mod tests {
     #[test]
     fn simple_query_lifecycle() {
         let mut q = PendingQueue::default();
-        q.push(Expect::query());
+        q.push(Expect::query(false));
         feed(&mut q, b"TDDCTDC");
         assert!(!q.is_empty());
         feed(&mut q, b"Z");
@@ -280,7 +303,7 @@ mod tests {
         for e in [
             Expect::Parse { refusal: None },
             Expect::Bind,
-            Expect::Describe,
+            Expect::Describe { sensitive: false },
             Expect::Execute { guarded: false },
             Expect::Sync,
         ] {
@@ -305,13 +328,13 @@ mod tests {
         q.push(Expect::Bind);
         q.push(Expect::Execute { guarded: false });
         q.push(Expect::Sync);
-        q.push(Expect::query());
+        q.push(Expect::query(false));
         let out = feed(&mut q, b"12C");
         assert!(out.iter().all(|o| *o == Owner::Client));
         // The refused Parse's error is the one to replace.
         assert!(is_refusal(&q.on_backend(b'E')));
         feed(&mut q, b"Z");
-        assert_eq!(q.queue.front(), Some(&Expect::query()));
+        assert_eq!(q.queue.front(), Some(&Expect::query(false)));
     }
 
     #[test]
@@ -346,7 +369,7 @@ mod tests {
         for e in [
             Expect::Parse { refusal: None },
             Expect::Bind,
-            Expect::Describe,
+            Expect::Describe { sensitive: false },
             Expect::Execute { guarded: false },
             Expect::Sync,
         ] {
@@ -385,7 +408,7 @@ mod tests {
     #[test]
     fn simple_copy_in_and_stray_copy_done() {
         let mut q = PendingQueue::default();
-        q.push(Expect::query());
+        q.push(Expect::query(false));
         feed(&mut q, b"G");
         q.push(Expect::CopyEnd);
         feed(&mut q, b"CZ");
@@ -397,12 +420,29 @@ mod tests {
     }
 
     #[test]
+    fn row_descriptions_know_whether_their_statement_is_sensitive() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::query(true));
+        q.push(Expect::Parse { refusal: None });
+        q.push(Expect::Describe { sensitive: false });
+        q.push(Expect::Sync);
+        assert!(q.front_sensitive());
+        assert_eq!(feed(&mut q, b"TDCZ").len(), 4);
+        assert_eq!(feed(&mut q, b"1").len(), 1);
+        assert!(!q.front_sensitive());
+        assert_eq!(feed(&mut q, b"TZ").len(), 2);
+        // Nothing to place it on: sensitive, to be safe.
+        assert!(q.front_sensitive());
+    }
+
+    #[test]
     fn guarded_and_internal_answers_are_attributed() {
         let mut q = PendingQueue::default();
         q.push(Expect::Internal);
         q.push(Expect::Query {
             refusal: None,
             guarded: true,
+            sensitive: false,
         });
         assert_eq!(feed(&mut q, b"CZ"), vec![Owner::Internal, Owner::Internal]);
         assert_eq!(feed(&mut q, b"TDCZ"), vec![Owner::Guard; 4]);
@@ -424,7 +464,7 @@ mod tests {
         q.push(Expect::FunctionCall);
         feed(&mut q, b"VZ");
         assert!(q.is_empty());
-        q.push(Expect::Describe);
+        q.push(Expect::Describe { sensitive: false });
         q.push(Expect::Sync);
         feed(&mut q, b"tT");
         assert_eq!(q.len(), 1);

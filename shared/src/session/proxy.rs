@@ -192,6 +192,16 @@ pub(crate) struct Proxy<'a> {
     statement_limits: HashMap<String, RowLimit>,
     /// Row limits of bound portals, with the rows they returned so far.
     portal_limits: HashMap<String, (RowLimit, u64)>,
+    /// Whether the last statement the gate allowed reads a table with
+    /// columns masked by rule (or cannot be seen into): its expression
+    /// columns are then masked too. See [`Proxy::sensitivity`].
+    last_sensitive: bool,
+    /// The same, per prepared statement and per bound portal.
+    statement_sensitive: HashMap<String, bool>,
+    portal_sensitive: HashMap<String, bool>,
+    /// A cursor was declared over a table with masked columns: FETCH and
+    /// MOVE are sensitive from then on.
+    cursors_sensitive: bool,
     seam: ResultSeam,
     tx_status: TxStatus,
     /// The client sent Terminate: pass it on, then end.
@@ -231,6 +241,10 @@ impl<'a> Proxy<'a> {
             deferred: None,
             statement_limits: HashMap::new(),
             portal_limits: HashMap::new(),
+            last_sensitive: false,
+            statement_sensitive: HashMap::new(),
+            portal_sensitive: HashMap::new(),
+            cursors_sensitive: false,
             seam,
             tx_status,
             terminating: false,
@@ -490,7 +504,8 @@ impl<'a> Proxy<'a> {
         }
         let portal = first_name(execute_body, "portal name")?;
         frontend::encode_describe(b'P', portal, &mut self.to_server);
-        self.pending.push(Expect::InternalDescribe);
+        let sensitive = self.seam.has_rules() && self.portal_sensitive.get(portal).copied().unwrap_or(true);
+        self.pending.push(Expect::InternalDescribe { sensitive });
         Ok(())
     }
 
@@ -534,13 +549,14 @@ impl<'a> Proxy<'a> {
                 match outcome {
                     Outcome::Forward => {
                         self.to_server.extend_from_slice(message);
-                        self.pending.push(Expect::query());
+                        self.pending.push(Expect::query(self.last_sensitive));
                     }
                     Outcome::Refuse(refusal) => {
                         Query::encode(REFUSED_STATEMENT, &mut self.to_server);
                         self.pending.push(Expect::Query {
                             refusal: Some(refusal),
                             guarded: false,
+                            sensitive: false,
                         });
                     }
                     Outcome::Guard(limit) => {
@@ -581,10 +597,19 @@ impl<'a> Proxy<'a> {
                         Some(refusal)
                     }
                 };
+                if self.seam.has_rules() {
+                    self.statement_sensitive.insert(name.to_string(), self.last_sensitive);
+                }
                 self.pending.push(Expect::Parse { refusal });
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
+                if self.seam.has_rules() {
+                    let (portal, statement) = bind_names(body)?;
+                    // A statement the gateway never saw parsed is sensitive.
+                    let sensitive = self.statement_sensitive.get(statement).copied().unwrap_or(true);
+                    self.portal_sensitive.insert(portal.to_string(), sensitive);
+                }
                 if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
                     let (portal, statement) = bind_names(body)?;
                     match self.statement_limits.get(statement) {
@@ -634,7 +659,18 @@ impl<'a> Proxy<'a> {
                 }
                 Some(Expect::Close)
             }
-            fe::DESCRIBE => Some(Expect::Describe),
+            fe::DESCRIBE => {
+                let sensitive = self.seam.has_rules() && {
+                    let kind = body.first().copied();
+                    let name = first_name(body.get(1..).unwrap_or(&[]), "describe name")?;
+                    let known = match kind {
+                        Some(b'S') => self.statement_sensitive.get(name),
+                        _ => self.portal_sensitive.get(name),
+                    };
+                    known.copied().unwrap_or(true)
+                };
+                Some(Expect::Describe { sensitive })
+            }
             fe::SYNC => Some(Expect::Sync),
             fe::FUNCTION_CALL => Some(Expect::FunctionCall),
             fe::COPY_DONE | fe::COPY_FAIL => Some(Expect::CopyEnd),
@@ -663,6 +699,36 @@ impl<'a> Proxy<'a> {
         Ok(Consumed::Yes)
     }
 
+    /// Whether a statement's results may carry values of columns masked by
+    /// rule in expressions (`upper(secret)`, `row_to_json(k)`): it reads such
+    /// a table or a view over one, or cannot be seen into, or fetches from a
+    /// cursor declared over one. Only with column rules on this session.
+    fn sensitivity(&mut self, classification: Option<&crate::policy::Classification>) -> bool {
+        if !self.seam.has_rules() {
+            return false;
+        }
+        let Some(classification) = classification else {
+            return true;
+        };
+        let mut sensitive = false;
+        let mut declares = false;
+        for statement in &classification.statements {
+            let command = statement.command.as_str();
+            declares |= command.starts_with("DECLARE");
+            sensitive |= statement.opaque
+                || statement.kind == crate::policy::Kind::Unknown
+                || (self.cursors_sensitive && (command.starts_with("FETCH") || command.starts_with("MOVE")))
+                || statement
+                    .relations
+                    .iter()
+                    .any(|r| self.seam.masks_table(r.schema.as_deref(), &r.name));
+        }
+        if sensitive && declares {
+            self.cursors_sensitive = true;
+        }
+        sensitive
+    }
+
     /// Asks the gate what to do with a statement.
     fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
         let ctx = StatementContext {
@@ -672,18 +738,24 @@ impl<'a> Proxy<'a> {
             source,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
-        let copied_masked = match &verdict {
-            Verdict::Allow(allowance) => allowance
-                .copies_out
-                .iter()
-                .find(|(schema, table)| self.seam.masks_table(schema.as_deref(), table)),
+        let classification = match &verdict {
+            Verdict::Allow(allowance) => allowance.classification.clone(),
             _ => None,
         };
+        self.last_sensitive = self.sensitivity(classification.as_deref());
+        let copied_masked = classification.as_deref().and_then(|c| {
+            c.statements
+                .iter()
+                .filter(|s| s.kind == crate::policy::Kind::CopyOut)
+                .flat_map(|s| s.relations.iter())
+                .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))
+                .map(|r| (r.schema.clone(), r.name.clone()))
+        });
         let refusal = match verdict {
             _ if let Some((schema, table)) = copied_masked => {
                 let name = match schema {
                     Some(schema) => format!("{schema}.{table}"),
-                    None => table.clone(),
+                    None => table,
                 };
                 Refusal {
                     code: "42501",
@@ -718,13 +790,14 @@ impl<'a> Proxy<'a> {
             // It will fail like everything in a failed transaction.
             TxStatus::Failed => {
                 self.to_server.extend_from_slice(message);
-                self.pending.push(Expect::query());
+                self.pending.push(Expect::query(self.last_sensitive));
             }
             TxStatus::InTransaction => {
                 self.to_server.extend_from_slice(message);
                 self.pending.push(Expect::Query {
                     refusal: None,
                     guarded: true,
+                    sensitive: self.last_sensitive,
                 });
                 self.guard = Some(Guard::new(
                     limit,
@@ -868,6 +941,7 @@ impl<'a> Proxy<'a> {
                     self.pending.push(Expect::Query {
                         refusal: Some(Box::new(guard.refusal())),
                         guarded: false,
+                        sensitive: false,
                     });
                 } else {
                     self.to_client.extend_from_slice(&guard.held);
@@ -901,6 +975,7 @@ impl<'a> Proxy<'a> {
                     self.pending.push(Expect::Query {
                         refusal: None,
                         guarded: true,
+                        sensitive: self.last_sensitive,
                     });
                     guard.phase = GuardPhase::Running;
                 }
@@ -1002,6 +1077,10 @@ impl<'a> Proxy<'a> {
     /// One complete backend message (header included).
     fn on_backend(&mut self, message_tag: u8, message: &[u8]) -> Result<(), Stop> {
         let body = &message[HEADER_LEN..];
+        if message_tag == backend::tag::ROW_DESCRIPTION {
+            let sensitive = self.pending.front_sensitive();
+            self.seam.describe(message, sensitive);
+        }
         let owner = self.pending.on_backend(message_tag);
         // What the gateway tracks whoever the message is for.
         match message_tag {
@@ -1035,8 +1114,7 @@ impl<'a> Proxy<'a> {
                     self.gate_session.standard_conforming_strings = status.value == "on";
                 }
             }
-            backend::tag::ROW_DESCRIPTION
-            | backend::tag::NO_DATA
+            backend::tag::NO_DATA
             | backend::tag::COPY_OUT_RESPONSE
             | backend::tag::COPY_BOTH_RESPONSE
             | backend::tag::COPY_DONE => self.seam.observe(message_tag, message),

@@ -36,6 +36,21 @@ impl ResultSeam {
         }
     }
 
+    /// Notes a RowDescription, whoever it is for. `sensitive`: the statement
+    /// reads a table with columns masked by rule, so its expression columns
+    /// are masked too.
+    pub fn describe(&mut self, message: &[u8], sensitive: bool) {
+        let Some(masker) = &mut self.masker else { return };
+        if let Err(err) = masker.describe(&message[5..], sensitive) {
+            self.failure.get_or_insert(err);
+        }
+    }
+
+    /// Whether this session masks columns by rule.
+    pub fn has_rules(&self) -> bool {
+        self.masker.as_ref().is_some_and(RowMasker::has_rules)
+    }
+
     /// Whether a relation has columns this session masks by rule.
     pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
         self.masker.as_ref().is_some_and(|m| m.masks_table(schema, name))
@@ -52,7 +67,6 @@ impl ResultSeam {
     pub fn observe(&mut self, message_tag: u8, message: &[u8]) {
         let Some(masker) = &mut self.masker else { return };
         let result = match message_tag {
-            tag::ROW_DESCRIPTION => masker.describe(&message[5..]),
             tag::NO_DATA => {
                 masker.no_data();
                 Ok(())
