@@ -119,6 +119,12 @@ const CORPUS: &[&str] = &[
     "COPY customers TO STDOUT",
     "COPY customers TO STDOUT WITH (FORMAT csv, HEADER)",
     "COPY customers TO STDOUT WITH (FORMAT csv, DELIMITER '|', QUOTE '''')",
+    "COPY customers TO STDOUT WITH (DELIMITER 'X')",
+    "COPY customers TO STDOUT WITH (FORMAT csv, DELIMITER '7')",
+    "COPY customers TO STDOUT WITH (FORMAT csv, DELIMITER ':')",
+    "COPY customers TO STDOUT DELIMITER 'X'",
+    "COPY customers TO STDOUT WITH CSV QUOTE 'X'",
+    "COPY (SELECT E'-----BEGIN RSA PRIVATE KEY-----\\nMIIEowIBAAKCAQEA7xq0\\n-----END RSA PRIVATE KEY-----') TO STDOUT WITH (FORMAT csv)",
     "COPY (SELECT email, card_number FROM customers) TO STDOUT",
     "COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT WITH (FORMAT csv)",
     "COPY api_keys TO STDOUT",
@@ -162,6 +168,11 @@ async fn the_bypass_corpus_never_shows_a_clear_value_over_psql() {
         stderr.contains("invalid input syntax for type integer: \"[masked:ssn]\""),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("COPY TO with its own DELIMITER, QUOTE or ESCAPE cannot be masked"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("MIIEowIBAAKCAQEA7xq0"), "{stdout}");
     assert!(
         stdout.contains("Asynchronous notification \"leaks\" with payload \"****@example.com\""),
         "{stdout}"

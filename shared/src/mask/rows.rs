@@ -340,33 +340,39 @@ impl RowMasker {
     pub fn copy_data(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
         match self.copy {
             CopyOut::Binary => self.binary_copy_data(message, out),
-            // Text and CSV (the protocol does not tell them apart): values
-            // are masked within the runs between delimiters, quotes and line
-            // ends, and masks contain none of those, so the row keeps its
-            // shape in either format.
+            // Text and CSV (the protocol does not tell them apart; custom
+            // delimiters, quotes and escapes are refused before the COPY
+            // runs): values are masked within the runs between delimiters
+            // and line ends, a quoted CSV value (which may hold commas and
+            // line breaks, as a PEM key does) being one run. Masks contain
+            // none of those bytes, so the row keeps its shape either way.
             CopyOut::Text | CopyOut::None => {
                 let body = &message[5..];
-                if !self.finds(body) {
+                if !copy_runs(body).any(|run| self.finds(run)) {
                     out.extend_from_slice(message);
                     return Ok(());
                 }
                 out.put_u8(tag::COPY_DATA);
                 let start = out.len();
                 out.put_i32(0);
-                for run in body.split_inclusive(|&b| matches!(b, b'\t' | b',' | b'"' | b'\n' | b'\r' | b'|' | b';')) {
-                    let (text, delimiter) = match run.last() {
-                        Some(b'\t' | b',' | b'"' | b'\n' | b'\r' | b'|' | b';') => run.split_at(run.len() - 1),
-                        _ => (run, &run[..0]),
+                let mut run_start = 0;
+                let mut quoted = false;
+                for (at, &b) in body.iter().enumerate() {
+                    let boundary = match b {
+                        b'"' => {
+                            quoted = !quoted;
+                            true
+                        }
+                        b'\t' | b',' | b'\n' | b'\r' => !quoted,
+                        _ => false,
                     };
-                    self.scratch.clear();
-                    if scrub_into(text, self.detectors, &mut self.scratch) {
-                        self.masked += 1;
-                        out.put_slice(&self.scratch);
-                    } else {
-                        out.put_slice(text);
+                    if boundary {
+                        self.put_scrubbed_run(&body[run_start..at], out);
+                        out.put_u8(b);
+                        run_start = at + 1;
                     }
-                    out.put_slice(delimiter);
                 }
+                self.put_scrubbed_run(&body[run_start..], out);
                 finish(out, start);
                 Ok(())
             }
@@ -497,6 +503,16 @@ impl RowMasker {
         Ok(())
     }
 
+    fn put_scrubbed_run(&mut self, run: &[u8], out: &mut BytesMut) {
+        self.scratch.clear();
+        if scrub_into(run, self.detectors, &mut self.scratch) {
+            self.masked += 1;
+            out.put_slice(&self.scratch);
+        } else {
+            out.put_slice(run);
+        }
+    }
+
     fn put_scrubbed_cstr(&mut self, value: &[u8], out: &mut BytesMut) {
         self.scratch.clear();
         if scrub_into(value, self.detectors, &mut self.scratch) {
@@ -507,6 +523,20 @@ impl RowMasker {
         }
         out.put_u8(0);
     }
+}
+
+/// The runs of a text or CSV COPY row that [`RowMasker::copy_data`] masks
+/// one by one (the same split it writes back).
+fn copy_runs(body: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut quoted = false;
+    body.split(move |&b| match b {
+        b'"' => {
+            quoted = !quoted;
+            true
+        }
+        b'\t' | b',' | b'\n' | b'\r' => !quoted,
+        _ => false,
+    })
 }
 
 fn put_value(out: &mut BytesMut, value: &[u8]) {
@@ -714,6 +744,19 @@ mod tests {
                 want.len() + 4
             );
         }
+    }
+
+    #[test]
+    fn a_quoted_csv_value_is_one_run() {
+        let mut masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
+        masker.copy_out(&[0, 0, 1, 0, 0]).unwrap();
+        let line = b"1,\"-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7x\n-----END RSA PRIVATE KEY-----\"\n";
+        let mut message = vec![tag::COPY_DATA];
+        message.extend_from_slice(&((line.len() + 4) as i32).to_be_bytes());
+        message.extend_from_slice(line);
+        let mut out = BytesMut::new();
+        masker.copy_data(&message, &mut out).unwrap();
+        assert_eq!(&out[5..], b"1,\"[masked:private_key]\"\n");
     }
 
     #[test]

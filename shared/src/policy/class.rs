@@ -163,6 +163,7 @@ features! {
     Extension = 20, "extension", "CREATE or ALTER EXTENSION: installs code into the database";
     SearchPath = 21, "search_path", "changes search_path, which decides what unqualified names refer to";
     ServerAdmin = 22, "server_admin", "functions that administer the server or other sessions (pg_terminate_backend, pg_reload_conf...)";
+    CopyCustomFormat = 23, "copy_custom_format", "COPY with its own delimiter, quote or escape character";
 }
 
 impl Feature {

@@ -818,7 +818,32 @@ impl Walker {
                 }
                 Write
             }
-            Statement::Copy { source, to, target, .. } => {
+            Statement::Copy {
+                source,
+                to,
+                target,
+                options,
+                legacy_options,
+                ..
+            } => {
+                let custom = options.iter().any(|o| {
+                    matches!(
+                        o,
+                        ast::CopyOption::Delimiter(_) | ast::CopyOption::Quote(_) | ast::CopyOption::Escape(_)
+                    )
+                }) || legacy_options.iter().any(|o| match o {
+                    ast::CopyLegacyOption::Delimiter(_) => true,
+                    ast::CopyLegacyOption::Csv(csv) => csv.iter().any(|c| {
+                        matches!(
+                            c,
+                            ast::CopyLegacyCsvOption::Quote(_) | ast::CopyLegacyCsvOption::Escape(_)
+                        )
+                    }),
+                    _ => false,
+                });
+                if custom {
+                    self.features.insert(Feature::CopyCustomFormat);
+                }
                 match target {
                     CopyTarget::Program { .. } => self.features.insert(Feature::CopyProgram),
                     CopyTarget::File { .. } => self.features.insert(Feature::CopyFile),

@@ -751,7 +751,19 @@ impl<'a> Proxy<'a> {
                 .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))
                 .map(|r| (r.schema.clone(), r.name.clone()))
         });
+        let custom_copy = self.seam.masking()
+            && classification.as_deref().is_some_and(|c| {
+                c.statements.iter().any(|s| {
+                    s.kind == crate::policy::Kind::CopyOut
+                        && s.features.contains(crate::policy::Feature::CopyCustomFormat)
+                })
+            });
         let refusal = match verdict {
+            _ if custom_copy => Refusal {
+                code: "42501",
+                message: "statement refused: COPY TO with its own DELIMITER, QUOTE or ESCAPE cannot be masked reliably by the gateway".into(),
+                hint: Some("use COPY's default text or CSV format (FORMAT csv without DELIMITER, QUOTE or ESCAPE)".into()),
+            },
             _ if let Some((schema, table)) = copied_masked => {
                 let name = match schema {
                     Some(schema) => format!("{schema}.{table}"),
