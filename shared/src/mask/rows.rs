@@ -257,29 +257,31 @@ impl RowMasker {
         let body = &message[5..];
         let mut cur = Cursor::new(body);
         let count = cur.count16("field count").map_err(decode("DataRow"))?;
-        // First pass: does any value need masking? Most rows: no.
-        let mut dirty = false;
+        // First pass: does any value need masking? Most rows: no. Where the
+        // first one is (field index, byte offset) lets the rewrite copy the
+        // clean fields before it without scanning them again.
+        let mut dirty = None;
         for index in 0..count {
+            let offset = body.len() - cur.remaining().len();
             let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
                 continue;
             };
             if self.column_rules.get(index).is_some_and(Option::is_some) || self.field_finds(self.wire(index), value) {
-                dirty = true;
+                dirty = Some((index, offset));
                 break;
             }
         }
-        if !dirty {
+        let Some((first_dirty, offset)) = dirty else {
             out.extend_from_slice(message);
             return Ok(());
-        }
+        };
         // Second pass: rebuild the row with new length prefixes.
-        let mut cur = Cursor::new(body);
-        let count = cur.count16("field count").map_err(decode("DataRow"))?;
+        let mut cur = Cursor::new(&body[offset..]);
         out.put_u8(tag::DATA_ROW);
         let start = out.len();
         out.put_i32(0);
-        out.put_i16(count as i16);
-        for index in 0..count {
+        out.put_slice(&body[..offset]);
+        for index in first_dirty..count {
             let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
                 out.put_i32(-1);
                 continue;
