@@ -649,6 +649,14 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Execute { guarded: false })
             }
             fe::CLOSE => {
+                if self.seam.has_rules() {
+                    let kind = body.first().copied();
+                    let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
+                    match kind {
+                        Some(b'S') => self.statement_sensitive.remove(name),
+                        _ => self.portal_sensitive.remove(name),
+                    };
+                }
                 if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
