@@ -261,6 +261,7 @@ async fn run_session(
         session_id: id,
         max_message_size: shared.config.server.max_message_size,
         masker,
+        catalogs: &shared.catalogs,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

@@ -153,6 +153,9 @@ pub(crate) struct ProxyContext<'a> {
     /// The session's result masker; `None` when the identity sees clear
     /// values.
     pub masker: Option<RowMasker>,
+    /// The gateway's masking catalog snapshots: DDL on this session makes
+    /// the target's stale, so the next session reads it again.
+    pub catalogs: &'a std::sync::Mutex<HashMap<String, std::sync::Arc<crate::mask::catalog::Catalog>>>,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -751,6 +754,18 @@ impl<'a> Proxy<'a> {
             _ => None,
         };
         self.last_sensitive = self.sensitivity(classification.as_deref());
+        if classification
+            .as_deref()
+            .is_some_and(|c| c.statements.iter().any(|s| s.kind == crate::policy::Kind::Ddl))
+        {
+            // A table or column may be new, renamed or gone: sessions that
+            // start from now on read the catalog again.
+            self.ctx
+                .catalogs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(self.ctx.target);
+        }
         let copied_masked = classification.as_deref().and_then(|c| {
             c.statements
                 .iter()
