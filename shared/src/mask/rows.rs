@@ -260,13 +260,33 @@ impl RowMasker {
         // First pass: does any value need masking? Most rows: no. Where the
         // first one is (field index, byte offset) lets the rewrite copy the
         // clean fields before it without scanning them again.
+        // A text value that made the row dirty is scrubbed into `scratch`
+        // right away (`prescrubbed`), so it is not scanned twice.
         let mut dirty = None;
+        let mut prescrubbed = false;
         for index in 0..count {
             let offset = body.len() - cur.remaining().len();
             let Some(value) = cur.nullable_value("field").map_err(decode("DataRow"))? else {
                 continue;
             };
-            if self.column_rules.get(index).is_some_and(Option::is_some) || self.field_finds(self.wire(index), value) {
+            if self.column_rules.get(index).is_some_and(Option::is_some) {
+                dirty = Some((index, offset));
+                break;
+            }
+            let wire = self.wire(index);
+            let found = match wire {
+                Wire::Text | Wire::JsonbBinary => {
+                    let text = match wire {
+                        Wire::JsonbBinary => value.get(1..).unwrap_or_default(),
+                        _ => value,
+                    };
+                    self.scratch.clear();
+                    prescrubbed = scrub_into(text, self.detectors, &mut self.scratch);
+                    prescrubbed
+                }
+                Wire::Binary | Wire::BinaryNumber { .. } => self.field_finds(wire, value),
+            };
+            if found {
                 dirty = Some((index, offset));
                 break;
             }
@@ -318,8 +338,13 @@ impl RowMasker {
                 Wire::JsonbBinary if !value.is_empty() => value.split_at(1),
                 _ => (&value[..0], value),
             };
-            self.scratch.clear();
-            if !scrub_into(text, self.detectors, &mut self.scratch) {
+            let scrubbed = if prescrubbed && index == first_dirty {
+                true
+            } else {
+                self.scratch.clear();
+                scrub_into(text, self.detectors, &mut self.scratch)
+            };
+            if !scrubbed {
                 put_value(out, value);
                 continue;
             }
