@@ -272,7 +272,13 @@ async fn flush_gets_answers_without_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn function_call_passes_through() {
-    let gw = TestGateway::start("fastpath", Spec::default()).await;
+    // The gateway cannot see which function a FunctionCall calls: it is an
+    // unknown statement, which this policy allows.
+    let spec = Spec {
+        policy: Some("[policy]\ndefault = \"allow\"\nunknown = \"allow\"\n".into()),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("fastpath", spec).await;
     let mut client = RawClient::connect(gw.addr).await;
     let greeting = client.login(&gw.db, ALICE).await;
     let oid: i32 = client.simple("SELECT 'pg_backend_pid'::regproc::oid::int").await[0][0]
@@ -292,4 +298,30 @@ async fn function_call_passes_through() {
         i32::from_be_bytes(result[4..8].try_into().unwrap()),
         greeting.process_id
     );
+}
+
+/// By default a FunctionCall is refused like any statement the gateway cannot
+/// read (it could call set_config or query_to_xml by number), and the
+/// session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_is_refused_by_default() {
+    let gw = TestGateway::start("fastpath_refused", Spec::default()).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, ALICE).await;
+    let oid: i32 = client.simple("SELECT 'pg_backend_pid'::regproc::oid::int").await[0][0]
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend([0, 0, 0, 0, 0, 1]);
+    client.send(&msg(b'F', &body)).await;
+    let messages = client.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    let error = String::from_utf8_lossy(&messages[0].1);
+    assert!(
+        error.contains("42501") && error.contains("FunctionCall (fastpath)"),
+        "{error}"
+    );
+    assert_eq!(client.simple("SELECT 7").await[0][0].as_deref(), Some("7"));
 }

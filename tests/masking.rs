@@ -570,6 +570,24 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
         .get(0);
     assert_eq!(staff, "*********per");
 
+    // A client cannot make the catalog lookup fail (and fall back to
+    // detectors) with a tiny statement_timeout of its own.
+    let gw3 = TestGateway::start_for(
+        gw.db.clone(),
+        Spec {
+            extra: spec_extra(&key),
+            ..Spec::default()
+        },
+    )
+    .await;
+    let hasty = gw3.connect_with(BOB, "options='-c statement_timeout=1'").await.unwrap();
+    let secret: String = hasty
+        .query_one("SELECT secret FROM api_keys WHERE service = 'internal'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(secret, "[masked]");
+
     // The contacts view shows customers.email: its columns get the hash rule.
     let contact: String = bob2
         .query_one("SELECT contact FROM contacts WHERE name IS NOT NULL LIMIT 1", &[])
@@ -577,4 +595,59 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
         .unwrap()
         .get(0);
     assert!(contact.starts_with("h:"), "{contact}");
+}
+
+/// A Parse or Bind the server rejects or discards cannot make a sensitive
+/// statement or portal look harmless: what the client executes afterwards
+/// is still the old, sensitive one (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_parses_and_binds_do_not_unmask() {
+    use crate::harness::raw::{self, RawClient, tags};
+    let key = harness::cluster().dev.dir().join("mask-rules-raw.key");
+    std::fs::write(&key, "a test key of more than sixteen bytes\n").unwrap();
+    let spec = Spec {
+        extra: spec_extra(&key),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("mask_raw", spec).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let sensitive = "SELECT upper(secret) FROM api_keys WHERE service = 'internal'";
+    let rows = |messages: &[raw::Msg]| -> Vec<Vec<Option<String>>> {
+        messages
+            .iter()
+            .filter(|(tag, _)| *tag == b'D')
+            .map(|(_, body)| raw::data_row(body))
+            .collect()
+    };
+    let clear = "NOT-A-REAL-SECRET-BUT-TREAT-IT-LIKE-ONE";
+
+    // A: the name is taken, so the second Parse fails; "s" is still the
+    // sensitive statement.
+    client.send(&[raw::parse("s", sensitive), raw::sync()].concat()).await;
+    client.until_ready().await;
+    client.send(&[raw::parse("s", "SELECT 1"), raw::sync()].concat()).await;
+    assert!(tags(&client.until_ready().await).starts_with('E'));
+    client
+        .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let got = client.until_ready().await;
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+
+    // B: after an error, the batch's Parse of the unnamed statement is
+    // discarded; the unnamed statement is still the sensitive one.
+    client.send(&[raw::parse("", sensitive), raw::sync()].concat()).await;
+    client.until_ready().await;
+    client
+        .send(&[raw::execute("nope", 0), raw::parse("", "SELECT 1"), raw::sync()].concat())
+        .await;
+    client.until_ready().await;
+    client
+        .send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let got = client.until_ready().await;
+    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+    assert!(!text.contains(clear), "{text}");
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 }

@@ -18,6 +18,9 @@ pub enum StatementSource<'a> {
     SimpleQuery,
     /// A Parse message preparing a statement under this name ("" is unnamed).
     Parse { statement: &'a str },
+    /// A FunctionCall (fastpath) message: a function called by OID, which the
+    /// gateway cannot see; `sql` is empty. Policy decides it as unknown.
+    FunctionCall,
 }
 
 /// Everything the gate may base a decision on, besides the text itself.

@@ -519,7 +519,8 @@ impl RowMasker {
     pub fn function_result(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
         let mut cur = Cursor::new(&message[5..]);
         match cur.nullable_value("result").map_err(decode("FunctionCallResponse"))? {
-            Some(value) if self.finds(value) => {
+            // With column rules, any function may have read a masked column.
+            Some(value) if !self.rules.is_empty() || self.finds(value) => {
                 self.masked += 1;
                 out.put_u8(tag::FUNCTION_CALL_RESPONSE);
                 out.put_i32(8);

@@ -488,7 +488,16 @@ impl PolicyGate {
 
 impl StatementGate for PolicyGate {
     fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict {
-        let classification = self.classify(sql, session.standard_conforming_strings);
+        let classification = match ctx.source {
+            // Called by OID: whatever function it is (set_config,
+            // query_to_xml...) cannot be seen, so it is unknown.
+            crate::gate::StatementSource::FunctionCall => Arc::new(Classification {
+                statements: vec![StatementClass::unknown(
+                    "a FunctionCall (fastpath) message calls a function by number, which the gateway cannot see",
+                )],
+            }),
+            _ => self.classify(sql, session.standard_conforming_strings),
+        };
         let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed);
         let decision = self.policy.decide(&subject, classification);
         let changes_search_path = decision

@@ -231,7 +231,17 @@ async fn run_session(
         tracing::info!(identity = %identity, "unmask grant used: this session sees clear values");
         None
     } else {
-        let rules = column_rules(shared, &target.name, &identity, &mut upstream.conn).await;
+        let Some(rules) = column_rules(shared, &target.name, &identity, &mut upstream.conn).await else {
+            let error = refuse(
+                "XX000",
+                format!(
+                    "the gateway could not read which columns of target \"{}\" are masked, so it cannot mask your results",
+                    target.name
+                ),
+            )
+            .with_hint("try again; the gateway's log has the details");
+            return report(Failure::Refuse(error), Some(conn)).await;
+        };
         let masking = &shared.config.masking;
         (!masking.detectors.is_empty() || !rules.is_empty())
             .then(|| crate::mask::RowMasker::new(masking.detectors, rules))
@@ -303,16 +313,18 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
 /// target's catalog snapshot; the snapshot is read on this session's own
 /// upstream connection (before the client's first statement) when it is
 /// missing or older than `masking.catalog_ttl`. If it cannot be read, the
-/// session is masked by detectors only, and the log says so.
+/// session cannot be masked by its rules and is refused (`None`): a client
+/// could otherwise make the read fail (a tiny statement_timeout) to get its
+/// results masked by detectors only.
 async fn column_rules(
     shared: &Shared,
     target: &str,
     identity: &Identity,
     conn: &mut Connection,
-) -> crate::mask::catalog::ColumnRules {
+) -> Option<crate::mask::catalog::ColumnRules> {
     let masking = &shared.config.masking;
     let Some(query) = crate::mask::catalog::query(&masking.rules) else {
-        return Default::default();
+        return Some(Default::default());
     };
     let cached = shared
         .catalogs
@@ -333,12 +345,12 @@ async fn column_rules(
                 catalog
             }
             Err(err) => {
-                tracing::warn!(error = %err, "masking rules: cannot read the target's catalog; this session is masked by detectors only");
-                return Default::default();
+                tracing::warn!(error = %err, "masking rules: cannot read the target's catalog; the session is refused");
+                return None;
             }
         },
     };
-    catalog.for_identity(&masking.rules, identity.groups())
+    Some(catalog.for_identity(&masking.rules, identity.groups()))
 }
 
 /// Runs the catalog query on an idle upstream connection and reads its rows.
@@ -349,7 +361,13 @@ async fn load_catalog(
 ) -> Result<crate::mask::catalog::Catalog, String> {
     use crate::protocol::backend::tag;
     let mut out = BytesMut::new();
-    crate::protocol::frontend::Query::encode(query, &mut out);
+    // The session's own settings (from its startup packet) must not change
+    // the lookup: no timeout to trip, and names resolved in pg_catalog only.
+    let query = format!(
+        "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+         SET LOCAL search_path = pg_catalog, pg_temp; {query}; COMMIT"
+    );
+    crate::protocol::frontend::Query::encode(&query, &mut out);
     conn.send(&out)
         .await
         .map_err(|e| format!("sending the catalog query: {e}"))?;
@@ -384,7 +402,12 @@ async fn load_catalog(
                     .unwrap_or_else(|e| e.to_string());
                 error = Some(received);
             }
-            tag::READY_FOR_QUERY => break,
+            tag::READY_FOR_QUERY => {
+                if message.body.first() != Some(&b'I') && error.is_none() {
+                    error = Some("the catalog lookup left a transaction open".into());
+                }
+                break;
+            }
             _ => {}
         }
     }

@@ -135,6 +135,20 @@ impl PendingQueue {
         }
     }
 
+    /// Marks every answer still owed as sensitive: after an error, the
+    /// statements and portals they describe may not be the ones the client
+    /// meant (its Parse or Bind was discarded or rejected).
+    pub fn mark_sensitive(&mut self) {
+        for expect in &mut self.queue {
+            match expect {
+                Expect::Query { sensitive, .. }
+                | Expect::Describe { sensitive }
+                | Expect::InternalDescribe { sensitive } => *sensitive = true,
+                _ => {}
+            }
+        }
+    }
+
     fn front_owner_pop(&mut self) -> Owner {
         let owner = self.front_owner();
         self.pop();

@@ -601,7 +601,16 @@ impl<'a> Proxy<'a> {
                     }
                 };
                 if self.seam.has_rules() {
-                    self.statement_sensitive.insert(name.to_string(), self.last_sensitive);
+                    // A Parse the server rejects (the name is taken) must not
+                    // make a sensitive statement look harmless: a named
+                    // statement's flag only grows until Close. The unnamed
+                    // one is replaced by each Parse; errors reset it below.
+                    let sensitive = self.last_sensitive;
+                    if name.is_empty() {
+                        self.statement_sensitive.insert(String::new(), sensitive);
+                    } else {
+                        *self.statement_sensitive.entry(name.to_string()).or_default() |= sensitive;
+                    }
                 }
                 self.pending.push(Expect::Parse { refusal });
                 return Ok(Consumed::Yes);
@@ -683,7 +692,23 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Describe { sensitive })
             }
             fe::SYNC => Some(Expect::Sync),
-            fe::FUNCTION_CALL => Some(Expect::FunctionCall),
+            fe::FUNCTION_CALL => {
+                self.counters.statements += 1;
+                match self.check("", StatementSource::FunctionCall) {
+                    Outcome::Refuse(refusal) => {
+                        // Answered like a refused Query: an error, then
+                        // ReadyForQuery, which is what the client awaits.
+                        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+                        self.pending.push(Expect::Query {
+                            refusal: Some(refusal),
+                            guarded: false,
+                            sensitive: false,
+                        });
+                        return Ok(Consumed::Yes);
+                    }
+                    Outcome::Forward | Outcome::Guard(_) => Some(Expect::FunctionCall),
+                }
+            }
             fe::COPY_DONE | fe::COPY_FAIL => Some(Expect::CopyEnd),
             fe::FLUSH | fe::COPY_DATA => None,
             fe::TERMINATE => {
@@ -892,7 +917,10 @@ impl<'a> Proxy<'a> {
                     self.to_client.extend_from_slice(&guard.held);
                     self.seam.forward(message_tag, message, &mut self.to_client);
                 } else {
-                    guard.error = Some(message.to_vec());
+                    // Kept masked: it reaches the client later, as is.
+                    let mut masked = BytesMut::with_capacity(message.len());
+                    self.seam.forward(message_tag, message, &mut masked);
+                    guard.error = Some(masked.to_vec());
                 }
             }
             backend::tag::COPY_IN_RESPONSE | backend::tag::COPY_BOTH_RESPONSE => {
@@ -1019,7 +1047,7 @@ impl<'a> Proxy<'a> {
                 // COMMIT failed (a deferred constraint, say): in autocommit
                 // the statement itself would have failed with this error.
                 payload.clear();
-                payload.extend_from_slice(message);
+                self.seam.forward(backend::tag::ERROR_RESPONSE, message, payload);
             }
             (GuardPhase::Finishing { payload, .. }, backend::tag::READY_FOR_QUERY) => {
                 let payload = std::mem::take(payload);
@@ -1125,6 +1153,14 @@ impl<'a> Proxy<'a> {
                     .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
             }
             backend::tag::ERROR_RESPONSE => {
+                if self.seam.has_rules() {
+                    // Parses and Binds after an error were discarded: the
+                    // unnamed statement and the portals may be older ones
+                    // than the flags say. Assume the worst until re-bound.
+                    self.statement_sensitive.insert(String::new(), true);
+                    self.portal_sensitive.clear();
+                    self.pending.mark_sensitive();
+                }
                 if let Ok(error) = ReceivedError::decode(body)
                     && matches!(error.severity, "FATAL" | "PANIC")
                 {
