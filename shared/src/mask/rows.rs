@@ -65,8 +65,10 @@ enum Rule {
     Column(Arc<Strategy>),
     /// A whole row (or an array of rows) of a table with a masked column.
     Row,
-    /// An expression in a statement over a table with masked columns.
-    Expression,
+    /// An expression in a statement over a table with masked columns. Any
+    /// type can carry a masked value out (`ascii(substr(secret, 1, 1))` is
+    /// a number): text-like ones become `[masked:expression]`, others NULL.
+    Expression { text: bool },
 }
 
 /// The text a whole-row value holding a masked column becomes.
@@ -74,9 +76,9 @@ const ROW_MASK: &[u8] = b"[masked:row]";
 /// The text an expression over a table with masked columns becomes.
 const EXPRESSION_MASK: &[u8] = b"[masked:expression]";
 
-/// Whether a value of this type can carry text from a masked column:
-/// text-like types, jsonb, bytea, records, their arrays, and user types
-/// (enums, domains, composites), which the masker cannot inspect.
+/// Whether a masked expression of this type is shown as text
+/// (`[masked:expression]`) rather than NULL: text-like types, jsonb, bytea,
+/// records, their arrays, and user types.
 fn carries_text(type_oid: u32) -> bool {
     TEXT_LIKE.contains(&type_oid)
         || matches!(
@@ -128,6 +130,8 @@ pub struct RowMasker {
     scratch: Vec<u8>,
     /// Values masked so far, for the session summary and audit.
     masked: u64,
+    /// The next error or notice loses its text (see `error_or_notice`).
+    withhold: bool,
 }
 
 impl RowMasker {
@@ -140,7 +144,14 @@ impl RowMasker {
             copy: CopyOut::None,
             scratch: Vec::new(),
             masked: 0,
+            withhold: false,
         }
+    }
+
+    /// Whether the next error or notice belongs to a statement over masked
+    /// columns.
+    pub fn withhold_next_message(&mut self, withhold: bool) {
+        self.withhold = withhold;
     }
 
     /// Whether this session masks columns by rule.
@@ -180,8 +191,10 @@ impl RowMasker {
                 Some(Rule::Column(strategy.clone()))
             } else if self.rules.rowtypes.contains(&type_oid) {
                 Some(Rule::Row)
-            } else if sensitive && table == 0 && carries_text(type_oid) {
-                Some(Rule::Expression)
+            } else if sensitive && table == 0 {
+                Some(Rule::Expression {
+                    text: carries_text(type_oid),
+                })
             } else {
                 None
             };
@@ -318,7 +331,7 @@ impl RowMasker {
                         }
                     }
                     (Rule::Row, Wire::Text) => put_value(out, ROW_MASK),
-                    (Rule::Expression, Wire::Text) => put_value(out, EXPRESSION_MASK),
+                    (Rule::Expression { text: true }, Wire::Text) => put_value(out, EXPRESSION_MASK),
                     // A binary value (jsonb, numbers, arrays, records) would
                     // not decode with masked text in it.
                     _ => out.put_i32(-1),
@@ -471,6 +484,9 @@ impl RowMasker {
     /// `invalid input syntax for type integer: "123-45-6789"`).
     pub fn error_or_notice(&mut self, message_tag: u8, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
         let body = &message[5..];
+        if std::mem::take(&mut self.withhold) {
+            return self.withheld(message_tag, body, out);
+        }
         if !self.finds(body) {
             out.extend_from_slice(message);
             return Ok(());
@@ -488,6 +504,41 @@ impl RowMasker {
             let value = cur.cstr_bytes("field").map_err(decode("ErrorResponse"))?;
             self.put_scrubbed_cstr(value, out);
         }
+        finish(out, start);
+        Ok(())
+    }
+
+    /// An error or notice of a statement over masked columns: severity and
+    /// SQLSTATE are kept, the text (which may echo a masked value) is not.
+    fn withheld(&mut self, message_tag: u8, body: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
+        let mut cur = Cursor::new(body);
+        let (mut severity, mut code) = (&b"ERROR"[..], &b"XX000"[..]);
+        loop {
+            let field = cur.u8("field type").map_err(decode("ErrorResponse"))?;
+            if field == 0 {
+                break;
+            }
+            let value = cur.cstr_bytes("field").map_err(decode("ErrorResponse"))?;
+            match field {
+                b'V' => severity = value,
+                b'C' => code = value,
+                _ => {}
+            }
+        }
+        self.masked += 1;
+        out.put_u8(message_tag);
+        let start = out.len();
+        out.put_i32(0);
+        for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code)] {
+            out.put_u8(field);
+            out.put_slice(value);
+            out.put_u8(0);
+        }
+        out.put_u8(b'M');
+        out.put_slice(b"the statement reads columns masked for you; the server's message is withheld, since it may show a masked value (SQLSTATE ");
+        out.put_slice(code);
+        out.put_slice(b")\0");
+        out.put_u8(0);
         finish(out, start);
         Ok(())
     }

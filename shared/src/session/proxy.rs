@@ -806,7 +806,15 @@ impl<'a> Proxy<'a> {
                         && s.features.contains(crate::policy::Feature::CopyCustomFormat)
                 })
             });
+        // A notification's payload reaches whoever listens, outside any
+        // result the masker can attribute: no NOTIFY over masked columns.
+        let notifies = self.last_sensitive && contains_ignore_case(sql, "notify");
         let refusal = match verdict {
+            _ if notifies => Refusal {
+                code: "42501",
+                message: "statement refused: NOTIFY or pg_notify in a statement over columns that are masked for you".into(),
+                hint: Some("notifications cannot be masked by column; send them from a statement that reads no masked column".into()),
+            },
             _ if custom_copy => Refusal {
                 code: "42501",
                 message: "statement refused: COPY TO with its own DELIMITER, QUOTE or ESCAPE cannot be masked reliably by the gateway".into(),
@@ -1144,6 +1152,17 @@ impl<'a> Proxy<'a> {
             let sensitive = self.pending.front_sensitive();
             self.seam.describe(message, sensitive);
         }
+        if matches!(
+            message_tag,
+            backend::tag::ERROR_RESPONSE | backend::tag::NOTICE_RESPONSE
+        ) && self.seam.has_rules()
+        {
+            // PostgreSQL echoes values in messages (`invalid input syntax
+            // for type integer: "..."`): a statement over masked columns
+            // gets its SQLSTATE, not the text.
+            let sensitive = self.pending.front_sensitive();
+            self.seam.withhold_next_message(sensitive);
+        }
         let owner = self.pending.on_backend(message_tag);
         // What the gateway tracks whoever the message is for.
         match message_tag {
@@ -1317,6 +1336,14 @@ fn first_name<'m>(body: &'m [u8], field: &'static str) -> Result<&'m str, Stop> 
 }
 
 /// The portal and statement names of a Bind body.
+/// Whether `haystack` contains `needle` (ASCII, any case).
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 fn bind_names(body: &[u8]) -> Result<(&str, &str), Stop> {
     let mut cursor = Cursor::new(body);
     let malformed = |err: DecodeError| {

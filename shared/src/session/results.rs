@@ -46,6 +46,14 @@ impl ResultSeam {
         }
     }
 
+    /// Whether the next ErrorResponse or NoticeResponse belongs to a
+    /// statement over masked columns, and must lose its text.
+    pub fn withhold_next_message(&mut self, withhold: bool) {
+        if let Some(masker) = &mut self.masker {
+            masker.withhold_next_message(withhold);
+        }
+    }
+
     /// Whether this session masks columns by rule.
     pub fn has_rules(&self) -> bool {
         self.masker.as_ref().is_some_and(RowMasker::has_rules)
