@@ -530,6 +530,17 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
         err.as_db_error().unwrap().message().contains("NOTIFY or pg_notify"),
         "{err}"
     );
+    let err = bob
+        .simple_query("SELECT set_config('x.y', secret, false) FROM api_keys")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("set_config in a statement"),
+        "{err}"
+    );
     // A statement that reads no masked table is left alone.
     assert_eq!(texts(bob.simple_query("SELECT upper('x')").await.unwrap()), ["X"]);
 

@@ -809,11 +809,24 @@ impl<'a> Proxy<'a> {
         // A notification's payload reaches whoever listens, outside any
         // result the masker can attribute: no NOTIFY over masked columns.
         let notifies = self.last_sensitive && contains_ignore_case(sql, "notify");
+        // A setting is read back later by SHOW or current_setting(), which
+        // read no table: no set_config over masked columns either.
+        let sets_config = self.last_sensitive
+            && classification.as_deref().is_some_and(|c| {
+                c.statements
+                    .iter()
+                    .any(|s| s.features.contains(crate::policy::Feature::SetConfig))
+            });
         let refusal = match verdict {
             _ if notifies => Refusal {
                 code: "42501",
                 message: "statement refused: NOTIFY or pg_notify in a statement over columns that are masked for you".into(),
                 hint: Some("notifications cannot be masked by column; send them from a statement that reads no masked column".into()),
+            },
+            _ if sets_config => Refusal {
+                code: "42501",
+                message: "statement refused: set_config in a statement over columns that are masked for you".into(),
+                hint: Some("a setting can be read back unmasked; set it from a statement that reads no masked column".into()),
             },
             _ if custom_copy => Refusal {
                 code: "42501",
