@@ -388,31 +388,19 @@ impl RowMasker {
             // none of those bytes, so the row keeps its shape either way.
             CopyOut::Text | CopyOut::None => {
                 let body = &message[5..];
-                if !copy_runs(body).any(|run| self.finds(run)) {
+                if !copy_runs(body).any(|(run, _)| self.finds(run)) {
                     out.extend_from_slice(message);
                     return Ok(());
                 }
                 out.put_u8(tag::COPY_DATA);
                 let start = out.len();
                 out.put_i32(0);
-                let mut run_start = 0;
-                let mut quoted = false;
-                for (at, &b) in body.iter().enumerate() {
-                    let boundary = match b {
-                        b'"' => {
-                            quoted = !quoted;
-                            true
-                        }
-                        b'\t' | b',' | b'\n' | b'\r' => !quoted,
-                        _ => false,
-                    };
-                    if boundary {
-                        self.put_scrubbed_run(&body[run_start..at], out);
-                        out.put_u8(b);
-                        run_start = at + 1;
+                for (run, boundary) in copy_runs(body) {
+                    self.put_scrubbed_run(run, out);
+                    if let Some(boundary) = boundary {
+                        out.put_u8(boundary);
                     }
                 }
-                self.put_scrubbed_run(&body[run_start..], out);
                 finish(out, start);
                 Ok(())
             }
@@ -605,16 +593,32 @@ impl RowMasker {
 }
 
 /// The runs of a text or CSV COPY row that [`RowMasker::copy_data`] masks
-/// one by one (the same split it writes back).
-fn copy_runs(body: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// one by one, each with the boundary byte that ends it (none for the last):
+/// tabs, commas and line ends outside quotes, and the quotes themselves, so
+/// that a quoted CSV value is one run.
+fn copy_runs(body: &[u8]) -> impl Iterator<Item = (&[u8], Option<u8>)> {
     let mut quoted = false;
-    body.split(move |&b| match b {
-        b'"' => {
-            quoted = !quoted;
-            true
+    let mut rest = Some(body);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        let end = text.iter().position(|&b| match b {
+            b'"' => {
+                quoted = !quoted;
+                true
+            }
+            b'\t' | b',' | b'\n' | b'\r' => !quoted,
+            _ => false,
+        });
+        match end {
+            Some(at) => {
+                rest = Some(&text[at + 1..]);
+                Some((&text[..at], Some(text[at])))
+            }
+            None => {
+                rest = None;
+                Some((text, None))
+            }
         }
-        b'\t' | b',' | b'\n' | b'\r' => !quoted,
-        _ => false,
     })
 }
 

@@ -765,6 +765,72 @@ impl<'a> Proxy<'a> {
         sensitive
     }
 
+    /// What masking needs of an allowed text: after DDL, the target's
+    /// catalog snapshot is dropped (a table or column may be new, renamed or
+    /// gone: sessions that start from now on read it again); and a refusal
+    /// for what a masked session cannot pass safely.
+    fn masking_refusal(&mut self, sql: &str, classification: &crate::policy::Classification) -> Option<Refusal> {
+        use crate::policy::{Feature, Kind};
+        let statements = &classification.statements;
+        if statements.iter().any(|s| s.kind == Kind::Ddl) {
+            self.ctx
+                .catalogs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(self.ctx.target);
+        }
+        if !self.seam.masking() {
+            return None;
+        }
+        let refused = |message: String, hint: String| {
+            Some(Refusal {
+                code: "42501",
+                message: format!("statement refused: {message}"),
+                hint: Some(hint),
+            })
+        };
+        if self.last_sensitive {
+            // A notification's payload reaches whoever listens, outside any
+            // result the masker can attribute.
+            if contains_ignore_case(sql, "notify") {
+                return refused(
+                    "NOTIFY or pg_notify in a statement over columns that are masked for you".into(),
+                    "notifications cannot be masked by column; send them from a statement that reads no masked column"
+                        .into(),
+                );
+            }
+            // A setting is read back later by SHOW or current_setting(),
+            // which read no table.
+            if statements.iter().any(|s| s.features.contains(Feature::SetConfig)) {
+                return refused(
+                    "set_config in a statement over columns that are masked for you".into(),
+                    "a setting can be read back unmasked; set it from a statement that reads no masked column".into(),
+                );
+            }
+        }
+        let copies = statements.iter().filter(|s| s.kind == Kind::CopyOut);
+        if copies.clone().any(|s| s.features.contains(Feature::CopyCustomFormat)) {
+            return refused(
+                "COPY TO with its own DELIMITER, QUOTE or ESCAPE cannot be masked reliably by the gateway".into(),
+                "use COPY's default text or CSV format (FORMAT csv without DELIMITER, QUOTE or ESCAPE)".into(),
+            );
+        }
+        // COPY rows carry no column origins for the rules to apply to.
+        let masked = copies
+            .flat_map(|s| s.relations.iter())
+            .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))?;
+        let name = match &masked.schema {
+            Some(schema) => format!("{schema}.{}", masked.name),
+            None => masked.name.clone(),
+        };
+        refused(
+            format!(
+                "COPY of {name} would pass columns that are masked for you; COPY rows carry no column names for the gateway to mask by"
+            ),
+            format!("SELECT from {name} instead: results of SELECT are masked column by column"),
+        )
+    }
+
     /// Asks the gate what to do with a statement.
     fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
         let ctx = StatementContext {
@@ -779,75 +845,9 @@ impl<'a> Proxy<'a> {
             _ => None,
         };
         self.last_sensitive = self.sensitivity(classification.as_deref());
-        if classification
-            .as_deref()
-            .is_some_and(|c| c.statements.iter().any(|s| s.kind == crate::policy::Kind::Ddl))
-        {
-            // A table or column may be new, renamed or gone: sessions that
-            // start from now on read the catalog again.
-            self.ctx
-                .catalogs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(self.ctx.target);
-        }
-        let copied_masked = classification.as_deref().and_then(|c| {
-            c.statements
-                .iter()
-                .filter(|s| s.kind == crate::policy::Kind::CopyOut)
-                .flat_map(|s| s.relations.iter())
-                .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))
-                .map(|r| (r.schema.clone(), r.name.clone()))
-        });
-        let custom_copy = self.seam.masking()
-            && classification.as_deref().is_some_and(|c| {
-                c.statements.iter().any(|s| {
-                    s.kind == crate::policy::Kind::CopyOut
-                        && s.features.contains(crate::policy::Feature::CopyCustomFormat)
-                })
-            });
-        // A notification's payload reaches whoever listens, outside any
-        // result the masker can attribute: no NOTIFY over masked columns.
-        let notifies = self.last_sensitive && contains_ignore_case(sql, "notify");
-        // A setting is read back later by SHOW or current_setting(), which
-        // read no table: no set_config over masked columns either.
-        let sets_config = self.last_sensitive
-            && classification.as_deref().is_some_and(|c| {
-                c.statements
-                    .iter()
-                    .any(|s| s.features.contains(crate::policy::Feature::SetConfig))
-            });
+        let masking_refusal = classification.as_deref().and_then(|c| self.masking_refusal(sql, c));
         let refusal = match verdict {
-            _ if notifies => Refusal {
-                code: "42501",
-                message: "statement refused: NOTIFY or pg_notify in a statement over columns that are masked for you".into(),
-                hint: Some("notifications cannot be masked by column; send them from a statement that reads no masked column".into()),
-            },
-            _ if sets_config => Refusal {
-                code: "42501",
-                message: "statement refused: set_config in a statement over columns that are masked for you".into(),
-                hint: Some("a setting can be read back unmasked; set it from a statement that reads no masked column".into()),
-            },
-            _ if custom_copy => Refusal {
-                code: "42501",
-                message: "statement refused: COPY TO with its own DELIMITER, QUOTE or ESCAPE cannot be masked reliably by the gateway".into(),
-                hint: Some("use COPY's default text or CSV format (FORMAT csv without DELIMITER, QUOTE or ESCAPE)".into()),
-            },
-            _ if let Some((schema, table)) = copied_masked => {
-                let name = match schema {
-                    Some(schema) => format!("{schema}.{table}"),
-                    None => table,
-                };
-                Refusal {
-                    code: "42501",
-                    message: format!(
-                        "statement refused: COPY of {name} would pass columns that are masked for you; COPY rows carry no column names for the gateway to mask by"
-                    ),
-                    hint: Some(format!(
-                        "SELECT from {name} instead: results of SELECT are masked column by column"
-                    )),
-                }
-            }
+            _ if let Some(refusal) = masking_refusal => refusal,
             Verdict::Allow(Allowance { max_rows: None, .. }) => return Outcome::Forward,
             Verdict::Allow(Allowance {
                 max_rows: Some(limit), ..

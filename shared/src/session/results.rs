@@ -3,11 +3,12 @@
 //!
 //! With masking on (the default), the seam's [`RowMasker`] rewrites DataRow,
 //! CopyData (COPY TO STDOUT), ErrorResponse, NoticeResponse and
-//! NotificationResponse so that values the content detectors find never
-//! reach the client in clear. RowDescription and NoData are observed with
-//! [`ResultSeam::observe`] whoever they are for (the proxy's own Describe
-//! before an Execute included), so the masker always knows the formats of
-//! the rows that follow.
+//! NotificationResponse so that values the content detectors find, and
+//! columns the rules name, never reach the client in clear. RowDescription
+//! ([`ResultSeam::describe`]), NoData and CopyOutResponse
+//! ([`ResultSeam::observe`]) are seen whoever they are for (the proxy's own
+//! Describe before an Execute included), so the masker always knows the
+//! columns and formats of the rows that follow.
 //!
 //! A message the masker cannot read is not passed on: the seam records the
 //! failure and the proxy ends the session.
