@@ -99,6 +99,9 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
                 features.join(", ")
             }
         );
+        if !statement.functions.is_empty() {
+            println!("  functions   {}", statement.functions.join(", "));
+        }
         if statement.opaque {
             println!("  opaque      yes: it may touch relations the gateway cannot see");
         }

@@ -692,3 +692,160 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     assert!(!text.contains(clear), "{text}");
     assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 }
+
+/// The first value of each row of a simple query, NULL as "NULL".
+fn first_values(messages: Vec<SimpleQueryMessage>) -> Vec<String> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Values of columns masked by rule cannot be routed around the masker: not
+/// through a user-defined function that reads the table (which the
+/// statement never names), not by copying them into another table, and not
+/// through a view, function, trigger or renamed column the session creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_columns_cannot_be_routed_around_the_masker() {
+    let key = harness::cluster().dev.dir().join("mask-reroute.key");
+    std::fs::write(&key, "a test key of more than sixteen bytes\n").unwrap();
+    let spec = Spec {
+        extra: spec_extra(&key),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("mask_reroute", spec).await;
+    harness::setup(&gw.db, FIXTURE).await;
+    harness::setup(
+        &gw.db,
+        "CREATE FUNCTION get_secret(k int) RETURNS text LANGUAGE sql STABLE \
+           AS $$ SELECT secret FROM api_keys WHERE id = k $$; \
+         CREATE FUNCTION \"Leak\"() RETURNS SETOF text LANGUAGE plpgsql \
+           AS $$ BEGIN RETURN QUERY EXECUTE 'SELECT secret FROM api' || '_keys'; END $$; \
+         CREATE TABLE scratch (v text);",
+    )
+    .await;
+    let clear = "not-a-real-secret";
+    let bob = gw.connect(BOB).await.unwrap();
+
+    // Function results are expressions of a statement over masked data.
+    for query in [
+        "SELECT get_secret(3)",
+        "SELECT GET_SECRET(3) AS harmless",
+        "SELECT x FROM get_secret(3) AS x",
+        "SELECT * FROM \"Leak\"()",
+        "SELECT public.get_secret(id) FROM generate_series(1, 3) AS id",
+    ] {
+        let values = first_values(bob.simple_query(query).await.unwrap());
+        assert!(!values.is_empty(), "{query}");
+        assert!(values.iter().all(|v| v == "[masked:expression]"), "{query}: {values:?}");
+    }
+    let extended: String = bob.query_one("SELECT get_secret($1)", &[&3i32]).await.unwrap().get(0);
+    assert_eq!(extended, "[masked:expression]");
+    // A statement calling only the server's own functions is left alone.
+    assert_eq!(
+        first_values(bob.simple_query("SELECT upper('x')").await.unwrap()),
+        ["X"]
+    );
+
+    // What would store masked values elsewhere, or create something that
+    // computes them, is refused with the reason.
+    for (statement, reason) in [
+        (
+            "INSERT INTO scratch SELECT secret FROM api_keys",
+            "would be stored where the masker cannot follow",
+        ),
+        (
+            "INSERT INTO scratch VALUES (get_secret(3))",
+            "would be stored where the masker cannot follow",
+        ),
+        (
+            "WITH x AS (INSERT INTO scratch SELECT secret FROM api_keys RETURNING 1) SELECT count(*) FROM x",
+            "would be stored where the masker cannot follow",
+        ),
+        (
+            "UPDATE scratch SET v = (SELECT secret FROM api_keys LIMIT 1)",
+            "would be stored",
+        ),
+        (
+            "CREATE TABLE copied AS SELECT * FROM api_keys",
+            "could carry masked values past the masker",
+        ),
+        (
+            "SELECT secret INTO copied FROM api_keys",
+            "could carry masked values past the masker",
+        ),
+        (
+            "CREATE TEMP TABLE copied AS SELECT get_secret(3)",
+            "could carry masked values past the masker",
+        ),
+        (
+            "CREATE MATERIALIZED VIEW mv AS SELECT secret FROM api_keys",
+            "could carry masked values",
+        ),
+        (
+            "CREATE VIEW v AS SELECT service FROM api_keys",
+            "could carry masked values",
+        ),
+        ("CREATE OR REPLACE VIEW v AS SELECT 1", "could carry masked values"),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT secret FROM api_keys LIMIT 1'",
+            "could carry masked values",
+        ),
+        (
+            "ALTER TABLE api_keys RENAME COLUMN secret TO plain",
+            "could carry masked values",
+        ),
+        (
+            "ALTER TABLE scratch ALTER v SET DEFAULT get_secret(3)",
+            "could carry masked values",
+        ),
+        (
+            "COPY (SELECT get_secret(3)) TO STDOUT",
+            "a user-defined function's result",
+        ),
+    ] {
+        let err = bob.simple_query(statement).await.unwrap_err();
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{statement}: {err}"));
+        assert_eq!(db.code().code(), "42501", "{statement}: {db:?}");
+        assert!(db.message().contains(reason), "{statement}: {db:?}");
+        assert!(!db.message().contains(clear), "{statement}: {db:?}");
+    }
+
+    // Writes that keep values in the masked table, or read nothing masked,
+    // and schema changes that compute nothing, still run.
+    bob.batch_execute(
+        "INSERT INTO scratch VALUES ('hello'); CREATE TEMP TABLE notes (n int); DROP TABLE notes; \
+         CREATE INDEX ON scratch (v)",
+    )
+    .await
+    .unwrap();
+    let returned = first_values(
+        bob.simple_query("UPDATE api_keys SET service = service WHERE id = 3 RETURNING secret")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(returned, ["[masked]"]);
+
+    // Nothing reached the scratch table, and the table kept its column.
+    let admin = harness::superuser(&gw.db).await;
+    let stored: Vec<String> = admin
+        .query("SELECT v FROM scratch", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, ["hello"]);
+    let column: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'api_keys' AND column_name = 'secret'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(column, 1);
+}

@@ -35,6 +35,9 @@ pub struct Catalog {
     /// Row types (and their array types) of tables with a matched column,
     /// with the rules of those columns.
     rowtypes: HashMap<u32, Vec<usize>>,
+    /// Names (lower case) of functions written in SQL or a procedural
+    /// language outside the system schemas.
+    functions: Arc<HashSet<String>>,
     pub loaded: Instant,
 }
 
@@ -46,6 +49,9 @@ pub struct ColumnRules {
     pub rowtypes: HashSet<u32>,
     /// Relations with a masked column, as (schema, name) in lower case.
     pub tables: HashSet<(String, String)>,
+    /// User-defined functions (see [`FUNCTIONS_QUERY`]): their results may
+    /// come from a masked table that the calling statement never names.
+    pub functions: Arc<HashSet<String>>,
 }
 
 impl ColumnRules {
@@ -61,7 +67,32 @@ impl ColumnRules {
             .iter()
             .any(|(s, t)| t.eq_ignore_ascii_case(name) && schema.is_none_or(|schema| s.eq_ignore_ascii_case(schema)))
     }
+
+    /// Whether a function a statement calls (by base name) may be a
+    /// user-defined one, in any schema and whatever its arguments.
+    pub fn user_function(&self, name: &str) -> bool {
+        if self.functions.is_empty() {
+            return false;
+        }
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.functions.contains(&name.to_ascii_lowercase());
+        }
+        self.functions.contains(name)
+    }
 }
+
+/// The names of the functions whose results masking cannot attribute:
+/// those written in SQL or a procedural language (PL/pgSQL, PL/Python...)
+/// outside `pg_catalog` and `information_schema`, which can read any table.
+/// Functions in C or `internal` are the server's and its extensions' own and
+/// do not read tables by themselves. The names are folded to lower case, so
+/// a quoted `"GetSecret"` and an unquoted `getsecret` both count: matching
+/// too much only masks more.
+pub const FUNCTIONS_QUERY: &str = "SELECT DISTINCT pg_catalog.lower(p.proname) \
+     FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')";
 
 /// A glob as an `ILIKE` pattern in an `E''` literal: `*` and `?` become `%`
 /// and `_`, while `%`, `_` and `\` written in the glob match themselves.
@@ -151,7 +182,10 @@ pub const FIELDS: usize = 7;
 /// Builds a snapshot from the query's rows (text values, in its column
 /// order). A row that does not read is an error: the caller then masks by
 /// detectors only and says so.
-pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; FIELDS]>) -> Result<Catalog, String> {
+pub fn from_rows<'a>(
+    rows: impl IntoIterator<Item = [&'a str; FIELDS]>,
+    functions: impl IntoIterator<Item = &'a str>,
+) -> Result<Catalog, String> {
     let mut columns: HashMap<(u32, i16), Vec<usize>> = HashMap::new();
     let mut rowtypes: HashMap<u32, Vec<usize>> = HashMap::new();
     let mut names = HashMap::new();
@@ -180,6 +214,7 @@ pub fn from_rows<'a>(rows: impl IntoIterator<Item = [&'a str; FIELDS]>) -> Resul
         columns,
         names,
         rowtypes,
+        functions: Arc::new(functions.into_iter().map(str::to_ascii_lowercase).collect()),
         loaded: Instant::now(),
     })
 }
@@ -211,6 +246,7 @@ impl Catalog {
             columns,
             rowtypes,
             tables,
+            functions: self.functions.clone(),
         }
     }
 }
@@ -254,11 +290,14 @@ mod tests {
             rule(&["email"], "redact:leads-see-this", &["leads"]),
             rule(&["email", "ssn"], "partial:2", &[]),
         ];
-        let catalog = from_rows([
-            ["16384", "3", "16386", "16385", "0", "public", "customers"],
-            ["16384", "3", "16386", "16385", "1", "public", "customers"],
-            ["16384", "5", "16386", "16385", "1", "public", "customers"],
-        ])
+        let catalog = from_rows(
+            [
+                ["16384", "3", "16386", "16385", "0", "public", "customers"],
+                ["16384", "3", "16386", "16385", "1", "public", "customers"],
+                ["16384", "5", "16386", "16385", "1", "public", "customers"],
+            ],
+            ["get_secret", "Report"],
+        )
         .unwrap();
         let leads = catalog.for_identity(&rules, &["leads".to_string()]);
         assert_eq!(leads.columns[&(16384, 3)].to_string(), "redact:leads-see-this");
@@ -268,6 +307,8 @@ mod tests {
         assert!(others.rowtypes.contains(&16386) && others.rowtypes.contains(&16385));
         assert!(others.masks_table(None, "Customers") && others.masks_table(Some("public"), "customers"));
         assert!(!others.masks_table(Some("audit"), "customers") && !others.masks_table(None, "orders"));
-        assert!(from_rows([["x", "1", "1", "1", "0", "s", "t"]]).is_err());
+        assert!(others.user_function("get_secret") && others.user_function("GET_SECRET"));
+        assert!(others.user_function("report") && !others.user_function("upper"));
+        assert!(from_rows([["x", "1", "1", "1", "0", "s", "t"]], []).is_err());
     }
 }

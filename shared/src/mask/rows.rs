@@ -164,6 +164,12 @@ impl RowMasker {
         self.rules.masks_table(schema, name)
     }
 
+    /// Whether a function (by base name) may be a user-defined one that
+    /// reads masked tables.
+    pub fn user_function(&self, name: &str) -> bool {
+        self.rules.user_function(name)
+    }
+
     /// Values masked so far.
     pub fn masked(&self) -> u64 {
         self.masked

@@ -237,6 +237,10 @@ pub struct StatementClass {
     /// For PREPARE, EXECUTE and DEALLOCATE: the SQL-level prepared statement
     /// named (`None` with DEALLOCATE ALL).
     pub prepared: Option<PreparedRef>,
+    /// The functions the statement calls, by base name in lower case,
+    /// without duplicates, sorted. Masking needs them: a user-defined
+    /// function can read a masked table that the statement never names.
+    pub functions: Vec<String>,
 }
 
 /// How a statement refers to an SQL-level prepared statement.
@@ -257,6 +261,7 @@ impl StatementClass {
             note: Some(reason.into()),
             command: String::new(),
             prepared: None,
+            functions: Vec::new(),
         }
     }
 }

@@ -718,6 +718,8 @@ struct Walker {
     bodies: Vec<String>,
     /// Inside a plain EXPLAIN: statements are planned, never run.
     plan_only: bool,
+    /// Functions called, by base name.
+    functions: BTreeSet<String>,
 }
 
 impl Walker {
@@ -730,6 +732,7 @@ impl Walker {
             writes: false,
             bodies: Vec::new(),
             plan_only: false,
+            functions: BTreeSet::new(),
         };
         let _ = statement.visit(&mut walker);
         let (kind, command) = walker.top_level(statement);
@@ -761,6 +764,7 @@ impl Walker {
             note: None,
             command,
             prepared,
+            functions: walker.functions.into_iter().collect(),
         }
     }
 
@@ -1294,8 +1298,9 @@ impl Visitor for Walker {
             TableFactor::Table { name, alias, args, .. } => match args {
                 // A function in FROM, such as generate_series(1, 10).
                 Some(args) => {
-                    let features = function_features(&function_base_name(name), &args.args);
-                    self.features = self.features.union(features);
+                    let function = function_base_name(name);
+                    self.features = self.features.union(function_features(&function, &args.args));
+                    self.functions.insert(function);
                 }
                 None => match only_table(name, alias) {
                     Some(real) => self.add(&real, Access::Read),
@@ -1303,8 +1308,9 @@ impl Visitor for Walker {
                 },
             },
             TableFactor::Function { name, args, .. } => {
-                let features = function_features(&function_base_name(name), args);
-                self.features = self.features.union(features);
+                let function = function_base_name(name);
+                self.features = self.features.union(function_features(&function, args));
+                self.functions.insert(function);
             }
             _ => {}
         }
@@ -1320,6 +1326,7 @@ impl Visitor for Walker {
             let name = function_base_name(&function.name);
             let features = function_features(&name, args);
             self.features = self.features.union(features);
+            self.functions.insert(name.clone());
             // Advancing or setting a sequence is a write: PostgreSQL refuses
             // both in a read-only transaction.
             if matches!(name.as_str(), "nextval" | "setval") && !self.plan_only {
@@ -1433,6 +1440,20 @@ mod tests {
         // A CTE does not shadow a schema-qualified name.
         let class = one("WITH orders AS (SELECT 1) SELECT * FROM public.orders");
         assert_eq!(rels(&class), vec!["public.orders (read)"]);
+    }
+
+    #[test]
+    fn called_functions_are_listed_wherever_they_are() {
+        let class = one(
+            "WITH x AS (SELECT \"Leak\"() AS v) SELECT s.get_secret(1), upper(v) \
+             FROM x, generate_series(1, 2) WHERE lower(v) = ANY (SELECT my_list())",
+        );
+        assert_eq!(
+            class.functions,
+            ["Leak", "generate_series", "get_secret", "lower", "my_list", "upper"]
+        );
+        assert!(one("SELECT 1").functions.is_empty());
+        assert_eq!(one("INSERT INTO t VALUES (f(1))").functions, ["f"]);
     }
 
     #[test]

@@ -73,6 +73,7 @@ fn class(kind: Kind, command: &str, opaque: bool) -> StatementClass {
         note: Some("recognised by its keywords (the parser does not support this statement)".into()),
         command: command.into(),
         prepared: None,
+        functions: Vec::new(),
     }
 }
 

@@ -363,9 +363,10 @@ async fn load_catalog(
     let mut out = BytesMut::new();
     // The session's own settings (from its startup packet) must not change
     // the lookup: no timeout to trip, and names resolved in pg_catalog only.
+    let functions_query = crate::mask::catalog::FUNCTIONS_QUERY;
     let query = format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
-         SET LOCAL search_path = pg_catalog, pg_temp; {query}; COMMIT"
+         SET LOCAL search_path = pg_catalog, pg_temp; {query}; {functions_query}; COMMIT"
     );
     crate::protocol::frontend::Query::encode(&query, &mut out);
     conn.send(&out)
@@ -373,6 +374,10 @@ async fn load_catalog(
         .map_err(|e| format!("sending the catalog query: {e}"))?;
     use crate::mask::catalog::FIELDS;
     let mut rows: Vec<[String; FIELDS]> = Vec::new();
+    let mut functions: Vec<String> = Vec::new();
+    // Which of the two queries the rows belong to: each starts with its
+    // RowDescription.
+    let mut described = 0;
     let mut error = None;
     loop {
         let message = conn
@@ -380,6 +385,15 @@ async fn load_catalog(
             .await
             .map_err(|e| format!("reading the catalog: {e}"))?;
         match message.tag {
+            tag::ROW_DESCRIPTION => described += 1,
+            tag::DATA_ROW if described == 2 => {
+                let mut cur = crate::protocol::Cursor::new(&message.body);
+                if cur.count16("field count").map_err(|e| e.to_string())? != 1 {
+                    return Err("function row with more than one field".into());
+                }
+                let name = cur.nullable_value("function name").map_err(|e| e.to_string())?;
+                functions.push(String::from_utf8_lossy(name.unwrap_or_default()).into_owned());
+            }
             tag::DATA_ROW => {
                 let mut cur = crate::protocol::Cursor::new(&message.body);
                 let count = cur.count16("field count").map_err(|e| e.to_string())?;
@@ -414,5 +428,11 @@ async fn load_catalog(
     if let Some(error) = error {
         return Err(format!("the catalog query failed: {error}"));
     }
-    crate::mask::catalog::from_rows(rows.iter().map(|r| std::array::from_fn(|i| r[i].as_str())))
+    if described != 2 {
+        return Err(format!("the catalog lookup answered {described} queries of 2"));
+    }
+    crate::mask::catalog::from_rows(
+        rows.iter().map(|r| std::array::from_fn(|i| r[i].as_str())),
+        functions.iter().map(String::as_str),
+    )
 }

@@ -751,18 +751,101 @@ impl<'a> Proxy<'a> {
         for statement in &classification.statements {
             let command = statement.command.as_str();
             declares |= command.starts_with("DECLARE");
-            sensitive |= statement.opaque
-                || statement.kind == crate::policy::Kind::Unknown
-                || (self.cursors_sensitive && (command.starts_with("FETCH") || command.starts_with("MOVE")))
-                || statement
-                    .relations
-                    .iter()
-                    .any(|r| self.seam.masks_table(r.schema.as_deref(), &r.name));
+            sensitive |= self.reads_masked(statement)
+                || (self.cursors_sensitive && (command.starts_with("FETCH") || command.starts_with("MOVE")));
         }
         if sensitive && declares {
             self.cursors_sensitive = true;
         }
         sensitive
+    }
+
+    /// Whether one statement may read values of columns masked by rule: it
+    /// names a table with such columns (a view over one counts), calls a
+    /// user-defined function (which can read any table), or cannot be seen
+    /// into.
+    fn reads_masked(&self, statement: &crate::policy::StatementClass) -> bool {
+        self.seam.has_rules()
+            && (statement.opaque
+                || statement.kind == crate::policy::Kind::Unknown
+                || statement
+                    .relations
+                    .iter()
+                    .any(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))
+                || statement.functions.iter().any(|f| self.seam.user_function(f)))
+    }
+
+    /// For a session masked by column rules: the first statement that would
+    /// route masked values around the masker. Results are masked by the
+    /// origin of their columns; a value copied into another table, or
+    /// produced by a view, trigger, rule, function or column default the
+    /// session creates, would come back with a new origin and in clear.
+    fn rerouting(&self, statements: &[crate::policy::StatementClass]) -> Option<Refusal> {
+        use crate::policy::{Access, Kind};
+        /// Objects whose definition computes values: what they show or
+        /// store has no masked column as its origin.
+        const CODE: &[&str] = &[
+            "VIEW",
+            "RULE",
+            "TRIGGER",
+            "FUNCTION",
+            "PROCEDURE",
+            "OPERATOR",
+            "CAST",
+            "AGGREGATE",
+            "DOMAIN",
+            "POLICY",
+        ];
+        let refused = |message: String, hint: &str| {
+            Some(Refusal {
+                code: "42501",
+                message: format!("statement refused: {message}"),
+                hint: Some(hint.into()),
+            })
+        };
+        for statement in statements {
+            let command = statement.command.as_str();
+            let defines_code = (command.starts_with("CREATE") || command.starts_with("ALTER"))
+                && command.split(' ').any(|word| CODE.contains(&word));
+            let schema_change = match statement.kind {
+                Kind::Procedural => command.starts_with("CREATE"),
+                Kind::Ddl if ["DROP", "TRUNCATE", "COMMENT"].iter().any(|c| command.starts_with(c)) => false,
+                Kind::Ddl => defines_code || self.reads_masked(statement),
+                _ => false,
+            };
+            if schema_change {
+                return refused(
+                    format!(
+                        "{command} while columns are masked for you: a table copy, view, trigger, rule, function or \
+                         column default could carry masked values past the masker"
+                    ),
+                    "schema changes over masked data are made by an identity with the unmask grant (a lead or a \
+                     migration service)",
+                );
+            }
+            if !self.reads_masked(statement) {
+                continue;
+            }
+            if let Some(written) = statement
+                .relations
+                .iter()
+                .find(|r| r.access == Access::Write && !self.seam.masks_table(r.schema.as_deref(), &r.name))
+            {
+                let name = match &written.schema {
+                    Some(schema) => format!("{schema}.{}", written.name),
+                    None => written.name.clone(),
+                };
+                return refused(
+                    format!(
+                        "{command} into {name} in a statement over columns that are masked for you: the values \
+                         would be stored where the masker cannot follow them"
+                    ),
+                    "read masked columns with SELECT, whose results are masked; write from statements that read no \
+                     masked column",
+                );
+            }
+        }
+        None
     }
 
     /// What masking needs of an allowed text: after DDL, the target's
@@ -789,6 +872,11 @@ impl<'a> Proxy<'a> {
                 hint: Some(hint),
             })
         };
+        if self.seam.has_rules()
+            && let Some(refusal) = self.rerouting(statements)
+        {
+            return Some(refusal);
+        }
         if self.last_sensitive {
             // A notification's payload reaches whoever listens, outside any
             // result the masker can attribute.
@@ -816,12 +904,17 @@ impl<'a> Proxy<'a> {
             );
         }
         // COPY rows carry no column origins for the rules to apply to.
-        let masked = copies
-            .flat_map(|s| s.relations.iter())
-            .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name))?;
-        let name = match &masked.schema {
-            Some(schema) => format!("{schema}.{}", masked.name),
-            None => masked.name.clone(),
+        let copy = copies.into_iter().find(|s| self.reads_masked(s))?;
+        let masked = copy
+            .relations
+            .iter()
+            .find(|r| self.seam.masks_table(r.schema.as_deref(), &r.name));
+        let name = match masked {
+            Some(relation) => match &relation.schema {
+                Some(schema) => format!("{schema}.{}", relation.name),
+                None => relation.name.clone(),
+            },
+            None => "a user-defined function's result".into(),
         };
         refused(
             format!(

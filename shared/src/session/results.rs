@@ -65,6 +65,12 @@ impl ResultSeam {
         self.masker.as_ref().is_some_and(|m| m.masks_table(schema, name))
     }
 
+    /// Whether a function a statement calls may be a user-defined one that
+    /// reads tables with columns this session masks by rule.
+    pub fn user_function(&self, name: &str) -> bool {
+        self.masker.as_ref().is_some_and(|m| m.user_function(name))
+    }
+
     /// Whether values are masked on this session.
     pub fn masking(&self) -> bool {
         self.masker.is_some()
