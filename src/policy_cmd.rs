@@ -145,6 +145,13 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
             println!("                 HINT: {hint}");
         }
     }
+    match policy.unmask_grant(&subject) {
+        Some(grant) => println!("results: clear values, by unmask grant \"{}\"", grant.name),
+        None if config.masking.detectors.is_empty() && config.masking.rules.is_empty() => {
+            println!("results: not masked (masking is off)")
+        }
+        None => println!("results: masked (no unmask grant on this target)"),
+    }
     Ok(exit_code(overall))
 }
 

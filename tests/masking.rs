@@ -300,12 +300,18 @@ async fn psql_tables_still_line_up() {
     assert_no_secret("psql", &text);
 }
 
-/// The unmask grant: an identity in `unmasked_groups` sees clear values, and
-/// the session says so in the log; everyone else is masked as before.
+/// The unmask grant is a policy grant: its holders see clear values on the
+/// targets it names, and each session that uses it is recorded with the
+/// grant's name; everyone else is masked as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unmask_grant_shows_clear_values_and_is_logged() {
     let spec = Spec {
-        extra: "[masking]\nunmasked_groups = [\"oncall\"]\n".into(),
+        policy: Some(
+            "[policy]\ndefault = \"allow\"\n\n\
+             [[policy.grants]]\nname = \"oncall-sees-clear\"\ngrant = \"unmask\"\ngroups = [\"oncall\"]\n\n\
+             [[policy.grants]]\nname = \"alice-elsewhere\"\ngrant = \"unmask\"\nusers = [\"alice\"]\ntargets = [\"other-*\"]\n"
+                .into(),
+        ),
         ..Spec::default()
     };
     let gw = TestGateway::start("mask_grant", spec).await;
@@ -332,6 +338,10 @@ async fn the_unmask_grant_shows_clear_values_and_is_logged() {
     assert!(
         grants[0].fields.get("identity").is_some_and(|i| i.contains("bob")),
         "{grants:#?}"
+    );
+    assert_eq!(
+        grants[0].fields.get("grant").map(String::as_str),
+        Some("oncall-sees-clear")
     );
 }
 

@@ -118,6 +118,13 @@ impl Default for GateSession {
 /// and synchronous: no IO on the statement path.
 pub trait StatementGate: Send + Sync {
     fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict;
+
+    /// The name of the unmask grant this identity holds on this target: its
+    /// session sees clear values. None by default: everyone is masked.
+    fn unmask_grant(&self, identity: &crate::identity::Identity, target: &str) -> Option<String> {
+        let _ = (identity, target);
+        None
+    }
 }
 
 /// A gate that allows every statement and records that it saw it: for tests

@@ -16,7 +16,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub use policy::{
-    ApprovalConfig, ApprovalMode, DecisionKind, Pattern, PolicyConfig, PolicyMode, RelationPattern, RuleConfig,
+    ApprovalConfig, ApprovalMode, DecisionKind, GrantConfig, GrantKind, Holders, Pattern, PolicyConfig, PolicyMode,
+    RelationPattern, RuleConfig,
 };
 use raw::{RawAccess, RawConfig, RawIdentity, RawOidc, RawPolicy, RawServer, RawTarget, RawTls};
 
@@ -38,9 +39,6 @@ pub struct Config {
 pub struct MaskingConfig {
     /// Content detectors run on every value; empty when masking is off.
     pub detectors: crate::mask::DetectorSet,
-    /// Identities in these groups see clear values (the unmask grant);
-    /// every session that uses it is logged.
-    pub unmasked_groups: Vec<String>,
     /// Column rules, in file order: the first that matches a column and
     /// applies to the identity decides.
     pub rules: Vec<MaskRule>,
@@ -103,17 +101,9 @@ impl Default for MaskingConfig {
     fn default() -> MaskingConfig {
         MaskingConfig {
             detectors: crate::mask::DetectorSet::ALL,
-            unmasked_groups: Vec::new(),
             rules: Vec::new(),
             catalog_ttl: Duration::from_secs(60),
         }
-    }
-}
-
-impl MaskingConfig {
-    /// Whether an identity with these groups sees clear values.
-    pub fn unmasked(&self, groups: &[String]) -> bool {
-        groups.iter().any(|g| self.unmasked_groups.contains(g))
     }
 }
 
@@ -455,10 +445,14 @@ impl Validator<'_> {
 
     /// `[masking]`.
     fn masking(&mut self, raw: raw::RawMasking) -> MaskingConfig {
-        let mut masking = MaskingConfig {
-            unmasked_groups: raw.unmasked_groups,
-            ..MaskingConfig::default()
-        };
+        let mut masking = MaskingConfig::default();
+        if let Some(moved) = &raw.unmasked_groups {
+            self.at(
+                moved,
+                "masking.unmasked_groups is now a policy grant: write [[policy.grants]] (or [[grants]] in the policy file) \
+                 with name = \"...\", grant = \"unmask\" and groups = [...]",
+            );
+        }
         if let Some(names) = raw.detectors {
             let mut set = crate::mask::DetectorSet::EMPTY;
             for name in &names {
@@ -1139,6 +1133,52 @@ strategy = "hash"
         assert!(config.masking.detectors.is_empty());
         let config = load(&minimal()).unwrap();
         assert_eq!(config.masking.detectors, crate::mask::DetectorSet::ALL);
+    }
+
+    #[test]
+    fn unmask_grants_are_validated_and_the_old_key_says_where_it_went() {
+        let text = minimal()
+            + r#"
+[masking]
+unmasked_groups = ["leads"]
+
+[policy]
+[[policy.grants]]
+name = "leads"
+grant = "unmask"
+groups = ["leads"]
+
+[[policy.grants]]
+name = "leads"
+grant = "unmask"
+groups = ["oncall"]
+
+[[policy.grants]]
+name = "everyone-by-accident"
+grant = "unmask"
+targets = ["prod"]
+
+[[policy.grants]]
+name = "superpowers"
+grant = "superuser"
+groups = ["x"]
+"#;
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("masking.unmasked_groups is now a policy grant"), "{err}");
+        assert!(err.contains("grant \"leads\" is defined twice"), "{err}");
+        assert!(err.contains("grant \"everyone-by-accident\" names no holders"), "{err}");
+        assert!(err.contains("\"superuser\" is not a grant"), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("sluice.toml:")).collect();
+        assert_eq!(lines.len(), 4, "{err}");
+
+        let config = load(
+            &(minimal()
+                + "\n[policy]\n[[policy.grants]]\nname = \"g\"\ngrant = \"unmask\"\ngroups = [\"leads\"]\ntargets = [\"staging-*\"]\n"),
+        )
+        .unwrap();
+        let grant = &config.policy.grants[0];
+        assert_eq!((grant.name.as_str(), grant.kind), ("g", GrantKind::Unmask));
+        assert_eq!(grant.targets.len(), 1);
     }
 
     #[test]

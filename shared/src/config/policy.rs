@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Validator;
-use super::raw::{RawPolicy, RawRule};
+use super::raw::{RawGrant, RawPolicy, RawRule};
 use super::units;
 use crate::policy::{Access, Feature, Features, Kind};
 
@@ -172,6 +172,79 @@ pub struct PolicyConfig {
     /// Entries in the classification cache.
     pub classification_cache: usize,
     pub rules: Vec<RuleConfig>,
+    /// Permissions beyond statements, in file order.
+    pub grants: Vec<GrantConfig>,
+}
+
+/// What a grant permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantKind {
+    /// See clear values: the session's results are not masked.
+    Unmask,
+}
+
+impl GrantKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantKind::Unmask => "unmask",
+        }
+    }
+}
+
+/// Who a rule or grant is for. Empty lists match everyone.
+#[derive(Debug, Clone, Copy)]
+pub struct Holders<'a> {
+    pub users: &'a [Pattern],
+    pub except_users: &'a [Pattern],
+    pub groups: &'a [String],
+    pub except_groups: &'a [String],
+    pub labels: &'a BTreeMap<String, String>,
+    pub targets: &'a [Pattern],
+    pub databases: &'a [Pattern],
+}
+
+/// A permission beyond statements and who holds it: `[[grants]]`.
+#[derive(Debug, Clone)]
+pub struct GrantConfig {
+    pub name: String,
+    pub kind: GrantKind,
+    /// Why they hold it, for the record.
+    pub reason: Option<String>,
+    pub users: Vec<Pattern>,
+    pub except_users: Vec<Pattern>,
+    pub groups: Vec<String>,
+    pub except_groups: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub targets: Vec<Pattern>,
+    pub databases: Vec<Pattern>,
+}
+
+impl GrantConfig {
+    pub fn holders(&self) -> Holders<'_> {
+        Holders {
+            users: &self.users,
+            except_users: &self.except_users,
+            groups: &self.groups,
+            except_groups: &self.except_groups,
+            labels: &self.labels,
+            targets: &self.targets,
+            databases: &self.databases,
+        }
+    }
+}
+
+impl RuleConfig {
+    pub fn holders(&self) -> Holders<'_> {
+        Holders {
+            users: &self.users,
+            except_users: &self.except_users,
+            groups: &self.groups,
+            except_groups: &self.except_groups,
+            labels: &self.labels,
+            targets: &self.targets,
+            databases: &self.databases,
+        }
+    }
 }
 
 impl PolicyConfig {
@@ -186,6 +259,7 @@ impl PolicyConfig {
             max_statement_length: 1 << 20,
             classification_cache: 10_000,
             rules: Vec::new(),
+            grants: Vec::new(),
         }
     }
 }
@@ -284,7 +358,63 @@ impl Validator<'_> {
                 policy.rules.push(rule);
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for grant in raw.grants {
+            let name = grant.name.get_ref().clone();
+            if !names.insert(name.clone()) {
+                self.at(
+                    &grant.name,
+                    format!(
+                        "grant \"{name}\" is defined twice; grant names are recorded with every use and must be unique"
+                    ),
+                );
+            }
+            if let Some(grant) = self.grant(grant) {
+                policy.grants.push(grant);
+            }
+        }
         policy
+    }
+
+    fn grant(&mut self, raw: RawGrant) -> Option<GrantConfig> {
+        let name = raw.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            self.at(&raw.name, "a grant needs a name: it is recorded with every use");
+            return None;
+        }
+        let kind = match raw.grant.get_ref().as_str() {
+            "unmask" => GrantKind::Unmask,
+            other => {
+                self.at(
+                    &raw.grant,
+                    format!("grant \"{name}\": \"{other}\" is not a grant; write grant = \"unmask\""),
+                );
+                return None;
+            }
+        };
+        // A grant is a privilege: one that names nobody in particular must
+        // say so (groups = ["*"]) rather than apply to everyone by omission.
+        if raw.users.is_empty() && raw.groups.is_empty() && raw.labels.is_empty() {
+            self.at(
+                &raw.name,
+                format!(
+                    "grant \"{name}\" names no holders; add groups = [\"leads\"], users = [...] or labels (groups = [\"*\"] grants it to everyone)"
+                ),
+            );
+            return None;
+        }
+        Some(GrantConfig {
+            name,
+            kind,
+            reason: raw.reason,
+            users: raw.users.into_iter().map(Pattern::new).collect(),
+            except_users: raw.except_users.into_iter().map(Pattern::new).collect(),
+            groups: raw.groups,
+            except_groups: raw.except_groups,
+            labels: raw.labels,
+            targets: raw.targets.into_iter().map(Pattern::new).collect(),
+            databases: raw.databases.into_iter().map(Pattern::new).collect(),
+        })
     }
 
     fn decision(&mut self, key: &str, value: &toml::Spanned<String>) -> Option<DecisionKind> {

@@ -28,8 +28,8 @@ pub struct RawConfig {
 pub struct RawMasking {
     pub enabled: Option<bool>,
     pub detectors: Option<Vec<Spanned<String>>>,
-    #[serde(default)]
-    pub unmasked_groups: Vec<String>,
+    /// Moved to the policy (`[[grants]]`); read only to say so.
+    pub unmasked_groups: Option<Spanned<toml::Value>>,
     pub hash_key_env: Option<Spanned<String>>,
     pub hash_key_file: Option<Spanned<String>>,
     pub catalog_ttl: Option<Spanned<RawDuration>>,
@@ -61,6 +61,31 @@ pub struct RawPolicy {
     pub classification_cache: Option<Spanned<i64>>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub grants: Vec<RawGrant>,
+}
+
+/// `[[grants]]`: a permission beyond statements, and who holds it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    pub name: Spanned<String>,
+    pub grant: Spanned<String>,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub except_users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub except_groups: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub databases: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

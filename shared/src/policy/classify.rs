@@ -1444,10 +1444,8 @@ mod tests {
 
     #[test]
     fn called_functions_are_listed_wherever_they_are() {
-        let class = one(
-            "WITH x AS (SELECT \"Leak\"() AS v) SELECT s.get_secret(1), upper(v) \
-             FROM x, generate_series(1, 2) WHERE lower(v) = ANY (SELECT my_list())",
-        );
+        let class = one("WITH x AS (SELECT \"Leak\"() AS v) SELECT s.get_secret(1), upper(v) \
+             FROM x, generate_series(1, 2) WHERE lower(v) = ANY (SELECT my_list())");
         assert_eq!(
             class.functions,
             ["Leak", "generate_series", "get_secret", "lower", "my_list", "upper"]

@@ -19,7 +19,9 @@ use std::sync::Arc;
 pub use class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
 pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
 
-use crate::config::{Config, DecisionKind, PolicyConfig, PolicyMode, RelationPattern, RuleConfig};
+use crate::config::{
+    Config, DecisionKind, GrantConfig, GrantKind, Holders, PolicyConfig, PolicyMode, RelationPattern, RuleConfig,
+};
 use crate::gate::{
     Allowance, ApprovalRequest, GateSession, Refusal, RowLimit, StatementContext, StatementGate, Verdict,
 };
@@ -156,23 +158,24 @@ impl Policy {
         &self.config.rules[index]
     }
 
-    fn rule_matches(&self, rule: &RuleConfig, subject: &Subject<'_>, statement: &StatementClass) -> bool {
+    /// Whether the subject is among a rule's or grant's holders.
+    fn holds(&self, holders: Holders<'_>, subject: &Subject<'_>) -> bool {
         let names = |p: &crate::config::Pattern| {
             p.matches(subject.name) || p.matches(subject.subject) || subject.email.is_some_and(|e| p.matches(e))
         };
-        if !rule.users.is_empty() && !rule.users.iter().any(names) {
+        if !holders.users.is_empty() && !holders.users.iter().any(names) {
             return false;
         }
-        if rule.except_users.iter().any(names) {
+        if holders.except_users.iter().any(names) {
             return false;
         }
-        if !rule.groups.is_empty() && !rule.groups.iter().any(|g| g == "*" || subject.in_group(g)) {
+        if !holders.groups.is_empty() && !holders.groups.iter().any(|g| g == "*" || subject.in_group(g)) {
             return false;
         }
-        if rule.except_groups.iter().any(|g| subject.in_group(g)) {
+        if holders.except_groups.iter().any(|g| subject.in_group(g)) {
             return false;
         }
-        let labels_match = rule.labels.iter().all(|(key, value)| {
+        let labels_match = holders.labels.iter().all(|(key, value)| {
             subject
                 .labels
                 .get(key)
@@ -181,18 +184,33 @@ impl Policy {
         if !labels_match {
             return false;
         }
-        if !rule.targets.is_empty() && !rule.targets.iter().any(|p| p.matches(subject.target)) {
+        if !holders.targets.is_empty() && !holders.targets.iter().any(|p| p.matches(subject.target)) {
             return false;
         }
-        if !rule.databases.is_empty() {
+        if !holders.databases.is_empty() {
             let database = self
                 .targets
                 .get(subject.target)
                 .map(|t| t.database.as_str())
                 .unwrap_or("");
-            if !rule.databases.iter().any(|p| p.matches(database)) {
+            if !holders.databases.iter().any(|p| p.matches(database)) {
                 return false;
             }
+        }
+        true
+    }
+
+    /// The first unmask grant the subject holds on its target, if any.
+    pub fn unmask_grant(&self, subject: &Subject<'_>) -> Option<&GrantConfig> {
+        self.config
+            .grants
+            .iter()
+            .find(|g| g.kind == GrantKind::Unmask && self.holds(g.holders(), subject))
+    }
+
+    fn rule_matches(&self, rule: &RuleConfig, subject: &Subject<'_>, statement: &StatementClass) -> bool {
+        if !self.holds(rule.holders(), subject) {
+            return false;
         }
         if !rule.kinds.is_empty() && !rule.kinds.contains(&statement.kind) {
             return false;
@@ -487,6 +505,11 @@ impl PolicyGate {
 }
 
 impl StatementGate for PolicyGate {
+    fn unmask_grant(&self, identity: &Identity, target: &str) -> Option<String> {
+        let subject = Subject::of(identity, target, false);
+        self.policy.unmask_grant(&subject).map(|g| g.name.clone())
+    }
+
     fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict {
         let classification = match ctx.source {
             // Called by OID: whatever function it is (set_config,

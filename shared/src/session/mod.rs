@@ -227,8 +227,9 @@ async fn run_session(
     };
 
     let mut upstream = upstream;
-    let masker = if shared.config.masking.unmasked(identity.groups()) {
-        tracing::info!(identity = %identity, "unmask grant used: this session sees clear values");
+    let masker = if let Some(grant) = shared.gate.unmask_grant(&identity, &target.name) {
+        // The same event path as statements: the audit trail records it.
+        tracing::info!(identity = %identity, target = %target.name, %grant, "unmask grant used: this session sees clear values");
         None
     } else {
         let Some(rules) = column_rules(shared, &target.name, &identity, &mut upstream.conn).await else {
