@@ -129,6 +129,10 @@ const CORPUS: &[&str] = &[
     "COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT WITH (FORMAT csv)",
     "COPY api_keys TO STDOUT",
     "COPY customers TO STDOUT WITH (FORMAT binary)",
+    "\\copy customers to stdout",
+    "\\copy customers to stdout with (format csv, header)",
+    "\\copy (SELECT email, card_number, ssn FROM customers) to stdout with (format csv)",
+    "\\copy customers to stdout with (format binary)",
     "SELECT email FROM customers /* a comment */ -- and another",
     "select EMAIL from CUSTOMERS",
     "SELECT \"email\" FROM \"public\".\"customers\"",
@@ -148,13 +152,15 @@ async fn the_bypass_corpus_never_shows_a_clear_value_over_psql() {
     let mut script = String::from("LISTEN leaks;\n");
     for query in CORPUS {
         script.push_str(query);
-        script.push_str(";\n");
+        // A psql meta-command takes its whole line; SQL ends at the `;`.
+        script.push_str(if query.starts_with('\\') { "\n" } else { ";\n" });
     }
     let out = harness::psql(&conn, &["-v", "ON_ERROR_STOP=0", "-f", "-"], Some(&script)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_no_secret("stdout", &stdout);
     assert_no_secret("stderr", &stderr);
+    assert!(!stderr.contains("\\copy:"), "psql rejected a \\copy line: {stderr}");
     // The corpus really reached the data: masked values are there instead.
     for masked in [
         "****@example.com",

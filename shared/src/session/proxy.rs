@@ -916,11 +916,16 @@ impl<'a> Proxy<'a> {
             },
             None => "a user-defined function's result".into(),
         };
+        // COPY rows name no columns; a table's column order could be taken
+        // from the session's catalog snapshot, but a column dropped since
+        // (outside the gateway) would shift a masked value into a clear
+        // position. A SELECT names each column's origin in every result.
         refused(
             format!(
                 "COPY of {name} would pass columns that are masked for you; COPY rows carry no column names for the gateway to mask by"
             ),
-            format!("SELECT from {name} instead: results of SELECT are masked column by column"),
+            "run the query as a SELECT instead (psql --csv writes CSV): results of SELECT are masked column by column"
+                .into(),
         )
     }
 
