@@ -7,6 +7,7 @@
 //! seam), `session` (one client from accept to close) and `server` (listener,
 //! limits, shutdown). See ARCHITECTURE.md for the map and the invariants.
 
+pub mod audit;
 pub mod cancel;
 pub mod config;
 pub mod conn;

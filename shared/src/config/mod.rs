@@ -32,6 +32,50 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub policy: PolicyConfig,
     pub masking: MaskingConfig,
+    pub audit: AuditConfig,
+}
+
+/// What a session does when the audit trail cannot record its statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnAuditFailure {
+    /// Refuse them: nothing runs unrecorded.
+    Refuse,
+    /// Run them anyway, and log that the trail is behind.
+    Continue,
+}
+
+/// `[audit]`, validated.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// The SQLite database of the trail.
+    pub path: PathBuf,
+    /// The Ed25519 signing key (created, readable only by its owner, when
+    /// missing). Outside the database, so that whoever can rewrite the
+    /// database cannot sign what they wrote.
+    pub key_file: PathBuf,
+    /// The newest signed chain head, kept outside the database.
+    pub head_file: PathBuf,
+    pub sync: crate::audit::SyncMode,
+    pub sign_every: u64,
+    pub sign_interval: Duration,
+    pub on_failure: OnAuditFailure,
+}
+
+impl AuditConfig {
+    /// The defaults for a configuration file in `base`.
+    fn defaults(base: &Path) -> AuditConfig {
+        AuditConfig {
+            enabled: true,
+            path: base.join("audit.db"),
+            key_file: base.join("audit.key"),
+            head_file: base.join("audit.head"),
+            sync: crate::audit::SyncMode::Full,
+            sign_every: 1000,
+            sign_interval: Duration::from_secs(10),
+            on_failure: OnAuditFailure::Refuse,
+        }
+    }
 }
 
 /// `[masking]`, validated.
@@ -333,6 +377,7 @@ impl Config {
             Some(raw_policy) => v.policy_section(raw_policy, path)?,
         };
         let masking = raw.masking.map(|m| v.masking(m)).unwrap_or_default();
+        let audit = v.audit(raw.audit.unwrap_or_default());
         if let Some(server) = &server
             && tls.is_none()
             && !server.allow_plaintext
@@ -359,6 +404,7 @@ impl Config {
                 targets,
                 policy,
                 masking,
+                audit,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -441,6 +487,61 @@ impl Validator<'_> {
             self.problems.push(problem);
         }
         Ok(policy)
+    }
+
+    /// `[audit]`. The key and head files sit beside the database unless
+    /// placed elsewhere.
+    fn audit(&mut self, raw: raw::RawAudit) -> AuditConfig {
+        let mut audit = AuditConfig::defaults(&self.base);
+        audit.enabled = raw.enabled.unwrap_or(true);
+        if let Some(path) = &raw.path {
+            audit.path = self.path(path.get_ref());
+            audit.key_file = audit.path.with_extension("key");
+            audit.head_file = audit.path.with_extension("head");
+        }
+        if let Some(key) = &raw.key_file {
+            audit.key_file = self.path(key.get_ref());
+        }
+        if let Some(head) = &raw.head_file {
+            audit.head_file = self.path(head.get_ref());
+        }
+        if audit.key_file == audit.path || audit.head_file == audit.path || audit.key_file == audit.head_file {
+            self.problem(None, "audit path, key_file and head_file must be three different files");
+        }
+        if let Some(sync) = &raw.sync {
+            audit.sync = match sync.get_ref().as_str() {
+                "full" => crate::audit::SyncMode::Full,
+                "normal" => crate::audit::SyncMode::Normal,
+                other => {
+                    self.at(sync, format!("audit sync = \"{other}\"; write \"full\" (survives power loss) or \"normal\" (survives a crash of the gateway)"));
+                    crate::audit::SyncMode::Full
+                }
+            };
+        }
+        if let Some(every) = &raw.sign_every {
+            match u64::try_from(*every.get_ref()) {
+                Ok(n) if n >= 1 => audit.sign_every = n,
+                _ => self.at(every, "audit sign_every must be 1 or more events"),
+            }
+        }
+        audit.sign_interval = self.duration("audit sign_interval", raw.sign_interval, audit.sign_interval);
+        if audit.sign_interval.is_zero() {
+            audit.sign_interval = Duration::from_millis(10);
+        }
+        if let Some(mode) = &raw.on_audit_failure {
+            audit.on_failure = match mode.get_ref().as_str() {
+                "refuse" => OnAuditFailure::Refuse,
+                "continue" => OnAuditFailure::Continue,
+                other => {
+                    self.at(
+                        mode,
+                        format!("audit on_audit_failure = \"{other}\"; write \"refuse\" or \"continue\""),
+                    );
+                    OnAuditFailure::Refuse
+                }
+            };
+        }
+        audit
     }
 
     /// `[masking]`.

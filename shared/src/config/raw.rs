@@ -20,6 +20,21 @@ pub struct RawConfig {
     pub targets: Vec<RawTarget>,
     pub policy: Option<RawPolicy>,
     pub masking: Option<RawMasking>,
+    pub audit: Option<RawAudit>,
+}
+
+/// `[audit]`: where the trail is kept and how it is signed.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub enabled: Option<bool>,
+    pub path: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
+    pub head_file: Option<Spanned<String>>,
+    pub sync: Option<Spanned<String>>,
+    pub sign_every: Option<Spanned<i64>>,
+    pub sign_interval: Option<Spanned<RawDuration>>,
+    pub on_audit_failure: Option<Spanned<String>>,
 }
 
 /// `[masking]`: what the result seam does to values.

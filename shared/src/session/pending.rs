@@ -12,6 +12,7 @@
 //! belongs to.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::protocol::backend::{ErrorFields, tag};
 
@@ -88,10 +89,30 @@ pub enum Owner {
     Internal,
 }
 
+/// A statement the audit trail recorded, followed until it ends: what its
+/// completion event needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// The statement's number in the session's trail.
+    pub seq: u64,
+    pub started: Instant,
+    /// Rows its CommandCompletes reported.
+    pub rows: Option<u64>,
+    /// The SQLSTATE of its error.
+    pub sqlstate: Option<String>,
+    /// It never ran: an earlier message of its batch failed.
+    pub skipped: bool,
+}
+
 /// The answers still owed, oldest first.
 #[derive(Debug, Default)]
 pub struct PendingQueue {
     queue: VecDeque<Expect>,
+    /// Beside each entry of `queue`: the audit mark of the statement it
+    /// runs (Query, Execute, FunctionCall), if the trail recorded one.
+    marks: VecDeque<Option<Box<Mark>>>,
+    /// Marks of statements that ended, for the proxy to record.
+    finished: Vec<Mark>,
     /// Whether the server is in COPY FROM STDIN mode.
     copy_in: bool,
 }
@@ -99,6 +120,42 @@ pub struct PendingQueue {
 impl PendingQueue {
     pub fn push(&mut self, expect: Expect) {
         self.queue.push_back(expect);
+        self.marks.push_back(None);
+    }
+
+    /// Pushes the entry of a statement the audit trail follows.
+    pub fn push_marked(&mut self, expect: Expect, mark: Option<Mark>) {
+        self.queue.push_back(expect);
+        self.marks.push_back(mark.map(Box::new));
+    }
+
+    /// The statements that ended since the last call.
+    pub fn take_finished(&mut self) -> std::vec::Drain<'_, Mark> {
+        self.finished.drain(..)
+    }
+
+    /// Adds a CommandComplete's row count to the statement it ends.
+    pub fn note_rows(&mut self, rows: u64) {
+        self.front();
+        if let Some(Some(mark)) = self.marks.front_mut() {
+            *mark.rows.get_or_insert(0) += rows;
+        }
+    }
+
+    /// Notes the SQLSTATE of an error on the statement it ends.
+    pub fn note_error(&mut self, sqlstate: &str) {
+        self.front();
+        if let Some(Some(mark)) = self.marks.front_mut() {
+            mark.sqlstate.get_or_insert_with(|| sqlstate.to_string());
+        }
+    }
+
+    fn pop_front_entry(&mut self, skipped: bool) -> Option<Expect> {
+        if let Some(Some(mut mark)) = self.marks.pop_front() {
+            mark.skipped = skipped;
+            self.finished.push(*mark);
+        }
+        self.queue.pop_front()
     }
 
     /// Nothing owed: the session is between requests.
@@ -114,7 +171,7 @@ impl PendingQueue {
     /// front belong to a COPY that is over (or never started) and are dropped.
     fn front(&mut self) -> Option<&mut Expect> {
         while self.queue.front() == Some(&Expect::CopyEnd) {
-            self.queue.pop_front();
+            self.pop_front_entry(false);
         }
         self.queue.front_mut()
     }
@@ -157,7 +214,7 @@ impl PendingQueue {
 
     fn pop(&mut self) -> Option<Expect> {
         self.front();
-        self.queue.pop_front()
+        self.pop_front_entry(false)
     }
 
     /// A COPY FROM STDIN ended: the Syncs the client sent while it ran were
@@ -171,6 +228,7 @@ impl PendingQueue {
                 Expect::CopyEnd => break,
                 Expect::Sync => {
                     self.queue.remove(index);
+                    self.marks.remove(index);
                 }
                 _ => index += 1,
             }
@@ -259,7 +317,7 @@ impl PendingQueue {
             Expect::FunctionCall | Expect::Sync => Owner::Client,
             // The extended protocol: the server discards messages until Sync.
             _ => {
-                let owner = match self.queue.pop_front() {
+                let owner = match self.pop_front_entry(false) {
                     Some(Expect::Parse { refusal: Some(refusal) }) => Owner::Refusal(refusal),
                     Some(Expect::Execute { guarded: true }) => Owner::Guard,
                     _ => Owner::Client,
@@ -268,7 +326,7 @@ impl PendingQueue {
                     if *front == Expect::Sync {
                         break;
                     }
-                    self.queue.pop_front();
+                    self.pop_front_entry(true);
                 }
                 owner
             }

@@ -1,0 +1,208 @@
+//! What the audit trail records: one [`Event`] per thing that happened, as a
+//! JSON document. The document is what the hash chain covers, so its
+//! serialization is part of the trail's format: fields are only ever added.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// One thing that happened at the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// The session it happened in (a failed login has one too: the id of
+    /// the connection that tried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Who: the verified identity's name, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Where: the target's name, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Detail {
+    /// A client logged in and its upstream session is open.
+    SessionOpened {
+        client: String,
+        #[serde(default)]
+        application: String,
+        tls: bool,
+        upstream_role: String,
+        #[serde(default)]
+        subject: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
+        #[serde(default)]
+        groups: Vec<String>,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// A login or session start that did not succeed.
+    SessionRefused {
+        client: String,
+        /// The user name the client sent, if it got that far.
+        #[serde(default)]
+        user: String,
+        code: String,
+        reason: String,
+    },
+    /// A statement text the client sent, and what the gateway decided. The
+    /// text has the content detectors' findings masked.
+    Statement {
+        /// Position of the statement in its session, from 1; its
+        /// [`Detail::StatementDone`] carries the same number.
+        seq: u64,
+        /// How it arrived: "query", "execute" (of a prepared statement),
+        /// "parse" (refused when prepared) or "function_call".
+        source: String,
+        text: String,
+        /// "allow", "deny" or "require_approval".
+        decision: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// What the client was told, when it was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refusal: Option<String>,
+        /// Each statement of the text, as the classifier read it.
+        #[serde(default)]
+        statements: Vec<StatementRecord>,
+    },
+    /// How an allowed statement ended.
+    StatementDone {
+        seq: u64,
+        /// Rows returned or affected, when the server said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows: Option<u64>,
+        duration_us: u64,
+        /// The SQLSTATE when it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sqlstate: Option<String>,
+    },
+    /// A session that sees clear values, by this grant.
+    UnmaskGrantUsed { grant: String },
+    /// The session ended.
+    SessionClosed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
+        statements: u64,
+        refused: u64,
+    },
+    /// Statements were refused because the trail could not record them;
+    /// written once it can again.
+    AuditUnavailable { refused: u64, error: String },
+}
+
+impl Detail {
+    /// The event type's name, as stored in the `kind` column.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Detail::SessionOpened { .. } => "session_opened",
+            Detail::SessionRefused { .. } => "session_refused",
+            Detail::Statement { .. } => "statement",
+            Detail::StatementDone { .. } => "statement_done",
+            Detail::UnmaskGrantUsed { .. } => "unmask_grant_used",
+            Detail::SessionClosed { .. } => "session_closed",
+            Detail::AuditUnavailable { .. } => "audit_unavailable",
+        }
+    }
+}
+
+/// One statement of a text, as classified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementRecord {
+    pub kind: String,
+    pub command: String,
+    /// `schema.name (access)`, or `name (access)` when unqualified.
+    #[serde(default)]
+    pub relations: Vec<String>,
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+impl StatementRecord {
+    pub fn of(statement: &crate::policy::StatementClass) -> StatementRecord {
+        StatementRecord {
+            kind: statement.kind.name().into(),
+            command: statement.command.clone(),
+            relations: statement.relations.iter().map(ToString::to_string).collect(),
+            features: statement.features.iter().map(|f| f.name().to_string()).collect(),
+        }
+    }
+}
+
+impl Event {
+    pub fn now(detail: Detail) -> Event {
+        Event {
+            at: Utc::now(),
+            session: None,
+            identity: None,
+            target: None,
+            detail,
+        }
+    }
+
+    pub fn in_session(mut self, session: &str) -> Event {
+        self.session = Some(session.into());
+        self
+    }
+
+    pub fn by(mut self, identity: &str, target: &str) -> Event {
+        self.identity = Some(identity.into());
+        self.target = Some(target.into());
+        self
+    }
+
+    /// The stored form: the bytes the chain hashes.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: no maps with non-string keys,
+        // no custom serializers that error.
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"unserializable\",\"error\":\"{e}\"}}"))
+    }
+
+    /// `at` as stored: RFC 3339 in UTC with microseconds, so that text order
+    /// is time order.
+    pub fn at_text(&self) -> String {
+        self.at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_their_stored_form() {
+        let event = Event::now(Detail::Statement {
+            seq: 3,
+            source: "query".into(),
+            text: "SELECT 1".into(),
+            decision: "allow".into(),
+            rule: Some("reads".into()),
+            refusal: None,
+            statements: vec![StatementRecord {
+                kind: "read".into(),
+                command: "SELECT".into(),
+                relations: vec!["public.t (read)".into()],
+                features: vec![],
+            }],
+        })
+        .in_session("s1")
+        .by("alice", "shop");
+        let json = event.to_json();
+        assert!(json.contains("\"type\":\"statement\""), "{json}");
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.detail.kind(), "statement");
+        assert!(event.at_text().ends_with('Z'));
+    }
+}

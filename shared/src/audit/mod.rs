@@ -1,0 +1,82 @@
+//! The audit trail: every session, statement, decision and grant use, kept
+//! in a tamper-evident store.
+//!
+//! Sessions hand events to an [`Auditor`]; its writer thread appends them to
+//! an [`AuditStore`] in batches (group commit: one transaction, one fsync,
+//! for everything that arrived while the previous batch was being written)
+//! and extends the hash chain (`chain`). A statement's event is
+//! *write-ahead*: the session holds the statement back until the event is
+//! durable ([`Auditor::write_ahead`]). When the store cannot write, the
+//! auditor says so ([`Auditor::available`]) and sessions refuse new
+//! statements (or, with `on_audit_failure = "continue"`, let them run);
+//! events that were not write-ahead are kept and written once the store
+//! recovers, and the trail then records how many statements were refused.
+
+mod chain;
+mod event;
+mod sqlite;
+mod writer;
+
+use std::path::PathBuf;
+
+pub use chain::{Hash, PublicKey, SignedHead, Signer};
+pub use event::{Detail, Event, StatementRecord};
+pub use sqlite::{Broken, EventFilter, SessionSummary, SqliteStore, StoredEvent, Verification};
+pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync on every commit: a committed event survives power loss.
+    Full,
+    /// fsync at WAL checkpoints only: a committed event survives the
+    /// gateway's crash, not the machine's.
+    Normal,
+}
+
+/// Where events are kept. The embedded default is [`SqliteStore`]; the
+/// writer thread is the only caller of these methods.
+pub trait AuditStore: Send {
+    /// Appends events in order, as one durable unit, after the current
+    /// head; returns the id of the last one.
+    fn append(&mut self, events: &[Event]) -> Result<u64, AuditError>;
+
+    /// The last event's id and hash.
+    fn head(&self) -> (u64, Hash);
+
+    /// Keeps a signed head with the trail.
+    fn record_head(&mut self, head: &SignedHead) -> Result<(), AuditError>;
+}
+
+/// Why the audit trail could not be opened, written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{what} ({}): {source}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("audit database {}: {reason}", path.display())]
+    Setup { path: PathBuf, reason: String },
+    #[error("audit signing key {}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("audit head file {}: {reason}", path.display())]
+    HeadFile { path: PathBuf, reason: String },
+}
+
+/// Reads the head file kept beside the trail, if there is one.
+pub fn read_head_file(path: &std::path::Path) -> Result<Option<SignedHead>, AuditError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => SignedHead::parse(&text).map(Some).ok_or_else(|| AuditError::HeadFile {
+            path: path.to_path_buf(),
+            reason: "not a signed head (expected one line: id, hash, signature)".into(),
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(AuditError::HeadFile {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        }),
+    }
+}
