@@ -1,5 +1,6 @@
 //! The `sluice` command: a thin CLI over `sluice-core`.
 
+mod audit_cmd;
 mod demo;
 mod policy_cmd;
 
@@ -43,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Verify, browse and export the audit trail.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
     HashToken {
@@ -80,6 +86,77 @@ enum PolicyAction {
         config: PathBuf,
         /// The case file (TOML).
         file: PathBuf,
+    },
+}
+
+/// Where the trail is: `--path` (with `--key-file` / `--head-file`), or
+/// the `[audit]` section of `--config`.
+#[derive(clap::Args)]
+struct TrailArgs {
+    #[arg(long, short, default_value = "config/sluice.toml")]
+    config: PathBuf,
+    /// The audit database, instead of the configuration's.
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// The signing key file (its public half checks the signatures).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// The head file kept beside the trail.
+    #[arg(long)]
+    head_file: Option<PathBuf>,
+}
+
+impl TrailArgs {
+    fn files(self) -> anyhow::Result<audit_cmd::TrailFiles> {
+        audit_cmd::TrailFiles::resolve(&self.config, self.path, self.key_file, self.head_file)
+    }
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the hash chain and check its signatures; exits 1 and names the
+    /// first broken event if anything was edited, removed, reordered or
+    /// re-signed.
+    Verify {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// The gateway's public key (64 hex digits, from `sluice audit
+        /// public-key`); without it, taken from the signing key file.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Print the public key that verifies the trail (hand it to auditors).
+    PublicKey {
+        #[command(flatten)]
+        trail: TrailArgs,
+    },
+    /// List sessions, newest first.
+    Sessions {
+        #[command(flatten)]
+        trail: TrailArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+    /// Show one session's events in order.
+    Show {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// The session id (from `sluice audit sessions`).
+        session: String,
+    },
+    /// Write events as JSON lines or CSV, for a SIEM.
+    Export {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// From: 2026-11-01, 2026-11-01T10:00:00Z, or an age like 30d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until (exclusive), in the same forms.
+        #[arg(long)]
+        until: Option<String>,
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
     },
 }
 
@@ -161,6 +238,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let code = policy_cmd::test(&config, &file)?;
             std::process::exit(code)
         }
+        Command::Audit { action } => match action {
+            AuditAction::Verify { trail, public_key } => {
+                let code = audit_cmd::verify(&trail.files()?, public_key.as_deref())?;
+                std::process::exit(code)
+            }
+            AuditAction::PublicKey { trail } => audit_cmd::print_public_key(&trail.files()?),
+            AuditAction::Sessions { trail, limit } => audit_cmd::sessions(&trail.files()?, limit),
+            AuditAction::Show { trail, session } => audit_cmd::show(&trail.files()?, &session),
+            AuditAction::Export {
+                trail,
+                since,
+                until,
+                format,
+            } => audit_cmd::export(&trail.files()?, since.as_deref(), until.as_deref(), &format),
+        },
         Command::HashToken { generate } => {
             let token = if generate {
                 let bytes: [u8; 32] = rand::random();

@@ -45,6 +45,33 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open the audit trail: {0}")]
+    Audit(#[source] crate::audit::AuditError),
+}
+
+/// Opens the trail, loads (or creates) the signing key and starts the
+/// writer; `None` when auditing is off.
+fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, GatewayError> {
+    use crate::audit::{Auditor, Signer, SqliteStore, WriterOptions};
+    let audit = &config.audit;
+    if !audit.enabled {
+        tracing::warn!("auditing is off ([audit] enabled = false): nothing records what sessions do");
+        return Ok(None);
+    }
+    let store = SqliteStore::open(&audit.path, audit.sync).map_err(GatewayError::Audit)?;
+    let signer = Signer::load_or_create(&audit.key_file).map_err(GatewayError::Audit)?;
+    tracing::info!(
+        path = %audit.path.display(),
+        public_key = %signer.public_key().to_hex(),
+        "audit trail open"
+    );
+    let options = WriterOptions {
+        sign_every: audit.sign_every,
+        sign_interval: audit.sign_interval,
+        head_file: audit.head_file.clone(),
+    };
+    let (auditor, _writer) = Auditor::start(Box::new(store), signer, options).map_err(GatewayError::Audit)?;
+    Ok(Some(auditor))
 }
 
 /// The TLS material a configuration names, loaded and checked.
@@ -91,6 +118,7 @@ impl Gateway {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Bind { addr, source })?;
+        let auditor = start_audit(&config)?;
         let shared = Shared {
             verifier: Verifier::new(&config.identity),
             config,
@@ -100,6 +128,7 @@ impl Gateway {
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: Arc::new(Shutdown::default()),
             catalogs: std::sync::Mutex::default(),
+            auditor,
         };
         Ok(Gateway {
             shared: Arc::new(shared),
@@ -178,6 +207,11 @@ impl Gateway {
             );
             shared.shutdown.advance(Phase::Deadline);
             let _ = tokio::time::timeout(FINAL_WAIT, sessions.wait()).await;
+        }
+        if let Some(auditor) = &shared.auditor {
+            // Everything the sessions recorded is written, and the end of
+            // the trail signed, before the gateway says it stopped.
+            auditor.sign_now().await;
         }
         tracing::info!("gateway stopped");
     }

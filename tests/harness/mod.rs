@@ -149,6 +149,8 @@ pub struct TestGateway {
     pub db: String,
     pub shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
+    /// The gateway's audit configuration (its trail's files).
+    pub audit: sluice_core::config::AuditConfig,
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -204,6 +206,17 @@ pub fn config_text(spec: &Spec, db: &str) -> String {
         spec.access
     ));
     text.push_str(&spec.extra);
+    if !spec.extra.contains("[audit]") {
+        // Each gateway its own trail (a trail has one writer), in the
+        // cluster's throwaway directory.
+        static TRAILS: AtomicUsize = AtomicUsize::new(0);
+        let n = TRAILS.fetch_add(1, Ordering::Relaxed);
+        let path = c.dev.dir().join(format!("audit-{db}-{n}.db"));
+        text.push_str(&format!(
+            "\n[audit]\npath = \"{}\"\nsync = \"normal\"\n",
+            path.display()
+        ));
+    }
     if let Some(policy) = &spec.policy {
         text.push('\n');
         text.push_str(policy);
@@ -228,6 +241,7 @@ impl TestGateway {
         let gate = spec
             .gate
             .unwrap_or_else(|| Arc::new(PolicyGate::new(&config)) as Arc<dyn StatementGate>);
+        let audit = config.audit.clone();
         let gateway = Gateway::bind(config, gate).await.expect("binding the gateway");
         let addr = gateway.local_addr();
         let shutdown = CancellationToken::new();
@@ -237,6 +251,7 @@ impl TestGateway {
             db,
             shutdown,
             task: Some(task),
+            audit,
         }
     }
 

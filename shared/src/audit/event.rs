@@ -86,6 +86,10 @@ pub enum Detail {
         /// The SQLSTATE when it failed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sqlstate: Option<String>,
+        /// It never ran: an earlier message of its extended-protocol batch
+        /// failed, and the server skipped the rest.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        skipped: bool,
     },
     /// A session that sees clear values, by this grant.
     UnmaskGrantUsed { grant: String },

@@ -69,7 +69,9 @@ impl SqliteStore {
         let lock = lock_writer(path)?;
         let err = sql_error(path, "opening the audit database");
         let conn = Connection::open(path).map_err(&err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&err)?;
+        // Something else holding the trail's write lock for a second makes
+        // it unavailable: sessions are refused rather than left hanging.
+        conn.busy_timeout(std::time::Duration::from_secs(1)).map_err(&err)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .map_err(&err)?;

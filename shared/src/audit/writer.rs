@@ -57,6 +57,8 @@ enum Job {
     Record(Event, Option<oneshot::Sender<Result<(), Unavailable>>>),
     /// Answers once everything sent before it is durable.
     Flush(oneshot::Sender<()>),
+    /// Like Flush, and signs the head first.
+    Sign(oneshot::Sender<()>),
 }
 
 #[derive(Debug, Default)]
@@ -170,10 +172,26 @@ impl Auditor {
         }
     }
 
+    /// Waits until everything recorded so far is durable and the head is
+    /// signed: at shutdown.
+    pub async fn sign_now(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Sign(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     pub fn health(&self) -> HealthSnapshot {
+        let available = self.available();
         HealthSnapshot {
-            available: self.available(),
-            error: self.health.error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            available,
+            // The last error is kept for the outage record; it is news only
+            // while the trail is failing.
+            error: if available {
+                None
+            } else {
+                self.health.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            },
             written: self.health.written.load(Ordering::Relaxed),
             queued: self.health.queued.load(Ordering::Relaxed) + self.health.retrying.load(Ordering::Relaxed),
         }
@@ -198,6 +216,7 @@ impl Writer {
         // Write-ahead events' answers, with their place in `events`.
         let mut acks: Vec<(usize, oneshot::Sender<Result<(), Unavailable>>)> = Vec::new();
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut sign = false;
         loop {
             let wait = if self.failing() {
                 RETRY_EVERY
@@ -220,6 +239,10 @@ impl Writer {
                         events.push(event);
                     }
                     Job::Flush(done) => flushes.push(done),
+                    Job::Sign(done) => {
+                        sign = true;
+                        flushes.push(done);
+                    }
                 }
                 if events.len() >= MAX_BATCH {
                     break;
@@ -227,10 +250,10 @@ impl Writer {
             }
             self.write(&mut events, &mut acks);
             self.health.retrying.store(self.retry.len() as u64, Ordering::Relaxed);
+            self.maybe_sign(std::mem::take(&mut sign));
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
-            self.maybe_sign(false);
         }
         // Every session is gone: write what is left and sign the end.
         self.health.retrying.store(self.retry.len() as u64, Ordering::Relaxed);
@@ -247,8 +270,10 @@ impl Writer {
         let refused = self.health.refused.load(Ordering::Relaxed);
         let lost = self.health.lost.load(Ordering::Relaxed);
         // While failing, every round tries the store again, with an event
-        // that records the outage: its success is the recovery.
-        let recovering = self.failing();
+        // that records the outage: its success is the recovery. Refusals
+        // counted while that event was being written are recorded in the
+        // next round.
+        let recovering = self.failing() || refused > 0 || lost > 0;
         if events.is_empty() && self.retry.is_empty() && !recovering {
             return;
         }
@@ -275,10 +300,11 @@ impl Writer {
             Ok(_) => {
                 if self.failing() {
                     tracing::warn!("the audit trail is writable again; statements are accepted");
+                    self.health.failing.store(false, Ordering::Release);
+                }
+                if recovering {
                     self.health.refused.fetch_sub(refused, Ordering::Relaxed);
                     self.health.lost.fetch_sub(lost, Ordering::Relaxed);
-                    *self.health.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    self.health.failing.store(false, Ordering::Release);
                 }
                 self.health.written.fetch_add(count, Ordering::Relaxed);
                 for (_, ack) in acks.drain(..) {

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// Per target: the masking rules' catalog snapshot, read by the first
     /// session after it expires (`masking.catalog_ttl`).
     pub catalogs: std::sync::Mutex<HashMap<String, Arc<crate::mask::catalog::Catalog>>>,
+    /// The audit trail; `None` when auditing is off.
+    pub auditor: Option<crate::audit::Auditor>,
 }
 
 /// A new session id: time-ordered, so ids sort by start.
@@ -87,7 +89,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         let mut shutdown = shared.shutdown.listener();
         let conn = Connection::new(Stream::Tcp(tcp));
         let opening = tokio::select! {
-            opening = tokio::time::timeout(shared.config.server.auth_timeout, open(&shared, conn, peer, admitted)) => opening,
+            opening = tokio::time::timeout(shared.config.server.auth_timeout, open(&shared, &id, conn, peer, admitted)) => opening,
             _ = shutdown.stopping() => {
                 tracing::debug!("gateway shutting down during startup");
                 return;
@@ -96,24 +98,68 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         let (conn, identity, params) = match opening {
             Err(_) => {
                 tracing::warn!(after = ?shared.config.server.auth_timeout, "authentication timed out");
+                let who = Who::new(&id, peer);
+                who.record_refusal(&shared, "08006", "authentication timed out");
                 return;
             }
             Ok(Err(())) | Ok(Ok(None)) => return,
             Ok(Ok(Some(session))) => session,
         };
-        run_session(&shared, &id, conn, identity, params, started, &mut shutdown).await;
+        run_session(&shared, &id, peer, conn, identity, params, started, &mut shutdown).await;
     }
     .instrument(span)
     .await
 }
 
+/// Who a session is, as far as it got: what its audit events name.
+struct Who<'a> {
+    session: &'a str,
+    peer: SocketAddr,
+    user: &'a str,
+    identity: Option<&'a str>,
+    target: Option<&'a str>,
+}
+
+impl<'a> Who<'a> {
+    fn new(session: &'a str, peer: SocketAddr) -> Who<'a> {
+        Who {
+            session,
+            peer,
+            user: "",
+            identity: None,
+            target: None,
+        }
+    }
+
+    fn event(&self, detail: crate::audit::Detail) -> crate::audit::Event {
+        let mut event = crate::audit::Event::now(detail).in_session(self.session);
+        event.identity = self.identity.map(str::to_string);
+        event.target = self.target.map(str::to_string);
+        event
+    }
+
+    /// Records a refused login or session start.
+    fn record_refusal(&self, shared: &Shared, code: &str, reason: &str) {
+        if let Some(auditor) = &shared.auditor {
+            auditor.record(self.event(crate::audit::Detail::SessionRefused {
+                client: self.peer.to_string(),
+                user: self.user.to_string(),
+                code: code.to_string(),
+                reason: reason.to_string(),
+            }));
+        }
+    }
+}
+
 /// Steps 1 and 2. `Ok(None)` when the connection was a cancel request.
 async fn open(
     shared: &Shared,
+    id: &str,
     conn: Connection,
     peer: SocketAddr,
     admitted: bool,
 ) -> Result<Option<(Connection, Identity, startup::StartupParams)>, ()> {
+    let mut who = Who::new(id, peer);
     let (mut conn, params) = match startup::negotiate(conn, shared).await {
         Ok(Opening::Cancel { process_id, secret_key }) => {
             forward_cancel(shared, process_id, secret_key).await;
@@ -124,10 +170,11 @@ async fn open(
             (conn, params)
         }
         Err((failure, conn)) => {
-            report(failure, conn).await;
+            report(shared, &who, failure, conn).await;
             return Err(());
         }
     };
+    who.user = &params.user;
     if !admitted {
         let limit = shared.config.server.max_connections;
         tracing::warn!(limit, "connection refused: at the connection limit");
@@ -136,7 +183,7 @@ async fn open(
             "53300",
             format!("too many connections: the gateway serves at most {limit} sessions"),
         );
-        report(Failure::Refuse(error), Some(conn)).await;
+        report(shared, &who, Failure::Refuse(error), Some(conn)).await;
         return Err(());
     }
     match startup::authenticate(&mut conn, shared, peer).await {
@@ -145,18 +192,20 @@ async fn open(
             Ok(Some((conn, identity, params)))
         }
         Err(failure) => {
-            report(failure, Some(conn)).await;
+            report(shared, &who, failure, Some(conn)).await;
             Err(())
         }
     }
 }
 
-/// Sends a startup failure to the client (if it is still there) and closes.
-async fn report(failure: Failure, conn: Option<Connection>) {
+/// Sends a startup failure to the client (if it is still there), records
+/// it, and closes.
+async fn report(shared: &Shared, who: &Who<'_>, failure: Failure, conn: Option<Connection>) {
     match failure {
         Failure::Gone(reason) => tracing::debug!(%reason, "client left during startup"),
         Failure::Refuse(error) => {
             tracing::info!(code = error.code, reason = %error.message, "session refused");
+            who.record_refusal(shared, error.code, &error.message);
             if let Some(mut conn) = conn {
                 let mut out = BytesMut::new();
                 error.encode(&mut out);
@@ -176,9 +225,11 @@ fn access_rule<'c>(rules: &'c [AccessRule], identity: &Identity) -> Option<&'c A
 }
 
 /// Steps 3 and 4.
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     shared: &Shared,
     id: &str,
+    peer: SocketAddr,
     mut conn: Connection,
     identity: Identity,
     params: startup::StartupParams,
@@ -189,19 +240,39 @@ async fn run_session(
     span.record("identity", identity.name());
     span.record("target", params.target.as_str());
 
+    let who = Who {
+        session: id,
+        peer,
+        user: &params.user,
+        identity: Some(identity.name()),
+        target: Some(&params.target),
+    };
     let refuse = |code: &'static str, message: String| ErrorFields::new(Severity::Fatal, code, message);
     let Some(target) = shared.config.target(&params.target) else {
         let error = refuse("3D000", format!("target \"{}\" does not exist", params.target))
             .with_hint("the database name you connect to selects a Sluice target");
-        return report(Failure::Refuse(error), Some(conn)).await;
+        return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
     };
+    if let Some(auditor) = &shared.auditor
+        && !auditor.available()
+        && shared.config.audit.on_failure == crate::config::OnAuditFailure::Refuse
+    {
+        auditor.refused_while_unavailable();
+        let error = refuse(
+            "58000",
+            "the gateway's audit trail cannot record sessions right now, and this gateway runs nothing it cannot record"
+                .into(),
+        )
+        .with_hint("try again shortly; the gateway's operators see this on its health endpoint and in its log");
+        return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
+    }
     let Some(rule) = access_rule(&target.access, &identity) else {
         let error = refuse(
             "28000",
             format!("{} may not use target \"{}\"", identity.name(), target.name),
         )
         .with_hint("ask an administrator for access (a [[targets.access]] entry for you or your group)");
-        return report(Failure::Refuse(error), Some(conn)).await;
+        return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
     };
     let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
     let login = Login {
@@ -222,12 +293,13 @@ async fn run_session(
                 format!("the gateway could not connect to target \"{}\"", target.name),
             )
             .with_hint("the gateway's log has the details; try again or contact its operator");
-            return report(Failure::Refuse(error), Some(conn)).await;
+            return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
         }
     };
 
     let mut upstream = upstream;
-    let masker = if let Some(grant) = shared.gate.unmask_grant(&identity, &target.name) {
+    let unmask_grant = shared.gate.unmask_grant(&identity, &target.name);
+    let masker = if let Some(grant) = &unmask_grant {
         // The same event path as statements: the audit trail records it.
         tracing::info!(identity = %identity, target = %target.name, %grant, "unmask grant used: this session sees clear values");
         None
@@ -241,12 +313,41 @@ async fn run_session(
                 ),
             )
             .with_hint("try again; the gateway's log has the details");
-            return report(Failure::Refuse(error), Some(conn)).await;
+            return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
         };
         let masking = &shared.config.masking;
         (!masking.detectors.is_empty() || !rules.is_empty())
             .then(|| crate::mask::RowMasker::new(masking.detectors, rules))
     };
+
+    // The session is on the record before the client can use it.
+    if let Some(auditor) = &shared.auditor {
+        let opened = who.event(crate::audit::Detail::SessionOpened {
+            client: peer.to_string(),
+            application: params.application_name.clone().unwrap_or_default(),
+            tls: conn.is_tls(),
+            upstream_role: rule.role.clone(),
+            subject: identity.subject().to_string(),
+            email: identity.email().map(str::to_string),
+            groups: identity.groups().to_vec(),
+            labels: identity.labels().clone(),
+        });
+        if let Err(err) = auditor.write_ahead(opened).await
+            && shared.config.audit.on_failure == crate::config::OnAuditFailure::Refuse
+        {
+            tracing::warn!(error = %err, "session refused: the audit trail cannot record it");
+            auditor.refused_while_unavailable();
+            let error = refuse(
+                "58000",
+                "the gateway's audit trail cannot record sessions right now, and this gateway runs nothing it cannot record"
+                    .into(),
+            );
+            return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
+        }
+        if let Some(grant) = &unmask_grant {
+            auditor.record(who.event(crate::audit::Detail::UnmaskGrantUsed { grant: grant.clone() }));
+        }
+    }
 
     let (client_key, _cancel_guard) = shared.cancels.register(&target.name, upstream.key);
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 64);
@@ -273,6 +374,8 @@ async fn run_session(
         max_message_size: shared.config.server.max_message_size,
         masker,
         catalogs: &shared.catalogs,
+        auditor: shared.auditor.as_ref(),
+        audit_continue: shared.config.audit.on_failure == crate::config::OnAuditFailure::Continue,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
@@ -287,6 +390,14 @@ async fn run_session(
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
+    if let Some(auditor) = &shared.auditor {
+        auditor.record(who.event(crate::audit::Detail::SessionClosed {
+            reason: end.reason().to_string(),
+            detail: end.detail().to_string(),
+            statements: counters.statements,
+            refused: counters.refused,
+        }));
+    }
 }
 
 /// Passes a client's CancelRequest to the right backend with its real key.

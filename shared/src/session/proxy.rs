@@ -21,9 +21,10 @@
 //! the right status), and the client's view stays consistent.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,9 +33,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, command_count};
-use super::pending::{Expect, Owner, PendingQueue};
+use super::pending::{Expect, Mark, Owner, PendingQueue};
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
+use crate::audit::{self, Auditor, Durable, StatementRecord};
 use crate::gate::{
     Allowance, GateSession, Refusal, RowLimit, StatementContext, StatementGate, StatementSource, Verdict,
 };
@@ -75,6 +77,7 @@ pub(crate) enum SessionEnd {
     ClientProtocol(String),
     ServerFailed(String),
     ClientIo(String),
+    AuditFailed(String),
 }
 
 impl SessionEnd {
@@ -87,15 +90,17 @@ impl SessionEnd {
             SessionEnd::ClientProtocol(_) => "client_protocol_error",
             SessionEnd::ServerFailed(_) => "server_error",
             SessionEnd::ClientIo(_) => "client_io_error",
+            SessionEnd::AuditFailed(_) => "audit_unavailable",
         }
     }
 
     /// What went wrong, for the ends that are failures.
     pub(crate) fn detail(&self) -> &str {
         match self {
-            SessionEnd::ClientProtocol(detail) | SessionEnd::ServerFailed(detail) | SessionEnd::ClientIo(detail) => {
-                detail
-            }
+            SessionEnd::ClientProtocol(detail)
+            | SessionEnd::ServerFailed(detail)
+            | SessionEnd::ClientIo(detail)
+            | SessionEnd::AuditFailed(detail) => detail,
             _ => "",
         }
     }
@@ -122,6 +127,9 @@ enum Stop {
     /// The server broke the protocol or the connection to it failed.
     Server(String),
     ClientIo(io::Error),
+    /// The audit trail could not record a statement that was already on its
+    /// way: it must not run, and the session cannot be kept in sync.
+    Audit(String),
 }
 
 /// What the gate's verdict means for the proxy.
@@ -156,6 +164,11 @@ pub(crate) struct ProxyContext<'a> {
     /// The gateway's masking catalog snapshots: DDL on this session makes
     /// the target's stale, so the next session reads it again.
     pub catalogs: &'a std::sync::Mutex<HashMap<String, std::sync::Arc<crate::mask::catalog::Catalog>>>,
+    /// The audit trail, when auditing is on.
+    pub auditor: Option<&'a Auditor>,
+    /// `on_audit_failure = "continue"`: statements run even when the trail
+    /// cannot record them.
+    pub audit_continue: bool,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -214,6 +227,39 @@ pub(crate) struct Proxy<'a> {
     /// Alternates which side is read first, so neither starves the other.
     server_first: bool,
     counters: Counters,
+    /// Statements recorded in the audit trail so far; the last one's number.
+    audit_seq: u64,
+    /// While a write-ahead event is not yet durable: how many bytes at the
+    /// front of `to_server` may be written. The rest (the statement it
+    /// records, and everything after) waits.
+    audit_hold: Option<usize>,
+    /// The newest write-ahead event not yet durable. The writer commits in
+    /// order, so when it is durable every earlier one is too.
+    audit_wait: Option<Durable>,
+    /// The mark of the statement just checked, for its pending entry.
+    pending_mark: Option<Mark>,
+    /// The mark of a row-limited Query that waits for the BEGIN the
+    /// gateway sent before it.
+    guard_mark: Option<Mark>,
+    /// What the trail says about prepared statements and bound portals, by
+    /// name: their text, for the event of each execution. A portal's entry
+    /// is taken by its first Execute (later ones fetch more of its rows).
+    statement_texts: HashMap<String, Arc<AuditText>>,
+    portal_texts: HashMap<String, Arc<AuditText>>,
+}
+
+/// A prepared statement as the audit trail records its executions.
+#[derive(Debug)]
+struct AuditText {
+    text: String,
+    statements: Vec<StatementRecord>,
+}
+
+/// What the gate decided, for the audit trail.
+struct Decided {
+    decision: &'static str,
+    rule: Option<String>,
+    classification: Option<Arc<crate::policy::Classification>>,
 }
 
 impl<'a> Proxy<'a> {
@@ -254,6 +300,13 @@ impl<'a> Proxy<'a> {
             server_said_fatal: false,
             server_first: false,
             counters: Counters::default(),
+            audit_seq: 0,
+            audit_hold: None,
+            audit_wait: None,
+            pending_mark: None,
+            guard_mark: None,
+            statement_texts: HashMap::new(),
+            portal_texts: HashMap::new(),
         }
     }
 
@@ -342,20 +395,35 @@ impl<'a> Proxy<'a> {
             && self.client_in.is_empty()
             && self.server_streaming == 0
             && self.to_server.is_empty()
+            && self.audit_wait.is_none()
     }
 
     /// Moves bytes until something needs processing.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
         loop {
             let mut progressed = false;
-            if !self.to_server.is_empty() {
-                match poll_write_all(&mut self.server, cx, &mut self.to_server) {
+            if let Some(wait) = &mut self.audit_wait {
+                match Pin::new(wait).poll(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.audit_wait = None;
+                        self.audit_hold = None;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(Stop::Audit(err.0))),
+                    Poll::Pending => {}
+                }
+            }
+            let writable = self.audit_hold.unwrap_or(self.to_server.len());
+            if writable > 0 {
+                match poll_write_front(&mut self.server, cx, &mut self.to_server, writable) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(Stop::Server("upstream stopped accepting data".into())));
                     }
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
                         progressed = true;
                         self.server_unflushed = true;
+                        if let Some(hold) = &mut self.audit_hold {
+                            *hold -= n;
+                        }
                     }
                     Poll::Ready(Err(err)) => {
                         return Poll::Ready(Err(Stop::Server(format!("writing to upstream: {err}"))));
@@ -363,7 +431,7 @@ impl<'a> Proxy<'a> {
                     Poll::Pending => {}
                 }
             }
-            if self.to_server.is_empty() && self.server_unflushed {
+            if self.audit_hold.unwrap_or(self.to_server.len()) == 0 && self.server_unflushed {
                 match Pin::new(&mut self.server).poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.server_unflushed = false,
                     Poll::Ready(Err(err)) => {
@@ -552,7 +620,8 @@ impl<'a> Proxy<'a> {
                 match outcome {
                     Outcome::Forward => {
                         self.to_server.extend_from_slice(message);
-                        self.pending.push(Expect::query(self.last_sensitive));
+                        let mark = self.pending_mark.take();
+                        self.pending.push_marked(Expect::query(self.last_sensitive), mark);
                     }
                     Outcome::Refuse(refusal) => {
                         Query::encode(REFUSED_STATEMENT, &mut self.to_server);
@@ -616,6 +685,17 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
+                if self.ctx.auditor.is_some() {
+                    let (portal, statement) = bind_names(body)?;
+                    match self.statement_texts.get(statement) {
+                        Some(text) => {
+                            self.portal_texts.insert(portal.to_string(), text.clone());
+                        }
+                        None => {
+                            self.portal_texts.remove(portal);
+                        }
+                    }
+                }
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
                     // A statement the gateway never saw parsed is sensitive.
@@ -636,6 +716,7 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Bind)
             }
             fe::EXECUTE => {
+                self.record_execute(body)?;
                 if !self.portal_limits.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some((limit, rows)) = self.portal_limits.get(portal) {
@@ -653,7 +734,8 @@ impl<'a> Proxy<'a> {
                         // client sends next (its Sync) reaches the server.
                         self.to_server.extend_from_slice(message);
                         frontend::encode_flush(&mut self.to_server);
-                        self.pending.push(Expect::Execute { guarded: true });
+                        let mark = self.pending_mark.take();
+                        self.pending.push_marked(Expect::Execute { guarded: true }, mark);
                         return Ok(Consumed::Yes);
                     }
                 }
@@ -661,6 +743,14 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Execute { guarded: false })
             }
             fe::CLOSE => {
+                if self.ctx.auditor.is_some() {
+                    let kind = body.first().copied();
+                    let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
+                    match kind {
+                        Some(b'S') => self.statement_texts.remove(name),
+                        _ => self.portal_texts.remove(name),
+                    };
+                }
                 if self.seam.has_rules() {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
@@ -730,7 +820,8 @@ impl<'a> Proxy<'a> {
             frontend::encode_flush(&mut self.to_server);
         }
         if let Some(expect) = expect {
-            self.pending.push(expect);
+            let mark = self.pending_mark.take();
+            self.pending.push_marked(expect, mark);
         }
         Ok(Consumed::Yes)
     }
@@ -929,8 +1020,181 @@ impl<'a> Proxy<'a> {
         )
     }
 
-    /// Asks the gate what to do with a statement.
+    /// Asks the gate what to do with a statement, and records it: an
+    /// allowed simple Query or FunctionCall write-ahead (it waits in
+    /// `to_server` until its event is durable), a refused one at once, an
+    /// allowed Parse not yet (each Execute of it is recorded).
     fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
+        self.pending_mark = None;
+        if let Some(refusal) = self.audit_unavailable() {
+            self.counters.refused += 1;
+            self.record_statement(sql, source, &Outcome::Refuse(refusal.clone()), None, "deny", None);
+            return Outcome::Refuse(refusal);
+        }
+        let (outcome, decided) = self.decide(sql, source);
+        if self.ctx.auditor.is_some() {
+            let statements = audit_records(decided.classification.as_deref());
+            match source {
+                StatementSource::Parse { statement } => match outcome {
+                    Outcome::Refuse(_) => {
+                        self.statement_texts.remove(statement);
+                        self.record_statement(sql, source, &outcome, Some(statements), decided.decision, decided.rule);
+                    }
+                    _ => {
+                        let text = audit_text(sql);
+                        self.statement_texts
+                            .insert(statement.to_string(), Arc::new(AuditText { text, statements }));
+                    }
+                },
+                _ => {
+                    self.pending_mark =
+                        self.record_statement(sql, source, &outcome, Some(statements), decided.decision, decided.rule);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The refusal for a statement while the trail cannot record it (with
+    /// `on_audit_failure = "refuse"`).
+    fn audit_unavailable(&self) -> Option<Box<ErrorFields>> {
+        let auditor = self.ctx.auditor?;
+        if auditor.available() || self.ctx.audit_continue {
+            return None;
+        }
+        auditor.refused_while_unavailable();
+        Some(Box::new(
+            ErrorFields::new(
+                Severity::Error,
+                "58000",
+                "statement refused: the gateway's audit trail cannot record statements right now, and this gateway runs nothing it cannot record",
+            )
+            .with_hint("try again shortly; the gateway's operators see this on its health endpoint and in its log"),
+        ))
+    }
+
+    /// Records a statement; for one that runs, returns the mark that
+    /// follows it to its end, and holds what follows in `to_server` until
+    /// the event is durable.
+    fn record_statement(
+        &mut self,
+        sql: &str,
+        source: StatementSource<'_>,
+        outcome: &Outcome,
+        statements: Option<Vec<StatementRecord>>,
+        decision: &'static str,
+        rule: Option<String>,
+    ) -> Option<Mark> {
+        let text = audit_text(sql);
+        let statements = statements.unwrap_or_default();
+        let source = match source {
+            StatementSource::SimpleQuery => "query",
+            StatementSource::Parse { .. } => "parse",
+            StatementSource::FunctionCall => "function_call",
+        };
+        self.record_execution(source, text, statements, outcome, decision, rule)
+    }
+
+    fn record_execution(
+        &mut self,
+        source: &str,
+        text: String,
+        statements: Vec<StatementRecord>,
+        outcome: &Outcome,
+        decision: &'static str,
+        rule: Option<String>,
+    ) -> Option<Mark> {
+        let auditor = self.ctx.auditor?;
+        self.audit_seq += 1;
+        let refusal = match outcome {
+            Outcome::Refuse(error) => Some(error.message.clone()),
+            _ => None,
+        };
+        let runs = refusal.is_none();
+        let event = audit::Event::now(audit::Detail::Statement {
+            seq: self.audit_seq,
+            source: source.into(),
+            text,
+            decision: if runs { "allow" } else { decision }.into(),
+            rule,
+            refusal,
+            statements,
+        })
+        .in_session(self.ctx.session_id)
+        .by(self.ctx.identity.name(), self.ctx.target);
+        if !runs {
+            auditor.record(event);
+            return None;
+        }
+        if self.ctx.audit_continue && !auditor.available() {
+            tracing::warn!("the audit trail is behind: a statement runs before its event is written");
+            auditor.record(event);
+        } else {
+            self.audit_wait = Some(auditor.write_ahead(event));
+            self.audit_hold.get_or_insert(self.to_server.len());
+        }
+        Some(Mark {
+            seq: self.audit_seq,
+            started: std::time::Instant::now(),
+            rows: None,
+            sqlstate: None,
+            skipped: false,
+        })
+    }
+
+    /// Records an Execute of a bound portal (its first: later ones fetch
+    /// more rows of the same statement).
+    fn record_execute(&mut self, execute_body: &[u8]) -> Result<(), Stop> {
+        self.pending_mark = None;
+        if self.ctx.auditor.is_none() {
+            return Ok(());
+        }
+        let portal = first_name(execute_body, "portal name")?;
+        let Some(text) = self.portal_texts.remove(portal) else {
+            return Ok(());
+        };
+        if let Some(refusal) = self.audit_unavailable() {
+            return Err(Stop::Audit(refusal.message));
+        }
+        self.pending_mark = self.record_execution(
+            "execute",
+            text.text.clone(),
+            text.statements.clone(),
+            &Outcome::Forward,
+            "allow",
+            None,
+        );
+        Ok(())
+    }
+
+    /// Records how the statements that ended did.
+    fn record_finished(&mut self) {
+        if self.ctx.auditor.is_none() {
+            return;
+        }
+        let finished: Vec<Mark> = self.pending.take_finished().collect();
+        for mark in finished {
+            self.record_done(mark);
+        }
+    }
+
+    fn record_done(&self, mark: Mark) {
+        let Some(auditor) = self.ctx.auditor else { return };
+        auditor.record(
+            audit::Event::now(audit::Detail::StatementDone {
+                seq: mark.seq,
+                rows: mark.rows,
+                duration_us: mark.started.elapsed().as_micros() as u64,
+                sqlstate: mark.sqlstate,
+                skipped: mark.skipped,
+            })
+            .in_session(self.ctx.session_id)
+            .by(self.ctx.identity.name(), self.ctx.target),
+        );
+    }
+
+    /// The gate's decision on a statement.
+    fn decide(&mut self, sql: &str, source: StatementSource<'_>) -> (Outcome, Decided) {
         let ctx = StatementContext {
             identity: self.ctx.identity,
             target: self.ctx.target,
@@ -944,21 +1208,39 @@ impl<'a> Proxy<'a> {
         };
         self.last_sensitive = self.sensitivity(classification.as_deref());
         let masking_refusal = classification.as_deref().and_then(|c| self.masking_refusal(sql, c));
+        let mut decided = Decided {
+            decision: "allow",
+            rule: None,
+            classification,
+        };
         let refusal = match verdict {
-            _ if let Some(refusal) = masking_refusal => refusal,
-            Verdict::Allow(Allowance { max_rows: None, .. }) => return Outcome::Forward,
+            _ if let Some(refusal) = masking_refusal => {
+                decided.decision = "deny";
+                refusal
+            }
+            Verdict::Allow(Allowance { max_rows: None, .. }) => return (Outcome::Forward, decided),
             Verdict::Allow(Allowance {
                 max_rows: Some(limit), ..
-            }) => return Outcome::Guard(limit),
+            }) => {
+                decided.rule = Some(limit.rule.to_string());
+                return (Outcome::Guard(limit), decided);
+            }
             // Approvals cannot hold a statement yet: it is refused, with a
             // message that says approval is what it needs.
-            Verdict::RequireApproval(request) => request.refusal,
-            Verdict::Deny(refusal) => refusal,
+            Verdict::RequireApproval(request) => {
+                decided.decision = "require_approval";
+                decided.rule = Some(request.rule);
+                request.refusal
+            }
+            Verdict::Deny(refusal) => {
+                decided.decision = "deny";
+                refusal
+            }
         };
         self.counters.refused += 1;
         let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
         error.hint = refusal.hint;
-        Outcome::Refuse(Box::new(error))
+        (Outcome::Refuse(Box::new(error)), decided)
     }
 
     /// A simple Query under a row limit. Inside a transaction it runs as is
@@ -969,15 +1251,20 @@ impl<'a> Proxy<'a> {
             // It will fail like everything in a failed transaction.
             TxStatus::Failed => {
                 self.to_server.extend_from_slice(message);
-                self.pending.push(Expect::query(self.last_sensitive));
+                let mark = self.pending_mark.take();
+                self.pending.push_marked(Expect::query(self.last_sensitive), mark);
             }
             TxStatus::InTransaction => {
                 self.to_server.extend_from_slice(message);
-                self.pending.push(Expect::Query {
-                    refusal: None,
-                    guarded: true,
-                    sensitive: self.last_sensitive,
-                });
+                let mark = self.pending_mark.take();
+                self.pending.push_marked(
+                    Expect::Query {
+                        refusal: None,
+                        guarded: true,
+                        sensitive: self.last_sensitive,
+                    },
+                    mark,
+                );
                 self.guard = Some(Guard::new(
                     limit,
                     GuardKind::Simple { wrapped: false },
@@ -987,6 +1274,7 @@ impl<'a> Proxy<'a> {
             TxStatus::Idle => {
                 Query::encode("BEGIN", &mut self.to_server);
                 self.pending.push(Expect::Internal);
+                self.guard_mark = self.pending_mark.take();
                 self.guard = Some(Guard::new(
                     limit,
                     GuardKind::Simple { wrapped: true },
@@ -1151,14 +1439,22 @@ impl<'a> Proxy<'a> {
                     )
                     .encode(&mut self.to_client);
                     self.to_client.extend_from_slice(message);
+                    if let Some(mut mark) = self.guard_mark.take() {
+                        mark.sqlstate = Some("55000".into());
+                        self.record_done(mark);
+                    }
                 } else {
                     let query = std::mem::take(query);
                     self.to_server.extend_from_slice(&query);
-                    self.pending.push(Expect::Query {
-                        refusal: None,
-                        guarded: true,
-                        sensitive: self.last_sensitive,
-                    });
+                    let mark = self.guard_mark.take();
+                    self.pending.push_marked(
+                        Expect::Query {
+                            refusal: None,
+                            guarded: true,
+                            sensitive: self.last_sensitive,
+                        },
+                        mark,
+                    );
                     guard.phase = GuardPhase::Running;
                 }
             }
@@ -1253,6 +1549,7 @@ impl<'a> Proxy<'a> {
             buf.reserve(header.total_len() - buf.len());
         }
         self.server_in = buf;
+        self.record_finished();
         result
     }
 
@@ -1273,6 +1570,21 @@ impl<'a> Proxy<'a> {
             // gets its SQLSTATE, not the text.
             let sensitive = self.pending.front_sensitive();
             self.seam.withhold_next_message(sensitive);
+        }
+        if self.ctx.auditor.is_some() {
+            match message_tag {
+                backend::tag::COMMAND_COMPLETE => {
+                    if let Some((_, rows)) = command_count(body) {
+                        self.pending.note_rows(rows);
+                    }
+                }
+                backend::tag::ERROR_RESPONSE => {
+                    if let Ok(error) = ReceivedError::decode(body) {
+                        self.pending.note_error(error.code);
+                    }
+                }
+                _ => {}
+            }
         }
         let owner = self.pending.on_backend(message_tag);
         // What the gateway tracks whoever the message is for.
@@ -1381,6 +1693,25 @@ impl<'a> Proxy<'a> {
                 self.close_quietly().await;
                 SessionEnd::ClientIo(err.to_string())
             }
+            Stop::Audit(reason) => {
+                tracing::error!(%reason, "ending session: the audit trail cannot record its statements");
+                // What waited for the trail never reaches the server.
+                if let Some(hold) = self.audit_hold.take() {
+                    self.to_server.truncate(hold);
+                }
+                self.audit_wait = None;
+                self.queue_fatal(
+                    ErrorFields::new(
+                        Severity::Fatal,
+                        "58000",
+                        "the gateway's audit trail could not record your statement, so it did not run; the session ends",
+                    )
+                    .with_hint("reconnect once the trail is available again (the gateway's health endpoint says when)"),
+                );
+                frontend::encode_terminate(&mut self.to_server);
+                self.close_quietly().await;
+                SessionEnd::AuditFailed(reason)
+            }
         }
     }
 
@@ -1398,6 +1729,15 @@ impl<'a> Proxy<'a> {
     /// Writes what is queued on both sides, then closes both, within
     /// [`CLOSE_TIMEOUT`]: a client that stopped reading cannot hold the task.
     async fn close_quietly(&mut self) {
+        // Statements held for the trail go only once it has them.
+        if let Some(wait) = self.audit_wait.take() {
+            let durable = matches!(tokio::time::timeout(CLOSE_TIMEOUT, wait).await, Ok(Ok(())));
+            if !durable && let Some(hold) = self.audit_hold {
+                self.to_server.truncate(hold);
+                frontend::encode_terminate(&mut self.to_server);
+            }
+        }
+        self.audit_hold = None;
         let drain = async {
             let server = async {
                 let _ = write_all_and_close(&mut self.server, &mut self.to_server).await;
@@ -1422,7 +1762,18 @@ async fn write_all_and_close(stream: &mut Stream, buf: &mut BytesMut) -> io::Res
 /// Writes from the front of `buf` with one plain write (`send`): the buffer
 /// is contiguous, so a vectored write would only add the iovec handling.
 fn poll_write_all(stream: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
-    let result = Pin::new(stream).poll_write(cx, buf);
+    let len = buf.len();
+    poll_write_front(stream, cx, buf, len)
+}
+
+/// Like [`poll_write_all`], for the first `limit` bytes of `buf` only.
+fn poll_write_front(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Poll<io::Result<usize>> {
+    let result = Pin::new(stream).poll_write(cx, &buf[..limit.min(buf.len())]);
     if let Poll::Ready(Ok(n)) = result {
         buf.advance(n);
     }
@@ -1433,6 +1784,22 @@ fn reserve_for_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
+}
+
+/// A statement's text as the trail keeps it: what the content detectors
+/// find in it (an email in a WHERE clause, a card number in an INSERT) is
+/// masked, whatever the session's own masking.
+fn audit_text(sql: &str) -> String {
+    match crate::mask::scrub(sql.as_bytes(), crate::mask::DetectorSet::ALL) {
+        Some(scrubbed) => String::from_utf8_lossy(&scrubbed).into_owned(),
+        None => sql.to_string(),
+    }
+}
+
+fn audit_records(classification: Option<&crate::policy::Classification>) -> Vec<StatementRecord> {
+    classification
+        .map(|c| c.statements.iter().map(StatementRecord::of).collect())
+        .unwrap_or_default()
 }
 
 /// The first name (a NUL-terminated string) of a message body.

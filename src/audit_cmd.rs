@@ -1,0 +1,375 @@
+//! `sluice audit`: verify, browse and export the audit trail from the shell.
+//! Reads the trail with its own read-only connection, so it works while the
+//! gateway runs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, SecondsFormat, Utc};
+use sluice_core::Config;
+use sluice_core::audit::{Detail, EventFilter, PublicKey, Signer, SqliteStore, StoredEvent, read_head_file};
+
+/// Where the trail and its files are: from flags, else from the config.
+pub struct TrailFiles {
+    pub path: PathBuf,
+    pub key_file: Option<PathBuf>,
+    pub head_file: Option<PathBuf>,
+}
+
+impl TrailFiles {
+    pub fn resolve(
+        config: &Path,
+        path: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+        head_file: Option<PathBuf>,
+    ) -> anyhow::Result<TrailFiles> {
+        if let Some(path) = path {
+            return Ok(TrailFiles {
+                path,
+                key_file,
+                head_file,
+            });
+        }
+        let config = Config::load(config).with_context(|| {
+            format!(
+                "give --path to the audit database, or a configuration with --config (read {})",
+                config.display()
+            )
+        })?;
+        Ok(TrailFiles {
+            path: config.audit.path.clone(),
+            key_file: key_file.or(Some(config.audit.key_file.clone())),
+            head_file: head_file.or(Some(config.audit.head_file.clone())),
+        })
+    }
+
+    fn open(&self) -> anyhow::Result<SqliteStore> {
+        SqliteStore::open_read_only(&self.path).map_err(anyhow::Error::from)
+    }
+}
+
+/// The public key: given as hex, or derived from the signing key file.
+fn public_key(given: Option<&str>, files: &TrailFiles) -> anyhow::Result<PublicKey> {
+    if let Some(hex) = given {
+        return PublicKey::parse(hex)
+            .with_context(|| format!("--public-key {hex:?} is not an Ed25519 public key (64 hex digits)"));
+    }
+    let Some(key_file) = &files.key_file else {
+        bail!("give --public-key (64 hex digits, from `sluice audit public-key`) or --key-file");
+    };
+    let text = std::fs::read_to_string(key_file)
+        .with_context(|| format!("reading the signing key {} (or give --public-key)", key_file.display()))?;
+    let signer = Signer::from_pem(&text).map_err(|reason| anyhow::anyhow!("{}: {reason}", key_file.display()))?;
+    Ok(signer.public_key())
+}
+
+/// `sluice audit verify`: exit 0 when intact, 1 when broken.
+pub fn verify(files: &TrailFiles, key: Option<&str>) -> anyhow::Result<i32> {
+    let key = public_key(key, files)?;
+    let store = files.open()?;
+    let head = match &files.head_file {
+        Some(path) => read_head_file(path)?,
+        None => None,
+    };
+    let report = store.verify(&key, head.as_ref())?;
+    let path = files.path.display();
+    match &report.broken {
+        Some(broken) => {
+            println!("audit trail {path}: BROKEN at event {}", broken.id);
+            println!("  {}", broken.reason);
+            println!("  checked {} events before it", report.events);
+            Ok(1)
+        }
+        None => {
+            println!("audit trail {path}: intact");
+            if report.events == 0 {
+                println!("  events     none yet");
+            } else {
+                println!(
+                    "  events     {}..{} ({} events)",
+                    report.first_id, report.last_id, report.events
+                );
+            }
+            match report.last_signed {
+                Some(signed) => println!(
+                    "  signed     up to event {signed} ({} signed heads checked{})",
+                    report.signed_heads,
+                    match &head {
+                        Some(head) => format!("; head file: event {}", head.id),
+                        None => "; no head file".into(),
+                    }
+                ),
+                None => println!("  signed     no signed head yet"),
+            }
+            if report.unsigned_tail() > 0 {
+                println!(
+                    "  unsigned   {} events after the last signed head (the gateway signs every sign_every events or sign_interval)",
+                    report.unsigned_tail()
+                );
+            }
+            println!("  key        {}", key.to_hex());
+            Ok(0)
+        }
+    }
+}
+
+/// `sluice audit public-key`.
+pub fn print_public_key(files: &TrailFiles) -> anyhow::Result<()> {
+    println!("{}", public_key(None, files)?.to_hex());
+    Ok(())
+}
+
+/// `sluice audit sessions`.
+pub fn sessions(files: &TrailFiles, limit: u64) -> anyhow::Result<()> {
+    let store = files.open()?;
+    let sessions = store.sessions(limit)?;
+    if sessions.is_empty() {
+        println!("no sessions in {}", files.path.display());
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<27}  {:<16}  {:<12}  {:>10}  {:>7}  END",
+        "SESSION", "STARTED", "IDENTITY", "TARGET", "STATEMENTS", "REFUSED"
+    );
+    for s in sessions {
+        let end = if s.refused_at_start {
+            "refused at start".to_string()
+        } else {
+            s.closed.clone().unwrap_or_else(|| "open".into())
+        };
+        println!(
+            "{:<32}  {:<27}  {:<16}  {:<12}  {:>10}  {:>7}  {end}",
+            s.session,
+            s.started,
+            printable(s.identity.as_deref().unwrap_or("-")),
+            printable(s.target.as_deref().unwrap_or("-")),
+            s.statements,
+            s.refused
+        );
+    }
+    Ok(())
+}
+
+/// `sluice audit show SESSION`.
+pub fn show(files: &TrailFiles, session: &str) -> anyhow::Result<()> {
+    let store = files.open()?;
+    let events = store.events(&EventFilter {
+        session: Some(session.to_string()),
+        ..EventFilter::default()
+    })?;
+    if events.is_empty() {
+        bail!(
+            "no session {session:?} in {} (see `sluice audit sessions`)",
+            files.path.display()
+        );
+    }
+    for stored in &events {
+        println!("{}", describe(stored));
+    }
+    Ok(())
+}
+
+/// One line per event, for people.
+fn describe(stored: &StoredEvent) -> String {
+    let event = &stored.event;
+    let at = event.at.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let what = match &event.detail {
+        Detail::SessionOpened {
+            client,
+            application,
+            tls,
+            upstream_role,
+            ..
+        } => format!(
+            "session opened by {} from {client} ({}{}), upstream role {upstream_role}",
+            event.identity.as_deref().unwrap_or("?"),
+            if application.is_empty() {
+                "no application name"
+            } else {
+                application
+            },
+            if *tls { ", TLS" } else { "" }
+        ),
+        Detail::SessionRefused {
+            client,
+            user,
+            code,
+            reason,
+        } => {
+            format!("session refused ({code}) for {user:?} from {client}: {reason}")
+        }
+        Detail::Statement {
+            seq,
+            source,
+            text,
+            decision,
+            rule,
+            refusal,
+            ..
+        } => {
+            let rule = rule.as_deref().map(|r| format!(" by rule {r:?}")).unwrap_or_default();
+            let refusal = refusal.as_deref().map(|r| format!(" -- {r}")).unwrap_or_default();
+            format!("#{seq} {source} {decision}{rule}: {}{refusal}", printable(text))
+        }
+        Detail::StatementDone {
+            seq,
+            rows,
+            duration_us,
+            sqlstate,
+            skipped,
+        } => {
+            let outcome = match (sqlstate, skipped) {
+                (_, true) => "skipped (an earlier message of its batch failed)".to_string(),
+                (Some(code), _) => format!("failed with SQLSTATE {code}"),
+                (None, _) => "ok".to_string(),
+            };
+            let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
+            format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0)
+        }
+        Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
+        Detail::SessionClosed {
+            reason,
+            detail,
+            statements,
+            refused,
+        } => {
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({detail})")
+            };
+            format!("session closed: {reason}{detail}; {statements} statements, {refused} refused")
+        }
+        Detail::AuditUnavailable { refused, error } => {
+            format!("the trail was unavailable ({error}); {refused} statements were refused meanwhile")
+        }
+    };
+    format!("{:>8}  {at}  {what}", stored.id)
+}
+
+/// Control characters would let a statement text rewrite the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() && c != ' ' { ' ' } else { c })
+        .collect()
+}
+
+/// `--since` / `--until`: an RFC 3339 time, a date (UTC midnight), or an
+/// age such as `30d`, `12h` or `15m`.
+pub fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+    let time = if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        time.with_timezone(&Utc)
+    } else if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        date.and_hms_opt(0, 0, 0).context("midnight")?.and_utc()
+    } else {
+        let (number, unit) = text.split_at(text.len().saturating_sub(1));
+        let n: i64 = number.parse().with_context(|| {
+            format!("{text:?} is not a time: write 2026-11-01, 2026-11-01T10:00:00Z or an age like 30d")
+        })?;
+        let age = match unit {
+            "d" => chrono::Duration::days(n),
+            "h" => chrono::Duration::hours(n),
+            "m" => chrono::Duration::minutes(n),
+            "s" => chrono::Duration::seconds(n),
+            _ => bail!("{text:?}: an age ends in d, h, m or s"),
+        };
+        now - age
+    };
+    Ok(time.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// `sluice audit export`.
+pub fn export(files: &TrailFiles, since: Option<&str>, until: Option<&str>, format: &str) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let filter = EventFilter {
+        since: since.map(|t| parse_time(t, now)).transpose()?,
+        until: until.map(|t| parse_time(t, now)).transpose()?,
+        ..EventFilter::default()
+    };
+    let store = files.open()?;
+    let events = store.events(&filter)?;
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match format {
+        "jsonl" => {
+            for stored in events {
+                let mut value = serde_json::to_value(&stored.event)?;
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("id".into(), stored.id.into());
+                }
+                writeln!(out, "{value}")?;
+            }
+        }
+        "csv" => {
+            writeln!(out, "id,at,type,session,identity,target,decision,text,event")?;
+            for stored in events {
+                let event = &stored.event;
+                let (decision, text) = match &event.detail {
+                    Detail::Statement { decision, text, .. } => (decision.as_str(), text.as_str()),
+                    _ => ("", ""),
+                };
+                let fields = [
+                    stored.id.to_string(),
+                    event.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                    event.detail.kind().to_string(),
+                    event.session.clone().unwrap_or_default(),
+                    event.identity.clone().unwrap_or_default(),
+                    event.target.clone().unwrap_or_default(),
+                    decision.to_string(),
+                    text.to_string(),
+                    event.to_json(),
+                ];
+                let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+                writeln!(out, "{}", row.join(","))?;
+            }
+        }
+        other => bail!("--format {other:?}: write jsonl or csv"),
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A CSV field, quoted when it must be (RFC 4180). A leading `=`, `+`, `-`
+/// or `@` gets a quote prefix so that spreadsheets do not run it.
+fn csv_field(value: &str) -> String {
+    let guarded = if value.starts_with(['=', '+', '-', '@']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
+    if guarded.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", guarded.replace('"', "\"\""))
+    } else {
+        guarded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_read_in_every_documented_form() {
+        let now = DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_time("30d", now).unwrap(), "2026-10-30T12:00:00.000000Z");
+        assert_eq!(parse_time("2h", now).unwrap(), "2026-11-29T10:00:00.000000Z");
+        assert_eq!(parse_time("2026-11-01", now).unwrap(), "2026-11-01T00:00:00.000000Z");
+        assert_eq!(
+            parse_time("2026-11-01T10:00:00+01:00", now).unwrap(),
+            "2026-11-01T09:00:00.000000Z"
+        );
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("5w", now).is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_defused() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=cmd()"), "'=cmd()");
+    }
+}

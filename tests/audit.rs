@@ -1,0 +1,243 @@
+//! The audit trail through real clients: what sessions do is recorded, in a
+//! chain that verifies, before it runs; and when the trail cannot record,
+//! nothing runs until it can again.
+
+use std::time::Duration;
+
+use sluice_core::audit::{Detail, EventFilter, Signer, SqliteStore, StoredEvent, read_head_file};
+
+use crate::harness::{self, BOB, Spec, TestGateway};
+
+/// A policy that allows everything but DROP, so a refusal can be recorded.
+const POLICY: &str = r#"[policy]
+default = "allow"
+
+[[policy.rules]]
+name = "no-drop"
+decision = "deny"
+groups = ["*"]
+features = ["drop"]
+reason = "nothing is dropped here"
+"#;
+
+/// Stops the gateway (so the end of the trail is signed) and reads it.
+async fn stop_and_read(gw: &mut TestGateway) -> Vec<StoredEvent> {
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let signer = Signer::load_or_create(&gw.audit.key_file).unwrap();
+    let head = read_head_file(&gw.audit.head_file)
+        .unwrap()
+        .expect("the head is signed at shutdown");
+    let report = store.verify(&signer.public_key(), Some(&head)).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.unsigned_tail(), 0, "{report:?}");
+    store.events(&EventFilter::default()).unwrap()
+}
+
+fn statements(events: &[StoredEvent]) -> Vec<(u64, String, String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::Statement {
+                seq,
+                source,
+                text,
+                decision,
+                ..
+            } => Some((*seq, source.clone(), text.clone(), decision.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
+    let spec = Spec {
+        policy: Some(POLICY.into()),
+        ..Spec::default()
+    };
+    let mut gw = TestGateway::start("audit_trail", spec).await;
+    harness::setup(
+        &gw.db,
+        "CREATE TABLE people (id int PRIMARY KEY, email text); \
+         INSERT INTO people VALUES (1, 'ada.lovelace@example.com'), (2, 'grace@example.com')",
+    )
+    .await;
+
+    // psql: the simple protocol, a statement that fails, a refusal.
+    let conn = gw.conn_str("bob", BOB, "application_name=audit-test");
+    let script = "SELECT email FROM people WHERE email = 'ada.lovelace@example.com';\n\
+                  SELECT 1/0;\n\
+                  DROP TABLE people;\n\
+                  UPDATE people SET email = email WHERE id <= 2;\n";
+    let out = harness::psql(&conn, &["-v", "ON_ERROR_STOP=0", "-f", "-"], Some(script)).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is dropped here"));
+
+    // tokio-postgres: one prepared statement, executed three times.
+    let client = gw.connect(BOB).await.unwrap();
+    let lookup = client.prepare("SELECT email FROM people WHERE id = $1").await.unwrap();
+    for id in [1i32, 2, 3] {
+        client.query(&lookup, &[&id]).await.unwrap();
+    }
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let opened: Vec<&StoredEvent> = events
+        .iter()
+        .filter(|e| matches!(e.event.detail, Detail::SessionOpened { .. }))
+        .collect();
+    assert_eq!(opened.len(), 2, "{events:#?}");
+    match &opened[0].event.detail {
+        Detail::SessionOpened {
+            application, groups, ..
+        } => {
+            assert_eq!(application, "audit-test");
+            assert_eq!(groups, &["oncall".to_string()]);
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(opened[0].event.identity.as_deref(), Some("bob"));
+    assert_eq!(opened[0].event.target.as_deref(), Some(gw.db.as_str()));
+
+    let recorded = statements(&events);
+    // The email in the WHERE clause is masked in the trail.
+    assert_eq!(
+        recorded[0],
+        (
+            1,
+            "query".into(),
+            "SELECT email FROM people WHERE email = '****@example.com';".into(),
+            "allow".into()
+        ),
+        "{recorded:#?}"
+    );
+    assert!(!events.iter().any(|e| e.event.to_json().contains("ada.lovelace@")));
+    assert_eq!(recorded[2].3, "deny");
+    let executes: Vec<_> = recorded.iter().filter(|s| s.1 == "execute").collect();
+    assert_eq!(executes.len(), 3, "one event per execution: {recorded:#?}");
+    assert!(executes.iter().all(|s| s.2 == "SELECT email FROM people WHERE id = $1"));
+
+    // Each statement that ran has its outcome, after it.
+    let done = |session: &str, seq: u64| {
+        events
+            .iter()
+            .find_map(|e| match &e.event.detail {
+                Detail::StatementDone {
+                    seq: s, rows, sqlstate, ..
+                } if *s == seq && e.event.session.as_deref() == Some(session) => Some((e.id, *rows, sqlstate.clone())),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no completion of #{seq}: {events:#?}"))
+    };
+    let psql_session = opened[0].event.session.clone().unwrap();
+    assert_eq!(done(&psql_session, 1).1, Some(1));
+    assert_eq!(done(&psql_session, 2).2.as_deref(), Some("22012"));
+    assert_eq!(done(&psql_session, 4).1, Some(2), "UPDATE 2");
+    let refused_done = events.iter().any(|e| {
+        matches!(e.event.detail, Detail::StatementDone { seq: 3, .. })
+            && e.event.session.as_deref() == Some(&psql_session)
+    });
+    assert!(!refused_done, "a refused statement did not run");
+    let closed = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                &e.event.detail,
+                Detail::SessionClosed {
+                    statements: 4,
+                    refused: 1,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(closed, 1, "{events:#?}");
+
+    // A failed login is on the record too.
+    let mut gw = TestGateway::start_for(gw.db.clone(), Spec::default()).await;
+    assert!(gw.connect("not-a-token").await.is_err());
+    let events = stop_and_read(&mut gw).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.event.detail, Detail::SessionRefused { code, user, .. } if code == "28P01" && user == "tester")),
+        "{events:#?}"
+    );
+}
+
+/// Write-ahead, and what happens when the trail cannot be written: a
+/// statement in flight does not run (its session ends), new statements and
+/// sessions are refused with the reason, and everything works again once
+/// the trail can be written, with the outage on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_trail_stops_statements_until_it_recovers() {
+    let mut gw = TestGateway::start("audit_outage", Spec::default()).await;
+    harness::setup(&gw.db, "CREATE TABLE t (n int)").await;
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+
+    // Someone else takes the trail's write lock (a stuck tool, a full disk:
+    // the writer cannot commit either way).
+    let blocker = rusqlite::Connection::open(&gw.audit.path).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let err = bob.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap_err();
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code().code(), "58000", "{db:?}");
+    assert!(db.message().contains("did not run"), "{db:?}");
+    let admin = harness::superuser(&gw.db).await;
+    let count = |admin: tokio_postgres::Client| async move {
+        let n: i64 = admin.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+        (admin, n)
+    };
+    let (admin, n) = count(admin).await;
+    assert_eq!(n, 1, "the statement the trail could not record did not run");
+
+    // While it cannot write, new sessions are refused with the reason.
+    let err = gw.connect(BOB).await.unwrap_err();
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code().code(), "58000", "{db:?}");
+    assert!(db.message().contains("audit trail cannot record"), "{db:?}");
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    // The writer tries again by itself, every half second.
+    let mut bob = None;
+    for _ in 0..100 {
+        if let Ok(client) = gw.connect(BOB).await {
+            bob = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bob = bob.expect("the gateway accepts sessions again once the trail is writable");
+    bob.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
+    let (_admin, n) = count(admin).await;
+    assert_eq!(n, 2);
+    drop(bob);
+
+    let events = stop_and_read(&mut gw).await;
+    // The outage is recorded, with every refusal it caused (two sessions
+    // here; a refusal counted while one record is written goes into the
+    // next).
+    let outages: Vec<(u64, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::AuditUnavailable { refused, error } => Some((*refused, error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(!outages.is_empty(), "the outage is recorded");
+    assert!(outages.iter().all(|(_, error)| error.contains("locked")), "{outages:?}");
+    let refused: u64 = outages.iter().map(|(n, _)| n).sum();
+    let refused_sessions = events
+        .iter()
+        .filter(|e| matches!(&e.event.detail, Detail::SessionRefused { code, .. } if code == "58000"))
+        .count() as u64;
+    assert!(refused_sessions >= 1);
+    assert_eq!(refused, refused_sessions, "{outages:?}");
+    // The statement that did not run left no event: it was never written.
+    assert!(!events.iter().any(|e| e.event.to_json().contains("VALUES (2)")));
+    assert!(events.iter().any(|e| e.event.to_json().contains("VALUES (3)")));
+}
