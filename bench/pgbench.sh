@@ -32,6 +32,12 @@
 #                          shipped default); "none" runs without [policy]
 #                          (statements are still classified, every rule is
 #                          empty)
+#   AUDIT=normal           the gateway's audit trail: "normal" (the default:
+#                          survives a crash of the gateway, not of the
+#                          machine), "full" (an fsync per group commit) or "off"
+#   NOAUDIT_PATH=1         with the audit on, also run a second gateway with
+#                          the audit off (path "noaudit"), to show the
+#                          trail's cost side by side; 0 skips it
 #   SLUICE_BIN=target/release/sluice   gateway binary (built if missing)
 #   SLUICE_PG_BIN=...      PostgreSQL bin dir (default: highest version under
 #                          /usr/lib/postgresql/*/bin, else pg_config --bindir)
@@ -62,8 +68,15 @@ CONNECT=${CONNECT:-0}
 SCALE=${SCALE:-10}
 WARMUP=${WARMUP:-2}
 POLICY=${POLICY:-config/policy.toml}
+AUDIT=${AUDIT:-normal}
+NOAUDIT_PATH=${NOAUDIT_PATH:-1}
 THREADS=2
 PATHS=(direct pgbouncer sluice)
+case $AUDIT in
+full | normal) ((NOAUDIT_PATH == 1)) && PATHS+=(noaudit) ;;
+off) ;;
+*) echo "AUDIT=$AUDIT: write full, normal or off" >&2; exit 2 ;;
+esac
 
 PG_USER=bench
 PG_PASSWORD=bench-pw
@@ -161,18 +174,22 @@ as_pg() {
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 [[ $EUID -eq 0 ]] && chown postgres:postgres "$TMP"
 SLUICE_PID=
+NOAUDIT_PID=
 PGB_PIDFILE=$TMP/pgbouncer.pid
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
-    if [[ -n $SLUICE_PID ]] && kill -0 "$SLUICE_PID" 2>/dev/null; then
-        kill -TERM "$SLUICE_PID" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$SLUICE_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SLUICE_PID" 2>/dev/null
-        wait "$SLUICE_PID" 2>/dev/null
-    fi
+    local gw
+    for gw in "$SLUICE_PID" "$NOAUDIT_PID"; do
+        if [[ -n $gw ]] && kill -0 "$gw" 2>/dev/null; then
+            kill -TERM "$gw" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$gw" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$gw" 2>/dev/null
+            wait "$gw" 2>/dev/null
+        fi
+    done
     if [[ -s $PGB_PIDFILE ]]; then
         local pid
         pid=$(<"$PGB_PIDFILE")
@@ -191,10 +208,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Three distinct free TCP ports on 127.0.0.1.
-read -r PG_PORT PGB_PORT GW_PORT < <(python3 -c '
+# Four distinct free TCP ports on 127.0.0.1.
+read -r PG_PORT PGB_PORT GW_PORT NOAUDIT_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -300,9 +317,11 @@ if [[ $POLICY != none ]]; then
     [[ -f $POLICY ]] || die "POLICY=$POLICY: no such file (or POLICY=none)"
     POLICY_SECTION=$(printf '[policy]\nfile = "%s"\n' "$(realpath "$POLICY")")
 fi
-cat >"$TMP/sluice.toml" <<EOF
+# sluice_config PORT AUDIT_SECTION
+sluice_config() {
+    cat <<EOF
 [server]
-listen = "127.0.0.1:$GW_PORT"
+listen = "127.0.0.1:$1"
 allow_plaintext = true
 max_connections = 1000
 shutdown_grace = "1s"
@@ -324,7 +343,16 @@ tls = "disable"
 groups = ["bench"]
 role = "$PG_USER"
 password = "$PG_PASSWORD"
+
+$2
 EOF
+}
+if [[ $AUDIT == off ]]; then
+    sluice_config "$GW_PORT" $'[audit]\nenabled = false' >"$TMP/sluice.toml"
+else
+    sluice_config "$GW_PORT" "$(printf '[audit]\npath = "%s"\nsync = "%s"' "$TMP/audit.db" "$AUDIT")" >"$TMP/sluice.toml"
+fi
+sluice_config "$NOAUDIT_PORT" $'[audit]\nenabled = false' >"$TMP/sluice-noaudit.toml"
 # In its own session, like the postmaster (pg_ctl) and pgbouncer (-d): a ctrl-c
 # on the terminal then stops only pgbench and this script, whose trap stops the
 # servers (sluice handles SIGINT itself and would otherwise quit mid-run).
@@ -335,6 +363,14 @@ SLUICE_LOG=${SLUICE_LOG:-warn} "${SETSID[@]}" "$SLUICE_BIN" serve --config "$TMP
 SLUICE_PID=$!
 # shellcheck disable=SC2016 # evaluated later by wait_for
 wait_for sluice "$GW_PORT" "$TOKEN" 'kill -0 "$SLUICE_PID" 2>/dev/null' "$TMP/sluice.log"
+if [[ " ${PATHS[*]} " == *" noaudit "* ]]; then
+    echo "starting a second sluice with the audit off on 127.0.0.1:$NOAUDIT_PORT"
+    SLUICE_LOG=${SLUICE_LOG:-warn} "${SETSID[@]}" "$SLUICE_BIN" serve --config "$TMP/sluice-noaudit.toml" \
+        >"$TMP/sluice-noaudit.log" 2>&1 &
+    NOAUDIT_PID=$!
+    # shellcheck disable=SC2016 # evaluated later by wait_for
+    wait_for noaudit "$NOAUDIT_PORT" "$TOKEN" 'kill -0 "$NOAUDIT_PID" 2>/dev/null' "$TMP/sluice-noaudit.log"
+fi
 
 # --- running pgbench ---------------------------------------------------------
 
@@ -343,10 +379,11 @@ path_port() {
     direct) echo "$PG_PORT" ;;
     pgbouncer) echo "$PGB_PORT" ;;
     sluice) echo "$GW_PORT" ;;
+    noaudit) echo "$NOAUDIT_PORT" ;;
     esac
 }
 path_password() {
-    if [[ $1 == sluice ]]; then echo "$TOKEN"; else echo "$PG_PASSWORD"; fi
+    if [[ $1 == sluice || $1 == noaudit ]]; then echo "$TOKEN"; else echo "$PG_PASSWORD"; fi
 }
 
 # run_pgbench PATH CLIENTS MODE SECONDS [extra pgbench args...]
@@ -360,6 +397,7 @@ run_pgbench() {
         echo "pgbench failed on the $path path (-c $clients -M $mode $*):" >&2
         cat "$err" "$out" >&2
         [[ $path == sluice ]] && { echo "--- sluice log (tail)" >&2; tail -n 20 "$TMP/sluice.log" >&2; }
+        [[ $path == noaudit ]] && { echo "--- sluice (audit off) log (tail)" >&2; tail -n 20 "$TMP/sluice-noaudit.log" >&2; }
         [[ $path == pgbouncer ]] && { echo "--- pgbouncer log (tail)" >&2; tail -n 20 "$TMP/pgbouncer.log" >&2; }
         exit 1
     fi
@@ -397,7 +435,7 @@ measure() {
 NPROC=$(nproc)
 CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
 CELLS=$((${#CLIENTS[@]} * ${#MODES[@]} + CONNECT))
-ESTIMATE=$((CELLS * ROUNDS * ${#PATHS[@]} * DURATION + (WARMUP > 0 ? 3 * WARMUP : 0)))
+ESTIMATE=$((CELLS * ROUNDS * ${#PATHS[@]} * DURATION + (WARMUP > 0 ? ${#PATHS[@]} * WARMUP : 0)))
 
 if ((WARMUP > 0)); then
     echo "warm-up: ${WARMUP}s per path at -c 10 -M simple"
@@ -442,6 +480,7 @@ echo "sluice:     $SLUICE_VERSION ($SLUICE_BIN, $GIT_DESC)"
 echo "command:    pgbench -n -S -c CLIENTS -j $THREADS -T $DURATION -M MODE -h 127.0.0.1 -p PORT -U $PG_USER $DB"
 echo "            (row \"simple -C\" adds -C: a new connection per transaction)"
 echo "policy:     $POLICY"
+echo "audit:      sluice: $AUDIT$([[ " ${PATHS[*]} " == *" noaudit "* ]] && echo "; noaudit: a second sluice, same config, [audit] enabled = false")"
 echo "paths:      direct    -p $PG_PORT  PGPASSWORD=$PG_PASSWORD (SCRAM)"
 echo "            pgbouncer -p $PGB_PORT  PGPASSWORD=$PG_PASSWORD (cleartext to pgbouncer, SCRAM upstream)"
 echo "            sluice    -p $GW_PORT  PGPASSWORD=$TOKEN (token, SCRAM upstream)"
@@ -449,7 +488,7 @@ echo "            all with PGSSLMODE=disable over TCP on 127.0.0.1; pgbench runs
 echo "rounds:     $ROUNDS x ${DURATION}s per path per row, paths interleaved in rotating order"
 echo
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "${PATHS[*]}" <<'PY'
 import sys
 from statistics import median
 
@@ -471,17 +510,23 @@ def med(key, path, what):
     values = rows[key].get(path, {}).get(what, [])
     return median(values) if values else None
 
-head = ["clients", "mode", "direct tps", "pgbouncer tps", "sluice tps",
-        "sluice/direct", "sluice/pgbouncer", "direct ms", "pgbouncer ms", "sluice ms"]
+paths = sys.argv[2].split()
+noaudit = "noaudit" in paths
+head = ["clients", "mode", "direct tps", "pgbouncer tps", "sluice tps"]
+head += ["noaudit tps"] if noaudit else []
+head += ["sluice/direct", "sluice/pgbouncer"]
+head += ["sluice/noaudit"] if noaudit else []
+head += [f"{x} ms" for x in paths]
 table = []
 for key in order:
     d, p, s = (med(key, x, "tps") for x in ("direct", "pgbouncer", "sluice"))
-    table.append([
-        str(key[0]), key[1],
-        f"{d:.0f}", f"{p:.0f}", f"{s:.0f}",
-        f"{s / d:.2f}", f"{s / p:.2f}",
-        *(f"{med(key, x, 'lat'):.3f}" for x in ("direct", "pgbouncer", "sluice")),
-    ])
+    n = med(key, "noaudit", "tps") if noaudit else None
+    row = [str(key[0]), key[1], f"{d:.0f}", f"{p:.0f}", f"{s:.0f}"]
+    row += [f"{n:.0f}"] if noaudit else []
+    row += [f"{s / d:.2f}", f"{s / p:.2f}"]
+    row += [f"{s / n:.2f}"] if noaudit else []
+    row += [f"{med(key, x, 'lat'):.3f}" for x in paths]
+    table.append(row)
 widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
 def fmt(cells):
     return "  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

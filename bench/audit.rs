@@ -1,0 +1,110 @@
+//! The audit writer alone: how many events per second it makes durable.
+//!
+//! `cargo bench --bench audit` (release). For each sync mode it measures
+//! (1) throughput: events sent without waiting, then one flush; and
+//! (2) write-ahead: C tasks, each sending one event and waiting until it is
+//! durable before the next, as sessions do with statements (C = 1, 10, 50).
+//! Events are statement events of a realistic size (a pgbench SELECT).
+//! Prints the median of ROUNDS runs (env, default 3).
+
+use std::time::{Duration, Instant};
+
+use sluice_core::audit::{Auditor, Detail, Event, Signer, SqliteStore, StatementRecord, SyncMode, WriterOptions};
+
+fn event(n: u64) -> Event {
+    Event::now(Detail::Statement {
+        seq: n,
+        source: "query".into(),
+        text: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n % 1_000_000),
+        decision: "allow".into(),
+        rule: None,
+        refusal: None,
+        statements: vec![StatementRecord {
+            kind: "read".into(),
+            command: "SELECT".into(),
+            relations: vec!["pgbench_accounts (read)".into()],
+            features: vec![],
+        }],
+    })
+    .in_session("01a226e8d0b877c19f28ebda52a3ceaa")
+    .by("bench", "bench")
+}
+
+fn start(dir: &std::path::Path, sync: SyncMode) -> Auditor {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let store = SqliteStore::open(&dir.join("audit.db"), sync).unwrap();
+    let signer = Signer::load_or_create(&dir.join("audit.key")).unwrap();
+    let (auditor, _thread) = Auditor::start(
+        Box::new(store),
+        signer,
+        WriterOptions {
+            sign_every: 1000,
+            sign_interval: Duration::from_secs(10),
+            head_file: dir.join("audit.head"),
+        },
+    )
+    .unwrap();
+    auditor
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-audit-bench-{}", std::process::id()));
+    println!("audit writer, median of {rounds} runs (events/s durably committed)");
+    for (name, sync) in [("full", SyncMode::Full), ("normal", SyncMode::Normal)] {
+        let mut throughput = Vec::new();
+        for _ in 0..rounds {
+            let auditor = start(&dir, sync);
+            let n = 200_000u64;
+            let started = Instant::now();
+            runtime.block_on(async {
+                for i in 0..n {
+                    auditor.record(event(i));
+                }
+                auditor.flush().await;
+            });
+            throughput.push(n as f64 / started.elapsed().as_secs_f64());
+        }
+        println!("  sync={name:<6}  fire-and-forget          {:>10.0} events/s", median(throughput));
+        for clients in [1u64, 10, 50] {
+            let mut rates = Vec::new();
+            let mut latencies = Vec::new();
+            for _ in 0..rounds {
+                let auditor = start(&dir, sync);
+                let per_client = if sync == SyncMode::Full { 200 } else { 2000 };
+                let started = Instant::now();
+                runtime.block_on(async {
+                    let mut tasks = Vec::new();
+                    for c in 0..clients {
+                        let auditor = auditor.clone();
+                        tasks.push(tokio::spawn(async move {
+                            for i in 0..per_client {
+                                auditor.write_ahead(event(c * 1_000_000 + i)).await.unwrap();
+                            }
+                        }));
+                    }
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                });
+                let elapsed = started.elapsed().as_secs_f64();
+                let events = (clients * per_client) as f64;
+                rates.push(events / elapsed);
+                latencies.push(elapsed / per_client as f64 * 1e6);
+            }
+            println!(
+                "  sync={name:<6}  write-ahead, {clients:>2} writers  {:>10.0} events/s, {:>7.0} µs per event per writer",
+                median(rates),
+                median(latencies)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
