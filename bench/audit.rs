@@ -55,7 +55,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = std::env::temp_dir().join(format!("sluice-audit-bench-{}", std::process::id()));
     println!("audit writer, median of {rounds} runs (events/s durably committed)");
     for (name, sync) in [("full", SyncMode::Full), ("normal", SyncMode::Normal)] {
@@ -72,7 +75,10 @@ fn main() {
             });
             throughput.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        println!("  sync={name:<6}  fire-and-forget          {:>10.0} events/s", median(throughput));
+        println!(
+            "  sync={name:<6}  fire-and-forget          {:>10.0} events/s",
+            median(throughput)
+        );
         for clients in [1u64, 10, 50] {
             let mut rates = Vec::new();
             let mut latencies = Vec::new();
