@@ -42,6 +42,7 @@ fn start(dir: &std::path::Path, sync: SyncMode) -> Auditor {
             sign_every: 1000,
             sign_interval: Duration::from_secs(10),
             head_file: dir.join("audit.head"),
+            retention: None,
         },
     )
     .unwrap();

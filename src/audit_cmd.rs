@@ -243,6 +243,11 @@ fn describe(stored: &StoredEvent) -> String {
         Detail::AuditUnavailable { refused, error } => {
             format!("the trail was unavailable ({error}); {refused} statements were refused meanwhile")
         }
+        Detail::AuditPruned {
+            before,
+            through_id,
+            events,
+        } => format!("retention removed {events} events older than {before} (through event {through_id})"),
     };
     format!("{:>8}  {at}  {what}", stored.id)
 }

@@ -69,6 +69,7 @@ fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, Gateway
         sign_every: audit.sign_every,
         sign_interval: audit.sign_interval,
         head_file: audit.head_file.clone(),
+        retention: audit.retention,
     };
     let (auditor, _writer) = Auditor::start(Box::new(store), signer, options).map_err(GatewayError::Audit)?;
     Ok(Some(auditor))

@@ -104,6 +104,14 @@ pub enum Detail {
     /// Statements were refused because the trail could not record them;
     /// written once it can again.
     AuditUnavailable { refused: u64, error: String },
+    /// Retention removed the oldest events, through a signed head (which
+    /// stays, so that the chain still verifies from there).
+    AuditPruned {
+        /// Events older than this were due.
+        before: String,
+        through_id: u64,
+        events: u64,
+    },
 }
 
 impl Detail {
@@ -117,6 +125,7 @@ impl Detail {
             Detail::UnmaskGrantUsed { .. } => "unmask_grant_used",
             Detail::SessionClosed { .. } => "session_closed",
             Detail::AuditUnavailable { .. } => "audit_unavailable",
+            Detail::AuditPruned { .. } => "audit_pruned",
         }
     }
 }

@@ -46,6 +46,12 @@ pub trait AuditStore: Send {
 
     /// Keeps a signed head with the trail.
     fn record_head(&mut self, head: &SignedHead) -> Result<(), AuditError>;
+
+    /// Removes the events older than `before` (RFC 3339, UTC) in whole
+    /// chain segments: through the newest signed head whose event is that
+    /// old, never past it, and keeps that head so the rest still verifies.
+    /// Returns the last id removed and how many events went.
+    fn prune(&mut self, before: &str) -> Result<Option<(u64, u64)>, AuditError>;
 }
 
 /// Why the audit trail could not be opened, written or read.

@@ -309,6 +309,32 @@ impl AuditStore for SqliteStore {
         self.head
     }
 
+    fn prune(&mut self, before: &str) -> Result<Option<(u64, u64)>, AuditError> {
+        let err = sql_error(&self.path, "removing old audit events");
+        let tx = self.conn.transaction().map_err(&err)?;
+        // The newest signed head at or before the cut; its event is older
+        // than `before`, so everything up to it is too (ids follow time).
+        let through: Option<i64> = tx
+            .query_row(
+                "SELECT h.id FROM heads h JOIN events e ON e.id = h.id WHERE e.at < ?1 \
+                 ORDER BY h.id DESC LIMIT 1",
+                [before],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(&err)?;
+        let Some(through) = through else {
+            return Ok(None);
+        };
+        let removed = tx
+            .execute("DELETE FROM events WHERE id <= ?1", [through])
+            .map_err(&err)? as u64;
+        // Older heads anchor nothing any more; the one at the cut does.
+        tx.execute("DELETE FROM heads WHERE id < ?1", [through]).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok((removed > 0).then_some((through as u64, removed)))
+    }
+
     fn record_head(&mut self, head: &SignedHead) -> Result<(), AuditError> {
         self.conn
             .execute(
@@ -745,6 +771,32 @@ mod tests {
         }
         let broken = trail.verify().broken.unwrap();
         assert!(broken.reason.contains("re-signed or forged"), "{broken:?}");
+    }
+
+    #[test]
+    fn retention_removes_whole_segments_and_the_rest_still_verifies() {
+        let mut trail = trail("pruned", 10);
+        assert_eq!(
+            trail.store.prune("2000-01-01T00:00:00Z").unwrap(),
+            None,
+            "nothing is that old"
+        );
+        // Everything is old enough: the cut is the newest signed head (8),
+        // never past it.
+        assert_eq!(trail.store.prune("2999-01-01T00:00:00Z").unwrap(), Some((8, 8)));
+        let report = trail.verify();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!((report.first_id, report.last_id, report.events), (9, 10, 2));
+        trail
+            .store
+            .append(&[Event::now(Detail::UnmaskGrantUsed { grant: "later".into() })])
+            .unwrap();
+        assert!(trail.verify().ok());
+        // Without the head at the cut, the missing events are a deletion.
+        trail.sql("DELETE FROM heads WHERE id = 8");
+        let broken = trail.verify().broken.unwrap();
+        assert_eq!(broken.id, 9);
+        assert!(broken.reason.contains("deleted"), "{broken:?}");
     }
 
     #[test]

@@ -43,7 +43,13 @@ pub struct WriterOptions {
     pub sign_interval: Duration,
     /// The newest signed head, outside the database.
     pub head_file: PathBuf,
+    /// Events older than this are removed (in whole signed segments);
+    /// `None` keeps everything.
+    pub retention: Option<Duration>,
 }
+
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The trail cannot take events now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,6 +129,7 @@ impl Auditor {
             retry: VecDeque::new(),
             last_signed: None,
             signed_at: Instant::now(),
+            pruned_at: None,
         };
         let handle = std::thread::Builder::new()
             .name("sluice-audit".into())
@@ -208,6 +215,8 @@ struct Writer {
     /// The newest signed position.
     last_signed: Option<u64>,
     signed_at: Instant,
+    /// When retention last ran.
+    pruned_at: Option<Instant>,
 }
 
 impl Writer {
@@ -251,6 +260,7 @@ impl Writer {
             self.write(&mut events, &mut acks);
             self.health.retrying.store(self.retry.len() as u64, Ordering::Relaxed);
             self.maybe_sign(std::mem::take(&mut sign));
+            self.maybe_prune();
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
@@ -343,6 +353,36 @@ impl Writer {
         }
     }
 
+    /// Removes what retention no longer keeps, once an hour, and records
+    /// that it did.
+    fn maybe_prune(&mut self) {
+        let Some(retention) = self.options.retention else {
+            return;
+        };
+        if self.failing() || self.pruned_at.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.pruned_at = Some(Instant::now());
+        let Ok(age) = chrono::Duration::from_std(retention) else {
+            return;
+        };
+        let before = (chrono::Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        match self.store.prune(&before) {
+            Ok(Some((through_id, events))) => {
+                tracing::info!(through_id, events, %before, "audit retention removed old events");
+                let mut record = vec![Event::now(Detail::AuditPruned {
+                    before,
+                    through_id,
+                    events,
+                })];
+                let mut none = Vec::new();
+                self.write(&mut record, &mut none);
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(error = %err, "audit retention failed; will try again in an hour"),
+        }
+    }
+
     /// Signs the head when enough events or time have passed since the last
     /// signature (or `now`), and keeps it in the store and the head file.
     fn maybe_sign(&mut self, now: bool) {
@@ -388,6 +428,7 @@ mod tests {
                 sign_every: 100,
                 sign_interval: Duration::from_secs(3600),
                 head_file: dir.join("audit.head"),
+                retention: None,
             },
         )
         .unwrap();
@@ -454,6 +495,9 @@ mod tests {
         fn record_head(&mut self, head: &super::super::SignedHead) -> Result<(), AuditError> {
             self.inner.record_head(head)
         }
+        fn prune(&mut self, before: &str) -> Result<Option<(u64, u64)>, AuditError> {
+            self.inner.prune(before)
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,6 +519,7 @@ mod tests {
                 sign_every: 1000,
                 sign_interval: Duration::from_secs(3600),
                 head_file: dir.join("audit.head"),
+                retention: None,
             },
         )
         .unwrap();

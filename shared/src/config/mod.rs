@@ -60,6 +60,8 @@ pub struct AuditConfig {
     pub sign_every: u64,
     pub sign_interval: Duration,
     pub on_failure: OnAuditFailure,
+    /// Keep events this long; `None` keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl AuditConfig {
@@ -77,6 +79,7 @@ impl AuditConfig {
             sign_every: 1000,
             sign_interval: Duration::from_secs(10),
             on_failure: OnAuditFailure::Refuse,
+            retention: None,
         }
     }
 }
@@ -530,6 +533,13 @@ impl Validator<'_> {
         audit.sign_interval = self.duration("audit sign_interval", raw.sign_interval, audit.sign_interval);
         if audit.sign_interval.is_zero() {
             audit.sign_interval = Duration::from_millis(10);
+        }
+        if let Some(days) = &raw.retention_days {
+            match u64::try_from(*days.get_ref()) {
+                Ok(0) => audit.retention = None,
+                Ok(days) if days <= 36_500 => audit.retention = Some(Duration::from_secs(days * 86_400)),
+                _ => self.at(days, "audit retention_days must be 0 (keep everything) to 36500"),
+            }
         }
         if let Some(mode) = &raw.on_audit_failure {
             audit.on_failure = match mode.get_ref().as_str() {
@@ -1283,6 +1293,40 @@ groups = ["x"]
         let grant = &config.policy.grants[0];
         assert_eq!((grant.name.as_str(), grant.kind), ("g", GrantKind::Unmask));
         assert_eq!(grant.targets.len(), 1);
+    }
+
+    #[test]
+    fn the_audit_section_is_resolved_and_checked() {
+        let config = load(&minimal()).unwrap();
+        assert!(config.audit.enabled);
+        assert_eq!(config.audit.sync, crate::audit::SyncMode::Normal);
+        assert_eq!(config.audit.on_failure, OnAuditFailure::Refuse);
+        assert_eq!(config.audit.retention, None);
+        let config = load(
+            &(minimal()
+                + "\n[audit]\npath = \"/var/lib/sluice/trail.db\"\nretention_days = 30\nsync = \"full\"\non_audit_failure = \"continue\"\n"),
+        )
+        .unwrap();
+        assert_eq!(config.audit.key_file, Path::new("/var/lib/sluice/trail.key"));
+        assert_eq!(config.audit.head_file, Path::new("/var/lib/sluice/trail.head"));
+        assert_eq!(config.audit.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(config.audit.sync, crate::audit::SyncMode::Full);
+        assert_eq!(config.audit.on_failure, OnAuditFailure::Continue);
+        let err = load(
+            &(minimal()
+                + "\n[audit]\nretention_days = -1\nsync = \"sometimes\"\non_audit_failure = \"shrug\"\nsign_every = 0\nkey_file = \"audit.db\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "retention_days must be 0",
+            "sync = \"sometimes\"",
+            "on_audit_failure = \"shrug\"",
+            "sign_every must be 1 or more",
+            "three different files",
+        ] {
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct RawAudit {
     pub sign_every: Option<Spanned<i64>>,
     pub sign_interval: Option<Spanned<RawDuration>>,
     pub on_audit_failure: Option<Spanned<String>>,
+    pub retention_days: Option<Spanned<i64>>,
 }
 
 /// `[masking]`: what the result seam does to values.
