@@ -241,3 +241,119 @@ async fn an_unwritable_trail_stops_statements_until_it_recovers() {
     assert!(!events.iter().any(|e| e.event.to_json().contains("VALUES (2)")));
     assert!(events.iter().any(|e| e.event.to_json().contains("VALUES (3)")));
 }
+
+/// kill -9 during a pgbench run: after a restart, every statement that
+/// PostgreSQL executed has its event (it was durable before the statement
+/// went upstream), and the trail verifies, with the restarted gateway
+/// carrying the chain on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_run_left_every_executed_statement_recorded() {
+    use std::collections::HashSet;
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let db = harness::database("audit_crash").await;
+    harness::setup(&db, "CREATE TABLE hits (n bigint)").await;
+    let dir = harness::cluster().dev.dir().to_path_buf();
+    let config_path = dir.join(format!("{db}.toml"));
+    let text = harness::config_text(&Spec::default(), &db);
+    std::fs::write(&config_path, &text).unwrap();
+    let audit = sluice_core::Config::from_toml(&text, &config_path).unwrap().audit;
+    let script = dir.join(format!("{db}.pgbench"));
+    std::fs::write(
+        &script,
+        "\\set n random(1, 1000000000000)\nINSERT INTO hits VALUES (:n);\n",
+    )
+    .unwrap();
+
+    // Starts `sluice serve` and returns it with its port.
+    let serve = || async {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sluice serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let port = loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .expect("startup log")
+                .unwrap()
+                .expect("sluice exited before it was ready");
+            if let Some(addr) = line.split("gateway ready listen=").nth(1) {
+                break addr.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, port)
+    };
+
+    let (mut gateway, port) = serve().await;
+    let mut pgbench = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", "8", "-j", "2", "-T", "60", "-M", "simple", "-f"])
+        .arg(&script)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "tester", &db])
+        .env("PGPASSWORD", BOB)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pgbench");
+    let admin = harness::superuser(&db).await;
+    let rows = || async {
+        let n: i64 = admin.query_one("SELECT count(*) FROM hits", &[]).await.unwrap().get(0);
+        n
+    };
+    while rows().await < 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: SIGKILL to our own child's pid.
+    assert_eq!(unsafe { libc::kill(gateway.id().unwrap() as i32, libc::SIGKILL) }, 0);
+    gateway.wait().await.unwrap();
+    let _ = pgbench.wait().await;
+
+    // The restarted gateway continues the chain and signs it at shutdown.
+    let (mut gateway, port) = serve().await;
+    let conn = format!("host=127.0.0.1 port={port} dbname={db} user=tester password={BOB}");
+    let out = harness::psql(&conn, &["-c", "INSERT INTO hits VALUES (-1)"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // SAFETY: SIGTERM to our own child's pid.
+    assert_eq!(unsafe { libc::kill(gateway.id().unwrap() as i32, libc::SIGTERM) }, 0);
+    gateway.wait().await.unwrap();
+
+    let store = SqliteStore::open_read_only(&audit.path).unwrap();
+    let signer = Signer::load_or_create(&audit.key_file).unwrap();
+    let head = read_head_file(&audit.head_file).unwrap();
+    let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.unsigned_tail(), 0, "{report:?}");
+    let recorded: HashSet<i64> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::Statement { text, .. } => text
+                .strip_prefix("INSERT INTO hits VALUES (")
+                .and_then(|rest| rest.trim_end_matches(';').strip_suffix(')'))
+                .and_then(|n| n.parse().ok()),
+            _ => None,
+        })
+        .collect();
+    let executed: Vec<i64> = admin
+        .query("SELECT n FROM hits", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(executed.len() >= 500);
+    let missing: Vec<&i64> = executed.iter().filter(|n| !recorded.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} executed statements have no event: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
