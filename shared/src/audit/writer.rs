@@ -82,7 +82,7 @@ struct Health {
     lost: AtomicU64,
 }
 
-/// What the health endpoint and the logs say about the trail.
+/// The trail's state, for logs and (with the control API) the health endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSnapshot {
     pub available: bool,

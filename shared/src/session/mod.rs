@@ -263,7 +263,7 @@ async fn run_session(
             "the gateway's audit trail cannot record sessions right now, and this gateway runs nothing it cannot record"
                 .into(),
         )
-        .with_hint("try again shortly; the gateway's operators see this on its health endpoint and in its log");
+        .with_hint("try again shortly; the gateway's log says why the trail cannot be written");
         return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
     }
     let Some(rule) = access_rule(&target.access, &identity) else {

@@ -1069,7 +1069,7 @@ impl<'a> Proxy<'a> {
                 "58000",
                 "statement refused: the gateway's audit trail cannot record statements right now, and this gateway runs nothing it cannot record",
             )
-            .with_hint("try again shortly; the gateway's operators see this on its health endpoint and in its log"),
+            .with_hint("try again shortly; the gateway's log says why the trail cannot be written"),
         ))
     }
 
@@ -1706,7 +1706,7 @@ impl<'a> Proxy<'a> {
                         "58000",
                         "the gateway's audit trail could not record your statement, so it did not run; the session ends",
                     )
-                    .with_hint("reconnect once the trail is available again (the gateway's health endpoint says when)"),
+                    .with_hint("reconnect once the trail is available again; the gateway's log says why it is not"),
                 );
                 frontend::encode_terminate(&mut self.to_server);
                 self.close_quietly().await;
