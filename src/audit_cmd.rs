@@ -217,6 +217,8 @@ fn describe(stored: &StoredEvent) -> String {
             duration_us,
             sqlstate,
             skipped,
+            columns,
+            sample,
         } => {
             let outcome = match (sqlstate, skipped) {
                 (_, true) => "skipped (an earlier message of its batch failed)".to_string(),
@@ -224,7 +226,20 @@ fn describe(stored: &StoredEvent) -> String {
                 (None, _) => "ok".to_string(),
             };
             let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
-            format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0)
+            let mut line = format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0);
+            if !sample.is_empty() {
+                line.push_str(&format!(
+                    "\n{:>8}  {:24}  | {}",
+                    "",
+                    "",
+                    printable(&columns.join(" | "))
+                ));
+                for row in sample {
+                    let values: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+                    line.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&values.join(" | "))));
+                }
+            }
+            line
         }
         Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
         Detail::SessionClosed {

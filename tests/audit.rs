@@ -132,6 +132,22 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     };
     let psql_session = opened[0].event.session.clone().unwrap();
     assert_eq!(done(&psql_session, 1).1, Some(1));
+    // Its first rows are kept, masked as the client saw them (bob has no
+    // unmask grant), and masked by the detectors in any case.
+    let sample = events
+        .iter()
+        .find_map(|e| match &e.event.detail {
+            Detail::StatementDone {
+                seq: 1,
+                columns,
+                sample,
+                ..
+            } if e.event.session.as_deref() == Some(&psql_session) => Some((columns.clone(), sample.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(sample.0, ["email"]);
+    assert_eq!(sample.1, [[Some("****@example.com".to_string())]]);
     assert_eq!(done(&psql_session, 2).2.as_deref(), Some("22012"));
     assert_eq!(done(&psql_session, 4).1, Some(2), "UPDATE 2");
     let refused_done = events.iter().any(|e| {

@@ -90,6 +90,14 @@ pub enum Detail {
         /// failed, and the server skipped the rest.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         skipped: bool,
+        /// The result's column names, when rows were sampled.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        columns: Vec<String>,
+        /// The first rows of the result as the client received them (masked),
+        /// with the content detectors run on them again whatever the
+        /// session's masking, and long values cut.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sample: Vec<Vec<Option<String>>>,
     },
     /// A session that sees clear values, by this grant.
     UnmaskGrantUsed { grant: String },

@@ -62,6 +62,8 @@ pub struct AuditConfig {
     pub on_failure: OnAuditFailure,
     /// Keep events this long; `None` keeps everything.
     pub retention: Option<Duration>,
+    /// Result rows kept per statement (masked), for replay.
+    pub sample_rows: usize,
 }
 
 impl AuditConfig {
@@ -80,6 +82,7 @@ impl AuditConfig {
             sign_interval: Duration::from_secs(10),
             on_failure: OnAuditFailure::Refuse,
             retention: None,
+            sample_rows: 3,
         }
     }
 }
@@ -533,6 +536,12 @@ impl Validator<'_> {
         audit.sign_interval = self.duration("audit sign_interval", raw.sign_interval, audit.sign_interval);
         if audit.sign_interval.is_zero() {
             audit.sign_interval = Duration::from_millis(10);
+        }
+        if let Some(rows) = &raw.sample_rows {
+            match usize::try_from(*rows.get_ref()) {
+                Ok(rows) if rows <= 100 => audit.sample_rows = rows,
+                _ => self.at(rows, "audit sample_rows must be 0 (none) to 100"),
+            }
         }
         if let Some(days) = &raw.retention_days {
             match u64::try_from(*days.get_ref()) {

@@ -36,6 +36,7 @@ pub struct RawAudit {
     pub sign_interval: Option<Spanned<RawDuration>>,
     pub on_audit_failure: Option<Spanned<String>>,
     pub retention_days: Option<Spanned<i64>>,
+    pub sample_rows: Option<Spanned<i64>>,
 }
 
 /// `[masking]`: what the result seam does to values.

@@ -376,6 +376,7 @@ async fn run_session(
         catalogs: &shared.catalogs,
         auditor: shared.auditor.as_ref(),
         audit_continue: shared.config.audit.on_failure == crate::config::OnAuditFailure::Continue,
+        audit_sample_rows: shared.config.audit.sample_rows,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

@@ -102,6 +102,10 @@ pub struct Mark {
     pub sqlstate: Option<String>,
     /// It never ran: an earlier message of its batch failed.
     pub skipped: bool,
+    /// Column names of its result, once a row was sampled.
+    pub columns: Vec<String>,
+    /// Its first result rows, for the trail.
+    pub sample: Vec<Vec<Option<String>>>,
 }
 
 /// The answers still owed, oldest first.
@@ -139,6 +143,24 @@ impl PendingQueue {
         self.front();
         if let Some(Some(mark)) = self.marks.front_mut() {
             *mark.rows.get_or_insert(0) += rows;
+        }
+    }
+
+    /// Whether the statement whose rows arrive now wants more sample rows.
+    pub fn wants_sample(&mut self, limit: usize) -> bool {
+        self.front();
+        matches!(self.marks.front(), Some(Some(mark)) if mark.sample.len() < limit)
+    }
+
+    /// Adds a sample row (and the columns, with the first) to the statement
+    /// whose rows arrive now.
+    pub fn sample_row(&mut self, columns: &[String], row: Vec<Option<String>>) {
+        self.front();
+        if let Some(Some(mark)) = self.marks.front_mut() {
+            if mark.columns.is_empty() {
+                mark.columns = columns.to_vec();
+            }
+            mark.sample.push(row);
         }
     }
 

@@ -169,6 +169,8 @@ pub(crate) struct ProxyContext<'a> {
     /// `on_audit_failure = "continue"`: statements run even when the trail
     /// cannot record them.
     pub audit_continue: bool,
+    /// Result rows the trail keeps per statement.
+    pub audit_sample_rows: usize,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -246,6 +248,8 @@ pub(crate) struct Proxy<'a> {
     /// is taken by its first Execute (later ones fetch more of its rows).
     statement_texts: HashMap<String, Arc<AuditText>>,
     portal_texts: HashMap<String, Arc<AuditText>>,
+    /// The column names of the last RowDescription, for sampled rows.
+    sample_columns: Vec<String>,
 }
 
 /// A prepared statement as the audit trail records its executions.
@@ -307,6 +311,7 @@ impl<'a> Proxy<'a> {
             guard_mark: None,
             statement_texts: HashMap::new(),
             portal_texts: HashMap::new(),
+            sample_columns: Vec::new(),
         }
     }
 
@@ -1139,6 +1144,8 @@ impl<'a> Proxy<'a> {
             rows: None,
             sqlstate: None,
             skipped: false,
+            columns: Vec::new(),
+            sample: Vec::new(),
         })
     }
 
@@ -1187,6 +1194,8 @@ impl<'a> Proxy<'a> {
                 duration_us: mark.started.elapsed().as_micros() as u64,
                 sqlstate: mark.sqlstate,
                 skipped: mark.skipped,
+                columns: mark.columns,
+                sample: mark.sample,
             })
             .in_session(self.ctx.session_id)
             .by(self.ctx.identity.name(), self.ctx.target),
@@ -1639,6 +1648,16 @@ impl<'a> Proxy<'a> {
             }
             _ => {}
         }
+        if message_tag == backend::tag::ROW_DESCRIPTION && self.ctx.audit_sample_rows > 0 && self.ctx.auditor.is_some()
+        {
+            self.sample_columns = column_names(body);
+        }
+        let sample = message_tag == backend::tag::DATA_ROW
+            && owner == Owner::Client
+            && self.ctx.audit_sample_rows > 0
+            && self.ctx.auditor.is_some()
+            && self.pending.wants_sample(self.ctx.audit_sample_rows);
+        let sample_from = self.to_client.len();
         match owner {
             Owner::Client => self.seam.forward(message_tag, message, &mut self.to_client),
             Owner::Refusal(refusal) => refusal.encode(&mut self.to_client),
@@ -1647,6 +1666,11 @@ impl<'a> Proxy<'a> {
         }
         if message_tag == backend::tag::ERROR_RESPONSE {
             self.seam.observe(message_tag, message);
+        }
+        if sample && let Some(row) = self.to_client.get(sample_from + HEADER_LEN..).and_then(sample_row) {
+            let columns = std::mem::take(&mut self.sample_columns);
+            self.pending.sample_row(&columns, row);
+            self.sample_columns = columns;
         }
         if let Some(err) = self.seam.take_failure() {
             // Fail closed: what cannot be read cannot be masked.
@@ -1796,6 +1820,66 @@ fn audit_text(sql: &str) -> String {
     }
 }
 
+/// Sampled values longer than this are cut.
+const SAMPLE_VALUE_MAX: usize = 200;
+
+/// A DataRow body (as the client received it, masked) as text values for
+/// the trail: the detectors run on each value again, whatever the session's
+/// masking (the trail's readers may not hold the unmask grant), binary
+/// values are described, long ones cut. `None` if it does not read.
+fn sample_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut cur = Cursor::new(body);
+    let count = cur.count16("field count").ok()?;
+    let mut row = Vec::with_capacity(count);
+    for _ in 0..count {
+        let value = cur.nullable_value("field").ok()?;
+        row.push(value.map(|value| {
+            let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
+            let value = scrubbed.as_deref().unwrap_or(value);
+            match std::str::from_utf8(value) {
+                Ok(text) if text.len() > SAMPLE_VALUE_MAX => {
+                    let mut end = SAMPLE_VALUE_MAX;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    format!("{}... ({} bytes)", &text[..end], text.len())
+                }
+                Ok(text) => text.to_string(),
+                Err(_) => format!("({} bytes of binary)", value.len()),
+            }
+        }));
+    }
+    Some(row)
+}
+
+/// The column names of a RowDescription body (empty if it does not read).
+fn column_names(body: &[u8]) -> Vec<String> {
+    let mut cur = Cursor::new(body);
+    let Ok(count) = cur.count16("column count") else {
+        return Vec::new();
+    };
+    let mut names = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Ok(name) = cur.cstr_bytes("column name") else {
+            return Vec::new();
+        };
+        names.push(String::from_utf8_lossy(name).into_owned());
+        // table oid, attnum, type oid, type length, modifier, format
+        if cur
+            .i32("table")
+            .and(cur.i16("attnum"))
+            .and(cur.i32("type"))
+            .and(cur.i16("len"))
+            .and(cur.i32("mod"))
+            .and(cur.i16("format"))
+            .is_err()
+        {
+            return Vec::new();
+        }
+    }
+    names
+}
+
 fn audit_records(classification: Option<&crate::policy::Classification>) -> Vec<StatementRecord> {
     classification
         .map(|c| c.statements.iter().map(StatementRecord::of).collect())
@@ -1843,4 +1927,52 @@ pub(crate) fn encode_greeting(greeting: &[u8], key: backend::BackendKeyData, sta
     out.extend_from_slice(greeting);
     key.encode(out);
     backend::encode_ready_for_query(status, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut body = (values.len() as i16).to_be_bytes().to_vec();
+        for value in values {
+            match value {
+                Some(v) => {
+                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    body.extend_from_slice(v);
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        body
+    }
+
+    #[test]
+    fn sampled_rows_pass_the_detectors_and_stay_short() {
+        let long = "x".repeat(500);
+        let row = sample_row(&data_row(&[
+            Some(b"ada.lovelace@example.com"),
+            None,
+            Some(long.as_bytes()),
+            Some(&[0xff, 0x00, 0x01]),
+        ]))
+        .unwrap();
+        assert_eq!(row[0].as_deref(), Some("****@example.com"));
+        assert_eq!(row[1], None);
+        assert!(row[2].as_deref().unwrap().ends_with("... (500 bytes)"));
+        assert_eq!(row[3].as_deref(), Some("(3 bytes of binary)"));
+        assert_eq!(sample_row(&[0, 2, 0]), None, "a broken row is not sampled");
+    }
+
+    #[test]
+    fn column_names_come_from_the_row_description() {
+        let mut body = 2i16.to_be_bytes().to_vec();
+        for name in ["id", "email"] {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&[0; 18]);
+        }
+        assert_eq!(column_names(&body), ["id", "email"]);
+        assert!(column_names(&body[..5]).is_empty());
+    }
 }
