@@ -34,7 +34,7 @@ impl Drop for TempDir {
     }
 }
 
-pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<()> {
     let work = TempDir(std::env::temp_dir().join(format!("sluice-demo-{:08x}", rand::random::<u32>())));
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
@@ -59,6 +59,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     std::fs::write(work.0.join("policy.toml"), DEMO_POLICY).context("writing the demo policy")?;
     let mut config = Config::from_toml(DEMO_CONFIG, &work.0.join("demo.toml"))?;
     config.server.listen = listen;
+    config.api.listen = api_listen;
     config.tls = Some(TlsFiles { cert, key });
     for target in &mut config.targets {
         target.address = UpstreamAddress::Tcp {
@@ -70,7 +71,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let gateway = Gateway::bind(config, gate)
         .await
         .with_context(|| format!("starting the gateway (is another one on {listen}? try --listen 127.0.0.1:0)"))?;
-    print_banner(gateway.local_addr(), cluster.port(), &ca);
+    print_banner(gateway.local_addr(), gateway.api_addr(), cluster.port(), &ca);
 
     let shutdown = crate::shutdown_on_signal()?;
     gateway.run(shutdown).await;
@@ -79,12 +80,17 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(gateway: SocketAddr, postgres_port: u16, ca: &Path) {
+fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16, ca: &Path) {
     let (host, port) = (gateway.ip(), gateway.port());
     println!();
     println!("Sluice demo is running.");
     println!();
     println!("  gateway   {gateway}  (TLS with a demo CA; plaintext allowed on loopback)");
+    if let Some(api) = api {
+        println!(
+            "  api       http://{api}  (curl -H 'Authorization: Bearer carol-demo-token' http://{api}/v1/sessions)"
+        );
+    }
     println!("  database  throwaway PostgreSQL on 127.0.0.1:{postgres_port} with the `shop` demo data");
     println!();
     println!("Connect as a demo identity: the password is the identity's token.");

@@ -33,6 +33,9 @@ enum Command {
         /// Where the gateway listens for PostgreSQL clients.
         #[arg(long, default_value = "127.0.0.1:7432")]
         listen: std::net::SocketAddr,
+        /// Where the control API listens.
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        api_listen: std::net::SocketAddr,
     },
     /// Check a configuration file without starting anything.
     Config {
@@ -194,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             runtime(config.server.worker_threads)?.block_on(serve(config))
         }
-        Command::Demo { listen } => runtime(0)?.block_on(demo::run(listen)),
+        Command::Demo { listen, api_listen } => runtime(0)?.block_on(demo::run(listen, api_listen)),
         Command::Config {
             action: ConfigAction::Check { config },
         } => {

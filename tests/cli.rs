@@ -32,7 +32,7 @@ async fn exit_status(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_connection_strings_that_work() {
     let mut child = sluice()
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(["demo", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod api;
 mod audit;
 mod bad_input;
 mod cli;

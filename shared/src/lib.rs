@@ -7,6 +7,7 @@
 //! seam), `session` (one client from accept to close) and `server` (listener,
 //! limits, shutdown). See ARCHITECTURE.md for the map and the invariants.
 
+pub mod api;
 pub mod audit;
 pub mod cancel;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod conn;
 pub mod devcluster;
 pub mod gate;
 pub mod identity;
+pub mod live;
 pub mod mask;
 pub mod net;
 pub mod policy;

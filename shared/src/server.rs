@@ -45,6 +45,12 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} for the control API: {source} (set [api] listen, or enabled = false)")]
+    BindApi {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open the audit trail: {0}")]
     Audit(#[source] crate::audit::AuditError),
 }
@@ -109,6 +115,8 @@ pub fn check_files(config: &Config) -> Result<(), GatewayError> {
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// The control API's listener, when it is on.
+    api: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -119,6 +127,16 @@ impl Gateway {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Bind { addr, source })?;
+        let api = if config.api.enabled {
+            let addr = config.api.listen;
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::BindApi { addr, source })?,
+            )
+        } else {
+            None
+        };
         let auditor = start_audit(&config)?;
         let shared = Shared {
             verifier: Verifier::new(&config.identity),
@@ -130,10 +148,13 @@ impl Gateway {
             shutdown: Arc::new(Shutdown::default()),
             catalogs: std::sync::Mutex::default(),
             auditor,
+            live: crate::live::LiveSessions::default(),
+            api_stopping: CancellationToken::new(),
         };
         Ok(Gateway {
             shared: Arc::new(shared),
             listener,
+            api,
         })
     }
 
@@ -142,10 +163,22 @@ impl Gateway {
         self.listener.local_addr().unwrap_or(self.shared.config.server.listen)
     }
 
+    /// The control API's address, when it is on.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves clients until `shutdown` is cancelled, then stops accepting,
     /// lets sessions finish for `server.shutdown_grace`, and ends the rest.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Gateway { shared, listener } = self;
+        let Gateway { shared, listener, api } = self;
+        let api_shutdown = shared.api_stopping.clone();
+        let api_task = api.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, "control API ready");
+            }
+            tokio::spawn(crate::api::serve(listener, shared.clone(), api_shutdown.clone()))
+        });
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         let over_limit = Arc::new(Semaphore::new(OVER_LIMIT_HANDSHAKES));
         let sessions = TaskTracker::new();
@@ -208,6 +241,11 @@ impl Gateway {
             );
             shared.shutdown.advance(Phase::Deadline);
             let _ = tokio::time::timeout(FINAL_WAIT, sessions.wait()).await;
+        }
+        // The API stays up while sessions drain, so operators can watch.
+        api_shutdown.cancel();
+        if let Some(task) = api_task {
+            let _ = tokio::time::timeout(FINAL_WAIT, task).await;
         }
         if let Some(auditor) = &shared.auditor {
             // Everything the sessions recorded is written, and the end of

@@ -151,6 +151,8 @@ pub struct TestGateway {
     task: Option<JoinHandle<()>>,
     /// The gateway's audit configuration (its trail's files).
     pub audit: sluice_core::config::AuditConfig,
+    /// The control API's base URL, when it is on.
+    pub api: Option<String>,
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -217,6 +219,11 @@ pub fn config_text(spec: &Spec, db: &str) -> String {
             path.display()
         ));
     }
+    if !spec.extra.contains("[api]") {
+        text.push_str(
+            "\n[api]\nlisten = \"127.0.0.1:0\"\nviewer_groups = [\"engineering\"]\nadmin_groups = [\"oncall\"]\n",
+        );
+    }
     if let Some(policy) = &spec.policy {
         text.push('\n');
         text.push_str(policy);
@@ -244,6 +251,7 @@ impl TestGateway {
         let audit = config.audit.clone();
         let gateway = Gateway::bind(config, gate).await.expect("binding the gateway");
         let addr = gateway.local_addr();
+        let api = gateway.api_addr().map(|a| format!("http://{a}"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(gateway.run(shutdown.clone()));
         TestGateway {
@@ -252,6 +260,7 @@ impl TestGateway {
             shutdown,
             task: Some(task),
             audit,
+            api,
         }
     }
 

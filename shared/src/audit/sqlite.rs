@@ -132,14 +132,21 @@ impl SqliteStore {
             .prepare(
                 "SELECT id, body FROM events \
                  WHERE (?1 IS NULL OR session = ?1) AND (?2 IS NULL OR at >= ?2) AND (?3 IS NULL OR at < ?3) \
-                   AND (?4 IS NULL OR identity = ?4) \
+                   AND (?4 IS NULL OR identity = ?4) AND id > ?6 \
                  ORDER BY id LIMIT ?5",
             )
             .map_err(&err)?;
         let limit = filter.limit.map_or(-1, |l| l as i64);
         let rows = stmt
             .query_map(
-                params![filter.session, filter.since, filter.until, filter.identity, limit],
+                params![
+                    filter.session,
+                    filter.since,
+                    filter.until,
+                    filter.identity,
+                    limit,
+                    filter.after_id.unwrap_or(0) as i64
+                ],
                 |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
             )
             .map_err(&err)?;
@@ -199,18 +206,21 @@ pub struct EventFilter {
     /// RFC 3339 times, as stored (UTC).
     pub since: Option<String>,
     pub until: Option<String>,
+    /// Only events after this id.
+    pub after_id: Option<u64>,
     pub limit: Option<u64>,
 }
 
 /// An event with its place in the chain.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoredEvent {
     pub id: u64,
+    #[serde(flatten)]
     pub event: Event,
 }
 
 /// One session, summed up from its events.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionSummary {
     pub session: String,
     pub started: String,

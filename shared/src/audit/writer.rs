@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use super::chain::{Signer, replace_file};
 use super::event::{Detail, Event};
+use super::sqlite::StoredEvent;
 use super::{AuditError, AuditStore};
 
 /// Events per transaction at most.
@@ -96,7 +97,13 @@ pub struct HealthSnapshot {
 pub struct Auditor {
     tx: mpsc::Sender<Job>,
     health: Arc<Health>,
+    /// Events as they are committed, for the live stream.
+    published: tokio::sync::broadcast::Sender<Arc<StoredEvent>>,
 }
+
+/// Committed events a slow subscriber may fall behind by before it is told
+/// to catch up from the trail.
+const PUBLISH_BUFFER: usize = 4096;
 
 /// Resolves once a write-ahead event is durable, or with why it cannot be.
 #[derive(Debug)]
@@ -121,7 +128,9 @@ impl Auditor {
     ) -> Result<(Auditor, std::thread::JoinHandle<()>), AuditError> {
         let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
+        let (published, _) = tokio::sync::broadcast::channel(PUBLISH_BUFFER);
         let writer = Writer {
+            published: published.clone(),
             store,
             signer,
             options,
@@ -138,7 +147,12 @@ impl Auditor {
                 path: PathBuf::new(),
                 reason: format!("cannot start the audit writer thread: {err}"),
             })?;
-        Ok((Auditor { tx, health }, handle))
+        Ok((Auditor { tx, health, published }, handle))
+    }
+
+    /// Committed events from now on, in order.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<StoredEvent>> {
+        self.published.subscribe()
     }
 
     /// Whether the trail is taking events. A session refuses new statements
@@ -206,6 +220,7 @@ impl Auditor {
 }
 
 struct Writer {
+    published: tokio::sync::broadcast::Sender<Arc<StoredEvent>>,
     store: Box<dyn AuditStore>,
     signer: Signer,
     options: WriterOptions,
@@ -307,7 +322,16 @@ impl Writer {
         batch.append(events);
         let count = batch.len() as u64;
         match self.store.append(&batch) {
-            Ok(_) => {
+            Ok(last) => {
+                if self.published.receiver_count() > 0 {
+                    let first = last + 1 - batch.len() as u64;
+                    for (n, event) in batch.into_iter().enumerate() {
+                        let _ = self.published.send(Arc::new(StoredEvent {
+                            id: first + n as u64,
+                            event,
+                        }));
+                    }
+                }
                 if self.failing() {
                     tracing::warn!("the audit trail is writable again; statements are accepted");
                     self.health.failing.store(false, Ordering::Release);

@@ -33,6 +33,89 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub masking: MaskingConfig,
     pub audit: AuditConfig,
+    pub api: ApiConfig,
+}
+
+/// What a caller of the control API may do; each role includes the ones
+/// before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApiRole {
+    /// Read sessions, events and metrics.
+    Viewer,
+    /// Also decide approvals.
+    Approver,
+    /// Also end sessions.
+    Admin,
+}
+
+impl ApiRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiRole::Viewer => "viewer",
+            ApiRole::Approver => "approver",
+            ApiRole::Admin => "admin",
+        }
+    }
+}
+
+/// `[api]`, validated.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub viewer_groups: Vec<String>,
+    pub approver_groups: Vec<String>,
+    pub admin_groups: Vec<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            viewer_groups: Vec::new(),
+            approver_groups: Vec::new(),
+            admin_groups: Vec::new(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The highest role these groups hold (`"*"` in a list means anyone).
+    pub fn role_of(&self, groups: &[String]) -> Option<ApiRole> {
+        let holds = |list: &[String]| list.iter().any(|g| g == "*" || groups.contains(g));
+        if holds(&self.admin_groups) {
+            Some(ApiRole::Admin)
+        } else if holds(&self.approver_groups) {
+            Some(ApiRole::Approver)
+        } else if holds(&self.viewer_groups) {
+            Some(ApiRole::Viewer)
+        } else {
+            None
+        }
+    }
+
+    /// Who holds a role, for error messages.
+    pub fn who_has(&self, role: ApiRole) -> String {
+        let mut groups: Vec<&str> = Vec::new();
+        let lists: &[&Vec<String>] = match role {
+            ApiRole::Viewer => &[&self.viewer_groups, &self.approver_groups, &self.admin_groups],
+            ApiRole::Approver => &[&self.approver_groups, &self.admin_groups],
+            ApiRole::Admin => &[&self.admin_groups],
+        };
+        for list in lists {
+            for group in list.iter() {
+                if !groups.contains(&group.as_str()) {
+                    groups.push(group);
+                }
+            }
+        }
+        if groups.is_empty() {
+            format!("no group holds it; see [api] {}_groups", role.name())
+        } else {
+            format!("held by groups {}", groups.join(", "))
+        }
+    }
 }
 
 /// What a session does when the audit trail cannot record its statements.
@@ -387,6 +470,7 @@ impl Config {
         };
         let masking = raw.masking.map(|m| v.masking(m)).unwrap_or_default();
         let audit = v.audit(raw.audit.unwrap_or_default());
+        let api = v.api(raw.api.unwrap_or_default());
         if let Some(server) = &server
             && tls.is_none()
             && !server.allow_plaintext
@@ -414,6 +498,7 @@ impl Config {
                 policy,
                 masking,
                 audit,
+                api,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -496,6 +581,30 @@ impl Validator<'_> {
             self.problems.push(problem);
         }
         Ok(policy)
+    }
+
+    /// `[api]`.
+    fn api(&mut self, raw: raw::RawApi) -> ApiConfig {
+        let mut api = ApiConfig {
+            enabled: raw.enabled.unwrap_or(true),
+            viewer_groups: raw.viewer_groups,
+            approver_groups: raw.approver_groups,
+            admin_groups: raw.admin_groups,
+            ..ApiConfig::default()
+        };
+        if let Some(listen) = &raw.listen {
+            match listen.get_ref().parse() {
+                Ok(addr) => api.listen = addr,
+                Err(_) => self.at(
+                    listen,
+                    format!(
+                        "api.listen = \"{}\" is not an address; write an IP and port such as \"127.0.0.1:7480\"",
+                        listen.get_ref()
+                    ),
+                ),
+            }
+        }
+        api
     }
 
     /// `[audit]`. The key and head files sit beside the database unless

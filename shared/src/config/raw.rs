@@ -21,6 +21,21 @@ pub struct RawConfig {
     pub policy: Option<RawPolicy>,
     pub masking: Option<RawMasking>,
     pub audit: Option<RawAudit>,
+    pub api: Option<RawApi>,
+}
+
+/// `[api]`: the control API's listener and who may do what with it.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub enabled: Option<bool>,
+    pub listen: Option<Spanned<String>>,
+    #[serde(default)]
+    pub viewer_groups: Vec<String>,
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
 }
 
 /// `[audit]`: where the trail is kept and how it is signed.

@@ -63,6 +63,10 @@ pub(crate) struct Shared {
     pub catalogs: std::sync::Mutex<HashMap<String, Arc<crate::mask::catalog::Catalog>>>,
     /// The audit trail; `None` when auditing is off.
     pub auditor: Option<crate::audit::Auditor>,
+    /// The sessions running now.
+    pub live: crate::live::LiveSessions,
+    /// Cancelled when the control API stops (its event streams end).
+    pub api_stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A new session id: time-ordered, so ids sort by start.
@@ -364,6 +368,13 @@ async fn run_session(
         "session opened"
     );
 
+    let registered = shared.live.register(crate::live::SessionInfo {
+        id: id.to_string(),
+        identity: identity.name().to_string(),
+        target: target.name.clone(),
+        application: params.application_name.clone().unwrap_or_default(),
+        client: peer.to_string(),
+    });
     let (client, client_in) = conn.into_parts();
     let (server, server_in) = upstream.conn.into_parts();
     let ctx = proxy::ProxyContext {
@@ -377,6 +388,7 @@ async fn run_session(
         auditor: shared.auditor.as_ref(),
         audit_continue: shared.config.audit.on_failure == crate::config::OnAuditFailure::Continue,
         audit_sample_rows: shared.config.audit.sample_rows,
+        live: &registered.session,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

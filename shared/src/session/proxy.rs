@@ -41,6 +41,7 @@ use crate::gate::{
     Allowance, GateSession, Refusal, RowLimit, StatementContext, StatementGate, StatementSource, Verdict,
 };
 use crate::identity::Identity;
+use crate::live::{LiveSession, SessionState};
 use crate::mask::RowMasker;
 use crate::net::Stream;
 use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError, Severity};
@@ -78,6 +79,7 @@ pub(crate) enum SessionEnd {
     ServerFailed(String),
     ClientIo(String),
     AuditFailed(String),
+    Killed(String),
 }
 
 impl SessionEnd {
@@ -91,6 +93,7 @@ impl SessionEnd {
             SessionEnd::ServerFailed(_) => "server_error",
             SessionEnd::ClientIo(_) => "client_io_error",
             SessionEnd::AuditFailed(_) => "audit_unavailable",
+            SessionEnd::Killed(_) => "killed",
         }
     }
 
@@ -100,7 +103,8 @@ impl SessionEnd {
             SessionEnd::ClientProtocol(detail)
             | SessionEnd::ServerFailed(detail)
             | SessionEnd::ClientIo(detail)
-            | SessionEnd::AuditFailed(detail) => detail,
+            | SessionEnd::AuditFailed(detail)
+            | SessionEnd::Killed(detail) => detail,
             _ => "",
         }
     }
@@ -118,6 +122,8 @@ enum Event {
     Drained,
     /// The gateway's grace period is over.
     Deadline,
+    /// An administrator ended the session (through the control API).
+    Killed(String),
 }
 
 /// Why the loop must stop.
@@ -171,6 +177,8 @@ pub(crate) struct ProxyContext<'a> {
     pub audit_continue: bool,
     /// Result rows the trail keeps per statement.
     pub audit_sample_rows: usize,
+    /// This session in the gateway's list of running sessions.
+    pub live: &'a LiveSession,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -338,6 +346,9 @@ impl<'a> Proxy<'a> {
                 if phase == Phase::Deadline {
                     return Poll::Ready(Ok(Event::Deadline));
                 }
+                if let Some(by) = self.ctx.live.poll_killed(cx) {
+                    return Poll::Ready(Ok(Event::Killed(by)));
+                }
                 let io = self.poll_io(cx);
                 if io.is_pending() && phase == Phase::Draining && self.is_idle() {
                     return Poll::Ready(Ok(Event::Drained));
@@ -358,6 +369,11 @@ impl<'a> Proxy<'a> {
                     }
                 }),
                 Ok(Event::Drained) => return self.shut_down("the gateway is shutting down").await,
+                Ok(Event::Killed(by)) => {
+                    tracing::info!(%by, "session ended by an administrator");
+                    self.shut_down(&format!("ended by an administrator ({by})")).await;
+                    return SessionEnd::Killed(by);
+                }
                 Ok(Event::Deadline) => {
                     return self
                         .shut_down("the gateway is shutting down and the grace period is over")
@@ -388,6 +404,11 @@ impl<'a> Proxy<'a> {
             if let Err(stop) = result {
                 return self.stop(stop).await;
             }
+            self.ctx.live.set_state(if self.pending.is_empty() {
+                SessionState::Idle
+            } else {
+                SessionState::Running
+            });
         }
     }
 
@@ -1031,29 +1052,33 @@ impl<'a> Proxy<'a> {
     /// allowed Parse not yet (each Execute of it is recorded).
     fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
         self.pending_mark = None;
+        let text = audit_text(sql);
         if let Some(refusal) = self.audit_unavailable() {
             self.counters.refused += 1;
-            self.record_statement(sql, source, &Outcome::Refuse(refusal.clone()), None, "deny", None);
+            self.ctx.live.note_statement(&text, true);
+            self.record_statement(text, source, &Outcome::Refuse(refusal.clone()), None, "deny", None);
             return Outcome::Refuse(refusal);
         }
         let (outcome, decided) = self.decide(sql, source);
+        self.ctx
+            .live
+            .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
         if self.ctx.auditor.is_some() {
             let statements = audit_records(decided.classification.as_deref());
             match source {
                 StatementSource::Parse { statement } => match outcome {
                     Outcome::Refuse(_) => {
                         self.statement_texts.remove(statement);
-                        self.record_statement(sql, source, &outcome, Some(statements), decided.decision, decided.rule);
+                        self.record_statement(text, source, &outcome, Some(statements), decided.decision, decided.rule);
                     }
                     _ => {
-                        let text = audit_text(sql);
                         self.statement_texts
                             .insert(statement.to_string(), Arc::new(AuditText { text, statements }));
                     }
                 },
                 _ => {
                     self.pending_mark =
-                        self.record_statement(sql, source, &outcome, Some(statements), decided.decision, decided.rule);
+                        self.record_statement(text, source, &outcome, Some(statements), decided.decision, decided.rule);
                 }
             }
         }
@@ -1083,14 +1108,13 @@ impl<'a> Proxy<'a> {
     /// the event is durable.
     fn record_statement(
         &mut self,
-        sql: &str,
+        text: String,
         source: StatementSource<'_>,
         outcome: &Outcome,
         statements: Option<Vec<StatementRecord>>,
         decision: &'static str,
         rule: Option<String>,
     ) -> Option<Mark> {
-        let text = audit_text(sql);
         let statements = statements.unwrap_or_default();
         let source = match source {
             StatementSource::SimpleQuery => "query",

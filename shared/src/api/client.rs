@@ -1,0 +1,202 @@
+//! A typed client for the control API, for the console, the bot and tests.
+
+use serde::de::DeserializeOwned;
+
+use super::{ErrorBody, Health, Killed};
+use crate::audit::{SessionSummary, StoredEvent};
+use crate::live::LiveSummary;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway answered with an error; `message` is its explanation.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("cannot reach the control API at {base}: {source}")]
+    Transport {
+        base: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the control API sent something unreadable: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status, for an error the gateway answered with.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one gateway's control API, acting with one token.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `base`: `http://127.0.0.1:7480`. `token`: the caller's Sluice token.
+    pub fn new(base: &str, token: Option<&str>) -> ApiClient {
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.map(str::to_string),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn transport(&self) -> impl Fn(reqwest::Error) -> ClientError + '_ {
+        |source| ClientError::Transport {
+            base: self.base.clone(),
+            source,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.map_err(self.transport())?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let text = response.text().await.map_err(self.transport())?;
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|body| body.error)
+            .unwrap_or(text);
+        Err(ClientError::Api { status, message })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(request).await?;
+        let bytes = response.bytes().await.map_err(self.transport())?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `/health`. A degraded gateway answers 503 with the same body, which
+    /// this returns rather than an error.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        let response = self
+            .http
+            .get(self.url("/health"))
+            .send()
+            .await
+            .map_err(self.transport())?;
+        let bytes = response.bytes().await.map_err(self.transport())?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let response = self.send(self.http.get(self.url("/metrics"))).await?;
+        response.text().await.map_err(self.transport())
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<LiveSummary>, ClientError> {
+        self.json(self.http.get(self.url("/v1/sessions"))).await
+    }
+
+    pub async fn past_sessions(&self, limit: u64) -> Result<Vec<SessionSummary>, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/sessions/past?limit={limit}"))))
+            .await
+    }
+
+    pub async fn timeline(&self, session: &str) -> Result<Vec<StoredEvent>, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/sessions/{session}/timeline"))))
+            .await
+    }
+
+    pub async fn kill(&self, session: &str) -> Result<Killed, ClientError> {
+        self.json(self.http.post(self.url(&format!("/v1/sessions/{session}/kill"))))
+            .await
+    }
+
+    /// The live event stream, from after `since` (0: from the start).
+    pub async fn events(&self, since: u64) -> Result<EventStream, ClientError> {
+        let response = self
+            .send(self.http.get(self.url(&format!("/v1/events?since={since}"))))
+            .await?;
+        Ok(EventStream {
+            response,
+            buffer: Vec::new(),
+            base: self.base.clone(),
+        })
+    }
+}
+
+/// Server-sent events, read one at a time.
+#[derive(Debug)]
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    base: String,
+}
+
+impl EventStream {
+    /// The next event; `None` when the gateway closed the stream.
+    pub async fn next(&mut self) -> Option<Result<StoredEvent, ClientError>> {
+        loop {
+            if let Some(end) = find_blank_line(&self.buffer) {
+                let block: Vec<u8> = self.buffer.drain(..end.1).collect();
+                let text = String::from_utf8_lossy(&block[..end.0]);
+                let mut kind = "message";
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        kind = if value.trim() == "error" { "error" } else { "event" };
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        if !data.is_empty() {
+                            data.push('\n');
+                        }
+                        data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                if kind == "error" {
+                    return Some(Err(ClientError::Api {
+                        status: 200,
+                        message: data,
+                    }));
+                }
+                return Some(serde_json::from_str(&data).map_err(|e| ClientError::Decode(e.to_string())));
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Ok(None) => return None,
+                Err(source) => {
+                    return Some(Err(ClientError::Transport {
+                        base: self.base.clone(),
+                        source,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Where the first event block ends: (end of its text, end of the blank line).
+fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buffer.len() {
+        if buffer[i] == b'\n' && buffer[i + 1] == b'\n' {
+            return Some((i, i + 2));
+        }
+        if i + 3 < buffer.len() && &buffer[i..i + 4] == b"\r\n\r\n" {
+            return Some((i, i + 4));
+        }
+        i += 1;
+    }
+    None
+}

@@ -1,0 +1,428 @@
+//! The control API: HTTP + JSON on its own listener, for the console, the
+//! bot and operators' scripts.
+//!
+//! Callers authenticate with the same tokens as database clients (a bearer
+//! token: a service token or an OIDC ID token) and act in a role that
+//! `[api]` grants by group: `viewer` (sessions, events, metrics), `approver`
+//! (decide approvals, when they land) and `admin` (end sessions); each role
+//! includes the ones before it. `/health` needs no token. Errors are JSON
+//! objects with an `error` a person can act on.
+//!
+//! | method | path                          | role   |
+//! |--------|-------------------------------|--------|
+//! | GET    | `/health`                     | none   |
+//! | GET    | `/metrics` (Prometheus text)  | viewer |
+//! | GET    | `/v1/sessions`                | viewer |
+//! | GET    | `/v1/sessions/past?limit=N`   | viewer |
+//! | GET    | `/v1/sessions/{id}/timeline`  | viewer |
+//! | POST   | `/v1/sessions/{id}/kill`      | admin  |
+//! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
+
+pub mod client;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{EventFilter, SessionSummary, SqliteStore, StoredEvent};
+use crate::config::ApiRole;
+use crate::identity::Identity;
+use crate::session::Shared;
+
+/// An API error: a status and a message for a person.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.message })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Serves the API on `listener` until `shutdown`.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let app = router(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(err) = result {
+        tracing::error!(error = %err, "the control API stopped");
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/sessions/past", get(past_sessions))
+        .route("/v1/sessions/{id}/timeline", get(timeline))
+        .route("/v1/sessions/{id}/kill", post(kill))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /health and /v1/sessions") })
+        .with_state(shared)
+}
+
+/// The caller's identity, checked against the role the endpoint needs.
+async fn caller(shared: &Shared, headers: &HeaderMap, needs: ApiRole) -> ApiResult<Identity> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "no token: send Authorization: Bearer <your Sluice token>",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the Authorization header must be \"Bearer <token>\"",
+            )
+        })?;
+    let identity = shared
+        .verifier
+        .verify(token)
+        .await
+        .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, format!("token refused: {err}")))?;
+    let role = shared.config.api.role_of(identity.groups());
+    if role < Some(needs) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may not do this: it needs the {} role ({}), and {} has {}",
+                identity.name(),
+                needs.name(),
+                shared.config.api.who_has(needs),
+                identity.name(),
+                role.map_or("no role".to_string(), |r| format!("the {} role", r.name()))
+            ),
+        ));
+    }
+    Ok(identity)
+}
+
+/// `/health`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// "ok", or "degraded" when the audit trail cannot be written.
+    pub status: String,
+    pub sessions: usize,
+    pub audit: Option<AuditHealth>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditHealth {
+    pub available: bool,
+    pub error: Option<String>,
+    pub written: u64,
+    pub queued: u64,
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let audit = shared.auditor.as_ref().map(|a| {
+        let h = a.health();
+        AuditHealth {
+            available: h.available,
+            error: h.error,
+            written: h.written,
+            queued: h.queued,
+        }
+    });
+    let degraded = audit.as_ref().is_some_and(|a| !a.available);
+    let body = Health {
+        status: if degraded { "degraded" } else { "ok" }.into(),
+        sessions: shared.live.len(),
+        audit,
+    };
+    let status = if degraded {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult<Response> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    let live = shared.live.list();
+    metric(
+        "sluice_sessions_open",
+        "gauge",
+        "Sessions running now.",
+        live.len() as u64,
+    );
+    metric(
+        "sluice_sessions_running",
+        "gauge",
+        "Sessions with a statement in progress.",
+        live.iter()
+            .filter(|s| s.state == crate::live::SessionState::Running)
+            .count() as u64,
+    );
+    if let Some(auditor) = &shared.auditor {
+        let h = auditor.health();
+        metric(
+            "sluice_audit_available",
+            "gauge",
+            "1 while the audit trail can be written.",
+            u64::from(h.available),
+        );
+        metric(
+            "sluice_audit_events_written_total",
+            "counter",
+            "Events written to the audit trail since start.",
+            h.written,
+        );
+        metric(
+            "sluice_audit_queue_depth",
+            "gauge",
+            "Events waiting to be written.",
+            h.queued,
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+async fn sessions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<crate::live::LiveSummary>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    Ok(Json(shared.live.list()))
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<u64>,
+}
+
+/// Reads the trail on a blocking thread with its own read-only connection.
+async fn read_trail<T: Send + 'static>(
+    shared: &Shared,
+    read: impl FnOnce(&SqliteStore) -> Result<T, crate::audit::AuditError> + Send + 'static,
+) -> ApiResult<T> {
+    if shared.auditor.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "auditing is off on this gateway ([audit] enabled = false): there is no trail to read",
+        ));
+    }
+    let path = shared.config.audit.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = SqliteStore::open_read_only(&path)?;
+        read(&store)
+    })
+    .await
+    .map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the trail failed: {err}"),
+        )
+    })?
+    .map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the trail failed: {err}"),
+        )
+    })
+}
+
+async fn past_sessions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<Limit>,
+) -> ApiResult<Json<Vec<SessionSummary>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    Ok(Json(read_trail(&shared, move |store| store.sessions(limit)).await?))
+}
+
+async fn timeline(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<StoredEvent>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    let session = id.clone();
+    let events = read_trail(&shared, move |store| {
+        store.events(&EventFilter {
+            session: Some(session),
+            ..EventFilter::default()
+        })
+    })
+    .await?;
+    if events.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no session {id:?} in the trail (see /v1/sessions/past)"),
+        ));
+    }
+    Ok(Json(events))
+}
+
+/// What a kill answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Killed {
+    pub session: String,
+    pub by: String,
+}
+
+async fn kill(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+    let admin = caller(&shared, &headers, ApiRole::Admin).await?;
+    if !shared.live.kill(&id, admin.name()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no running session {id:?} (see /v1/sessions)"),
+        ));
+    }
+    tracing::info!(session = %id, by = %admin.name(), "session kill requested");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Killed {
+            session: id,
+            by: admin.name().to_string(),
+        }),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct Since {
+    since: Option<u64>,
+}
+
+/// Events as they are written: first those after `since` from the trail,
+/// then live ones. Each SSE message has the event's id as its `id`, so a
+/// client that reconnects with `since` = the last id misses nothing. A
+/// client too slow for the live stream gets an `error` message and is
+/// disconnected, and reconnects with `since`.
+async fn events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<Since>,
+) -> ApiResult<Sse<impl futures_core::Stream<Item = Result<SseEvent, Infallible>>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    let Some(auditor) = shared.auditor.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "auditing is off on this gateway: there is no event stream",
+        ));
+    };
+    // Subscribe before reading the backlog, so nothing falls in between.
+    let mut live = auditor.subscribe();
+    let since = query.since.unwrap_or(0);
+    let backlog = read_trail(&shared, move |store| {
+        store.events(&EventFilter {
+            after_id: Some(since),
+            ..EventFilter::default()
+        })
+    })
+    .await?;
+    let stopping = shared.api_stopping.clone();
+    let stream = async_stream(move |tx| async move {
+        let mut last = since;
+        for stored in backlog {
+            last = stored.id;
+            if tx.send(sse(&stored)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let received = tokio::select! {
+                received = live.recv() => received,
+                _ = stopping.cancelled() => return,
+            };
+            match received {
+                Ok(stored) if stored.id <= last => continue,
+                Ok(stored) => {
+                    last = stored.id;
+                    if tx.send(sse(&stored)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    let message =
+                        format!("this client fell {missed} events behind the live stream; reconnect with since={last}");
+                    let _ = tx.send(SseEvent::default().event("error").data(message)).await;
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn sse(stored: &StoredEvent) -> SseEvent {
+    SseEvent::default()
+        .id(stored.id.to_string())
+        .event(stored.event.detail.kind())
+        .data(serde_json::to_string(stored).unwrap_or_default())
+}
+
+/// A stream fed by a task through a small channel: the task ends when the
+/// client goes away (its sends fail).
+fn async_stream<F, Fut>(produce: F) -> impl futures_core::Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    ReceiverStream(rx)
+}
+
+struct ReceiverStream(tokio::sync::mpsc::Receiver<SseEvent>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<SseEvent, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|event| event.map(Ok))
+    }
+}

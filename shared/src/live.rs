@@ -1,0 +1,264 @@
+//! The sessions running now, for the control API: who, where, since when,
+//! what they last ran, and a switch an administrator can use to end one.
+//!
+//! Each session owns its [`LiveSession`] and updates it with atomic stores
+//! (the statement counters) and one uncontended mutex (the last statement's
+//! text), so the session path does not wait on API readers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What a session is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Idle,
+    Running,
+}
+
+/// One running session.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub id: String,
+    pub identity: String,
+    pub target: String,
+    pub application: String,
+    pub client: String,
+    pub started: DateTime<Utc>,
+    statements: AtomicU64,
+    refused: AtomicU64,
+    running: AtomicU8,
+    /// The last statement's text, as the audit trail keeps it (detector
+    /// findings masked), cut to [`LAST_MAX`] bytes.
+    last: Mutex<String>,
+    kill: KillSwitch,
+}
+
+/// Longest last-statement text kept.
+const LAST_MAX: usize = 1024;
+
+/// A request to end a session, and the waker of the task that runs it.
+#[derive(Debug, Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    by: Mutex<Option<String>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl LiveSession {
+    pub fn note_statement(&self, text: &str, refused: bool) {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        if refused {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut end = text.len().min(LAST_MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.clear();
+        last.push_str(&text[..end]);
+    }
+
+    pub fn set_state(&self, state: SessionState) {
+        self.running.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Whether an administrator ended this session (and who), making sure
+    /// the task is woken if one does later.
+    pub fn poll_killed(&self, cx: &mut Context<'_>) -> Option<String> {
+        if !self.kill.killed.load(Ordering::Acquire) {
+            let mut waker = self.kill.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+            // Checked again: a kill between the load and the registration
+            // would otherwise wake nobody.
+            if !self.kill.killed.load(Ordering::Acquire) {
+                return None;
+            }
+        }
+        Some(
+            self.kill
+                .by
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        )
+    }
+
+    fn kill(&self, by: &str) {
+        *self.kill.by.lock().unwrap_or_else(|e| e.into_inner()) = Some(by.to_string());
+        self.kill.killed.store(true, Ordering::Release);
+        if let Some(waker) = self.kill.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            waker.wake();
+        }
+    }
+
+    pub fn summary(&self) -> LiveSummary {
+        LiveSummary {
+            id: self.id.clone(),
+            identity: self.identity.clone(),
+            target: self.target.clone(),
+            application: self.application.clone(),
+            client: self.client.clone(),
+            started: self.started,
+            statements: self.statements.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            state: if self.running.load(Ordering::Relaxed) == SessionState::Running as u8 {
+                SessionState::Running
+            } else {
+                SessionState::Idle
+            },
+            last_statement: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+/// A running session as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSummary {
+    pub id: String,
+    pub identity: String,
+    pub target: String,
+    pub application: String,
+    pub client: String,
+    pub started: DateTime<Utc>,
+    pub statements: u64,
+    pub refused: u64,
+    pub state: SessionState,
+    pub last_statement: String,
+}
+
+/// Every running session of the gateway.
+#[derive(Debug, Default)]
+pub struct LiveSessions {
+    sessions: Mutex<HashMap<String, Arc<LiveSession>>>,
+}
+
+/// Removes a session from the registry when it ends, however it ends.
+#[derive(Debug)]
+pub struct Registered<'a> {
+    registry: &'a LiveSessions,
+    pub session: Arc<LiveSession>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.session.id);
+    }
+}
+
+/// Who a session is, for [`LiveSessions::register`].
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: String,
+    pub identity: String,
+    pub target: String,
+    pub application: String,
+    pub client: String,
+}
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveSession>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(&self, info: SessionInfo) -> Registered<'_> {
+        let session = Arc::new(LiveSession {
+            id: info.id,
+            identity: info.identity,
+            target: info.target,
+            application: info.application,
+            client: info.client,
+            started: Utc::now(),
+            statements: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            running: AtomicU8::new(SessionState::Idle as u8),
+            last: Mutex::new(String::new()),
+            kill: KillSwitch::default(),
+        });
+        self.lock().insert(session.id.clone(), session.clone());
+        Registered {
+            registry: self,
+            session,
+        }
+    }
+
+    /// The running sessions, oldest first.
+    pub fn list(&self) -> Vec<LiveSummary> {
+        let mut list: Vec<LiveSummary> = self.lock().values().map(|s| s.summary()).collect();
+        list.sort_by(|a, b| a.started.cmp(&b.started).then_with(|| a.id.cmp(&b.id)));
+        list
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Asks a session to end; `false` if there is no such session.
+    pub fn kill(&self, id: &str, by: &str) -> bool {
+        let session = self.lock().get(id).cloned();
+        match session {
+            Some(session) => {
+                session.kill(by);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> SessionInfo {
+        SessionInfo {
+            id: id.into(),
+            identity: "alice".into(),
+            target: "shop".into(),
+            application: "psql".into(),
+            client: "127.0.0.1:5000".into(),
+        }
+    }
+
+    #[test]
+    fn sessions_come_and_go_with_their_registration() {
+        let live = LiveSessions::default();
+        {
+            let a = live.register(info("a"));
+            let _b = live.register(info("b"));
+            a.session.note_statement(&"é".repeat(600), true);
+            a.session.set_state(SessionState::Running);
+            let list = live.list();
+            assert_eq!(list.len(), 2);
+            let a = list.iter().find(|s| s.id == "a").unwrap();
+            assert_eq!((a.statements, a.refused, a.state), (1, 1, SessionState::Running));
+            assert_eq!(a.last_statement.len(), 1024, "cut on a character boundary");
+        }
+        assert!(live.is_empty());
+    }
+
+    #[test]
+    fn a_kill_wakes_the_session_and_says_who() {
+        let live = LiveSessions::default();
+        let a = live.register(info("a"));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert_eq!(a.session.poll_killed(&mut cx), None);
+        assert!(live.kill("a", "carol"));
+        assert!(!live.kill("nope", "carol"));
+        assert_eq!(a.session.poll_killed(&mut cx).as_deref(), Some("carol"));
+    }
+}

@@ -1,0 +1,169 @@
+//! The control API through its typed client: authentication and roles,
+//! live and past sessions, a session's timeline, ending a session, and the
+//! live event stream with `since`.
+
+use sluice_core::api::client::ApiClient;
+use sluice_core::audit::Detail;
+
+use crate::harness::raw::{self, RawClient};
+use crate::harness::{AGENT, ALICE, BOB, Spec, TestGateway};
+
+fn client(gw: &TestGateway, token: Option<&str>) -> ApiClient {
+    ApiClient::new(gw.api.as_deref().expect("the harness turns the API on"), token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_authenticated_and_held_to_their_role() {
+    let gw = TestGateway::start("api_auth", Spec::default()).await;
+    // Health needs no token.
+    let health = client(&gw, None).health().await.unwrap();
+    assert_eq!(health.status, "ok");
+    assert!(health.audit.unwrap().available);
+
+    let err = client(&gw, None).sessions().await.unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    assert!(err.to_string().contains("Authorization: Bearer"), "{err}");
+    let err = client(&gw, Some("not-a-token")).sessions().await.unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    assert!(err.to_string().contains("token refused"), "{err}");
+    // The agent's group holds no role.
+    let err = client(&gw, Some(AGENT)).sessions().await.unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    assert!(
+        err.to_string()
+            .contains("needs the viewer role (held by groups engineering, oncall)"),
+        "{err}"
+    );
+    // alice views but may not end sessions.
+    assert!(client(&gw, Some(ALICE)).sessions().await.unwrap().is_empty());
+    let err = client(&gw, Some(ALICE)).kill("x").await.unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    assert!(err.to_string().contains("needs the admin role"), "{err}");
+    let err = client(&gw, Some(BOB)).kill("no-such-session").await.unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    let metrics = client(&gw, Some(ALICE)).metrics().await.unwrap();
+    assert!(metrics.contains("sluice_sessions_open 0"), "{metrics}");
+    assert!(metrics.contains("sluice_audit_available 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_followed_and_ended_by_an_admin() {
+    let mut gw = TestGateway::start("api_sessions", Spec::default()).await;
+    let viewer = client(&gw, Some(ALICE));
+    let admin = client(&gw, Some(BOB));
+
+    let mut bob = RawClient::connect(gw.addr).await;
+    bob.send(&raw::startup_packet(
+        196608,
+        &[
+            ("user", "tester"),
+            ("database", &gw.db),
+            ("application_name", "reports"),
+        ],
+    ))
+    .await;
+    bob.send(&raw::msg(b'p', &raw::cstr(BOB))).await;
+    bob.until_ready().await;
+    bob.simple("SELECT 'ada.lovelace@example.com' AS contact").await;
+    let live = viewer.sessions().await.unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let session = &live[0];
+    assert_eq!(
+        (session.identity.as_str(), session.application.as_str()),
+        ("bob", "reports")
+    );
+    assert_eq!(session.statements, 1);
+    // The last statement is shown as the trail keeps it: masked.
+    assert_eq!(session.last_statement, "SELECT '****@example.com' AS contact");
+
+    let killed = admin.kill(&session.id).await.unwrap();
+    assert_eq!(killed.by, "bob");
+    let closing = bob.until_closed().await;
+    let fatal = raw::first_error(&closing);
+    assert_eq!(fatal.get(&'C').map(String::as_str), Some("57P01"), "{closing:?}");
+    assert!(fatal[&'M'].contains("ended by an administrator (bob)"), "{fatal:?}");
+    // The session is gone from the live list once it has closed.
+    let mut gone = false;
+    for _ in 0..200 {
+        if viewer.sessions().await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(gone);
+
+    let past = viewer.past_sessions(10).await.unwrap();
+    assert_eq!(past[0].session, session.id);
+    let timeline = viewer.timeline(&session.id).await.unwrap();
+    let kinds: Vec<&str> = timeline.iter().map(|e| e.event.detail.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["session_opened", "statement", "statement_done", "session_closed"],
+        "{timeline:#?}"
+    );
+    match &timeline[3].event.detail {
+        Detail::SessionClosed { reason, detail, .. } => {
+            assert_eq!((reason.as_str(), detail.as_str()), ("killed", "bob"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(viewer.timeline("nope").await.unwrap_err().status(), Some(404));
+    gw.shutdown.cancel();
+    gw.finished().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_resumes_with_since_and_misses_nothing() {
+    let mut gw = TestGateway::start("api_events", Spec::default()).await;
+    let viewer = client(&gw, Some(ALICE));
+    let mut stream = viewer.events(0).await.unwrap();
+
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.simple_query("SELECT 1").await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(event) = stream.next().await {
+        let event = event.unwrap();
+        let done = matches!(event.event.detail, Detail::StatementDone { .. });
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    let kinds: Vec<&str> = seen.iter().map(|e| e.event.detail.kind()).collect();
+    assert_eq!(kinds, ["session_opened", "statement", "statement_done"]);
+    let last = seen.last().unwrap().id;
+    drop(stream);
+
+    // While nobody listens, more happens.
+    bob.simple_query("SELECT 2").await.unwrap();
+    drop(bob);
+
+    // Reconnecting with since = the last id seen gives exactly what came
+    // after, in order, and then the live events.
+    let mut stream = viewer.events(last).await.unwrap();
+    let mut resumed = Vec::new();
+    while let Some(event) = stream.next().await {
+        let event = event.unwrap();
+        let closed = matches!(event.event.detail, Detail::SessionClosed { .. });
+        resumed.push(event);
+        if closed {
+            break;
+        }
+    }
+    let ids: Vec<u64> = resumed.iter().map(|e| e.id).collect();
+    let expected: Vec<u64> = (last + 1..last + 1 + ids.len() as u64).collect();
+    assert_eq!(ids, expected, "no gaps, no repeats");
+    let kinds: Vec<&str> = resumed.iter().map(|e| e.event.detail.kind()).collect();
+    assert_eq!(kinds, ["statement", "statement_done", "session_closed"]);
+
+    // A later session arrives live on the same stream.
+    let alice = gw.connect(ALICE).await.unwrap();
+    drop(alice);
+    let next = stream.next().await.unwrap().unwrap();
+    assert_eq!(next.id, ids.last().unwrap() + 1);
+    assert_eq!(next.event.detail.kind(), "session_opened");
+    // The stream ends when the gateway stops.
+    gw.shutdown.cancel();
+    gw.finished().await;
+}
