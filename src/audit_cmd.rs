@@ -258,6 +258,32 @@ fn describe(stored: &StoredEvent) -> String {
         Detail::AuditUnavailable { refused, error } => {
             format!("the trail was unavailable ({error}); {refused} statements were refused meanwhile")
         }
+        Detail::ApprovalRequested {
+            request,
+            rule,
+            approvers,
+            needed,
+            expires,
+            ..
+        } => format!(
+            "held for approval: request {request} (rule {rule:?}), {needed} of {} until {expires}",
+            approvers.join(", ")
+        ),
+        Detail::ApprovalDecided {
+            request,
+            decision,
+            by,
+            reason,
+            via,
+        } => {
+            let by = if by.is_empty() {
+                String::new()
+            } else {
+                format!(" by {by}")
+            };
+            let reason = reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            format!("request {request} {decision}{by} (via {via}){reason}")
+        }
         Detail::AuditPruned {
             before,
             through_id,

@@ -138,6 +138,22 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
     }
     let overall = decision.decision();
     println!("\ndecision: {overall}");
+    let held = (overall == DecisionKind::RequireApproval)
+        .then_some(())
+        .and(decision.deciding)
+        .and_then(|i| decision.statements[i].rule)
+        .and_then(|rule| policy.rule(rule).approval.as_ref())
+        .filter(|approval| approval.mode == sluice_core::config::ApprovalMode::Hold);
+    if let Some(approval) = held {
+        println!(
+            "the client waits: NOTICE held for approval (request ID), approvers: {} ({} needed, {} s to decide);",
+            approval.approvers.join(", "),
+            approval.approvals,
+            approval.timeout.as_secs()
+        );
+        println!("                  the statement runs once approved, or fails with who denied it and why.");
+        println!("                  (A prepared statement cannot be held: it is refused as below.)");
+    }
     if overall != DecisionKind::Allow {
         let refusal = policy.refusal(&decision, &subject);
         println!("the client sees: ERROR {}: {}", refusal.code, refusal.message);

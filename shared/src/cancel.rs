@@ -15,6 +15,8 @@ pub struct CancelTarget {
     pub target: String,
     /// The upstream backend's real process id and secret key.
     pub upstream: BackendKeyData,
+    /// The gateway's session, which may be holding a statement for approval.
+    pub session: String,
 }
 
 /// Live sessions' cancel keys, keyed by the pair the client holds.
@@ -26,7 +28,12 @@ pub struct CancelRegistry {
 impl CancelRegistry {
     /// Registers a session and returns the key data to give its client. The
     /// registration ends when the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, target: &str, upstream: BackendKeyData) -> (BackendKeyData, CancelGuard) {
+    pub fn register(
+        self: &Arc<Self>,
+        target: &str,
+        session: &str,
+        upstream: BackendKeyData,
+    ) -> (BackendKeyData, CancelGuard) {
         let mut sessions = self.lock();
         let secret_key = loop {
             let candidate: i32 = rand::random();
@@ -43,6 +50,7 @@ impl CancelRegistry {
             CancelTarget {
                 target: target.to_string(),
                 upstream,
+                session: session.to_string(),
             },
         );
         let guard = CancelGuard {
@@ -95,7 +103,7 @@ mod tests {
             process_id: 4242,
             secret_key: 99,
         };
-        let (client, guard) = registry.register("shop", real);
+        let (client, guard) = registry.register("shop", "s", real);
         assert_eq!(client.process_id, 4242);
         let found = registry.lookup(client.process_id, client.secret_key).unwrap();
         assert_eq!(found.upstream, real);

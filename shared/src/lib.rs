@@ -8,6 +8,7 @@
 //! limits, shutdown). See ARCHITECTURE.md for the map and the invariants.
 
 pub mod api;
+pub mod approvals;
 pub mod audit;
 pub mod cancel;
 pub mod config;

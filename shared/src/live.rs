@@ -37,6 +37,9 @@ pub struct LiveSession {
     /// findings masked), cut to [`LAST_MAX`] bytes.
     last: Mutex<String>,
     kill: KillSwitch,
+    /// The client sent a CancelRequest (its statement may be held for
+    /// approval, where no server would see the cancel).
+    cancel: KillSwitch,
 }
 
 /// Longest last-statement text kept.
@@ -48,6 +51,37 @@ struct KillSwitch {
     killed: AtomicBool,
     by: Mutex<Option<String>>,
     waker: Mutex<Option<Waker>>,
+}
+
+impl KillSwitch {
+    fn set(&self, by: &str) {
+        *self.by.lock().unwrap_or_else(|e| e.into_inner()) = Some(by.to_string());
+        self.killed.store(true, Ordering::Release);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            waker.wake();
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Option<String> {
+        if !self.killed.load(Ordering::Acquire) {
+            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+            // Checked again: a set between the load and the registration
+            // would otherwise wake nobody.
+            if !self.killed.load(Ordering::Acquire) {
+                return None;
+            }
+        }
+        Some(
+            self.by
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        )
+    }
 }
 
 impl LiveSession {
@@ -72,33 +106,27 @@ impl LiveSession {
     /// Whether an administrator ended this session (and who), making sure
     /// the task is woken if one does later.
     pub fn poll_killed(&self, cx: &mut Context<'_>) -> Option<String> {
-        if !self.kill.killed.load(Ordering::Acquire) {
-            let mut waker = self.kill.waker.lock().unwrap_or_else(|e| e.into_inner());
-            if waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
-            }
-            // Checked again: a kill between the load and the registration
-            // would otherwise wake nobody.
-            if !self.kill.killed.load(Ordering::Acquire) {
-                return None;
-            }
-        }
-        Some(
-            self.kill
-                .by
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_default(),
-        )
+        self.kill.poll(cx)
     }
 
     fn kill(&self, by: &str) {
-        *self.kill.by.lock().unwrap_or_else(|e| e.into_inner()) = Some(by.to_string());
-        self.kill.killed.store(true, Ordering::Release);
-        if let Some(waker) = self.kill.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            waker.wake();
-        }
+        self.kill.set(by);
+    }
+
+    /// The client asked to cancel its statement.
+    pub fn cancel(&self) {
+        self.cancel.set("");
+    }
+
+    /// Forgets a cancel that came before now (for a statement long done).
+    pub fn clear_cancel(&self) {
+        self.cancel.killed.store(false, Ordering::Release);
+    }
+
+    /// Whether the client cancelled since [`LiveSession::clear_cancel`],
+    /// making sure the task is woken if it does later.
+    pub fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
+        self.cancel.poll(cx).is_some()
     }
 
     pub fn summary(&self) -> LiveSummary {
@@ -183,6 +211,7 @@ impl LiveSessions {
             running: AtomicU8::new(SessionState::Idle as u8),
             last: Mutex::new(String::new()),
             kill: KillSwitch::default(),
+            cancel: KillSwitch::default(),
         });
         self.lock().insert(session.id.clone(), session.clone());
         Registered {
@@ -204,6 +233,13 @@ impl LiveSessions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Passes a client's CancelRequest to its session.
+    pub fn cancel(&self, id: &str) {
+        if let Some(session) = self.lock().get(id).cloned() {
+            session.cancel();
+        }
     }
 
     /// Asks a session to end; `false` if there is no such session.

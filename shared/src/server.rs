@@ -55,6 +55,41 @@ pub enum GatewayError {
     Audit(#[source] crate::audit::AuditError),
 }
 
+/// Request ids continue after the highest the trail holds, so that a
+/// request id names one request across restarts.
+fn first_request_id(config: &Config) -> u64 {
+    if !config.audit.enabled {
+        return 1;
+    }
+    crate::audit::SqliteStore::open_read_only(&config.audit.path)
+        .and_then(|store| store.max_request_id())
+        .map_or(1, |max| max + 1)
+}
+
+/// Requests left pending by a previous run: their clients are gone, so
+/// they end, on the record, as expired with the reason.
+fn expire_orphaned_requests(config: &Config, auditor: &crate::audit::Auditor) {
+    let open = crate::audit::SqliteStore::open_read_only(&config.audit.path).and_then(|store| store.open_requests());
+    match open {
+        Ok(open) => {
+            for open in open {
+                let mut event = crate::audit::Event::now(crate::audit::Detail::ApprovalDecided {
+                    request: open.request,
+                    decision: "expired".into(),
+                    by: String::new(),
+                    reason: Some("the gateway restarted while it was pending; its client was disconnected".into()),
+                    via: "gateway".into(),
+                });
+                event.session = open.session;
+                event.identity = open.identity;
+                event.target = open.target;
+                auditor.record(event);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot read the approval requests left open by the last run"),
+    }
+}
+
 /// Opens the trail, loads (or creates) the signing key and starts the
 /// writer; `None` when auditing is off.
 fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, GatewayError> {
@@ -138,6 +173,10 @@ impl Gateway {
             None
         };
         let auditor = start_audit(&config)?;
+        let approvals = crate::approvals::Approvals::new(auditor.clone(), first_request_id(&config));
+        if let Some(auditor) = &auditor {
+            expire_orphaned_requests(&config, auditor);
+        }
         let shared = Shared {
             verifier: Verifier::new(&config.identity),
             config,
@@ -149,6 +188,7 @@ impl Gateway {
             catalogs: std::sync::Mutex::default(),
             auditor,
             live: crate::live::LiveSessions::default(),
+            approvals,
             api_stopping: CancellationToken::new(),
         };
         Ok(Gateway {

@@ -121,6 +121,35 @@ impl ApiClient {
             .await
     }
 
+    pub async fn approvals(&self) -> Result<Vec<crate::approvals::RequestView>, ClientError> {
+        self.json(self.http.get(self.url("/v1/approvals"))).await
+    }
+
+    pub async fn approval(&self, id: u64) -> Result<crate::approvals::RequestView, ClientError> {
+        self.json(self.http.get(self.url(&format!("/v1/approvals/{id}")))).await
+    }
+
+    /// Approves (or, with `approve = false`, denies) request `id`.
+    pub async fn decide(
+        &self,
+        id: u64,
+        approve: bool,
+        reason: Option<&str>,
+    ) -> Result<crate::approvals::RequestView, ClientError> {
+        let verb = if approve { "approve" } else { "deny" };
+        let body = super::DecisionBody {
+            reason: reason.map(str::to_string),
+            via: None,
+        };
+        self.json(
+            self.http
+                .post(self.url(&format!("/v1/approvals/{id}/{verb}")))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(&body).unwrap_or_default()),
+        )
+        .await
+    }
+
     /// The live event stream, from after `since` (0: from the start).
     pub async fn events(&self, since: u64) -> Result<EventStream, ClientError> {
         let response = self

@@ -17,6 +17,10 @@
 //! | GET    | `/v1/sessions/{id}/timeline`  | viewer |
 //! | POST   | `/v1/sessions/{id}/kill`      | admin  |
 //! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
+//! | GET    | `/v1/approvals`               | viewer |
+//! | GET    | `/v1/approvals/{id}`          | viewer |
+//! | POST   | `/v1/approvals/{id}/approve`  | approver |
+//! | POST   | `/v1/approvals/{id}/deny`     | approver |
 
 pub mod client;
 
@@ -95,6 +99,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sessions/{id}/timeline", get(timeline))
         .route("/v1/sessions/{id}/kill", post(kill))
         .route("/v1/events", get(events))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/{id}", get(approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /health and /v1/sessions") })
         .with_state(shared)
 }
@@ -326,6 +334,96 @@ async fn kill(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): P
         }),
     )
         .into_response())
+}
+
+async fn approvals(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<crate::approvals::RequestView>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    Ok(Json(shared.approvals.list()))
+}
+
+async fn approval(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<crate::approvals::RequestView>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    shared.approvals.get(id).map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no approval request {id} (recent and pending ones are at /v1/approvals)"),
+        )
+    })
+}
+
+/// The body of a decision (optional for an approval).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DecisionBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Where the approver decided: "api" (the default) or "console".
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+async fn decide(
+    shared: Arc<Shared>,
+    headers: HeaderMap,
+    id: u64,
+    body: &[u8],
+    approve: bool,
+) -> ApiResult<Json<crate::approvals::RequestView>> {
+    let approver = caller(&shared, &headers, ApiRole::Approver).await?;
+    let body: DecisionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DecisionBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
+            )
+        })?
+    };
+    let via = body.via.as_deref().unwrap_or("api");
+    if !matches!(via, "api" | "console") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("via = {via:?}: write \"api\" or \"console\" (chat decisions come through the bot)"),
+        ));
+    }
+    use crate::approvals::DecideError;
+    shared
+        .approvals
+        .decide(id, &approver, approve, body.reason, via)
+        .map(Json)
+        .map_err(|err| {
+            let status = match err {
+                DecideError::NotFound(_) => StatusCode::NOT_FOUND,
+                DecideError::Forbidden(_) => StatusCode::FORBIDDEN,
+                DecideError::NotPending { .. } => StatusCode::CONFLICT,
+            };
+            ApiError::new(status, err.to_string())
+        })
+}
+
+async fn approve(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<crate::approvals::RequestView>> {
+    decide(shared, headers, id, &body, true).await
+}
+
+async fn deny(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<crate::approvals::RequestView>> {
+    decide(shared, headers, id, &body, false).await
 }
 
 #[derive(Debug, Deserialize)]

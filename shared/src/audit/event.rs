@@ -112,6 +112,30 @@ pub enum Detail {
     /// Statements were refused because the trail could not record them;
     /// written once it can again.
     AuditUnavailable { refused: u64, error: String },
+    /// A statement was held for approval.
+    ApprovalRequested {
+        request: u64,
+        rule: String,
+        statement: String,
+        approvers: Vec<String>,
+        needed: u32,
+        expires: String,
+    },
+    /// An approval request moved: one approval of several ("approval"),
+    /// "approved", "denied", "expired" or "cancelled".
+    ApprovalDecided {
+        request: u64,
+        decision: String,
+        /// The approver; empty when the gateway ended it (expiry, the
+        /// client left).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Where it was decided: "api", "console", "slack", "discord" or
+        /// "gateway".
+        via: String,
+    },
     /// Retention removed the oldest events, through a signed head (which
     /// stays, so that the chain still verifies from there).
     AuditPruned {
@@ -134,6 +158,8 @@ impl Detail {
             Detail::SessionClosed { .. } => "session_closed",
             Detail::AuditUnavailable { .. } => "audit_unavailable",
             Detail::AuditPruned { .. } => "audit_pruned",
+            Detail::ApprovalRequested { .. } => "approval_requested",
+            Detail::ApprovalDecided { .. } => "approval_decided",
         }
     }
 }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{Detail, Event, StatementRecord};
-pub use sqlite::{Broken, EventFilter, SessionSummary, SqliteStore, StoredEvent, Verification};
+pub use sqlite::{Broken, EventFilter, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
 
 /// How hard a commit waits for the disk.

@@ -162,6 +162,46 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// The highest approval request id recorded (0 when none).
+    pub fn max_request_id(&self) -> Result<u64, AuditError> {
+        let max: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MAX(json_extract(body, '$.request')) FROM events WHERE kind = 'approval_requested'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(sql_error(&self.path, "reading approval requests"))?;
+        Ok(max.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Approval requests with no end recorded: their sessions are gone
+    /// after a restart.
+    pub fn open_requests(&self) -> Result<Vec<OpenRequest>, AuditError> {
+        let err = sql_error(&self.path, "reading approval requests");
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT json_extract(r.body, '$.request'), r.session, r.identity, r.target FROM events r \
+                 WHERE r.kind = 'approval_requested' AND NOT EXISTS (\
+                   SELECT 1 FROM events d WHERE d.kind = 'approval_decided' \
+                   AND json_extract(d.body, '$.request') = json_extract(r.body, '$.request') \
+                   AND json_extract(d.body, '$.decision') <> 'approval')",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(OpenRequest {
+                    request: row.get::<_, i64>(0)? as u64,
+                    session: row.get(1)?,
+                    identity: row.get(2)?,
+                    target: row.get(3)?,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<Result<_, _>>().map_err(&err)
+    }
+
     /// Sessions, newest first.
     pub fn sessions(&self, limit: u64) -> Result<Vec<SessionSummary>, AuditError> {
         let err = sql_error(&self.path, "reading audit sessions");
@@ -196,6 +236,15 @@ impl SqliteStore {
             .map_err(&err)?;
         rows.collect::<Result<_, _>>().map_err(&err)
     }
+}
+
+/// An approval request the trail shows no end of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub request: u64,
+    pub session: Option<String>,
+    pub identity: Option<String>,
+    pub target: Option<String>,
 }
 
 /// Which events to read.
@@ -807,6 +856,50 @@ mod tests {
         let broken = trail.verify().broken.unwrap();
         assert_eq!(broken.id, 9);
         assert!(broken.reason.contains("deleted"), "{broken:?}");
+    }
+
+    #[test]
+    fn requests_without_an_end_are_found_after_a_restart() {
+        let mut trail = trail("requests", 0);
+        let requested = |request| {
+            Event::now(Detail::ApprovalRequested {
+                request,
+                rule: "r".into(),
+                statement: "DELETE FROM orders".into(),
+                approvers: vec!["leads".into()],
+                needed: 2,
+                expires: "2026-01-01T00:00:00Z".into(),
+            })
+            .in_session("s")
+            .by("bob", "shop")
+        };
+        let decided = |request, decision: &str| {
+            Event::now(Detail::ApprovalDecided {
+                request,
+                decision: decision.into(),
+                by: "carol".into(),
+                reason: None,
+                via: "api".into(),
+            })
+        };
+        trail
+            .store
+            .append(&[
+                requested(3),
+                requested(4),
+                decided(3, "approval"),
+                decided(4, "denied"),
+                requested(5),
+            ])
+            .unwrap();
+        let open: Vec<u64> = trail.store.open_requests().unwrap().iter().map(|o| o.request).collect();
+        assert_eq!(open, [3, 5], "one approval of two does not end a request");
+        assert_eq!(trail.store.max_request_id().unwrap(), 5);
+        trail
+            .store
+            .append(&[decided(3, "expired"), decided(5, "cancelled")])
+            .unwrap();
+        assert!(trail.store.open_requests().unwrap().is_empty());
     }
 
     #[test]

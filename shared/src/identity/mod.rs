@@ -85,6 +85,22 @@ impl Identity {
         name == "*" || name == self.name || name == self.subject || self.email.as_deref() == Some(name)
     }
 
+    /// An identity no verifier checked, for unit tests of code that takes
+    /// one. Not compiled outside tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, groups: Vec<String>, labels: BTreeMap<String, String>) -> Identity {
+        Identity {
+            name: name.to_string(),
+            subject: name.to_string(),
+            email: None,
+            groups,
+            labels,
+            source: IdentitySource::StaticToken,
+            expires_at: None,
+            application_name: None,
+        }
+    }
+
     /// Attaches the application name the client reported at startup.
     pub(crate) fn with_application_name(mut self, application_name: Option<&str>) -> Identity {
         self.application_name = application_name.filter(|name| !name.is_empty()).map(str::to_string);

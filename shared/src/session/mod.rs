@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub auditor: Option<crate::audit::Auditor>,
     /// The sessions running now.
     pub live: crate::live::LiveSessions,
+    /// Statements held for approval.
+    pub approvals: crate::approvals::Approvals,
     /// Cancelled when the control API stops (its event streams end).
     pub api_stopping: tokio_util::sync::CancellationToken,
 }
@@ -353,7 +355,7 @@ async fn run_session(
         }
     }
 
-    let (client_key, _cancel_guard) = shared.cancels.register(&target.name, upstream.key);
+    let (client_key, _cancel_guard) = shared.cancels.register(&target.name, id, upstream.key);
     let mut greeting = BytesMut::with_capacity(upstream.greeting.len() + 64);
     proxy::encode_greeting(&upstream.greeting, client_key, upstream.status, &mut greeting);
     if let Err(err) = conn.send(&greeting).await {
@@ -389,9 +391,11 @@ async fn run_session(
         audit_continue: shared.config.audit.on_failure == crate::config::OnAuditFailure::Continue,
         audit_sample_rows: shared.config.audit.sample_rows,
         live: &registered.session,
+        approvals: &shared.approvals,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
+    proxy.release(&format!("the session ended ({})", end.reason()));
     let counters = proxy.counters();
     tracing::info!(
         reason = end.reason(),
@@ -420,6 +424,8 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         tracing::info!(process_id, "cancel request with an unknown key ignored");
         return;
     };
+    // A statement held for approval is the gateway's to cancel.
+    shared.live.cancel(&entry.session);
     let Some(target) = shared.config.target(&entry.target) else {
         return;
     };

@@ -124,6 +124,15 @@ enum Event {
     Deadline,
     /// An administrator ended the session (through the control API).
     Killed(String),
+    /// The held statement's request ended.
+    Decided(HoldEnd),
+}
+
+/// How a hold ended.
+enum HoldEnd {
+    Decided(crate::approvals::Outcome),
+    Expired,
+    Cancelled,
 }
 
 /// Why the loop must stop.
@@ -145,6 +154,8 @@ enum Outcome {
     Refuse(Box<ErrorFields>),
     /// Run it, under a row limit.
     Guard(RowLimit),
+    /// Hold it until approvers decide.
+    Hold(Box<crate::gate::ApprovalRequest>),
 }
 
 /// Whether a frontend message was handled or must wait in the buffer.
@@ -179,6 +190,22 @@ pub(crate) struct ProxyContext<'a> {
     pub audit_sample_rows: usize,
     /// This session in the gateway's list of running sessions.
     pub live: &'a LiveSession,
+    /// Where held statements wait for approvers.
+    pub approvals: &'a crate::approvals::Approvals,
+}
+
+/// A simple Query held until approvers decide.
+struct Held {
+    id: u64,
+    decision: tokio::sync::oneshot::Receiver<crate::approvals::Outcome>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    /// The Query message, as the client sent it.
+    query: Vec<u8>,
+    text: String,
+    statements: Vec<StatementRecord>,
+    rule: String,
+    sensitive: bool,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -258,6 +285,12 @@ pub(crate) struct Proxy<'a> {
     portal_texts: HashMap<String, Arc<AuditText>>,
     /// The column names of the last RowDescription, for sampled rows.
     sample_columns: Vec<String>,
+    /// The statement waiting for approvers; the client's next messages wait
+    /// behind it.
+    held: Option<Held>,
+    /// The audit text of the statement just checked.
+    checked_text: String,
+    checked_statements: Vec<StatementRecord>,
 }
 
 /// A prepared statement as the audit trail records its executions.
@@ -320,6 +353,9 @@ impl<'a> Proxy<'a> {
             statement_texts: HashMap::new(),
             portal_texts: HashMap::new(),
             sample_columns: Vec::new(),
+            held: None,
+            checked_text: String::new(),
+            checked_statements: Vec::new(),
         }
     }
 
@@ -349,6 +385,9 @@ impl<'a> Proxy<'a> {
                 if let Some(by) = self.ctx.live.poll_killed(cx) {
                     return Poll::Ready(Ok(Event::Killed(by)));
                 }
+                if let Some(end) = self.poll_hold(cx) {
+                    return Poll::Ready(Ok(Event::Decided(end)));
+                }
                 let io = self.poll_io(cx);
                 if io.is_pending() && phase == Phase::Draining && self.is_idle() {
                     return Poll::Ready(Ok(Event::Drained));
@@ -369,6 +408,7 @@ impl<'a> Proxy<'a> {
                     }
                 }),
                 Ok(Event::Drained) => return self.shut_down("the gateway is shutting down").await,
+                Ok(Event::Decided(end)) => self.end_hold(end),
                 Ok(Event::Killed(by)) => {
                     tracing::info!(%by, "session ended by an administrator");
                     self.shut_down(&format!("ended by an administrator ({by})")).await;
@@ -422,6 +462,7 @@ impl<'a> Proxy<'a> {
             && self.server_streaming == 0
             && self.to_server.is_empty()
             && self.audit_wait.is_none()
+            && self.held.is_none()
     }
 
     /// Moves bytes until something needs processing.
@@ -588,7 +629,7 @@ impl<'a> Proxy<'a> {
     /// Whether the client's messages must wait: a guard runs, or a guarded
     /// statement waits for the answers still owed.
     fn client_blocked(&self) -> bool {
-        self.guard.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
+        self.guard.is_some() || self.held.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
     }
 
     /// With masking on, every Execute is preceded by a Describe of its portal
@@ -666,6 +707,7 @@ impl<'a> Proxy<'a> {
                         }
                         self.start_simple_guard(limit, message);
                     }
+                    Outcome::Hold(request) => self.hold(*request, message),
                 }
                 return Ok(Consumed::Yes);
             }
@@ -678,7 +720,12 @@ impl<'a> Proxy<'a> {
                     ),
                     Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
+                let outcome = match outcome {
+                    Outcome::Hold(request) => Outcome::Refuse(hold_refusal(&request)),
+                    other => other,
+                };
                 let refusal = match outcome {
+                    Outcome::Hold(_) => unreachable!("turned into a refusal above"),
                     Outcome::Forward => {
                         self.statement_limits.remove(name);
                         self.to_server.extend_from_slice(message);
@@ -810,7 +857,12 @@ impl<'a> Proxy<'a> {
             fe::SYNC => Some(Expect::Sync),
             fe::FUNCTION_CALL => {
                 self.counters.statements += 1;
-                match self.check("", StatementSource::FunctionCall) {
+                let outcome = match self.check("", StatementSource::FunctionCall) {
+                    Outcome::Hold(request) => Outcome::Refuse(hold_refusal(&request)),
+                    other => other,
+                };
+                match outcome {
+                    Outcome::Hold(_) => unreachable!("turned into a refusal above"),
                     Outcome::Refuse(refusal) => {
                         // Answered like a refused Query: an error, then
                         // ReadyForQuery, which is what the client awaits.
@@ -1063,6 +1115,10 @@ impl<'a> Proxy<'a> {
         self.ctx
             .live
             .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
+        if matches!(outcome, Outcome::Hold(_)) {
+            self.checked_text = text.clone();
+            self.checked_statements = audit_records(decided.classification.as_deref());
+        }
         if self.ctx.auditor.is_some() {
             let statements = audit_records(decided.classification.as_deref());
             match source {
@@ -1139,7 +1195,7 @@ impl<'a> Proxy<'a> {
             Outcome::Refuse(error) => Some(error.message.clone()),
             _ => None,
         };
-        let runs = refusal.is_none();
+        let runs = matches!(outcome, Outcome::Forward | Outcome::Guard(_));
         let event = audit::Event::now(audit::Detail::Statement {
             seq: self.audit_seq,
             source: source.into(),
@@ -1196,6 +1252,182 @@ impl<'a> Proxy<'a> {
             None,
         );
         Ok(())
+    }
+
+    /// Ends a held statement's request when the session ends without it
+    /// having been decided (the client left, an administrator ended it).
+    pub(crate) fn release(&mut self, why: &str) {
+        if let Some(held) = self.held.take() {
+            self.ctx
+                .approvals
+                .end(held.id, crate::approvals::RequestState::Cancelled, why);
+        }
+    }
+
+    /// Holds a simple Query until approvers decide: opens the request, tells
+    /// the client at once, and stops reading its messages meanwhile.
+    fn hold(&mut self, request: crate::gate::ApprovalRequest, message: &[u8]) {
+        let Some(approval) = request.approval else {
+            // Only rules with approvers hold (see `decide`).
+            let refusal = hold_refusal(&crate::gate::ApprovalRequest {
+                approval: None,
+                ..request
+            });
+            Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+            self.pending.push(Expect::Query {
+                refusal: Some(refusal),
+                guarded: false,
+                sensitive: false,
+            });
+            return;
+        };
+        let text = std::mem::take(&mut self.checked_text);
+        let statements = std::mem::take(&mut self.checked_statements);
+        let (view, decision) = self.ctx.approvals.open(crate::approvals::NewRequest {
+            requester: self.ctx.identity.clone(),
+            target: self.ctx.target.to_string(),
+            session: self.ctx.session_id.to_string(),
+            statement: text.clone(),
+            rule: request.rule.clone(),
+            reason: Some(request.refusal.message.clone()),
+            approvers: approval.approvers.clone(),
+            needed: approval.approvals,
+            timeout: approval.timeout,
+        });
+        tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
+        let mut notice = ErrorFields::new(
+            Severity::Notice,
+            "01000",
+            format!(
+                "held for approval: request {}, expires in {}, approvers: {} ({} approval{} needed)",
+                view.id,
+                human_duration(approval.timeout),
+                approval.approvers.join(", "),
+                approval.approvals,
+                if approval.approvals == 1 { "" } else { "s" }
+            ),
+        );
+        notice.detail = Some(format!("rule \"{}\": {}", request.rule, request.refusal.message));
+        notice.hint = Some(format!(
+            "the statement runs once approved; ctrl-c cancels it (approvers: POST /v1/approvals/{}/approve)",
+            view.id
+        ));
+        notice.encode(&mut self.to_client);
+        self.ctx.live.clear_cancel();
+        self.held = Some(Held {
+            id: view.id,
+            decision,
+            deadline: Box::pin(tokio::time::sleep(approval.timeout)),
+            timeout: approval.timeout,
+            query: message.to_vec(),
+            text,
+            statements,
+            rule: request.rule,
+            sensitive: self.last_sensitive,
+        });
+    }
+
+    /// How the held statement's request ended, if it did.
+    fn poll_hold(&mut self, cx: &mut Context<'_>) -> Option<HoldEnd> {
+        let held = self.held.as_mut()?;
+        if let Poll::Ready(result) = Pin::new(&mut held.decision).poll(cx) {
+            return Some(match result {
+                Ok(outcome) => HoldEnd::Decided(outcome),
+                // Ended without a decision by someone else: as expired.
+                Err(_) => HoldEnd::Expired,
+            });
+        }
+        if held.deadline.as_mut().poll(cx).is_ready() {
+            return Some(HoldEnd::Expired);
+        }
+        if self.ctx.live.poll_cancelled(cx) {
+            return Some(HoldEnd::Cancelled);
+        }
+        None
+    }
+
+    /// Runs the held statement, or refuses it with who decided and why.
+    fn end_hold(&mut self, end: HoldEnd) -> Result<(), Stop> {
+        let Some(held) = self.held.take() else { return Ok(()) };
+        let refusal = match end {
+            HoldEnd::Decided(crate::approvals::Outcome::Approved { by }) => {
+                tracing::info!(request = held.id, by = ?by, "held statement approved; it runs");
+                let rule = format!("{} (request {} approved by {})", held.rule, held.id, by.join(", "));
+                self.pending_mark = self.record_execution(
+                    "query",
+                    held.text,
+                    held.statements,
+                    &Outcome::Forward,
+                    "allow",
+                    Some(rule),
+                );
+                self.to_server.extend_from_slice(&held.query);
+                let mark = self.pending_mark.take();
+                self.pending.push_marked(Expect::query(held.sensitive), mark);
+                // What the client sent meanwhile goes on now.
+                return if self.client_in.is_empty() {
+                    Ok(())
+                } else {
+                    self.on_client_data()
+                };
+            }
+            HoldEnd::Decided(crate::approvals::Outcome::Denied { by, reason }) => {
+                let reason = reason.map(|r| format!(": {r}")).unwrap_or_default();
+                ErrorFields::new(
+                    Severity::Error,
+                    "42501",
+                    format!(
+                        "statement refused: approval request {} was denied by {by}{reason}",
+                        held.id
+                    ),
+                )
+            }
+            HoldEnd::Expired => {
+                self.ctx.approvals.end(
+                    held.id,
+                    crate::approvals::RequestState::Expired,
+                    "no decision before the request expired",
+                );
+                ErrorFields::new(
+                    Severity::Error,
+                    "42501",
+                    format!(
+                        "statement not run: approval request {} expired after {} with no decision",
+                        held.id,
+                        human_duration(held.timeout)
+                    ),
+                )
+                .with_hint("send the statement again to ask again, or ask an approver to watch for it")
+            }
+            HoldEnd::Cancelled => {
+                self.ctx.approvals.end(
+                    held.id,
+                    crate::approvals::RequestState::Cancelled,
+                    "the client cancelled its statement",
+                );
+                ErrorFields::new(
+                    Severity::Error,
+                    "57014",
+                    format!(
+                        "canceling statement due to user request (approval request {} is cancelled)",
+                        held.id
+                    ),
+                )
+            }
+        };
+        // Refused like any refused Query, so the server reports the right
+        // transaction state.
+        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+        self.pending.push(Expect::Query {
+            refusal: Some(Box::new(refusal)),
+            guarded: false,
+            sensitive: false,
+        });
+        if self.client_in.is_empty() {
+            Ok(())
+        } else {
+            self.on_client_data()
+        }
     }
 
     /// Records how the statements that ended did.
@@ -1262,7 +1494,15 @@ impl<'a> Proxy<'a> {
             // message that says approval is what it needs.
             Verdict::RequireApproval(request) => {
                 decided.decision = "require_approval";
-                decided.rule = Some(request.rule);
+                decided.rule = Some(request.rule.clone());
+                let holdable = matches!(source, StatementSource::SimpleQuery)
+                    && request
+                        .approval
+                        .as_ref()
+                        .is_some_and(|a| a.mode == crate::config::ApprovalMode::Hold);
+                if holdable {
+                    return (Outcome::Hold(request), decided);
+                }
                 request.refusal
             }
             Verdict::Deny(refusal) => {
@@ -1841,6 +2081,26 @@ fn audit_text(sql: &str) -> String {
     match crate::mask::scrub(sql.as_bytes(), crate::mask::DetectorSet::ALL) {
         Some(scrubbed) => String::from_utf8_lossy(&scrubbed).into_owned(),
         None => sql.to_string(),
+    }
+}
+
+/// The refusal for a statement that needs approval where it cannot be held
+/// (extended protocol, fastpath, or no approvers).
+fn hold_refusal(request: &crate::gate::ApprovalRequest) -> Box<ErrorFields> {
+    let mut error = ErrorFields::new(Severity::Error, request.refusal.code, request.refusal.message.clone());
+    error.hint = request.refusal.hint.clone();
+    Box::new(error)
+}
+
+/// `10m`, `1h30m`, `45s`.
+fn human_duration(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match (secs / 3600, (secs % 3600) / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
     }
 }
 
