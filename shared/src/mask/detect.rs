@@ -110,14 +110,19 @@ impl Detector {
                 }
             }
             Detector::Card => {
+                // Copied whole, then the leading digits starred in place:
+                // one copy rather than a push per byte.
                 let digits = matched.iter().filter(|b| b.is_ascii_digit()).count();
-                let mut seen = 0;
-                for &b in matched {
+                let mut hide = digits.saturating_sub(4);
+                let start = out.len();
+                out.extend_from_slice(matched);
+                for b in &mut out[start..] {
+                    if hide == 0 {
+                        break;
+                    }
                     if b.is_ascii_digit() {
-                        seen += 1;
-                        out.push(if seen + 4 > digits { b } else { b'*' });
-                    } else {
-                        out.push(b);
+                        *b = b'*';
+                        hide -= 1;
                     }
                 }
             }
@@ -285,7 +290,26 @@ impl Iterator for Findings<'_> {
             // letter or digit all need something else before it.
             let is_alnum = byte.is_ascii_alphanumeric();
             let inside_word = is_alnum && prev(self.value, i).is_some_and(|b| b.is_ascii_alphanumeric());
-            if !inside_word && let Some(mut finding) = self.match_at(i, START[usize::from(byte)] & possible) {
+            let mut candidates = START[usize::from(byte)] & possible;
+            // Most numbers in a value (amounts, counts, dates, short ids) are
+            // too short for any numeric detector: judge the whole run of
+            // digit groups once and step over it, rather than walking it
+            // with each detector at each of its digits. A run too short for
+            // some of them only tries the others.
+            if !inside_word && byte.is_ascii_digit() && numeric_start_ok(self.value, i) {
+                let run = number_run(self.value, i);
+                if run.digits < SSN_DIGITS {
+                    self.pos = run.end;
+                    continue;
+                }
+                if run.digits < PHONE_BARE_MIN_DIGITS || run.first_group > PHONE_BARE_MAX_FIRST_GROUP {
+                    candidates &= !Detector::Phone.bit();
+                }
+                if run.digits < CARD_MIN_DIGITS {
+                    candidates &= !Detector::Card.bit();
+                }
+            }
+            if !inside_word && let Some(mut finding) = self.match_at(i, candidates) {
                 if finding.detector != Detector::Email
                     && self.possible & Detector::Email.bit() != 0
                     && let Some(email) = self.email_over(&finding)
@@ -422,8 +446,9 @@ const CLASS: [u8; 256] = {
 const PHONE_MIN_DIGITS: usize = 8;
 
 /// The detectors that could match somewhere in `value`, judged from which
-/// byte classes occur and how many digits there are. One branch-free pass;
-/// for most values (names, words, small numbers) the answer is none.
+/// byte classes occur and how many digits there are. One pass over the
+/// bytes, then two table lookups; for most values (names, words, small
+/// numbers) the answer is none.
 fn plausible(value: &[u8]) -> u16 {
     let mut classes = 0;
     let mut digits = 0usize;
@@ -432,38 +457,73 @@ fn plausible(value: &[u8]) -> u16 {
         classes |= class;
         digits += usize::from(class & DIGIT);
     }
-    let has = |class: u8| classes & class == class;
+    PLAUSIBLE_BY_CLASSES[usize::from(classes)] & PLAUSIBLE_BY_DIGITS[digits.min(PLAUSIBLE_BY_DIGITS.len() - 1)]
+}
+
+/// The detectors that could match in a value with these byte `classes` and
+/// this many `digits`. Each detector's condition is one on the classes and
+/// one on the digits, so [`plausible`] looks the two halves up in tables
+/// built from this.
+const fn plausible_for(classes: u8, digits: usize) -> u16 {
     let mut set = DetectorSet::EMPTY;
-    if has(AT | DOT) {
+    if has_classes(classes, AT | DOT) {
         set = set.with(Detector::Email);
     }
     if digits >= PHONE_MIN_DIGITS {
         set = set.with(Detector::Phone);
     }
-    if digits >= 13 {
+    if digits >= CARD_MIN_DIGITS {
         set = set.with(Detector::Card);
     }
-    if digits >= 9 && has(DASH) {
+    if digits >= SSN_DIGITS && has_classes(classes, DASH) {
         set = set.with(Detector::Ssn);
     }
     // Two check digits and a country code at least.
-    if digits >= 2 && has(UPPER) {
+    if digits >= 2 && has_classes(classes, UPPER) {
         set = set.with(Detector::Iban);
     }
-    if has(DOT | JAY) {
+    if has_classes(classes, DOT | JAY) {
         set = set.with(Detector::Jwt);
     }
-    if has(ACE) {
+    if has_classes(classes, ACE) {
         set = set.with(Detector::AwsAccessKey);
     }
-    if has(UNDERSCORE) {
+    if has_classes(classes, UNDERSCORE) {
         set = set.with(Detector::GithubToken).with(Detector::StripeKey);
     }
-    if has(DASH) {
+    if has_classes(classes, DASH) {
         set = set.with(Detector::SlackToken).with(Detector::PrivateKey);
     }
     set.0
 }
+
+/// Whether `classes` holds every class bit of `class`.
+const fn has_classes(classes: u8, class: u8) -> bool {
+    classes & class == class
+}
+
+/// [`plausible_for`] with any number of digits, by byte classes.
+const PLAUSIBLE_BY_CLASSES: [u16; 256] = {
+    let mut table = [0; 256];
+    let mut classes = 0;
+    while classes < 256 {
+        table[classes] = plausible_for(classes as u8, usize::MAX);
+        classes += 1;
+    }
+    table
+};
+
+/// [`plausible_for`] with every byte class, by digit count; the last entry
+/// stands for every count from the largest threshold (a card's) on.
+const PLAUSIBLE_BY_DIGITS: [u16; CARD_MIN_DIGITS + 1] = {
+    let mut table = [0; CARD_MIN_DIGITS + 1];
+    let mut digits = 0;
+    while digits <= CARD_MIN_DIGITS {
+        table[digits] = plausible_for(u8::MAX, digits);
+        digits += 1;
+    }
+    table
+};
 
 /// For each byte, the detectors whose match can begin there (for email, the
 /// `@` its match is anchored on).
@@ -514,6 +574,68 @@ fn numeric_start_ok(v: &[u8], i: usize) -> bool {
         Some(b',') => !(prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()) && thousands_group(v, i)),
         Some(b) if joins_numbers(b) => !prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()),
         Some(_) => true,
+    }
+}
+
+/// The digits of an SSN, the fewest of any number the numeric detectors
+/// accept when it begins with a digit.
+const SSN_DIGITS: usize = 9;
+/// The fewest digits of a phone number written without `+` or parentheses
+/// (`415-555-0100`, `020 7946 0958`).
+const PHONE_BARE_MIN_DIGITS: usize = 10;
+/// The fewest digits of a payment card.
+const CARD_MIN_DIGITS: usize = 13;
+
+/// The longest first group of a phone number written without `+` or
+/// parentheses: a trunk-zero area code (`01234 567890`). A longer one is an
+/// unbroken run of digits (a card, an id).
+const PHONE_BARE_MAX_FIRST_GROUP: usize = 5;
+
+/// What [`number_run`] saw of a run of digit groups.
+struct NumberRun {
+    /// Its digits, counted up to [`CARD_MIN_DIGITS`].
+    digits: usize,
+    /// The digits of its first group, counted as far.
+    first_group: usize,
+    /// Where the counting stopped: the end of the run when it has fewer
+    /// digits than that.
+    end: usize,
+}
+
+/// The run of digit groups at `i` joined by single spaces, dashes or dots
+/// (the widest grouping any numeric detector reads from a digit), its digits
+/// counted up to [`CARD_MIN_DIGITS`] so that a long run costs no more.
+///
+/// A run of fewer than [`SSN_DIGITS`] is passed over whole: no phone, card
+/// or SSN can begin at `i`, nor at any later digit of the run (those see a
+/// part of it), and no other detector begins inside it, since its only other
+/// bytes are separators followed by a digit and a private key begins with
+/// five dashes.
+fn number_run(v: &[u8], i: usize) -> NumberRun {
+    let mut digits = 0;
+    let mut first_group = None;
+    let mut p = i;
+    loop {
+        while digits < CARD_MIN_DIGITS
+            && let Some(b) = v.get(p)
+            && b.is_ascii_digit()
+        {
+            digits += 1;
+            p += 1;
+        }
+        let first_group = *first_group.get_or_insert(digits);
+        match v.get(p) {
+            Some(b' ' | b'-' | b'.') if digits < CARD_MIN_DIGITS && v.get(p + 1).is_some_and(u8::is_ascii_digit) => {
+                p += 1
+            }
+            _ => {
+                return NumberRun {
+                    digits,
+                    first_group,
+                    end: p,
+                };
+            }
+        }
     }
 }
 
@@ -750,14 +872,16 @@ fn card_at(v: &[u8], i: usize) -> Option<usize> {
 
 /// The Luhn check over the digits of `number`, separators skipped.
 fn luhn(number: &[u8]) -> bool {
+    // Each digit doubled, its digits summed (`7` → 14 → 5).
+    const DOUBLED: [u32; 10] = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9];
     let mut sum = 0;
-    for (k, b) in number.iter().rev().filter(|b| b.is_ascii_digit()).enumerate() {
-        let d = u32::from(b - b'0');
-        sum += if k % 2 == 1 {
-            if d > 4 { d * 2 - 9 } else { d * 2 }
-        } else {
-            d
-        };
+    let mut double = false;
+    for &b in number.iter().rev() {
+        if b.is_ascii_digit() {
+            let d = b - b'0';
+            sum += if double { DOUBLED[usize::from(d)] } else { u32::from(d) };
+            double = !double;
+        }
     }
     sum % 10 == 0
 }
@@ -1126,6 +1250,11 @@ fn domain_end(v: &[u8], start: usize) -> Option<usize> {
 }
 
 fn is_top_level(label: &[u8]) -> bool {
+    // Nearly every top-level label is ASCII letters, which needs no UTF-8
+    // decoding; anything else takes the general test.
+    if label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic) {
+        return true;
+    }
     label.starts_with(b"xn--")
         || std::str::from_utf8(label).is_ok_and(|s| s.chars().count() >= 2 && s.chars().all(char::is_alphabetic))
 }
@@ -1734,6 +1863,22 @@ mod tests {
             scrub(b"\x80\x80\x80\x80jane@example.com", DetectorSet::ALL).as_deref(),
             Some(&b"\x80\x80\x80\x80****@example.com"[..]),
         );
+    }
+
+    /// The prefilter's two tables together say what `plausible_for` says,
+    /// for every set of byte classes and any digit count.
+    #[test]
+    fn prefilter_tables_factor_the_prefilter() {
+        for classes in 0..=u8::MAX {
+            for digits in 0..40 {
+                assert_eq!(
+                    PLAUSIBLE_BY_CLASSES[usize::from(classes)]
+                        & PLAUSIBLE_BY_DIGITS[digits.min(PLAUSIBLE_BY_DIGITS.len() - 1)],
+                    plausible_for(classes, digits),
+                    "classes {classes:#010b}, {digits} digits"
+                );
+            }
+        }
     }
 
     /// A small deterministic generator, so the test needs no dependency and

@@ -394,14 +394,33 @@ impl RowMasker {
             // none of those bytes, so the row keeps its shape either way.
             CopyOut::Text | CopyOut::None => {
                 let body = &message[5..];
-                if !copy_runs(body).any(|(run, _)| self.finds(run)) {
-                    out.extend_from_slice(message);
-                    return Ok(());
-                }
+                // Most rows: no finding, and the message is copied whole.
+                // The run that makes a row dirty is scrubbed right away, and
+                // the rewrite copies the clean runs before it in one piece
+                // and goes on from there, so no run is scanned twice.
+                let mut runs = copy_runs(body);
+                let mut clean = 0;
+                let boundary = loop {
+                    let Some((run, boundary)) = runs.next() else {
+                        out.extend_from_slice(message);
+                        return Ok(());
+                    };
+                    self.scratch.clear();
+                    if scrub_into(run, self.detectors, &mut self.scratch) {
+                        break boundary;
+                    }
+                    clean += run.len() + usize::from(boundary.is_some());
+                };
+                self.masked += 1;
                 out.put_u8(tag::COPY_DATA);
                 let start = out.len();
                 out.put_i32(0);
-                for (run, boundary) in copy_runs(body) {
+                out.put_slice(&body[..clean]);
+                out.put_slice(&self.scratch);
+                if let Some(boundary) = boundary {
+                    out.put_u8(boundary);
+                }
+                for (run, boundary) in runs {
                     self.put_scrubbed_run(run, out);
                     if let Some(boundary) = boundary {
                         out.put_u8(boundary);
