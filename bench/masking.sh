@@ -325,6 +325,10 @@ tls = "disable"
 groups = ["bench"]
 role = "$PG_USER"
 password = "$PG_PASSWORD"
+
+# No control API: the benchmark needs no fixed port of its own.
+[api]
+enabled = false
 EOF
 "$SLUICE_BIN" config check --config "$TMP/sluice.toml" >"$TMP/config-check.log" 2>&1 ||
     { cat "$TMP/config-check.log" >&2; die "sluice config check rejected the generated $TMP/sluice.toml"; }

@@ -344,6 +344,10 @@ groups = ["bench"]
 role = "$PG_USER"
 password = "$PG_PASSWORD"
 
+# No control API: two gateways run side by side.
+[api]
+enabled = false
+
 $2
 EOF
 }

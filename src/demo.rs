@@ -71,7 +71,7 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<(
     let gateway = Gateway::bind(config, gate)
         .await
         .with_context(|| format!("starting the gateway (is another one on {listen}? try --listen 127.0.0.1:0)"))?;
-    print_banner(gateway.local_addr(), gateway.api_addr(), cluster.port(), &ca);
+    print_banner(gateway.local_addr(), gateway.api_addr(), cluster.port(), &ca, &work.0);
 
     let shutdown = crate::shutdown_on_signal()?;
     gateway.run(shutdown).await;
@@ -80,7 +80,7 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<(
     Ok(())
 }
 
-fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16, ca: &Path) {
+fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16, ca: &Path, work: &Path) {
     let (host, port) = (gateway.ip(), gateway.port());
     println!();
     println!("Sluice demo is running.");
@@ -92,6 +92,12 @@ fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16
         );
     }
     println!("  database  throwaway PostgreSQL on 127.0.0.1:{postgres_port} with the `shop` demo data");
+    println!(
+        "  audit     {}  (sluice audit verify --path {0} --key-file {} --head-file {})",
+        work.join("audit.db").display(),
+        work.join("audit.key").display(),
+        work.join("audit.head").display()
+    );
     println!();
     println!("Connect as a demo identity: the password is the identity's token.");
     for (name, what) in PEOPLE {
@@ -106,6 +112,13 @@ fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16
         ca.display()
     );
     println!();
-    println!("Try: SELECT name, email, card_number FROM customers LIMIT 5;");
+    println!("Try: SELECT name, email, card_number FROM customers LIMIT 5;   (alice: masked, carol: clear)");
+    println!("     DELETE FROM orders WHERE status = 'refunded';              (bob: held until a lead approves)");
+    if let Some(api) = api {
+        println!("     curl -s -H 'Authorization: Bearer carol-demo-token' http://{api}/v1/approvals");
+        println!(
+            "     curl -s -X POST -H 'Authorization: Bearer carol-demo-token' http://{api}/v1/approvals/1/approve"
+        );
+    }
     println!("Press ctrl-c to stop; the database and its files are removed.");
 }

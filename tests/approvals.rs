@@ -106,6 +106,8 @@ async fn psql_waits_for_an_approval_then_gets_its_result() {
     assert_eq!(request.statement, "DELETE FROM orders WHERE id <= 2");
     // Held, not run: others carry on meanwhile.
     assert_eq!(count(&gw, "orders").await, 5);
+    let live = api(&gw, BOB).sessions().await.unwrap();
+    assert_eq!(live[0].state, sluice_core::live::SessionState::Held);
     let other = gw.connect(ALICE).await.unwrap();
     other.simple_query("SELECT 1").await.unwrap();
 

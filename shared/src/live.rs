@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub enum SessionState {
     Idle,
     Running,
+    /// A statement waits for approvers.
+    Held,
 }
 
 /// One running session.
@@ -139,10 +141,10 @@ impl LiveSession {
             started: self.started,
             statements: self.statements.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
-            state: if self.running.load(Ordering::Relaxed) == SessionState::Running as u8 {
-                SessionState::Running
-            } else {
-                SessionState::Idle
+            state: match self.running.load(Ordering::Relaxed) {
+                1 => SessionState::Running,
+                2 => SessionState::Held,
+                _ => SessionState::Idle,
             },
             last_statement: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }

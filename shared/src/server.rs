@@ -39,18 +39,12 @@ pub enum GatewayError {
         #[source]
         source: TlsError,
     },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen on {addr} for the control API: {source} (set [api] listen, or enabled = false)")]
-    BindApi {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is part of the message, not a `source`, so that the
+    // CLI's error chain does not print it twice.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("cannot listen on {addr} for the control API: {error} (set [api] listen, or enabled = false)")]
+    BindApi { addr: SocketAddr, error: std::io::Error },
     #[error("cannot open the audit trail: {0}")]
     Audit(#[source] crate::audit::AuditError),
 }
@@ -161,13 +155,13 @@ impl Gateway {
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| GatewayError::Bind { addr, source })?;
+            .map_err(|error| GatewayError::Bind { addr, error })?;
         let api = if config.api.enabled {
             let addr = config.api.listen;
             Some(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(|source| GatewayError::BindApi { addr, source })?,
+                    .map_err(|error| GatewayError::BindApi { addr, error })?,
             )
         } else {
             None

@@ -444,7 +444,9 @@ impl<'a> Proxy<'a> {
             if let Err(stop) = result {
                 return self.stop(stop).await;
             }
-            self.ctx.live.set_state(if self.pending.is_empty() {
+            self.ctx.live.set_state(if self.held.is_some() {
+                SessionState::Held
+            } else if self.pending.is_empty() {
                 SessionState::Idle
             } else {
                 SessionState::Running
