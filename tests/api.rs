@@ -76,6 +76,16 @@ async fn sessions_are_listed_followed_and_ended_by_an_admin() {
     // The last statement is shown as the trail keeps it: masked.
     assert_eq!(session.last_statement, "SELECT '****@example.com' AS contact");
 
+    let metrics = viewer.metrics().await.unwrap();
+    for expected in [
+        "sluice_sessions_open 1",
+        "sluice_statements_total{decision=\"allow\"} 1",
+        "sluice_statement_duration_seconds_count 1",
+        "sluice_approvals_pending 0",
+    ] {
+        assert!(metrics.contains(expected), "{expected}: {metrics}");
+    }
+
     let killed = admin.kill(&session.id).await.unwrap();
     assert_eq!(killed.by, "bob");
     let closing = bob.until_closed().await;

@@ -33,6 +33,15 @@ approvals = 2
 reason = "payments need two approvers"
 
 [[policy.rules]]
+name = "retry-after-approval"
+decision = "require_approval"
+groups = ["oncall"]
+kinds = ["write"]
+relations = ["reports"]
+approvers = ["engineering"]
+approval_mode = "refuse_and_retry"
+
+[[policy.rules]]
 name = "quick-decisions"
 decision = "require_approval"
 groups = ["oncall"]
@@ -56,7 +65,8 @@ async fn start(test: &str) -> TestGateway {
         &gw.db,
         "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 5); \
          CREATE TABLE payments (id int); INSERT INTO payments VALUES (1); \
-         CREATE TABLE urgent (id int); INSERT INTO urgent VALUES (1)",
+         CREATE TABLE urgent (id int); INSERT INTO urgent VALUES (1); \
+         CREATE TABLE reports (id int); INSERT INTO reports SELECT generate_series(1, 3)",
     )
     .await;
     gw
@@ -229,4 +239,44 @@ async fn two_approvals_from_two_approvers() {
     assert_eq!(view.state, RequestState::Approved);
     held.await.unwrap().unwrap();
     assert_eq!(count(&gw, "payments WHERE id = 2").await, 1);
+}
+
+/// `refuse_and_retry`: refused with a request id; once approved, exactly the
+/// same statement from the same identity runs once, in either protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuse_and_retry_runs_the_approved_statement_once() {
+    let gw = start("approval_retry").await;
+    let bob = gw.connect(BOB).await.unwrap();
+    let statement = "DELETE FROM reports WHERE id = 1";
+    let refused = |err: tokio_postgres::Error| {
+        let db = err.as_db_error().unwrap().clone();
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        db
+    };
+    let first = refused(bob.simple_query(statement).await.unwrap_err());
+    let id: u64 = first
+        .message()
+        .rsplit("approval request ")
+        .next()
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("{first:?}"));
+    assert!(
+        first.hint().unwrap().contains("send exactly the same statement again"),
+        "{first:?}"
+    );
+    // Sending it again before the decision opens no second request.
+    let again = refused(bob.simple_query(statement).await.unwrap_err());
+    assert!(
+        again.message().ends_with(&format!("(approval request {id})")),
+        "{again:?}"
+    );
+    assert_eq!(api(&gw, BOB).approvals().await.unwrap().len(), 1);
+
+    api(&gw, ALICE).decide(id, true, None).await.unwrap();
+    // Another statement is not approved by it.
+    refused(bob.simple_query("DELETE FROM reports WHERE id = 2").await.unwrap_err());
+    // The approved one runs once, here over the extended protocol.
+    assert_eq!(bob.execute(statement, &[]).await.unwrap(), 1);
+    refused(bob.simple_query(statement).await.unwrap_err());
+    assert_eq!(count(&gw, "reports").await, 2);
 }

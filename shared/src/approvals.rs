@@ -93,7 +93,14 @@ pub struct NewRequest {
     pub approvers: Vec<String>,
     pub needed: u32,
     pub timeout: std::time::Duration,
+    /// `refuse_and_retry`: the statement was refused, and the same text
+    /// (this hash of it) from the same identity and target runs once within
+    /// `timeout` after an approval.
+    pub retry: Option<[u8; 32]>,
 }
+
+/// Who may run which statement once, after an approval.
+type RetryKey = (String, String, [u8; 32]);
 
 /// Why a decision was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +116,7 @@ pub enum DecideError {
 struct Entry {
     view: RequestView,
     requester_subject: String,
+    retry: Option<(RetryKey, std::time::Duration)>,
     /// Tells the waiting session; taken when the request ends.
     waiter: Option<oneshot::Sender<Outcome>>,
 }
@@ -120,6 +128,9 @@ const KEEP_ENDED: usize = 200;
 #[derive(Default)]
 pub struct Approvals {
     entries: Mutex<HashMap<u64, Entry>>,
+    /// Approved `refuse_and_retry` statements, with the request that
+    /// approved them and until when they may run.
+    retries: Mutex<HashMap<RetryKey, (u64, DateTime<Utc>)>>,
     ended: Mutex<VecDeque<u64>>,
     next_id: AtomicU64,
     auditor: Option<Auditor>,
@@ -137,6 +148,7 @@ impl Approvals {
     pub fn new(auditor: Option<Auditor>, first_id: u64) -> Approvals {
         Approvals {
             entries: Mutex::default(),
+            retries: Mutex::default(),
             ended: Mutex::default(),
             next_id: AtomicU64::new(first_id.max(1)),
             auditor,
@@ -182,11 +194,15 @@ impl Approvals {
             denial_reason: None,
         };
         let (tx, rx) = oneshot::channel();
+        let retry = new
+            .retry
+            .map(|hash| ((view.requester.clone(), view.target.clone(), hash), new.timeout));
         self.lock().insert(
             id,
             Entry {
                 view: view.clone(),
                 requester_subject: new.requester.subject().to_string(),
+                retry,
                 waiter: Some(tx),
             },
         );
@@ -214,6 +230,7 @@ impl Approvals {
         reason: Option<String>,
         via: &str,
     ) -> Result<RequestView, DecideError> {
+        self.expire_due();
         let mut entries = self.lock();
         let entry = entries.get_mut(&id).ok_or(DecideError::NotFound(id))?;
         let name = approver.name();
@@ -283,7 +300,17 @@ impl Approvals {
         };
         let waiter = entry.waiter.take();
         let view = entry.view.clone();
+        let retry = entry.retry.clone();
         drop(entries);
+        if view.state == RequestState::Approved
+            && let Some((key, window)) = retry
+        {
+            let until = Utc::now() + chrono::Duration::from_std(window).unwrap_or(chrono::Duration::minutes(10));
+            self.retries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, (id, until));
+        }
         self.ended(id);
         self.record(
             &view,
@@ -326,6 +353,22 @@ impl Approvals {
         );
     }
 
+    /// Ends the pending requests whose time is up. A held statement's
+    /// session does this with its own timer too; a `refuse_and_retry`
+    /// request has no session waiting, so it ends here, on the next look.
+    fn expire_due(&self) {
+        let now = Utc::now();
+        let due: Vec<u64> = self
+            .lock()
+            .values()
+            .filter(|e| e.view.state == RequestState::Pending && e.view.expires <= now)
+            .map(|e| e.view.id)
+            .collect();
+        for id in due {
+            self.end(id, RequestState::Expired, "no decision before the request expired");
+        }
+    }
+
     /// Keeps the newest ended requests for the API; forgets older ones.
     fn ended(&self, id: u64) {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,13 +380,37 @@ impl Approvals {
         }
     }
 
+    /// For `refuse_and_retry`: the approved request that lets this exact
+    /// statement run now, used up by this call.
+    pub fn take_retry(&self, identity: &str, target: &str, sql_hash: [u8; 32]) -> Option<u64> {
+        let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Utc::now();
+        retries.retain(|_, (_, until)| *until > now);
+        retries
+            .remove(&(identity.to_string(), target.to_string(), sql_hash))
+            .map(|(id, _)| id)
+    }
+
+    /// For `refuse_and_retry`: a pending request for this exact statement,
+    /// so that sending it again does not open another.
+    pub fn pending_retry(&self, identity: &str, target: &str, sql_hash: [u8; 32]) -> Option<u64> {
+        self.expire_due();
+        self.lock().values().find_map(|entry| {
+            let ((who, to, hash), _) = entry.retry.as_ref()?;
+            (entry.view.state == RequestState::Pending && who == identity && to == target && *hash == sql_hash)
+                .then_some(entry.view.id)
+        })
+    }
+
     pub fn get(&self, id: u64) -> Option<RequestView> {
+        self.expire_due();
         self.lock().get(&id).map(|e| e.view.clone())
     }
 
     /// Pending requests first (oldest first), then recent decisions (newest
     /// first).
     pub fn list(&self) -> Vec<RequestView> {
+        self.expire_due();
         let mut all: Vec<RequestView> = self.lock().values().map(|e| e.view.clone()).collect();
         all.sort_by(|a, b| {
             let pending = |v: &RequestView| v.state == RequestState::Pending;
@@ -376,6 +443,7 @@ mod tests {
             approvers: vec!["leads".into()],
             needed,
             timeout: Duration::from_secs(300),
+            retry: None,
         })
     }
 

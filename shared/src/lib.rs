@@ -18,6 +18,7 @@ pub mod gate;
 pub mod identity;
 pub mod live;
 pub mod mask;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod protocol;

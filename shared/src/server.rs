@@ -183,6 +183,7 @@ impl Gateway {
             auditor,
             live: crate::live::LiveSessions::default(),
             approvals,
+            metrics: crate::metrics::Metrics::default(),
             api_stopping: CancellationToken::new(),
         };
         Ok(Gateway {

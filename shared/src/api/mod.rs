@@ -230,6 +230,18 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> ApiRe
             h.queued,
         );
     }
+    metric(
+        "sluice_approvals_pending",
+        "gauge",
+        "Approval requests waiting for a decision.",
+        shared
+            .approvals
+            .list()
+            .iter()
+            .filter(|r| r.state == crate::approvals::RequestState::Pending)
+            .count() as u64,
+    );
+    shared.metrics.write(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub live: crate::live::LiveSessions,
     /// Statements held for approval.
     pub approvals: crate::approvals::Approvals,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
     /// Cancelled when the control API stops (its event streams end).
     pub api_stopping: tokio_util::sync::CancellationToken,
 }
@@ -392,6 +394,7 @@ async fn run_session(
         audit_sample_rows: shared.config.audit.sample_rows,
         live: &registered.session,
         approvals: &shared.approvals,
+        metrics: &shared.metrics,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

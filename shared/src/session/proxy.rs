@@ -192,6 +192,8 @@ pub(crate) struct ProxyContext<'a> {
     pub live: &'a LiveSession,
     /// Where held statements wait for approvers.
     pub approvals: &'a crate::approvals::Approvals,
+    /// The gateway's counters.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// A simple Query held until approvers decide.
@@ -1114,6 +1116,11 @@ impl<'a> Proxy<'a> {
             return Outcome::Refuse(refusal);
         }
         let (outcome, decided) = self.decide(sql, source);
+        self.ctx.metrics.decided(match decided.decision {
+            "allow" => crate::metrics::Decision::Allow,
+            "require_approval" => crate::metrics::Decision::RequireApproval,
+            _ => crate::metrics::Decision::Deny,
+        });
         self.ctx
             .live
             .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
@@ -1295,6 +1302,7 @@ impl<'a> Proxy<'a> {
             approvers: approval.approvers.clone(),
             needed: approval.approvals,
             timeout: approval.timeout,
+            retry: None,
         });
         tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
         let mut notice = ErrorFields::new(
@@ -1346,6 +1354,52 @@ impl<'a> Proxy<'a> {
             return Some(HoldEnd::Cancelled);
         }
         None
+    }
+
+    /// `refuse_and_retry`: `Ok(request)` when an approval lets this exact
+    /// statement run now; otherwise the refusal that names the request
+    /// (opened now, or the one already pending for the same statement).
+    fn refuse_and_retry(
+        &mut self,
+        sql: &str,
+        request: &crate::gate::ApprovalRequest,
+        approval: &crate::config::ApprovalConfig,
+    ) -> Result<u64, Refusal> {
+        use sha2::Digest as _;
+        let hash: [u8; 32] = sha2::Sha256::digest(sql.as_bytes()).into();
+        let (identity, target) = (self.ctx.identity.name(), self.ctx.target);
+        if let Some(id) = self.ctx.approvals.take_retry(identity, target, hash) {
+            tracing::info!(request = id, "approved statement sent again; it runs once");
+            return Ok(id);
+        }
+        let id = match self.ctx.approvals.pending_retry(identity, target, hash) {
+            Some(id) => id,
+            None => {
+                let (view, _answer) = self.ctx.approvals.open(crate::approvals::NewRequest {
+                    requester: self.ctx.identity.clone(),
+                    target: target.to_string(),
+                    session: self.ctx.session_id.to_string(),
+                    statement: audit_text(sql),
+                    rule: request.rule.clone(),
+                    reason: Some(request.refusal.message.clone()),
+                    approvers: approval.approvers.clone(),
+                    needed: approval.approvals,
+                    timeout: approval.timeout,
+                    retry: Some(hash),
+                });
+                view.id
+            }
+        };
+        Err(Refusal {
+            code: "42501",
+            message: format!("{} (approval request {id})", request.refusal.message),
+            hint: Some(format!(
+                "once request {id} is approved ({} of: {}), send exactly the same statement again within {}: it runs once",
+                approval.approvals,
+                approval.approvers.join(", "),
+                human_duration(approval.timeout)
+            )),
+        })
     }
 
     /// Runs the held statement, or refuses it with who decided and why.
@@ -1444,6 +1498,9 @@ impl<'a> Proxy<'a> {
     }
 
     fn record_done(&self, mark: Mark) {
+        if !mark.skipped {
+            self.ctx.metrics.took(mark.started.elapsed());
+        }
         let Some(auditor) = self.ctx.auditor else { return };
         auditor.record(
             audit::Event::now(audit::Detail::StatementDone {
@@ -1505,7 +1562,22 @@ impl<'a> Proxy<'a> {
                 if holdable {
                     return (Outcome::Hold(request), decided);
                 }
-                request.refusal
+                match request
+                    .approval
+                    .as_ref()
+                    .filter(|a| a.mode == crate::config::ApprovalMode::RefuseAndRetry)
+                {
+                    Some(approval) => match self.refuse_and_retry(sql, &request, approval) {
+                        Ok(id) => {
+                            // Approved before: this one run is allowed.
+                            decided.decision = "allow";
+                            decided.rule = Some(format!("{} (request {id} approved)", request.rule));
+                            return (Outcome::Forward, decided);
+                        }
+                        Err(refusal) => refusal,
+                    },
+                    None => request.refusal,
+                }
             }
             Verdict::Deny(refusal) => {
                 decided.decision = "deny";
