@@ -24,6 +24,7 @@ fn event(n: u64) -> Event {
             command: "SELECT".into(),
             relations: vec!["pgbench_accounts (read)".into()],
             features: vec![],
+            tags: vec![],
         }],
     })
     .in_session("01a226e8d0b877c19f28ebda52a3ceaa")

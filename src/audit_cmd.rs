@@ -324,6 +324,41 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
     Ok(time.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
+/// `sluice audit lineage`: who touched a relation or tagged data, or what
+/// an identity touched.
+pub fn lineage(files: &TrailFiles, query: &sluice_core::audit::LineageQuery) -> anyhow::Result<()> {
+    if query.relation.is_none() && query.tag.is_none() && query.identity.is_none() {
+        bail!("say what to trace: --relation customers, --tag pii or --identity alice (or several)");
+    }
+    let store = files.open()?;
+    let events = store.events(&EventFilter::default())?;
+    let rows = sluice_core::audit::lineage(&events, query);
+    if rows.is_empty() {
+        println!("nothing in {} matches", files.path.display());
+        return Ok(());
+    }
+    println!(
+        "{:<24}  {:<22}  {:<10}  {:<24}  {:<6}  {:<7}  {:>10}  {:<27}  TAGS",
+        "IDENTITY", "LABELS", "TARGET", "RELATION", "ACCESS", "VALUES", "STATEMENTS", "LAST"
+    );
+    for row in rows {
+        let labels: Vec<String> = row.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<24}  {:<22}  {:<10}  {:<24}  {:<6}  {:<7}  {:>10}  {:<27}  {}",
+            printable(&row.identity),
+            printable(&labels.join(",")),
+            printable(&row.target),
+            printable(&row.relation),
+            row.access,
+            if row.masked { "masked" } else { "clear" },
+            row.statements,
+            row.last,
+            row.tags.iter().cloned().collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(())
+}
+
 /// `sluice audit export`.
 pub fn export(files: &TrailFiles, since: Option<&str>, until: Option<&str>, format: &str) -> anyhow::Result<()> {
     let now = Utc::now();

@@ -147,6 +147,21 @@ enum AuditAction {
         /// The session id (from `sluice audit sessions`).
         session: String,
     },
+    /// Who touched a relation or tagged data (read or write, masked or
+    /// clear), or what an identity touched.
+    Lineage {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// A relation: customers or public.customers.
+        #[arg(long)]
+        relation: Option<String>,
+        /// A tag from [[audit.tags]]: pii, finance...
+        #[arg(long)]
+        tag: Option<String>,
+        /// An identity's name.
+        #[arg(long)]
+        identity: Option<String>,
+    },
     /// Write events as JSON lines or CSV, for a SIEM.
     Export {
         #[command(flatten)]
@@ -249,6 +264,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             AuditAction::PublicKey { trail } => audit_cmd::print_public_key(&trail.files()?),
             AuditAction::Sessions { trail, limit } => audit_cmd::sessions(&trail.files()?, limit),
             AuditAction::Show { trail, session } => audit_cmd::show(&trail.files()?, &session),
+            AuditAction::Lineage {
+                trail,
+                relation,
+                tag,
+                identity,
+            } => audit_cmd::lineage(
+                &trail.files()?,
+                &sluice_core::audit::LineageQuery {
+                    relation,
+                    tag,
+                    identity,
+                },
+            ),
             AuditAction::Export {
                 trail,
                 since,

@@ -177,3 +177,70 @@ async fn the_event_stream_resumes_with_since_and_misses_nothing() {
     gw.shutdown.cancel();
     gw.finished().await;
 }
+
+/// Lineage through the API: who touched tagged data, how, and whether they
+/// saw it masked; and what one identity touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lineage_answers_who_touched_tagged_data_and_what_an_identity_touched() {
+    use sluice_core::audit::LineageQuery;
+    let path = crate::harness::cluster().dev.dir().join("audit-lineage.db");
+    let extra = format!(
+        "[audit]\npath = \"{}\"\nsync = \"normal\"\n\n\
+         [[audit.tags]]\ntag = \"pii\"\nrelations = [\"customers\"]\n\n\
+         [[audit.tags]]\ntag = \"finance\"\nrelations = [\"public.orders\"]\n",
+        path.display()
+    );
+    let gw = TestGateway::start(
+        "api_lineage",
+        Spec {
+            extra,
+            ..Spec::default()
+        },
+    )
+    .await;
+    crate::harness::setup(
+        &gw.db,
+        "CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'a@example.com'); \
+         CREATE TABLE orders (id int)",
+    )
+    .await;
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.simple_query("SELECT email FROM customers").await.unwrap();
+    bob.simple_query("INSERT INTO orders VALUES (1)").await.unwrap();
+    let agent = gw.connect(AGENT).await.unwrap();
+    agent.simple_query("SELECT * FROM customers").await.unwrap();
+    drop((bob, agent));
+
+    let viewer = client(&gw, Some(ALICE));
+    let err = viewer.lineage(&LineageQuery::default()).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    let pii = viewer
+        .lineage(&LineageQuery {
+            tag: Some("pii".into()),
+            ..LineageQuery::default()
+        })
+        .await
+        .unwrap();
+    let who: Vec<(&str, &str, &str, bool)> = pii
+        .iter()
+        .map(|r| (r.identity.as_str(), r.relation.as_str(), r.access.as_str(), r.masked))
+        .collect();
+    assert_eq!(
+        who,
+        [("agent", "customers", "read", true), ("bob", "customers", "read", true)]
+    );
+    assert_eq!(pii[0].labels.get("model").map(String::as_str), Some("test-model"));
+    let bob_touched = viewer
+        .lineage(&LineageQuery {
+            identity: Some("bob".into()),
+            ..LineageQuery::default()
+        })
+        .await
+        .unwrap();
+    let what: Vec<(&str, &str)> = bob_touched
+        .iter()
+        .map(|r| (r.relation.as_str(), r.access.as_str()))
+        .collect();
+    assert_eq!(what, [("customers", "read"), ("orders", "write")]);
+    assert!(bob_touched[1].tags.contains("finance"), "{bob_touched:?}");
+}

@@ -121,6 +121,23 @@ impl ApiClient {
             .await
     }
 
+    pub async fn lineage(
+        &self,
+        query: &crate::audit::LineageQuery,
+    ) -> Result<Vec<crate::audit::LineageRow>, ClientError> {
+        let mut params = Vec::new();
+        for (key, value) in [
+            ("relation", &query.relation),
+            ("tag", &query.tag),
+            ("identity", &query.identity),
+        ] {
+            if let Some(value) = value {
+                params.push((key, value.as_str()));
+            }
+        }
+        self.json(self.http.get(self.url("/v1/lineage")).query(&params)).await
+    }
+
     pub async fn approvals(&self) -> Result<Vec<crate::approvals::RequestView>, ClientError> {
         self.json(self.http.get(self.url("/v1/approvals"))).await
     }

@@ -17,6 +17,7 @@
 //! | GET    | `/v1/sessions/{id}/timeline`  | viewer |
 //! | POST   | `/v1/sessions/{id}/kill`      | admin  |
 //! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
+//! | GET    | `/v1/lineage?relation=&tag=&identity=` | viewer |
 //! | GET    | `/v1/approvals`               | viewer |
 //! | GET    | `/v1/approvals/{id}`          | viewer |
 //! | POST   | `/v1/approvals/{id}/approve`  | approver |
@@ -99,6 +100,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sessions/{id}/timeline", get(timeline))
         .route("/v1/sessions/{id}/kill", post(kill))
         .route("/v1/events", get(events))
+        .route("/v1/lineage", get(lineage))
         .route("/v1/approvals", get(approvals))
         .route("/v1/approvals/{id}", get(approval))
         .route("/v1/approvals/{id}/approve", post(approve))
@@ -346,6 +348,26 @@ async fn kill(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): P
         }),
     )
         .into_response())
+}
+
+async fn lineage(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<crate::audit::LineageQuery>,
+) -> ApiResult<Json<Vec<crate::audit::LineageRow>>> {
+    caller(&shared, &headers, ApiRole::Viewer).await?;
+    if query.relation.is_none() && query.tag.is_none() && query.identity.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "say what to trace: ?relation=customers, ?tag=pii or ?identity=alice (or several)",
+        ));
+    }
+    let rows = read_trail(&shared, move |store| {
+        let events = store.events(&EventFilter::default())?;
+        Ok(crate::audit::lineage(&events, &query))
+    })
+    .await?;
+    Ok(Json(rows))
 }
 
 async fn approvals(

@@ -174,15 +174,30 @@ pub struct StatementRecord {
     pub relations: Vec<String>,
     #[serde(default)]
     pub features: Vec<String>,
+    /// Tags of the relations it touches (`[[audit.tags]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl StatementRecord {
-    pub fn of(statement: &crate::policy::StatementClass) -> StatementRecord {
+    pub fn of(statement: &crate::policy::StatementClass, tags: &[crate::config::TagRule]) -> StatementRecord {
+        let mut tagged: Vec<String> = tags
+            .iter()
+            .filter(|rule| {
+                statement
+                    .relations
+                    .iter()
+                    .any(|r| rule.relations.iter().any(|p| p.covers(r.schema.as_deref(), &r.name)))
+            })
+            .map(|rule| rule.tag.clone())
+            .collect();
+        tagged.dedup();
         StatementRecord {
             kind: statement.kind.name().into(),
             command: statement.command.clone(),
             relations: statement.relations.iter().map(ToString::to_string).collect(),
             features: statement.features.iter().map(|f| f.name().to_string()).collect(),
+            tags: tagged,
         }
     }
 }
@@ -241,6 +256,7 @@ mod tests {
                 command: "SELECT".into(),
                 relations: vec!["public.t (read)".into()],
                 features: vec![],
+                tags: vec!["pii".into()],
             }],
         })
         .in_session("s1")

@@ -14,6 +14,7 @@
 
 mod chain;
 mod event;
+mod lineage;
 mod sqlite;
 mod writer;
 
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{Detail, Event, StatementRecord};
+pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
 

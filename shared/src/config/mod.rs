@@ -147,6 +147,15 @@ pub struct AuditConfig {
     pub retention: Option<Duration>,
     /// Result rows kept per statement (masked), for replay.
     pub sample_rows: usize,
+    /// Data set tags of relations, for lineage.
+    pub tags: Vec<TagRule>,
+}
+
+/// `[[audit.tags]]`: relations that carry a tag (`pii`, `finance`...).
+#[derive(Debug, Clone)]
+pub struct TagRule {
+    pub tag: String,
+    pub relations: Vec<RelationPattern>,
 }
 
 impl AuditConfig {
@@ -166,6 +175,7 @@ impl AuditConfig {
             on_failure: OnAuditFailure::Refuse,
             retention: None,
             sample_rows: 3,
+            tags: Vec::new(),
         }
     }
 }
@@ -645,6 +655,27 @@ impl Validator<'_> {
         audit.sign_interval = self.duration("audit sign_interval", raw.sign_interval, audit.sign_interval);
         if audit.sign_interval.is_zero() {
             audit.sign_interval = Duration::from_millis(10);
+        }
+        for tag in raw.tags {
+            let name = tag.tag.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.at(&tag.tag, "an audit tag needs a name (\"pii\", \"finance\"...)");
+                continue;
+            }
+            let mut relations = Vec::new();
+            for text in &tag.relations {
+                match policy::relation_pattern(text.get_ref()) {
+                    Some(pattern) => relations.push(pattern),
+                    None => self.at(
+                        text,
+                        format!(
+                            "audit tag \"{name}\": \"{}\" is not a relation pattern; write \"table\", \"schema.table\" or \"billing.*\"",
+                            text.get_ref()
+                        ),
+                    ),
+                }
+            }
+            audit.tags.push(TagRule { tag: name, relations });
         }
         if let Some(rows) = &raw.sample_rows {
             match usize::try_from(*rows.get_ref()) {

@@ -110,6 +110,19 @@ pub struct RelationPattern {
     pub name: Pattern,
 }
 
+impl RelationPattern {
+    /// Whether a relation as a statement names it may be this one. An
+    /// unqualified name may live in any schema (its session's search_path
+    /// decides), so it counts: for tagging what was touched, more is safer.
+    pub fn covers(&self, schema: Option<&str>, name: &str) -> bool {
+        self.name.matches(name)
+            && match (&self.schema, schema) {
+                (Some(pattern), Some(schema)) => pattern.matches(schema),
+                _ => true,
+            }
+    }
+}
+
 impl fmt::Display for RelationPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.schema {
@@ -273,7 +286,7 @@ fn identifier_pattern(part: &str) -> Pattern {
     }
 }
 
-fn relation_pattern(text: &str) -> Option<RelationPattern> {
+pub(super) fn relation_pattern(text: &str) -> Option<RelationPattern> {
     let text = text.trim();
     if text.is_empty() {
         return None;

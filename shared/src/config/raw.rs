@@ -52,6 +52,16 @@ pub struct RawAudit {
     pub on_audit_failure: Option<Spanned<String>>,
     pub retention_days: Option<Spanned<i64>>,
     pub sample_rows: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub tags: Vec<RawTag>,
+}
+
+/// `[[audit.tags]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTag {
+    pub tag: Spanned<String>,
+    pub relations: Vec<Spanned<String>>,
 }
 
 /// `[masking]`: what the result seam does to values.

@@ -395,6 +395,7 @@ async fn run_session(
         live: &registered.session,
         approvals: &shared.approvals,
         metrics: &shared.metrics,
+        audit_tags: &shared.config.audit.tags,
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

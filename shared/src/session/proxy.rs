@@ -194,6 +194,8 @@ pub(crate) struct ProxyContext<'a> {
     pub approvals: &'a crate::approvals::Approvals,
     /// The gateway's counters.
     pub metrics: &'a crate::metrics::Metrics,
+    /// Data set tags for the trail's lineage.
+    pub audit_tags: &'a [crate::config::TagRule],
 }
 
 /// A simple Query held until approvers decide.
@@ -1126,10 +1128,10 @@ impl<'a> Proxy<'a> {
             .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
         if matches!(outcome, Outcome::Hold(_)) {
             self.checked_text = text.clone();
-            self.checked_statements = audit_records(decided.classification.as_deref());
+            self.checked_statements = audit_records(decided.classification.as_deref(), self.ctx.audit_tags);
         }
         if self.ctx.auditor.is_some() {
-            let statements = audit_records(decided.classification.as_deref());
+            let statements = audit_records(decided.classification.as_deref(), self.ctx.audit_tags);
             match source {
                 StatementSource::Parse { statement } => match outcome {
                     Outcome::Refuse(_) => {
@@ -2238,9 +2240,12 @@ fn column_names(body: &[u8]) -> Vec<String> {
     names
 }
 
-fn audit_records(classification: Option<&crate::policy::Classification>) -> Vec<StatementRecord> {
+fn audit_records(
+    classification: Option<&crate::policy::Classification>,
+    tags: &[crate::config::TagRule],
+) -> Vec<StatementRecord> {
     classification
-        .map(|c| c.statements.iter().map(StatementRecord::of).collect())
+        .map(|c| c.statements.iter().map(|s| StatementRecord::of(s, tags)).collect())
         .unwrap_or_default()
 }
 
