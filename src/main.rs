@@ -162,6 +162,23 @@ enum AuditAction {
         #[arg(long)]
         identity: Option<String>,
     },
+    /// Write the evidence pack for a period (Markdown and JSON): who accessed
+    /// what, approvals, refusals, unmask grant uses, tagged data seen masked
+    /// or clear, and the chain's verification. Exits 1 if the chain is broken.
+    Report {
+        #[command(flatten)]
+        trail: TrailArgs,
+        #[arg(long)]
+        public_key: Option<String>,
+        /// From: 2026-11-01, an RFC 3339 time, or an age like 30d.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// Directory for sluice-evidence.md and sluice-evidence.json.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Write events as JSON lines or CSV, for a SIEM.
     Export {
         #[command(flatten)]
@@ -264,6 +281,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             AuditAction::PublicKey { trail } => audit_cmd::print_public_key(&trail.files()?),
             AuditAction::Sessions { trail, limit } => audit_cmd::sessions(&trail.files()?, limit),
             AuditAction::Show { trail, session } => audit_cmd::show(&trail.files()?, &session),
+            AuditAction::Report {
+                trail,
+                public_key,
+                since,
+                until,
+                out,
+            } => {
+                let code = audit_cmd::report(&trail.files()?, public_key.as_deref(), &since, until.as_deref(), &out)?;
+                std::process::exit(code)
+            }
             AuditAction::Lineage {
                 trail,
                 relation,

@@ -15,6 +15,7 @@
 mod chain;
 mod event;
 mod lineage;
+pub mod report;
 mod sqlite;
 mod writer;
 
