@@ -329,12 +329,15 @@ impl Approvals {
     }
 
     /// The request ends without a decision (`Expired` or `Cancelled`), if it
-    /// is still pending.
-    pub fn end(&self, id: u64, state: RequestState, why: &str) {
+    /// is still pending; `false` if it had ended already (a decision came
+    /// first).
+    pub fn end(&self, id: u64, state: RequestState, why: &str) -> bool {
         let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(&id) else { return };
+        let Some(entry) = entries.get_mut(&id) else {
+            return false;
+        };
         if entry.view.state != RequestState::Pending {
-            return;
+            return false;
         }
         entry.view.state = state;
         entry.waiter = None;
@@ -351,6 +354,7 @@ impl Approvals {
                 via: "gateway".into(),
             },
         );
+        true
     }
 
     /// Ends the pending requests whose time is up. A held statement's

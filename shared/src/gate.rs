@@ -74,6 +74,9 @@ pub struct ApprovalRequest {
     pub approval: Option<ApprovalConfig>,
     /// What the client is told while the statement cannot be held.
     pub refusal: Refusal,
+    /// How the statement was classified: what masking and the audit trail
+    /// need of it when it runs once approved.
+    pub classification: Option<std::sync::Arc<crate::policy::Classification>>,
 }
 
 /// The gate's answer.

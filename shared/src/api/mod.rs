@@ -17,7 +17,7 @@
 //! | GET    | `/v1/sessions/{id}/timeline`  | viewer |
 //! | POST   | `/v1/sessions/{id}/kill`      | admin  |
 //! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
-//! | GET    | `/v1/lineage?relation=&tag=&identity=` | viewer |
+//! | GET    | `/v1/lineage?relation=&tag=&identity=` (30 days) | viewer |
 //! | GET    | `/v1/approvals`               | viewer |
 //! | GET    | `/v1/approvals/{id}`          | viewer |
 //! | POST   | `/v1/approvals/{id}/approve`  | approver |
@@ -350,6 +350,9 @@ async fn kill(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): P
         .into_response())
 }
 
+/// How far back `/v1/lineage` looks (the CLI reads the whole trail).
+const LINEAGE_DAYS: i64 = 30;
+
 async fn lineage(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -362,8 +365,14 @@ async fn lineage(
             "say what to trace: ?relation=customers, ?tag=pii or ?identity=alice (or several)",
         ));
     }
+    // The last 30 days: the whole trail could be too much to read at once.
+    let since = (chrono::Utc::now() - chrono::Duration::days(LINEAGE_DAYS))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let rows = read_trail(&shared, move |store| {
-        let events = store.events(&EventFilter::default())?;
+        let events = store.events(&EventFilter {
+            since: Some(since),
+            ..EventFilter::default()
+        })?;
         Ok(crate::audit::lineage(&events, &query))
     })
     .await?;
@@ -485,20 +494,38 @@ async fn events(
     // Subscribe before reading the backlog, so nothing falls in between.
     let mut live = auditor.subscribe();
     let since = query.since.unwrap_or(0);
-    let backlog = read_trail(&shared, move |store| {
-        store.events(&EventFilter {
-            after_id: Some(since),
-            ..EventFilter::default()
-        })
-    })
-    .await?;
     let stopping = shared.api_stopping.clone();
     let stream = async_stream(move |tx| async move {
+        // The backlog in pages, so that a client starting from 0 on a large
+        // trail does not make the gateway read it all at once.
+        const PAGE: u64 = 1000;
         let mut last = since;
-        for stored in backlog {
-            last = stored.id;
-            if tx.send(sse(&stored)).await.is_err() {
-                return;
+        loop {
+            let after = last;
+            let page = read_trail(&shared, move |store| {
+                store.events(&EventFilter {
+                    after_id: Some(after),
+                    limit: Some(PAGE),
+                    ..EventFilter::default()
+                })
+            })
+            .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(err) => {
+                    let _ = tx.send(SseEvent::default().event("error").data(err.message)).await;
+                    return;
+                }
+            };
+            let full = page.len() as u64 == PAGE;
+            for stored in page {
+                last = stored.id;
+                if tx.send(sse(&stored)).await.is_err() {
+                    return;
+                }
+            }
+            if !full {
+                break;
             }
         }
         loop {

@@ -576,6 +576,7 @@ impl StatementGate for PolicyGate {
                         .unwrap_or_else(|| "unknown-statement".into()),
                     approval: rule.and_then(|r| r.approval.clone()),
                     refusal,
+                    classification: Some(decision.classification.clone()),
                 }))
             }
         };

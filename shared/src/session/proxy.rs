@@ -286,12 +286,14 @@ pub(crate) struct Proxy<'a> {
     /// name: their text, for the event of each execution. A portal's entry
     /// is taken by its first Execute (later ones fetch more of its rows).
     statement_texts: HashMap<String, Arc<AuditText>>,
-    portal_texts: HashMap<String, Arc<AuditText>>,
+    portal_texts: HashMap<String, PortalAudit>,
     /// The column names of the last RowDescription, for sampled rows.
     sample_columns: Vec<String>,
     /// The statement waiting for approvers; the client's next messages wait
     /// behind it.
     held: Option<Held>,
+    /// The hold's notice, while a streamed result must finish first.
+    held_notice: Option<BytesMut>,
     /// The audit text of the statement just checked.
     checked_text: String,
     checked_statements: Vec<StatementRecord>,
@@ -302,6 +304,18 @@ pub(crate) struct Proxy<'a> {
 struct AuditText {
     text: String,
     statements: Vec<StatementRecord>,
+}
+
+/// Where a bound portal is, for the audit trail.
+#[derive(Debug)]
+enum PortalAudit {
+    /// Bound to a statement whose text the gateway saw parsed.
+    Bound(Arc<AuditText>),
+    /// Bound to a statement the gateway has no text for: its execution is
+    /// recorded all the same.
+    Unknown,
+    /// Executed: later Executes fetch more of its rows.
+    Executed,
 }
 
 /// What the gate decided, for the audit trail.
@@ -358,6 +372,7 @@ impl<'a> Proxy<'a> {
             portal_texts: HashMap::new(),
             sample_columns: Vec::new(),
             held: None,
+            held_notice: None,
             checked_text: String::new(),
             checked_statements: Vec::new(),
         }
@@ -448,6 +463,11 @@ impl<'a> Proxy<'a> {
             if let Err(stop) = result {
                 return self.stop(stop).await;
             }
+            if self.server_streaming == 0
+                && let Some(notice) = self.held_notice.take()
+            {
+                self.to_client.extend_from_slice(&notice);
+            }
             self.ctx.live.set_state(if self.held.is_some() {
                 SessionState::Held
             } else if self.pending.is_empty() {
@@ -478,6 +498,11 @@ impl<'a> Proxy<'a> {
             if let Some(wait) = &mut self.audit_wait {
                 match Pin::new(wait).poll(cx) {
                     Poll::Ready(Ok(())) => {
+                        self.audit_wait = None;
+                        self.audit_hold = None;
+                    }
+                    Poll::Ready(Err(err)) if self.ctx.audit_continue => {
+                        tracing::warn!(error = %err.0, "the audit trail could not record a statement; it runs (on_audit_failure = continue)");
                         self.audit_wait = None;
                         self.audit_hold = None;
                     }
@@ -766,14 +791,11 @@ impl<'a> Proxy<'a> {
             fe::BIND => {
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
-                    match self.statement_texts.get(statement) {
-                        Some(text) => {
-                            self.portal_texts.insert(portal.to_string(), text.clone());
-                        }
-                        None => {
-                            self.portal_texts.remove(portal);
-                        }
-                    }
+                    let audit = match self.statement_texts.get(statement) {
+                        Some(text) => PortalAudit::Bound(text.clone()),
+                        None => PortalAudit::Unknown,
+                    };
+                    self.portal_texts.insert(portal.to_string(), audit);
                 }
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
@@ -826,9 +848,13 @@ impl<'a> Proxy<'a> {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
                     match kind {
-                        Some(b'S') => self.statement_texts.remove(name),
-                        _ => self.portal_texts.remove(name),
-                    };
+                        Some(b'S') => {
+                            self.statement_texts.remove(name);
+                        }
+                        _ => {
+                            self.portal_texts.remove(name);
+                        }
+                    }
                 }
                 if self.seam.has_rules() {
                     let kind = body.first().copied();
@@ -904,7 +930,13 @@ impl<'a> Proxy<'a> {
             frontend::encode_flush(&mut self.to_server);
         }
         if let Some(expect) = expect {
-            let mark = self.pending_mark.take();
+            // Only the message that runs the checked statement carries its
+            // mark (COPY data passing meanwhile must not take it).
+            let mark = if matches!(expect, Expect::Execute { .. } | Expect::FunctionCall) {
+                self.pending_mark.take()
+            } else {
+                None
+            };
             self.pending.push_marked(expect, mark);
         }
         Ok(Consumed::Yes)
@@ -1135,7 +1167,12 @@ impl<'a> Proxy<'a> {
             match source {
                 StatementSource::Parse { statement } => match outcome {
                     Outcome::Refuse(_) => {
-                        self.statement_texts.remove(statement);
+                        // A refused Parse fails on the server: a named
+                        // statement of that name (if any) stays as it was;
+                        // the unnamed one is gone.
+                        if statement.is_empty() {
+                            self.statement_texts.remove(statement);
+                        }
                         self.record_statement(text, source, &outcome, Some(statements), decided.decision, decided.rule);
                     }
                     _ => {
@@ -1248,20 +1285,22 @@ impl<'a> Proxy<'a> {
             return Ok(());
         }
         let portal = first_name(execute_body, "portal name")?;
-        let Some(text) = self.portal_texts.remove(portal) else {
-            return Ok(());
+        let audit = self.portal_texts.insert(portal.to_string(), PortalAudit::Executed);
+        let (text, statements) = match audit {
+            Some(PortalAudit::Executed) => return Ok(()),
+            Some(PortalAudit::Bound(text)) => (text.text.clone(), text.statements.clone()),
+            // A portal bound to a statement the gateway has no text for
+            // (or bound in a batch the server discarded): it still runs on
+            // the record.
+            Some(PortalAudit::Unknown) | None => (
+                format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
+                Vec::new(),
+            ),
         };
         if let Some(refusal) = self.audit_unavailable() {
             return Err(Stop::Audit(refusal.message));
         }
-        self.pending_mark = self.record_execution(
-            "execute",
-            text.text.clone(),
-            text.statements.clone(),
-            &Outcome::Forward,
-            "allow",
-            None,
-        );
+        self.pending_mark = self.record_execution("execute", text, statements, &Outcome::Forward, "allow", None);
         Ok(())
     }
 
@@ -1324,7 +1363,15 @@ impl<'a> Proxy<'a> {
             "the statement runs once approved; ctrl-c cancels it (approvers: POST /v1/approvals/{}/approve)",
             view.id
         ));
-        notice.encode(&mut self.to_client);
+        // In the middle of a result streaming through, a message would
+        // corrupt it: the notice then waits for the stream's end.
+        let mut encoded = BytesMut::new();
+        notice.encode(&mut encoded);
+        if self.server_streaming == 0 {
+            self.to_client.extend_from_slice(&encoded);
+        } else {
+            self.held_notice = Some(encoded);
+        }
         self.ctx.live.clear_cancel();
         self.held = Some(Held {
             id: view.id,
@@ -1366,11 +1413,16 @@ impl<'a> Proxy<'a> {
         sql: &str,
         request: &crate::gate::ApprovalRequest,
         approval: &crate::config::ApprovalConfig,
+        source: StatementSource<'_>,
     ) -> Result<u64, Refusal> {
         use sha2::Digest as _;
         let hash: [u8; 32] = sha2::Sha256::digest(sql.as_bytes()).into();
         let (identity, target) = (self.ctx.identity.name(), self.ctx.target);
-        if let Some(id) = self.ctx.approvals.take_retry(identity, target, hash) {
+        // Only a simple Query uses the approval: a prepared statement could
+        // be executed any number of times.
+        if matches!(source, StatementSource::SimpleQuery)
+            && let Some(id) = self.ctx.approvals.take_retry(identity, target, hash)
+        {
             tracing::info!(request = id, "approved statement sent again; it runs once");
             return Ok(id);
         }
@@ -1396,7 +1448,7 @@ impl<'a> Proxy<'a> {
             code: "42501",
             message: format!("{} (approval request {id})", request.refusal.message),
             hint: Some(format!(
-                "once request {id} is approved ({} of: {}), send exactly the same statement again within {}: it runs once",
+                "once request {id} is approved ({} of: {}), send exactly the same statement again within {}, as a simple query (not prepared): it runs once",
                 approval.approvals,
                 approval.approvers.join(", "),
                 human_duration(approval.timeout)
@@ -1406,8 +1458,41 @@ impl<'a> Proxy<'a> {
 
     /// Runs the held statement, or refuses it with who decided and why.
     fn end_hold(&mut self, end: HoldEnd) -> Result<(), Stop> {
-        let Some(held) = self.held.take() else { return Ok(()) };
+        let Some(mut held) = self.held.take() else {
+            return Ok(());
+        };
+        // The session's own deadline or the client's cancel may race an
+        // approver's decision: whichever the registry took first counts.
+        let end = match end {
+            HoldEnd::Expired | HoldEnd::Cancelled => {
+                let (state, why) = match end {
+                    HoldEnd::Expired => (
+                        crate::approvals::RequestState::Expired,
+                        "no decision before the request expired",
+                    ),
+                    _ => (
+                        crate::approvals::RequestState::Cancelled,
+                        "the client cancelled its statement",
+                    ),
+                };
+                if self.ctx.approvals.end(held.id, state, why) {
+                    end
+                } else {
+                    match held.decision.try_recv() {
+                        Ok(outcome) => HoldEnd::Decided(outcome),
+                        Err(_) => end,
+                    }
+                }
+            }
+            decided => decided,
+        };
+        // Approved while the trail cannot record it: it does not run.
+        let audit_refusal = match end {
+            HoldEnd::Decided(crate::approvals::Outcome::Approved { .. }) => self.audit_unavailable(),
+            _ => None,
+        };
         let refusal = match end {
+            _ if let Some(refusal) = audit_refusal => *refusal,
             HoldEnd::Decided(crate::approvals::Outcome::Approved { by }) => {
                 tracing::info!(request = held.id, by = ?by, "held statement approved; it runs");
                 let rule = format!("{} (request {} approved by {})", held.rule, held.id, by.join(", "));
@@ -1440,38 +1525,24 @@ impl<'a> Proxy<'a> {
                     ),
                 )
             }
-            HoldEnd::Expired => {
-                self.ctx.approvals.end(
+            HoldEnd::Expired => ErrorFields::new(
+                Severity::Error,
+                "42501",
+                format!(
+                    "statement not run: approval request {} expired after {} with no decision",
                     held.id,
-                    crate::approvals::RequestState::Expired,
-                    "no decision before the request expired",
-                );
-                ErrorFields::new(
-                    Severity::Error,
-                    "42501",
-                    format!(
-                        "statement not run: approval request {} expired after {} with no decision",
-                        held.id,
-                        human_duration(held.timeout)
-                    ),
-                )
-                .with_hint("send the statement again to ask again, or ask an approver to watch for it")
-            }
-            HoldEnd::Cancelled => {
-                self.ctx.approvals.end(
-                    held.id,
-                    crate::approvals::RequestState::Cancelled,
-                    "the client cancelled its statement",
-                );
-                ErrorFields::new(
-                    Severity::Error,
-                    "57014",
-                    format!(
-                        "canceling statement due to user request (approval request {} is cancelled)",
-                        held.id
-                    ),
-                )
-            }
+                    human_duration(held.timeout)
+                ),
+            )
+            .with_hint("send the statement again to ask again, or ask an approver to watch for it"),
+            HoldEnd::Cancelled => ErrorFields::new(
+                Severity::Error,
+                "57014",
+                format!(
+                    "canceling statement due to user request (approval request {} is cancelled)",
+                    held.id
+                ),
+            ),
         };
         // Refused like any refused Query, so the server reports the right
         // transaction state.
@@ -1528,9 +1599,12 @@ impl<'a> Proxy<'a> {
             source,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
+        // A statement that needs approval may run once approved: it gets
+        // the same masking checks now as one allowed outright.
         let classification = match &verdict {
             Verdict::Allow(allowance) => allowance.classification.clone(),
-            _ => None,
+            Verdict::RequireApproval(request) => request.classification.clone(),
+            Verdict::Deny(_) => None,
         };
         self.last_sensitive = self.sensitivity(classification.as_deref());
         let masking_refusal = classification.as_deref().and_then(|c| self.masking_refusal(sql, c));
@@ -1569,7 +1643,7 @@ impl<'a> Proxy<'a> {
                     .as_ref()
                     .filter(|a| a.mode == crate::config::ApprovalMode::RefuseAndRetry)
                 {
-                    Some(approval) => match self.refuse_and_retry(sql, &request, approval) {
+                    Some(approval) => match self.refuse_and_retry(sql, &request, approval, source) {
                         Ok(id) => {
                             // Approved before: this one run is allowed.
                             decided.decision = "allow";
@@ -1992,8 +2066,12 @@ impl<'a> Proxy<'a> {
         {
             self.sample_columns = column_names(body);
         }
+        // A session with the unmask grant sees clear values; the trail's
+        // readers may not: its rows are not sampled at all (the detectors
+        // alone would let rule-masked columns through).
         let sample = message_tag == backend::tag::DATA_ROW
             && owner == Owner::Client
+            && self.seam.masking()
             && self.ctx.audit_sample_rows > 0
             && self.ctx.auditor.is_some()
             && self.pending.wants_sample(self.ctx.audit_sample_rows);
