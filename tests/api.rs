@@ -8,6 +8,15 @@ use sluice_core::audit::Detail;
 use crate::harness::raw::{self, RawClient};
 use crate::harness::{AGENT, ALICE, BOB, Spec, TestGateway};
 
+/// The stream's next event, failing the test rather than hanging it.
+async fn next(
+    stream: &mut sluice_core::api::client::EventStream,
+) -> Option<Result<sluice_core::audit::StoredEvent, sluice_core::api::client::ClientError>> {
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+        .await
+        .expect("no event within 30 s")
+}
+
 fn client(gw: &TestGateway, token: Option<&str>) -> ApiClient {
     ApiClient::new(gw.api.as_deref().expect("the harness turns the API on"), token)
 }
@@ -132,7 +141,7 @@ async fn the_event_stream_resumes_with_since_and_misses_nothing() {
     let bob = gw.connect(BOB).await.unwrap();
     bob.simple_query("SELECT 1").await.unwrap();
     let mut seen = Vec::new();
-    while let Some(event) = stream.next().await {
+    while let Some(event) = next(&mut stream).await {
         let event = event.unwrap();
         let done = matches!(event.event.detail, Detail::StatementDone { .. });
         seen.push(event);
@@ -153,7 +162,7 @@ async fn the_event_stream_resumes_with_since_and_misses_nothing() {
     // after, in order, and then the live events.
     let mut stream = viewer.events(last).await.unwrap();
     let mut resumed = Vec::new();
-    while let Some(event) = stream.next().await {
+    while let Some(event) = next(&mut stream).await {
         let event = event.unwrap();
         let closed = matches!(event.event.detail, Detail::SessionClosed { .. });
         resumed.push(event);
@@ -170,9 +179,9 @@ async fn the_event_stream_resumes_with_since_and_misses_nothing() {
     // A later session arrives live on the same stream.
     let alice = gw.connect(ALICE).await.unwrap();
     drop(alice);
-    let next = stream.next().await.unwrap().unwrap();
-    assert_eq!(next.id, ids.last().unwrap() + 1);
-    assert_eq!(next.event.detail.kind(), "session_opened");
+    let following = next(&mut stream).await.unwrap().unwrap();
+    assert_eq!(following.id, ids.last().unwrap() + 1);
+    assert_eq!(following.event.detail.kind(), "session_opened");
     // The stream ends when the gateway stops.
     gw.shutdown.cancel();
     gw.finished().await;

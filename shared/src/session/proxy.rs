@@ -430,6 +430,12 @@ impl<'a> Proxy<'a> {
                 Ok(Event::Decided(end)) => self.end_hold(end),
                 Ok(Event::Killed(by)) => {
                     tracing::info!(%by, "session ended by an administrator");
+                    // What still waits for the trail was never sent: it
+                    // stays unsent (the hold marks a message boundary).
+                    if let Some(hold) = self.audit_hold.take() {
+                        self.to_server.truncate(hold);
+                        self.audit_wait = None;
+                    }
                     self.shut_down(&format!("ended by an administrator ({by})")).await;
                     return SessionEnd::Killed(by);
                 }
