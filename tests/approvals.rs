@@ -286,3 +286,54 @@ async fn refuse_and_retry_runs_the_approved_statement_once() {
     refused(bob.simple_query(statement).await.unwrap_err());
     assert_eq!(count(&gw, "reports").await, 2);
 }
+
+/// An approved statement changes what the gate knows of the session like an
+/// allowed one would: after an approved `SET search_path`, unqualified
+/// names no longer count as `public` for allow rules (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_search_path_change_reaches_the_gate() {
+    let policy = r#"[policy]
+default = "deny"
+
+[[policy.rules]]
+name = "read-public"
+decision = "allow"
+groups = ["*"]
+kinds = ["read", "session", "transaction", "utility"]
+relations = ["public.*"]
+
+[[policy.rules]]
+name = "path-changes-need-approval"
+decision = "require_approval"
+groups = ["oncall"]
+features = ["search_path"]
+approvers = ["engineering"]
+"#;
+    let spec = Spec {
+        policy: Some(policy.into()),
+        extra: API.into(),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("approval_search_path", spec).await;
+    harness::setup(
+        &gw.db,
+        "CREATE TABLE orders (id int); CREATE SCHEMA other; CREATE TABLE other.orders (id int)",
+    )
+    .await;
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.simple_query("SELECT * FROM orders").await.unwrap();
+    let set = {
+        let bob = gw.connect(BOB).await.unwrap();
+        let request = tokio::spawn(async move {
+            bob.simple_query("SET search_path = other").await.unwrap();
+            bob.simple_query("SELECT * FROM orders").await
+        });
+        let pending = pending(&gw).await;
+        api(&gw, ALICE).decide(pending.id, true, None).await.unwrap();
+        request.await.unwrap()
+    };
+    let err = set.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501", "{err}");
+    // The first session never changed its path.
+    bob.simple_query("SELECT * FROM orders").await.unwrap();
+}

@@ -210,6 +210,8 @@ struct Held {
     statements: Vec<StatementRecord>,
     rule: String,
     sensitive: bool,
+    /// It changes search_path: once it runs, the gate must know.
+    changes_search_path: bool,
 }
 
 /// Statement counts, for the session's closing log line.
@@ -1387,6 +1389,7 @@ impl<'a> Proxy<'a> {
             query: message.to_vec(),
             text,
             statements,
+            changes_search_path: changes_search_path(request.classification.as_deref()),
             rule: request.rule,
             sensitive: self.last_sensitive,
         });
@@ -1501,6 +1504,8 @@ impl<'a> Proxy<'a> {
             _ if let Some(refusal) = audit_refusal => *refusal,
             HoldEnd::Decided(crate::approvals::Outcome::Approved { by }) => {
                 tracing::info!(request = held.id, by = ?by, "held statement approved; it runs");
+                // The gate's view of the session follows what runs.
+                self.gate_session.search_path_changed |= held.changes_search_path;
                 let rule = format!("{} (request {} approved by {})", held.rule, held.id, by.join(", "));
                 self.pending_mark = self.record_execution(
                     "query",
@@ -1651,6 +1656,8 @@ impl<'a> Proxy<'a> {
                 {
                     Some(approval) => match self.refuse_and_retry(sql, &request, approval, source) {
                         Ok(id) => {
+                            self.gate_session.search_path_changed |=
+                                changes_search_path(decided.classification.as_deref());
                             // Approved before: this one run is allowed.
                             decided.decision = "allow";
                             decided.rule = Some(format!("{} (request {id} approved)", request.rule));
@@ -2250,6 +2257,16 @@ fn hold_refusal(request: &crate::gate::ApprovalRequest) -> Box<ErrorFields> {
     let mut error = ErrorFields::new(Severity::Error, request.refusal.code, request.refusal.message.clone());
     error.hint = request.refusal.hint.clone();
     Box::new(error)
+}
+
+/// Whether a statement changes search_path (then unqualified names may
+/// live anywhere, and the gate must be told once it runs).
+fn changes_search_path(classification: Option<&crate::policy::Classification>) -> bool {
+    classification.is_some_and(|c| {
+        c.statements
+            .iter()
+            .any(|s| s.features.contains(crate::policy::Feature::SearchPath))
+    })
 }
 
 /// `10m`, `1h30m`, `45s`.
