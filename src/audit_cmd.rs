@@ -46,6 +46,14 @@ impl TrailFiles {
     fn open(&self) -> anyhow::Result<SqliteStore> {
         SqliteStore::open_read_only(&self.path).map_err(anyhow::Error::from)
     }
+
+    /// The signed head kept beside the trail, if there is a head file.
+    fn head(&self) -> anyhow::Result<Option<sluice_core::audit::SignedHead>> {
+        match &self.head_file {
+            Some(path) => Ok(read_head_file(path)?),
+            None => Ok(None),
+        }
+    }
 }
 
 /// The public key: given as hex, or derived from the signing key file.
@@ -67,10 +75,7 @@ fn public_key(given: Option<&str>, files: &TrailFiles) -> anyhow::Result<PublicK
 pub fn verify(files: &TrailFiles, key: Option<&str>) -> anyhow::Result<i32> {
     let key = public_key(key, files)?;
     let store = files.open()?;
-    let head = match &files.head_file {
-        Some(path) => read_head_file(path)?,
-        None => None,
-    };
+    let head = files.head()?;
     let report = store.verify(&key, head.as_ref())?;
     let path = files.path.display();
     match &report.broken {
@@ -376,10 +381,7 @@ pub fn report(
     };
     let key = public_key(key, files)?;
     let store = files.open()?;
-    let head = match &files.head_file {
-        Some(path) => read_head_file(path)?,
-        None => None,
-    };
+    let head = files.head()?;
     let verification = store.verify(&key, head.as_ref())?;
     let events = store.events(&EventFilter {
         since: Some(since.clone()),

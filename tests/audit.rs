@@ -266,7 +266,6 @@ async fn an_unwritable_trail_stops_statements_until_it_recovers() {
 async fn a_gateway_killed_mid_run_left_every_executed_statement_recorded() {
     use std::collections::HashSet;
     use std::process::Stdio;
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let db = harness::database("audit_crash").await;
     harness::setup(&db, "CREATE TABLE hits (n bigint)").await;
@@ -284,24 +283,7 @@ async fn a_gateway_killed_mid_run_left_every_executed_statement_recorded() {
 
     // Starts `sluice serve` and returns it with its port.
     let serve = || async {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("sluice serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let port = loop {
-            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-                .await
-                .expect("startup log")
-                .unwrap()
-                .expect("sluice exited before it was ready");
-            if let Some(addr) = line.split("gateway ready listen=").nth(1) {
-                break addr.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
-            }
-        };
+        let (child, mut lines, port) = harness::serve_binary(&config_path).await;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         (child, port)
     };

@@ -85,23 +85,7 @@ async fn serve_runs_a_config_file_and_stops_on_sigterm() {
     let text = harness::config_text(&Spec::default(), &db);
     let path = harness::cluster().dev.dir().join(format!("{db}.toml"));
     std::fs::write(&path, text).unwrap();
-    let mut child = sluice()
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sluice serve");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("startup log")
-            .unwrap()
-            .expect("sluice exited before it was ready");
-        if let Some(addr) = line.split("gateway ready listen=").nth(1) {
-            break addr.trim().rsplit(':').next().unwrap().parse::<u16>().unwrap();
-        }
-    };
+    let (mut child, mut lines, port) = harness::serve_binary(&path).await;
     let conn = format!(
         "host=127.0.0.1 port={port} dbname={db} user=alice password={}",
         harness::ALICE

@@ -59,17 +59,21 @@ impl KillSwitch {
     fn set(&self, by: &str) {
         *self.by.lock().unwrap_or_else(|e| e.into_inner()) = Some(by.to_string());
         self.killed.store(true, Ordering::Release);
-        if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             waker.wake();
         }
     }
 
-    fn poll(&self, cx: &mut Context<'_>) -> Option<String> {
+    /// `registered`: the waker this caller registered last, kept by the
+    /// caller, so that the per-wakeup check is an atomic load unless the
+    /// task's waker changed.
+    fn poll(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> Option<String> {
         if !self.killed.load(Ordering::Acquire) {
-            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-            if waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
+            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return None;
             }
+            *registered = Some(cx.waker().clone());
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
             // Checked again: a set between the load and the registration
             // would otherwise wake nobody.
             if !self.killed.load(Ordering::Acquire) {
@@ -107,8 +111,8 @@ impl LiveSession {
 
     /// Whether an administrator ended this session (and who), making sure
     /// the task is woken if one does later.
-    pub fn poll_killed(&self, cx: &mut Context<'_>) -> Option<String> {
-        self.kill.poll(cx)
+    pub fn poll_killed(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> Option<String> {
+        self.kill.poll(cx, registered)
     }
 
     fn kill(&self, by: &str) {
@@ -127,8 +131,8 @@ impl LiveSession {
 
     /// Whether the client cancelled since [`LiveSession::clear_cancel`],
     /// making sure the task is woken if it does later.
-    pub fn poll_cancelled(&self, cx: &mut Context<'_>) -> bool {
-        self.cancel.poll(cx).is_some()
+    pub fn poll_cancelled(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> bool {
+        self.cancel.poll(cx, registered).is_some()
     }
 
     pub fn summary(&self) -> LiveSummary {
@@ -294,9 +298,15 @@ mod tests {
         let a = live.register(info("a"));
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        assert_eq!(a.session.poll_killed(&mut cx), None);
+        let mut registered = None;
+        assert_eq!(a.session.poll_killed(&mut cx, &mut registered), None);
+        assert!(registered.is_some());
+        assert_eq!(a.session.poll_killed(&mut cx, &mut registered), None);
         assert!(live.kill("a", "carol"));
         assert!(!live.kill("nope", "carol"));
-        assert_eq!(a.session.poll_killed(&mut cx).as_deref(), Some("carol"));
+        assert_eq!(
+            a.session.poll_killed(&mut cx, &mut registered).as_deref(),
+            Some("carol")
+        );
     }
 }

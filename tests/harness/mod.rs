@@ -95,6 +95,42 @@ pub async fn setup(db: &str, sql: &str) {
         .unwrap_or_else(|err| panic!("setup failed: {err}\n{sql}"));
 }
 
+/// Starts the real binary with `sluice serve --config PATH` and waits until
+/// it is ready: the child, the rest of its log, and the port it listens on.
+pub async fn serve_binary(
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    u16,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sluice serve");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let port = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("startup log")
+            .expect("reading the log")
+            .expect("sluice exited before it was ready");
+        if let Some(addr) = line.split("gateway ready listen=").nth(1) {
+            break addr
+                .trim()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("a port");
+        }
+    };
+    (child, lines, port)
+}
+
 /// A superuser connection straight to PostgreSQL, for setup and checks.
 pub async fn superuser(db: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&cluster().dev.superuser_url(db), tokio_postgres::NoTls)

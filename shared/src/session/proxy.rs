@@ -154,8 +154,15 @@ enum Outcome {
     Refuse(Box<ErrorFields>),
     /// Run it, under a row limit.
     Guard(RowLimit),
-    /// Hold it until approvers decide.
-    Hold(Box<crate::gate::ApprovalRequest>),
+    /// Hold it until approvers decide (only a simple Query is held).
+    Hold(Box<ToHold>),
+}
+
+/// A statement to hold, with the approval settings holding needs.
+#[derive(Debug)]
+struct ToHold {
+    request: crate::gate::ApprovalRequest,
+    approval: crate::config::ApprovalConfig,
 }
 
 /// Whether a frontend message was handled or must wait in the buffer.
@@ -296,9 +303,11 @@ pub(crate) struct Proxy<'a> {
     held: Option<Held>,
     /// The hold's notice, while a streamed result must finish first.
     held_notice: Option<BytesMut>,
-    /// The audit text of the statement just checked.
+    /// The wakers last registered with the kill and cancel switches.
+    kill_waker: Option<std::task::Waker>,
+    cancel_waker: Option<std::task::Waker>,
+    /// The audit text of the statement just checked, for its hold.
     checked_text: String,
-    checked_statements: Vec<StatementRecord>,
 }
 
 /// A prepared statement as the audit trail records its executions.
@@ -375,8 +384,9 @@ impl<'a> Proxy<'a> {
             sample_columns: Vec::new(),
             held: None,
             held_notice: None,
+            kill_waker: None,
+            cancel_waker: None,
             checked_text: String::new(),
-            checked_statements: Vec::new(),
         }
     }
 
@@ -403,7 +413,7 @@ impl<'a> Proxy<'a> {
                 if phase == Phase::Deadline {
                     return Poll::Ready(Ok(Event::Deadline));
                 }
-                if let Some(by) = self.ctx.live.poll_killed(cx) {
+                if let Some(by) = self.ctx.live.poll_killed(cx, &mut self.kill_waker) {
                     return Poll::Ready(Ok(Event::Killed(by)));
                 }
                 if let Some(end) = self.poll_hold(cx) {
@@ -729,14 +739,7 @@ impl<'a> Proxy<'a> {
                         let mark = self.pending_mark.take();
                         self.pending.push_marked(Expect::query(self.last_sensitive), mark);
                     }
-                    Outcome::Refuse(refusal) => {
-                        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
-                        self.pending.push(Expect::Query {
-                            refusal: Some(refusal),
-                            guarded: false,
-                            sensitive: false,
-                        });
-                    }
+                    Outcome::Refuse(refusal) => self.refuse_query(refusal),
                     Outcome::Guard(limit) => {
                         // The guard needs the transaction status as it will
                         // be when the statement runs: wait for what is owed.
@@ -746,7 +749,7 @@ impl<'a> Proxy<'a> {
                         }
                         self.start_simple_guard(limit, message);
                     }
-                    Outcome::Hold(request) => self.hold(*request, message),
+                    Outcome::Hold(hold) => self.hold(*hold, message),
                 }
                 return Ok(Consumed::Yes);
             }
@@ -759,12 +762,7 @@ impl<'a> Proxy<'a> {
                     ),
                     Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
-                let outcome = match outcome {
-                    Outcome::Hold(request) => Outcome::Refuse(hold_refusal(&request)),
-                    other => other,
-                };
                 let refusal = match outcome {
-                    Outcome::Hold(_) => unreachable!("turned into a refusal above"),
                     Outcome::Forward => {
                         self.statement_limits.remove(name);
                         self.to_server.extend_from_slice(message);
@@ -775,10 +773,12 @@ impl<'a> Proxy<'a> {
                         self.to_server.extend_from_slice(message);
                         None
                     }
-                    Outcome::Refuse(refusal) => {
+                    // Only simple Queries are held (see `decide`): anything
+                    // else that needs approval is refused.
+                    Outcome::Refuse(_) | Outcome::Hold(_) => {
                         self.statement_limits.remove(name);
                         Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
-                        Some(refusal)
+                        Some(outcome.into_refusal())
                     }
                 };
                 if self.seam.has_rules() {
@@ -897,21 +897,11 @@ impl<'a> Proxy<'a> {
             fe::SYNC => Some(Expect::Sync),
             fe::FUNCTION_CALL => {
                 self.counters.statements += 1;
-                let outcome = match self.check("", StatementSource::FunctionCall) {
-                    Outcome::Hold(request) => Outcome::Refuse(hold_refusal(&request)),
-                    other => other,
-                };
-                match outcome {
-                    Outcome::Hold(_) => unreachable!("turned into a refusal above"),
-                    Outcome::Refuse(refusal) => {
+                match self.check("", StatementSource::FunctionCall) {
+                    outcome @ (Outcome::Refuse(_) | Outcome::Hold(_)) => {
                         // Answered like a refused Query: an error, then
                         // ReadyForQuery, which is what the client awaits.
-                        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
-                        self.pending.push(Expect::Query {
-                            refusal: Some(refusal),
-                            guarded: false,
-                            sensitive: false,
-                        });
+                        self.refuse_query(outcome.into_refusal());
                         return Ok(Consumed::Yes);
                     }
                     Outcome::Forward | Outcome::Guard(_) => Some(Expect::FunctionCall),
@@ -1168,7 +1158,6 @@ impl<'a> Proxy<'a> {
             .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
         if matches!(outcome, Outcome::Hold(_)) {
             self.checked_text = text.clone();
-            self.checked_statements = audit_records(decided.classification.as_deref(), self.ctx.audit_tags);
         }
         if self.ctx.auditor.is_some() {
             let statements = audit_records(decided.classification.as_deref(), self.ctx.audit_tags);
@@ -1312,6 +1301,18 @@ impl<'a> Proxy<'a> {
         Ok(())
     }
 
+    /// Answers a simple Query (or FunctionCall) with a refusal: upstream it
+    /// becomes a statement that fails, so the server reports the right
+    /// transaction state, and the refusal replaces its error.
+    fn refuse_query(&mut self, refusal: Box<ErrorFields>) {
+        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
+        self.pending.push(Expect::Query {
+            refusal: Some(refusal),
+            guarded: false,
+            sensitive: false,
+        });
+    }
+
     /// Ends a held statement's request when the session ends without it
     /// having been decided (the client left, an administrator ended it).
     pub(crate) fn release(&mut self, why: &str) {
@@ -1324,23 +1325,10 @@ impl<'a> Proxy<'a> {
 
     /// Holds a simple Query until approvers decide: opens the request, tells
     /// the client at once, and stops reading its messages meanwhile.
-    fn hold(&mut self, request: crate::gate::ApprovalRequest, message: &[u8]) {
-        let Some(approval) = request.approval else {
-            // Only rules with approvers hold (see `decide`).
-            let refusal = hold_refusal(&crate::gate::ApprovalRequest {
-                approval: None,
-                ..request
-            });
-            Query::encode(REFUSED_STATEMENT, &mut self.to_server);
-            self.pending.push(Expect::Query {
-                refusal: Some(refusal),
-                guarded: false,
-                sensitive: false,
-            });
-            return;
-        };
+    fn hold(&mut self, hold: ToHold, message: &[u8]) {
+        let ToHold { request, approval } = hold;
         let text = std::mem::take(&mut self.checked_text);
-        let statements = std::mem::take(&mut self.checked_statements);
+        let statements = audit_records(request.classification.as_deref(), self.ctx.audit_tags);
         let (view, decision) = self.ctx.approvals.open(crate::approvals::NewRequest {
             requester: self.ctx.identity.clone(),
             target: self.ctx.target.to_string(),
@@ -1408,7 +1396,7 @@ impl<'a> Proxy<'a> {
         if held.deadline.as_mut().poll(cx).is_ready() {
             return Some(HoldEnd::Expired);
         }
-        if self.ctx.live.poll_cancelled(cx) {
+        if self.ctx.live.poll_cancelled(cx, &mut self.cancel_waker) {
             return Some(HoldEnd::Cancelled);
         }
         None
@@ -1555,14 +1543,7 @@ impl<'a> Proxy<'a> {
                 ),
             ),
         };
-        // Refused like any refused Query, so the server reports the right
-        // transaction state.
-        Query::encode(REFUSED_STATEMENT, &mut self.to_server);
-        self.pending.push(Expect::Query {
-            refusal: Some(Box::new(refusal)),
-            guarded: false,
-            sensitive: false,
-        });
+        self.refuse_query(Box::new(refusal));
         if self.client_in.is_empty() {
             Ok(())
         } else {
@@ -1641,13 +1622,17 @@ impl<'a> Proxy<'a> {
             Verdict::RequireApproval(request) => {
                 decided.decision = "require_approval";
                 decided.rule = Some(request.rule.clone());
-                let holdable = matches!(source, StatementSource::SimpleQuery)
-                    && request
-                        .approval
-                        .as_ref()
-                        .is_some_and(|a| a.mode == crate::config::ApprovalMode::Hold);
-                if holdable {
-                    return (Outcome::Hold(request), decided);
+                let hold = request.approval.clone().filter(|a| {
+                    a.mode == crate::config::ApprovalMode::Hold && matches!(source, StatementSource::SimpleQuery)
+                });
+                if let Some(approval) = hold {
+                    return (
+                        Outcome::Hold(Box::new(ToHold {
+                            request: *request,
+                            approval,
+                        })),
+                        decided,
+                    );
                 }
                 match request
                     .approval
@@ -1674,9 +1659,7 @@ impl<'a> Proxy<'a> {
             }
         };
         self.counters.refused += 1;
-        let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
-        error.hint = refusal.hint;
-        (Outcome::Refuse(Box::new(error)), decided)
+        (Outcome::Refuse(refusal_error(refusal)), decided)
     }
 
     /// A simple Query under a row limit. Inside a transaction it runs as is
@@ -1843,12 +1826,7 @@ impl<'a> Proxy<'a> {
                     // the write can then never be committed.
                     self.counters.refused += 1;
                     tracing::info!(rows = ?guard.completed, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; transaction aborted");
-                    Query::encode(REFUSED_STATEMENT, &mut self.to_server);
-                    self.pending.push(Expect::Query {
-                        refusal: Some(Box::new(guard.refusal())),
-                        guarded: false,
-                        sensitive: false,
-                    });
+                    self.refuse_query(Box::new(guard.refusal()));
                 } else {
                     self.to_client.extend_from_slice(&guard.held);
                     self.to_client.extend_from_slice(ready);
@@ -2251,11 +2229,27 @@ fn audit_text(sql: &str) -> String {
     }
 }
 
-/// The refusal for a statement that needs approval where it cannot be held
-/// (extended protocol, fastpath, or no approvers).
-fn hold_refusal(request: &crate::gate::ApprovalRequest) -> Box<ErrorFields> {
-    let mut error = ErrorFields::new(Severity::Error, request.refusal.code, request.refusal.message.clone());
-    error.hint = request.refusal.hint.clone();
+impl Outcome {
+    /// The error for a statement that does not run: its refusal, or, where
+    /// it cannot be held (a Parse, a FunctionCall), the message that says
+    /// it needs approval. Only called on those two.
+    fn into_refusal(self) -> Box<ErrorFields> {
+        match self {
+            Outcome::Refuse(error) => error,
+            Outcome::Hold(hold) => refusal_error(hold.request.refusal),
+            Outcome::Forward | Outcome::Guard(_) => refusal_error(Refusal {
+                code: "XX000",
+                message: "statement refused: the gateway lost track of its decision".into(),
+                hint: None,
+            }),
+        }
+    }
+}
+
+/// A gate refusal as the error the client gets.
+fn refusal_error(refusal: Refusal) -> Box<ErrorFields> {
+    let mut error = ErrorFields::new(Severity::Error, refusal.code, refusal.message);
+    error.hint = refusal.hint;
     Box::new(error)
 }
 
