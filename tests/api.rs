@@ -114,7 +114,16 @@ async fn sessions_are_listed_followed_and_ended_by_an_admin() {
 
     let past = viewer.past_sessions(10).await.unwrap();
     assert_eq!(past[0].session, session.id);
-    let timeline = viewer.timeline(&session.id).await.unwrap();
+    // The closing event is written by the audit writer a moment after the
+    // session leaves the live list: wait for it rather than race it.
+    let mut timeline = viewer.timeline(&session.id).await.unwrap();
+    for _ in 0..200 {
+        if timeline.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        timeline = viewer.timeline(&session.id).await.unwrap();
+    }
     let kinds: Vec<&str> = timeline.iter().map(|e| e.event.detail.kind()).collect();
     assert_eq!(
         kinds,
