@@ -197,6 +197,7 @@ fn main() {
         labels: &labels,
         target: "shop",
         search_path_changed: false,
+        granted: &[],
     };
 
     println!("classify + decide under config/demo.toml's policy, as bob [oncall] on shop");

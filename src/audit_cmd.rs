@@ -269,11 +269,30 @@ fn describe(stored: &StoredEvent) -> String {
             approvers,
             needed,
             expires,
+            access: Some(access),
+            ..
+        } => format!(
+            "asked for grant {rule:?} for {}: request {request}, {needed} of {} until {expires}",
+            sluice_core::config::human_duration(std::time::Duration::from_secs(access.seconds)),
+            approvers.join(", ")
+        ),
+        Detail::ApprovalRequested {
+            request,
+            rule,
+            approvers,
+            needed,
+            expires,
             ..
         } => format!(
             "held for approval: request {request} (rule {rule:?}), {needed} of {} until {expires}",
             approvers.join(", ")
         ),
+        Detail::AccessGranted {
+            request, grant, until, ..
+        } => format!("grant {grant:?} holds until {until} (request {request})"),
+        Detail::AccessEnded { request, grant, reason } => {
+            format!("grant {grant:?} ended: {reason} (request {request})")
+        }
         Detail::ApprovalDecided {
             request,
             decision,

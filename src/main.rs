@@ -3,6 +3,7 @@
 mod audit_cmd;
 mod demo;
 mod policy_cmd;
+mod request_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,31 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Ask for a time-bound grant (policy [[grants]] with approvers) and
+    /// wait for approvers: exits 0 once approved, 1 if denied or expired.
+    Request {
+        /// The target the grant is for.
+        #[arg(long)]
+        target: String,
+        /// The grant's name in the policy.
+        #[arg(long)]
+        grant: String,
+        /// How long it should hold once approved: 30m, 2h...
+        #[arg(long = "for", value_name = "DURATION", default_value = "30m")]
+        duration: String,
+        /// Why: recorded and shown to approvers.
+        #[arg(long)]
+        reason: String,
+        /// The gateway's control API.
+        #[arg(long, env = "SLUICE_API", default_value = "http://127.0.0.1:7480")]
+        api: String,
+        /// Your Sluice token.
+        #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the request id and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
     HashToken {
@@ -80,6 +106,10 @@ enum PolicyAction {
         /// The target, as a client would name it in dbname.
         #[arg(long)]
         target: String,
+        /// Assume these requested grants approved (comma-separated or
+        /// repeated): what an approved `sluice request` changes.
+        #[arg(long = "grant", value_delimiter = ',')]
+        grants: Vec<String>,
         /// The statement text.
         sql: String,
     },
@@ -254,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     groups,
                     labels,
                     target,
+                    grants,
                     sql,
                 },
         } => {
@@ -264,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 labels: &labels,
                 target: &target,
                 sql: &sql,
+                grants: &grants,
             })?;
             std::process::exit(code)
         }
@@ -311,6 +343,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format,
             } => audit_cmd::export(&trail.files()?, since.as_deref(), until.as_deref(), &format),
         },
+        Command::Request {
+            target,
+            grant,
+            duration,
+            reason,
+            api,
+            token,
+            no_wait,
+        } => {
+            let code = runtime(1)?.block_on(request_cmd::run(request_cmd::RequestArgs {
+                api,
+                token,
+                target,
+                grant,
+                duration,
+                reason,
+                wait: !no_wait,
+            }))?;
+            std::process::exit(code)
+        }
         Command::HashToken { generate } => {
             let token = if generate {
                 let bytes: [u8; 32] = rand::random();

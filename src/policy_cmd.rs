@@ -26,6 +26,8 @@ pub struct CheckArgs<'a> {
     pub labels: &'a [String],
     pub target: &'a str,
     pub sql: &'a str,
+    /// Requested grants to assume held.
+    pub grants: &'a [String],
 }
 
 /// Prints the classification, every matching rule and the decision; returns
@@ -47,6 +49,13 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
     let labels = parse_labels(args.labels)?;
     let gate = PolicyGate::new(&config);
     let policy = gate.policy();
+    let granted: Vec<Arc<str>> = args.grants.iter().map(|g| Arc::from(g.as_str())).collect();
+    for grant in args.grants {
+        anyhow::ensure!(
+            policy.config().grants.iter().any(|g| &g.name == grant),
+            "the policy defines no grant \"{grant}\""
+        );
+    }
     let subject = Subject {
         name: args.user,
         subject: args.user,
@@ -55,6 +64,7 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
         labels: &labels,
         target: args.target,
         search_path_changed: false,
+        granted: &granted,
     };
     let options = ClassifyOptions {
         max_statement_length: policy.config().max_statement_length,

@@ -1,6 +1,7 @@
 //! Statements held for approval, decided through the control API: psql
 //! waits with a notice and gets its result once approved; denials, expiry,
-//! self-approval, N approvals and a cancelled client.
+//! self-approval, N approvals and a cancelled client; access requests that
+//! lift a rule for a while.
 
 use std::time::Duration;
 
@@ -49,6 +50,21 @@ kinds = ["write"]
 relations = ["urgent"]
 approvers = ["engineering"]
 timeout = "1s"
+
+[[policy.rules]]
+name = "ledger-is-read-only"
+decision = "deny"
+kinds = ["write"]
+relations = ["ledger"]
+except_grants = ["ledger-writer"]
+reason = "the ledger is read-only"
+
+[[policy.grants]]
+name = "ledger-writer"
+grant = "access"
+groups = ["oncall"]
+approvers = ["engineering"]
+max_duration = "1h"
 "#;
 
 const API: &str = "[api]\nlisten = \"127.0.0.1:0\"\nviewer_groups = [\"oncall\"]\n\
@@ -66,7 +82,8 @@ async fn start(test: &str) -> TestGateway {
         "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 5); \
          CREATE TABLE payments (id int); INSERT INTO payments VALUES (1); \
          CREATE TABLE urgent (id int); INSERT INTO urgent VALUES (1); \
-         CREATE TABLE reports (id int); INSERT INTO reports SELECT generate_series(1, 3)",
+         CREATE TABLE reports (id int); INSERT INTO reports SELECT generate_series(1, 3); \
+         CREATE TABLE ledger (id int); INSERT INTO ledger SELECT generate_series(1, 3)",
     )
     .await;
     gw
@@ -336,4 +353,172 @@ approvers = ["engineering"]
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501", "{err}");
     // The first session never changed its path.
     bob.simple_query("SELECT * FROM orders").await.unwrap();
+}
+
+/// `sluice request`: a time-bound grant, approved by someone else, lifts a
+/// rule for its holder (in sessions already open, too) until it expires;
+/// asking is checked like deciding is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_grant_lifts_a_rule_until_it_expires() {
+    use sluice_core::api::AccessRequestBody;
+    let gw = start("approval_access").await;
+    let bob = gw.connect(BOB).await.unwrap();
+    let err = bob.simple_query("DELETE FROM ledger WHERE id = 1").await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert!(db.message().contains("the ledger is read-only"), "{db:?}");
+    assert_eq!(
+        db.hint(),
+        Some(
+            format!(
+                "grant \"ledger-writer\" lifts this rule; ask for it with: sluice request --target {} --grant ledger-writer --for 30m --reason \"...\"",
+                gw.db
+            )
+            .as_str()
+        )
+    );
+
+    // Asking is checked: who may, for how long, and why.
+    let ask = |grant: &str, duration: &str, reason: &str| AccessRequestBody {
+        target: gw.db.clone(),
+        grant: grant.into(),
+        duration: duration.into(),
+        reason: reason.into(),
+    };
+    let refused = |result: Result<RequestView, sluice_core::api::client::ClientError>| {
+        let err = result.unwrap_err();
+        (err.status().unwrap(), err.to_string())
+    };
+    let (status, message) = refused(api(&gw, ALICE).request_access(&ask("ledger-writer", "5m", "fix")).await);
+    assert_eq!(status, 403, "{message}");
+    assert!(
+        message.contains("alice may not ask for grant \"ledger-writer\""),
+        "{message}"
+    );
+    let (status, message) = refused(api(&gw, BOB).request_access(&ask("ledger-writer", "2h", "fix")).await);
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("from 1s up to 1h"), "{message}");
+    let (status, message) = refused(api(&gw, BOB).request_access(&ask("ledger-writer", "5m", " ")).await);
+    assert_eq!(status, 400, "{message}");
+    let (status, message) = refused(api(&gw, BOB).request_access(&ask("root", "5m", "fix")).await);
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("grants that can be requested: ledger-writer"),
+        "{message}"
+    );
+    let (status, _) = refused(
+        ApiClient::new(gw.api.as_deref().unwrap(), None)
+            .request_access(&ask("ledger-writer", "5m", "fix"))
+            .await,
+    );
+    assert_eq!(status, 401);
+
+    // The CLI asks and waits; someone else approves.
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "request",
+            "--grant",
+            "ledger-writer",
+            "--for",
+            "6s",
+            "--reason",
+            "fix row 1",
+        ])
+        .args(["--target", &gw.db, "--api", gw.api.as_deref().unwrap()])
+        .env("SLUICE_TOKEN", BOB)
+        .kill_on_drop(true)
+        .output();
+    let cli = tokio::spawn(cli);
+    let request = pending(&gw).await;
+    assert_eq!(request.access.as_ref().unwrap().grant, "ledger-writer");
+    assert_eq!(request.access.as_ref().unwrap().seconds, 6);
+    assert_eq!(
+        (request.requester.as_str(), request.rule.as_str()),
+        ("bob", "ledger-writer")
+    );
+    // Asking again returns the pending request instead of a second one.
+    let again = api(&gw, BOB)
+        .request_access(&ask("ledger-writer", "6s", "again"))
+        .await
+        .unwrap();
+    assert_eq!(again.id, request.id);
+    let err = api(&gw, BOB).decide(request.id, true, None).await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    let approved = api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    assert!(approved.access.as_ref().unwrap().until.is_some());
+    let out = cli.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains(&format!("access request {}: grant \"ledger-writer\"", request.id)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("approved by alice: grant \"ledger-writer\" holds on"),
+        "{stdout}"
+    );
+
+    // The session opened before the grant uses it now.
+    let grants = api(&gw, BOB).grants().await.unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].identity.as_str(), grants[0].request), ("bob", request.id));
+    bob.simple_query("DELETE FROM ledger WHERE id = 1").await.unwrap();
+    assert_eq!(count(&gw, "ledger").await, 2);
+    // Only for its holder.
+    let agent = gw.connect(AGENT).await.unwrap();
+    agent.simple_query("DELETE FROM ledger WHERE id = 2").await.unwrap_err();
+
+    // It expires on its own, and says so.
+    let mut ended = false;
+    for _ in 0..300 {
+        if api(&gw, BOB).grants().await.unwrap().is_empty() {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the grant did not expire");
+    let err = bob.simple_query("DELETE FROM ledger WHERE id = 2").await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    assert_eq!(count(&gw, "ledger").await, 2);
+    let view = api(&gw, BOB).approval(request.id).await.unwrap();
+    assert_eq!(view.access.unwrap().ended.as_deref(), Some("expired"));
+
+    // On the record: asked, approved, granted, ended.
+    let read = || {
+        let path = gw.audit.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = SqliteStore::open_read_only(&path).unwrap();
+            store
+                .events(&EventFilter::default())
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| match e.event.detail {
+                    Detail::ApprovalRequested { access: Some(a), .. } => Some(format!("requested {}", a.grant)),
+                    Detail::ApprovalDecided { decision, by, .. } => Some(format!("{decision} by {by}")),
+                    Detail::AccessGranted { grant, .. } => Some(format!("granted {grant}")),
+                    Detail::AccessEnded { grant, reason, .. } => Some(format!("{grant} {reason}")),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // The end is recorded as it happens; the writer commits it a moment later.
+    let mut kinds = read().await.unwrap();
+    for _ in 0..200 {
+        if kinds.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        kinds = read().await.unwrap();
+    }
+    assert_eq!(
+        kinds,
+        [
+            "requested ledger-writer",
+            "approved by alice",
+            "granted ledger-writer",
+            "ledger-writer expired"
+        ]
+    );
 }

@@ -6,16 +6,21 @@
 //! registry enforces the rules (not your own request, only the rule's
 //! approver groups, N distinct approvals, nothing after the request ended)
 //! and tells the waiting session. Every transition is an audit event.
+//!
+//! Access requests (`sluice request`) live here too, in the same id space
+//! and under the same rules: an approved one becomes an active grant for its
+//! requester on its target until it expires, and policy rules that name the
+//! grant apply (or stop applying) to them meanwhile.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::audit::{Auditor, Detail, Event};
+use crate::audit::{AccessAsk, Auditor, Detail, Event};
 use crate::identity::Identity;
 
 /// Where a request is.
@@ -72,6 +77,36 @@ pub struct RequestView {
     /// Who denied and why, for a denied request.
     pub denied_by: Option<String>,
     pub denial_reason: Option<String>,
+    /// Set for an access request (`sluice request`): what it asks for;
+    /// `statement` is empty and `rule` is the grant's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessView>,
+}
+
+/// What an access request asks for, and what became of the grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessView {
+    pub grant: String,
+    /// For how long once approved.
+    pub seconds: u64,
+    /// Once approved: when the grant ends.
+    pub until: Option<DateTime<Utc>>,
+    /// Once the grant ended: why ("expired").
+    pub ended: Option<String>,
+}
+
+/// A grant an approved access request gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// The access request that gave it.
+    pub request: u64,
+    pub grant: String,
+    /// Who holds it.
+    pub identity: String,
+    /// The identity's subject (`sub`), which the grant is bound to.
+    pub subject: String,
+    pub target: String,
+    pub until: DateTime<Utc>,
 }
 
 /// What the waiting session learns.
@@ -97,6 +132,8 @@ pub struct NewRequest {
     /// (this hash of it) from the same identity and target runs once within
     /// `timeout` after an approval.
     pub retry: Option<[u8; 32]>,
+    /// An access request: the grant asked for, and for how long.
+    pub access: Option<AccessAsk>,
 }
 
 /// Who may run which statement once, after an approval.
@@ -134,6 +171,14 @@ pub struct Approvals {
     ended: Mutex<VecDeque<u64>>,
     next_id: AtomicU64,
     auditor: Option<Auditor>,
+    /// Grants from approved access requests, expired ones removed by
+    /// [`Approvals::expire_due`].
+    grants: Mutex<Vec<(GrantView, Arc<str>)>>,
+    /// How many grants there are: statements skip the lock while none.
+    grant_count: AtomicUsize,
+    /// Woken when a deadline may have moved closer (a new request, a new
+    /// grant), for [`Approvals::watch_deadlines`].
+    deadlines_moved: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -152,6 +197,77 @@ impl Approvals {
             ended: Mutex::default(),
             next_id: AtomicU64::new(first_id.max(1)),
             auditor,
+            grants: Mutex::default(),
+            grant_count: AtomicUsize::new(0),
+            deadlines_moved: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn grants_lock(&self) -> std::sync::MutexGuard<'_, Vec<(GrantView, Arc<str>)>> {
+        self.grants.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Grants approved earlier and not yet expired (read from the trail at
+    /// start): they hold across a restart.
+    pub fn restore_grants(&self, grants: Vec<GrantView>) {
+        let now = Utc::now();
+        let mut held = self.grants_lock();
+        for grant in grants.into_iter().filter(|g| g.until > now) {
+            let name: Arc<str> = Arc::from(grant.grant.as_str());
+            held.push((grant, name));
+        }
+        self.grant_count.store(held.len(), Ordering::Release);
+    }
+
+    /// The grants `identity` holds on `target` now, by name. Allocates
+    /// nothing while no grant is held anywhere.
+    pub fn granted(&self, identity: &Identity, target: &str) -> Vec<Arc<str>> {
+        if self.grant_count.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let now = Utc::now();
+        self.grants_lock()
+            .iter()
+            .filter(|(g, _)| g.subject == identity.subject() && g.target == target && g.until > now)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
+    /// Every grant held now.
+    pub fn grants(&self) -> Vec<GrantView> {
+        self.expire_due();
+        self.grants_lock().iter().map(|(g, _)| g.clone()).collect()
+    }
+
+    /// The next time something is due to expire: a pending request or a
+    /// grant.
+    fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        let requests = self
+            .lock()
+            .values()
+            .filter(|e| e.view.state == RequestState::Pending)
+            .map(|e| e.view.expires)
+            .min();
+        let grants = self.grants_lock().iter().map(|(g, _)| g.until).min();
+        requests.into_iter().chain(grants).min()
+    }
+
+    /// Ends requests and grants as they expire, so that the trail and the
+    /// event stream say so when it happens, not on the next look. Runs
+    /// until `stop`.
+    pub async fn watch_deadlines(&self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let moved = self.deadlines_moved.notified();
+            let wait = self
+                .next_deadline()
+                .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
+                .unwrap_or(std::time::Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = moved => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.expire_due();
         }
     }
 
@@ -161,11 +277,13 @@ impl Approvals {
 
     fn record(&self, view: &RequestView, detail: Detail) {
         if let Some(auditor) = &self.auditor {
-            auditor.record(
-                Event::now(detail)
-                    .in_session(&view.session)
-                    .by(&view.requester, &view.target),
-            );
+            let event = Event::now(detail).by(&view.requester, &view.target);
+            // An access request belongs to no session.
+            auditor.record(if view.session.is_empty() {
+                event
+            } else {
+                event.in_session(&view.session)
+            });
         }
     }
 
@@ -192,6 +310,12 @@ impl Approvals {
             expires,
             denied_by: None,
             denial_reason: None,
+            access: new.access.as_ref().map(|ask| AccessView {
+                grant: ask.grant.clone(),
+                seconds: ask.seconds,
+                until: None,
+                ended: None,
+            }),
         };
         let (tx, rx) = oneshot::channel();
         let retry = new
@@ -215,8 +339,10 @@ impl Approvals {
                 approvers: view.approvers.clone(),
                 needed: view.needed,
                 expires: view.expires.to_rfc3339(),
+                access: new.access,
             },
         );
+        self.deadlines_moved.notify_one();
         (view, rx)
     }
 
@@ -299,6 +425,22 @@ impl Approvals {
             }
         };
         let waiter = entry.waiter.take();
+        let granted = match (&mut entry.view.access, entry.view.state) {
+            (Some(access), RequestState::Approved) => {
+                let seconds = i64::try_from(access.seconds).unwrap_or(i64::MAX);
+                let until = Utc::now() + chrono::Duration::try_seconds(seconds).unwrap_or(chrono::Duration::hours(1));
+                access.until = Some(until);
+                Some(GrantView {
+                    request: id,
+                    grant: access.grant.clone(),
+                    identity: entry.view.requester.clone(),
+                    subject: entry.requester_subject.clone(),
+                    target: entry.view.target.clone(),
+                    until,
+                })
+            }
+            _ => None,
+        };
         let view = entry.view.clone();
         let retry = entry.retry.clone();
         drop(entries);
@@ -322,6 +464,23 @@ impl Approvals {
                 via: via.to_string(),
             },
         );
+        if let Some(grant) = granted {
+            self.record(
+                &view,
+                Detail::AccessGranted {
+                    request: id,
+                    grant: grant.grant.clone(),
+                    subject: grant.subject.clone(),
+                    until: grant.until.to_rfc3339(),
+                },
+            );
+            let name: Arc<str> = Arc::from(grant.grant.as_str());
+            let mut grants = self.grants_lock();
+            grants.push((grant, name));
+            self.grant_count.store(grants.len(), Ordering::Release);
+            drop(grants);
+            self.deadlines_moved.notify_one();
+        }
         if let Some(waiter) = waiter {
             let _ = waiter.send(outcome);
         }
@@ -371,6 +530,34 @@ impl Approvals {
         for id in due {
             self.end(id, RequestState::Expired, "no decision before the request expired");
         }
+        if self.grant_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let expired: Vec<GrantView> = {
+            let mut grants = self.grants_lock();
+            let (gone, kept): (Vec<_>, Vec<_>) = grants.drain(..).partition(|(g, _)| g.until <= now);
+            *grants = kept;
+            self.grant_count.store(grants.len(), Ordering::Release);
+            gone.into_iter().map(|(g, _)| g).collect()
+        };
+        for grant in expired {
+            if let Some(entry) = self.lock().get_mut(&grant.request)
+                && let Some(access) = &mut entry.view.access
+            {
+                access.ended = Some("expired".into());
+            }
+            tracing::info!(request = grant.request, grant = %grant.grant, identity = %grant.identity, "access grant expired");
+            if let Some(auditor) = &self.auditor {
+                auditor.record(
+                    Event::now(Detail::AccessEnded {
+                        request: grant.request,
+                        grant: grant.grant.clone(),
+                        reason: "expired".into(),
+                    })
+                    .by(&grant.identity, &grant.target),
+                );
+            }
+        }
     }
 
     /// Keeps the newest ended requests for the API; forgets older ones.
@@ -404,6 +591,29 @@ impl Approvals {
             (entry.view.state == RequestState::Pending && who == identity && to == target && *hash == sql_hash)
                 .then_some(entry.view.id)
         })
+    }
+
+    /// A pending access request by this identity for this grant on this
+    /// target, so that asking twice does not open two.
+    pub fn pending_access(&self, requester: &Identity, grant: &str, target: &str) -> Option<RequestView> {
+        self.expire_due();
+        self.lock()
+            .values()
+            .find(|e| {
+                e.view.state == RequestState::Pending
+                    && e.requester_subject == requester.subject()
+                    && e.view.target == target
+                    && e.view.access.as_ref().is_some_and(|a| a.grant == grant)
+            })
+            .map(|e| e.view.clone())
+    }
+
+    /// Whether `identity` asked for request `id`: requesters may follow
+    /// their own requests without a viewer role.
+    pub fn is_requester(&self, id: u64, identity: &Identity) -> bool {
+        self.lock()
+            .get(&id)
+            .is_some_and(|e| e.requester_subject == identity.subject())
     }
 
     pub fn get(&self, id: u64) -> Option<RequestView> {
@@ -448,6 +658,7 @@ mod tests {
             needed,
             timeout: Duration::from_secs(300),
             retry: None,
+            access: None,
         })
     }
 
@@ -489,6 +700,61 @@ mod tests {
         assert!(approvals.decide(1, &dave, true, None, "api").is_ok());
         let err = approvals.decide(1, &dave, false, None, "api").unwrap_err();
         assert_eq!(err.to_string(), "request 1 is no longer pending: it was approved");
+    }
+
+    #[test]
+    fn an_approved_access_request_grants_until_it_expires() {
+        let approvals = Approvals::new(None, 1);
+        let bob = person("bob", &["oncall"]);
+        let carol = person("carol", &["leads"]);
+        assert!(approvals.granted(&bob, "shop").is_empty());
+        let ask = |seconds| NewRequest {
+            requester: bob.clone(),
+            target: "shop".into(),
+            session: String::new(),
+            statement: String::new(),
+            rule: "writer".into(),
+            reason: Some("fix a row".into()),
+            approvers: vec!["leads".into()],
+            needed: 1,
+            timeout: Duration::from_secs(300),
+            retry: None,
+            access: Some(AccessAsk {
+                grant: "writer".into(),
+                seconds,
+            }),
+        };
+        let (view, _) = approvals.open(ask(1800));
+        assert_eq!(approvals.pending_access(&bob, "writer", "shop").unwrap().id, view.id);
+        assert!(approvals.pending_access(&bob, "writer", "other").is_none());
+        assert!(approvals.is_requester(view.id, &bob) && !approvals.is_requester(view.id, &carol));
+        let approved = approvals.decide(view.id, &carol, true, None, "api").unwrap();
+        let until = approved.access.unwrap().until.unwrap();
+        assert!(until > Utc::now() + chrono::Duration::minutes(29));
+        let granted = approvals.granted(&bob, "shop");
+        assert_eq!(granted.len(), 1);
+        assert_eq!(&*granted[0], "writer");
+        assert!(approvals.granted(&bob, "other").is_empty(), "only on its target");
+        assert!(approvals.granted(&carol, "shop").is_empty(), "only for its requester");
+        assert_eq!(approvals.grants().len(), 1);
+
+        // A grant whose time is up stops counting at once, and ends on the
+        // next sweep.
+        let (short, _) = approvals.open(ask(0));
+        approvals.decide(short.id, &carol, true, None, "api").unwrap();
+        assert_eq!(
+            approvals.granted(&bob, "shop").len(),
+            1,
+            "the expired one does not count"
+        );
+        approvals.expire_due();
+        let grants = approvals.grants();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].request, view.id);
+        assert_eq!(
+            approvals.get(short.id).unwrap().access.unwrap().ended.as_deref(),
+            Some("expired")
+        );
     }
 
     #[test]

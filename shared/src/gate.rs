@@ -31,6 +31,9 @@ pub struct StatementContext<'a> {
     pub target: &'a str,
     pub session_id: &'a str,
     pub source: StatementSource<'a>,
+    /// Requested grants (`sluice request`) approved for this identity on
+    /// this target and not expired, by name.
+    pub granted: &'a [Arc<str>],
 }
 
 /// A decision that a statement must not run.
@@ -42,6 +45,17 @@ pub struct Refusal {
     pub message: String,
     /// What to do next.
     pub hint: Option<String>,
+}
+
+/// Why a grant cannot be asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantRefusal {
+    /// No such grant or target, or the grant is not one that is requested.
+    #[error("{0}")]
+    Unknown(String),
+    /// The policy does not let this identity ask for it there.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A limit on the rows one write may touch.
@@ -127,6 +141,20 @@ pub trait StatementGate: Send + Sync {
     fn unmask_grant(&self, identity: &crate::identity::Identity, target: &str) -> Option<String> {
         let _ = (identity, target);
         None
+    }
+
+    /// How `identity` may ask for grant `grant` on `target`
+    /// (`sluice request`), or why it may not.
+    fn requestable_grant(
+        &self,
+        identity: &crate::identity::Identity,
+        target: &str,
+        grant: &str,
+    ) -> Result<crate::config::GrantRequestConfig, GrantRefusal> {
+        let _ = (identity, target);
+        Err(GrantRefusal::Unknown(format!(
+            "there is no grant \"{grant}\": this gateway has no policy"
+        )))
     }
 }
 

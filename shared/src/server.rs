@@ -84,6 +84,36 @@ fn expire_orphaned_requests(config: &Config, auditor: &crate::audit::Auditor) {
     }
 }
 
+/// Grants from access requests approved before a restart hold until they
+/// expire; those that expired while the gateway was down end on the record.
+fn restore_grants(config: &Config, auditor: &crate::audit::Auditor, approvals: &crate::approvals::Approvals) {
+    let open = crate::audit::SqliteStore::open_read_only(&config.audit.path).and_then(|store| store.open_grants());
+    match open {
+        Ok(grants) => {
+            let now = chrono::Utc::now();
+            let (live, gone): (Vec<_>, Vec<_>) = grants.into_iter().partition(|g| g.until > now);
+            for grant in gone {
+                auditor.record(
+                    crate::audit::Event::now(crate::audit::Detail::AccessEnded {
+                        request: grant.request,
+                        grant: grant.grant,
+                        reason: "expired".into(),
+                    })
+                    .by(&grant.identity, &grant.target),
+                );
+            }
+            if !live.is_empty() {
+                tracing::info!(
+                    grants = live.len(),
+                    "access grants approved before the restart still hold"
+                );
+            }
+            approvals.restore_grants(live);
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot read the access grants approved by the last run"),
+    }
+}
+
 /// Opens the trail, loads (or creates) the signing key and starts the
 /// writer; `None` when auditing is off.
 fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, GatewayError> {
@@ -170,6 +200,7 @@ impl Gateway {
         let approvals = crate::approvals::Approvals::new(auditor.clone(), first_request_id(&config));
         if let Some(auditor) = &auditor {
             expire_orphaned_requests(&config, auditor);
+            restore_grants(&config, auditor, &approvals);
         }
         let shared = Shared {
             verifier: Verifier::new(&config.identity),
@@ -214,6 +245,11 @@ impl Gateway {
             }
             tokio::spawn(crate::api::serve(listener, shared.clone(), api_shutdown.clone()))
         });
+        let deadlines = {
+            let shared = shared.clone();
+            let stop = api_shutdown.clone();
+            tokio::spawn(async move { shared.approvals.watch_deadlines(stop).await })
+        };
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         let over_limit = Arc::new(Semaphore::new(OVER_LIMIT_HANDSHAKES));
         let sessions = TaskTracker::new();
@@ -282,6 +318,7 @@ impl Gateway {
         if let Some(task) = api_task {
             let _ = tokio::time::timeout(FINAL_WAIT, task).await;
         }
+        let _ = deadlines.await;
         if let Some(auditor) = &shared.auditor {
             // Everything the sessions recorded is written, and the end of
             // the trail signed, before the gateway says it stopped.

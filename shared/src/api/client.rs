@@ -167,6 +167,27 @@ impl ApiClient {
         .await
     }
 
+    /// Asks for a time-bound grant (`sluice request`): the new request, or
+    /// the caller's pending one for the same grant and target.
+    pub async fn request_access(
+        &self,
+        body: &super::AccessRequestBody,
+    ) -> Result<crate::approvals::RequestView, ClientError> {
+        self.json(
+            self.http
+                .post(self.url("/v1/access-requests"))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(body).unwrap_or_default()),
+        )
+        .await
+    }
+
+    /// Grants that hold now: all of them for a viewer, the caller's own
+    /// otherwise.
+    pub async fn grants(&self) -> Result<Vec<crate::approvals::GrantView>, ClientError> {
+        self.json(self.http.get(self.url("/v1/grants"))).await
+    }
+
     /// The live event stream, from after `since` (0: from the start).
     pub async fn events(&self, since: u64) -> Result<EventStream, ClientError> {
         let response = self

@@ -19,9 +19,11 @@
 //! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
 //! | GET    | `/v1/lineage?relation=&tag=&identity=` (30 days) | viewer |
 //! | GET    | `/v1/approvals`               | viewer |
-//! | GET    | `/v1/approvals/{id}`          | viewer |
+//! | GET    | `/v1/approvals/{id}`          | viewer, or its requester |
 //! | POST   | `/v1/approvals/{id}/approve`  | approver |
 //! | POST   | `/v1/approvals/{id}/deny`     | approver |
+//! | POST   | `/v1/access-requests`         | any identity the policy lets ask |
+//! | GET    | `/v1/grants`                  | viewer: all; others: their own |
 
 pub mod client;
 
@@ -105,12 +107,39 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/approvals/{id}", get(approval))
         .route("/v1/approvals/{id}/approve", post(approve))
         .route("/v1/approvals/{id}/deny", post(deny))
+        .route("/v1/access-requests", post(request_access))
+        .route("/v1/grants", get(grants))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /health and /v1/sessions") })
         .with_state(shared)
 }
 
 /// The caller's identity, checked against the role the endpoint needs.
 async fn caller(shared: &Shared, headers: &HeaderMap, needs: ApiRole) -> ApiResult<Identity> {
+    let identity = authenticated(shared, headers).await?;
+    let role = shared.config.api.role_of(identity.groups());
+    if role < Some(needs) {
+        return Err(forbidden(shared, &identity, needs));
+    }
+    Ok(identity)
+}
+
+fn forbidden(shared: &Shared, identity: &Identity, needs: ApiRole) -> ApiError {
+    let role = shared.config.api.role_of(identity.groups());
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{} may not do this: it needs the {} role ({}), and {} has {}",
+            identity.name(),
+            needs.name(),
+            shared.config.api.who_has(needs),
+            identity.name(),
+            role.map_or("no role".to_string(), |r| format!("the {} role", r.name()))
+        ),
+    )
+}
+
+/// The caller's verified identity, whatever its role.
+async fn authenticated(shared: &Shared, headers: &HeaderMap) -> ApiResult<Identity> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -127,26 +156,15 @@ async fn caller(shared: &Shared, headers: &HeaderMap, needs: ApiRole) -> ApiResu
                 "the Authorization header must be \"Bearer <token>\"",
             )
         })?;
-    let identity = shared
+    shared
         .verifier
         .verify(token)
         .await
-        .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, format!("token refused: {err}")))?;
-    let role = shared.config.api.role_of(identity.groups());
-    if role < Some(needs) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "{} may not do this: it needs the {} role ({}), and {} has {}",
-                identity.name(),
-                needs.name(),
-                shared.config.api.who_has(needs),
-                identity.name(),
-                role.map_or("no role".to_string(), |r| format!("the {} role", r.name()))
-            ),
-        ));
-    }
-    Ok(identity)
+        .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, format!("token refused: {err}")))
+}
+
+fn is_viewer(shared: &Shared, identity: &Identity) -> bool {
+    shared.config.api.role_of(identity.groups()) >= Some(ApiRole::Viewer)
 }
 
 /// `/health`.
@@ -242,6 +260,12 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> ApiRe
             .iter()
             .filter(|r| r.state == crate::approvals::RequestState::Pending)
             .count() as u64,
+    );
+    metric(
+        "sluice_access_grants_active",
+        "gauge",
+        "Grants from approved access requests that hold now.",
+        shared.approvals.grants().len() as u64,
     );
     shared.metrics.write(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
@@ -392,7 +416,10 @@ async fn approval(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<crate::approvals::RequestView>> {
-    caller(&shared, &headers, ApiRole::Viewer).await?;
+    let identity = authenticated(&shared, &headers).await?;
+    if !is_viewer(&shared, &identity) && !shared.approvals.is_requester(id, &identity) {
+        return Err(forbidden(&shared, &identity, ApiRole::Viewer));
+    }
     shared.approvals.get(id).map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -467,6 +494,96 @@ async fn deny(
     body: axum::body::Bytes,
 ) -> ApiResult<Json<crate::approvals::RequestView>> {
     decide(shared, headers, id, &body, false).await
+}
+
+/// The body of `POST /v1/access-requests`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AccessRequestBody {
+    pub target: String,
+    /// The grant's name in the policy.
+    pub grant: String,
+    /// How long it should hold once approved: "30m", "2h", "900" (seconds).
+    pub duration: String,
+    /// Why: recorded, and shown to approvers.
+    pub reason: String,
+}
+
+/// Asks for a time-bound grant. Answers 201 with the new request, or 200
+/// with the caller's pending request for the same grant and target.
+async fn request_access(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<crate::approvals::RequestView>)> {
+    let requester = authenticated(&shared, &headers).await?;
+    let body: AccessRequestBody = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body must be JSON like {{\"target\": \"shop\", \"grant\": \"writer\", \"duration\": \"30m\", \"reason\": \"...\"}}: {err}"
+            ),
+        )
+    })?;
+    let reason = body.reason.trim();
+    if reason.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "say why you need it: the reason is recorded and shown to the approvers",
+        ));
+    }
+    let duration = crate::config::parse_duration(&body.duration)
+        .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, format!("duration: {err}")))?;
+    let ask = shared
+        .gate
+        .requestable_grant(&requester, &body.target, &body.grant)
+        .map_err(|err| match err {
+            crate::gate::GrantRefusal::Unknown(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            crate::gate::GrantRefusal::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, m),
+        })?;
+    if duration < Duration::from_secs(1) || duration > ask.max_duration {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "grant \"{}\" may be asked for from 1s up to {}; ask for less",
+                body.grant,
+                crate::config::human_duration(ask.max_duration)
+            ),
+        ));
+    }
+    if let Some(pending) = shared.approvals.pending_access(&requester, &body.grant, &body.target) {
+        return Ok((StatusCode::OK, Json(pending)));
+    }
+    let (view, _answer) = shared.approvals.open(crate::approvals::NewRequest {
+        requester,
+        target: body.target.clone(),
+        session: String::new(),
+        statement: String::new(),
+        rule: body.grant.clone(),
+        reason: Some(reason.to_string()),
+        approvers: ask.approvers,
+        needed: ask.approvals,
+        timeout: ask.timeout,
+        retry: None,
+        access: Some(crate::audit::AccessAsk {
+            grant: body.grant,
+            seconds: duration.as_secs(),
+        }),
+    });
+    tracing::info!(request = view.id, grant = %view.rule, identity = %view.requester, target = %view.target, "access requested");
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Grants from approved access requests that hold now.
+async fn grants(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<crate::approvals::GrantView>>> {
+    let identity = authenticated(&shared, &headers).await?;
+    let mut grants = shared.approvals.grants();
+    if !is_viewer(&shared, &identity) {
+        grants.retain(|g| g.subject == identity.subject());
+    }
+    Ok(Json(grants))
 }
 
 #[derive(Debug, Deserialize)]

@@ -112,7 +112,8 @@ pub enum Detail {
     /// Statements were refused because the trail could not record them;
     /// written once it can again.
     AuditUnavailable { refused: u64, error: String },
-    /// A statement was held for approval.
+    /// A statement was held for approval, or (with `access`) a grant was
+    /// asked for.
     ApprovalRequested {
         request: u64,
         rule: String,
@@ -120,6 +121,23 @@ pub enum Detail {
         approvers: Vec<String>,
         needed: u32,
         expires: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        access: Option<AccessAsk>,
+    },
+    /// An approved access request: the grant holds until `until`.
+    AccessGranted {
+        request: u64,
+        grant: String,
+        /// The holder's subject (`sub`), which the grant is bound to.
+        subject: String,
+        /// RFC 3339.
+        until: String,
+    },
+    /// A grant from an access request ended: "expired".
+    AccessEnded {
+        request: u64,
+        grant: String,
+        reason: String,
     },
     /// An approval request moved: one approval of several ("approval"),
     /// "approved", "denied", "expired" or "cancelled".
@@ -160,8 +178,19 @@ impl Detail {
             Detail::AuditPruned { .. } => "audit_pruned",
             Detail::ApprovalRequested { .. } => "approval_requested",
             Detail::ApprovalDecided { .. } => "approval_decided",
+            Detail::AccessGranted { .. } => "access_granted",
+            Detail::AccessEnded { .. } => "access_ended",
         }
     }
+}
+
+/// What an access request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessAsk {
+    /// The grant's name in the policy.
+    pub grant: String,
+    /// For how long once approved, in seconds.
+    pub seconds: u64,
 }
 
 /// One statement of a text, as classified.

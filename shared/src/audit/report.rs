@@ -171,8 +171,18 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
                 request,
                 rule,
                 statement,
+                access,
                 ..
             } => {
+                // An access request has no statement: say what it asked for.
+                let statement = match access {
+                    Some(access) => format!(
+                        "access request: grant \"{}\" for {}",
+                        access.grant,
+                        crate::config::human_duration(std::time::Duration::from_secs(access.seconds))
+                    ),
+                    None => statement.clone(),
+                };
                 approvals.insert(
                     *request,
                     ApprovalRecord {
@@ -181,7 +191,7 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
                         requester: identity,
                         target,
                         rule: rule.clone(),
-                        statement: statement.clone(),
+                        statement,
                         outcome: "pending".into(),
                         approvers: Vec::new(),
                         reason: None,
@@ -439,6 +449,7 @@ mod tests {
                     approvers: vec!["leads".into()],
                     needed: 1,
                     expires: "x".into(),
+                    access: None,
                 },
             ),
             ev(

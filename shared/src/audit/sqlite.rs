@@ -202,6 +202,52 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(&err)
     }
 
+    /// Grants from approved access requests with no end recorded (some may
+    /// have expired while the gateway was down).
+    pub fn open_grants(&self) -> Result<Vec<crate::approvals::GrantView>, AuditError> {
+        let err = sql_error(&self.path, "reading access grants");
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT json_extract(g.body, '$.request'), json_extract(g.body, '$.grant'), g.identity, \
+                 json_extract(g.body, '$.subject'), g.target, json_extract(g.body, '$.until') FROM events g \
+                 WHERE g.kind = 'access_granted' AND NOT EXISTS (\
+                   SELECT 1 FROM events e WHERE e.kind = 'access_ended' \
+                   AND json_extract(e.body, '$.request') = json_extract(g.body, '$.request'))",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                    row.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(&err)?;
+        let mut grants = Vec::new();
+        for row in rows {
+            let (request, grant, identity, subject, target, until) = row.map_err(&err)?;
+            // A row this gateway did not write cannot be read as a grant:
+            // skipped, so a damaged trail grants nothing.
+            let Ok(until) = chrono::DateTime::parse_from_rfc3339(&until) else {
+                continue;
+            };
+            grants.push(crate::approvals::GrantView {
+                request: request.max(0) as u64,
+                grant,
+                identity: identity.unwrap_or_default(),
+                subject,
+                target: target.unwrap_or_default(),
+                until: until.with_timezone(&chrono::Utc),
+            });
+        }
+        Ok(grants)
+    }
+
     /// Sessions, newest first.
     pub fn sessions(&self, limit: u64) -> Result<Vec<SessionSummary>, AuditError> {
         let err = sql_error(&self.path, "reading audit sessions");
@@ -869,6 +915,7 @@ mod tests {
                 approvers: vec!["leads".into()],
                 needed: 2,
                 expires: "2026-01-01T00:00:00Z".into(),
+                access: None,
             })
             .in_session("s")
             .by("bob", "shop")
@@ -900,6 +947,49 @@ mod tests {
             .append(&[decided(3, "expired"), decided(5, "cancelled")])
             .unwrap();
         assert!(trail.store.open_requests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn grants_without_an_end_are_found_after_a_restart() {
+        let mut trail = trail("grants", 0);
+        let granted = |request, until: &str| {
+            Event::now(Detail::AccessGranted {
+                request,
+                grant: "writer".into(),
+                subject: "sub-bob".into(),
+                until: until.into(),
+            })
+            .by("bob", "shop")
+        };
+        trail
+            .store
+            .append(&[
+                granted(1, "2030-01-01T00:00:00+00:00"),
+                granted(2, "2030-01-01T00:00:00+00:00"),
+                granted(3, "not a time"),
+                Event::now(Detail::AccessEnded {
+                    request: 2,
+                    grant: "writer".into(),
+                    reason: "expired".into(),
+                }),
+            ])
+            .unwrap();
+        let open = trail.store.open_grants().unwrap();
+        assert_eq!(open.len(), 1, "ended and unreadable grants are not restored: {open:?}");
+        let grant = &open[0];
+        assert_eq!(
+            (
+                grant.request,
+                grant.grant.as_str(),
+                grant.identity.as_str(),
+                grant.subject.as_str()
+            ),
+            (1, "writer", "bob", "sub-bob")
+        );
+        assert_eq!(
+            (grant.target.as_str(), grant.until.to_rfc3339()),
+            ("shop", "2030-01-01T00:00:00+00:00".to_string())
+        );
     }
 
     #[test]

@@ -16,10 +16,28 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub use policy::{
-    ApprovalConfig, ApprovalMode, DecisionKind, GrantConfig, GrantKind, Holders, Pattern, PolicyConfig, PolicyMode,
-    RelationPattern, RuleConfig,
+    ApprovalConfig, ApprovalMode, DecisionKind, GrantConfig, GrantKind, GrantRequestConfig, Holders, Pattern,
+    PolicyConfig, PolicyMode, RelationPattern, RuleConfig,
 };
 use raw::{RawAccess, RawConfig, RawIdentity, RawOidc, RawPolicy, RawServer, RawTarget, RawTls};
+
+/// Reads a duration as the configuration writes it: `"30s"`, `"500ms"`,
+/// `"5m"`, `"2h"`, or a whole number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    units::parse_duration(&raw::RawDuration::Text(text.trim().to_string()))
+}
+
+/// A duration as a person writes it: `10m`, `1h30m`, `45s`.
+pub fn human_duration(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    match (secs / 3600, (secs % 3600) / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
 
 /// The validated configuration of one gateway.
 #[derive(Debug, Clone)]
@@ -1442,6 +1460,65 @@ groups = ["x"]
         let grant = &config.policy.grants[0];
         assert_eq!((grant.name.as_str(), grant.kind), ("g", GrantKind::Unmask));
         assert_eq!(grant.targets.len(), 1);
+    }
+
+    #[test]
+    fn requested_grants_and_the_rules_that_name_them_are_checked() {
+        let text = minimal()
+            + r#"
+[policy]
+[[policy.grants]]
+name = "clear-for-a-while"
+grant = "unmask"
+groups = ["oncall"]
+approvers = ["leads"]
+
+[[policy.grants]]
+name = "nobody-approves"
+grant = "access"
+groups = ["oncall"]
+max_duration = "1h"
+
+[[policy.grants]]
+name = "writer"
+grant = "access"
+groups = ["oncall"]
+approvers = ["leads"]
+max_duration = "forever"
+
+[[policy.rules]]
+name = "read-only"
+decision = "deny"
+kinds = ["write"]
+except_grants = ["writter"]
+"#;
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("an unmask grant is standing"), "{err}");
+        assert!(
+            err.contains("grant \"nobody-approves\" has approvals, timeout or max_duration but no approvers"),
+            "{err}"
+        );
+        assert!(err.contains("grant \"writer\" max_duration"), "{err}");
+        assert!(
+            err.contains("rule \"read-only\" names grant \"writter\", which no [[grants]] defines"),
+            "{err}"
+        );
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("sluice.toml:")).collect();
+        assert_eq!(lines.len(), 4, "{err}");
+
+        let config = load(
+            &(minimal()
+                + "\n[policy]\n[[policy.grants]]\nname = \"w\"\ngrant = \"access\"\ngroups = [\"oncall\"]\napprovers = [\"leads\"]\napprovals = 2\n\n\
+                   [[policy.rules]]\nname = \"r\"\ndecision = \"deny\"\ngrants = [\"w\"]\nfeatures = [\"drop\"]\n"),
+        )
+        .unwrap();
+        let request = config.policy.grants[0].request.as_ref().unwrap();
+        assert_eq!(
+            (request.approvals, request.max_duration),
+            (2, std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(request.timeout, std::time::Duration::from_secs(600));
+        assert_eq!(config.policy.rules[0].grants, ["w"]);
     }
 
     #[test]

@@ -159,6 +159,11 @@ pub struct RuleConfig {
     pub labels: BTreeMap<String, String>,
     pub targets: Vec<Pattern>,
     pub databases: Vec<Pattern>,
+    /// Applies only to identities holding one of these grants (names of
+    /// `[[grants]]`).
+    pub grants: Vec<String>,
+    /// Does not apply to identities holding one of these grants.
+    pub except_grants: Vec<String>,
     pub kinds: Vec<Kind>,
     pub relations: Vec<RelationPattern>,
     /// Which accesses to the relations count; empty means any.
@@ -194,14 +199,31 @@ pub struct PolicyConfig {
 pub enum GrantKind {
     /// See clear values: the session's results are not masked.
     Unmask,
+    /// A named permission with no effect of its own: rules name it
+    /// (`grants = [...]`, `except_grants = [...]`) to apply only to, or not
+    /// to, its holders.
+    Access,
 }
 
 impl GrantKind {
     pub fn name(self) -> &'static str {
         match self {
             GrantKind::Unmask => "unmask",
+            GrantKind::Access => "access",
         }
     }
+}
+
+/// How a grant held on request is asked for: `approvers` on a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRequestConfig {
+    /// Groups whose members may approve a request.
+    pub approvers: Vec<String>,
+    pub approvals: u32,
+    /// How long a request waits for a decision.
+    pub timeout: Duration,
+    /// The longest a request may ask for.
+    pub max_duration: Duration,
 }
 
 /// Who a rule or grant is for. Empty lists match everyone.
@@ -230,6 +252,9 @@ pub struct GrantConfig {
     pub labels: BTreeMap<String, String>,
     pub targets: Vec<Pattern>,
     pub databases: Vec<Pattern>,
+    /// Set: the holders above may ask for the grant (`sluice request`), and
+    /// hold it only once approved, for the time asked. Unset: they hold it.
+    pub request: Option<GrantRequestConfig>,
 }
 
 impl GrantConfig {
@@ -359,19 +384,6 @@ impl Validator<'_> {
             }
         }
         let mut names = std::collections::HashSet::new();
-        for rule in raw.rules {
-            let name = rule.name.get_ref().clone();
-            if !names.insert(name.clone()) {
-                self.at(
-                    &rule.name,
-                    format!("rule \"{name}\" is defined twice; rule names appear in refusals and must be unique"),
-                );
-            }
-            if let Some(rule) = self.rule(rule) {
-                policy.rules.push(rule);
-            }
-        }
-        let mut names = std::collections::HashSet::new();
         for grant in raw.grants {
             let name = grant.name.get_ref().clone();
             if !names.insert(name.clone()) {
@@ -386,6 +398,36 @@ impl Validator<'_> {
                 policy.grants.push(grant);
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for rule in raw.rules {
+            let name = rule.name.get_ref().clone();
+            if !names.insert(name.clone()) {
+                self.at(
+                    &rule.name,
+                    format!("rule \"{name}\" is defined twice; rule names appear in refusals and must be unique"),
+                );
+            }
+            for grant in rule.grants.iter().chain(&rule.except_grants) {
+                if !policy.grants.iter().any(|g| &g.name == grant.get_ref()) {
+                    let defined: Vec<&str> = policy.grants.iter().map(|g| g.name.as_str()).collect();
+                    self.at(
+                        grant,
+                        format!(
+                            "rule \"{name}\" names grant \"{}\", which no [[grants]] defines{}",
+                            grant.get_ref(),
+                            if defined.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (defined: {})", defined.join(", "))
+                            }
+                        ),
+                    );
+                }
+            }
+            if let Some(rule) = self.rule(rule) {
+                policy.rules.push(rule);
+            }
+        }
         policy
     }
 
@@ -397,13 +439,68 @@ impl Validator<'_> {
         }
         let kind = match raw.grant.get_ref().as_str() {
             "unmask" => GrantKind::Unmask,
+            "access" => GrantKind::Access,
             other => {
                 self.at(
                     &raw.grant,
-                    format!("grant \"{name}\": \"{other}\" is not a grant; write grant = \"unmask\""),
+                    format!(
+                        "grant \"{name}\": \"{other}\" is not a grant; write grant = \"unmask\" or grant = \"access\""
+                    ),
                 );
                 return None;
             }
+        };
+        let asks =
+            !raw.approvers.is_empty() || raw.approvals.is_some() || raw.timeout.is_some() || raw.max_duration.is_some();
+        let request = if !asks {
+            None
+        } else if kind == GrantKind::Unmask {
+            // A session's masking is settled when it starts; a grant that
+            // ended mid-session would leave it seeing clear values.
+            self.at(
+                &raw.name,
+                format!(
+                    "grant \"{name}\": an unmask grant is standing (it cannot be requested for a time); \
+                     drop approvers/approvals/timeout/max_duration, or use grant = \"access\""
+                ),
+            );
+            return None;
+        } else if raw.approvers.is_empty() {
+            self.at(
+                &raw.name,
+                format!(
+                    "grant \"{name}\" has approvals, timeout or max_duration but no approvers; \
+                     add approvers = [\"leads\"] (groups whose members approve requests for it)"
+                ),
+            );
+            return None;
+        } else {
+            let approvals = match &raw.approvals {
+                None => 1,
+                Some(n) => match u32::try_from(*n.get_ref()) {
+                    Ok(n) if n >= 1 => n,
+                    _ => {
+                        self.at(n, format!("grant \"{name}\": approvals must be 1 or more"));
+                        1
+                    }
+                },
+            };
+            let timeout = self.duration(
+                &format!("grant \"{name}\" timeout"),
+                raw.timeout,
+                Duration::from_secs(600),
+            );
+            let max_duration = self.duration(
+                &format!("grant \"{name}\" max_duration"),
+                raw.max_duration,
+                Duration::from_secs(3600),
+            );
+            Some(GrantRequestConfig {
+                approvers: raw.approvers,
+                approvals,
+                timeout,
+                max_duration,
+            })
         };
         // A grant is a privilege: one that names nobody in particular must
         // say so (groups = ["*"]) rather than apply to everyone by omission.
@@ -427,6 +524,7 @@ impl Validator<'_> {
             labels: raw.labels,
             targets: raw.targets.into_iter().map(Pattern::new).collect(),
             databases: raw.databases.into_iter().map(Pattern::new).collect(),
+            request,
         })
     }
 
@@ -592,6 +690,8 @@ impl Validator<'_> {
             labels: raw.labels,
             targets: raw.targets.into_iter().map(Pattern::new).collect(),
             databases: raw.databases.into_iter().map(Pattern::new).collect(),
+            grants: raw.grants.into_iter().map(|g| g.into_inner()).collect(),
+            except_grants: raw.except_grants.into_iter().map(|g| g.into_inner()).collect(),
             kinds,
             relations,
             access,

@@ -128,6 +128,14 @@ pub struct RawGrant {
     pub targets: Vec<String>,
     #[serde(default)]
     pub databases: Vec<String>,
+    /// Present: the grant is held only through an approved access request.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    pub approvals: Option<Spanned<i64>>,
+    /// How long a request waits for approvers.
+    pub timeout: Option<Spanned<RawDuration>>,
+    /// The longest a request may ask for.
+    pub max_duration: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +159,12 @@ pub struct RawRule {
     pub targets: Vec<String>,
     #[serde(default)]
     pub databases: Vec<String>,
+    /// The rule applies only to identities holding one of these grants.
+    #[serde(default)]
+    pub grants: Vec<Spanned<String>>,
+    /// The rule does not apply to identities holding one of these grants.
+    #[serde(default)]
+    pub except_grants: Vec<Spanned<String>>,
     #[serde(default)]
     pub kinds: Vec<Spanned<String>>,
     #[serde(default)]

@@ -31,6 +31,8 @@ struct Who {
     groups: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
     target: Option<String>,
+    /// Requested grants held (approved through `sluice request`).
+    grants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +53,8 @@ struct RawCase {
     groups: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
     target: Option<String>,
+    /// Requested grants held (approved through `sluice request`).
+    grants: Option<Vec<String>>,
     /// Kind of the deciding statement.
     kind: Option<String>,
     /// Relations of all statements, as "name", "schema.name", optionally
@@ -143,6 +147,13 @@ pub fn run(policy: &Policy, text: &str) -> Result<Vec<CaseResult>, CaseError> {
             .target
             .or(file.defaults.target.clone())
             .ok_or_else(|| invalid("no target: set target in the case or in [defaults]".into()))?;
+        let granted: Vec<Arc<str>> = case
+            .grants
+            .or(file.defaults.grants.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(Arc::from)
+            .collect();
         let subject = Subject {
             name: &user,
             subject: &user,
@@ -151,6 +162,7 @@ pub fn run(policy: &Policy, text: &str) -> Result<Vec<CaseResult>, CaseError> {
             labels: &labels,
             target: &target,
             search_path_changed: false,
+            granted: &granted,
         };
         let classification = Arc::new(classify(&case.sql, &options));
         let decision = policy.decide(&subject, classification);

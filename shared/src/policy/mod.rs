@@ -20,10 +20,11 @@ pub use class::{Access, Classification, Feature, Features, Kind, PreparedRef, Re
 pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
 
 use crate::config::{
-    Config, DecisionKind, GrantConfig, GrantKind, Holders, PolicyConfig, PolicyMode, RelationPattern, RuleConfig,
+    Config, DecisionKind, GrantConfig, GrantKind, GrantRequestConfig, Holders, PolicyConfig, PolicyMode,
+    RelationPattern, RuleConfig,
 };
 use crate::gate::{
-    Allowance, ApprovalRequest, GateSession, Refusal, RowLimit, StatementContext, StatementGate, Verdict,
+    Allowance, ApprovalRequest, GateSession, GrantRefusal, Refusal, RowLimit, StatementContext, StatementGate, Verdict,
 };
 use crate::identity::Identity;
 
@@ -54,6 +55,9 @@ pub struct Subject<'a> {
     pub target: &'a str,
     /// The session changed search_path: unqualified names may live anywhere.
     pub search_path_changed: bool,
+    /// Requested grants approved for this identity on this target and not
+    /// yet expired (standing grants are worked out from the policy).
+    pub granted: &'a [Arc<str>],
 }
 
 impl<'a> Subject<'a> {
@@ -66,7 +70,13 @@ impl<'a> Subject<'a> {
             labels: identity.labels(),
             target,
             search_path_changed,
+            granted: &[],
         }
+    }
+
+    /// The same subject, holding these requested grants.
+    pub fn with_granted(self, granted: &'a [Arc<str>]) -> Subject<'a> {
+        Subject { granted, ..self }
     }
 
     fn in_group(&self, group: &str) -> bool {
@@ -200,6 +210,58 @@ impl Policy {
         true
     }
 
+    /// Whether the subject holds the grant named `name` now: a standing
+    /// grant by being among its holders; a requested one by an approved,
+    /// unexpired request (and still being among its holders).
+    pub fn holds_grant(&self, name: &str, subject: &Subject<'_>) -> bool {
+        let Some(grant) = self.config.grants.iter().find(|g| g.name == name) else {
+            return false;
+        };
+        if grant.request.is_some() && !subject.granted.iter().any(|g| &**g == name) {
+            return false;
+        }
+        self.holds(grant.holders(), subject)
+    }
+
+    /// The grant `name` as the subject may ask for it, or why not.
+    pub fn requestable(&self, name: &str, subject: &Subject<'_>) -> Result<&GrantConfig, GrantRefusal> {
+        let Some(grant) = self.config.grants.iter().find(|g| g.name == name) else {
+            let requestable: Vec<&str> = self
+                .config
+                .grants
+                .iter()
+                .filter(|g| g.request.is_some())
+                .map(|g| g.name.as_str())
+                .collect();
+            return Err(GrantRefusal::Unknown(if requestable.is_empty() {
+                format!("there is no grant \"{name}\", and this gateway's policy has no grants that can be requested")
+            } else {
+                format!(
+                    "there is no grant \"{name}\"; grants that can be requested: {}",
+                    requestable.join(", ")
+                )
+            }));
+        };
+        if grant.request.is_none() {
+            return Err(GrantRefusal::Unknown(format!(
+                "grant \"{name}\" is not requested: its holders hold it all the time, and others cannot ask for it"
+            )));
+        }
+        if !self.targets.contains_key(subject.target) {
+            return Err(GrantRefusal::Unknown(format!(
+                "there is no target \"{}\"",
+                subject.target
+            )));
+        }
+        if !self.holds(grant.holders(), subject) {
+            return Err(GrantRefusal::Forbidden(format!(
+                "{} may not ask for grant \"{name}\" on target \"{}\": the policy names who may",
+                subject.name, subject.target
+            )));
+        }
+        Ok(grant)
+    }
+
     /// The first unmask grant the subject holds on its target, if any.
     pub fn unmask_grant(&self, subject: &Subject<'_>) -> Option<&GrantConfig> {
         self.config
@@ -210,6 +272,12 @@ impl Policy {
 
     fn rule_matches(&self, rule: &RuleConfig, subject: &Subject<'_>, statement: &StatementClass) -> bool {
         if !self.holds(rule.holders(), subject) {
+            return false;
+        }
+        if !rule.grants.is_empty() && !rule.grants.iter().any(|g| self.holds_grant(g, subject)) {
+            return false;
+        }
+        if rule.except_grants.iter().any(|g| self.holds_grant(g, subject)) {
             return false;
         }
         if !rule.kinds.is_empty() && !rule.kinds.contains(&statement.kind) {
@@ -340,13 +408,33 @@ impl Policy {
                 }
                 let _ = write!(message, "{verb} rule \"{}\": {reason}", rule.name);
 
+                // A grant this subject may ask for lifts the rule: say how.
+                let lifted_by = rule.except_grants.iter().find(|name| {
+                    self.config
+                        .grants
+                        .iter()
+                        .any(|g| &g.name == *name && g.request.is_some() && self.holds(g.holders(), subject))
+                });
+                let grant = lifted_by.map(|name| {
+                    format!(
+                        "grant \"{name}\" lifts this rule; ask for it with: sluice request --target {} --grant {name} --for 30m --reason \"...\"",
+                        subject.target
+                    )
+                });
                 rule.hint.clone().or_else(|| match (&rule.approval, verdict.decision) {
-                    (Some(approval), DecisionKind::RequireApproval) => Some(format!(
-                        "approval by {} of: {} is needed",
-                        approval.approvals,
-                        approval.approvers.join(", ")
-                    )),
-                    _ => Some("if you need this, ask for a policy change or an approved exception".into()),
+                    (Some(approval), DecisionKind::RequireApproval) => {
+                        let approval = format!(
+                            "approval by {} of: {} is needed",
+                            approval.approvals,
+                            approval.approvers.join(", ")
+                        );
+                        Some(match grant {
+                            Some(grant) => format!("{approval}; or: {grant}"),
+                            None => approval,
+                        })
+                    }
+                    _ => grant
+                        .or_else(|| Some("if you need this, ask for a policy change or an approved exception".into())),
                 })
             }
             None if statement.kind == Kind::Unknown => {
@@ -510,6 +598,18 @@ impl StatementGate for PolicyGate {
         self.policy.unmask_grant(&subject).map(|g| g.name.clone())
     }
 
+    fn requestable_grant(
+        &self,
+        identity: &Identity,
+        target: &str,
+        grant: &str,
+    ) -> Result<GrantRequestConfig, GrantRefusal> {
+        let subject = Subject::of(identity, target, false);
+        self.policy
+            .requestable(grant, &subject)
+            .map(|g| g.request.clone().expect("requestable grants have a request"))
+    }
+
     fn check(&self, ctx: &StatementContext<'_>, session: &mut GateSession, sql: &str) -> Verdict {
         let classification = match ctx.source {
             // Called by OID: whatever function it is (set_config,
@@ -521,7 +621,7 @@ impl StatementGate for PolicyGate {
             }),
             _ => self.classify(sql, session.standard_conforming_strings),
         };
-        let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed);
+        let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed).with_granted(ctx.granted);
         let decision = self.policy.decide(&subject, classification);
         let changes_search_path = decision
             .classification
@@ -667,8 +767,152 @@ features = ["no_where"]
             labels: &labels,
             target: "shop",
             search_path_changed: false,
+            granted: &[],
         };
         gate.policy().decide(&subject, gate.classify(sql, true)).decision()
+    }
+
+    fn grants_gate() -> PolicyGate {
+        let text = r#"
+[server]
+allow_plaintext = true
+
+[[identity.tokens]]
+name = "ci"
+sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+groups = ["deploy"]
+
+[[targets]]
+name = "shop"
+host = "127.0.0.1"
+
+[[targets.access]]
+groups = ["*"]
+role = "app"
+password = "pw"
+
+[policy]
+default = "allow"
+
+[[policy.grants]]
+name = "writer"
+grant = "access"
+groups = ["oncall"]
+approvers = ["leads"]
+max_duration = "2h"
+
+[[policy.grants]]
+name = "migrators"
+grant = "access"
+groups = ["deploy"]
+
+[[policy.rules]]
+name = "ledger-is-read-only"
+decision = "deny"
+kinds = ["write", "ddl"]
+relations = ["ledger"]
+except_grants = ["writer", "migrators"]
+
+[[policy.rules]]
+name = "writers-drops-need-a-lead"
+decision = "require_approval"
+grants = ["writer"]
+features = ["drop"]
+approvers = ["leads"]
+"#;
+        PolicyGate::new(&Config::from_toml(text, std::path::Path::new("/etc/sluice/sluice.toml")).unwrap())
+    }
+
+    #[test]
+    fn rules_name_grants_held_on_request_or_standing() {
+        let gate = grants_gate();
+        let policy = gate.policy();
+        let labels = BTreeMap::new();
+        let writer: [Arc<str>; 1] = [Arc::from("writer")];
+        let check = |groups: &[&str], granted: &[Arc<str>], sql: &str| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            let subject = Subject {
+                name: "bob",
+                subject: "bob",
+                email: None,
+                groups: &groups,
+                labels: &labels,
+                target: "shop",
+                search_path_changed: false,
+                granted,
+            };
+            let decision = policy.decide(&subject, gate.classify(sql, true));
+            let hint = policy.refusal(&decision, &subject).hint;
+            (decision.decision(), hint)
+        };
+        let delete = "DELETE FROM ledger WHERE id = 1";
+        let (decision, hint) = check(&["oncall"], &[], delete);
+        assert_eq!(decision, DecisionKind::Deny);
+        assert_eq!(
+            hint.as_deref(),
+            Some(
+                "grant \"writer\" lifts this rule; ask for it with: sluice request --target shop --grant writer --for 30m --reason \"...\""
+            )
+        );
+        // Approved: the rule that excepts it no longer applies, and the one
+        // that names it does.
+        assert_eq!(check(&["oncall"], &writer, delete).0, DecisionKind::Allow);
+        assert_eq!(
+            check(&["oncall"], &writer, "DROP TABLE ledger").0,
+            DecisionKind::RequireApproval
+        );
+        assert_eq!(check(&["oncall"], &[], "DROP TABLE ledger").0, DecisionKind::Deny);
+        // A grant approved for someone no longer among its holders (left
+        // the group since) does not hold.
+        assert_eq!(check(&["analytics"], &writer, delete).0, DecisionKind::Deny);
+        // Someone who may not ask gets no hint to.
+        let (_, hint) = check(&["analytics"], &[], delete);
+        assert!(!hint.unwrap().contains("sluice request"));
+        // A standing grant is held by its holders, without asking.
+        assert_eq!(check(&["deploy"], &[], delete).0, DecisionKind::Allow);
+
+        let groups = vec!["oncall".to_string()];
+        let subject = Subject {
+            name: "bob",
+            subject: "bob",
+            email: None,
+            groups: &groups,
+            labels: &labels,
+            target: "shop",
+            search_path_changed: false,
+            granted: &[],
+        };
+        let grant = policy.requestable("writer", &subject).unwrap();
+        assert_eq!(
+            grant.request.as_ref().unwrap().max_duration,
+            std::time::Duration::from_secs(7200)
+        );
+        let unknown = policy.requestable("root", &subject).unwrap_err();
+        assert_eq!(
+            unknown,
+            GrantRefusal::Unknown("there is no grant \"root\"; grants that can be requested: writer".into())
+        );
+        assert!(matches!(
+            policy.requestable("migrators", &subject),
+            Err(GrantRefusal::Unknown(m)) if m.contains("is not requested")
+        ));
+        let elsewhere = Subject {
+            target: "nowhere",
+            ..subject
+        };
+        assert!(matches!(
+            policy.requestable("writer", &elsewhere),
+            Err(GrantRefusal::Unknown(_))
+        ));
+        let analytics = vec!["analytics".to_string()];
+        let outsider = Subject {
+            groups: &analytics,
+            ..subject
+        };
+        assert!(matches!(
+            policy.requestable("writer", &outsider),
+            Err(GrantRefusal::Forbidden(m)) if m == "bob may not ask for grant \"writer\" on target \"shop\": the policy names who may"
+        ));
     }
 
     /// Texts of one shape share a cache entry, but a text whose numbers

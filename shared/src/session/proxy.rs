@@ -1340,6 +1340,7 @@ impl<'a> Proxy<'a> {
             needed: approval.approvals,
             timeout: approval.timeout,
             retry: None,
+            access: None,
         });
         tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
         let mut notice = ErrorFields::new(
@@ -1348,7 +1349,7 @@ impl<'a> Proxy<'a> {
             format!(
                 "held for approval: request {}, expires in {}, approvers: {} ({} approval{} needed)",
                 view.id,
-                human_duration(approval.timeout),
+                crate::config::human_duration(approval.timeout),
                 approval.approvers.join(", "),
                 approval.approvals,
                 if approval.approvals == 1 { "" } else { "s" }
@@ -1437,6 +1438,7 @@ impl<'a> Proxy<'a> {
                     needed: approval.approvals,
                     timeout: approval.timeout,
                     retry: Some(hash),
+                    access: None,
                 });
                 view.id
             }
@@ -1448,7 +1450,7 @@ impl<'a> Proxy<'a> {
                 "once request {id} is approved ({} of: {}), send exactly the same statement again within {}, as a simple query (not prepared): it runs once",
                 approval.approvals,
                 approval.approvers.join(", "),
-                human_duration(approval.timeout)
+                crate::config::human_duration(approval.timeout)
             )),
         })
     }
@@ -1530,7 +1532,7 @@ impl<'a> Proxy<'a> {
                 format!(
                     "statement not run: approval request {} expired after {} with no decision",
                     held.id,
-                    human_duration(held.timeout)
+                    crate::config::human_duration(held.timeout)
                 ),
             )
             .with_hint("send the statement again to ask again, or ask an approver to watch for it"),
@@ -1584,11 +1586,15 @@ impl<'a> Proxy<'a> {
 
     /// The gate's decision on a statement.
     fn decide(&mut self, sql: &str, source: StatementSource<'_>) -> (Outcome, Decided) {
+        // Looked up for every statement, so that a grant applies from the
+        // moment it is approved and stops the moment it expires.
+        let granted = self.ctx.approvals.granted(self.ctx.identity, self.ctx.target);
         let ctx = StatementContext {
             identity: self.ctx.identity,
             target: self.ctx.target,
             session_id: self.ctx.session_id,
             source,
+            granted: &granted,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
         // A statement that needs approval may run once approved: it gets
@@ -2261,18 +2267,6 @@ fn changes_search_path(classification: Option<&crate::policy::Classification>) -
             .iter()
             .any(|s| s.features.contains(crate::policy::Feature::SearchPath))
     })
-}
-
-/// `10m`, `1h30m`, `45s`.
-fn human_duration(duration: Duration) -> String {
-    let secs = duration.as_secs();
-    match (secs / 3600, (secs % 3600) / 60, secs % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, 0, _) => format!("{h}h"),
-        (h, m, _) => format!("{h}h{m}m"),
-    }
 }
 
 /// Sampled values longer than this are cut.
