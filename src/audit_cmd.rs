@@ -232,13 +232,30 @@ fn describe(stored: &StoredEvent) -> String {
             };
             let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
             let mut line = format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0);
-            if !sample.is_empty() {
+            if !columns.is_empty() {
+                let described: Vec<String> = columns
+                    .iter()
+                    .map(|c| {
+                        let origin = c.origin.as_deref().map(|o| format!(" <- {o}")).unwrap_or_default();
+                        let tags = if c.tags.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", c.tags.join(", "))
+                        };
+                        format!("{}{origin} [{}{tags}]", c.name, c.masking)
+                    })
+                    .collect();
                 line.push_str(&format!(
-                    "\n{:>8}  {:24}  | {}",
+                    "\n{:>8}  {:24}  columns: {}",
                     "",
                     "",
-                    printable(&columns.join(" | "))
+                    printable(&described.join(", "))
                 ));
+            }
+            if !sample.is_empty() {
+                let width = sample[0].len().min(columns.len());
+                let names: Vec<&str> = columns[..width].iter().map(|c| c.name.as_str()).collect();
+                line.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&names.join(" | "))));
                 for row in sample {
                     let values: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
                     line.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&values.join(" | "))));
@@ -379,6 +396,14 @@ pub fn lineage(files: &TrailFiles, query: &sluice_core::audit::LineageQuery) -> 
             row.last,
             row.tags.iter().cloned().collect::<Vec<_>>().join(",")
         );
+        if !row.columns.is_empty() {
+            let columns: Vec<String> = row
+                .columns
+                .iter()
+                .map(|(name, masking)| format!("{name} ({})", masking.iter().cloned().collect::<Vec<_>>().join("/")))
+                .collect();
+            println!("{:<24}  columns: {}", "", printable(&columns.join(", ")));
+        }
     }
     Ok(())
 }

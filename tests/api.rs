@@ -262,3 +262,111 @@ async fn lineage_answers_who_touched_tagged_data_and_what_an_identity_touched() 
     assert_eq!(what, [("customers", "read"), ("orders", "write")]);
     assert!(bob_touched[1].tags.contains("finance"), "{bob_touched:?}");
 }
+
+/// Column lineage: each statement's result columns are on the record with
+/// their origin (whatever the alias), tags and how they were masked, over
+/// both protocols; lineage by a column tag finds a statement over an
+/// untagged relation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_columns_are_recorded_with_origin_tags_and_masking() {
+    use sluice_core::audit::{ColumnRecord, LineageQuery};
+    let path = crate::harness::cluster().dev.dir().join("audit-columns.db");
+    let extra = format!(
+        "[audit]\npath = \"{}\"\nsync = \"normal\"\n\n\
+         [[audit.tags]]\ntag = \"contact\"\ncolumns = [\"customers.email\"]\n\n\
+         [[audit.tags]]\ntag = \"crm\"\nrelations = [\"public.customers\"]\n\n\
+         [[masking.rules]]\ncolumns = [\"customers.email\"]\nstrategy = \"redact\"\n",
+        path.display()
+    );
+    let gw = TestGateway::start(
+        "api_columns",
+        Spec {
+            extra,
+            ..Spec::default()
+        },
+    )
+    .await;
+    crate::harness::setup(
+        &gw.db,
+        "CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'a@example.com')",
+    )
+    .await;
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.simple_query("SELECT id AS n, email AS contact, upper(email) FROM customers")
+        .await
+        .unwrap();
+    let row = bob
+        .query_one("SELECT email AS e FROM customers WHERE id = $1", &[&1i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("[masked]"));
+    bob.simple_query("INSERT INTO customers VALUES (2, 'b@example.com')")
+        .await
+        .unwrap();
+    drop(bob);
+
+    let viewer = client(&gw, Some(ALICE));
+    let session = viewer.past_sessions(10).await.unwrap()[0].session.clone();
+    let mut done: Vec<Vec<ColumnRecord>> = Vec::new();
+    for _ in 0..200 {
+        done = viewer
+            .timeline(&session)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event.detail {
+                Detail::StatementDone { columns, .. } => Some(columns),
+                _ => None,
+            })
+            .collect();
+        if done.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let describe = |columns: &[ColumnRecord]| -> Vec<String> {
+        columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} <- {} [{}; {}]",
+                    c.name,
+                    c.origin.as_deref().unwrap_or("?"),
+                    c.masking,
+                    c.tags.join(",")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        describe(&done[0]),
+        [
+            "n <- public.customers.id [detectors; crm]",
+            "contact <- public.customers.email [rule; contact,crm]",
+            "upper <- ? [expression; ]",
+        ]
+    );
+    assert_eq!(
+        describe(&done[1]),
+        ["e <- public.customers.email [rule; contact,crm]"],
+        "the extended protocol records its columns too"
+    );
+    assert!(done[2].is_empty(), "an INSERT returns no columns");
+
+    let contact = viewer
+        .lineage(&LineageQuery {
+            tag: Some("contact".into()),
+            ..LineageQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(contact.len(), 1, "{contact:?}");
+    assert_eq!(
+        contact[0]
+            .columns
+            .get("email")
+            .map(|m| m.iter().cloned().collect::<Vec<_>>()),
+        Some(vec!["rule".to_string()])
+    );
+    assert_eq!(contact[0].statements, 2);
+}

@@ -146,7 +146,9 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
             _ => None,
         })
         .unwrap();
-    assert_eq!(sample.0, ["email"]);
+    let names: Vec<&str> = sample.0.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["email"]);
+    assert_eq!(sample.0[0].masking, "detectors");
     assert_eq!(sample.1, [[Some("****@example.com".to_string())]]);
     assert_eq!(done(&psql_session, 2).2.as_deref(), Some("22012"));
     assert_eq!(done(&psql_session, 4).1, Some(2), "UPDATE 2");

@@ -90,9 +90,11 @@ pub enum Detail {
         /// failed, and the server skipped the rest.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         skipped: bool,
-        /// The result's column names, when rows were sampled.
+        /// The columns of its results, in order (a string of several
+        /// statements may return several): what the client got, from
+        /// where, and how it was masked.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        columns: Vec<String>,
+        columns: Vec<ColumnRecord>,
         /// The first rows of the result as the client received them (masked),
         /// with the content detectors run on them again whatever the
         /// session's masking, and long values cut.
@@ -182,6 +184,25 @@ impl Detail {
             Detail::AccessEnded { .. } => "access_ended",
         }
     }
+}
+
+/// One column of a statement's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnRecord {
+    /// As the client saw it (aliases included).
+    pub name: String,
+    /// `schema.table.column` it comes from, when the gateway knows the
+    /// column: those of tagged relations and tagged or masked columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// How its values left the gateway: "rule" (a masking rule replaced
+    /// them), "expression" (an expression over masked data, masked whole),
+    /// "detectors" (values the content detectors flag are masked) or
+    /// "clear" (the session holds the unmask grant, or masking is off).
+    pub masking: String,
+    /// Tags of its origin, from `[[audit.tags]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// What an access request asks for.

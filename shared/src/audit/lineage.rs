@@ -1,16 +1,17 @@
 //! Lineage from the trail: who touched which relation (or tagged data set),
 //! when, how (read or write), and whether they saw it masked or clear.
 //!
-//! Built from the statement events (their relations and tags) and the
-//! sessions they ran in (identity, labels such as an AI agent's model,
-//! application, and whether the session held the unmask grant). Only
-//! statements that ran count.
+//! Built from the statement events (their relations and tags), their
+//! completions (the result columns, with origin, tags and how each was
+//! masked) and the sessions they ran in (identity, labels such as an AI
+//! agent's model, application, and whether the session held the unmask
+//! grant). Only statements that ran count.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::event::Detail;
+use super::event::{ColumnRecord, Detail};
 use super::sqlite::StoredEvent;
 
 /// What to look for: a relation, a tag or an identity (any combination).
@@ -37,6 +38,12 @@ pub struct LineageRow {
     pub tags: BTreeSet<String>,
     /// Whether results came back masked (no unmask grant in the session).
     pub masked: bool,
+    /// Result columns that came from this relation (by name), with how
+    /// their values left the gateway ("rule", "expression", "detectors",
+    /// "clear"): known for the columns of tagged relations and for tagged
+    /// and masked columns.
+    #[serde(default)]
+    pub columns: BTreeMap<String, BTreeSet<String>>,
     pub statements: u64,
     pub first: String,
     pub last: String,
@@ -75,6 +82,17 @@ fn relation_matches(wanted: &str, relation: &str) -> bool {
 pub fn lineage(events: &[StoredEvent], query: &LineageQuery) -> Vec<LineageRow> {
     let mut sessions: HashMap<&str, SessionFacts> = HashMap::new();
     let mut rows: BTreeMap<(String, String, String, String, bool), LineageRow> = BTreeMap::new();
+    // Each statement's result columns, from its completion.
+    let results: HashMap<(&str, u64), &[ColumnRecord]> = events
+        .iter()
+        .filter_map(|stored| match &stored.event.detail {
+            Detail::StatementDone { seq, columns, .. } if !columns.is_empty() => Some((
+                (stored.event.session.as_deref().unwrap_or(""), *seq),
+                columns.as_slice(),
+            )),
+            _ => None,
+        })
+        .collect();
     for stored in events {
         let event = &stored.event;
         let session = event.session.as_deref().unwrap_or("");
@@ -97,17 +115,18 @@ pub fn lineage(events: &[StoredEvent], query: &LineageQuery) -> Vec<LineageRow> 
                 }
             }
             Detail::Statement {
-                decision, statements, ..
+                seq,
+                decision,
+                statements,
+                ..
             } if decision == "allow" => {
                 let identity = event.identity.clone().unwrap_or_default();
                 if query.identity.as_ref().is_some_and(|want| *want != identity) {
                     continue;
                 }
                 let facts = sessions.get(session);
+                let columns = results.get(&(session, *seq)).copied().unwrap_or_default();
                 for statement in statements {
-                    if query.tag.as_ref().is_some_and(|tag| !statement.tags.contains(tag)) {
-                        continue;
-                    }
                     for relation in &statement.relations {
                         let Some((name, access)) = split_relation(relation) else {
                             continue;
@@ -116,6 +135,24 @@ pub fn lineage(events: &[StoredEvent], query: &LineageQuery) -> Vec<LineageRow> 
                             .relation
                             .as_ref()
                             .is_some_and(|want| !relation_matches(want, name))
+                        {
+                            continue;
+                        }
+                        // The result columns that came from this relation.
+                        let from_here: Vec<(&str, &ColumnRecord)> = if access == "read" {
+                            columns
+                                .iter()
+                                .filter_map(|c| {
+                                    let (table, column) = c.origin.as_deref()?.rsplit_once('.')?;
+                                    relation_matches(name, table).then_some((column, c))
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        if let Some(tag) = &query.tag
+                            && !statement.tags.contains(tag)
+                            && !from_here.iter().any(|(_, c)| c.tags.contains(tag))
                         {
                             continue;
                         }
@@ -138,6 +175,7 @@ pub fn lineage(events: &[StoredEvent], query: &LineageQuery) -> Vec<LineageRow> 
                             access: access.to_string(),
                             tags: BTreeSet::new(),
                             masked,
+                            columns: BTreeMap::new(),
                             statements: 0,
                             first: at.clone(),
                             last: at.clone(),
@@ -145,6 +183,13 @@ pub fn lineage(events: &[StoredEvent], query: &LineageQuery) -> Vec<LineageRow> 
                         row.statements += 1;
                         row.last = at;
                         row.tags.extend(statement.tags.iter().cloned());
+                        for (column, record) in from_here {
+                            row.tags.extend(record.tags.iter().cloned());
+                            row.columns
+                                .entry(column.to_string())
+                                .or_default()
+                                .insert(record.masking.clone());
+                        }
                         if let Some(facts) = facts
                             && !facts.application.is_empty()
                         {
@@ -269,6 +314,54 @@ mod tests {
         );
         assert!(by_tag.is_empty());
         assert!(relation_matches("public.customers", "customers"));
+
+        // Columns: a statement over an untagged relation whose result has a
+        // tagged column answers for that tag, with how it was masked.
+        let column = |name: &str, origin: &str, masking: &str, tags: &[&str]| ColumnRecord {
+            name: name.into(),
+            origin: Some(origin.into()),
+            masking: masking.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        };
+        let mut events = events;
+        events.push(stored(
+            10,
+            "c",
+            "carol",
+            statement(&["public.staff (read)"], &[], "allow"),
+        ));
+        events.push(stored(
+            11,
+            "c",
+            "carol",
+            Detail::StatementDone {
+                seq: 1,
+                rows: Some(1),
+                duration_us: 5,
+                sqlstate: None,
+                skipped: false,
+                columns: vec![
+                    column("who", "public.staff.name", "detectors", &[]),
+                    column("mail", "public.staff.email", "clear", &["pii"]),
+                ],
+                sample: vec![],
+            },
+        ));
+        let pii = lineage(
+            &events,
+            &LineageQuery {
+                tag: Some("pii".into()),
+                identity: Some("carol".into()),
+                ..Default::default()
+            },
+        );
+        let staff = pii
+            .iter()
+            .find(|r| r.relation == "public.staff")
+            .expect("the tagged column counts");
+        assert_eq!(staff.columns["email"], BTreeSet::from(["clear".to_string()]));
+        assert_eq!(staff.columns["name"], BTreeSet::from(["detectors".to_string()]));
+        assert!(staff.tags.contains("pii"));
         assert!(!relation_matches("billing.customers", "public.customers"));
     }
 }

@@ -22,7 +22,7 @@ mod writer;
 use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
-pub use event::{AccessAsk, Detail, Event, StatementRecord};
+pub use event::{AccessAsk, ColumnRecord, Detail, Event, StatementRecord};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};

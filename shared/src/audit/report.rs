@@ -67,6 +67,10 @@ pub struct TagCoverage {
     pub masked_reads: u64,
     pub clear_reads: u64,
     pub identities_clear: BTreeSet<String>,
+    /// The tagged result columns seen (`relation.column`), with how their
+    /// values left the gateway: "rule", "expression", "detectors", "clear".
+    #[serde(default)]
+    pub columns: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// The evidence pack.
@@ -215,6 +219,11 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
                     }
                 }
             }
+            Detail::StatementDone { columns, .. } => {
+                for column in columns {
+                    tags.extend(column.tags.iter().cloned());
+                }
+            }
             _ => {}
         }
     }
@@ -233,8 +242,16 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
                 masked_reads: 0,
                 clear_reads: 0,
                 identities_clear: BTreeSet::new(),
+                columns: BTreeMap::new(),
             };
             for row in rows.iter().filter(|r| r.access == "read") {
+                for (column, masking) in &row.columns {
+                    coverage
+                        .columns
+                        .entry(format!("{}.{column}", row.relation))
+                        .or_default()
+                        .extend(masking.iter().cloned());
+                }
                 if row.masked {
                     coverage.masked_reads += row.statements;
                 } else {
@@ -379,17 +396,23 @@ impl Report {
         } else {
             let _ = writeln!(
                 out,
-                "| tag | reads masked | reads clear | identities that saw it clear |"
+                "| tag | reads masked | reads clear | identities that saw it clear | result columns (how they left) |"
             );
-            let _ = writeln!(out, "|---|---|---|---|");
+            let _ = writeln!(out, "|---|---|---|---|---|");
             for t in &self.tags {
+                let columns: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|(column, how)| format!("{column}: {}", how.iter().cloned().collect::<Vec<_>>().join("/")))
+                    .collect();
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     cell(&t.tag),
                     t.masked_reads,
                     t.clear_reads,
-                    cell(&t.identities_clear.iter().cloned().collect::<Vec<_>>().join(", "))
+                    cell(&t.identities_clear.iter().cloned().collect::<Vec<_>>().join(", ")),
+                    cell(&columns.join("; "))
                 );
             }
         }
@@ -493,5 +516,66 @@ mod tests {
         assert!(md.contains("| 4 |"), "{md}");
         assert!(md.contains("`DROP TABLE t \\| x`"), "pipes are escaped: {md}");
         assert!(md.contains("intact: events 1..5"), "{md}");
+    }
+
+    #[test]
+    fn tagged_columns_say_how_they_left() {
+        let ev = |id, detail| StoredEvent {
+            id,
+            event: Event::now(detail).in_session("s").by("carol", "shop"),
+        };
+        let events = vec![
+            ev(
+                1,
+                Detail::Statement {
+                    seq: 1,
+                    source: "query".into(),
+                    text: "SELECT email FROM staff".into(),
+                    decision: "allow".into(),
+                    rule: None,
+                    refusal: None,
+                    statements: vec![crate::audit::StatementRecord {
+                        kind: "read".into(),
+                        command: "SELECT".into(),
+                        relations: vec!["staff (read)".into()],
+                        features: vec![],
+                        tags: vec![],
+                    }],
+                },
+            ),
+            ev(
+                2,
+                Detail::StatementDone {
+                    seq: 1,
+                    rows: Some(1),
+                    duration_us: 1,
+                    sqlstate: None,
+                    skipped: false,
+                    columns: vec![crate::audit::ColumnRecord {
+                        name: "email".into(),
+                        origin: Some("public.staff.email".into()),
+                        masking: "rule".into(),
+                        tags: vec!["pii".into()],
+                    }],
+                    sample: vec![],
+                },
+            ),
+        ];
+        let verification = Verification {
+            events: 2,
+            first_id: 1,
+            last_id: 2,
+            signed_heads: 0,
+            last_signed: None,
+            broken: None,
+        };
+        let report = build(&events, "2026-01-01", "2026-02-01", &verification);
+        assert_eq!(report.tags.len(), 1, "a column tag alone counts");
+        assert_eq!(report.tags[0].masked_reads, 1);
+        assert_eq!(
+            report.tags[0].columns["staff.email"],
+            BTreeSet::from(["rule".to_string()])
+        );
+        assert!(report.markdown().contains("staff.email: rule"));
     }
 }

@@ -169,11 +169,15 @@ pub struct AuditConfig {
     pub tags: Vec<TagRule>,
 }
 
-/// `[[audit.tags]]`: relations that carry a tag (`pii`, `finance`...).
+/// `[[audit.tags]]`: relations and columns that carry a tag (`pii`,
+/// `finance`...).
 #[derive(Debug, Clone)]
 pub struct TagRule {
     pub tag: String,
+    /// Every column of these relations carries the tag.
     pub relations: Vec<RelationPattern>,
+    /// These columns carry it (`customers.email`, `*.ssn`).
+    pub columns: Vec<ColumnPattern>,
 }
 
 impl AuditConfig {
@@ -693,7 +697,30 @@ impl Validator<'_> {
                     ),
                 }
             }
-            audit.tags.push(TagRule { tag: name, relations });
+            let mut columns = Vec::new();
+            for text in &tag.columns {
+                match ColumnPattern::parse(text.get_ref()) {
+                    Some(pattern) => columns.push(pattern),
+                    None => self.at(
+                        text,
+                        format!(
+                            "audit tag \"{name}\": \"{}\" is not a column pattern; write \"column\", \"table.column\" or \"schema.table.column\" (wildcards * and ?)",
+                            text.get_ref()
+                        ),
+                    ),
+                }
+            }
+            if tag.relations.is_empty() && tag.columns.is_empty() {
+                self.at(
+                    &tag.tag,
+                    format!("audit tag \"{name}\" names nothing: add relations = [\"customers\"] or columns = [\"customers.email\"]"),
+                );
+            }
+            audit.tags.push(TagRule {
+                tag: name,
+                relations,
+                columns,
+            });
         }
         if let Some(rows) = &raw.sample_rows {
             match usize::try_from(*rows.get_ref()) {

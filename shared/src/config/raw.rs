@@ -61,7 +61,10 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawTag {
     pub tag: Spanned<String>,
+    #[serde(default)]
     pub relations: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub columns: Vec<Spanned<String>>,
 }
 
 /// `[masking]`: what the result seam does to values.

@@ -38,6 +38,9 @@ pub struct Catalog {
     /// Names (lower case) of functions written in SQL or a procedural
     /// language outside the system schemas.
     functions: Arc<HashSet<String>>,
+    /// Where result columns come from, for the trail (see
+    /// [`origins_query`]); shared by every session on the target.
+    pub origins: Arc<Origins>,
     pub loaded: Instant,
 }
 
@@ -179,6 +182,95 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
 /// Columns of the catalog query's rows.
 pub const FIELDS: usize = 7;
 
+/// Where a result column comes from, and its tags: for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnOrigin {
+    /// `schema.table.column`.
+    pub column: Arc<str>,
+    pub tags: Arc<[String]>,
+}
+
+/// Origins by (table OID, attribute number), as RowDescription names them.
+pub type Origins = HashMap<(u32, i16), ColumnOrigin>;
+
+/// Columns of the origins query's rows.
+pub const ORIGIN_FIELDS: usize = 6;
+
+/// The query for the origins of the columns the trail describes: every
+/// column of a tagged relation, tagged columns, and masked columns (whose
+/// origin says what was masked). `None` when nothing is tagged or masked.
+/// Rows: relation OID, attribute number, schema, relation, column, and the
+/// index of the tag (-1 for a masked column without one).
+pub fn origins_query(tags: &[crate::config::TagRule], rules: &[MaskRule]) -> Option<String> {
+    let mut values = String::new();
+    let mut add = |tag: i64, schema: &str, table: &str, column: &str| {
+        if !values.is_empty() {
+            values.push_str(", ");
+        }
+        let _ = write!(values, "({tag}, {}, {}, {})", like(schema), like(table), like(column));
+    };
+    for (i, rule) in tags.iter().enumerate() {
+        for relation in &rule.relations {
+            let schema = relation.schema.as_ref().map_or("*", |p| p.as_str());
+            add(i as i64, schema, relation.name.as_str(), "*");
+        }
+        for column in &rule.columns {
+            add(i as i64, &column.schema, &column.table, &column.column);
+        }
+    }
+    for pattern in rules.iter().flat_map(|r| &r.columns) {
+        add(-1, &pattern.schema, &pattern.table, &pattern.column);
+    }
+    if values.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "SELECT c.oid::int8, a.attnum, n.nspname, c.relname, a.attname, r.tag \
+         FROM pg_catalog.pg_attribute a \
+         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         JOIN (VALUES {values}) AS r(tag, s, t, col) \
+           ON n.nspname ILIKE r.s AND c.relname ILIKE r.t AND a.attname ILIKE r.col \
+         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    ))
+}
+
+/// Reads the origins query's rows (text values, in its column order).
+pub fn origins_from_rows<'a>(
+    rows: impl IntoIterator<Item = [&'a str; ORIGIN_FIELDS]>,
+    tags: &[crate::config::TagRule],
+) -> Result<Origins, String> {
+    let mut found: HashMap<(u32, i16), (String, Vec<String>)> = HashMap::new();
+    for [relid, attnum, schema, table, column, tag] in rows {
+        let bad = |what: &str, value: &str| format!("origin row: {what} {value:?} is not a number");
+        let relid: u32 = relid.parse().map_err(|_| bad("relation", relid))?;
+        let attnum: i16 = attnum.parse().map_err(|_| bad("attribute", attnum))?;
+        let tag: i64 = tag.parse().map_err(|_| bad("tag", tag))?;
+        let entry = found
+            .entry((relid, attnum))
+            .or_insert_with(|| (format!("{schema}.{table}.{column}"), Vec::new()));
+        if let Some(rule) = usize::try_from(tag).ok().and_then(|i| tags.get(i))
+            && !entry.1.contains(&rule.tag)
+        {
+            entry.1.push(rule.tag.clone());
+        }
+    }
+    Ok(found
+        .into_iter()
+        .map(|(key, (column, mut tags))| {
+            tags.sort();
+            (
+                key,
+                ColumnOrigin {
+                    column: Arc::from(column),
+                    tags: Arc::from(tags),
+                },
+            )
+        })
+        .collect())
+}
+
 /// Builds a snapshot from the query's rows (text values, in its column
 /// order). A row that does not read is an error: the caller then masks by
 /// detectors only and says so.
@@ -215,6 +307,7 @@ pub fn from_rows<'a>(
         names,
         rowtypes,
         functions: Arc::new(functions.into_iter().map(str::to_ascii_lowercase).collect()),
+        origins: Arc::default(),
         loaded: Instant::now(),
     })
 }

@@ -222,6 +222,18 @@ impl RowMasker {
         Ok(())
     }
 
+    /// How column `index` of the current result leaves the gateway:
+    /// "rule", "expression" (masked whole) or "detectors" (values with a
+    /// finding masked); "clear" when no detector is on.
+    pub fn column_masking(&self, index: usize) -> &'static str {
+        match self.column_rules.get(index) {
+            Some(Some(Rule::Expression { .. })) => "expression",
+            Some(Some(_)) => "rule",
+            _ if self.detectors.is_empty() => "clear",
+            _ => "detectors",
+        }
+    }
+
     /// A NoData answer: no rows follow.
     pub fn no_data(&mut self) {
         if let Some(columns) = &mut self.columns {

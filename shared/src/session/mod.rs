@@ -307,23 +307,28 @@ async fn run_session(
 
     let mut upstream = upstream;
     let unmask_grant = shared.gate.unmask_grant(&identity, &target.name);
+    let Ok(catalog) = target_catalog(shared, &target.name, &mut upstream.conn).await else {
+        let error = refuse(
+            "XX000",
+            format!(
+                "the gateway could not read which columns of target \"{}\" are masked or tagged, so it cannot mask or record your results",
+                target.name
+            ),
+        )
+        .with_hint("try again; the gateway's log has the details");
+        return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
+    };
+    let origins = catalog.as_ref().map(|c| c.origins.clone());
     let masker = if let Some(grant) = &unmask_grant {
         // The same event path as statements: the audit trail records it.
         tracing::info!(identity = %identity, target = %target.name, %grant, "unmask grant used: this session sees clear values");
         None
     } else {
-        let Some(rules) = column_rules(shared, &target.name, &identity, &mut upstream.conn).await else {
-            let error = refuse(
-                "XX000",
-                format!(
-                    "the gateway could not read which columns of target \"{}\" are masked, so it cannot mask your results",
-                    target.name
-                ),
-            )
-            .with_hint("try again; the gateway's log has the details");
-            return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
-        };
         let masking = &shared.config.masking;
+        let rules = catalog
+            .as_ref()
+            .map(|c| c.for_identity(&masking.rules, identity.groups()))
+            .unwrap_or_default();
         (!masking.detectors.is_empty() || !rules.is_empty())
             .then(|| crate::mask::RowMasker::new(masking.detectors, rules))
     };
@@ -388,6 +393,7 @@ async fn run_session(
         session_id: id,
         max_message_size: shared.config.server.max_message_size,
         masker,
+        origins,
         catalogs: &shared.catalogs,
         auditor: shared.auditor.as_ref(),
         audit_continue: shared.config.audit.on_failure == crate::config::OnAuditFailure::Continue,
@@ -444,75 +450,121 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     }
 }
 
-/// The column rules that apply to this identity on this target, from the
-/// target's catalog snapshot; the snapshot is read on this session's own
-/// upstream connection (before the client's first statement) when it is
-/// missing or older than `masking.catalog_ttl`. If it cannot be read, the
-/// session cannot be masked by its rules and is refused (`None`): a client
-/// could otherwise make the read fail (a tiny statement_timeout) to get its
+/// The target's catalog snapshot: which columns masking rules name, and the
+/// origins of the columns the trail describes (tagged and masked ones). It
+/// is read on this session's own upstream connection (before the client's
+/// first statement) when it is missing or older than
+/// `masking.catalog_ttl`; `None` when nothing is masked or tagged. If it
+/// cannot be read, the session is refused (`Err`): a client could
+/// otherwise make the read fail (a tiny statement_timeout) to get its
 /// results masked by detectors only.
-async fn column_rules(
+async fn target_catalog(
     shared: &Shared,
     target: &str,
-    identity: &Identity,
     conn: &mut Connection,
-) -> Option<crate::mask::catalog::ColumnRules> {
+) -> Result<Option<Arc<crate::mask::catalog::Catalog>>, ()> {
+    use crate::mask::catalog;
     let masking = &shared.config.masking;
-    let Some(query) = crate::mask::catalog::query(&masking.rules) else {
-        return Some(Default::default());
+    let tags: &[crate::config::TagRule] = if shared.auditor.is_some() {
+        &shared.config.audit.tags
+    } else {
+        &[]
     };
+    let rules_query = catalog::query(&masking.rules);
+    let origins_query = catalog::origins_query(tags, &masking.rules);
+    if rules_query.is_none() && origins_query.is_none() {
+        return Ok(None);
+    }
     let cached = shared
         .catalogs
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(target)
         .cloned();
-    let catalog = match cached {
-        Some(catalog) if catalog.loaded.elapsed() < masking.catalog_ttl => catalog,
-        _ => match load_catalog(conn, &query, shared.config.server.max_message_size).await {
-            Ok(catalog) => {
-                let catalog = Arc::new(catalog);
-                shared
-                    .catalogs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(target.to_string(), catalog.clone());
-                catalog
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "masking rules: cannot read the target's catalog; the session is refused");
-                return None;
-            }
-        },
-    };
-    Some(catalog.for_identity(&masking.rules, identity.groups()))
+    if let Some(catalog) = cached
+        && catalog.loaded.elapsed() < masking.catalog_ttl
+    {
+        return Ok(Some(catalog));
+    }
+    let mut queries = Vec::new();
+    if let Some(query) = &rules_query {
+        queries.push(query.as_str());
+        queries.push(catalog::FUNCTIONS_QUERY);
+    }
+    if let Some(query) = &origins_query {
+        queries.push(query.as_str());
+    }
+    let loaded = catalog_rows(conn, &queries, shared.config.server.max_message_size)
+        .await
+        .and_then(|mut results| {
+            let origins = match origins_query {
+                Some(_) => results.pop().unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let (rules, functions) = match rules_query {
+                Some(_) => {
+                    let functions = results.pop().unwrap_or_default();
+                    (results.pop().unwrap_or_default(), functions)
+                }
+                None => Default::default(),
+            };
+            let fields = |rows: &[Vec<String>], want: usize, what: &str| {
+                rows.iter()
+                    .find(|r| r.len() != want)
+                    .map_or(Ok(()), |r| Err(format!("{what} row with {} fields", r.len())))
+            };
+            fields(&rules, catalog::FIELDS, "catalog")?;
+            fields(&functions, 1, "function")?;
+            fields(&origins, catalog::ORIGIN_FIELDS, "origin")?;
+            let mut snapshot = catalog::from_rows(
+                rules.iter().map(|r| std::array::from_fn(|i| r[i].as_str())),
+                functions.iter().map(|r| r[0].as_str()),
+            )?;
+            snapshot.origins = Arc::new(catalog::origins_from_rows(
+                origins.iter().map(|r| std::array::from_fn(|i| r[i].as_str())),
+                tags,
+            )?);
+            Ok(snapshot)
+        });
+    match loaded {
+        Ok(snapshot) => {
+            let snapshot = Arc::new(snapshot);
+            shared
+                .catalogs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(target.to_string(), snapshot.clone());
+            Ok(Some(snapshot))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the target's catalog (masked and tagged columns); the session is refused");
+            Err(())
+        }
+    }
 }
 
-/// Runs the catalog query on an idle upstream connection and reads its rows.
-async fn load_catalog(
+/// Runs catalog queries in one read-only transaction on an idle upstream
+/// connection; the rows of each query, as text (NULL as empty).
+async fn catalog_rows(
     conn: &mut Connection,
-    query: &str,
+    queries: &[&str],
     max_message_size: usize,
-) -> Result<crate::mask::catalog::Catalog, String> {
+) -> Result<Vec<Vec<Vec<String>>>, String> {
     use crate::protocol::backend::tag;
     let mut out = BytesMut::new();
     // The session's own settings (from its startup packet) must not change
     // the lookup: no timeout to trip, and names resolved in pg_catalog only.
-    let functions_query = crate::mask::catalog::FUNCTIONS_QUERY;
     let query = format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
-         SET LOCAL search_path = pg_catalog, pg_temp; {query}; {functions_query}; COMMIT"
+         SET LOCAL search_path = pg_catalog, pg_temp; {}; COMMIT",
+        queries.join("; ")
     );
     crate::protocol::frontend::Query::encode(&query, &mut out);
     conn.send(&out)
         .await
         .map_err(|e| format!("sending the catalog query: {e}"))?;
-    use crate::mask::catalog::FIELDS;
-    let mut rows: Vec<[String; FIELDS]> = Vec::new();
-    let mut functions: Vec<String> = Vec::new();
-    // Which of the two queries the rows belong to: each starts with its
-    // RowDescription.
-    let mut described = 0;
+    // Each query's rows start with its RowDescription.
+    let mut results: Vec<Vec<Vec<String>>> = Vec::new();
     let mut error = None;
     loop {
         let message = conn
@@ -520,28 +572,20 @@ async fn load_catalog(
             .await
             .map_err(|e| format!("reading the catalog: {e}"))?;
         match message.tag {
-            tag::ROW_DESCRIPTION => described += 1,
-            tag::DATA_ROW if described == 2 => {
-                let mut cur = crate::protocol::Cursor::new(&message.body);
-                if cur.count16("field count").map_err(|e| e.to_string())? != 1 {
-                    return Err("function row with more than one field".into());
-                }
-                let name = cur.nullable_value("function name").map_err(|e| e.to_string())?;
-                functions.push(String::from_utf8_lossy(name.unwrap_or_default()).into_owned());
-            }
+            tag::ROW_DESCRIPTION => results.push(Vec::new()),
             tag::DATA_ROW => {
+                let Some(rows) = results.last_mut() else {
+                    return Err("a catalog row before its description".into());
+                };
                 let mut cur = crate::protocol::Cursor::new(&message.body);
                 let count = cur.count16("field count").map_err(|e| e.to_string())?;
-                let mut fields: [String; FIELDS] = Default::default();
-                if count != FIELDS {
-                    return Err(format!("catalog row with {count} fields"));
-                }
-                for field in &mut fields {
+                let mut fields = Vec::with_capacity(count);
+                for _ in 0..count {
                     let value = cur
                         .nullable_value("field")
                         .map_err(|e| e.to_string())?
                         .unwrap_or_default();
-                    *field = String::from_utf8_lossy(value).into_owned();
+                    fields.push(String::from_utf8_lossy(value).into_owned());
                 }
                 rows.push(fields);
             }
@@ -563,11 +607,12 @@ async fn load_catalog(
     if let Some(error) = error {
         return Err(format!("the catalog query failed: {error}"));
     }
-    if described != 2 {
-        return Err(format!("the catalog lookup answered {described} queries of 2"));
+    if results.len() != queries.len() {
+        return Err(format!(
+            "the catalog lookup answered {} queries of {}",
+            results.len(),
+            queries.len()
+        ));
     }
-    crate::mask::catalog::from_rows(
-        rows.iter().map(|r| std::array::from_fn(|i| r[i].as_str())),
-        functions.iter().map(String::as_str),
-    )
+    Ok(results)
 }

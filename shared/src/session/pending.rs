@@ -102,8 +102,10 @@ pub struct Mark {
     pub sqlstate: Option<String>,
     /// It never ran: an earlier message of its batch failed.
     pub skipped: bool,
-    /// Column names of its result, once a row was sampled.
-    pub columns: Vec<String>,
+    /// The columns of its results, in order.
+    pub columns: Vec<crate::audit::ColumnRecord>,
+    /// Results that ended (their CommandComplete came).
+    pub results: u32,
     /// Its first result rows, for the trail.
     pub sample: Vec<Vec<Option<String>>>,
 }
@@ -146,21 +148,33 @@ impl PendingQueue {
         }
     }
 
-    /// Whether the statement whose rows arrive now wants more sample rows.
+    /// Whether the statement whose rows arrive now wants more sample rows:
+    /// rows of its first result only, so that they line up with the first
+    /// columns.
     pub fn wants_sample(&mut self, limit: usize) -> bool {
         self.front();
-        matches!(self.marks.front(), Some(Some(mark)) if mark.sample.len() < limit)
+        matches!(self.marks.front(), Some(Some(mark)) if mark.results == 0 && mark.sample.len() < limit)
     }
 
-    /// Adds a sample row (and the columns, with the first) to the statement
-    /// whose rows arrive now.
-    pub fn sample_row(&mut self, columns: &[String], row: Vec<Option<String>>) {
+    /// Adds a sample row to the statement whose rows arrive now.
+    pub fn sample_row(&mut self, row: Vec<Option<String>>) {
         self.front();
         if let Some(Some(mark)) = self.marks.front_mut() {
-            if mark.columns.is_empty() {
-                mark.columns = columns.to_vec();
-            }
             mark.sample.push(row);
+        }
+    }
+
+    /// A result of the statement in front ended, with these columns (empty
+    /// for a command without rows).
+    pub fn note_result(&mut self, columns: Vec<crate::audit::ColumnRecord>) {
+        self.front();
+        if let Some(Some(mark)) = self.marks.front_mut() {
+            mark.results += 1;
+            if mark.columns.is_empty() {
+                mark.columns = columns;
+            } else {
+                mark.columns.extend(columns);
+            }
         }
     }
 

@@ -185,6 +185,9 @@ pub(crate) struct ProxyContext<'a> {
     /// The session's result masker; `None` when the identity sees clear
     /// values.
     pub masker: Option<RowMasker>,
+    /// Where result columns come from (tagged and masked ones), for the
+    /// trail; `None` when the target has neither.
+    pub origins: Option<std::sync::Arc<crate::mask::catalog::Origins>>,
     /// The gateway's masking catalog snapshots: DDL on this session makes
     /// the target's stale, so the next session reads it again.
     pub catalogs: &'a std::sync::Mutex<HashMap<String, std::sync::Arc<crate::mask::catalog::Catalog>>>,
@@ -296,8 +299,9 @@ pub(crate) struct Proxy<'a> {
     /// is taken by its first Execute (later ones fetch more of its rows).
     statement_texts: HashMap<String, Arc<AuditText>>,
     portal_texts: HashMap<String, PortalAudit>,
-    /// The column names of the last RowDescription, for sampled rows.
-    sample_columns: Vec<String>,
+    /// The columns of the last RowDescription, for the trail: they go to
+    /// the statement whose result they describe when it ends.
+    result_columns: Vec<crate::audit::ColumnRecord>,
     /// The statement waiting for approvers; the client's next messages wait
     /// behind it.
     held: Option<Held>,
@@ -381,7 +385,7 @@ impl<'a> Proxy<'a> {
             guard_mark: None,
             statement_texts: HashMap::new(),
             portal_texts: HashMap::new(),
-            sample_columns: Vec::new(),
+            result_columns: Vec::new(),
             held: None,
             held_notice: None,
             kill_waker: None,
@@ -1270,6 +1274,7 @@ impl<'a> Proxy<'a> {
             sqlstate: None,
             skipped: false,
             columns: Vec::new(),
+            results: 0,
             sample: Vec::new(),
         })
     }
@@ -1582,6 +1587,48 @@ impl<'a> Proxy<'a> {
             .in_session(self.ctx.session_id)
             .by(self.ctx.identity.name(), self.ctx.target),
         );
+    }
+
+    /// A RowDescription's columns as the trail records them: name, origin
+    /// and tags when the target's catalog knows the column, and how its
+    /// values leave the gateway. Empty if it does not read (the masker then
+    /// ends the session).
+    fn column_records(&self, body: &[u8]) -> Vec<crate::audit::ColumnRecord> {
+        let mut cur = Cursor::new(body);
+        let Ok(count) = cur.count16("column count") else {
+            return Vec::new();
+        };
+        let mut columns = Vec::with_capacity(count);
+        for index in 0..count {
+            let Ok(name) = cur.cstr_bytes("column name") else {
+                return Vec::new();
+            };
+            let (Ok(table), Ok(attnum)) = (cur.i32("table"), cur.i16("attnum")) else {
+                return Vec::new();
+            };
+            // type oid, type length, modifier, format
+            if cur
+                .i32("type")
+                .and(cur.i16("len"))
+                .and(cur.i32("mod"))
+                .and(cur.i16("format"))
+                .is_err()
+            {
+                return Vec::new();
+            }
+            let origin = self
+                .ctx
+                .origins
+                .as_deref()
+                .and_then(|origins| origins.get(&(table as u32, attnum)));
+            columns.push(crate::audit::ColumnRecord {
+                name: String::from_utf8_lossy(name).into_owned(),
+                origin: origin.map(|o| o.column.to_string()),
+                masking: self.seam.column_masking(index).to_string(),
+                tags: origin.map(|o| o.tags.to_vec()).unwrap_or_default(),
+            });
+        }
+        columns
     }
 
     /// The gate's decision on a statement.
@@ -1979,6 +2026,9 @@ impl<'a> Proxy<'a> {
         if message_tag == backend::tag::ROW_DESCRIPTION {
             let sensitive = self.pending.front_sensitive();
             self.seam.describe(message, sensitive);
+            if self.ctx.auditor.is_some() {
+                self.result_columns = self.column_records(body);
+            }
         }
         if matches!(
             message_tag,
@@ -1994,10 +2044,17 @@ impl<'a> Proxy<'a> {
         if self.ctx.auditor.is_some() {
             match message_tag {
                 backend::tag::COMMAND_COMPLETE => {
+                    self.pending.note_result(std::mem::take(&mut self.result_columns));
                     if let Some((_, rows)) = command_count(body) {
                         self.pending.note_rows(rows);
                     }
                 }
+                backend::tag::PORTAL_SUSPENDED => {
+                    // Later Executes of the portal get no RowDescription:
+                    // the columns stay for them.
+                    self.pending.note_result(self.result_columns.clone());
+                }
+                backend::tag::NO_DATA => self.result_columns.clear(),
                 backend::tag::ERROR_RESPONSE => {
                     if let Ok(error) = ReceivedError::decode(body) {
                         self.pending.note_error(error.code);
@@ -2059,10 +2116,6 @@ impl<'a> Proxy<'a> {
             }
             _ => {}
         }
-        if message_tag == backend::tag::ROW_DESCRIPTION && self.ctx.audit_sample_rows > 0 && self.ctx.auditor.is_some()
-        {
-            self.sample_columns = column_names(body);
-        }
         // A session with the unmask grant sees clear values; the trail's
         // readers may not: its rows are not sampled at all (the detectors
         // alone would let rule-masked columns through).
@@ -2083,9 +2136,7 @@ impl<'a> Proxy<'a> {
             self.seam.observe(message_tag, message);
         }
         if sample && let Some(row) = self.to_client.get(sample_from + HEADER_LEN..).and_then(sample_row) {
-            let columns = std::mem::take(&mut self.sample_columns);
-            self.pending.sample_row(&columns, row);
-            self.sample_columns = columns;
+            self.pending.sample_row(row);
         }
         if let Some(err) = self.seam.take_failure() {
             // Fail closed: what cannot be read cannot be masked.
@@ -2301,34 +2352,7 @@ fn sample_row(body: &[u8]) -> Option<Vec<Option<String>>> {
     Some(row)
 }
 
-/// The column names of a RowDescription body (empty if it does not read).
-fn column_names(body: &[u8]) -> Vec<String> {
-    let mut cur = Cursor::new(body);
-    let Ok(count) = cur.count16("column count") else {
-        return Vec::new();
-    };
-    let mut names = Vec::with_capacity(count);
-    for _ in 0..count {
-        let Ok(name) = cur.cstr_bytes("column name") else {
-            return Vec::new();
-        };
-        names.push(String::from_utf8_lossy(name).into_owned());
-        // table oid, attnum, type oid, type length, modifier, format
-        if cur
-            .i32("table")
-            .and(cur.i16("attnum"))
-            .and(cur.i32("type"))
-            .and(cur.i16("len"))
-            .and(cur.i32("mod"))
-            .and(cur.i16("format"))
-            .is_err()
-        {
-            return Vec::new();
-        }
-    }
-    names
-}
-
+/// Each statement of a classified text, as the trail records it.
 fn audit_records(
     classification: Option<&crate::policy::Classification>,
     tags: &[crate::config::TagRule],
@@ -2414,17 +2438,5 @@ mod tests {
         assert!(row[2].as_deref().unwrap().ends_with("... (500 bytes)"));
         assert_eq!(row[3].as_deref(), Some("(3 bytes of binary)"));
         assert_eq!(sample_row(&[0, 2, 0]), None, "a broken row is not sampled");
-    }
-
-    #[test]
-    fn column_names_come_from_the_row_description() {
-        let mut body = 2i16.to_be_bytes().to_vec();
-        for name in ["id", "email"] {
-            body.extend_from_slice(name.as_bytes());
-            body.push(0);
-            body.extend_from_slice(&[0; 18]);
-        }
-        assert_eq!(column_names(&body), ["id", "email"]);
-        assert!(column_names(&body[..5]).is_empty());
     }
 }

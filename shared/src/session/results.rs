@@ -55,6 +55,12 @@ impl ResultSeam {
         }
     }
 
+    /// How column `index` of the current result leaves the gateway (see
+    /// [`RowMasker::column_masking`]); "clear" without a masker.
+    pub fn column_masking(&self, index: usize) -> &'static str {
+        self.masker.as_ref().map_or("clear", |m| m.column_masking(index))
+    }
+
     /// Whether this session masks columns by rule.
     pub fn has_rules(&self) -> bool {
         self.masker.as_ref().is_some_and(RowMasker::has_rules)
