@@ -833,6 +833,57 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
             "COPY (SELECT get_secret(3)) TO STDOUT",
             "a user-defined function's result",
         ),
+        // Inside the masked table: a masked value must not move to a column
+        // read in clear.
+        (
+            "UPDATE api_keys SET service = secret WHERE id = 3",
+            "copies secret, which is masked for you, into column service",
+        ),
+        (
+            "UPDATE api_keys AS k SET service = upper(k.\"secret\")",
+            "copies secret, which is masked for you, into column service",
+        ),
+        (
+            "UPDATE api_keys k SET service = k::text",
+            "copies whole rows or every column",
+        ),
+        (
+            "UPDATE api_keys SET service = row_to_json(api_keys.*)::text",
+            "copies whole rows or every column",
+        ),
+        (
+            "UPDATE api_keys SET service = (SELECT secret FROM api_keys LIMIT 1)",
+            "copies secret",
+        ),
+        (
+            "UPDATE customers SET phone = (SELECT k.secret FROM api_keys k WHERE k.id = customers.id)",
+            "copies secret",
+        ),
+        (
+            "UPDATE api_keys SET service = get_secret(3)",
+            "stores the result of get_secret()",
+        ),
+        (
+            "INSERT INTO api_keys (service) SELECT secret FROM api_keys",
+            "copies secret, which is masked for you, into the rows it writes",
+        ),
+        (
+            "INSERT INTO api_keys SELECT * FROM api_keys",
+            "copies whole rows or every column",
+        ),
+        (
+            "INSERT INTO api_keys (id, service) VALUES (3, 'x') ON CONFLICT (id) DO UPDATE SET service = EXCLUDED.secret",
+            "copies secret",
+        ),
+        (
+            "WITH x AS (UPDATE api_keys SET service = secret RETURNING 1) SELECT count(*) FROM x",
+            "copies secret",
+        ),
+        (
+            "MERGE INTO api_keys k USING api_keys s ON k.id = s.id WHEN MATCHED THEN UPDATE SET service = s.secret",
+            "cannot follow column by column",
+        ),
+        ("INSERT INTO api_keys TABLE api_keys", "cannot read this statement"),
     ] {
         let err = bob.simple_query(statement).await.unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{statement}: {err}"));
@@ -855,6 +906,16 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
             .unwrap(),
     );
     assert_eq!(returned, ["[masked]"]);
+    // A masked column set from itself, a clear one from itself or from
+    // constants, and rows copied from a table with nothing masked, still run.
+    bob.batch_execute(
+        "UPDATE api_keys SET secret = lower(secret) WHERE id = 1; \
+         UPDATE api_keys SET service = upper(service) WHERE secret = 'x'; \
+         INSERT INTO api_keys (service, secret) VALUES ('new', 'typed-in'); \
+         INSERT INTO scratch SELECT * FROM scratch WHERE false",
+    )
+    .await
+    .unwrap();
 
     // Nothing reached the scratch table, and the table kept its column.
     let admin = harness::superuser(&gw.db).await;
@@ -866,6 +927,14 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(stored, ["hello"]);
+    let services: Vec<String> = admin
+        .query("SELECT service FROM api_keys ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(services, ["aws", "github", "internal", "new"], "no secret was copied");
     let column: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'api_keys' AND column_name = 'secret'",

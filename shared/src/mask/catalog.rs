@@ -55,6 +55,9 @@ pub struct ColumnRules {
     /// User-defined functions (see [`FUNCTIONS_QUERY`]): their results may
     /// come from a masked table that the calling statement never names.
     pub functions: Arc<HashSet<String>>,
+    /// The column parts of the rules that apply (lower-case globs): a write
+    /// that copies a column of one of these names elsewhere is refused.
+    pub column_names: Vec<crate::config::Pattern>,
 }
 
 impl ColumnRules {
@@ -69,6 +72,13 @@ impl ColumnRules {
         self.tables
             .iter()
             .any(|(s, t)| t.eq_ignore_ascii_case(name) && schema.is_none_or(|schema| s.eq_ignore_ascii_case(schema)))
+    }
+
+    /// Whether a column name (as a statement reads it) may be a masked
+    /// column's, in any table: a bare name cannot say which table it is.
+    pub fn may_be_masked(&self, column: &str) -> bool {
+        let column = column.to_ascii_lowercase();
+        self.column_names.iter().any(|p| p.matches(&column))
     }
 
     /// Whether a function a statement calls (by base name) may be a
@@ -335,11 +345,19 @@ impl Catalog {
             .filter(|(_, matching)| matching.iter().any(applies))
             .map(|(oid, _)| *oid)
             .collect();
+        let mut column_names: Vec<crate::config::Pattern> = rules
+            .iter()
+            .filter(|r| r.applies_to(groups))
+            .flat_map(|r| &r.columns)
+            .map(|p| crate::config::Pattern::new(p.column.to_ascii_lowercase()))
+            .collect();
+        column_names.dedup();
         ColumnRules {
             columns,
             rowtypes,
             tables,
             functions: self.functions.clone(),
+            column_names,
         }
     }
 }

@@ -164,6 +164,11 @@ impl RowMasker {
         self.rules.masks_table(schema, name)
     }
 
+    /// Whether a column name may be one this session masks by rule.
+    pub fn may_be_masked(&self, column: &str) -> bool {
+        self.rules.may_be_masked(column)
+    }
+
     /// Whether a function (by base name) may be a user-defined one that
     /// reads masked tables.
     pub fn user_function(&self, name: &str) -> bool {

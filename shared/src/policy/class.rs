@@ -241,6 +241,38 @@ pub struct StatementClass {
     /// without duplicates, sorted. Masking needs them: a user-defined
     /// function can read a masked table that the statement never names.
     pub functions: Vec<String>,
+    /// Where the values its writes store come from (INSERT, UPDATE, MERGE
+    /// at any depth). Masking needs it: a session masked by rule must not
+    /// copy a masked column's value into a column it can read in clear.
+    pub written: WrittenValues,
+}
+
+/// The sources of the values a statement's writes store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WrittenValues {
+    pub assignments: Vec<Assigned>,
+    /// A write whose values are not followed (MERGE, a statement the
+    /// parser does not read).
+    pub opaque: bool,
+}
+
+/// One written column and what its value reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assigned {
+    /// The column written (an UPDATE's SET target); empty when the write
+    /// does not say which column a value goes to (INSERT).
+    pub column: String,
+    /// Column names the value reads (the last part of a qualified name),
+    /// in lower case unless quoted.
+    pub reads: Vec<String>,
+    /// Functions the value calls, by base name.
+    pub functions: Vec<String>,
+    /// Tables (last name part) the value can read: those it names, and for
+    /// an UPDATE its own table and FROM list.
+    pub tables: Vec<String>,
+    /// The value copies whole rows or every column (a `*`, `t.*`, a table
+    /// or alias used as a value, `TABLE t`).
+    pub whole_rows: bool,
 }
 
 /// How a statement refers to an SQL-level prepared statement.
@@ -262,6 +294,11 @@ impl StatementClass {
             command: String::new(),
             prepared: None,
             functions: Vec::new(),
+            // What it may write cannot be followed.
+            written: WrittenValues {
+                assignments: Vec::new(),
+                opaque: true,
+            },
         }
     }
 }

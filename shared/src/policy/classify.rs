@@ -24,7 +24,9 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
-use super::class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
+use super::class::{
+    Access, Assigned, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass, WrittenValues,
+};
 use super::fallback;
 use super::scan::{self, ScanOptions, Scanner, TokenKind};
 
@@ -720,6 +722,8 @@ struct Walker {
     plan_only: bool,
     /// Functions called, by base name.
     functions: BTreeSet<String>,
+    /// Where written values come from.
+    written: WrittenValues,
 }
 
 impl Walker {
@@ -733,6 +737,7 @@ impl Walker {
             bodies: Vec::new(),
             plan_only: false,
             functions: BTreeSet::new(),
+            written: WrittenValues::default(),
         };
         let _ = statement.visit(&mut walker);
         let (kind, command) = walker.top_level(statement);
@@ -765,6 +770,7 @@ impl Walker {
             command,
             prepared,
             functions: walker.functions.into_iter().collect(),
+            written: walker.written,
         }
     }
 
@@ -1150,12 +1156,14 @@ impl Walker {
                     let name = name.clone();
                     self.add(&name, access);
                 }
+                self.written_by_insert(insert);
             }
             Statement::Update(update) => {
                 no_where(&update.selection);
                 if let Some(name) = factor_table(&update.table.relation) {
                     self.add(&name, access);
                 }
+                self.written_by_update(update);
             }
             Statement::Delete(delete) => {
                 no_where(&delete.selection);
@@ -1175,6 +1183,8 @@ impl Walker {
                 if let Some(name) = factor_table(&merge.table) {
                     self.add(&name, access);
                 }
+                // Its actions read the source's rows in ways not followed here.
+                self.written.opaque = true;
             }
             _ => return,
         }
@@ -1185,6 +1195,154 @@ impl Walker {
         if self.cte_depth > 0 {
             self.features.insert(Feature::DataModifyingCte);
         }
+    }
+}
+
+impl Walker {
+    /// An UPDATE's assignments: each target column and what its value reads.
+    fn written_by_update(&mut self, update: &ast::Update) {
+        let mut names = ValueReads::default();
+        let _ = update.table.visit(&mut names);
+        if let Some(from) = &update.from {
+            let _ = from.visit(&mut names);
+        }
+        for assignment in &update.assignments {
+            let targets: Vec<String> = match &assignment.target {
+                ast::AssignmentTarget::ColumnName(name) => vec![last_part(name)],
+                // (a, b) = (SELECT ...): which value goes where is not followed.
+                ast::AssignmentTarget::Tuple(names) => names.iter().map(|_| String::new()).collect(),
+            };
+            self.assigned(&targets, &assignment.value, &names.tables);
+        }
+    }
+
+    /// An INSERT: what its rows read (for every column it fills), and its
+    /// ON CONFLICT DO UPDATE assignments.
+    fn written_by_insert(&mut self, insert: &ast::Insert) {
+        let mut names = ValueReads::default();
+        if let TableObject::TableName(name) = &insert.table {
+            names.tables.push(last_part(name));
+        }
+        if let Some(alias) = &insert.table_alias {
+            names.tables.push(ident(&alias.alias));
+        }
+        names.tables.push("excluded".into());
+        if let Some(source) = &insert.source {
+            self.assigned(&[String::new()], source.as_ref(), &[]);
+        }
+        if let Some(ast::OnInsert::OnConflict(ast::OnConflict {
+            action: ast::OnConflictAction::DoUpdate(update),
+            ..
+        })) = &insert.on
+        {
+            for assignment in &update.assignments {
+                let targets = match &assignment.target {
+                    ast::AssignmentTarget::ColumnName(name) => vec![last_part(name)],
+                    ast::AssignmentTarget::Tuple(names) => names.iter().map(|_| String::new()).collect(),
+                };
+                self.assigned(&targets, &assignment.value, &names.tables);
+            }
+        }
+    }
+
+    /// One value (an expression, or an INSERT's source query) written to
+    /// `targets`; `tables`: the tables in scope around it.
+    fn assigned(&mut self, targets: &[String], value: &impl Visit, tables: &[String]) {
+        let mut reads = ValueReads::default();
+        let _ = value.visit(&mut reads);
+        reads.tables.extend(tables.iter().cloned());
+        // A table or its alias used as a value is its whole row.
+        let whole_rows = reads.wildcard || reads.columns.iter().any(|c| reads.tables.contains(c));
+        for target in targets {
+            self.written.assignments.push(Assigned {
+                column: target.clone(),
+                reads: reads.columns.clone(),
+                functions: reads.functions.clone(),
+                tables: reads.tables.clone(),
+                whole_rows,
+            });
+        }
+    }
+}
+
+/// The last part of a dotted name, folded like an identifier.
+fn last_part(name: &ObjectName) -> String {
+    match name.0.last() {
+        Some(ObjectNamePart::Identifier(id)) => ident(id),
+        _ => String::new(),
+    }
+}
+
+/// What a value expression (or query) reads: column names, functions, the
+/// tables and aliases it names, and whether it takes every column.
+#[derive(Default)]
+struct ValueReads {
+    columns: Vec<String>,
+    functions: Vec<String>,
+    tables: Vec<String>,
+    wildcard: bool,
+}
+
+impl Visitor for ValueReads {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Identifier(id) => self.columns.push(ident(id)),
+            Expr::CompoundIdentifier(ids) => {
+                if let Some(last) = ids.last() {
+                    self.columns.push(ident(last));
+                }
+            }
+            Expr::Wildcard(_) | Expr::QualifiedWildcard(..) => self.wildcard = true,
+            Expr::Function(function) => {
+                self.functions.push(function_base_name(&function.name));
+                if let FunctionArguments::List(list) = &function.args {
+                    // to_jsonb(c.*), row_to_json(c.*): a whole row.
+                    self.wildcard |= list.args.iter().any(|arg| {
+                        matches!(
+                            arg,
+                            ast::FunctionArg::Unnamed(ast::FunctionArgExpr::QualifiedWildcard(_))
+                                | ast::FunctionArg::Named {
+                                    arg: ast::FunctionArgExpr::QualifiedWildcard(_),
+                                    ..
+                                }
+                        )
+                    });
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        fn takes_all(body: &SetExpr) -> bool {
+            match body {
+                SetExpr::Select(select) => select.projection.iter().any(|item| {
+                    matches!(
+                        item,
+                        ast::SelectItem::Wildcard(_) | ast::SelectItem::QualifiedWildcard(..)
+                    )
+                }),
+                SetExpr::Table(_) => true,
+                SetExpr::SetOperation { left, right, .. } => takes_all(left) || takes_all(right),
+                SetExpr::Query(query) => takes_all(&query.body),
+                _ => false,
+            }
+        }
+        self.wildcard |= takes_all(&query.body);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, alias, .. } = factor {
+            self.tables.push(last_part(name));
+            if let Some(alias) = alias {
+                self.tables.push(ident(&alias.name));
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -1502,5 +1660,40 @@ mod tests {
         let long = format!("SELECT '{}'", "x".repeat(200));
         let classification = classify(&long, &options);
         assert_eq!(classification.statements[0].kind, Kind::Unknown);
+    }
+
+    #[test]
+    fn writes_say_where_their_values_come_from() {
+        let written = |sql: &str| one(sql).written;
+        let update = written("UPDATE t AS x SET a = upper(x.\"B\"), c = 1 FROM u WHERE x.id = u.id");
+        let a = &update.assignments[0];
+        assert_eq!((a.column.as_str(), a.reads.as_slice()), ("a", &["B".to_string()][..]));
+        assert_eq!(a.functions, ["upper"]);
+        assert!(a.tables.contains(&"t".to_string()) && a.tables.contains(&"u".to_string()));
+        assert!(!a.whole_rows);
+        assert!(update.assignments[1].reads.is_empty());
+        assert!(written("UPDATE t x SET a = x::text").assignments[0].whole_rows);
+        assert!(written("UPDATE t SET a = to_jsonb(t.*)::text").assignments[0].whole_rows);
+        let sub = written("UPDATE t SET a = (SELECT k.s FROM keys k LIMIT 1)");
+        assert_eq!(sub.assignments[0].reads, ["s"]);
+        assert!(sub.assignments[0].tables.contains(&"keys".to_string()));
+        let insert = written("INSERT INTO t (a) SELECT s FROM keys");
+        assert_eq!(insert.assignments[0].column, "");
+        assert_eq!(insert.assignments[0].reads, ["s"]);
+        // (The parser may not read TABLE here: then the write is opaque.)
+        let table = written("INSERT INTO t TABLE keys");
+        assert!(
+            table.opaque || table.assignments.iter().any(|a| a.whole_rows),
+            "{table:?}"
+        );
+        assert!(written("INSERT INTO t SELECT * FROM keys").assignments[0].whole_rows);
+        let values = written("INSERT INTO t VALUES (1, 'x')");
+        assert!(values.assignments.iter().all(|a| a.reads.is_empty() && !a.whole_rows));
+        let upsert = written("INSERT INTO t (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a = EXCLUDED.s");
+        assert_eq!(upsert.assignments.last().unwrap().reads, ["s"]);
+        let cte = written("WITH w AS (UPDATE t SET a = s RETURNING 1) SELECT * FROM w");
+        assert_eq!(cte.assignments[0].reads, ["s"]);
+        assert!(written("MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE").opaque);
+        assert_eq!(written("SELECT a FROM t"), WrittenValues::default());
     }
 }

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::class::{Access, Feature, Features, Kind, Relation, StatementClass};
+use super::class::{Access, Feature, Features, Kind, Relation, StatementClass, WrittenValues};
 use super::scan::{ScanOptions, Scanner, TokenKind};
 
 /// A token as the fallback sees it.
@@ -74,6 +74,11 @@ fn class(kind: Kind, command: &str, opaque: bool) -> StatementClass {
         command: command.into(),
         prepared: None,
         functions: Vec::new(),
+        // What an unparsed write stores cannot be followed.
+        written: WrittenValues {
+            assignments: Vec::new(),
+            opaque: kind == Kind::Write || opaque,
+        },
     }
 }
 

@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-pub use class::{Access, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass};
+pub use class::{
+    Access, Assigned, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass, WrittenValues,
+};
 pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
 
 use crate::config::{

@@ -1053,6 +1053,68 @@ impl<'a> Proxy<'a> {
                      masked column",
                 );
             }
+            // A write inside a masked table: a masked value must not move
+            // to a column that is read in clear (SET notes = secret).
+            let written = &statement.written;
+            let copy_hint = "set columns from constants or parameters, or from their own values (SET email = \
+                             lower(email)); copying between columns of a table with masked columns is done by an \
+                             identity with the unmask grant";
+            if statement.kind == Kind::Unknown {
+                return refused(
+                    "the gateway cannot read this statement, so it cannot tell whether it moves values of \
+                     columns that are masked for you"
+                        .into(),
+                    "rewrite it in a form the gateway reads (its log says why it could not), or ask an identity \
+                     with the unmask grant",
+                );
+            }
+            if written.opaque {
+                return refused(
+                    format!(
+                        "{command} into a table with columns that are masked for you stores values the gateway \
+                         cannot follow column by column"
+                    ),
+                    copy_hint,
+                );
+            }
+            for assigned in &written.assignments {
+                let over_masked = assigned.tables.iter().any(|t| self.seam.masks_table(None, t))
+                    || assigned.functions.iter().any(|f| self.seam.user_function(f));
+                if !over_masked {
+                    continue;
+                }
+                if assigned.whole_rows {
+                    return refused(
+                        format!(
+                            "{command} copies whole rows or every column (a *, t.* or a table used as a value) of a \
+                             table with columns that are masked for you: masked values could land in columns read \
+                             in clear"
+                        ),
+                        copy_hint,
+                    );
+                }
+                let copied = assigned
+                    .reads
+                    .iter()
+                    .find(|c| self.seam.may_be_masked(c) && !c.eq_ignore_ascii_case(&assigned.column));
+                if let Some(column) = copied {
+                    let into = if assigned.column.is_empty() {
+                        "the rows it writes".to_string()
+                    } else {
+                        format!("column {}", assigned.column)
+                    };
+                    return refused(
+                        format!("{command} copies {column}, which is masked for you, into {into}"),
+                        copy_hint,
+                    );
+                }
+                if let Some(function) = assigned.functions.iter().find(|f| self.seam.user_function(f)) {
+                    return refused(
+                        format!("{command} stores the result of {function}(), a function that can read masked columns"),
+                        copy_hint,
+                    );
+                }
+            }
         }
         None
     }

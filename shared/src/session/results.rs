@@ -66,6 +66,11 @@ impl ResultSeam {
         self.masker.as_ref().is_some_and(RowMasker::has_rules)
     }
 
+    /// Whether a column name may be one this session masks by rule.
+    pub fn may_be_masked(&self, column: &str) -> bool {
+        self.masker.as_ref().is_some_and(|m| m.may_be_masked(column))
+    }
+
     /// Whether a relation has columns this session masks by rule.
     pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
         self.masker.as_ref().is_some_and(|m| m.masks_table(schema, name))
