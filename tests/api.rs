@@ -282,6 +282,11 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         "api_columns",
         Spec {
             extra,
+            policy: Some(
+                "[policy]\ndefault = \"allow\"\n\n[[policy.grants]]\nname = \"agent-sees-clear\"\n\
+                 grant = \"unmask\"\nusers = [\"agent\"]\n"
+                    .into(),
+            ),
             ..Spec::default()
         },
     )
@@ -303,27 +308,58 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
     bob.simple_query("INSERT INTO customers VALUES (2, 'b@example.com')")
         .await
         .unwrap();
+    // Rows, then an error: the rows' columns are the failed statement's.
+    bob.simple_query("SELECT email, 10 / (id - 2) AS q FROM customers ORDER BY id")
+        .await
+        .unwrap_err();
+    // A Describe with no Execute lends its columns to nothing.
+    bob.prepare("SELECT email AS described FROM customers").await.unwrap();
+    bob.simple_query("UPDATE customers SET id = id WHERE false")
+        .await
+        .unwrap();
     drop(bob);
+    // A session that sees clear values, running a prepared statement twice
+    // (the second time without a Describe of its own).
+    let agent = gw.connect(AGENT).await.unwrap();
+    let statement = agent
+        .prepare("SELECT email FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let row = agent.query_one(&statement, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "a@example.com");
+    }
+    drop(agent);
 
     let viewer = client(&gw, Some(ALICE));
-    let session = viewer.past_sessions(10).await.unwrap()[0].session.clone();
-    let mut done: Vec<Vec<ColumnRecord>> = Vec::new();
-    for _ in 0..200 {
-        done = viewer
-            .timeline(&session)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e.event.detail {
-                Detail::StatementDone { columns, .. } => Some(columns),
-                _ => None,
-            })
-            .collect();
-        if done.len() >= 3 {
-            break;
+    // Each session's completions, once the writer has them all.
+    let completions = |identity: &'static str, want: usize| {
+        let viewer = viewer.clone();
+        async move {
+            for _ in 0..400 {
+                let sessions = viewer.past_sessions(10).await.unwrap();
+                if let Some(session) = sessions.iter().find(|s| s.identity.as_deref() == Some(identity)) {
+                    let done: Vec<Vec<ColumnRecord>> = viewer
+                        .timeline(&session.session)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .filter_map(|e| match e.event.detail {
+                            Detail::StatementDone { columns, .. } => Some(columns),
+                            _ => None,
+                        })
+                        .collect();
+                    if done.len() >= want {
+                        return done;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            panic!("{identity}'s statements did not all complete on the record");
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    };
+    // (A statement only prepared has no completion.)
+    let done = completions("bob", 5).await;
     let describe = |columns: &[ColumnRecord]| -> Vec<String> {
         columns
             .iter()
@@ -352,6 +388,27 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         "the extended protocol records its columns too"
     );
     assert!(done[2].is_empty(), "an INSERT returns no columns");
+    assert_eq!(
+        describe(&done[3]),
+        [
+            "email <- public.customers.email [rule; contact,crm]",
+            "q <- ? [expression; ]",
+        ],
+        "a statement that failed after sending rows keeps its columns"
+    );
+    assert!(
+        done[4].is_empty(),
+        "the UPDATE after a Describe returned nothing: {:?}",
+        done[4]
+    );
+    assert_eq!(done.len(), 5);
+    let clear = completions("agent", 2).await;
+    for columns in &clear {
+        assert_eq!(
+            describe(columns),
+            ["email <- public.customers.email [clear; contact,crm]"]
+        );
+    }
 
     let contact = viewer
         .lineage(&LineageQuery {
@@ -360,13 +417,22 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         })
         .await
         .unwrap();
-    assert_eq!(contact.len(), 1, "{contact:?}");
+    let how: Vec<(&str, Vec<String>, u64)> = contact
+        .iter()
+        .map(|r| {
+            let email = r
+                .columns
+                .get("email")
+                .map(|m| m.iter().cloned().collect())
+                .unwrap_or_default();
+            (r.identity.as_str(), email, r.statements)
+        })
+        .collect();
     assert_eq!(
-        contact[0]
-            .columns
-            .get("email")
-            .map(|m| m.iter().cloned().collect::<Vec<_>>()),
-        Some(vec!["rule".to_string()])
+        how,
+        [
+            ("agent", vec!["clear".to_string()], 2),
+            ("bob", vec!["rule".to_string()], 3)
+        ]
     );
-    assert_eq!(contact[0].statements, 2);
 }

@@ -464,6 +464,11 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     assert_eq!((grants[0].identity.as_str(), grants[0].request), ("bob", request.id));
     bob.simple_query("DELETE FROM ledger WHERE id = 1").await.unwrap();
     assert_eq!(count(&gw, "ledger").await, 2);
+    // Statements prepared under the grant, at both levels.
+    let prepared = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap();
+    bob.simple_query("PREPARE wipe(int) AS DELETE FROM ledger WHERE id = $1")
+        .await
+        .unwrap();
     // Only for its holder.
     let agent = gw.connect(AGENT).await.unwrap();
     agent.simple_query("DELETE FROM ledger WHERE id = 2").await.unwrap_err();
@@ -480,6 +485,24 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     assert!(ended, "the grant did not expire");
     let err = bob.simple_query("DELETE FROM ledger WHERE id = 2").await.unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    // What was prepared under it does not outlive it either.
+    let err = bob.execute(&prepared, &[&2i32]).await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert_eq!(
+        db.message(),
+        "statement refused: it was prepared while you held grant \"ledger-writer\", which has ended"
+    );
+    let err = bob.simple_query("EXECUTE wipe(2)").await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert!(
+        db.message().contains("wipe was prepared while you held grant"),
+        "{db:?}"
+    );
+    // The session is fine: it prepares again, and policy decides afresh.
+    let err = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    bob.simple_query("SELECT 1").await.unwrap();
     assert_eq!(count(&gw, "ledger").await, 2);
     let view = api(&gw, BOB).approval(request.id).await.unwrap();
     assert_eq!(view.access.unwrap().ended.as_deref(), Some("expired"));
@@ -521,4 +544,154 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
             "ledger-writer expired"
         ]
     );
+}
+
+/// An approved grant survives a restart of the gateway; one appended to the
+/// trail by someone who can write its file (after the last signed head) is
+/// not restored, and ends on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_grants_survive_a_restart_and_forged_ones_do_not() {
+    use sluice_core::api::AccessRequestBody;
+    use sluice_core::audit::{AccessAsk, AuditStore as _, Event};
+
+    let db = harness::database("approval_restart").await;
+    harness::setup(
+        &db,
+        "CREATE TABLE ledger (id int); INSERT INTO ledger SELECT generate_series(1, 3)",
+    )
+    .await;
+    let dir = harness::cluster().dev.dir().to_path_buf();
+    let config_path = dir.join(format!("{db}.toml"));
+    let spec = Spec {
+        policy: Some(POLICY.into()),
+        extra: API.into(),
+        ..Spec::default()
+    };
+    let text = harness::config_text(&spec, &db);
+    std::fs::write(&config_path, &text).unwrap();
+    let audit = sluice_core::Config::from_toml(&text, &config_path).unwrap().audit;
+    let serve = || async {
+        let (child, mut lines, port, api) = harness::serve_binary_with_api(&config_path).await;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, port, api.expect("the control API is on"))
+    };
+    let stop = |mut child: tokio::process::Child| async move {
+        // SAFETY: SIGTERM to our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) }, 0);
+        child.wait().await.unwrap();
+    };
+    let delete = |port: u16, id: i32| {
+        let db = db.clone();
+        async move {
+            let (client, connection) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} dbname={db} user=bob password={BOB}"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(connection);
+            client
+                .simple_query(&format!("DELETE FROM ledger WHERE id = {id}"))
+                .await
+                .map(|_| ())
+        }
+    };
+
+    let (gateway, port, api_url) = serve().await;
+    let asked = ApiClient::new(&api_url, Some(BOB))
+        .request_access(&AccessRequestBody {
+            target: db.clone(),
+            grant: "ledger-writer".into(),
+            duration: "1h".into(),
+            reason: "close the books".into(),
+        })
+        .await
+        .unwrap();
+    ApiClient::new(&api_url, Some(ALICE))
+        .decide(asked.id, true, None)
+        .await
+        .unwrap();
+    delete(port, 1).await.unwrap();
+    stop(gateway).await;
+
+    // Someone with write access to the trail appends a grant for the agent,
+    // chained correctly but after the last signed head.
+    {
+        let mut store = SqliteStore::open(&audit.path, audit.sync).unwrap();
+        let forged = |detail| Event::now(detail).by("agent", &db);
+        store
+            .append(&[
+                forged(Detail::ApprovalRequested {
+                    request: 900,
+                    rule: "ledger-writer".into(),
+                    statement: String::new(),
+                    approvers: vec!["engineering".into()],
+                    needed: 1,
+                    expires: "2030-01-01T00:00:00Z".into(),
+                    access: Some(AccessAsk {
+                        grant: "ledger-writer".into(),
+                        seconds: 3600,
+                    }),
+                }),
+                forged(Detail::ApprovalDecided {
+                    request: 900,
+                    decision: "approved".into(),
+                    by: "alice".into(),
+                    reason: None,
+                    via: "api".into(),
+                }),
+                forged(Detail::AccessGranted {
+                    request: 900,
+                    grant: "ledger-writer".into(),
+                    subject: "agent".into(),
+                    until: (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339(),
+                }),
+            ])
+            .unwrap();
+    }
+
+    let (gateway, port, api_url) = serve().await;
+    let grants = ApiClient::new(&api_url, Some(BOB)).grants().await.unwrap();
+    let held: Vec<(u64, &str)> = grants.iter().map(|g| (g.request, g.identity.as_str())).collect();
+    assert_eq!(
+        held,
+        [(asked.id, "bob")],
+        "the approved grant holds, the forged one does not"
+    );
+    delete(port, 2).await.unwrap();
+    // Its holder ends it early; then it is gone.
+    let revoked = ApiClient::new(&api_url, Some(BOB))
+        .revoke_grant(asked.id, Some("done"))
+        .await
+        .unwrap();
+    assert_eq!(revoked.request, asked.id);
+    let again = ApiClient::new(&api_url, Some(BOB)).revoke_grant(asked.id, None).await;
+    assert_eq!(again.unwrap_err().status(), Some(404));
+    delete(port, 3).await.unwrap_err();
+    stop(gateway).await;
+    assert_eq!(count_in(&db, "ledger").await, 1);
+
+    let store = SqliteStore::open_read_only(&audit.path).unwrap();
+    let ended: Vec<(u64, String)> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event.detail {
+            Detail::AccessEnded { request, reason, .. } => Some((request, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(ended[0].0, 900);
+    assert!(ended[0].1.contains("no signed head covers it"), "{ended:?}");
+    assert_eq!(ended[1], (asked.id, "revoked by bob: done".to_string()));
+}
+
+async fn count_in(db: &str, table: &str) -> i64 {
+    harness::superuser(db)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -233,6 +233,48 @@ impl Approvals {
             .collect()
     }
 
+    /// Ends the grant of access request `request` before its time: by its
+    /// holder, or an approver or admin (the caller checks who may). `None`
+    /// when no such grant holds.
+    pub fn revoke(&self, request: u64, by: &Identity, reason: Option<&str>) -> Option<GrantView> {
+        let grant = {
+            let mut grants = self.grants_lock();
+            let at = grants.iter().position(|(g, _)| g.request == request)?;
+            let (grant, _) = grants.remove(at);
+            self.grant_count.store(grants.len(), Ordering::Release);
+            grant
+        };
+        let why = match reason {
+            Some(reason) if !reason.trim().is_empty() => format!("revoked by {}: {}", by.name(), reason.trim()),
+            _ => format!("revoked by {}", by.name()),
+        };
+        if let Some(entry) = self.lock().get_mut(&request)
+            && let Some(access) = &mut entry.view.access
+        {
+            access.ended = Some(why.clone());
+        }
+        tracing::info!(request, grant = %grant.grant, identity = %grant.identity, by = %by.name(), "access grant revoked");
+        if let Some(auditor) = &self.auditor {
+            auditor.record(
+                Event::now(Detail::AccessEnded {
+                    request,
+                    grant: grant.grant.clone(),
+                    reason: why,
+                })
+                .by(&grant.identity, &grant.target),
+            );
+        }
+        Some(grant)
+    }
+
+    /// The grant of access request `request`, if it holds.
+    pub fn grant(&self, request: u64) -> Option<GrantView> {
+        self.grants_lock()
+            .iter()
+            .find(|(g, _)| g.request == request)
+            .map(|(g, _)| g.clone())
+    }
+
     /// Every grant held now.
     pub fn grants(&self) -> Vec<GrantView> {
         self.expire_due();

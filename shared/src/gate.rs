@@ -119,6 +119,10 @@ pub struct GateSession {
     /// Row limits of SQL-level prepared statements (PREPARE name AS ...),
     /// applied when they are EXECUTEd.
     pub prepared_limits: HashMap<String, RowLimit>,
+    /// SQL-level prepared statements allowed while the session held
+    /// requested grants, with those grants: EXECUTE after one ended is
+    /// refused.
+    pub prepared_grants: HashMap<String, Vec<Arc<str>>>,
 }
 
 impl Default for GateSession {
@@ -127,6 +131,7 @@ impl Default for GateSession {
             search_path_changed: false,
             standard_conforming_strings: true,
             prepared_limits: HashMap::new(),
+            prepared_grants: HashMap::new(),
         }
     }
 }

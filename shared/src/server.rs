@@ -86,18 +86,74 @@ fn expire_orphaned_requests(config: &Config, auditor: &crate::audit::Auditor) {
 
 /// Grants from access requests approved before a restart hold until they
 /// expire; those that expired while the gateway was down end on the record.
+///
+/// The trail is evidence, not an authority: a grant is restored only if the
+/// chain verifies and a signed head covers its event (anyone who can write
+/// the database could otherwise append one), its request and approval are
+/// on the trail, and it ends no later than the policy's current
+/// `max_duration` for that grant allows. After a crash, a grant recorded
+/// after the last signed head is not restored: its holder asks again.
 fn restore_grants(config: &Config, auditor: &crate::audit::Auditor, approvals: &crate::approvals::Approvals) {
-    let open = crate::audit::SqliteStore::open_read_only(&config.audit.path).and_then(|store| store.open_grants());
-    match open {
-        Ok(grants) => {
-            let now = chrono::Utc::now();
-            let (live, gone): (Vec<_>, Vec<_>) = grants.into_iter().partition(|g| g.until > now);
-            for grant in gone {
+    use crate::approvals::GrantView;
+    use crate::audit::{Signer, SqliteStore};
+    // The grants to restore, and those that end now, with why.
+    type Sorted = (Vec<GrantView>, Vec<(GrantView, String)>);
+    let read = || -> Result<Sorted, crate::audit::AuditError> {
+        let store = SqliteStore::open_read_only(&config.audit.path)?;
+        let grants = store.open_grants()?;
+        if grants.is_empty() {
+            return Ok(Default::default());
+        }
+        let key = Signer::load_or_create(&config.audit.key_file)?.public_key();
+        let head = crate::audit::read_head_file(&config.audit.head_file)?;
+        let report = store.verify(&key, head.as_ref())?;
+        if !report.ok() {
+            tracing::error!(
+                broken = ?report.broken,
+                "the audit trail does not verify: no access grant is restored from it"
+            );
+            return Ok(Default::default());
+        }
+        let signed = report.last_signed.unwrap_or(0);
+        let now = chrono::Utc::now();
+        let mut restore = Vec::new();
+        let mut end = Vec::new();
+        for open in grants {
+            let max = config
+                .policy
+                .grants
+                .iter()
+                .find(|p| p.name == open.grant.grant)
+                .and_then(|p| p.request.as_ref())
+                .and_then(|r| chrono::Duration::from_std(r.max_duration).ok());
+            let why = if open.grant.until <= now {
+                Some("expired while the gateway was down".to_string())
+            } else if open.id > signed {
+                Some("not restored after a restart: no signed head covers it (the gateway stopped before signing); ask again".into())
+            } else if max.is_none_or(|max| open.grant.until > open.granted_at + max + chrono::Duration::seconds(1)) {
+                Some(
+                    "not restored after a restart: the policy no longer lets it be requested, or not for that long"
+                        .into(),
+                )
+            } else {
+                None
+            };
+            match why {
+                None => restore.push(open.grant),
+                Some(why) => end.push((open.grant, why)),
+            }
+        }
+        Ok((restore, end))
+    };
+    match read() {
+        Ok((live, gone)) => {
+            for (grant, why) in gone {
+                tracing::info!(request = grant.request, grant = %grant.grant, identity = %grant.identity, reason = %why, "access grant ended at start");
                 auditor.record(
                     crate::audit::Event::now(crate::audit::Detail::AccessEnded {
                         request: grant.request,
                         grant: grant.grant,
-                        reason: "expired".into(),
+                        reason: why,
                     })
                     .by(&grant.identity, &grant.target),
                 );

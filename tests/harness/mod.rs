@@ -104,6 +104,19 @@ pub async fn serve_binary(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
     u16,
 ) {
+    let (child, lines, port, _) = serve_binary_with_api(config).await;
+    (child, lines, port)
+}
+
+/// Like [`serve_binary`], with the control API's base URL when it is on.
+pub async fn serve_binary_with_api(
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    u16,
+    Option<String>,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--config"])
@@ -113,12 +126,16 @@ pub async fn serve_binary(
         .spawn()
         .expect("sluice serve");
     let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let mut api = None;
     let port = loop {
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("startup log")
             .expect("reading the log")
             .expect("sluice exited before it was ready");
+        if let Some(addr) = line.split("control API ready listen=").nth(1) {
+            api = Some(format!("http://{}", addr.trim()));
+        }
         if let Some(addr) = line.split("gateway ready listen=").nth(1) {
             break addr
                 .trim()
@@ -128,7 +145,7 @@ pub async fn serve_binary(
                 .expect("a port");
         }
     };
-    (child, lines, port)
+    (child, lines, port, api)
 }
 
 /// A superuser connection straight to PostgreSQL, for setup and checks.

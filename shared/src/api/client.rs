@@ -188,6 +188,25 @@ impl ApiClient {
         self.json(self.http.get(self.url("/v1/grants"))).await
     }
 
+    /// Ends the grant of access request `request` before its time.
+    pub async fn revoke_grant(
+        &self,
+        request: u64,
+        reason: Option<&str>,
+    ) -> Result<crate::approvals::GrantView, ClientError> {
+        let body = super::DecisionBody {
+            reason: reason.map(str::to_string),
+            via: None,
+        };
+        self.json(
+            self.http
+                .post(self.url(&format!("/v1/grants/{request}/revoke")))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(&body).unwrap_or_default()),
+        )
+        .await
+    }
+
     /// The live event stream, from after `since` (0: from the start).
     pub async fn events(&self, since: u64) -> Result<EventStream, ClientError> {
         let response = self

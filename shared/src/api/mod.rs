@@ -24,6 +24,7 @@
 //! | POST   | `/v1/approvals/{id}/deny`     | approver |
 //! | POST   | `/v1/access-requests`         | any identity the policy lets ask |
 //! | GET    | `/v1/grants`                  | viewer: all; others: their own |
+//! | POST   | `/v1/grants/{request}/revoke` | approver, or the grant's holder |
 
 pub mod client;
 
@@ -109,6 +110,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/approvals/{id}/deny", post(deny))
         .route("/v1/access-requests", post(request_access))
         .route("/v1/grants", get(grants))
+        .route("/v1/grants/{request}/revoke", post(revoke))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see /health and /v1/sessions") })
         .with_state(shared)
 }
@@ -584,6 +586,42 @@ async fn grants(
         grants.retain(|g| g.subject == identity.subject());
     }
     Ok(Json(grants))
+}
+
+/// Ends a grant before its time: its holder, or an approver or admin.
+async fn revoke(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(request): Path<u64>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<crate::approvals::GrantView>> {
+    let identity = authenticated(&shared, &headers).await?;
+    let not_held = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no grant from access request {request} holds now (see /v1/grants)"),
+        )
+    };
+    let grant = shared.approvals.grant(request).ok_or_else(not_held)?;
+    let approver = shared.config.api.role_of(identity.groups()) >= Some(ApiRole::Approver);
+    if !approver && grant.subject != identity.subject() {
+        return Err(forbidden(&shared, &identity, ApiRole::Approver));
+    }
+    let body: DecisionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DecisionBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
+            )
+        })?
+    };
+    shared
+        .approvals
+        .revoke(request, &identity, body.reason.as_deref())
+        .map(Json)
+        .ok_or_else(not_held)
 }
 
 #[derive(Debug, Deserialize)]

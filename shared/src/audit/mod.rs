@@ -24,7 +24,7 @@ use std::path::PathBuf;
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{AccessAsk, ColumnRecord, Detail, Event, StatementRecord};
 pub use lineage::{LineageQuery, LineageRow, lineage};
-pub use sqlite::{Broken, EventFilter, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
+pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
 
 /// How hard a commit waits for the disk.

@@ -203,17 +203,29 @@ impl SqliteStore {
     }
 
     /// Grants from approved access requests with no end recorded (some may
-    /// have expired while the gateway was down).
-    pub fn open_grants(&self) -> Result<Vec<crate::approvals::GrantView>, AuditError> {
+    /// have expired while the gateway was down), each with its event's id
+    /// and time. Only grants whose request and approval are on the trail
+    /// too (same request, grant, identity and target) count.
+    pub fn open_grants(&self) -> Result<Vec<OpenGrant>, AuditError> {
         let err = sql_error(&self.path, "reading access grants");
         let mut stmt = self
             .conn
             .prepare(
                 "SELECT json_extract(g.body, '$.request'), json_extract(g.body, '$.grant'), g.identity, \
-                 json_extract(g.body, '$.subject'), g.target, json_extract(g.body, '$.until') FROM events g \
+                 json_extract(g.body, '$.subject'), g.target, json_extract(g.body, '$.until'), g.id, g.at \
+                 FROM events g \
                  WHERE g.kind = 'access_granted' AND NOT EXISTS (\
                    SELECT 1 FROM events e WHERE e.kind = 'access_ended' \
-                   AND json_extract(e.body, '$.request') = json_extract(g.body, '$.request'))",
+                   AND json_extract(e.body, '$.request') = json_extract(g.body, '$.request')) \
+                 AND EXISTS (\
+                   SELECT 1 FROM events r WHERE r.kind = 'approval_requested' AND r.id < g.id \
+                   AND json_extract(r.body, '$.request') = json_extract(g.body, '$.request') \
+                   AND json_extract(r.body, '$.access.grant') = json_extract(g.body, '$.grant') \
+                   AND r.identity IS g.identity AND r.target IS g.target) \
+                 AND EXISTS (\
+                   SELECT 1 FROM events d WHERE d.kind = 'approval_decided' AND d.id < g.id \
+                   AND json_extract(d.body, '$.request') = json_extract(g.body, '$.request') \
+                   AND json_extract(d.body, '$.decision') = 'approved')",
             )
             .map_err(&err)?;
         let rows = stmt
@@ -225,24 +237,33 @@ impl SqliteStore {
                     row.get::<_, String>(3)?,
                     row.get::<_, Option<String>>(4)?,
                     row.get::<_, String>(5)?,
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, String>(7)?,
                 ))
             })
             .map_err(&err)?;
         let mut grants = Vec::new();
         for row in rows {
-            let (request, grant, identity, subject, target, until) = row.map_err(&err)?;
+            let (request, grant, identity, subject, target, until, id, at) = row.map_err(&err)?;
             // A row this gateway did not write cannot be read as a grant:
             // skipped, so a damaged trail grants nothing.
-            let Ok(until) = chrono::DateTime::parse_from_rfc3339(&until) else {
+            let (Ok(until), Ok(at)) = (
+                chrono::DateTime::parse_from_rfc3339(&until),
+                chrono::DateTime::parse_from_rfc3339(&at),
+            ) else {
                 continue;
             };
-            grants.push(crate::approvals::GrantView {
-                request: request.max(0) as u64,
-                grant,
-                identity: identity.unwrap_or_default(),
-                subject,
-                target: target.unwrap_or_default(),
-                until: until.with_timezone(&chrono::Utc),
+            grants.push(OpenGrant {
+                id: id.max(0) as u64,
+                granted_at: at.with_timezone(&chrono::Utc),
+                grant: crate::approvals::GrantView {
+                    request: request.max(0) as u64,
+                    grant,
+                    identity: identity.unwrap_or_default(),
+                    subject,
+                    target: target.unwrap_or_default(),
+                    until: until.with_timezone(&chrono::Utc),
+                },
             });
         }
         Ok(grants)
@@ -291,6 +312,16 @@ pub struct OpenRequest {
     pub session: Option<String>,
     pub identity: Option<String>,
     pub target: Option<String>,
+}
+
+/// A grant the trail shows approved and not ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenGrant {
+    /// The `access_granted` event's id.
+    pub id: u64,
+    /// When it was recorded.
+    pub granted_at: chrono::DateTime<chrono::Utc>,
+    pub grant: crate::approvals::GrantView,
 }
 
 /// Which events to read.
@@ -952,6 +983,31 @@ mod tests {
     #[test]
     fn grants_without_an_end_are_found_after_a_restart() {
         let mut trail = trail("grants", 0);
+        let requested = |request, grant: &str| {
+            Event::now(Detail::ApprovalRequested {
+                request,
+                rule: grant.into(),
+                statement: String::new(),
+                approvers: vec!["leads".into()],
+                needed: 1,
+                expires: "2030-01-01T00:00:00Z".into(),
+                access: Some(crate::audit::AccessAsk {
+                    grant: grant.into(),
+                    seconds: 60,
+                }),
+            })
+            .by("bob", "shop")
+        };
+        let approved = |request| {
+            Event::now(Detail::ApprovalDecided {
+                request,
+                decision: "approved".into(),
+                by: "carol".into(),
+                reason: None,
+                via: "api".into(),
+            })
+            .by("bob", "shop")
+        };
         let granted = |request, until: &str| {
             Event::now(Detail::AccessGranted {
                 request,
@@ -961,22 +1017,40 @@ mod tests {
             })
             .by("bob", "shop")
         };
+        let until = "2030-01-01T00:00:00+00:00";
         trail
             .store
             .append(&[
-                granted(1, "2030-01-01T00:00:00+00:00"),
-                granted(2, "2030-01-01T00:00:00+00:00"),
-                granted(3, "not a time"),
+                requested(1, "writer"),
+                approved(1),
+                granted(1, until),
+                requested(2, "writer"),
+                approved(2),
+                granted(2, until),
                 Event::now(Detail::AccessEnded {
                     request: 2,
                     grant: "writer".into(),
                     reason: "expired".into(),
                 }),
+                // Unreadable, never approved, approved for another grant.
+                requested(3, "writer"),
+                approved(3),
+                granted(3, "not a time"),
+                requested(4, "writer"),
+                granted(4, until),
+                requested(5, "reader"),
+                approved(5),
+                granted(5, until),
             ])
             .unwrap();
         let open = trail.store.open_grants().unwrap();
-        assert_eq!(open.len(), 1, "ended and unreadable grants are not restored: {open:?}");
-        let grant = &open[0];
+        assert_eq!(
+            open.len(),
+            1,
+            "only a requested, approved, unended, readable grant: {open:?}"
+        );
+        let grant = &open[0].grant;
+        assert_eq!(open[0].id, 3);
         assert_eq!(
             (
                 grant.request,
@@ -988,7 +1062,7 @@ mod tests {
         );
         assert_eq!(
             (grant.target.as_str(), grant.until.to_rfc3339()),
-            ("shop", "2030-01-01T00:00:00+00:00".to_string())
+            ("shop", until.to_string())
         );
     }
 

@@ -214,6 +214,9 @@ impl GrantKind {
     }
 }
 
+/// The longest a requested grant may hold.
+pub const MAX_GRANT_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How a grant held on request is asked for: `approvers` on a grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantRequestConfig {
@@ -495,6 +498,18 @@ impl Validator<'_> {
                 raw.max_duration,
                 Duration::from_secs(3600),
             );
+            // Elevation is for a task, not a standing privilege.
+            let max_duration = if max_duration > MAX_GRANT_DURATION || max_duration.is_zero() {
+                self.at(
+                    &raw.name,
+                    format!(
+                        "grant \"{name}\": max_duration must be between 1s and 7d (a standing grant has no approvers)"
+                    ),
+                );
+                Duration::from_secs(3600)
+            } else {
+                max_duration
+            };
             Some(GrantRequestConfig {
                 approvers: raw.approvers,
                 approvals,

@@ -418,9 +418,17 @@ impl Policy {
                         .any(|g| &g.name == *name && g.request.is_some() && self.holds(g.holders(), subject))
                 });
                 let grant = lifted_by.map(|name| {
+                    let longest = self
+                        .config
+                        .grants
+                        .iter()
+                        .find(|g| &g.name == name)
+                        .and_then(|g| g.request.as_ref())
+                        .map_or(std::time::Duration::from_secs(1800), |r| r.max_duration);
                     format!(
-                        "grant \"{name}\" lifts this rule; ask for it with: sluice request --target {} --grant {name} --for 30m --reason \"...\"",
-                        subject.target
+                        "grant \"{name}\" lifts this rule; ask for it with: sluice request --target {} --grant {name} --for {} --reason \"...\"",
+                        subject.target,
+                        crate::config::human_duration(longest.min(std::time::Duration::from_secs(1800)))
                     )
                 });
                 rule.hint.clone().or_else(|| match (&rule.approval, verdict.decision) {
@@ -505,23 +513,66 @@ fn executed_limit(classification: &Classification, session: &GateSession) -> Opt
     })
 }
 
-/// Keeps the session's record of SQL-level prepared statements' limits up
-/// to date after an allowed PREPARE, DEALLOCATE or DISCARD.
-fn remember_prepared(classification: &Classification, allowance: &Allowance, session: &mut GateSession) {
+/// An EXECUTE of an SQL-level prepared statement that was allowed under a
+/// requested grant that has ended since: its refusal.
+fn executed_after_grant(
+    classification: &Classification,
+    session: &GateSession,
+    granted: &[Arc<str>],
+) -> Option<Refusal> {
+    classification.statements.iter().find_map(|s| {
+        let Some(PreparedRef::Execute(name)) = &s.prepared else {
+            return None;
+        };
+        let ended = session
+            .prepared_grants
+            .get(name)?
+            .iter()
+            .find(|g| !granted.contains(g))?;
+        Some(Refusal {
+            code: "42501",
+            message: format!(
+                "statement refused: {name} was prepared while you held grant \"{ended}\", which has ended"
+            ),
+            hint: Some(format!("PREPARE {name} again: policy decides it afresh")),
+        })
+    })
+}
+
+/// Keeps the session's record of SQL-level prepared statements' limits
+/// (and the grants they were allowed under) up to date after an allowed
+/// PREPARE, DEALLOCATE or DISCARD.
+fn remember_prepared(
+    classification: &Classification,
+    allowance: &Allowance,
+    session: &mut GateSession,
+    granted: &[Arc<str>],
+) {
     for statement in &classification.statements {
         match &statement.prepared {
-            Some(PreparedRef::Prepare(name)) => match &allowance.max_rows {
-                Some(limit) => {
-                    session.prepared_limits.insert(name.clone(), limit.clone());
+            Some(PreparedRef::Prepare(name)) => {
+                match &allowance.max_rows {
+                    Some(limit) => {
+                        session.prepared_limits.insert(name.clone(), limit.clone());
+                    }
+                    None => {
+                        session.prepared_limits.remove(name);
+                    }
                 }
-                None => {
-                    session.prepared_limits.remove(name);
+                if granted.is_empty() {
+                    session.prepared_grants.remove(name);
+                } else {
+                    session.prepared_grants.insert(name.clone(), granted.to_vec());
                 }
-            },
+            }
             Some(PreparedRef::Deallocate(Some(name))) => {
                 session.prepared_limits.remove(name);
+                session.prepared_grants.remove(name);
             }
-            Some(PreparedRef::Deallocate(None)) => session.prepared_limits.clear(),
+            Some(PreparedRef::Deallocate(None)) => {
+                session.prepared_limits.clear();
+                session.prepared_grants.clear();
+            }
             Some(PreparedRef::Execute(_)) | None => {}
         }
     }
@@ -631,6 +682,11 @@ impl StatementGate for PolicyGate {
             .iter()
             .any(|s| s.features.contains(Feature::SearchPath));
         let verdict = match decision.decision() {
+            DecisionKind::Allow
+                if let Some(refusal) = executed_after_grant(&decision.classification, session, ctx.granted) =>
+            {
+                Verdict::Deny(refusal)
+            }
             DecisionKind::Allow => {
                 if decision.would_be() > DecisionKind::Allow {
                     let index = decision.deciding.unwrap_or(0);
@@ -687,7 +743,7 @@ impl StatementGate for PolicyGate {
                 if changes_search_path {
                     session.search_path_changed = true;
                 }
-                remember_prepared(&decision.classification, &allowance, session);
+                remember_prepared(&decision.classification, &allowance, session, ctx.granted);
                 // PREPARE writes nothing: its limit applies when it is EXECUTEd.
                 let prepares = decision
                     .classification

@@ -471,7 +471,12 @@ async fn target_catalog(
         &[]
     };
     let rules_query = catalog::query(&masking.rules);
-    let origins_query = catalog::origins_query(tags, &masking.rules);
+    // Origins are for the trail only.
+    let origins_query = if shared.auditor.is_some() {
+        catalog::origins_query(tags, &masking.rules)
+    } else {
+        None
+    };
     if rules_query.is_none() && origins_query.is_none() {
         return Ok(None);
     }

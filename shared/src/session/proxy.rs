@@ -259,6 +259,12 @@ pub(crate) struct Proxy<'a> {
     deferred: Option<Outcome>,
     /// Row limits of prepared statements (extended protocol), by name.
     statement_limits: HashMap<String, RowLimit>,
+    /// Prepared statements allowed while the session held requested
+    /// grants, with those grants: a Bind after one of them ended is refused
+    /// (the statement must be prepared, and decided, again).
+    grant_bound: HashMap<String, Vec<Arc<str>>>,
+    /// The grants held when the last statement was decided.
+    last_granted: Vec<Arc<str>>,
     /// Row limits of bound portals, with the rows they returned so far.
     portal_limits: HashMap<String, (RowLimit, u64)>,
     /// Whether the last statement the gate allowed reads a table with
@@ -367,6 +373,8 @@ impl<'a> Proxy<'a> {
             guard: None,
             deferred: None,
             statement_limits: HashMap::new(),
+            grant_bound: HashMap::new(),
+            last_granted: Vec::new(),
             portal_limits: HashMap::new(),
             last_sensitive: false,
             statement_sensitive: HashMap::new(),
@@ -685,12 +693,13 @@ impl<'a> Proxy<'a> {
         self.guard.is_some() || self.held.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
     }
 
-    /// With masking on, every Execute is preceded by a Describe of its portal
-    /// that the gateway sends itself: its RowDescription (with the formats the
-    /// portal really uses) reaches the masker, not the client, so rows of a
-    /// portal the client executes without describing are still read right.
+    /// With masking or auditing on, every Execute is preceded by a Describe
+    /// of its portal that the gateway sends itself: its RowDescription (with
+    /// the formats the portal really uses) reaches the masker and the trail's
+    /// column records, not the client, so rows of a portal the client
+    /// executes without describing are still read, and recorded, right.
     fn describe_before_execute(&mut self, execute_body: &[u8]) -> Result<(), Stop> {
-        if !self.seam.masking() {
+        if !self.seam.masking() && self.ctx.auditor.is_none() {
             return Ok(());
         }
         let portal = first_name(execute_body, "portal name")?;
@@ -766,6 +775,12 @@ impl<'a> Proxy<'a> {
                     ),
                     Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
+                if matches!(outcome, Outcome::Forward | Outcome::Guard(_)) && !self.last_granted.is_empty() {
+                    self.grant_bound
+                        .insert(name.to_string(), std::mem::take(&mut self.last_granted));
+                } else if !self.grant_bound.is_empty() {
+                    self.grant_bound.remove(name);
+                }
                 let refusal = match outcome {
                     Outcome::Forward => {
                         self.statement_limits.remove(name);
@@ -801,6 +816,22 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
+                if !self.grant_bound.is_empty()
+                    && let Some(refusal) = self.grant_ended(bind_names(body)?.1)
+                {
+                    // In place of the Bind, a Parse that fails: its error
+                    // becomes the refusal, and the server skips the rest of
+                    // the batch up to Sync, as it would after a failed Bind.
+                    self.counters.refused += 1;
+                    // (Named, so the client's unnamed statement stays: the
+                    // failing Parse creates nothing, whether or not a
+                    // statement of that name exists.)
+                    Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
+                    self.pending.push(Expect::Parse {
+                        refusal: Some(refusal_error(refusal)),
+                    });
+                    return Ok(Consumed::Yes);
+                }
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
                     let audit = match self.statement_texts.get(statement) {
@@ -883,6 +914,10 @@ impl<'a> Proxy<'a> {
                         Some(b'S') => self.statement_limits.remove(name),
                         _ => self.portal_limits.remove(name).map(|(limit, _)| limit),
                     };
+                }
+                if !self.grant_bound.is_empty() && body.first() == Some(&b'S') {
+                    let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
+                    self.grant_bound.remove(name);
                 }
                 Some(Expect::Close)
             }
@@ -1693,11 +1728,26 @@ impl<'a> Proxy<'a> {
         columns
     }
 
+    /// For a Bind of a statement prepared under requested grants: the
+    /// refusal, if one of them has ended since.
+    fn grant_ended(&self, statement: &str) -> Option<Refusal> {
+        let bound = self.grant_bound.get(statement)?;
+        let held = self.ctx.approvals.granted(self.ctx.identity, self.ctx.target);
+        let ended = bound.iter().find(|g| !held.contains(g))?;
+        tracing::info!(grant = %ended, "prepared statement refused: it was allowed under a grant that has ended");
+        Some(Refusal {
+            code: "42501",
+            message: format!("statement refused: it was prepared while you held grant \"{ended}\", which has ended"),
+            hint: Some("prepare it again: policy decides it afresh".into()),
+        })
+    }
+
     /// The gate's decision on a statement.
     fn decide(&mut self, sql: &str, source: StatementSource<'_>) -> (Outcome, Decided) {
         // Looked up for every statement, so that a grant applies from the
         // moment it is approved and stops the moment it expires.
         let granted = self.ctx.approvals.granted(self.ctx.identity, self.ctx.target);
+        self.last_granted.clone_from(&granted);
         let ctx = StatementContext {
             identity: self.ctx.identity,
             target: self.ctx.target,
@@ -2118,10 +2168,15 @@ impl<'a> Proxy<'a> {
                 }
                 backend::tag::NO_DATA => self.result_columns.clear(),
                 backend::tag::ERROR_RESPONSE => {
+                    // Rows it returned before failing left the gateway.
+                    self.pending.note_result(std::mem::take(&mut self.result_columns));
                     if let Ok(error) = ReceivedError::decode(body) {
                         self.pending.note_error(error.code);
                     }
                 }
+                // What a Describe without an Execute described goes no
+                // further than its batch.
+                backend::tag::READY_FOR_QUERY => self.result_columns.clear(),
                 _ => {}
             }
         }
