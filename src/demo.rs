@@ -119,6 +119,12 @@ fn print_banner(gateway: SocketAddr, api: Option<SocketAddr>, postgres_port: u16
         println!(
             "     curl -s -X POST -H 'Authorization: Bearer carol-demo-token' http://{api}/v1/approvals/1/approve"
         );
+        println!(
+            "     SLUICE_TOKEN=bob-demo-token sluice request --api http://{api} --target shop --grant orders-fix --for 30m --reason \"fix orders\""
+        );
+        println!(
+            "                                                                (bob: a time-bound grant; carol approves it the same way)"
+        );
     }
     println!("Press ctrl-c to stop; the database and its files are removed.");
 }
