@@ -293,7 +293,8 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
     .await;
     crate::harness::setup(
         &gw.db,
-        "CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'a@example.com')",
+        "CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'a@example.com'); \
+         CREATE VIEW v AS SELECT email AS via_view FROM customers",
     )
     .await;
     let bob = gw.connect(BOB).await.unwrap();
@@ -317,6 +318,8 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
     bob.simple_query("UPDATE customers SET id = id WHERE false")
         .await
         .unwrap();
+    // A view over the tagged column shows it, tags and all.
+    bob.simple_query("SELECT via_view FROM v").await.unwrap();
     drop(bob);
     // A session that sees clear values, running a prepared statement twice
     // (the second time without a Describe of its own).
@@ -359,7 +362,7 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         }
     };
     // (A statement only prepared has no completion.)
-    let done = completions("bob", 5).await;
+    let done = completions("bob", 6).await;
     let describe = |columns: &[ColumnRecord]| -> Vec<String> {
         columns
             .iter()
@@ -401,7 +404,11 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         "the UPDATE after a Describe returned nothing: {:?}",
         done[4]
     );
-    assert_eq!(done.len(), 5);
+    assert_eq!(
+        describe(&done[5]),
+        ["via_view <- public.v.via_view [rule; contact,crm]"]
+    );
+    assert_eq!(done.len(), 6);
     let clear = completions("agent", 2).await;
     for columns in &clear {
         assert_eq!(
@@ -417,8 +424,17 @@ async fn result_columns_are_recorded_with_origin_tags_and_masking() {
         })
         .await
         .unwrap();
+    let via_view = contact
+        .iter()
+        .find(|r| r.relation == "v")
+        .expect("the view's read counts");
+    assert_eq!(
+        via_view.columns["via_view"],
+        std::collections::BTreeSet::from(["rule".to_string()])
+    );
     let how: Vec<(&str, Vec<String>, u64)> = contact
         .iter()
+        .filter(|r| r.relation == "customers")
         .map(|r| {
             let email = r
                 .columns

@@ -153,7 +153,22 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
             like(&pattern.column)
         );
     }
-    Some(format!(
+    Some(matching(
+        &values,
+        "SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname",
+        "JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype ORDER BY m.rule",
+    ))
+}
+
+/// The columns that `(key, schema, table, column)` ILIKE patterns in
+/// `values` match, with `key`, and the columns that show them: the same
+/// column of inheritance children and partitions (by name), and every
+/// column of a view or materialized view that depends on one (views of
+/// views too). `select` picks from `m` (relid, attname, rule = the key),
+/// `a` (the attribute), `c` (its relation) and `n` (its schema); `tail`
+/// may join more and order.
+fn matching(values: &str, select: &str, tail: &str) -> String {
+    format!(
         "WITH RECURSIVE matched(relid, attname, rule) AS (\
            SELECT c.oid, a.attname, r.rule \
            FROM pg_catalog.pg_attribute a \
@@ -179,14 +194,13 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
              WHERE ba.attrelid = m.relid AND ba.attname = m.attname\
            ) x\
          ) \
-         SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname \
+         {select} \
          FROM matched m \
          JOIN pg_catalog.pg_attribute a ON a.attrelid = m.relid AND a.attname = m.attname \
          JOIN pg_catalog.pg_class c ON c.oid = m.relid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype \
-         ORDER BY m.rule"
-    ))
+         {tail}"
+    )
 }
 
 /// Columns of the catalog query's rows.
@@ -234,15 +248,12 @@ pub fn origins_query(tags: &[crate::config::TagRule], rules: &[MaskRule]) -> Opt
     if values.is_empty() {
         return None;
     }
-    Some(format!(
-        "SELECT c.oid::int8, a.attnum, n.nspname, c.relname, a.attname, r.tag \
-         FROM pg_catalog.pg_attribute a \
-         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         JOIN (VALUES {values}) AS r(tag, s, t, col) \
-           ON n.nspname ILIKE r.s AND c.relname ILIKE r.t AND a.attname ILIKE r.col \
-         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'p', 'f') \
-           AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    // Views and partitions of what is tagged show it too: their columns
+    // carry the tags (and their own names as origin: what the client read).
+    Some(matching(
+        &values,
+        "SELECT m.relid::int8, a.attnum, n.nspname, c.relname, a.attname, m.rule",
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')",
     ))
 }
 
