@@ -162,7 +162,9 @@ pub fn check(args: CheckArgs<'_>) -> anyhow::Result<i32> {
             approval.timeout.as_secs()
         );
         println!("                  the statement runs once approved, or fails with who denied it and why.");
-        println!("                  (A prepared statement cannot be held: it is refused as below.)");
+        println!(
+            "                  (A prepared statement is held the same way at its Parse, and runs once when approved.)"
+        );
     }
     if overall != DecisionKind::Allow {
         let refusal = policy.refusal(&decision, &subject);

@@ -695,3 +695,67 @@ async fn count_in(db: &str, table: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// The extended protocol (JDBC, psycopg, tokio-postgres) is held like a
+/// simple Query: the Parse waits for approvers, and what the client
+/// pipelined behind it waits too. Approved, the statement runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_are_held_and_run_once_approved() {
+    let gw = start("approval_extended").await;
+    let bob = std::sync::Arc::new(gw.connect(BOB).await.unwrap());
+
+    // Parse, Bind, Execute, Sync in one go: held, then run.
+    let held = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await })
+    };
+    let request = pending(&gw).await;
+    assert_eq!(request.statement, "DELETE FROM orders WHERE id = $1");
+    assert_eq!(count(&gw, "orders").await, 5, "nothing ran while held");
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    assert_eq!(held.await.unwrap().unwrap(), 1);
+    assert_eq!(count(&gw, "orders").await, 4);
+
+    // A statement prepared once approved runs once; to run it again, ask again.
+    let prepare = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.prepare("DELETE FROM orders WHERE id = $1").await })
+    };
+    let request = pending(&gw).await;
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    let statement = prepare.await.unwrap().unwrap();
+    assert_eq!(bob.execute(&statement, &[&2i32]).await.unwrap(), 1);
+    let err = bob.execute(&statement, &[&3i32]).await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert_eq!(
+        db.message(),
+        format!(
+            "statement refused: approval request {} let this prepared statement run once, and it has",
+            request.id
+        )
+    );
+    assert_eq!(count(&gw, "orders").await, 3);
+
+    // Denied: the prepare fails with who denied it and why.
+    let denied = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.execute("DELETE FROM orders WHERE id = $1", &[&4i32]).await })
+    };
+    let request = pending(&gw).await;
+    api(&gw, ALICE)
+        .decide(request.id, false, Some("not this one"))
+        .await
+        .unwrap();
+    let err = denied.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        format!(
+            "statement refused: approval request {} was denied by alice: not this one",
+            request.id
+        )
+    );
+    // The session is in a good state afterwards.
+    bob.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(count(&gw, "orders").await, 3);
+}

@@ -88,45 +88,55 @@ async fn demo_policy_refuses_drop_for_alice_and_the_session_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approval_required_holds_a_query_and_refuses_a_prepared_statement() {
+async fn approval_required_holds_a_query_and_a_prepared_statement() {
     let gw = TestGateway::start("policy_approval", demo_policy()).await;
     harness::setup(&gw.db, "CREATE TABLE orders (id int, status text)").await;
-    let client = gw.connect(ALICE).await.unwrap();
-    // A prepared statement cannot be held: it is refused, saying what it needs.
-    let err = client
-        .execute("UPDATE orders SET status = 'paid' WHERE id = $1", &[&1i32])
-        .await
-        .unwrap_err();
-    let db = err.as_db_error().unwrap();
-    assert_eq!(db.code().code(), "42501");
-    assert_eq!(
-        db.message(),
-        "statement needs approval under rule \"writes-need-approval\": engineers change data with an approval from on-call or a lead"
-    );
-    assert_eq!(db.hint(), Some("approval by 1 of: leads, oncall is needed"));
-    // A simple Query is held until approvers decide (here: until the client
-    // gives up and cancels).
+    let client = std::sync::Arc::new(gw.connect(ALICE).await.unwrap());
     let cancel = client.cancel_token();
-    let held = tokio::spawn(async move {
-        client
-            .batch_execute("UPDATE orders SET status = 'paid' WHERE id = 1")
-            .await
-    });
     let api = sluice_core::api::client::ApiClient::new(gw.api.as_deref().unwrap(), Some(harness::BOB));
-    let request = loop {
-        if let Some(request) = api.approvals().await.unwrap().into_iter().next() {
-            break request;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
-    assert_eq!(
-        (request.rule.as_str(), request.requester.as_str()),
-        ("writes-need-approval", "alice")
-    );
-    assert_eq!(request.approvers, ["leads", "oncall"]);
-    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = held.await.unwrap().unwrap_err();
-    assert_eq!(err.as_db_error().unwrap().code().code(), "57014");
+    // Over either protocol the statement is held until approvers decide
+    // (here: until the client gives up and cancels).
+    for prepared in [true, false] {
+        let held = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if prepared {
+                    client
+                        .execute("UPDATE orders SET status = 'paid' WHERE id = $1", &[&1i32])
+                        .await
+                        .map(|_| ())
+                } else {
+                    client
+                        .batch_execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+                        .await
+                }
+            })
+        };
+        let request = loop {
+            let pending = api
+                .approvals()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.state == sluice_core::approvals::RequestState::Pending);
+            if let Some(request) = pending {
+                break request;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(
+            (request.rule.as_str(), request.requester.as_str()),
+            ("writes-need-approval", "alice")
+        );
+        assert_eq!(request.approvers, ["leads", "oncall"]);
+        let text = if prepared { "$1" } else { "id = 1" };
+        assert!(request.statement.contains(text), "{request:?}");
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let err = held.await.unwrap().unwrap_err();
+        assert_eq!(err.as_db_error().unwrap().code().code(), "57014", "{err}");
+    }
+    // The session goes on.
+    client.simple_query("SELECT 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,7 +154,7 @@ enum Outcome {
     Refuse(Box<ErrorFields>),
     /// Run it, under a row limit.
     Guard(RowLimit),
-    /// Hold it until approvers decide (only a simple Query is held).
+    /// Hold it until approvers decide (a simple Query or a Parse).
     Hold(Box<ToHold>),
 }
 
@@ -214,8 +214,11 @@ struct Held {
     decision: tokio::sync::oneshot::Receiver<crate::approvals::Outcome>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
-    /// The Query message, as the client sent it.
+    /// The Query (or Parse) message, as the client sent it.
     query: Vec<u8>,
+    /// For a held Parse: the statement's name. Approved, it is prepared and
+    /// may be executed once.
+    parse: Option<String>,
     text: String,
     statements: Vec<StatementRecord>,
     rule: String,
@@ -265,6 +268,11 @@ pub(crate) struct Proxy<'a> {
     grant_bound: HashMap<String, Vec<Arc<str>>>,
     /// The grants held when the last statement was decided.
     last_granted: Vec<Arc<str>>,
+    /// Prepared statements approved by a request, not yet executed: the
+    /// first Bind uses the approval; later ones are refused.
+    approved_once: HashMap<String, u64>,
+    /// ... and those whose one execution is used.
+    approval_spent: HashMap<String, u64>,
     /// Row limits of bound portals, with the rows they returned so far.
     portal_limits: HashMap<String, (RowLimit, u64)>,
     /// Whether the last statement the gate allowed reads a table with
@@ -375,6 +383,8 @@ impl<'a> Proxy<'a> {
             statement_limits: HashMap::new(),
             grant_bound: HashMap::new(),
             last_granted: Vec::new(),
+            approved_once: HashMap::new(),
+            approval_spent: HashMap::new(),
             portal_limits: HashMap::new(),
             last_sensitive: false,
             statement_sensitive: HashMap::new(),
@@ -762,12 +772,13 @@ impl<'a> Proxy<'a> {
                         }
                         self.start_simple_guard(limit, message);
                     }
-                    Outcome::Hold(hold) => self.hold(*hold, message),
+                    Outcome::Hold(hold) => self.hold(*hold, message, None),
                 }
                 return Ok(Consumed::Yes);
             }
             fe::PARSE => {
                 self.counters.statements += 1;
+                let mut held = None;
                 let (name, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
@@ -792,14 +803,22 @@ impl<'a> Proxy<'a> {
                         self.to_server.extend_from_slice(message);
                         None
                     }
-                    // Only simple Queries are held (see `decide`): anything
-                    // else that needs approval is refused.
-                    Outcome::Refuse(_) | Outcome::Hold(_) => {
+                    Outcome::Hold(hold) => {
+                        self.statement_limits.remove(name);
+                        held = Some(hold);
+                        None
+                    }
+                    Outcome::Refuse(_) => {
                         self.statement_limits.remove(name);
                         Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
                         Some(outcome.into_refusal())
                     }
                 };
+                // A new statement under this name starts without an approval.
+                if !self.approved_once.is_empty() || !self.approval_spent.is_empty() {
+                    self.approved_once.remove(name);
+                    self.approval_spent.remove(name);
+                }
                 if self.seam.has_rules() {
                     // A Parse the server rejects (the name is taken) must not
                     // make a sensitive statement look harmless: a named
@@ -812,13 +831,27 @@ impl<'a> Proxy<'a> {
                         *self.statement_sensitive.entry(name.to_string()).or_default() |= sensitive;
                     }
                 }
+                if let Some(hold) = held {
+                    // Waits, and the client's next messages wait behind it;
+                    // its answer is pushed when approvers decide.
+                    self.hold(*hold, message, Some(name.to_string()));
+                    return Ok(Consumed::Yes);
+                }
                 self.pending.push(Expect::Parse { refusal });
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
-                if !self.grant_bound.is_empty()
-                    && let Some(refusal) = self.grant_ended(bind_names(body)?.1)
-                {
+                let spent = if self.approved_once.is_empty() && self.approval_spent.is_empty() {
+                    None
+                } else {
+                    self.use_approval(bind_names(body)?.1)
+                };
+                let refused = match spent {
+                    Some(refusal) => Some(refusal),
+                    None if !self.grant_bound.is_empty() => self.grant_ended(bind_names(body)?.1),
+                    None => None,
+                };
+                if let Some(refusal) = refused {
                     // In place of the Bind, a Parse that fails: its error
                     // becomes the refusal, and the server skips the rest of
                     // the batch up to Sync, as it would after a failed Bind.
@@ -915,9 +948,15 @@ impl<'a> Proxy<'a> {
                         _ => self.portal_limits.remove(name).map(|(limit, _)| limit),
                     };
                 }
-                if !self.grant_bound.is_empty() && body.first() == Some(&b'S') {
+                if body.first() == Some(&b'S')
+                    && (!self.grant_bound.is_empty()
+                        || !self.approved_once.is_empty()
+                        || !self.approval_spent.is_empty())
+                {
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
                     self.grant_bound.remove(name);
+                    self.approved_once.remove(name);
+                    self.approval_spent.remove(name);
                 }
                 Some(Expect::Close)
             }
@@ -1336,23 +1375,19 @@ impl<'a> Proxy<'a> {
         rule: Option<String>,
     ) -> Option<Mark> {
         let auditor = self.ctx.auditor?;
-        self.audit_seq += 1;
         let refusal = match outcome {
             Outcome::Refuse(error) => Some(error.message.clone()),
             _ => None,
         };
         let runs = matches!(outcome, Outcome::Forward | Outcome::Guard(_));
-        let event = audit::Event::now(audit::Detail::Statement {
-            seq: self.audit_seq,
-            source: source.into(),
+        let event = self.statement_event(
+            source,
             text,
-            decision: if runs { "allow" } else { decision }.into(),
+            statements,
+            if runs { "allow" } else { decision },
             rule,
             refusal,
-            statements,
-        })
-        .in_session(self.ctx.session_id)
-        .by(self.ctx.identity.name(), self.ctx.target);
+        );
         if !runs {
             auditor.record(event);
             return None;
@@ -1374,6 +1409,30 @@ impl<'a> Proxy<'a> {
             results: 0,
             sample: Vec::new(),
         })
+    }
+
+    /// The next statement event of the session.
+    fn statement_event(
+        &mut self,
+        source: &str,
+        text: String,
+        statements: Vec<StatementRecord>,
+        decision: &str,
+        rule: Option<String>,
+        refusal: Option<String>,
+    ) -> audit::Event {
+        self.audit_seq += 1;
+        audit::Event::now(audit::Detail::Statement {
+            seq: self.audit_seq,
+            source: source.into(),
+            text,
+            decision: decision.into(),
+            rule,
+            refusal,
+            statements,
+        })
+        .in_session(self.ctx.session_id)
+        .by(self.ctx.identity.name(), self.ctx.target)
     }
 
     /// Records an Execute of a bound portal (its first: later ones fetch
@@ -1427,7 +1486,7 @@ impl<'a> Proxy<'a> {
 
     /// Holds a simple Query until approvers decide: opens the request, tells
     /// the client at once, and stops reading its messages meanwhile.
-    fn hold(&mut self, hold: ToHold, message: &[u8]) {
+    fn hold(&mut self, hold: ToHold, message: &[u8], parse: Option<String>) {
         let ToHold { request, approval } = hold;
         let text = std::mem::take(&mut self.checked_text);
         let statements = audit_records(request.classification.as_deref(), self.ctx.audit_tags);
@@ -1478,6 +1537,7 @@ impl<'a> Proxy<'a> {
             deadline: Box::pin(tokio::time::sleep(approval.timeout)),
             timeout: approval.timeout,
             query: message.to_vec(),
+            parse,
             text,
             statements,
             changes_search_path: changes_search_path(request.classification.as_deref()),
@@ -1599,6 +1659,23 @@ impl<'a> Proxy<'a> {
                 // The gate's view of the session follows what runs.
                 self.gate_session.search_path_changed |= held.changes_search_path;
                 let rule = format!("{} (request {} approved by {})", held.rule, held.id, by.join(", "));
+                if let Some(name) = held.parse.take() {
+                    // Prepared now; its one execution is recorded (write-
+                    // ahead) when it comes.
+                    if let Some(auditor) = self.ctx.auditor {
+                        let event =
+                            self.statement_event("parse", held.text, held.statements, "allow", Some(rule), None);
+                        auditor.record(event);
+                    }
+                    self.to_server.extend_from_slice(&held.query);
+                    self.pending.push(Expect::Parse { refusal: None });
+                    self.approved_once.insert(name, held.id);
+                    return if self.client_in.is_empty() {
+                        Ok(())
+                    } else {
+                        self.on_client_data()
+                    };
+                }
                 self.pending_mark = self.record_execution(
                     "query",
                     held.text,
@@ -1647,7 +1724,19 @@ impl<'a> Proxy<'a> {
                 ),
             ),
         };
-        self.refuse_query(Box::new(refusal));
+        match held.parse {
+            // The Parse fails with the refusal; the server then skips the
+            // rest of the client's batch up to its Sync.
+            Some(name) => {
+                // Whatever runs under this name later is not this text.
+                self.statement_texts.remove(&name);
+                Parse::encode(&name, REFUSED_STATEMENT, &mut self.to_server);
+                self.pending.push(Expect::Parse {
+                    refusal: Some(Box::new(refusal)),
+                });
+            }
+            None => self.refuse_query(Box::new(refusal)),
+        }
         if self.client_in.is_empty() {
             Ok(())
         } else {
@@ -1728,6 +1817,23 @@ impl<'a> Proxy<'a> {
         columns
     }
 
+    /// For a Bind of a statement approved by a request: the first uses the
+    /// approval; a later one gets the refusal.
+    fn use_approval(&mut self, statement: &str) -> Option<Refusal> {
+        if let Some(id) = self.approved_once.remove(statement) {
+            self.approval_spent.insert(statement.to_string(), id);
+            return None;
+        }
+        let id = self.approval_spent.get(statement)?;
+        Some(Refusal {
+            code: "42501",
+            message: format!(
+                "statement refused: approval request {id} let this prepared statement run once, and it has"
+            ),
+            hint: Some("prepare it again to ask for approval again".into()),
+        })
+    }
+
     /// For a Bind of a statement prepared under requested grants: the
     /// refusal, if one of them has ended since.
     fn grant_ended(&self, statement: &str) -> Option<Refusal> {
@@ -1782,13 +1888,15 @@ impl<'a> Proxy<'a> {
                 decided.rule = Some(limit.rule.to_string());
                 return (Outcome::Guard(limit), decided);
             }
-            // Approvals cannot hold a statement yet: it is refused, with a
-            // message that says approval is what it needs.
+            // Held (`hold` rules, a simple Query or a Parse), refused with
+            // a request to retry (`refuse_and_retry`), or refused saying
+            // approval is what it needs (a FunctionCall).
             Verdict::RequireApproval(request) => {
                 decided.decision = "require_approval";
                 decided.rule = Some(request.rule.clone());
                 let hold = request.approval.clone().filter(|a| {
-                    a.mode == crate::config::ApprovalMode::Hold && matches!(source, StatementSource::SimpleQuery)
+                    a.mode == crate::config::ApprovalMode::Hold
+                        && matches!(source, StatementSource::SimpleQuery | StatementSource::Parse { .. })
                 });
                 if let Some(approval) = hold {
                     return (
