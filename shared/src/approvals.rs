@@ -161,6 +161,11 @@ struct Entry {
 /// Requests kept after they end, for the API's recent decisions.
 const KEEP_ENDED: usize = 200;
 
+/// Pending requests one identity may have that do not hold a session
+/// (`refuse_and_retry` statements, access requests): beyond this, new ones
+/// are refused, so one client cannot bury approvers (or memory) in them.
+pub const MAX_PENDING_PER_IDENTITY: usize = 20;
+
 /// The gateway's approval requests.
 #[derive(Default)]
 pub struct Approvals {
@@ -650,6 +655,27 @@ impl Approvals {
             .map(|e| e.view.clone())
     }
 
+    /// How many pending requests `requester` has that no session waits on,
+    /// or `None` below [`MAX_PENDING_PER_IDENTITY`]: the refusal's text.
+    pub fn too_many_pending(&self, requester: &Identity) -> Option<String> {
+        self.expire_due();
+        let pending = self
+            .lock()
+            .values()
+            .filter(|e| {
+                e.view.state == RequestState::Pending
+                    && e.requester_subject == requester.subject()
+                    && (e.retry.is_some() || e.view.access.is_some())
+            })
+            .count();
+        (pending >= MAX_PENDING_PER_IDENTITY).then(|| {
+            format!(
+                "{} has {pending} approval requests waiting; wait for approvers to decide some before asking again",
+                requester.name()
+            )
+        })
+    }
+
     /// Whether `identity` asked for request `id`: requesters may follow
     /// their own requests without a viewer role.
     pub fn is_requester(&self, id: u64, identity: &Identity) -> bool {
@@ -797,6 +823,35 @@ mod tests {
             approvals.get(short.id).unwrap().access.unwrap().ended.as_deref(),
             Some("expired")
         );
+    }
+
+    #[test]
+    fn requests_no_session_waits_on_are_capped_per_identity() {
+        let approvals = Approvals::new(None, 1);
+        let bob = person("bob", &["oncall", "leads"]);
+        // Held statements hold their session: they do not count.
+        for _ in 0..MAX_PENDING_PER_IDENTITY {
+            request(&approvals, 1);
+        }
+        assert!(approvals.too_many_pending(&bob).is_none());
+        for n in 0..MAX_PENDING_PER_IDENTITY {
+            approvals.open(NewRequest {
+                requester: bob.clone(),
+                target: "shop".into(),
+                session: "s".into(),
+                statement: format!("DELETE FROM t WHERE id = {n}"),
+                rule: "r".into(),
+                reason: None,
+                approvers: vec!["leads".into()],
+                needed: 1,
+                timeout: Duration::from_secs(300),
+                retry: Some([n as u8; 32]),
+                access: None,
+            });
+        }
+        let message = approvals.too_many_pending(&bob).unwrap();
+        assert!(message.contains("bob has 20 approval requests waiting"), "{message}");
+        assert!(approvals.too_many_pending(&person("carol", &["leads"])).is_none());
     }
 
     #[test]

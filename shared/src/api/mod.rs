@@ -555,6 +555,9 @@ async fn request_access(
     if let Some(pending) = shared.approvals.pending_access(&requester, &body.grant, &body.target) {
         return Ok((StatusCode::OK, Json(pending)));
     }
+    if let Some(message) = shared.approvals.too_many_pending(&requester) {
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, message));
+    }
     let (view, _answer) = shared.approvals.open(crate::approvals::NewRequest {
         requester,
         target: body.target.clone(),

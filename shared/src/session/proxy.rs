@@ -1588,6 +1588,15 @@ impl<'a> Proxy<'a> {
         }
         let id = match self.ctx.approvals.pending_retry(identity, target, hash) {
             Some(id) => id,
+            None if let Some(message) = self.ctx.approvals.too_many_pending(self.ctx.identity) => {
+                return Err(Refusal {
+                    code: "42501",
+                    message: format!("{} ({message})", request.refusal.message),
+                    hint: Some(
+                        "the statement needs approval; ask an approver about the requests already waiting".into(),
+                    ),
+                });
+            }
             None => {
                 let (view, _answer) = self.ctx.approvals.open(crate::approvals::NewRequest {
                     requester: self.ctx.identity.clone(),
