@@ -469,6 +469,24 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     bob.simple_query("PREPARE wipe(int) AS DELETE FROM ledger WHERE id = $1")
         .await
         .unwrap();
+    // ... and a portal bound under it, inside a transaction, to be run later.
+    let mut raw_bob = crate::harness::raw::RawClient::connect(gw.addr).await;
+    raw_bob.login(&gw.db, BOB).await;
+    raw_bob.simple("BEGIN").await;
+    {
+        use crate::harness::raw;
+        raw_bob
+            .send(
+                &[
+                    raw::parse("d", "DELETE FROM ledger WHERE id = 3"),
+                    raw::bind("p5", "d"),
+                    raw::sync(),
+                ]
+                .concat(),
+            )
+            .await;
+        assert_eq!(raw::tags(&raw_bob.until_ready().await), "12Z");
+    }
     // Only for its holder.
     let agent = gw.connect(AGENT).await.unwrap();
     agent.simple_query("DELETE FROM ledger WHERE id = 2").await.unwrap_err();
@@ -499,6 +517,20 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
         db.message().contains("wipe was prepared while you held grant"),
         "{db:?}"
     );
+    // Nor can messages the server never carries out wipe that: a PREPARE of
+    // the name in use (it fails), a DEALLOCATE after an error in its string.
+    bob.simple_query("PREPARE wipe AS SELECT 1").await.unwrap_err();
+    bob.simple_query("SELECT 1/0; DEALLOCATE wipe").await.unwrap_err();
+    bob.simple_query("EXECUTE wipe(2)").await.unwrap_err();
+    // The portal bound under the grant does not run after it either.
+    {
+        use crate::harness::raw;
+        raw_bob.send(&[raw::execute("p5", 0), raw::sync()].concat()).await;
+        let answer = raw_bob.until_ready().await;
+        let error = raw::first_error(&answer);
+        assert!(error[&'M'].contains("which has ended"), "{error:?}");
+        raw_bob.simple("ROLLBACK").await;
+    }
     // The session is fine: it prepares again, and policy decides afresh.
     let err = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
@@ -696,58 +728,51 @@ async fn count_in(db: &str, table: &str) -> i64 {
         .get(0)
 }
 
-/// The extended protocol (JDBC, psycopg, tokio-postgres) is held like a
-/// simple Query: the Parse waits for approvers, and what the client
-/// pipelined behind it waits too. Approved, the statement runs once.
+/// The extended protocol (JDBC, psycopg, tokio-postgres) is held too: the
+/// statement is prepared, and each execution's Bind waits for approvers,
+/// with its parameter values on the request; what the client pipelined
+/// behind it waits too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prepared_statements_are_held_and_run_once_approved() {
+async fn prepared_statements_are_held_at_each_execution() {
     let gw = start("approval_extended").await;
     let bob = std::sync::Arc::new(gw.connect(BOB).await.unwrap());
-
-    // Parse, Bind, Execute, Sync in one go: held, then run.
-    let held = {
+    let run = |statement: tokio_postgres::Statement, id: i32| {
         let bob = bob.clone();
-        tokio::spawn(async move { bob.execute("DELETE FROM orders WHERE id = $1", &[&1i32]).await })
+        tokio::spawn(async move { bob.execute(&statement, &[&id]).await })
     };
+
+    // An SQL-level PREPARE would let one approval run it any number of
+    // times: refused, saying what to do instead.
+    let err = bob
+        .simple_query("PREPARE w AS DELETE FROM orders WHERE id = 7")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert!(db.hint().unwrap().contains("send the statement itself"), "{db:?}");
+
+    // Preparing needs nothing; executing does.
+    let statement = bob.prepare("DELETE FROM orders WHERE id = $1").await.unwrap();
+    let held = run(statement.clone(), 1);
     let request = pending(&gw).await;
-    assert_eq!(request.statement, "DELETE FROM orders WHERE id = $1");
+    assert_eq!(
+        request.statement,
+        "DELETE FROM orders WHERE id = $1\n-- parameters: $1 = (binary 0x00000001)"
+    );
     assert_eq!(count(&gw, "orders").await, 5, "nothing ran while held");
     api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
     assert_eq!(held.await.unwrap().unwrap(), 1);
     assert_eq!(count(&gw, "orders").await, 4);
 
-    // A statement prepared once approved runs once; to run it again, ask again.
-    let prepare = {
-        let bob = bob.clone();
-        tokio::spawn(async move { bob.prepare("DELETE FROM orders WHERE id = $1").await })
-    };
+    // The next execution asks again.
+    let held = run(statement.clone(), 2);
     let request = pending(&gw).await;
-    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
-    let statement = prepare.await.unwrap().unwrap();
-    assert_eq!(bob.execute(&statement, &[&2i32]).await.unwrap(), 1);
-    let err = bob.execute(&statement, &[&3i32]).await.unwrap_err();
-    let db = err.as_db_error().unwrap();
-    assert_eq!(db.code().code(), "42501");
-    assert_eq!(
-        db.message(),
-        format!(
-            "statement refused: approval request {} let this prepared statement run once, and it has",
-            request.id
-        )
-    );
-    assert_eq!(count(&gw, "orders").await, 3);
-
-    // Denied: the prepare fails with who denied it and why.
-    let denied = {
-        let bob = bob.clone();
-        tokio::spawn(async move { bob.execute("DELETE FROM orders WHERE id = $1", &[&4i32]).await })
-    };
-    let request = pending(&gw).await;
+    assert!(request.statement.ends_with("$1 = (binary 0x00000002)"), "{request:?}");
     api(&gw, ALICE)
         .decide(request.id, false, Some("not this one"))
         .await
         .unwrap();
-    let err = denied.await.unwrap().unwrap_err();
+    let err = held.await.unwrap().unwrap_err();
     assert_eq!(
         err.as_db_error().unwrap().message(),
         format!(
@@ -757,5 +782,63 @@ async fn prepared_statements_are_held_and_run_once_approved() {
     );
     // The session is in a good state afterwards.
     bob.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(count(&gw, "orders").await, 3);
+    assert_eq!(count(&gw, "orders").await, 4);
+
+    // Text parameters are shown with the detectors' findings masked.
+    let update = bob
+        .prepare_typed(
+            "UPDATE orders SET id = id WHERE id = $1 OR $2 <> ''",
+            &[tokio_postgres::types::Type::INT4, tokio_postgres::types::Type::TEXT],
+        )
+        .await
+        .unwrap();
+    let held = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.execute(&update, &[&3i32, &"card 4111111111111111"]).await })
+    };
+    let request = pending(&gw).await;
+    assert!(!request.statement.contains("4111111111111111"), "{request:?}");
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    held.await.unwrap().unwrap();
+}
+
+/// What the gateway remembers about a prepared statement (that it needs
+/// approval, the grants it was allowed under) cannot be wiped by messages
+/// the server never carries out: a second Parse of the same name (which
+/// PostgreSQL rejects) or a Close skipped after an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_parses_and_skipped_closes_do_not_wipe_what_a_statement_needs() {
+    use crate::harness::raw::{self, RawClient};
+    let gw = start("approval_remembered").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let close = |name: &str| {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(&raw::cstr(name));
+        raw::msg(b'C', &body)
+    };
+    client
+        .send(&[raw::parse("s", "DELETE FROM orders WHERE id = 1"), raw::sync()].concat())
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    // A Parse of the same name, which the server rejects ...
+    client.send(&[raw::parse("s", "SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "EZ");
+    // ... and a Close the server skips after an error in the same batch.
+    client
+        .send(&[raw::parse("", "SELEC broken"), close("s"), raw::sync()].concat())
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "EZ");
+    // Executing "s" still waits for approval, with its own text.
+    client
+        .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let request = pending(&gw).await;
+    assert_eq!(request.statement, "DELETE FROM orders WHERE id = 1");
+    assert_eq!(count(&gw, "orders").await, 5);
+    api(&gw, ALICE).decide(request.id, false, None).await.unwrap();
+    let answer = client.until_ready().await;
+    let error = raw::first_error(&answer);
+    assert!(error[&'M'].contains("was denied by alice"), "{error:?}");
+    assert_eq!(count(&gw, "orders").await, 5);
 }

@@ -751,7 +751,8 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
            AS $$ SELECT secret FROM api_keys WHERE id = k $$; \
          CREATE FUNCTION \"Leak\"() RETURNS SETOF text LANGUAGE plpgsql \
            AS $$ BEGIN RETURN QUERY EXECUTE 'SELECT secret FROM api' || '_keys'; END $$; \
-         CREATE TABLE scratch (v text);",
+         CREATE TABLE scratch (v text); \
+         CREATE VIEW keyview AS SELECT id, service, secret AS token FROM api_keys;",
     )
     .await;
     let clear = "not-a-real-secret";
@@ -884,6 +885,37 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
             "cannot follow column by column",
         ),
         ("INSERT INTO api_keys TABLE api_keys", "cannot read this statement"),
+        // Through renamed columns: derived tables, CTEs, table functions,
+        // views (found in review).
+        (
+            "UPDATE api_keys SET service = x.v FROM (SELECT id, secret AS v FROM api_keys) x WHERE x.id = api_keys.id",
+            "cannot follow column by column",
+        ),
+        (
+            "WITH s AS (SELECT id, secret AS v FROM api_keys) UPDATE api_keys SET service = s.v FROM s WHERE s.id = api_keys.id",
+            "cannot follow column by column",
+        ),
+        (
+            "WITH s AS (SELECT secret FROM api_keys) INSERT INTO api_keys (service) SELECT secret FROM s",
+            "cannot follow column by column",
+        ),
+        (
+            "WITH s AS (SELECT secret AS v FROM api_keys) INSERT INTO api_keys (service) SELECT v FROM s",
+            "cannot follow column by column",
+        ),
+        (
+            "UPDATE api_keys k SET service = u.v FROM unnest(ARRAY[k.secret]) u(v)",
+            "cannot follow column by column",
+        ),
+        ("UPDATE keyview SET service = token", "copies token"),
+        (
+            "UPDATE api_keys SET service = kv.token FROM keyview kv WHERE kv.id = api_keys.id",
+            "copies token",
+        ),
+        (
+            "UPDATE customers SET phone = c.contact FROM contacts c WHERE c.phone = customers.phone",
+            "copies contact",
+        ),
     ] {
         let err = bob.simple_query(statement).await.unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{statement}: {err}"));
@@ -912,7 +944,8 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
         "UPDATE api_keys SET secret = lower(secret) WHERE id = 1; \
          UPDATE api_keys SET service = upper(service) WHERE secret = 'x'; \
          INSERT INTO api_keys (service, secret) VALUES ('new', 'typed-in'); \
-         INSERT INTO scratch SELECT * FROM scratch WHERE false",
+         INSERT INTO scratch SELECT * FROM scratch WHERE false; \
+         EXPLAIN UPDATE api_keys SET service = secret",
     )
     .await
     .unwrap();

@@ -32,6 +32,8 @@ pub struct Catalog {
     columns: HashMap<(u32, i16), Vec<usize>>,
     /// Schema and name of each relation with a matched column (lower case).
     names: HashMap<u32, (String, String)>,
+    /// The name (lower case) of each matched column, views' included.
+    column_names: HashMap<(u32, i16), String>,
     /// Row types (and their array types) of tables with a matched column,
     /// with the rules of those columns.
     rowtypes: HashMap<u32, Vec<usize>>,
@@ -155,7 +157,7 @@ pub fn query(rules: &[MaskRule]) -> Option<String> {
     }
     Some(matching(
         &values,
-        "SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname",
+        "SELECT m.relid::int8, a.attnum, c.reltype::int8, ty.typarray::int8, m.rule, n.nspname, c.relname, a.attname",
         "JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype ORDER BY m.rule",
     ))
 }
@@ -204,7 +206,7 @@ fn matching(values: &str, select: &str, tail: &str) -> String {
 }
 
 /// Columns of the catalog query's rows.
-pub const FIELDS: usize = 7;
+pub const FIELDS: usize = 8;
 
 /// Where a result column comes from, and its tags: for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +304,8 @@ pub fn from_rows<'a>(
     let mut columns: HashMap<(u32, i16), Vec<usize>> = HashMap::new();
     let mut rowtypes: HashMap<u32, Vec<usize>> = HashMap::new();
     let mut names = HashMap::new();
-    for [relid, attnum, reltype, typarray, rule, schema, table] in rows {
+    let mut column_names = HashMap::new();
+    for [relid, attnum, reltype, typarray, rule, schema, table, column] in rows {
         let bad = |what: &str, value: &str| format!("catalog row: {what} {value:?} is not a number");
         let relid: u32 = relid.parse().map_err(|_| bad("relation", relid))?;
         let attnum: i16 = attnum.parse().map_err(|_| bad("attribute", attnum))?;
@@ -310,6 +313,7 @@ pub fn from_rows<'a>(
         let typarray: u32 = typarray.parse().map_err(|_| bad("array type", typarray))?;
         let rule: usize = rule.parse().map_err(|_| bad("rule", rule))?;
         names.insert(relid, (schema.to_lowercase(), table.to_lowercase()));
+        column_names.insert((relid, attnum), column.to_lowercase());
         let entry = columns.entry((relid, attnum)).or_default();
         if !entry.contains(&rule) {
             entry.push(rule);
@@ -325,6 +329,7 @@ pub fn from_rows<'a>(
     }
     Ok(Catalog {
         columns,
+        column_names,
         names,
         rowtypes,
         functions: Arc::new(functions.into_iter().map(str::to_ascii_lowercase).collect()),
@@ -356,11 +361,17 @@ impl Catalog {
             .filter(|(_, matching)| matching.iter().any(applies))
             .map(|(oid, _)| *oid)
             .collect();
+        // The rules' column patterns, and the names masked columns really
+        // have (a view may show a masked column under another name).
         let mut column_names: Vec<crate::config::Pattern> = rules
             .iter()
             .filter(|r| r.applies_to(groups))
             .flat_map(|r| &r.columns)
-            .map(|p| crate::config::Pattern::new(p.column.to_ascii_lowercase()))
+            .map(|p| p.column.to_ascii_lowercase())
+            .chain(columns.keys().filter_map(|key| self.column_names.get(key).cloned()))
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
+            .map(crate::config::Pattern::new)
             .collect();
         column_names.dedup();
         ColumnRules {
@@ -414,9 +425,9 @@ mod tests {
         ];
         let catalog = from_rows(
             [
-                ["16384", "3", "16386", "16385", "0", "public", "customers"],
-                ["16384", "3", "16386", "16385", "1", "public", "customers"],
-                ["16384", "5", "16386", "16385", "1", "public", "customers"],
+                ["16384", "3", "16386", "16385", "0", "public", "customers", "email"],
+                ["16384", "3", "16386", "16385", "1", "public", "customers", "email"],
+                ["16384", "5", "16386", "16385", "1", "public", "customers", "SSN"],
             ],
             ["get_secret", "Report"],
         )
@@ -431,6 +442,10 @@ mod tests {
         assert!(!others.masks_table(Some("audit"), "customers") && !others.masks_table(None, "orders"));
         assert!(others.user_function("get_secret") && others.user_function("GET_SECRET"));
         assert!(others.user_function("report") && !others.user_function("upper"));
-        assert!(from_rows([["x", "1", "1", "1", "0", "s", "t"]], []).is_err());
+        assert!(from_rows([["x", "1", "1", "1", "0", "s", "t", "c"]], []).is_err());
+        // Masked columns' names, as rules write them and as columns are
+        // called (a view may rename one).
+        assert!(others.may_be_masked("SSN") && others.may_be_masked("email"));
+        assert!(!others.may_be_masked("service"));
     }
 }

@@ -724,6 +724,9 @@ struct Walker {
     functions: BTreeSet<String>,
     /// Where written values come from.
     written: WrittenValues,
+    /// A WITH, a subquery in FROM or a table function somewhere: values
+    /// can reach a write under names the classifier does not follow.
+    renames: bool,
 }
 
 impl Walker {
@@ -738,6 +741,7 @@ impl Walker {
             plan_only: false,
             functions: BTreeSet::new(),
             written: WrittenValues::default(),
+            renames: false,
         };
         let _ = statement.visit(&mut walker);
         let (kind, command) = walker.top_level(statement);
@@ -770,7 +774,13 @@ impl Walker {
             command,
             prepared,
             functions: walker.functions.into_iter().collect(),
-            written: walker.written,
+            written: WrittenValues {
+                // A write whose values may come through renamed columns
+                // (a CTE's, a derived table's, a table function's) cannot
+                // be followed column by column.
+                opaque: walker.written.opaque || (walker.writes && walker.renames),
+                ..walker.written
+            },
         }
     }
 
@@ -1201,6 +1211,9 @@ impl Walker {
 impl Walker {
     /// An UPDATE's assignments: each target column and what its value reads.
     fn written_by_update(&mut self, update: &ast::Update) {
+        if self.plan_only {
+            return;
+        }
         let mut names = ValueReads::default();
         let _ = update.table.visit(&mut names);
         if let Some(from) = &update.from {
@@ -1219,6 +1232,9 @@ impl Walker {
     /// An INSERT: what its rows read (for every column it fills), and its
     /// ON CONFLICT DO UPDATE assignments.
     fn written_by_insert(&mut self, insert: &ast::Insert) {
+        if self.plan_only {
+            return;
+        }
         let mut names = ValueReads::default();
         if let TableObject::TableName(name) = &insert.table {
             names.tables.push(last_part(name));
@@ -1435,6 +1451,7 @@ impl Visitor for Walker {
             // The query's own body sees every CTE of its WITH.
             visible.extend(frame.names.iter().cloned());
         }
+        self.renames |= query.with.is_some();
         self.scopes.push(Scope { visible, with });
         ControlFlow::Continue(())
     }
@@ -1452,6 +1469,10 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        self.renames |= !matches!(
+            factor,
+            TableFactor::Table { args: None, .. } | TableFactor::NestedJoin { .. }
+        );
         match factor {
             TableFactor::Table { name, alias, args, .. } => match args {
                 // A function in FROM, such as generate_series(1, 10).

@@ -559,19 +559,25 @@ fn remember_prepared(
                         session.prepared_limits.remove(name);
                     }
                 }
-                if granted.is_empty() {
-                    session.prepared_grants.remove(name);
-                } else {
-                    session.prepared_grants.insert(name.clone(), granted.to_vec());
+                // Only ever added to: a PREPARE of a name in use fails, and
+                // a DEALLOCATE may be skipped (an earlier statement of its
+                // string failed), so neither may wipe what a prepared
+                // statement was allowed under. A name reused after its grant
+                // ended is refused; a new name works.
+                if !granted.is_empty() {
+                    let held = session.prepared_grants.entry(name.clone()).or_default();
+                    for grant in granted {
+                        if !held.contains(grant) {
+                            held.push(grant.clone());
+                        }
+                    }
                 }
             }
             Some(PreparedRef::Deallocate(Some(name))) => {
                 session.prepared_limits.remove(name);
-                session.prepared_grants.remove(name);
             }
             Some(PreparedRef::Deallocate(None)) => {
                 session.prepared_limits.clear();
-                session.prepared_grants.clear();
             }
             Some(PreparedRef::Execute(_)) | None => {}
         }

@@ -19,6 +19,7 @@
 mod guard;
 mod pending;
 mod proxy;
+mod remembered;
 mod results;
 mod startup;
 

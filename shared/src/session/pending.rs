@@ -110,6 +110,17 @@ pub struct Mark {
     pub sample: Vec<Vec<Option<String>>>,
 }
 
+/// A Parse or Close of a prepared statement, identified by the order in
+/// which the client sent it: once the server confirms it, what the gateway
+/// remembered about earlier statements of that name can go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirm {
+    /// The statement's (or, with `portal`, the portal's) name.
+    pub statement: String,
+    pub seq: u64,
+    pub portal: bool,
+}
+
 /// The answers still owed, oldest first.
 #[derive(Debug, Default)]
 pub struct PendingQueue {
@@ -119,6 +130,11 @@ pub struct PendingQueue {
     marks: VecDeque<Option<Box<Mark>>>,
     /// Marks of statements that ended, for the proxy to record.
     finished: Vec<Mark>,
+    /// Beside each entry of `queue`: for a Parse or Close, the statement it
+    /// replaces or closes, reported once the server confirms it.
+    confirms: VecDeque<Option<Confirm>>,
+    /// Parses and Closes the server confirmed since the last call.
+    confirmed: Vec<Confirm>,
     /// Whether the server is in COPY FROM STDIN mode.
     copy_in: bool,
 }
@@ -127,12 +143,27 @@ impl PendingQueue {
     pub fn push(&mut self, expect: Expect) {
         self.queue.push_back(expect);
         self.marks.push_back(None);
+        self.confirms.push_back(None);
+    }
+
+    /// Pushes a Parse or Close whose success (ParseComplete, CloseComplete)
+    /// is reported through [`PendingQueue::take_confirmed`].
+    pub fn push_confirmed(&mut self, expect: Expect, confirm: Confirm) {
+        self.queue.push_back(expect);
+        self.marks.push_back(None);
+        self.confirms.push_back(Some(confirm));
+    }
+
+    /// The Parses and Closes the server confirmed since the last call.
+    pub fn take_confirmed(&mut self) -> std::vec::Drain<'_, Confirm> {
+        self.confirmed.drain(..)
     }
 
     /// Pushes the entry of a statement the audit trail follows.
     pub fn push_marked(&mut self, expect: Expect, mark: Option<Mark>) {
         self.queue.push_back(expect);
         self.marks.push_back(mark.map(Box::new));
+        self.confirms.push_back(None);
     }
 
     /// The statements that ended since the last call.
@@ -187,6 +218,7 @@ impl PendingQueue {
     }
 
     fn pop_front_entry(&mut self, skipped: bool) -> Option<Expect> {
+        self.confirms.pop_front();
         if let Some(Some(mut mark)) = self.marks.pop_front() {
             mark.skipped = skipped;
             self.finished.push(*mark);
@@ -265,6 +297,7 @@ impl PendingQueue {
                 Expect::Sync => {
                     self.queue.remove(index);
                     self.marks.remove(index);
+                    self.confirms.remove(index);
                 }
                 _ => index += 1,
             }
@@ -276,6 +309,11 @@ impl PendingQueue {
         match message_tag {
             tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE | tag::NO_DATA | tag::PORTAL_SUSPENDED => {
                 let owner = self.front_owner();
+                if matches!(message_tag, tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE)
+                    && let Some(confirm) = self.confirms.front_mut().and_then(Option::take)
+                {
+                    self.confirmed.push(confirm);
+                }
                 self.pop();
                 owner
             }

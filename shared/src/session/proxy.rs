@@ -33,7 +33,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, command_count};
-use super::pending::{Expect, Mark, Owner, PendingQueue};
+use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
+use super::remembered::Remembered;
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
 use crate::audit::{self, Auditor, Durable, StatementRecord};
@@ -159,7 +160,7 @@ enum Outcome {
 }
 
 /// A statement to hold, with the approval settings holding needs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ToHold {
     request: crate::gate::ApprovalRequest,
     approval: crate::config::ApprovalConfig,
@@ -208,7 +209,15 @@ pub(crate) struct ProxyContext<'a> {
     pub audit_tags: &'a [crate::config::TagRule],
 }
 
-/// A simple Query held until approvers decide.
+/// A prepared statement that needs approval: each Bind of it is held.
+#[derive(Debug)]
+struct NeedsApproval {
+    hold: ToHold,
+    /// Its text as the trail keeps it.
+    text: String,
+}
+
+/// A simple Query (or a Bind) held until approvers decide.
 struct Held {
     id: u64,
     decision: tokio::sync::oneshot::Receiver<crate::approvals::Outcome>,
@@ -216,9 +225,9 @@ struct Held {
     timeout: Duration,
     /// The Query (or Parse) message, as the client sent it.
     query: Vec<u8>,
-    /// For a held Parse: the statement's name. Approved, it is prepared and
-    /// may be executed once.
-    parse: Option<String>,
+    /// The held message is a Bind (of a statement that needs approval):
+    /// approved, it is sent on and its portal runs.
+    bind: bool,
     text: String,
     statements: Vec<StatementRecord>,
     rule: String,
@@ -265,14 +274,20 @@ pub(crate) struct Proxy<'a> {
     /// Prepared statements allowed while the session held requested
     /// grants, with those grants: a Bind after one of them ended is refused
     /// (the statement must be prepared, and decided, again).
-    grant_bound: HashMap<String, Vec<Arc<str>>>,
+    grant_bound: Remembered<Vec<Arc<str>>>,
+    /// Portals bound to such statements: an Execute after a grant ended is
+    /// refused too.
+    portal_grants: Remembered<Vec<Arc<str>>>,
     /// The grants held when the last statement was decided.
     last_granted: Vec<Arc<str>>,
-    /// Prepared statements approved by a request, not yet executed: the
-    /// first Bind uses the approval; later ones are refused.
-    approved_once: HashMap<String, u64>,
-    /// ... and those whose one execution is used.
-    approval_spent: HashMap<String, u64>,
+    /// Prepared statements that need approval: each Bind of one is held
+    /// until approvers decide, with its parameters on the request.
+    needs_approval: Remembered<Arc<NeedsApproval>>,
+    /// Numbers Parse, Bind and Close messages for [`Remembered`].
+    message_seq: u64,
+    /// The Bind being sent again was approved (request id): it is not
+    /// held a second time.
+    bind_approved: Option<u64>,
     /// Row limits of bound portals, with the rows they returned so far.
     portal_limits: HashMap<String, (RowLimit, u64)>,
     /// Whether the last statement the gate allowed reads a table with
@@ -381,10 +396,12 @@ impl<'a> Proxy<'a> {
             guard: None,
             deferred: None,
             statement_limits: HashMap::new(),
-            grant_bound: HashMap::new(),
+            grant_bound: Remembered::default(),
+            portal_grants: Remembered::default(),
             last_granted: Vec::new(),
-            approved_once: HashMap::new(),
-            approval_spent: HashMap::new(),
+            needs_approval: Remembered::default(),
+            message_seq: 0,
+            bind_approved: None,
             portal_limits: HashMap::new(),
             last_sensitive: false,
             statement_sensitive: HashMap::new(),
@@ -772,13 +789,12 @@ impl<'a> Proxy<'a> {
                         }
                         self.start_simple_guard(limit, message);
                     }
-                    Outcome::Hold(hold) => self.hold(*hold, message, None),
+                    Outcome::Hold(hold) => self.hold(*hold, message, false),
                 }
                 return Ok(Consumed::Yes);
             }
             fe::PARSE => {
                 self.counters.statements += 1;
-                let mut held = None;
                 let (name, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
@@ -786,11 +802,11 @@ impl<'a> Proxy<'a> {
                     ),
                     Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
-                if matches!(outcome, Outcome::Forward | Outcome::Guard(_)) && !self.last_granted.is_empty() {
-                    self.grant_bound
-                        .insert(name.to_string(), std::mem::take(&mut self.last_granted));
-                } else if !self.grant_bound.is_empty() {
-                    self.grant_bound.remove(name);
+                self.message_seq += 1;
+                let seq = self.message_seq;
+                let prepared = matches!(outcome, Outcome::Forward | Outcome::Guard(_) | Outcome::Hold(_));
+                if prepared && !self.last_granted.is_empty() {
+                    self.grant_bound.add(name, seq, std::mem::take(&mut self.last_granted));
                 }
                 let refusal = match outcome {
                     Outcome::Forward => {
@@ -803,9 +819,14 @@ impl<'a> Proxy<'a> {
                         self.to_server.extend_from_slice(message);
                         None
                     }
+                    // Prepared now; each execution waits for approvers at
+                    // its Bind, where its parameters are known.
                     Outcome::Hold(hold) => {
                         self.statement_limits.remove(name);
-                        held = Some(hold);
+                        let text = std::mem::take(&mut self.checked_text);
+                        self.needs_approval
+                            .add(name, seq, Arc::new(NeedsApproval { hold: *hold, text }));
+                        self.to_server.extend_from_slice(message);
                         None
                     }
                     Outcome::Refuse(_) => {
@@ -814,11 +835,6 @@ impl<'a> Proxy<'a> {
                         Some(outcome.into_refusal())
                     }
                 };
-                // A new statement under this name starts without an approval.
-                if !self.approved_once.is_empty() || !self.approval_spent.is_empty() {
-                    self.approved_once.remove(name);
-                    self.approval_spent.remove(name);
-                }
                 if self.seam.has_rules() {
                     // A Parse the server rejects (the name is taken) must not
                     // make a sensitive statement look harmless: a named
@@ -831,26 +847,55 @@ impl<'a> Proxy<'a> {
                         *self.statement_sensitive.entry(name.to_string()).or_default() |= sensitive;
                     }
                 }
-                if let Some(hold) = held {
-                    // Waits, and the client's next messages wait behind it;
-                    // its answer is pushed when approvers decide.
-                    self.hold(*hold, message, Some(name.to_string()));
-                    return Ok(Consumed::Yes);
+                if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty()) {
+                    self.pending.push_confirmed(
+                        Expect::Parse { refusal },
+                        Confirm {
+                            statement: name.to_string(),
+                            seq,
+                            portal: false,
+                        },
+                    );
+                } else {
+                    self.pending.push(Expect::Parse { refusal });
                 }
-                self.pending.push(Expect::Parse { refusal });
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
-                let spent = if self.approved_once.is_empty() && self.approval_spent.is_empty() {
+                let approved = self.bind_approved.take();
+                let (portal, statement) = if self.grant_bound.is_empty() && self.needs_approval.is_empty() {
+                    ("", "")
+                } else {
+                    bind_names(body)?
+                };
+                let mut refused = if self.grant_bound.is_empty() {
                     None
                 } else {
-                    self.use_approval(bind_names(body)?.1)
+                    self.grant_ended(self.grant_bound.get(statement))
                 };
-                let refused = match spent {
-                    Some(refusal) => Some(refusal),
-                    None if !self.grant_bound.is_empty() => self.grant_ended(bind_names(body)?.1),
-                    None => None,
-                };
+                if refused.is_none() && approved.is_none() && !self.needs_approval.is_empty() {
+                    let waiting: Vec<Arc<NeedsApproval>> = self.needs_approval.get(statement).cloned().collect();
+                    match waiting.as_slice() {
+                        [] => {}
+                        [needs] => {
+                            let text = format!("{}{}", needs.text, bind_parameters(body));
+                            self.checked_text = text;
+                            self.hold(needs.hold.clone(), message, true);
+                            return Ok(Consumed::Yes);
+                        }
+                        // A second Parse of the name that the server may
+                        // have rejected: which text runs is not known.
+                        _ => {
+                            refused = Some(Refusal {
+                                code: "42501",
+                                message: format!(
+                                    "statement refused: prepared statement \"{statement}\" was prepared more than once and needs approval; the gateway cannot tell approvers which text it is"
+                                ),
+                                hint: Some("close it and prepare it again under a new name".into()),
+                            });
+                        }
+                    }
+                }
                 if let Some(refusal) = refused {
                     // In place of the Bind, a Parse that fails: its error
                     // becomes the refusal, and the server skips the rest of
@@ -890,9 +935,41 @@ impl<'a> Proxy<'a> {
                         }
                     }
                 }
+                if let Some(id) = approved {
+                    tracing::info!(request = id, "approved Bind sent on");
+                }
+                let bound: Vec<Arc<str>> = self.grant_bound.get(statement).flatten().cloned().collect();
+                if !bound.is_empty() || !self.portal_grants.is_empty() {
+                    self.message_seq += 1;
+                    let seq = self.message_seq;
+                    if !bound.is_empty() {
+                        self.portal_grants.add(portal, seq, bound);
+                    }
+                    self.to_server.extend_from_slice(message);
+                    self.pending.push_confirmed(
+                        Expect::Bind,
+                        Confirm {
+                            statement: portal.to_string(),
+                            seq,
+                            portal: true,
+                        },
+                    );
+                    return Ok(Consumed::Yes);
+                }
                 Some(Expect::Bind)
             }
             fe::EXECUTE => {
+                if !self.portal_grants.is_empty() {
+                    let portal = first_name(body, "portal name")?;
+                    if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
+                        self.counters.refused += 1;
+                        Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
+                        self.pending.push(Expect::Parse {
+                            refusal: Some(refusal_error(refusal)),
+                        });
+                        return Ok(Consumed::Yes);
+                    }
+                }
                 self.record_execute(body)?;
                 if !self.portal_limits.is_empty() {
                     let portal = first_name(body, "portal name")?;
@@ -948,15 +1025,20 @@ impl<'a> Proxy<'a> {
                         _ => self.portal_limits.remove(name).map(|(limit, _)| limit),
                     };
                 }
-                if body.first() == Some(&b'S')
-                    && (!self.grant_bound.is_empty()
-                        || !self.approved_once.is_empty()
-                        || !self.approval_spent.is_empty())
-                {
+                if !self.grant_bound.is_empty() || !self.needs_approval.is_empty() || !self.portal_grants.is_empty() {
+                    // Forgotten once the server confirms the Close.
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
-                    self.grant_bound.remove(name);
-                    self.approved_once.remove(name);
-                    self.approval_spent.remove(name);
+                    self.message_seq += 1;
+                    self.to_server.extend_from_slice(message);
+                    self.pending.push_confirmed(
+                        Expect::Close,
+                        Confirm {
+                            statement: name.to_string(),
+                            seq: self.message_seq,
+                            portal: body.first() != Some(&b'S'),
+                        },
+                    );
+                    return Ok(Consumed::Yes);
                 }
                 Some(Expect::Close)
             }
@@ -1142,15 +1224,6 @@ impl<'a> Proxy<'a> {
                      with the unmask grant",
                 );
             }
-            if written.opaque {
-                return refused(
-                    format!(
-                        "{command} into a table with columns that are masked for you stores values the gateway \
-                         cannot follow column by column"
-                    ),
-                    copy_hint,
-                );
-            }
             for assigned in &written.assignments {
                 let over_masked = assigned.tables.iter().any(|t| self.seam.masks_table(None, t))
                     || assigned.functions.iter().any(|f| self.seam.user_function(f));
@@ -1188,6 +1261,15 @@ impl<'a> Proxy<'a> {
                         copy_hint,
                     );
                 }
+            }
+            if written.opaque {
+                return refused(
+                    format!(
+                        "{command} into a table with columns that are masked for you stores values the gateway \
+                         cannot follow column by column"
+                    ),
+                    copy_hint,
+                );
             }
         }
         None
@@ -1486,7 +1568,7 @@ impl<'a> Proxy<'a> {
 
     /// Holds a simple Query until approvers decide: opens the request, tells
     /// the client at once, and stops reading its messages meanwhile.
-    fn hold(&mut self, hold: ToHold, message: &[u8], parse: Option<String>) {
+    fn hold(&mut self, hold: ToHold, message: &[u8], bind: bool) {
         let ToHold { request, approval } = hold;
         let text = std::mem::take(&mut self.checked_text);
         let statements = audit_records(request.classification.as_deref(), self.ctx.audit_tags);
@@ -1537,7 +1619,7 @@ impl<'a> Proxy<'a> {
             deadline: Box::pin(tokio::time::sleep(approval.timeout)),
             timeout: approval.timeout,
             query: message.to_vec(),
-            parse,
+            bind,
             text,
             statements,
             changes_search_path: changes_search_path(request.classification.as_deref()),
@@ -1668,17 +1750,15 @@ impl<'a> Proxy<'a> {
                 // The gate's view of the session follows what runs.
                 self.gate_session.search_path_changed |= held.changes_search_path;
                 let rule = format!("{} (request {} approved by {})", held.rule, held.id, by.join(", "));
-                if let Some(name) = held.parse.take() {
-                    // Prepared now; its one execution is recorded (write-
-                    // ahead) when it comes.
+                if held.bind {
+                    // Bound now; its Execute is recorded (write-ahead) when
+                    // it comes.
                     if let Some(auditor) = self.ctx.auditor {
-                        let event =
-                            self.statement_event("parse", held.text, held.statements, "allow", Some(rule), None);
+                        let event = self.statement_event("bind", held.text, held.statements, "allow", Some(rule), None);
                         auditor.record(event);
                     }
-                    self.to_server.extend_from_slice(&held.query);
-                    self.pending.push(Expect::Parse { refusal: None });
-                    self.approved_once.insert(name, held.id);
+                    self.bind_approved = Some(held.id);
+                    self.on_frontend(fe::BIND, &held.query)?;
                     return if self.client_in.is_empty() {
                         Ok(())
                     } else {
@@ -1733,18 +1813,15 @@ impl<'a> Proxy<'a> {
                 ),
             ),
         };
-        match held.parse {
-            // The Parse fails with the refusal; the server then skips the
-            // rest of the client's batch up to its Sync.
-            Some(name) => {
-                // Whatever runs under this name later is not this text.
-                self.statement_texts.remove(&name);
-                Parse::encode(&name, REFUSED_STATEMENT, &mut self.to_server);
-                self.pending.push(Expect::Parse {
-                    refusal: Some(Box::new(refusal)),
-                });
-            }
-            None => self.refuse_query(Box::new(refusal)),
+        if held.bind {
+            // In place of the Bind, a Parse that fails with the refusal; the
+            // server then skips the rest of the client's batch up to Sync.
+            Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
+            self.pending.push(Expect::Parse {
+                refusal: Some(Box::new(refusal)),
+            });
+        } else {
+            self.refuse_query(Box::new(refusal));
         }
         if self.client_in.is_empty() {
             Ok(())
@@ -1826,29 +1903,13 @@ impl<'a> Proxy<'a> {
         columns
     }
 
-    /// For a Bind of a statement approved by a request: the first uses the
-    /// approval; a later one gets the refusal.
-    fn use_approval(&mut self, statement: &str) -> Option<Refusal> {
-        if let Some(id) = self.approved_once.remove(statement) {
-            self.approval_spent.insert(statement.to_string(), id);
-            return None;
-        }
-        let id = self.approval_spent.get(statement)?;
-        Some(Refusal {
-            code: "42501",
-            message: format!(
-                "statement refused: approval request {id} let this prepared statement run once, and it has"
-            ),
-            hint: Some("prepare it again to ask for approval again".into()),
-        })
-    }
-
-    /// For a Bind of a statement prepared under requested grants: the
-    /// refusal, if one of them has ended since.
-    fn grant_ended(&self, statement: &str) -> Option<Refusal> {
-        let bound = self.grant_bound.get(statement)?;
+    /// For a Bind or Execute of a statement prepared under requested grants
+    /// (`bound`: every set of grants recorded for it): the refusal, if one
+    /// of them has ended since.
+    fn grant_ended<'g>(&self, mut bound: impl Iterator<Item = &'g Vec<Arc<str>>>) -> Option<Refusal> {
+        let first = bound.next()?;
         let held = self.ctx.approvals.granted(self.ctx.identity, self.ctx.target);
-        let ended = bound.iter().find(|g| !held.contains(g))?;
+        let ended = first.iter().chain(bound.flatten()).find(|g| !held.contains(g))?;
         tracing::info!(grant = %ended, "prepared statement refused: it was allowed under a grant that has ended");
         Some(Refusal {
             code: "42501",
@@ -1900,6 +1961,27 @@ impl<'a> Proxy<'a> {
             // Held (`hold` rules, a simple Query or a Parse), refused with
             // a request to retry (`refuse_and_retry`), or refused saying
             // approval is what it needs (a FunctionCall).
+            Verdict::RequireApproval(request)
+                if decided.classification.as_deref().is_some_and(|c| {
+                    c.statements
+                        .iter()
+                        .any(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Prepare(_))))
+                }) =>
+            {
+                // EXECUTE of it would run it any number of times on one
+                // approval: the statement itself is what gets held.
+                decided.decision = "require_approval";
+                decided.rule = Some(request.rule.clone());
+                Refusal {
+                    code: "42501",
+                    message: request.refusal.message,
+                    hint: Some(
+                        "PREPARE of a statement that needs approval is refused: send the statement itself (it is held \
+                         for approval), or prepare it through your driver (each execution is held)"
+                            .into(),
+                    ),
+                }
+            }
             Verdict::RequireApproval(request) => {
                 decided.decision = "require_approval";
                 decided.rule = Some(request.rule.clone());
@@ -2246,7 +2328,21 @@ impl<'a> Proxy<'a> {
         }
         self.server_in = buf;
         self.record_finished();
+        self.apply_confirmed();
         result
+    }
+
+    /// What the server confirmed (Parse, Bind, Close): what was remembered
+    /// about earlier statements and portals of those names goes.
+    fn apply_confirmed(&mut self) {
+        for confirm in self.pending.take_confirmed() {
+            if confirm.portal {
+                self.portal_grants.confirmed(&confirm.statement, confirm.seq);
+            } else {
+                self.grant_bound.confirmed(&confirm.statement, confirm.seq);
+                self.needs_approval.confirmed(&confirm.statement, confirm.seq);
+            }
+        }
     }
 
     /// One complete backend message (header included).
@@ -2552,6 +2648,73 @@ fn changes_search_path(classification: Option<&crate::policy::Classification>) -
             .iter()
             .any(|s| s.features.contains(crate::policy::Feature::SearchPath))
     })
+}
+
+/// A Bind's parameter values, for the approvers who decide on it: text
+/// values with the content detectors' findings masked and long ones cut,
+/// binary ones described. Empty without parameters.
+fn bind_parameters(body: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let read = || -> Result<Vec<Option<String>>, DecodeError> {
+        let mut cur = Cursor::new(body);
+        cur.cstr("portal name")?;
+        cur.cstr("statement name")?;
+        let formats = cur.count16("format count")?;
+        let mut codes = Vec::with_capacity(formats);
+        for _ in 0..formats {
+            codes.push(cur.i16("format code")?);
+        }
+        let count = cur.count16("parameter count")?;
+        let mut values = Vec::with_capacity(count);
+        for index in 0..count {
+            let binary = match codes.len() {
+                0 => false,
+                1 => codes[0] == 1,
+                _ => codes.get(index).is_some_and(|c| *c == 1),
+            };
+            values.push(cur.nullable_value("parameter")?.map(|value| {
+                if binary {
+                    // Short ones (integers, timestamps, uuids) are readable
+                    // enough in hex.
+                    return if value.len() <= 16 {
+                        format!("(binary 0x{})", hex::encode(value))
+                    } else {
+                        format!("(binary, {} bytes)", value.len())
+                    };
+                }
+                let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
+                let text = String::from_utf8_lossy(scrubbed.as_deref().unwrap_or(value)).into_owned();
+                let cut = if text.len() > SAMPLE_VALUE_MAX {
+                    let end = (0..=SAMPLE_VALUE_MAX)
+                        .rev()
+                        .find(|i| text.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    format!("{}... ({} bytes)", &text[..end], text.len())
+                } else {
+                    text
+                };
+                format!("'{}'", cut.replace('\'', "''"))
+            }));
+        }
+        Ok(values)
+    };
+    match read() {
+        Ok(values) if values.is_empty() => String::new(),
+        Ok(values) => {
+            let mut out = String::from("\n-- parameters:");
+            for (index, value) in values.iter().enumerate() {
+                let _ = write!(
+                    out,
+                    "{} ${} = {}",
+                    if index == 0 { "" } else { "," },
+                    index + 1,
+                    value.as_deref().unwrap_or("NULL")
+                );
+            }
+            out
+        }
+        Err(_) => "\n-- parameters: (unreadable)".into(),
+    }
 }
 
 /// Sampled values longer than this are cut.
