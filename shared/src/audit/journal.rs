@@ -226,21 +226,29 @@ impl Journal {
     }
 
     /// Maps the pages after `next` writable now, from the writer thread,
-    /// so that the session that copies an event there does not fault.
-    pub fn prefault(&self, next: u64) {
-        let page = 4096;
-        let start = (next % CAPACITY) / page * page;
-        let len = PREFAULT.min(CAPACITY - start);
-        // SAFETY: a range inside the mapping; MADV_POPULATE_WRITE only
-        // faults pages in (it changes no data). Kernels before 5.14 refuse
-        // it, and then the first write faults as usual.
-        unsafe {
-            libc::madvise(
-                self.map.as_ptr().add((HEADER + start) as usize).cast(),
-                len as usize,
-                libc::MADV_POPULATE_WRITE,
-            );
+    /// so that the session that copies an event there does not fault;
+    /// `done` is how far that was done already (it only grows).
+    pub fn prefault(&self, next: u64, done: &mut u64) {
+        const PAGE: u64 = 4096;
+        let target = next + PREFAULT;
+        let mut at = (*done).max(next) / PAGE * PAGE;
+        while at < target {
+            let pos = at % CAPACITY;
+            let len = (target - at).min(CAPACITY - pos);
+            // SAFETY: a range inside the mapping (HEADER and `pos` are
+            // page-aligned); MADV_POPULATE_WRITE only faults pages in (it
+            // changes no data). Kernels before 5.14 refuse it, and then the
+            // first write faults as usual.
+            unsafe {
+                libc::madvise(
+                    self.map.as_ptr().add((HEADER + pos) as usize).cast(),
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+            at += len;
         }
+        *done = (*done).max(target);
     }
 
     /// The events recorded after `from`, in order, each with the mark after

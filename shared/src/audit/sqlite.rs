@@ -93,8 +93,12 @@ impl SqliteStore {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
         };
-        conn.execute_batch(&format!("PRAGMA synchronous = {synchronous};"))
-            .map_err(&err)?;
+        // With NORMAL, checkpoints are the only fsyncs: a larger WAL (16
+        // MiB rather than 4) makes them a quarter as frequent.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 4096;"
+        ))
+        .map_err(&err)?;
         conn.execute_batch(SCHEMA)
             .map_err(sql_error(path, "creating the audit tables"))?;
         let head = read_head(&conn).map_err(sql_error(path, "reading the chain head"))?;
