@@ -2,15 +2,17 @@
 //! in a tamper-evident store.
 //!
 //! Sessions hand events to an [`Auditor`]; its writer thread appends them to
-//! an [`AuditStore`] in batches (group commit: one transaction, one fsync,
-//! for everything that arrived while the previous batch was being written)
-//! and extends the hash chain (`chain`). A statement's event is
+//! an [`AuditStore`] in batches (one transaction for everything that
+//! gathered) and extends the hash chain (`chain`). A statement's event is
 //! *write-ahead*: the session holds the statement back until the event is
-//! durable ([`Auditor::write_ahead`]). When the store cannot write, the
-//! auditor says so ([`Auditor::available`]) and sessions refuse new
-//! statements (or, with `on_audit_failure = "continue"`, let them run);
-//! events that were not write-ahead are kept and written once the store
-//! recovers, and the trail then records how many statements were refused.
+//! durable ([`Auditor::write_ahead`]): with `sync = "normal"` that is once
+//! it is copied into the write-ahead journal (`journal`), at once; with
+//! `sync = "full"`, once its group commit is on disk. When the store cannot
+//! write, the auditor says so ([`Auditor::available`]) and sessions refuse
+//! new statements (or, with `on_audit_failure = "continue"`, let them run);
+//! events already journaled or not write-ahead are kept and written once
+//! the store recovers, and the trail then records how many statements were
+//! refused.
 
 mod chain;
 mod event;
