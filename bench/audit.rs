@@ -44,6 +44,8 @@ fn start(dir: &std::path::Path, sync: SyncMode) -> Auditor {
             sign_interval: Duration::from_secs(10),
             head_file: dir.join("audit.head"),
             retention: None,
+            journal: sluice_core::audit::journal_path(&dir.join("audit.db")),
+            sync,
         },
     )
     .unwrap();

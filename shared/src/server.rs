@@ -191,6 +191,8 @@ fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, Gateway
         sign_interval: audit.sign_interval,
         head_file: audit.head_file.clone(),
         retention: audit.retention,
+        journal: crate::audit::journal_path(&audit.path),
+        sync: audit.sync,
     };
     let (auditor, _writer) = Auditor::start(Box::new(store), signer, options).map_err(GatewayError::Audit)?;
     Ok(Some(auditor))

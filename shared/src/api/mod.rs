@@ -291,12 +291,16 @@ async fn read_trail<T: Send + 'static>(
     shared: &Shared,
     read: impl FnOnce(&SqliteStore) -> Result<T, crate::audit::AuditError> + Send + 'static,
 ) -> ApiResult<T> {
-    if shared.auditor.is_none() {
+    let Some(auditor) = &shared.auditor else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "auditing is off on this gateway ([audit] enabled = false): there is no trail to read",
         ));
-    }
+    };
+    // The writer moves journaled events into SQLite a few milliseconds
+    // after they happen: a reader sees everything recorded before its
+    // request.
+    auditor.flush().await;
     let path = shared.config.audit.path.clone();
     tokio::task::spawn_blocking(move || {
         let store = SqliteStore::open_read_only(&path)?;

@@ -202,13 +202,16 @@ impl PublicKey {
     }
 }
 
-/// Replaces a file's content atomically (write beside it, then rename).
-pub fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
+/// Replaces a file's content atomically (write beside it, then rename),
+/// on disk before the rename when `sync`.
+pub fn replace_file(path: &Path, text: &str, sync: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(text.as_bytes())?;
-    file.sync_all()?;
+    if sync {
+        file.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
 }
 

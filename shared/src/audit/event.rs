@@ -288,6 +288,60 @@ impl Event {
     }
 }
 
+/// An event as the store takes it: its stored form, serialized once by
+/// whoever records it (a session, on its own thread), and the columns the
+/// trail is searched by. The rest of the event (statement text,
+/// classification, samples: a dozen allocations) is freed where it was
+/// made: memory allocated on one thread and freed on another is what
+/// glibc's allocator does worst, and this keeps that to four blocks per
+/// event.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// [`Event::to_json`]: the bytes the chain hashes.
+    pub json: String,
+    pub at: DateTime<Utc>,
+    pub kind: &'static str,
+    pub session: Option<String>,
+    pub identity: Option<String>,
+    pub target: Option<String>,
+}
+
+impl Record {
+    pub fn new(event: Event) -> Record {
+        let json = event.to_json();
+        Record::stored(event, json)
+    }
+
+    /// An event with the stored form it was read from.
+    pub fn stored(event: Event, json: String) -> Record {
+        let Event {
+            at,
+            session,
+            identity,
+            target,
+            detail,
+        } = event;
+        Record {
+            json,
+            at,
+            kind: detail.kind(),
+            session,
+            identity,
+            target,
+        }
+    }
+
+    /// The event back from its stored form (for the live stream).
+    pub fn event(&self) -> Result<Event, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
+
+    /// `at` as stored ([`Event::at_text`]).
+    pub fn at_text(&self) -> String {
+        self.at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,18 +2,21 @@
 //! in a tamper-evident store.
 //!
 //! Sessions hand events to an [`Auditor`]; its writer thread appends them to
-//! an [`AuditStore`] in batches (group commit: one transaction, one fsync,
-//! for everything that arrived while the previous batch was being written)
-//! and extends the hash chain (`chain`). A statement's event is
+//! an [`AuditStore`] in batches (one transaction for everything that
+//! gathered) and extends the hash chain (`chain`). A statement's event is
 //! *write-ahead*: the session holds the statement back until the event is
-//! durable ([`Auditor::write_ahead`]). When the store cannot write, the
-//! auditor says so ([`Auditor::available`]) and sessions refuse new
-//! statements (or, with `on_audit_failure = "continue"`, let them run);
-//! events that were not write-ahead are kept and written once the store
-//! recovers, and the trail then records how many statements were refused.
+//! durable ([`Auditor::write_ahead`]): with `sync = "normal"` that is once
+//! it is copied into the write-ahead journal (`journal`), at once; with
+//! `sync = "full"`, once its group commit is on disk. When the store cannot
+//! write, the auditor says so ([`Auditor::available`]) and sessions refuse
+//! new statements (or, with `on_audit_failure = "continue"`, let them run);
+//! events already journaled or not write-ahead are kept and written once
+//! the store recovers, and the trail then records how many statements were
+//! refused.
 
 mod chain;
 mod event;
+mod journal;
 mod lineage;
 pub mod report;
 mod sqlite;
@@ -22,7 +25,8 @@ mod writer;
 use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
-pub use event::{AccessAsk, ColumnRecord, Detail, Event, StatementRecord};
+pub use event::{AccessAsk, ColumnRecord, Detail, Event, Record, StatementRecord};
+pub use journal::{Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
@@ -40,9 +44,24 @@ pub enum SyncMode {
 /// Where events are kept. The embedded default is [`SqliteStore`]; the
 /// writer thread is the only caller of these methods.
 pub trait AuditStore: Send {
-    /// Appends events in order, as one durable unit, after the current
-    /// head; returns the id of the last one.
-    fn append(&mut self, events: &[Event]) -> Result<u64, AuditError>;
+    /// Appends events (with their stored form) in order, as one durable
+    /// unit, after the current head, and keeps `journal`, how far into the
+    /// write-ahead journal the trail now reaches, in the same unit; returns
+    /// the id of the last event.
+    fn append_records(&mut self, records: &[&Record], journal: Option<JournalMark>) -> Result<u64, AuditError>;
+
+    /// Appends events in order, as one durable unit; returns the id of the
+    /// last one.
+    fn append(&mut self, events: &[Event]) -> Result<u64, AuditError> {
+        let records: Vec<Record> = events.iter().cloned().map(Record::new).collect();
+        self.append_records(&records.iter().collect::<Vec<_>>(), None)
+    }
+
+    /// How far into the write-ahead journal the trail reaches (its start
+    /// for a store that keeps no journal position).
+    fn journal_mark(&self) -> JournalMark {
+        JournalMark::default()
+    }
 
     /// The last event's id and hash.
     fn head(&self) -> (u64, Hash);

@@ -1,39 +1,57 @@
 //! The audit writer: one thread that owns the store and commits events in
-//! batches, and the [`Auditor`] handle sessions send events through.
+//! batches, and the [`Auditor`] handle sessions record events through.
 //!
-//! The channel to the writer is unbounded on purpose, and bounded in
-//! practice by the write-ahead rule: a session sends at most one batch of
-//! statements (what one read from its client held) before it waits for their
-//! events to be durable, and its other events (session start and end,
-//! statement completions) number at most a few per statement. A writer that
-//! falls behind therefore slows the sessions down instead of dropping events.
+//! Sessions serialize their events themselves and put them on one queue (a
+//! mutex and a condition variable, woken only when the writer sleeps). How
+//! a write-ahead event becomes durable depends on `sync`:
+//!
+//! - `normal`: the session copies the event into the write-ahead journal
+//!   (`journal.rs`) as it queues it, and the event is durable at once: the
+//!   statement goes upstream with no wait and no thread switch. The writer
+//!   wakes at most once per [`GATHER`] under load and moves what gathered
+//!   into SQLite in one transaction.
+//! - `full` (and events too large for the journal): the session waits for
+//!   the event's SQLite commit (group commit: one transaction and one fsync
+//!   for everything that arrived while the previous batch was written), and
+//!   the writer commits as soon as someone waits.
+//!
+//! Nothing is dropped to keep up: a session waits before its next statement
+//! while half the journal waits for SQLite (`Journal::crowded`), and an
+//! event that waits for its commit holds its statement back. Only while the
+//! store fails are events that were not write-ahead kept in memory, up to
+//! [`MAX_RETRY`]; the ones beyond are counted and the count recorded.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::chain::{Signer, replace_file};
-use super::event::{Detail, Event};
+use super::event::{Detail, Event, Record};
+use super::journal::{Journal, Mark};
 use super::sqlite::StoredEvent;
-use super::{AuditError, AuditStore};
+use super::{AuditError, AuditStore, SyncMode};
 
-/// Events per transaction at most.
-const MAX_BATCH: usize = 4096;
-
-/// Events kept for a retry while the store cannot write; beyond this they
-/// are counted, and the count is written once the store recovers.
+/// Events kept for a retry while the store cannot write (those in the
+/// journal are kept whatever their number: they are on the record
+/// already); beyond this they are counted, and the count is written once
+/// the store recovers.
 const MAX_RETRY: usize = 100_000;
 
 /// How often a failing store is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// With the journal, how long the writer lets events gather before it
+/// moves them into SQLite, unless someone waits for them. Sleeping here
+/// (not spinning) costs nothing, and a larger batch shares one commit, one
+/// round of WAL page writes and one wakeup among more events.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// How the writer signs and where it keeps the signed head.
 #[derive(Debug, Clone)]
@@ -47,6 +65,13 @@ pub struct WriterOptions {
     /// Events older than this are removed (in whole signed segments);
     /// `None` keeps everything.
     pub retention: Option<Duration>,
+    /// The write-ahead journal's file ([`super::journal_path`] of the
+    /// trail). What a crash left in it is written to the trail at start,
+    /// whatever `sync`.
+    pub journal: PathBuf,
+    /// `Normal`: write-ahead events are durable once in the journal.
+    /// `Full`: each waits for its SQLite commit (and fsync); no journal.
+    pub sync: SyncMode,
 }
 
 /// How often retention runs.
@@ -57,15 +82,69 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[error("the audit trail cannot record events: {0}")]
 pub struct Unavailable(pub String);
 
-// Almost every job is a Record: boxing the event would cost an allocation
-// per event to shrink the rare Flush.
-#[allow(clippy::large_enum_variant)]
-enum Job {
-    Record(Event, Option<oneshot::Sender<Result<(), Unavailable>>>),
+/// An event on its way to the store.
+#[derive(Debug)]
+struct Queued {
+    record: Record,
+    /// The session waiting for the commit (an event that is not in the
+    /// journal).
+    ack: Option<oneshot::Sender<Result<(), Unavailable>>>,
+    /// The journal position after this event, when it is in the journal.
+    journal: Option<Mark>,
+}
+
+#[derive(Debug)]
+enum Control {
     /// Answers once everything sent before it is durable.
     Flush(oneshot::Sender<()>),
     /// Like Flush, and signs the head first.
     Sign(oneshot::Sender<()>),
+}
+
+/// What the writer is waiting for, so that senders wake it only when it
+/// needs waking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sleep {
+    /// Working: it looks at the queue again before it sleeps.
+    Awake,
+    /// Nothing to do: the next event wakes it.
+    Idle,
+    /// Letting journal events gather: only a waiting session or a control
+    /// wakes it.
+    Gathering,
+}
+
+#[derive(Debug)]
+struct Queue {
+    events: Vec<Queued>,
+    controls: Vec<Control>,
+    /// Events in `events` someone waits for, plus controls.
+    urgent: usize,
+    /// Where the next journal record goes.
+    next: Mark,
+    /// The oldest journal position the writer still needs: everything
+    /// before it is in SQLite.
+    ingested: u64,
+    sleep: Sleep,
+    /// Every [`Auditor`] is gone: write what is left and stop.
+    closed: bool,
+    /// Sessions waiting for a crowded journal to drain.
+    crowded: Vec<Waker>,
+}
+
+/// What the sessions and the writer thread share.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    health: Health,
+    journal: Option<Journal>,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -92,13 +171,25 @@ pub struct HealthSnapshot {
     pub queued: u64,
 }
 
-/// The sessions' handle on the audit trail. Cheap to clone.
+/// The sessions' handle on the audit trail. Cheap to clone; when the last
+/// clone is dropped, the writer writes what is left, signs and stops.
 #[derive(Debug, Clone)]
 pub struct Auditor {
-    tx: mpsc::Sender<Job>,
-    health: Arc<Health>,
+    handle: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
     /// Events as they are committed, for the live stream.
     published: tokio::sync::broadcast::Sender<Arc<StoredEvent>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.queue().closed = true;
+        self.shared.wake.notify_one();
+    }
 }
 
 /// Committed events a slow subscriber may fall behind by before it is told
@@ -106,104 +197,225 @@ pub struct Auditor {
 const PUBLISH_BUFFER: usize = 4096;
 
 /// Resolves once a write-ahead event is durable, or with why it cannot be.
-#[derive(Debug)]
-pub struct Durable(oneshot::Receiver<Result<(), Unavailable>>);
+pub struct Durable(Wait);
+
+enum Wait {
+    /// Durable already (in the journal), or refused.
+    Ready(Option<Result<(), Unavailable>>),
+    /// In the journal, which is crowded: the statement waits until SQLite
+    /// has caught up (back-pressure).
+    Crowded(Arc<Shared>),
+    /// Waits for its SQLite commit.
+    Commit(oneshot::Receiver<Result<(), Unavailable>>),
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Wait::Ready(_) => "Durable(ready)",
+            Wait::Crowded(_) => "Durable(crowded)",
+            Wait::Commit(_) => "Durable(commit)",
+        })
+    }
+}
 
 impl Future for Durable {
     type Output = Result<(), Unavailable>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|result| result.unwrap_or_else(|_| Err(Unavailable("the audit writer stopped".into()))))
+        match &mut self.0 {
+            Wait::Ready(result) => Poll::Ready(result.take().unwrap_or(Ok(()))),
+            Wait::Crowded(shared) => {
+                let mut queue = shared.queue();
+                // While the store fails the journal cannot drain; the event
+                // is on the record, and the session refuses what comes next.
+                if !Journal::crowded(queue.next.offset, queue.ingested) || shared.health.failing.load(Ordering::Acquire)
+                {
+                    Poll::Ready(Ok(()))
+                } else {
+                    queue.crowded.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+            Wait::Commit(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|result| result.unwrap_or_else(|_| Err(Unavailable("the audit writer stopped".into())))),
+        }
     }
 }
 
 impl Auditor {
-    /// Starts the writer thread over `store`.
+    /// Writes to the trail what a crash left in the journal, then starts
+    /// the writer thread over `store`.
     pub fn start(
-        store: Box<dyn AuditStore>,
+        mut store: Box<dyn AuditStore>,
         signer: Signer,
         options: WriterOptions,
     ) -> Result<(Auditor, std::thread::JoinHandle<()>), AuditError> {
-        let (tx, rx) = mpsc::channel();
-        let health = Arc::new(Health::default());
+        let mut next = store.journal_mark();
+        let journal = if options.sync == SyncMode::Normal || options.journal.exists() {
+            let journal = Journal::open(&options.journal)?;
+            next = recover(&journal, store.as_mut(), next)?;
+            Some(journal)
+        } else {
+            None
+        };
+        let journal = match (journal, options.sync) {
+            (Some(journal), SyncMode::Full) => {
+                // Recovered: with sync = full nothing goes through it.
+                drop(journal);
+                let _ = std::fs::remove_file(&options.journal);
+                None
+            }
+            (journal, _) => journal,
+        };
+        let mut prefaulted = 0;
+        if let Some(journal) = &journal {
+            journal.prefault(next.offset, &mut prefaulted);
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                events: Vec::new(),
+                controls: Vec::new(),
+                urgent: 0,
+                next,
+                ingested: next.offset,
+                sleep: Sleep::Awake,
+                closed: false,
+                crowded: Vec::new(),
+            }),
+            wake: Condvar::new(),
+            health: Health::default(),
+            journal,
+        });
         let (published, _) = tokio::sync::broadcast::channel(PUBLISH_BUFFER);
         let writer = Writer {
             published: published.clone(),
             store,
             signer,
             options,
-            health: health.clone(),
+            shared: shared.clone(),
             retry: VecDeque::new(),
+            prefaulted,
             last_signed: None,
             signed_at: Instant::now(),
             pruned_at: None,
         };
         let handle = std::thread::Builder::new()
             .name("sluice-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(|err| AuditError::Setup {
                 path: PathBuf::new(),
                 reason: format!("cannot start the audit writer thread: {err}"),
             })?;
-        Ok((Auditor { tx, health, published }, handle))
+        Ok((
+            Auditor {
+                handle: Arc::new(Handle { shared, published }),
+            },
+            handle,
+        ))
     }
 
     /// Committed events from now on, in order.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<StoredEvent>> {
-        self.published.subscribe()
+        self.handle.published.subscribe()
+    }
+
+    fn health_state(&self) -> &Health {
+        &self.handle.shared.health
     }
 
     /// Whether the trail is taking events. A session refuses new statements
     /// while it is not (unless configured to continue).
     pub fn available(&self) -> bool {
-        !self.health.failing.load(Ordering::Acquire)
+        !self.health_state().failing.load(Ordering::Acquire)
     }
 
     /// Records an event without waiting for it.
     pub fn record(&self, event: Event) {
-        self.health.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Job::Record(event, None)).is_err() {
-            self.health.lost.fetch_add(1, Ordering::Relaxed);
-        }
+        // Nobody waits: an event that did not fit in the journal is
+        // simply written with the next batch.
+        drop(self.send(event, false));
     }
 
     /// Records an event the caller must not act on before it is durable.
     pub fn write_ahead(&self, event: Event) -> Durable {
-        let (ack, durable) = oneshot::channel();
-        self.health.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(Job::Record(_, Some(ack)))) = self.tx.send(Job::Record(event, Some(ack))) {
-            let _ = ack.send(Err(Unavailable("the audit writer stopped".into())));
+        self.send(event, true)
+    }
+
+    fn send(&self, event: Event, write_ahead: bool) -> Durable {
+        // Serialized here, on the session's thread, outside the lock.
+        let record = Record::new(event);
+        let shared = &self.handle.shared;
+        shared.health.queued.fetch_add(1, Ordering::Relaxed);
+        let mut queue = shared.queue();
+        let queue = &mut *queue;
+        let journal = shared.journal.as_ref().and_then(|journal| {
+            journal
+                .append(&mut queue.next, queue.ingested, record.json.as_bytes())
+                .map(|()| queue.next)
+        });
+        let (ack, durable) = match (write_ahead, journal) {
+            (false, _) => (None, Durable(Wait::Ready(None))),
+            (true, Some(_)) if Journal::crowded(queue.next.offset, queue.ingested) => {
+                (None, Durable(Wait::Crowded(shared.clone())))
+            }
+            (true, Some(_)) => (None, Durable(Wait::Ready(None))),
+            (true, None) => {
+                let (ack, durable) = oneshot::channel();
+                (Some(ack), Durable(Wait::Commit(durable)))
+            }
+        };
+        let urgent = ack.is_some();
+        queue.urgent += usize::from(urgent);
+        queue.events.push(Queued { record, ack, journal });
+        self.wake(queue, urgent);
+        durable
+    }
+
+    /// Wakes the writer if it sleeps and this is what it waits for.
+    fn wake(&self, queue: &mut Queue, urgent: bool) {
+        let wake = match queue.sleep {
+            Sleep::Awake => false,
+            Sleep::Idle => true,
+            Sleep::Gathering => urgent,
+        };
+        if wake {
+            queue.sleep = Sleep::Awake;
+            self.handle.shared.wake.notify_one();
         }
-        Durable(durable)
     }
 
     /// Notes a statement refused because the trail was unavailable; the
     /// count is recorded once it is available again.
     pub fn refused_while_unavailable(&self) {
-        self.health.refused.fetch_add(1, Ordering::Relaxed);
+        self.health_state().refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Waits until everything recorded so far is durable (or given up on).
+    fn control(&self, make: impl FnOnce(oneshot::Sender<()>) -> Control) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut queue = self.handle.shared.queue();
+        queue.controls.push(make(tx));
+        queue.urgent += 1;
+        self.wake(&mut queue, true);
+        rx
+    }
+
+    /// Waits until everything recorded so far is in the store (or given up
+    /// on).
     pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Flush(tx)).is_ok() {
-            let _ = rx.await;
-        }
+        let _ = self.control(Control::Flush).await;
     }
 
-    /// Waits until everything recorded so far is durable and the head is
-    /// signed: at shutdown.
+    /// Waits until everything recorded so far is in the store and the head
+    /// is signed: at shutdown.
     pub async fn sign_now(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Sign(tx)).is_ok() {
-            let _ = rx.await;
-        }
+        let _ = self.control(Control::Sign).await;
     }
 
     pub fn health(&self) -> HealthSnapshot {
         let available = self.available();
+        let health = self.health_state();
         HealthSnapshot {
             available,
             // The last error is kept for the outage record; it is news only
@@ -211,12 +423,40 @@ impl Auditor {
             error: if available {
                 None
             } else {
-                self.health.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+                health.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
             },
-            written: self.health.written.load(Ordering::Relaxed),
-            queued: self.health.queued.load(Ordering::Relaxed) + self.health.retrying.load(Ordering::Relaxed),
+            written: health.written.load(Ordering::Relaxed),
+            queued: health.queued.load(Ordering::Relaxed) + health.retrying.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Writes what the journal holds beyond the trail's mark to the trail;
+/// returns where the journal continues.
+fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<Mark, AuditError> {
+    let mut records = Vec::new();
+    let mut last = from;
+    for (mark, json) in journal.recover(from) {
+        match serde_json::from_str::<Event>(&json) {
+            Ok(event) => records.push(Record::stored(event, json)),
+            Err(err) => {
+                tracing::warn!(error = %err, seq = last.seq, "an event in the audit journal cannot be read; recovery stops there");
+                break;
+            }
+        }
+        last = mark;
+    }
+    if records.is_empty() {
+        return Ok(from);
+    }
+    let refs: Vec<&Record> = records.iter().collect();
+    store.append_records(&refs, Some(last))?;
+    tracing::warn!(
+        events = records.len(),
+        journal = %journal.path().display(),
+        "recovered audit events the last run left in its journal"
+    );
+    Ok(last)
 }
 
 struct Writer {
@@ -224,9 +464,11 @@ struct Writer {
     store: Box<dyn AuditStore>,
     signer: Signer,
     options: WriterOptions,
-    health: Arc<Health>,
-    /// Events that were not write-ahead, kept while the store fails.
-    retry: VecDeque<Event>,
+    shared: Arc<Shared>,
+    /// Events kept while the store fails, in order.
+    retry: VecDeque<Queued>,
+    /// How far ahead the journal's pages are mapped writable.
+    prefaulted: u64,
     /// The newest signed position.
     last_signed: Option<u64>,
     signed_at: Instant,
@@ -235,65 +477,88 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut events: Vec<Event> = Vec::with_capacity(MAX_BATCH);
-        // Write-ahead events' answers, with their place in `events`.
-        let mut acks: Vec<(usize, oneshot::Sender<Result<(), Unavailable>>)> = Vec::new();
-        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-        let mut sign = false;
+    fn run(mut self) {
+        // Swapped with the queue's each round, so that neither side
+        // allocates once both have grown.
+        let mut events: Vec<Queued> = Vec::with_capacity(1024);
+        let mut controls: Vec<Control> = Vec::new();
         loop {
-            let wait = if self.failing() {
-                RETRY_EVERY
-            } else {
-                self.options.sign_interval.max(Duration::from_millis(10))
-            };
-            let first = match rx.recv_timeout(wait) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut jobs = first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok()));
-            for job in jobs.by_ref() {
-                match job {
-                    Job::Record(event, ack) => {
-                        self.health.queued.fetch_sub(1, Ordering::Relaxed);
-                        if let Some(ack) = ack {
-                            acks.push((events.len(), ack));
-                        }
-                        events.push(event);
-                    }
-                    Job::Flush(done) => flushes.push(done),
-                    Job::Sign(done) => {
-                        sign = true;
-                        flushes.push(done);
-                    }
-                }
-                if events.len() >= MAX_BATCH {
-                    break;
-                }
-            }
-            self.write(&mut events, &mut acks);
-            self.health.retrying.store(self.retry.len() as u64, Ordering::Relaxed);
-            self.maybe_sign(std::mem::take(&mut sign));
+            let closed = self.take(&mut events, &mut controls);
+            let sign = controls.iter().any(|c| matches!(c, Control::Sign(_)));
+            // One transaction for everything taken (a round with nothing
+            // new still tries a failing store again).
+            self.write(&mut events);
+            self.shared
+                .health
+                .retrying
+                .store(self.retry.len() as u64, Ordering::Relaxed);
+            self.maybe_sign(sign || closed);
             self.maybe_prune();
-            for done in flushes.drain(..) {
+            for control in controls.drain(..) {
+                let (Control::Flush(done) | Control::Sign(done)) = control;
                 let _ = done.send(());
             }
+            if closed {
+                break;
+            }
         }
-        // Every session is gone: write what is left and sign the end.
-        self.health.retrying.store(self.retry.len() as u64, Ordering::Relaxed);
-        self.write(&mut events, &mut acks);
-        self.maybe_sign(true);
+    }
+
+    /// Waits for work, lets journal events gather, and takes what is
+    /// queued; returns whether every [`Auditor`] is gone.
+    fn take(&self, events: &mut Vec<Queued>, controls: &mut Vec<Control>) -> bool {
+        let shared = &self.shared;
+        let wait = if self.failing() {
+            RETRY_EVERY
+        } else {
+            self.options.sign_interval.max(Duration::from_millis(10))
+        };
+        let mut queue = shared.queue();
+        let deadline = Instant::now() + wait;
+        while queue.events.is_empty() && queue.controls.is_empty() && !queue.closed {
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                break;
+            };
+            queue.sleep = Sleep::Idle;
+            queue = shared
+                .wake
+                .wait_timeout(queue, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if shared.journal.is_some() && !queue.events.is_empty() {
+            let deadline = Instant::now() + GATHER;
+            while queue.urgent == 0 && !queue.closed {
+                let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                    break;
+                };
+                queue.sleep = Sleep::Gathering;
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        queue.sleep = Sleep::Awake;
+        queue.urgent = 0;
+        std::mem::swap(events, &mut queue.events);
+        controls.append(&mut queue.controls);
+        shared.health.queued.fetch_sub(events.len() as u64, Ordering::Relaxed);
+        queue.closed
     }
 
     fn failing(&self) -> bool {
-        self.health.failing.load(Ordering::Acquire)
+        self.shared.health.failing.load(Ordering::Acquire)
     }
 
-    /// Writes the retry buffer, then `events`; answers every ack.
-    fn write(&mut self, events: &mut Vec<Event>, acks: &mut Vec<(usize, oneshot::Sender<Result<(), Unavailable>>)>) {
-        let refused = self.health.refused.load(Ordering::Relaxed);
-        let lost = self.health.lost.load(Ordering::Relaxed);
+    /// Writes the retry buffer, then `events`; answers every waiting
+    /// session, and lets the journal's space go.
+    fn write(&mut self, events: &mut Vec<Queued>) {
+        let shared = self.shared.clone();
+        let health = &shared.health;
+        let refused = health.refused.load(Ordering::Relaxed);
+        let lost = health.lost.load(Ordering::Relaxed);
         // While failing, every round tries the store again, with an event
         // that records the outage: its success is the recovery. Refusals
         // counted while that event was being written are recorded in the
@@ -302,10 +567,9 @@ impl Writer {
         if events.is_empty() && self.retry.is_empty() && !recovering {
             return;
         }
-        let mut batch: Vec<Event> = self.retry.drain(..).collect();
+        let mut batch: Vec<Queued> = self.retry.drain(..).collect();
         if recovering {
-            let error = self
-                .health
+            let error = health
                 .error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -316,64 +580,101 @@ impl Writer {
             } else {
                 error
             };
-            batch.push(Event::now(Detail::AuditUnavailable { refused, error }));
+            batch.push(Queued {
+                record: Record::new(Event::now(Detail::AuditUnavailable { refused, error })),
+                ack: None,
+                journal: None,
+            });
         }
-        let offset = batch.len();
         batch.append(events);
         let count = batch.len() as u64;
-        match self.store.append(&batch) {
+        let journal = batch.iter().rev().find_map(|q| q.journal);
+        let records: Vec<&Record> = batch.iter().map(|q| &q.record).collect();
+        match self.store.append_records(&records, journal) {
             Ok(last) => {
-                if self.published.receiver_count() > 0 {
-                    let first = last + 1 - batch.len() as u64;
-                    for (n, event) in batch.into_iter().enumerate() {
+                drop(records);
+                if let Some(mark) = journal {
+                    self.journal_drained(mark);
+                }
+                if self.failing() {
+                    tracing::warn!("the audit trail is writable again; statements are accepted");
+                    health.failing.store(false, Ordering::Release);
+                }
+                if recovering {
+                    health.refused.fetch_sub(refused, Ordering::Relaxed);
+                    health.lost.fetch_sub(lost, Ordering::Relaxed);
+                }
+                health.written.fetch_add(count, Ordering::Relaxed);
+                let publish = self.published.receiver_count() > 0;
+                let first = last + 1 - count;
+                for (n, queued) in batch.into_iter().enumerate() {
+                    if let Some(ack) = queued.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                    // Read back from its stored form: the writer is not
+                    // handed whole events (see `Record`), and this costs
+                    // only while someone watches the stream.
+                    if publish && let Ok(event) = queued.record.event() {
                         let _ = self.published.send(Arc::new(StoredEvent {
                             id: first + n as u64,
                             event,
                         }));
                     }
                 }
-                if self.failing() {
-                    tracing::warn!("the audit trail is writable again; statements are accepted");
-                    self.health.failing.store(false, Ordering::Release);
-                }
-                if recovering {
-                    self.health.refused.fetch_sub(refused, Ordering::Relaxed);
-                    self.health.lost.fetch_sub(lost, Ordering::Relaxed);
-                }
-                self.health.written.fetch_add(count, Ordering::Relaxed);
-                for (_, ack) in acks.drain(..) {
-                    let _ = ack.send(Ok(()));
-                }
             }
             Err(err) => {
+                drop(records);
                 let message = err.to_string();
                 if !self.failing() {
                     tracing::error!(error = %message, "the audit trail cannot be written; new statements are refused until it can");
                 }
-                *self.health.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
-                self.health.failing.store(true, Ordering::Release);
-                // Write-ahead events are answered: their statements do not
-                // run. The rest are kept for the next try.
-                let mut answered = vec![false; batch.len()];
-                for (at, ack) in acks.drain(..) {
-                    answered[offset + at] = true;
-                    let _ = ack.send(Err(Unavailable(message.clone())));
-                }
-                // The outage event is made afresh, with fresh counts, on
-                // the next try.
-                let keep = batch
-                    .into_iter()
-                    .zip(answered)
-                    .filter(|(e, answered)| !answered && !matches!(e.detail, Detail::AuditUnavailable { .. }))
-                    .map(|(e, _)| e);
-                for event in keep {
-                    if self.retry.len() < MAX_RETRY {
-                        self.retry.push_back(event);
+                *health.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                health.failing.store(true, Ordering::Release);
+                // Sessions waiting on a crowded journal go on: what they
+                // wait for is on the record, and they refuse what follows.
+                self.wake_crowded();
+                // Events sessions wait for are answered: their statements
+                // do not run. The outage event is made afresh, with fresh
+                // counts, on the next try. The rest are kept for it; those
+                // in the journal whatever their number.
+                let mut kept = 0;
+                for queued in batch {
+                    if let Some(ack) = queued.ack {
+                        let _ = ack.send(Err(Unavailable(message.clone())));
+                        continue;
+                    }
+                    if queued.record.kind == "audit_unavailable" {
+                        continue;
+                    }
+                    if queued.journal.is_some() || kept < MAX_RETRY {
+                        kept += usize::from(queued.journal.is_none());
+                        self.retry.push_back(queued);
                     } else {
-                        self.health.lost.fetch_add(1, Ordering::Relaxed);
+                        health.lost.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
+        }
+    }
+
+    /// The journal up to `mark` is in the store: its space is free again.
+    fn journal_drained(&mut self, mark: Mark) {
+        let Some(journal) = &self.shared.journal else { return };
+        let next = {
+            let mut queue = self.shared.queue();
+            queue.ingested = mark.offset;
+            for waker in queue.crowded.drain(..) {
+                waker.wake();
+            }
+            queue.next.offset
+        };
+        journal.prefault(next, &mut self.prefaulted);
+    }
+
+    /// Lets the sessions waiting on a crowded journal go on.
+    fn wake_crowded(&self) {
+        for waker in self.shared.queue().crowded.drain(..) {
+            waker.wake();
         }
     }
 
@@ -394,13 +695,16 @@ impl Writer {
         match self.store.prune(&before) {
             Ok(Some((through_id, events))) => {
                 tracing::info!(through_id, events, %before, "audit retention removed old events");
-                let mut record = vec![Event::now(Detail::AuditPruned {
-                    before,
-                    through_id,
-                    events,
-                })];
-                let mut none = Vec::new();
-                self.write(&mut record, &mut none);
+                let mut record = vec![Queued {
+                    record: Record::new(Event::now(Detail::AuditPruned {
+                        before,
+                        through_id,
+                        events,
+                    })),
+                    ack: None,
+                    journal: None,
+                }];
+                self.write(&mut record);
             }
             Ok(None) => {}
             Err(err) => tracing::warn!(error = %err, "audit retention failed; will try again in an hour"),
@@ -424,7 +728,11 @@ impl Writer {
             tracing::warn!(error = %err, "cannot record the signed audit head; will try again");
             return;
         }
-        if let Err(err) = replace_file(&self.options.head_file, &head.to_line()) {
+        // Synced to disk with sync = "full" only: with "normal" the trail
+        // itself survives a crash of the gateway, not of the machine, and
+        // an fsync per signature was a tenth of the writer's time.
+        let sync = self.options.sync == SyncMode::Full;
+        if let Err(err) = replace_file(&self.options.head_file, &head.to_line(), sync) {
             tracing::warn!(error = %err, path = %self.options.head_file.display(), "cannot write the audit head file; will try again");
             return;
         }
@@ -453,6 +761,8 @@ mod tests {
                 sign_interval: Duration::from_secs(3600),
                 head_file: dir.join("audit.head"),
                 retention: None,
+                journal: crate::audit::journal_path(&dir.join("audit.db")),
+                sync: SyncMode::Normal,
             },
         )
         .unwrap();
@@ -504,14 +814,17 @@ mod tests {
     }
 
     impl AuditStore for Flaky {
-        fn append(&mut self, events: &[Event]) -> Result<u64, AuditError> {
+        fn append_records(&mut self, records: &[&Record], journal: Option<Mark>) -> Result<u64, AuditError> {
             if self.broken.load(Ordering::SeqCst) {
                 return Err(AuditError::Setup {
                     path: PathBuf::from("flaky"),
                     reason: "disk full".into(),
                 });
             }
-            self.inner.append(events)
+            self.inner.append_records(records, journal)
+        }
+        fn journal_mark(&self) -> Mark {
+            self.inner.journal_mark()
         }
         fn head(&self) -> (u64, super::super::Hash) {
             self.inner.head()
@@ -524,6 +837,8 @@ mod tests {
         }
     }
 
+    /// With `sync = "full"` a write-ahead event waits for its commit, so a
+    /// failing store refuses it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_store_refuses_write_ahead_keeps_the_rest_and_recovers() {
         let dir = std::env::temp_dir().join(format!("sluice-writer-flaky-{}", std::process::id()));
@@ -544,6 +859,8 @@ mod tests {
                 sign_interval: Duration::from_secs(3600),
                 head_file: dir.join("audit.head"),
                 retention: None,
+                journal: crate::audit::journal_path(&dir.join("audit.db")),
+                sync: SyncMode::Full,
             },
         )
         .unwrap();
@@ -580,6 +897,83 @@ mod tests {
         assert!(kinds[1].contains("\"g3\""), "the kept event comes first: {kinds:#?}");
         assert!(kinds[2].contains("audit_unavailable") && kinds[2].contains("\"refused\":1"));
         assert!(kinds[3].contains("\"g4\""));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// With the journal, an event is durable before the store has it: a
+    /// failing store makes the trail unavailable (sessions refuse what
+    /// comes next) but loses nothing that was recorded, and what a crash
+    /// leaves in the journal is in the trail after the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journal_events_survive_a_failing_store_and_a_crash() {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let broken = Arc::new(AtomicBool::new(false));
+        let key = dir.join("audit.key");
+        let signer = Signer::load_or_create(&key).unwrap();
+        let options = WriterOptions {
+            sign_every: 1000,
+            sign_interval: Duration::from_secs(3600),
+            head_file: dir.join("audit.head"),
+            retention: None,
+            journal: crate::audit::journal_path(&dir.join("audit.db")),
+            sync: SyncMode::Normal,
+        };
+        let store = Flaky {
+            inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
+            broken: broken.clone(),
+        };
+        let (auditor, handle) =
+            Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
+        auditor.write_ahead(grant(1)).await.unwrap();
+        broken.store(true, Ordering::SeqCst);
+        auditor.write_ahead(grant(2)).await.expect("durable in the journal");
+        auditor.flush().await;
+        assert!(!auditor.available(), "the store failed: the trail is unavailable");
+        auditor.record(grant(3));
+        broken.store(false, Ordering::SeqCst);
+        auditor.flush().await;
+        assert!(auditor.available());
+        drop(auditor);
+        handle.join().unwrap();
+
+        // A crash: events in the journal that the store never got.
+        {
+            let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+            let journal = Journal::open(&options.journal).unwrap();
+            let mut next = store.journal_mark();
+            for n in 4..7 {
+                journal
+                    .append(
+                        &mut next,
+                        store.journal_mark().offset,
+                        Record::new(grant(n)).json.as_bytes(),
+                    )
+                    .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let (auditor, handle) =
+            Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options).unwrap();
+        auditor.write_ahead(grant(7)).await.unwrap();
+        drop(auditor);
+        handle.join().unwrap();
+
+        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
+        let head = crate::audit::read_head_file(&dir.join("audit.head")).unwrap();
+        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
+        assert!(report.ok(), "{report:?}");
+        let grants: Vec<String> = store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event.detail {
+                Detail::UnmaskGrantUsed { grant } => Some(grant),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants, ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

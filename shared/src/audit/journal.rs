@@ -1,0 +1,373 @@
+//! The write-ahead journal (`sync = "normal"`): where a statement's event
+//! becomes durable before the statement goes upstream, without an SQLite
+//! commit (and a thread switch) per statement.
+//!
+//! One preallocated file beside the trail (`<path>-ahead`), mapped into
+//! memory and used as a ring. Whoever records an event copies its stored
+//! form into the ring, under the writer queue's lock: a store into the page
+//! cache, which survives a crash of the gateway (kill -9) exactly as an
+//! SQLite commit with `synchronous = NORMAL` does, with no system call and
+//! no wakeup. The writer thread moves events into SQLite in large batches
+//! behind it and keeps, in the same transaction, how far into the journal
+//! it got ([`Mark`]). At the next start, what the journal holds beyond that
+//! mark is written to the trail first ([`Journal::recover`]).
+//!
+//! A record is `len: u32, check: u32, seq: u64`, then `len` bytes of the
+//! event's JSON, padded to 8 bytes. `seq` numbers journal records without
+//! gaps for ever (it continues across restarts), so the bytes a ring lap
+//! left behind (lower numbers) and a record cut short by a crash (its check
+//! fails) both end the recovery walk. A record that would cross the end of
+//! the ring is written at its start, after a marker (`len = u32::MAX`).
+
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use super::AuditError;
+
+/// The ring's size. Sessions are slowed down once half of it waits for the
+/// writer (`Journal::crowded`), so this bounds how far SQLite may lag
+/// behind and how long an outage of the SQLite file is absorbed.
+pub const CAPACITY: u64 = 16 << 20;
+
+/// Events larger than this skip the journal and wait for their SQLite
+/// commit instead, so that one huge statement cannot fill the ring.
+const MAX_RECORD: u64 = CAPACITY / 4;
+
+/// The file header: magic, then the ring's capacity.
+const HEADER: u64 = 4096;
+const MAGIC: &[u8; 16] = b"sluice-journal-1";
+
+const RECORD_HEADER: u64 = 16;
+const WRAP: u32 = u32::MAX;
+
+/// How far ahead of the next record the writer maps pages writable, so
+/// that sessions never take a page fault (and never wait in the kernel)
+/// when they copy an event in.
+const PREFAULT: u64 = 1 << 20;
+
+/// A position in the journal: the logical offset (it only grows; the ring
+/// position is `offset % CAPACITY`) and the sequence number of the record
+/// that goes there next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mark {
+    pub offset: u64,
+    pub seq: u64,
+}
+
+/// The mapped journal file. Writes happen only under the writer queue's
+/// lock (the caller's `&mut Mark` is that state), reads only at recovery.
+pub struct Journal {
+    path: PathBuf,
+    map: NonNull<u8>,
+    /// Keeps the descriptor (and the flock'd writer that owns it) alive
+    /// with the mapping.
+    _file: std::fs::File,
+}
+
+// SAFETY: the mapping is plain shared memory; every write to it goes
+// through `append` under the writer queue's mutex, and reads happen only in
+// `recover`, before any session can append.
+unsafe impl Send for Journal {}
+unsafe impl Sync for Journal {}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("path", &self.path).finish()
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `open` made; nothing uses it
+        // after drop.
+        unsafe {
+            libc::munmap(self.map.as_ptr().cast(), (HEADER + CAPACITY) as usize);
+        }
+    }
+}
+
+/// The journal's path for a trail at `path`. Not `-journal` or `-wal`: those
+/// are SQLite's own.
+pub fn path_for(trail: &Path) -> PathBuf {
+    let mut name = trail.as_os_str().to_owned();
+    name.push("-ahead");
+    PathBuf::from(name)
+}
+
+impl Journal {
+    /// Opens the journal, creating (and fully allocating, so that a write
+    /// into the mapping can never find the disk full) a new one if there is
+    /// none. The trail's writer lock must be held.
+    pub fn open(path: &Path) -> Result<Journal, AuditError> {
+        let setup = |reason: String| AuditError::Setup {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| setup(format!("cannot open the audit journal: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| setup(format!("cannot read the audit journal's size: {e}")))?
+            .len();
+        let fresh = len == 0;
+        if fresh {
+            // SAFETY: a descriptor this function owns.
+            let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, (HEADER + CAPACITY) as libc::off_t) };
+            if err != 0 {
+                let _ = std::fs::remove_file(path);
+                return Err(setup(format!(
+                    "cannot allocate the audit journal ({} MiB): {}",
+                    CAPACITY >> 20,
+                    std::io::Error::from_raw_os_error(err)
+                )));
+            }
+        } else if len != HEADER + CAPACITY {
+            return Err(setup(format!(
+                "{} is not a journal this gateway can use ({len} bytes, expected {}); if the gateway is stopped and \
+                 the trail verifies, remove it",
+                path.display(),
+                HEADER + CAPACITY
+            )));
+        }
+        // SAFETY: maps the whole file, shared, on a descriptor kept open
+        // for the mapping's life; the size was checked or allocated above.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (HEADER + CAPACITY) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(setup(format!(
+                "cannot map the audit journal: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let journal = Journal {
+            path: path.to_path_buf(),
+            map: NonNull::new(map.cast()).ok_or_else(|| setup("mmap returned null".into()))?,
+            _file: file,
+        };
+        if fresh {
+            journal.bytes_mut(0, 16).copy_from_slice(MAGIC);
+            journal.bytes_mut(16, 8).copy_from_slice(&CAPACITY.to_le_bytes());
+        } else if journal.bytes(0, 16) != MAGIC || journal.bytes(16, 8) != CAPACITY.to_le_bytes() {
+            return Err(setup(format!(
+                "{} is not a Sluice audit journal of this version; if the gateway is stopped and the trail \
+                 verifies, remove it",
+                path.display()
+            )));
+        }
+        Ok(journal)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn bytes(&self, at: u64, len: u64) -> &[u8] {
+        debug_assert!(at + len <= HEADER + CAPACITY);
+        // SAFETY: within the mapping (checked by the callers' arithmetic).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at as usize), len as usize) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn bytes_mut(&self, at: u64, len: u64) -> &mut [u8] {
+        debug_assert!(at + len <= HEADER + CAPACITY);
+        // SAFETY: within the mapping; writers are serialised by the queue
+        // lock (see the type's comment), so no two slices overlap in time.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr().add(at as usize), len as usize) }
+    }
+
+    /// Copies one event's JSON in at `next` and moves `next` past it; `None`
+    /// (and nothing written) when it does not fit before `ingested`, the
+    /// oldest position the writer still needs, or is too large for the
+    /// journal. The caller holds the queue lock.
+    pub fn append(&self, next: &mut Mark, ingested: u64, json: &[u8]) -> Option<()> {
+        let size = RECORD_HEADER + (json.len() as u64).next_multiple_of(8);
+        if json.len() as u64 > MAX_RECORD {
+            return None;
+        }
+        let pos = next.offset % CAPACITY;
+        let to_end = CAPACITY - pos;
+        let skip = if size > to_end { to_end } else { 0 };
+        if next.offset + skip + size - ingested > CAPACITY {
+            return None;
+        }
+        if skip > 0 {
+            self.bytes_mut(HEADER + pos, 4).copy_from_slice(&WRAP.to_le_bytes());
+            next.offset += skip;
+        }
+        let at = HEADER + next.offset % CAPACITY;
+        let record = self.bytes_mut(at, size);
+        record[0..4].copy_from_slice(&(json.len() as u32).to_le_bytes());
+        record[4..8].copy_from_slice(&check(next.seq, json).to_le_bytes());
+        record[8..16].copy_from_slice(&next.seq.to_le_bytes());
+        record[16..16 + json.len()].copy_from_slice(json);
+        next.offset += size;
+        next.seq += 1;
+        Some(())
+    }
+
+    /// Whether more than half the ring waits for the writer: sessions then
+    /// wait before their next statement, so that SQLite keeps up.
+    pub fn crowded(next: u64, ingested: u64) -> bool {
+        next - ingested > CAPACITY / 2
+    }
+
+    /// Maps the pages after `next` writable now, from the writer thread,
+    /// so that the session that copies an event there does not fault;
+    /// `done` is how far that was done already (it only grows).
+    pub fn prefault(&self, next: u64, done: &mut u64) {
+        const PAGE: u64 = 4096;
+        let target = next + PREFAULT;
+        let mut at = (*done).max(next) / PAGE * PAGE;
+        while at < target {
+            let pos = at % CAPACITY;
+            let len = (target - at).min(CAPACITY - pos);
+            // SAFETY: a range inside the mapping (HEADER and `pos` are
+            // page-aligned); MADV_POPULATE_WRITE only faults pages in (it
+            // changes no data). Kernels before 5.14 refuse it, and then the
+            // first write faults as usual.
+            unsafe {
+                libc::madvise(
+                    self.map.as_ptr().add((HEADER + pos) as usize).cast(),
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+            at += len;
+        }
+        *done = (*done).max(target);
+    }
+
+    /// The events recorded after `from`, in order, each with the mark after
+    /// it: what a crash left in the journal and not in the trail.
+    pub fn recover(&self, from: Mark) -> Vec<(Mark, String)> {
+        let mut out = Vec::new();
+        let mut at = from;
+        let end = from.offset + CAPACITY;
+        while at.offset + RECORD_HEADER <= end {
+            let pos = at.offset % CAPACITY;
+            let len = u32::from_le_bytes(self.bytes(HEADER + pos, 4).try_into().unwrap_or_default());
+            if len == WRAP {
+                at.offset += CAPACITY - pos;
+                continue;
+            }
+            let size = RECORD_HEADER + u64::from(len).next_multiple_of(8);
+            if u64::from(len) > MAX_RECORD || size > CAPACITY - pos || at.offset + size > end {
+                break;
+            }
+            let head = self.bytes(HEADER + pos, RECORD_HEADER);
+            let stored_check = u32::from_le_bytes(head[4..8].try_into().unwrap_or_default());
+            let seq = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+            let json = self.bytes(HEADER + pos + RECORD_HEADER, u64::from(len));
+            if seq != at.seq || stored_check != check(seq, json) {
+                break;
+            }
+            let Ok(json) = std::str::from_utf8(json) else { break };
+            at.offset += size;
+            at.seq += 1;
+            out.push((at, json.to_string()));
+        }
+        out
+    }
+}
+
+/// A cheap check over a record: enough to tell a whole record from one a
+/// crash cut short or from old bytes (it is not what makes the trail
+/// tamper-evident: the hash chain is).
+fn check(seq: u64, bytes: &[u8]) -> u32 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seq ^ K ^ (bytes.len() as u64).rotate_left(32);
+    let mut words = bytes.chunks_exact(8);
+    for word in words.by_ref() {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        h = (h ^ w).wrapping_mul(K).rotate_left(31);
+    }
+    let mut last = [0u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h ^ u64::from_le_bytes(last)).wrapping_mul(K);
+    (h ^ (h >> 32)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(name: &str) -> (PathBuf, Journal) {
+        let dir = std::env::temp_dir().join(format!("sluice-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = path_for(&dir.join("audit.db"));
+        let journal = Journal::open(&path).unwrap();
+        (dir, journal)
+    }
+
+    #[test]
+    fn records_come_back_in_order_across_the_ring_end_and_stale_ones_do_not() {
+        let (dir, journal) = journal("ring");
+        // Start near the end of the ring so that records wrap.
+        let start = Mark {
+            offset: 3 * CAPACITY - 100,
+            seq: 41,
+        };
+        let mut next = start;
+        let texts: Vec<String> = (0..5)
+            .map(|n| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(n * 7)))
+            .collect();
+        for text in &texts {
+            journal.append(&mut next, start.offset, text.as_bytes()).unwrap();
+        }
+        let back = journal.recover(start);
+        assert_eq!(back.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(), texts);
+        assert_eq!(back.last().unwrap().0, next);
+        // From the middle: only what follows.
+        assert_eq!(journal.recover(back[1].0).len(), 3);
+        // Nothing after the last record (what follows is old or empty).
+        assert!(journal.recover(next).is_empty());
+        // A record cut short (its bytes changed) ends the walk there.
+        let pos = HEADER + back[2].0.offset % CAPACITY + 20;
+        journal.bytes_mut(pos, 1)[0] ^= 0xff;
+        assert_eq!(journal.recover(start).len(), 3);
+        drop(journal);
+        // The file opens again; another file does not.
+        assert!(Journal::open(&path_for(&dir.join("audit.db"))).is_ok());
+        std::fs::write(dir.join("other"), b"not a journal").unwrap();
+        let err = Journal::open(&dir.join("other")).unwrap_err();
+        assert!(err.to_string().contains("not a journal"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_ring_takes_nothing_more_until_the_writer_catches_up() {
+        let (dir, journal) = journal("full");
+        let mut next = Mark::default();
+        let big = vec![b'a'; (MAX_RECORD - 64) as usize];
+        let mut n = 0;
+        while journal.append(&mut next, 0, &big).is_some() {
+            n += 1;
+        }
+        assert!(n >= 3, "{n}");
+        assert!(Journal::crowded(next.offset, 0));
+        let half = next.offset - CAPACITY / 2;
+        assert!(journal.append(&mut next, half, &big).is_some());
+        assert!(
+            journal
+                .append(&mut next, 0, &vec![b'a'; MAX_RECORD as usize + 1])
+                .is_none(),
+            "too large for the journal"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
