@@ -464,8 +464,10 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     assert_eq!((grants[0].identity.as_str(), grants[0].request), ("bob", request.id));
     bob.simple_query("DELETE FROM ledger WHERE id = 1").await.unwrap();
     assert_eq!(count(&gw, "ledger").await, 2);
-    // Statements prepared under the grant, at both levels.
+    // Statements prepared under the grant, at both levels; and one the
+    // grant made no difference to.
     let prepared = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap();
+    let harmless = bob.prepare("SELECT count(*) FROM ledger").await.unwrap();
     bob.simple_query("PREPARE wipe(int) AS DELETE FROM ledger WHERE id = $1")
         .await
         .unwrap();
@@ -473,6 +475,9 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     let mut raw_bob = crate::harness::raw::RawClient::connect(gw.addr).await;
     raw_bob.login(&gw.db, BOB).await;
     raw_bob.simple("BEGIN").await;
+    raw_bob
+        .simple("PREPARE sqlwipe AS DELETE FROM ledger WHERE id = 3")
+        .await;
     {
         use crate::harness::raw;
         raw_bob
@@ -517,6 +522,9 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
         db.message().contains("wipe was prepared while you held grant"),
         "{db:?}"
     );
+    // What the grant did not matter to still runs, unnamed portals included.
+    bob.query_one(&harmless, &[]).await.unwrap();
+    bob.query("SELECT 1::int", &[]).await.unwrap();
     // Nor can messages the server never carries out wipe that: a PREPARE of
     // the name in use (it fails), a DEALLOCATE after an error in its string.
     bob.simple_query("PREPARE wipe AS SELECT 1").await.unwrap_err();
@@ -530,6 +538,16 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
         let error = raw::first_error(&answer);
         assert!(error[&'M'].contains("which has ended"), "{error:?}");
         raw_bob.simple("ROLLBACK").await;
+        // The two levels share one namespace: neither runs the other's
+        // statement past its grant.
+        raw_bob
+            .send(&[raw::bind("", "sqlwipe"), raw::execute("", 0), raw::sync()].concat())
+            .await;
+        let error = raw::first_error(&raw_bob.until_ready().await);
+        assert!(error[&'M'].contains("which has ended"), "{error:?}");
+        raw_bob.send(&raw::query("EXECUTE d")).await;
+        let error = raw::first_error(&raw_bob.until_ready().await);
+        assert!(error[&'M'].contains("which has ended"), "{error:?}");
     }
     // The session is fine: it prepares again, and policy decides afresh.
     let err = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap_err();
@@ -794,7 +812,7 @@ async fn prepared_statements_are_held_at_each_execution() {
         .unwrap();
     let held = {
         let bob = bob.clone();
-        tokio::spawn(async move { bob.execute(&update, &[&3i32, &"card 4111111111111111"]).await })
+        tokio::spawn(async move { bob.execute(&update, &[&3i32, &"4111111111111111"]).await })
     };
     let request = pending(&gw).await;
     assert!(!request.statement.contains("4111111111111111"), "{request:?}");
@@ -841,4 +859,44 @@ async fn rejected_parses_and_skipped_closes_do_not_wipe_what_a_statement_needs()
     let error = raw::first_error(&answer);
     assert!(error[&'M'].contains("was denied by alice"), "{error:?}");
     assert_eq!(count(&gw, "orders").await, 5);
+}
+
+/// Statement after statement through the unnamed statement (what JDBC,
+/// psycopg and pgx do), each held on its own; and SQL EXECUTE cannot run
+/// what the protocol prepared for approval (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it() {
+    use crate::harness::raw::{self, RawClient};
+    let gw = start("approval_unnamed").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let run = |sql: &str| [raw::parse("", sql), raw::bind("", ""), raw::execute("", 0), raw::sync()].concat();
+    client.send(&run("DELETE FROM orders WHERE id = 1")).await;
+    let request = pending(&gw).await;
+    assert_eq!(request.statement, "DELETE FROM orders WHERE id = 1");
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    let tags = raw::tags(&client.until_ready().await);
+    assert!(!tags.contains('E') && tags.ends_with("2CZ"), "{tags}");
+    client.send(&run("DELETE FROM orders WHERE id = 2")).await;
+    let request = pending(&gw).await;
+    assert_eq!(request.statement, "DELETE FROM orders WHERE id = 2");
+    api(&gw, ALICE).decide(request.id, false, None).await.unwrap();
+    let error = raw::first_error(&client.until_ready().await);
+    assert!(error[&'M'].contains("was denied by alice"), "{error:?}");
+    // A statement that needs nothing runs at once.
+    client.send(&run("SELECT 1")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "12DCZ");
+    assert_eq!(count(&gw, "orders").await, 4);
+
+    // Prepared for approval through the protocol, EXECUTEd through SQL.
+    client
+        .send(&[raw::parse("s", "DELETE FROM orders WHERE id > 3"), raw::sync()].concat())
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    for sql in ["EXECUTE s", "EXPLAIN ANALYZE EXECUTE s"] {
+        client.send(&raw::query(sql)).await;
+        let error = raw::first_error(&client.until_ready().await);
+        assert_eq!(error[&'C'], "42501", "{sql}: {error:?}");
+    }
+    assert_eq!(count(&gw, "orders").await, 4);
 }

@@ -916,6 +916,14 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
             "UPDATE customers SET phone = c.contact FROM contacts c WHERE c.phone = customers.phone",
             "copies contact",
         ),
+        (
+            "UPDATE api_keys SET service = k.s FROM api_keys AS k(kid, ksvc, s) WHERE k.kid = api_keys.id",
+            "cannot follow column by column",
+        ),
+        (
+            "INSERT INTO api_keys (service) SELECT s FROM api_keys AS k(i, v, s)",
+            "cannot follow column by column",
+        ),
     ] {
         let err = bob.simple_query(statement).await.unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{statement}: {err}"));
@@ -945,7 +953,10 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
          UPDATE api_keys SET service = upper(service) WHERE secret = 'x'; \
          INSERT INTO api_keys (service, secret) VALUES ('new', 'typed-in'); \
          INSERT INTO scratch SELECT * FROM scratch WHERE false; \
-         EXPLAIN UPDATE api_keys SET service = secret",
+         EXPLAIN UPDATE api_keys SET service = secret; \
+         UPDATE api_keys SET service = v.s FROM (VALUES (1, 'aws')) AS v(id, s) WHERE v.id = api_keys.id; \
+         INSERT INTO api_keys (service) SELECT * FROM unnest(ARRAY['a', 'b']); \
+         DELETE FROM api_keys WHERE id IN (SELECT x FROM unnest(ARRAY[99]) x)",
     )
     .await
     .unwrap();
@@ -967,7 +978,11 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(services, ["aws", "github", "internal", "new"], "no secret was copied");
+    assert_eq!(
+        services,
+        ["aws", "github", "internal", "new", "a", "b"],
+        "no secret was copied"
+    );
     let column: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'api_keys' AND column_name = 'secret'",

@@ -76,6 +76,10 @@ pub struct Allowance {
     /// table with masked columns is refused; expressions over one are
     /// masked).
     pub classification: Option<std::sync::Arc<crate::policy::Classification>>,
+    /// The requested grants it is allowed by: without them it would not
+    /// be (or not as it is). A prepared statement remembers them, and is
+    /// not run once one has ended.
+    pub granted_by: Vec<Arc<str>>,
 }
 
 /// A statement that may run only once approvers agree.

@@ -727,6 +727,9 @@ struct Walker {
     /// A WITH, a subquery in FROM or a table function somewhere: values
     /// can reach a write under names the classifier does not follow.
     renames: bool,
+    /// An INSERT, UPDATE or MERGE: the statement stores values (a DELETE
+    /// does not).
+    stores_values: bool,
 }
 
 impl Walker {
@@ -742,6 +745,7 @@ impl Walker {
             functions: BTreeSet::new(),
             written: WrittenValues::default(),
             renames: false,
+            stores_values: false,
         };
         let _ = statement.visit(&mut walker);
         let (kind, command) = walker.top_level(statement);
@@ -778,7 +782,7 @@ impl Walker {
                 // A write whose values may come through renamed columns
                 // (a CTE's, a derived table's, a table function's) cannot
                 // be followed column by column.
-                opaque: walker.written.opaque || (walker.writes && walker.renames),
+                opaque: walker.written.opaque || (walker.stores_values && walker.renames),
                 ..walker.written
             },
         }
@@ -1214,6 +1218,7 @@ impl Walker {
         if self.plan_only {
             return;
         }
+        self.stores_values = true;
         let mut names = ValueReads::default();
         let _ = update.table.visit(&mut names);
         if let Some(from) = &update.from {
@@ -1235,6 +1240,7 @@ impl Walker {
         if self.plan_only {
             return;
         }
+        self.stores_values = true;
         let mut names = ValueReads::default();
         if let TableObject::TableName(name) = &insert.table {
             names.tables.push(last_part(name));
@@ -1278,6 +1284,53 @@ impl Walker {
                 whole_rows,
             });
         }
+    }
+}
+
+/// Whether a FROM item can bring values in under names of its own: a
+/// subquery, a table function, UNNEST... unless all it reads is constants
+/// and parameters (`FROM (VALUES ($1, $2)) v(a, b)`, `unnest($1::int[])`,
+/// which ORMs use for bulk writes).
+fn introduces_renames(factor: &TableFactor) -> bool {
+    let reads_columns = |node: &dyn VisitDyn| {
+        let mut reads = ValueReads::default();
+        node.visit_dyn(&mut reads);
+        !reads.columns.is_empty() || reads.wildcard || !reads.tables.is_empty()
+    };
+    match factor {
+        TableFactor::Table { args: None, .. } | TableFactor::NestedJoin { .. } => false,
+        TableFactor::Derived { subquery, .. } => !constant_rows(subquery),
+        TableFactor::Table { args: Some(args), .. } => reads_columns(&args.args),
+        TableFactor::Function { args, .. } => reads_columns(args),
+        TableFactor::UNNEST { array_exprs, .. } => reads_columns(array_exprs),
+        _ => true,
+    }
+}
+
+/// Object-safe visiting, so that `introduces_renames` can look into the
+/// argument lists of several FROM items alike.
+trait VisitDyn {
+    fn visit_dyn(&self, visitor: &mut ValueReads);
+}
+
+impl<T: Visit> VisitDyn for T {
+    fn visit_dyn(&self, visitor: &mut ValueReads) {
+        let _ = self.visit(visitor);
+    }
+}
+
+/// Whether a query is a VALUES list of constants and parameters.
+fn constant_rows(query: &Query) -> bool {
+    if query.with.is_some() {
+        return false;
+    }
+    match query.body.as_ref() {
+        SetExpr::Values(values) => {
+            let mut reads = ValueReads::default();
+            let _ = values.visit(&mut reads);
+            reads.columns.is_empty() && !reads.wildcard && reads.tables.is_empty()
+        }
+        _ => false,
     }
 }
 
@@ -1451,7 +1504,10 @@ impl Visitor for Walker {
             // The query's own body sees every CTE of its WITH.
             visible.extend(frame.names.iter().cloned());
         }
-        self.renames |= query.with.is_some();
+        self.renames |= query
+            .with
+            .as_ref()
+            .is_some_and(|with| with.cte_tables.iter().any(|cte| !constant_rows(&cte.query)));
         self.scopes.push(Scope { visible, with });
         ControlFlow::Continue(())
     }
@@ -1469,10 +1525,14 @@ impl Visitor for Walker {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        self.renames |= !matches!(
-            factor,
-            TableFactor::Table { args: None, .. } | TableFactor::NestedJoin { .. }
-        );
+        // A table renamed column by column (`t AS k(a, b)`) counts too.
+        let renamed_columns = match factor {
+            TableFactor::Table { alias, .. } | TableFactor::NestedJoin { alias, .. } => {
+                alias.as_ref().is_some_and(|a| !a.columns.is_empty())
+            }
+            _ => false,
+        };
+        self.renames |= renamed_columns || introduces_renames(factor);
         match factor {
             TableFactor::Table { name, alias, args, .. } => match args {
                 // A function in FROM, such as generate_series(1, 10).

@@ -682,6 +682,20 @@ impl StatementGate for PolicyGate {
         };
         let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed).with_granted(ctx.granted);
         let decision = self.policy.decide(&subject, classification);
+        // Whether the grants held made a difference to this statement.
+        let granted_by: Vec<Arc<str>> = if ctx.granted.is_empty() {
+            Vec::new()
+        } else {
+            let without = Subject::of(ctx.identity, ctx.target, session.search_path_changed);
+            let plain = self.policy.decide(&without, decision.classification.clone());
+            let same = plain.decision() == decision.decision()
+                && plain
+                    .statements
+                    .iter()
+                    .map(|s| s.max_rows)
+                    .eq(decision.statements.iter().map(|s| s.max_rows));
+            if same { Vec::new() } else { ctx.granted.to_vec() }
+        };
         let changes_search_path = decision
             .classification
             .statements
@@ -726,6 +740,7 @@ impl StatementGate for PolicyGate {
                     Verdict::Allow(Allowance {
                         max_rows,
                         classification: Some(decision.classification.clone()),
+                        granted_by: granted_by.clone(),
                     })
                 }
             }
@@ -749,7 +764,7 @@ impl StatementGate for PolicyGate {
                 if changes_search_path {
                     session.search_path_changed = true;
                 }
-                remember_prepared(&decision.classification, &allowance, session, ctx.granted);
+                remember_prepared(&decision.classification, &allowance, session, &granted_by);
                 // PREPARE writes nothing: its limit applies when it is EXECUTEd.
                 let prepares = decision
                     .classification

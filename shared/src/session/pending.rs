@@ -309,8 +309,10 @@ impl PendingQueue {
         match message_tag {
             tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE | tag::NO_DATA | tag::PORTAL_SUSPENDED => {
                 let owner = self.front_owner();
-                if matches!(message_tag, tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE)
-                    && let Some(confirm) = self.confirms.front_mut().and_then(Option::take)
+                if matches!(
+                    message_tag,
+                    tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE
+                ) && let Some(confirm) = self.confirms.front_mut().and_then(Option::take)
                 {
                     self.confirmed.push(confirm);
                 }

@@ -209,6 +209,10 @@ pub(crate) struct ProxyContext<'a> {
     pub audit_tags: &'a [crate::config::TagRule],
 }
 
+/// Facts remembered about one statement name at most (see the Parse
+/// branch): beyond, a Parse of the name is refused until it is closed.
+const MAX_FACTS_PER_NAME: usize = 16;
+
 /// A prepared statement that needs approval: each Bind of it is held.
 #[derive(Debug)]
 struct NeedsApproval {
@@ -285,6 +289,10 @@ pub(crate) struct Proxy<'a> {
     needs_approval: Remembered<Arc<NeedsApproval>>,
     /// Numbers Parse, Bind and Close messages for [`Remembered`].
     message_seq: u64,
+    /// Parses sent since the client's last Sync, by name: a Bind in the
+    /// same batch binds what that Parse prepared (had it failed, the server
+    /// would skip the Bind), whatever earlier Parses of the name recorded.
+    batch_parses: HashMap<String, u64>,
     /// The Bind being sent again was approved (request id): it is not
     /// held a second time.
     bind_approved: Option<u64>,
@@ -401,6 +409,7 @@ impl<'a> Proxy<'a> {
             last_granted: Vec::new(),
             needs_approval: Remembered::default(),
             message_seq: 0,
+            batch_parses: HashMap::new(),
             bind_approved: None,
             portal_limits: HashMap::new(),
             last_sensitive: false,
@@ -805,6 +814,25 @@ impl<'a> Proxy<'a> {
                 self.message_seq += 1;
                 let seq = self.message_seq;
                 let prepared = matches!(outcome, Outcome::Forward | Outcome::Guard(_) | Outcome::Hold(_));
+                if !self.grant_bound.is_empty() || !self.needs_approval.is_empty() || !self.batch_parses.is_empty() {
+                    self.batch_parses.insert(name.to_string(), seq);
+                }
+                // A client repeating a Parse the server rejects would grow
+                // what is remembered of the name without end.
+                if self.grant_bound.count(name) + self.needs_approval.count(name) >= MAX_FACTS_PER_NAME {
+                    self.counters.refused += 1;
+                    Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
+                    self.pending.push(Expect::Parse {
+                        refusal: Some(refusal_error(Refusal {
+                            code: "42501",
+                            message: format!(
+                                "statement refused: prepared statement \"{name}\" was prepared too many times without being closed"
+                            ),
+                            hint: Some("close it, or prepare under a new name".into()),
+                        })),
+                    });
+                    return Ok(Consumed::Yes);
+                }
                 if prepared && !self.last_granted.is_empty() {
                     self.grant_bound.add(name, seq, std::mem::take(&mut self.last_granted));
                 }
@@ -863,18 +891,33 @@ impl<'a> Proxy<'a> {
             }
             fe::BIND => {
                 let approved = self.bind_approved.take();
-                let (portal, statement) = if self.grant_bound.is_empty() && self.needs_approval.is_empty() {
+                let (portal, statement) = if self.grant_bound.is_empty()
+                    && self.needs_approval.is_empty()
+                    && self.gate_session.prepared_grants.is_empty()
+                {
                     ("", "")
                 } else {
                     bind_names(body)?
                 };
+                let in_batch = self.batch_parses.get(statement).copied();
                 let mut refused = if self.grant_bound.is_empty() {
                     None
                 } else {
-                    self.grant_ended(self.grant_bound.get(statement))
+                    match in_batch {
+                        Some(seq) => self.grant_ended(self.grant_bound.get_exact(statement, seq)),
+                        None => self.grant_ended(self.grant_bound.get(statement)),
+                    }
+                    // SQL-level PREPAREs share the namespace.
+                    .or_else(|| self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter()))
                 };
+                if refused.is_none() && self.grant_bound.is_empty() && !self.gate_session.prepared_grants.is_empty() {
+                    refused = self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter());
+                }
                 if refused.is_none() && approved.is_none() && !self.needs_approval.is_empty() {
-                    let waiting: Vec<Arc<NeedsApproval>> = self.needs_approval.get(statement).cloned().collect();
+                    let waiting: Vec<Arc<NeedsApproval>> = match in_batch {
+                        Some(seq) => self.needs_approval.get_exact(statement, seq).cloned().collect(),
+                        None => self.needs_approval.get(statement).cloned().collect(),
+                    };
                     match waiting.as_slice() {
                         [] => {}
                         [needs] => {
@@ -1054,7 +1097,10 @@ impl<'a> Proxy<'a> {
                 };
                 Some(Expect::Describe { sensitive })
             }
-            fe::SYNC => Some(Expect::Sync),
+            fe::SYNC => {
+                self.batch_parses.clear();
+                Some(Expect::Sync)
+            }
             fe::FUNCTION_CALL => {
                 self.counters.statements += 1;
                 match self.check("", StatementSource::FunctionCall) {
@@ -1918,12 +1964,54 @@ impl<'a> Proxy<'a> {
         })
     }
 
+    /// For SQL that EXECUTEs a prepared statement: the refusal if the
+    /// protocol prepared it for approval or under a grant that has ended.
+    /// EXECUTE inside another statement (EXPLAIN ANALYZE, CREATE TABLE AS)
+    /// is not followed by name: then every such statement counts.
+    fn sql_execute_refusal(
+        &self,
+        sql: &str,
+        classification: Option<&crate::policy::Classification>,
+    ) -> Option<Refusal> {
+        // Without a classification the gate refused it already.
+        let classification = classification?;
+        if !contains_ignore_case(sql, "execute") {
+            return None;
+        }
+        let names: Vec<&str> = classification
+            .statements
+            .iter()
+            .filter_map(|s| match &s.prepared {
+                Some(crate::policy::PreparedRef::Execute(name)) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let plain = classification.statements.len() == names.len();
+        let approval = if plain {
+            names.iter().any(|n| self.needs_approval.count(n) > 0)
+        } else {
+            !self.needs_approval.is_empty()
+        };
+        if approval {
+            return Some(Refusal {
+                code: "42501",
+                message: "statement refused: EXECUTE of a prepared statement that needs approval".into(),
+                hint: Some("execute it through your driver (Bind/Execute): each execution is held for approval".into()),
+            });
+        }
+        if plain {
+            names.iter().find_map(|n| self.grant_ended(self.grant_bound.get(n)))
+        } else {
+            self.grant_ended(self.grant_bound.all())
+        }
+    }
+
     /// The gate's decision on a statement.
     fn decide(&mut self, sql: &str, source: StatementSource<'_>) -> (Outcome, Decided) {
         // Looked up for every statement, so that a grant applies from the
         // moment it is approved and stops the moment it expires.
         let granted = self.ctx.approvals.granted(self.ctx.identity, self.ctx.target);
-        self.last_granted.clone_from(&granted);
+
         let ctx = StatementContext {
             identity: self.ctx.identity,
             target: self.ctx.target,
@@ -1932,6 +2020,11 @@ impl<'a> Proxy<'a> {
             granted: &granted,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
+        // What a prepared statement must remember: the grants it needed.
+        match &verdict {
+            Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
+            _ => self.last_granted.clear(),
+        }
         // A statement that needs approval may run once approved: it gets
         // the same masking checks now as one allowed outright.
         let classification = match &verdict {
@@ -1946,8 +2039,19 @@ impl<'a> Proxy<'a> {
             rule: None,
             classification,
         };
+        // SQL EXECUTE shares the protocol's namespace: what the protocol
+        // prepared under a grant or for approval is not run that way.
+        let execute_refusal = if self.grant_bound.is_empty() && self.needs_approval.is_empty() {
+            None
+        } else {
+            self.sql_execute_refusal(sql, decided.classification.as_deref())
+        };
         let refusal = match verdict {
             _ if let Some(refusal) = masking_refusal => {
+                decided.decision = "deny";
+                refusal
+            }
+            _ if let Some(refusal) = execute_refusal => {
                 decided.decision = "deny";
                 refusal
             }
@@ -2673,9 +2777,12 @@ fn bind_parameters(body: &[u8]) -> String {
                 _ => codes.get(index).is_some_and(|c| *c == 1),
             };
             values.push(cur.nullable_value("parameter")?.map(|value| {
-                if binary {
-                    // Short ones (integers, timestamps, uuids) are readable
-                    // enough in hex.
+                // A binary value that reads as text (text types are sent as
+                // their UTF-8 bytes) is shown, and masked, as text; short
+                // others (integers, timestamps, uuids) in hex.
+                let printable = std::str::from_utf8(value)
+                    .is_ok_and(|t| !t.is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace()));
+                if binary && !printable {
                     return if value.len() <= 16 {
                         format!("(binary 0x{})", hex::encode(value))
                     } else {

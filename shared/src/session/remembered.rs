@@ -43,6 +43,26 @@ impl<T> Remembered<T> {
         self.by_name.get(name).into_iter().flatten().map(|(_, fact)| fact)
     }
 
+    /// The facts the message numbered `seq` recorded about `name`.
+    pub fn get_exact(&self, name: &str, seq: u64) -> impl Iterator<Item = &T> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(move |(at, _)| *at == seq)
+            .map(|(_, fact)| fact)
+    }
+
+    /// Every fact, whatever its name.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.by_name.values().flatten().map(|(_, fact)| fact)
+    }
+
+    /// How many facts are recorded for `name`.
+    pub fn count(&self, name: &str) -> usize {
+        self.by_name.get(name).map_or(0, Vec::len)
+    }
+
     /// The server confirmed the message numbered `seq` about `name`: what
     /// earlier messages recorded no longer applies.
     pub fn confirmed(&mut self, name: &str, seq: u64) {
