@@ -106,7 +106,7 @@ impl LiveSession {
     }
 
     pub fn set_state(&self, state: SessionState) {
-        self.running.store(state as u8, Ordering::Relaxed);
+        self.running.store(state as u8, Ordering::Release);
     }
 
     /// Whether an administrator ended this session (and who), making sure
@@ -122,6 +122,11 @@ impl LiveSession {
     /// The client asked to cancel its statement.
     pub fn cancel(&self) {
         self.cancel.set("");
+    }
+
+    /// Whether a statement of this session waits for approvers now.
+    pub fn is_held(&self) -> bool {
+        self.running.load(Ordering::Acquire) == SessionState::Held as u8
     }
 
     /// Forgets a cancel that came before now (for a statement long done).
@@ -242,10 +247,14 @@ impl LiveSessions {
     }
 
     /// Passes a client's CancelRequest to its session.
-    pub fn cancel(&self, id: &str) {
-        if let Some(session) = self.lock().get(id).cloned() {
-            session.cancel();
-        }
+    /// Passes a client's cancel to its session; `true` when a statement
+    /// held for approval takes it (nothing runs upstream to cancel).
+    pub fn cancel(&self, id: &str) -> bool {
+        let Some(session) = self.lock().get(id).cloned() else {
+            return false;
+        };
+        session.cancel();
+        session.is_held()
     }
 
     /// Asks a session to end; `false` if there is no such session.

@@ -435,8 +435,13 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         tracing::info!(process_id, "cancel request with an unknown key ignored");
         return;
     };
-    // A statement held for approval is the gateway's to cancel.
-    shared.live.cancel(&entry.session);
+    // A statement held for approval is the gateway's to cancel; sent on,
+    // the cancel could reach the server after the hold ended and cancel
+    // the client's next statement instead.
+    if shared.live.cancel(&entry.session) {
+        tracing::info!(process_id, "cancel request taken by a statement held for approval");
+        return;
+    }
     let Some(target) = shared.config.target(&entry.target) else {
         return;
     };

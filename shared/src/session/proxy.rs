@@ -1659,6 +1659,7 @@ impl<'a> Proxy<'a> {
             self.held_notice = Some(encoded);
         }
         self.ctx.live.clear_cancel();
+        self.ctx.live.set_state(SessionState::Held);
         self.held = Some(Held {
             id: view.id,
             decision,
