@@ -420,7 +420,7 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
             "--grant",
             "ledger-writer",
             "--for",
-            "6s",
+            "10s",
             "--reason",
             "fix row 1",
         ])
@@ -431,14 +431,14 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     let cli = tokio::spawn(cli);
     let request = pending(&gw).await;
     assert_eq!(request.access.as_ref().unwrap().grant, "ledger-writer");
-    assert_eq!(request.access.as_ref().unwrap().seconds, 6);
+    assert_eq!(request.access.as_ref().unwrap().seconds, 10);
     assert_eq!(
         (request.requester.as_str(), request.rule.as_str()),
         ("bob", "ledger-writer")
     );
     // Asking again returns the pending request instead of a second one.
     let again = api(&gw, BOB)
-        .request_access(&ask("ledger-writer", "6s", "again"))
+        .request_access(&ask("ledger-writer", "10s", "again"))
         .await
         .unwrap();
     assert_eq!(again.id, request.id);
