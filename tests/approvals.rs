@@ -818,6 +818,46 @@ async fn prepared_statements_are_held_at_each_execution() {
     assert!(!request.statement.contains("4111111111111111"), "{request:?}");
     api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
     held.await.unwrap().unwrap();
+
+    // On the record: each approved Bind and its Execute; the denied Bind as
+    // refused, and no Execute for it (the server skipped it).
+    let session = request.session.clone();
+    let path = gw.audit.path.clone();
+    let read = move || {
+        let store = SqliteStore::open_read_only(&path).unwrap();
+        store
+            .events(&EventFilter {
+                session: Some(session.clone()),
+                ..EventFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event.detail {
+                Detail::Statement { source, decision, .. } if source == "bind" || source == "execute" => {
+                    Some(format!("{source} {decision}"))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        seen = tokio::task::spawn_blocking(read.clone()).await.unwrap();
+        if seen.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        seen,
+        [
+            "bind allow",
+            "execute allow",
+            "bind deny",
+            "bind allow",
+            "execute allow"
+        ]
+    );
 }
 
 /// What the gateway remembers about a prepared statement (that it needs

@@ -368,6 +368,8 @@ enum PortalAudit {
     Unknown,
     /// Executed: later Executes fetch more of its rows.
     Executed,
+    /// Its Bind was refused: the server skips its Execute.
+    Refused,
 }
 
 /// What the gate decided, for the audit trail.
@@ -940,17 +942,7 @@ impl<'a> Proxy<'a> {
                     }
                 }
                 if let Some(refusal) = refused {
-                    // In place of the Bind, a Parse that fails: its error
-                    // becomes the refusal, and the server skips the rest of
-                    // the batch up to Sync, as it would after a failed Bind.
-                    self.counters.refused += 1;
-                    // (Named, so the client's unnamed statement stays: the
-                    // failing Parse creates nothing, whether or not a
-                    // statement of that name exists.)
-                    Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
-                    self.pending.push(Expect::Parse {
-                        refusal: Some(refusal_error(refusal)),
-                    });
+                    self.refuse_bind(body, refusal_error(refusal))?;
                     return Ok(Consumed::Yes);
                 }
                 if self.ctx.auditor.is_some() {
@@ -1310,10 +1302,9 @@ impl<'a> Proxy<'a> {
             }
             if written.opaque {
                 return refused(
-                    format!(
-                        "{command} into a table with columns that are masked for you stores values the gateway \
-                         cannot follow column by column"
-                    ),
+                    "this write into a table with columns that are masked for you stores values the gateway \
+                     cannot follow column by column"
+                        .to_string(),
                     copy_hint,
                 );
             }
@@ -1574,6 +1565,10 @@ impl<'a> Proxy<'a> {
         let audit = self.portal_texts.insert(portal.to_string(), PortalAudit::Executed);
         let (text, statements) = match audit {
             Some(PortalAudit::Executed) => return Ok(()),
+            Some(PortalAudit::Refused) => {
+                self.portal_texts.insert(portal.to_string(), PortalAudit::Refused);
+                return Ok(());
+            }
             Some(PortalAudit::Bound(text)) => (text.text.clone(), text.statements.clone()),
             // A portal bound to a statement the gateway has no text for
             // (or bound in a batch the server discarded): it still runs on
@@ -1587,6 +1582,30 @@ impl<'a> Proxy<'a> {
             return Err(Stop::Audit(refusal.message));
         }
         self.pending_mark = self.record_execution("execute", text, statements, &Outcome::Forward, "allow", None);
+        Ok(())
+    }
+
+    /// Refuses a Bind: in its place a Parse that fails, whose error becomes
+    /// the refusal, so the server skips the rest of the batch up to Sync as
+    /// it would after a failed Bind. (The Parse is named, so the client's
+    /// unnamed statement stays: it creates nothing, whether or not a
+    /// statement of that name exists.) On the record as refused, and the
+    /// portal's Execute, which the server skips, is not recorded as run.
+    fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
+        self.counters.refused += 1;
+        if let Some(auditor) = self.ctx.auditor {
+            let (portal, statement) = bind_names(bind_body)?;
+            let (text, statements) = match self.statement_texts.get(statement) {
+                Some(text) => (text.text.clone(), text.statements.clone()),
+                None => (format!("(prepared statement \"{statement}\")"), Vec::new()),
+            };
+            let portal = portal.to_string();
+            let event = self.statement_event("bind", text, statements, "deny", None, Some(refusal.message.clone()));
+            auditor.record(event);
+            self.portal_texts.insert(portal, PortalAudit::Refused);
+        }
+        Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
+        self.pending.push(Expect::Parse { refusal: Some(refusal) });
         Ok(())
     }
 
@@ -1861,12 +1880,7 @@ impl<'a> Proxy<'a> {
             ),
         };
         if held.bind {
-            // In place of the Bind, a Parse that fails with the refusal; the
-            // server then skips the rest of the client's batch up to Sync.
-            Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
-            self.pending.push(Expect::Parse {
-                refusal: Some(Box::new(refusal)),
-            });
+            self.refuse_bind(&held.query[HEADER_LEN..], Box::new(refusal))?;
         } else {
             self.refuse_query(Box::new(refusal));
         }
