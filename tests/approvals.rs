@@ -65,6 +65,21 @@ grant = "access"
 groups = ["oncall"]
 approvers = ["engineering"]
 max_duration = "1h"
+
+[[policy.rules]]
+name = "archive-is-read-only"
+decision = "deny"
+kinds = ["write"]
+relations = ["archive"]
+except_grants = ["ledger-writer"]
+
+[[policy.rules]]
+name = "archive-writes-are-reviewed"
+decision = "require_approval"
+grants = ["ledger-writer"]
+kinds = ["write"]
+relations = ["archive"]
+approvers = ["engineering"]
 "#;
 
 const API: &str = "[api]\nlisten = \"127.0.0.1:0\"\nviewer_groups = [\"oncall\"]\n\
@@ -83,7 +98,8 @@ async fn start(test: &str) -> TestGateway {
          CREATE TABLE payments (id int); INSERT INTO payments VALUES (1); \
          CREATE TABLE urgent (id int); INSERT INTO urgent VALUES (1); \
          CREATE TABLE reports (id int); INSERT INTO reports SELECT generate_series(1, 3); \
-         CREATE TABLE ledger (id int); INSERT INTO ledger SELECT generate_series(1, 3)",
+         CREATE TABLE ledger (id int); INSERT INTO ledger SELECT generate_series(1, 3); \
+         CREATE TABLE archive (id int); INSERT INTO archive VALUES (1)",
     )
     .await;
     gw
@@ -939,4 +955,78 @@ async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it(
         assert_eq!(error[&'C'], "42501", "{sql}: {error:?}");
     }
     assert_eq!(count(&gw, "orders").await, 4);
+}
+
+/// A grant that turns a refusal into "needs approval" binds what was
+/// prepared under it too: once it ends, an execution is refused, not held
+/// (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_held_under_a_grant_is_refused_once_the_grant_ends() {
+    use sluice_core::api::AccessRequestBody;
+    let gw = start("approval_grant_hold").await;
+    let bob = gw.connect(BOB).await.unwrap();
+    let asked = api(&gw, BOB)
+        .request_access(&AccessRequestBody {
+            target: gw.db.clone(),
+            grant: "ledger-writer".into(),
+            duration: "1h".into(),
+            reason: "archive fix".into(),
+        })
+        .await
+        .unwrap();
+    api(&gw, ALICE).decide(asked.id, true, None).await.unwrap();
+    let statement = bob.prepare("DELETE FROM archive WHERE id = $1").await.unwrap();
+    api(&gw, BOB).revoke_grant(asked.id, None).await.unwrap();
+    let err = bob.execute(&statement, &[&1i32]).await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert!(db.message().contains("which has ended"), "{db:?}");
+    assert!(
+        api(&gw, BOB)
+            .approvals()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.state != RequestState::Pending),
+        "nothing was held"
+    );
+    assert_eq!(count(&gw, "archive").await, 1);
+}
+
+/// A cancel while a statement is held but an earlier one of the same
+/// pipeline still runs on the server reaches the server (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_what_runs_before_a_held_statement() {
+    use crate::harness::raw::{self, RawClient};
+    use tokio::io::AsyncWriteExt;
+    let gw = start("approval_cancel_busy").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    let greeting = client.login(&gw.db, BOB).await;
+    client
+        .send(
+            &[
+                raw::parse("", "SELECT pg_sleep(30)"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::parse("d", "DELETE FROM orders WHERE id = 1"),
+                raw::bind("", "d"),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    pending(&gw).await;
+    let mut cancel = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut packet = 16i32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80877102i32.to_be_bytes());
+    packet.extend_from_slice(&greeting.process_id.to_be_bytes());
+    packet.extend_from_slice(&greeting.secret_key.to_be_bytes());
+    cancel.write_all(&packet).await.unwrap();
+    drop(cancel);
+    let answer = tokio::time::timeout(Duration::from_secs(20), client.until_ready())
+        .await
+        .expect("the sleep was cancelled, not waited out");
+    let error = raw::first_error(&answer);
+    assert_eq!(error[&'C'], "57014", "{error:?}");
+    assert_eq!(count(&gw, "orders").await, 5);
 }

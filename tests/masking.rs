@@ -924,6 +924,24 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
             "INSERT INTO api_keys (service) SELECT s FROM api_keys AS k(i, v, s)",
             "cannot follow column by column",
         ),
+        // Through user-defined functions in FROM items, VALUES and CTEs
+        // (found in review).
+        (
+            "UPDATE api_keys SET service = v.s FROM (VALUES (get_secret(2))) v(s)",
+            "computed by get_secret()",
+        ),
+        (
+            "INSERT INTO api_keys (service) SELECT x FROM get_secret(1) x",
+            "computed by get_secret()",
+        ),
+        (
+            "INSERT INTO api_keys (service) SELECT * FROM \"Leak\"()",
+            "a function that can read masked columns",
+        ),
+        (
+            "WITH c(v) AS (VALUES (get_secret(3))) INSERT INTO api_keys (service) SELECT v FROM c",
+            "computed by get_secret()",
+        ),
     ] {
         let err = bob.simple_query(statement).await.unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{statement}: {err}"));

@@ -95,6 +95,9 @@ pub struct ApprovalRequest {
     /// How the statement was classified: what masking and the audit trail
     /// need of it when it runs once approved.
     pub classification: Option<std::sync::Arc<crate::policy::Classification>>,
+    /// The requested grants its decision depended on (see
+    /// [`Allowance::granted_by`]).
+    pub granted_by: Vec<Arc<str>>,
 }
 
 /// The gate's answer.

@@ -35,6 +35,8 @@ pub struct LiveSession {
     statements: AtomicU64,
     refused: AtomicU64,
     running: AtomicU8,
+    /// Answers are owed by the server (something runs, or waits to, there).
+    upstream_busy: AtomicBool,
     /// The last statement's text, as the audit trail keeps it (detector
     /// findings masked), cut to [`LAST_MAX`] bytes.
     last: Mutex<String>,
@@ -124,9 +126,20 @@ impl LiveSession {
         self.cancel.set("");
     }
 
-    /// Whether a statement of this session waits for approvers now.
-    pub fn is_held(&self) -> bool {
-        self.running.load(Ordering::Acquire) == SessionState::Held as u8
+    /// Whether a statement of this session waits for approvers now and
+    /// nothing runs on the server: a cancel is then the gateway's alone.
+    pub fn is_held_alone(&self) -> bool {
+        self.running.load(Ordering::Acquire) == SessionState::Held as u8 && !self.upstream_busy.load(Ordering::Acquire)
+    }
+
+    /// Whether the server owes answers (something runs there).
+    pub fn set_upstream_busy(&self, busy: bool) {
+        self.upstream_busy.store(busy, Ordering::Release);
+    }
+
+    /// Whether the client cancelled since [`LiveSession::clear_cancel`].
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.killed.load(Ordering::Acquire)
     }
 
     /// Forgets a cancel that came before now (for a statement long done).
@@ -220,6 +233,7 @@ impl LiveSessions {
             statements: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             running: AtomicU8::new(SessionState::Idle as u8),
+            upstream_busy: AtomicBool::new(false),
             last: Mutex::new(String::new()),
             kill: KillSwitch::default(),
             cancel: KillSwitch::default(),
@@ -248,13 +262,13 @@ impl LiveSessions {
 
     /// Passes a client's CancelRequest to its session.
     /// Passes a client's cancel to its session; `true` when a statement
-    /// held for approval takes it (nothing runs upstream to cancel).
+    /// held for approval takes it and nothing runs upstream to cancel.
     pub fn cancel(&self, id: &str) -> bool {
         let Some(session) = self.lock().get(id).cloned() else {
             return false;
         };
         session.cancel();
-        session.is_held()
+        session.is_held_alone()
     }
 
     /// Asks a session to end; `false` if there is no such session.

@@ -756,6 +756,7 @@ impl StatementGate for PolicyGate {
                     approval: rule.and_then(|r| r.approval.clone()),
                     refusal,
                     classification: Some(decision.classification.clone()),
+                    granted_by: granted_by.clone(),
                 }))
             }
         };

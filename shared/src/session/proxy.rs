@@ -536,6 +536,7 @@ impl<'a> Proxy<'a> {
             {
                 self.to_client.extend_from_slice(&notice);
             }
+            self.ctx.live.set_upstream_busy(!self.pending.is_empty());
             self.ctx.live.set_state(if self.held.is_some() {
                 SessionState::Held
             } else if self.pending.is_empty() {
@@ -1300,6 +1301,19 @@ impl<'a> Proxy<'a> {
                     );
                 }
             }
+            // A user-defined function anywhere in a write that stores
+            // values (a FROM item, a VALUES list, a CTE) may hand it masked
+            // values under any name.
+            if !written.assignments.is_empty()
+                && let Some(function) = statement.functions.iter().find(|f| self.seam.user_function(f))
+            {
+                return refused(
+                    format!(
+                        "{command} stores values computed by {function}(), a function that can read masked columns"
+                    ),
+                    copy_hint,
+                );
+            }
             if written.opaque {
                 return refused(
                     "this write into a table with columns that are masked for you stores values the gateway \
@@ -1678,6 +1692,7 @@ impl<'a> Proxy<'a> {
             self.held_notice = Some(encoded);
         }
         self.ctx.live.clear_cancel();
+        self.ctx.live.set_upstream_busy(!self.pending.is_empty());
         self.ctx.live.set_state(SessionState::Held);
         self.held = Some(Held {
             id: view.id,
@@ -1804,6 +1819,18 @@ impl<'a> Proxy<'a> {
             }
             decided => decided,
         };
+        // Approved just as the client cancelled: the cancel stayed in the
+        // gateway (see `forward_cancel`), so the client's wish wins.
+        let end = match end {
+            HoldEnd::Decided(crate::approvals::Outcome::Approved { .. }) if self.ctx.live.cancel_requested() => {
+                HoldEnd::Cancelled
+            }
+            end => end,
+        };
+        if matches!(end, HoldEnd::Decided(crate::approvals::Outcome::Approved { .. })) {
+            // From here a cancel is the server's to act on.
+            self.ctx.live.set_state(SessionState::Running);
+        }
         // Approved while the trail cannot record it: it does not run.
         let audit_refusal = match end {
             HoldEnd::Decided(crate::approvals::Outcome::Approved { .. }) => self.audit_unavailable(),
@@ -2038,7 +2065,8 @@ impl<'a> Proxy<'a> {
         // What a prepared statement must remember: the grants it needed.
         match &verdict {
             Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
-            _ => self.last_granted.clear(),
+            Verdict::RequireApproval(request) => self.last_granted.clone_from(&request.granted_by),
+            Verdict::Deny(_) => self.last_granted.clear(),
         }
         // A statement that needs approval may run once approved: it gets
         // the same masking checks now as one allowed outright.
