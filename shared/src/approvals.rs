@@ -253,23 +253,28 @@ impl Approvals {
             Some(reason) if !reason.trim().is_empty() => format!("revoked by {}: {}", by.name(), reason.trim()),
             _ => format!("revoked by {}", by.name()),
         };
-        if let Some(entry) = self.lock().get_mut(&request)
+        self.end_grant(&grant, why);
+        Some(grant)
+    }
+
+    /// Says on the record (and on its request) that a grant ended, and why.
+    pub fn end_grant(&self, grant: &GrantView, why: String) {
+        if let Some(entry) = self.lock().get_mut(&grant.request)
             && let Some(access) = &mut entry.view.access
         {
             access.ended = Some(why.clone());
         }
-        tracing::info!(request, grant = %grant.grant, identity = %grant.identity, by = %by.name(), "access grant revoked");
+        tracing::info!(request = grant.request, grant = %grant.grant, identity = %grant.identity, reason = %why, "access grant ended");
         if let Some(auditor) = &self.auditor {
             auditor.record(
                 Event::now(Detail::AccessEnded {
-                    request,
+                    request: grant.request,
                     grant: grant.grant.clone(),
                     reason: why,
                 })
                 .by(&grant.identity, &grant.target),
             );
         }
-        Some(grant)
     }
 
     /// The grant of access request `request`, if it holds.
@@ -588,22 +593,7 @@ impl Approvals {
             gone.into_iter().map(|(g, _)| g).collect()
         };
         for grant in expired {
-            if let Some(entry) = self.lock().get_mut(&grant.request)
-                && let Some(access) = &mut entry.view.access
-            {
-                access.ended = Some("expired".into());
-            }
-            tracing::info!(request = grant.request, grant = %grant.grant, identity = %grant.identity, "access grant expired");
-            if let Some(auditor) = &self.auditor {
-                auditor.record(
-                    Event::now(Detail::AccessEnded {
-                        request: grant.request,
-                        grant: grant.grant.clone(),
-                        reason: "expired".into(),
-                    })
-                    .by(&grant.identity, &grant.target),
-                );
-            }
+            self.end_grant(&grant, "expired".into());
         }
     }
 

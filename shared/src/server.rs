@@ -93,7 +93,7 @@ fn expire_orphaned_requests(config: &Config, auditor: &crate::audit::Auditor) {
 /// on the trail, and it ends no later than the policy's current
 /// `max_duration` for that grant allows. After a crash, a grant recorded
 /// after the last signed head is not restored: its holder asks again.
-fn restore_grants(config: &Config, auditor: &crate::audit::Auditor, approvals: &crate::approvals::Approvals) {
+fn restore_grants(config: &Config, approvals: &crate::approvals::Approvals) {
     use crate::approvals::GrantView;
     use crate::audit::{Signer, SqliteStore};
     // The grants to restore, and those that end now, with why.
@@ -148,15 +148,7 @@ fn restore_grants(config: &Config, auditor: &crate::audit::Auditor, approvals: &
     match read() {
         Ok((live, gone)) => {
             for (grant, why) in gone {
-                tracing::info!(request = grant.request, grant = %grant.grant, identity = %grant.identity, reason = %why, "access grant ended at start");
-                auditor.record(
-                    crate::audit::Event::now(crate::audit::Detail::AccessEnded {
-                        request: grant.request,
-                        grant: grant.grant,
-                        reason: why,
-                    })
-                    .by(&grant.identity, &grant.target),
-                );
+                approvals.end_grant(&grant, why);
             }
             if !live.is_empty() {
                 tracing::info!(
@@ -258,7 +250,7 @@ impl Gateway {
         let approvals = crate::approvals::Approvals::new(auditor.clone(), first_request_id(&config));
         if let Some(auditor) = &auditor {
             expire_orphaned_requests(&config, auditor);
-            restore_grants(&config, auditor, &approvals);
+            restore_grants(&config, &approvals);
         }
         let shared = Shared {
             verifier: Verifier::new(&config.identity),

@@ -452,16 +452,7 @@ async fn decide(
     approve: bool,
 ) -> ApiResult<Json<crate::approvals::RequestView>> {
     let approver = caller(&shared, &headers, ApiRole::Approver).await?;
-    let body: DecisionBody = if body.iter().all(u8::is_ascii_whitespace) {
-        DecisionBody::default()
-    } else {
-        serde_json::from_slice(body).map_err(|err| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
-            )
-        })?
-    };
+    let body = decision_body(body)?;
     let via = body.via.as_deref().unwrap_or("api");
     if !matches!(via, "api" | "console") {
         return Err(ApiError::new(
@@ -595,6 +586,19 @@ async fn grants(
     Ok(Json(grants))
 }
 
+/// A decision's optional JSON body (`{"reason": "..."}`).
+fn decision_body(body: &[u8]) -> ApiResult<DecisionBody> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DecisionBody::default());
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
+        )
+    })
+}
+
 /// Ends a grant before its time: its holder, or an approver or admin.
 async fn revoke(
     State(shared): State<Arc<Shared>>,
@@ -614,16 +618,7 @@ async fn revoke(
     if !approver && grant.subject != identity.subject() {
         return Err(forbidden(&shared, &identity, ApiRole::Approver));
     }
-    let body: DecisionBody = if body.iter().all(u8::is_ascii_whitespace) {
-        DecisionBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|err| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
-            )
-        })?
-    };
+    let body = decision_body(&body)?;
     shared
         .approvals
         .revoke(request, &identity, body.reason.as_deref())

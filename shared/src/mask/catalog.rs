@@ -4,7 +4,7 @@
 //! RowDescription names each result column's origin by table OID and
 //! attribute number, whatever alias the query gave it. The gateway reads
 //! the target's catalog once per `masking.catalog_ttl` (see
-//! `session::load_catalog`), asking only for the columns the rules match, and
+//! `session::target_catalog`), asking only for the columns the rules match, and
 //! this module builds the query and reads its rows. Inheritance children and
 //! partitions are followed (their columns are matched by name, since their
 //! attribute numbers may differ), and each matched table's row type and its

@@ -1225,12 +1225,11 @@ impl Walker {
             let _ = from.visit(&mut names);
         }
         for assignment in &update.assignments {
-            let targets: Vec<String> = match &assignment.target {
-                ast::AssignmentTarget::ColumnName(name) => vec![last_part(name)],
-                // (a, b) = (SELECT ...): which value goes where is not followed.
-                ast::AssignmentTarget::Tuple(names) => names.iter().map(|_| String::new()).collect(),
-            };
-            self.assigned(&targets, &assignment.value, &names.tables);
+            self.assigned(
+                &assignment_targets(&assignment.target),
+                &assignment.value,
+                &names.tables,
+            );
         }
     }
 
@@ -1258,11 +1257,11 @@ impl Walker {
         })) = &insert.on
         {
             for assignment in &update.assignments {
-                let targets = match &assignment.target {
-                    ast::AssignmentTarget::ColumnName(name) => vec![last_part(name)],
-                    ast::AssignmentTarget::Tuple(names) => names.iter().map(|_| String::new()).collect(),
-                };
-                self.assigned(&targets, &assignment.value, &names.tables);
+                self.assigned(
+                    &assignment_targets(&assignment.target),
+                    &assignment.value,
+                    &names.tables,
+                );
             }
         }
     }
@@ -1331,6 +1330,15 @@ fn constant_rows(query: &Query) -> bool {
             reads.columns.is_empty() && !reads.wildcard && reads.tables.is_empty()
         }
         _ => false,
+    }
+}
+
+/// The columns an assignment writes; for `(a, b) = (SELECT ...)` which
+/// value goes where is not followed, so each is unnamed.
+fn assignment_targets(target: &ast::AssignmentTarget) -> Vec<String> {
+    match target {
+        ast::AssignmentTarget::ColumnName(name) => vec![last_part(name)],
+        ast::AssignmentTarget::Tuple(names) => names.iter().map(|_| String::new()).collect(),
     }
 }
 

@@ -69,6 +69,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// server's own log.
 pub(crate) const REFUSED_STATEMENT: &str = "SLUICE REFUSED THIS STATEMENT";
 
+/// The statement name of a failing Parse sent in place of a refused Bind
+/// or Execute: it creates nothing, whether or not a statement of that name
+/// exists, and leaves the client's unnamed statement alone.
+const REFUSED_NAME: &str = "sluice:refused";
+
 /// How a session ended, for its closing log line.
 #[derive(Debug)]
 pub(crate) enum SessionEnd {
@@ -823,17 +828,14 @@ impl<'a> Proxy<'a> {
                 // A client repeating a Parse the server rejects would grow
                 // what is remembered of the name without end.
                 if self.grant_bound.count(name) + self.needs_approval.count(name) >= MAX_FACTS_PER_NAME {
-                    self.counters.refused += 1;
-                    Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
-                    self.pending.push(Expect::Parse {
-                        refusal: Some(refusal_error(Refusal {
-                            code: "42501",
-                            message: format!(
-                                "statement refused: prepared statement \"{name}\" was prepared too many times without being closed"
-                            ),
-                            hint: Some("close it, or prepare under a new name".into()),
-                        })),
+                    let refusal = refusal_error(Refusal {
+                        code: "42501",
+                        message: format!(
+                            "statement refused: prepared statement \"{name}\" was prepared too many times without being closed"
+                        ),
+                        hint: Some("close it, or prepare under a new name".into()),
                     });
+                    self.fail_in_place(name, refusal);
                     return Ok(Consumed::Yes);
                 }
                 if prepared && !self.last_granted.is_empty() {
@@ -998,11 +1000,7 @@ impl<'a> Proxy<'a> {
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
-                        self.counters.refused += 1;
-                        Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
-                        self.pending.push(Expect::Parse {
-                            refusal: Some(refusal_error(refusal)),
-                        });
+                        self.fail_in_place(REFUSED_NAME, refusal_error(refusal));
                         return Ok(Consumed::Yes);
                     }
                 }
@@ -1599,14 +1597,21 @@ impl<'a> Proxy<'a> {
         Ok(())
     }
 
-    /// Refuses a Bind: in its place a Parse that fails, whose error becomes
-    /// the refusal, so the server skips the rest of the batch up to Sync as
-    /// it would after a failed Bind. (The Parse is named, so the client's
-    /// unnamed statement stays: it creates nothing, whether or not a
-    /// statement of that name exists.) On the record as refused, and the
-    /// portal's Execute, which the server skips, is not recorded as run.
-    fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
+    /// Refuses an extended-protocol message: in its place a Parse (of
+    /// statement `name`) that fails, whose error becomes the refusal, so
+    /// the server skips the rest of the batch up to Sync as it would after
+    /// the message itself failed.
+    fn fail_in_place(&mut self, name: &str, refusal: Box<ErrorFields>) {
         self.counters.refused += 1;
+        Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
+        self.pending.push(Expect::Parse { refusal: Some(refusal) });
+    }
+
+    /// Refuses a Bind (see [`Proxy::fail_in_place`]; the failing Parse is
+    /// named [`REFUSED_NAME`], so the client's unnamed statement stays). On
+    /// the record as refused, and the portal's Execute, which the server
+    /// skips, is not recorded as run.
+    fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
         if let Some(auditor) = self.ctx.auditor {
             let (portal, statement) = bind_names(bind_body)?;
             let (text, statements) = match self.statement_texts.get(statement) {
@@ -1618,8 +1623,7 @@ impl<'a> Proxy<'a> {
             auditor.record(event);
             self.portal_texts.insert(portal, PortalAudit::Refused);
         }
-        Parse::encode("sluice:refused", REFUSED_STATEMENT, &mut self.to_server);
-        self.pending.push(Expect::Parse { refusal: Some(refusal) });
+        self.fail_in_place(REFUSED_NAME, refusal);
         Ok(())
     }
 
