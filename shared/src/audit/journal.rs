@@ -44,7 +44,7 @@ const WRAP: u32 = u32::MAX;
 /// How far ahead of the next record the writer maps pages writable, so
 /// that sessions never take a page fault (and never wait in the kernel)
 /// when they copy an event in.
-const PREFAULT: u64 = 1 << 20;
+const PREFAULT: u64 = 4 << 20;
 
 /// A position in the journal: the logical offset (it only grows; the ring
 /// position is `offset % CAPACITY`) and the sequence number of the record

@@ -94,9 +94,11 @@ impl SqliteStore {
             SyncMode::Normal => "NORMAL",
         };
         // With NORMAL, checkpoints are the only fsyncs: a larger WAL (16
-        // MiB rather than 4) makes them a quarter as frequent.
+        // MiB rather than 4) makes them a quarter as frequent. A page cache
+        // of 32 MiB (rather than 2) keeps the index pages a batch updates in
+        // memory instead of reading them back from the file each commit.
         conn.execute_batch(&format!(
-            "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 4096;"
+            "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 4096; PRAGMA cache_size = -32768;"
         ))
         .map_err(&err)?;
         conn.execute_batch(SCHEMA)

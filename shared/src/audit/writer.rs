@@ -51,7 +51,7 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// moves them into SQLite, unless someone waits for them. Sleeping here
 /// (not spinning) costs nothing, and a larger batch shares one commit, one
 /// round of WAL page writes and one wakeup among more events.
-const GATHER: Duration = Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(50);
 
 /// How the writer signs and where it keeps the signed head.
 #[derive(Debug, Clone)]
