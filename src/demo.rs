@@ -34,7 +34,12 @@ impl Drop for TempDir {
     }
 }
 
-pub async fn run(listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(listen: SocketAddr, api_listen: SocketAddr, console: bool) -> anyhow::Result<()> {
+    let log_file = crate::state_dir().join("demo.log");
+    if console {
+        // The console owns the screen: the gateway logs to a file.
+        sluice_console::init_logging(&log_file)?;
+    }
     let work = TempDir(std::env::temp_dir().join(format!("sluice-demo-{:08x}", rand::random::<u32>())));
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
@@ -71,10 +76,39 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr) -> anyhow::Result<(
     let gateway = Gateway::bind(config, gate)
         .await
         .with_context(|| format!("starting the gateway (is another one on {listen}? try --listen 127.0.0.1:0)"))?;
-    print_banner(gateway.local_addr(), gateway.api_addr(), cluster.port(), &ca, &work.0);
-
     let shutdown = crate::shutdown_on_signal()?;
-    gateway.run(shutdown).await;
+    match (console, gateway.api_addr()) {
+        (true, Some(api)) => {
+            let address = gateway.local_addr();
+            let running = tokio::spawn(gateway.run(shutdown.clone()));
+            let (host, port) = (address.ip(), address.port());
+            let options = sluice_console::Options {
+                api: format!("http://{api}"),
+                token: "carol-demo-token".into(),
+                postgres: crate::postgres_address(&address.to_string(), "carol-demo-token")?,
+                target: "shop".into(),
+                log_file: log_file.clone(),
+                history_file: Some(crate::state_dir().join("shell_history")),
+                footer: Some(format!(
+                    "you are carol (lead). Another terminal: PGPASSWORD=bob-demo-token psql \"host={host} port={port} dbname=shop user=bob\" (alice: alice-demo-token)"
+                )),
+            };
+            let result = tokio::select! {
+                result = sluice_console::run(options) => result,
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            shutdown.cancel();
+            running.await.ok();
+            if let Err(err) = &result {
+                eprintln!("sluice: the console stopped: {err:#}");
+            }
+            eprintln!("Console closed (logs: {}).", log_file.display());
+        }
+        _ => {
+            print_banner(gateway.local_addr(), gateway.api_addr(), cluster.port(), &ca, &work.0);
+            gateway.run(shutdown).await;
+        }
+    }
     eprintln!("Stopping PostgreSQL and removing the demo files...");
     tokio::task::spawn_blocking(move || cluster.stop()).await.ok();
     Ok(())

@@ -31,6 +31,10 @@ enum Command {
     },
     /// Start a throwaway PostgreSQL with demo data and a gateway in front of it.
     Demo {
+        /// Print how to connect and wait for ctrl-c instead of opening the
+        /// console (also when the terminal is not interactive).
+        #[arg(long)]
+        no_console: bool,
         /// Where the gateway listens for PostgreSQL clients.
         #[arg(long, default_value = "127.0.0.1:7432")]
         listen: std::net::SocketAddr,
@@ -52,6 +56,23 @@ enum Command {
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+    },
+    /// The operator console: live sessions, activity, approvals, a masked
+    /// query shell and session replay, in the terminal.
+    Console {
+        /// The gateway's control API.
+        #[arg(long, env = "SLUICE_API", default_value = "http://127.0.0.1:7480")]
+        api: String,
+        /// Your Sluice token (for the API and the shell's connection).
+        #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The gateway's PostgreSQL listener, for the shell.
+        #[arg(long, env = "SLUICE_PG", default_value = "127.0.0.1:7432")]
+        pg: String,
+        /// The shell's target (the database name clients use); `\c NAME` in
+        /// the shell changes it.
+        #[arg(long, default_value = "")]
+        target: String,
     },
     /// Ask for a time-bound grant (policy [[grants]] with approvers) and
     /// wait for approvers: exits 0 once approved, 1 if denied or expired.
@@ -236,7 +257,11 @@ enum ConfigAction {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging();
+    // The console draws on the terminal: its logs (and those of a demo
+    // running it) go to a file instead.
+    if !matches!(cli.command, Command::Console { .. } | Command::Demo { .. }) {
+        init_logging();
+    }
     if let Err(err) = run(cli) {
         eprintln!("sluice: {err:#}");
         std::process::exit(1);
@@ -259,7 +284,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             runtime(config.server.worker_threads)?.block_on(serve(config))
         }
-        Command::Demo { listen, api_listen } => runtime(0)?.block_on(demo::run(listen, api_listen)),
+        Command::Demo {
+            listen,
+            api_listen,
+            no_console,
+        } => {
+            let console = !no_console
+                && std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && std::io::IsTerminal::is_terminal(&std::io::stdout());
+            if !console {
+                init_logging();
+            }
+            runtime(0)?.block_on(demo::run(listen, api_listen, console))
+        }
+        Command::Console { api, token, pg, target } => {
+            let token = token.context("no token: pass --token or set SLUICE_TOKEN")?;
+            let postgres = postgres_address(&pg, &token)?;
+            runtime(2)?.block_on(sluice_console::run(sluice_console::Options {
+                api,
+                token,
+                postgres,
+                target,
+                log_file: state_dir().join("console.log"),
+                history_file: Some(state_dir().join("shell_history")),
+                footer: None,
+            }))
+        }
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -402,6 +452,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// A token cancelled on the first ctrl-c or SIGTERM.
+/// Where the console keeps its log and the shell's history:
+/// `$XDG_STATE_HOME/sluice`, else `~/.local/state/sluice`.
+pub(crate) fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("sluice");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/sluice"),
+        None => std::env::temp_dir().join("sluice"),
+    }
+}
+
+/// `HOST:PORT` of the gateway's PostgreSQL listener, for the shell.
+pub(crate) fn postgres_address(address: &str, token: &str) -> anyhow::Result<sluice_console::effects::Postgres> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .with_context(|| format!("--pg {address:?}: write HOST:PORT, e.g. 127.0.0.1:7432"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("--pg {address:?}: {port:?} is not a port number"))?;
+    Ok(sluice_console::effects::Postgres {
+        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port,
+        user: std::env::var("USER").unwrap_or_else(|_| "console".into()),
+        token: token.to_string(),
+    })
+}
+
 pub(crate) fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();

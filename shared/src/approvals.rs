@@ -81,6 +81,10 @@ pub struct RequestView {
     /// `statement` is empty and `rule` is the grant's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessView>,
+    /// The held statement as the classifier read it (kind, relations, risk
+    /// features, tags), one record per statement of its text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statements: Vec<crate::audit::StatementRecord>,
 }
 
 /// What an access request asks for, and what became of the grant.
@@ -134,6 +138,8 @@ pub struct NewRequest {
     pub retry: Option<[u8; 32]>,
     /// An access request: the grant asked for, and for how long.
     pub access: Option<AccessAsk>,
+    /// The statement's classification, for approvers to see.
+    pub statements: Vec<crate::audit::StatementRecord>,
 }
 
 /// Who may run which statement once, after an approval.
@@ -368,6 +374,7 @@ impl Approvals {
                 until: None,
                 ended: None,
             }),
+            statements: new.statements,
         };
         let (tx, rx) = oneshot::channel();
         let retry = new
@@ -717,6 +724,7 @@ mod tests {
             timeout: Duration::from_secs(300),
             retry: None,
             access: None,
+            statements: Vec::new(),
         })
     }
 
@@ -781,6 +789,7 @@ mod tests {
                 grant: "writer".into(),
                 seconds,
             }),
+            statements: Vec::new(),
         };
         let (view, _) = approvals.open(ask(1800));
         assert_eq!(approvals.pending_access(&bob, "writer", "shop").unwrap().id, view.id);
@@ -837,6 +846,7 @@ mod tests {
                 timeout: Duration::from_secs(300),
                 retry: Some([n as u8; 32]),
                 access: None,
+                statements: Vec::new(),
             });
         }
         let message = approvals.too_many_pending(&bob).unwrap();

@@ -38,6 +38,8 @@ pub struct ApiClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Where decisions are said to come from ("api" when unset).
+    via: Option<String>,
 }
 
 impl ApiClient {
@@ -47,7 +49,19 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.map(str::to_string),
             http: reqwest::Client::new(),
+            via: None,
         }
+    }
+
+    /// Decisions made through this client are recorded as made in `via`
+    /// ("console").
+    pub fn via(mut self, via: &str) -> ApiClient {
+        self.via = Some(via.to_string());
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     fn transport(&self) -> impl Fn(reqwest::Error) -> ClientError + '_ {
@@ -156,7 +170,7 @@ impl ApiClient {
         let verb = if approve { "approve" } else { "deny" };
         let body = super::DecisionBody {
             reason: reason.map(str::to_string),
-            via: None,
+            via: self.via.clone(),
         };
         self.json(
             self.http
@@ -209,8 +223,18 @@ impl ApiClient {
 
     /// The live event stream, from after `since` (0: from the start).
     pub async fn events(&self, since: u64) -> Result<EventStream, ClientError> {
+        self.event_stream(&format!("since={since}")).await
+    }
+
+    /// The live event stream, starting with the newest `tail` events of the
+    /// trail.
+    pub async fn events_tail(&self, tail: u64) -> Result<EventStream, ClientError> {
+        self.event_stream(&format!("tail={tail}")).await
+    }
+
+    async fn event_stream(&self, query: &str) -> Result<EventStream, ClientError> {
         let response = self
-            .send(self.http.get(self.url(&format!("/v1/events?since={since}"))))
+            .send(self.http.get(self.url(&format!("/v1/events?{query}"))))
             .await?;
         Ok(EventStream {
             response,

@@ -16,7 +16,7 @@
 //! | GET    | `/v1/sessions/past?limit=N`   | viewer |
 //! | GET    | `/v1/sessions/{id}/timeline`  | viewer |
 //! | POST   | `/v1/sessions/{id}/kill`      | admin  |
-//! | GET    | `/v1/events?since=ID` (SSE)   | viewer |
+//! | GET    | `/v1/events?since=ID|tail=N` | viewer |
 //! | GET    | `/v1/lineage?relation=&tag=&identity=` (30 days) | viewer |
 //! | GET    | `/v1/approvals`               | viewer |
 //! | GET    | `/v1/approvals/{id}`          | viewer, or its requester |
@@ -568,6 +568,7 @@ async fn request_access(
             grant: body.grant,
             seconds: duration.as_secs(),
         }),
+        statements: Vec::new(),
     });
     tracing::info!(request = view.id, grant = %view.rule, identity = %view.requester, target = %view.target, "access requested");
     Ok((StatusCode::CREATED, Json(view)))
@@ -629,6 +630,9 @@ async fn revoke(
 #[derive(Debug, Deserialize)]
 struct Since {
     since: Option<u64>,
+    /// Without `since`: start this many events before the newest, rather
+    /// than at the trail's beginning (what a console opening wants).
+    tail: Option<u64>,
 }
 
 /// Events as they are written: first those after `since` from the trail,
@@ -650,7 +654,11 @@ async fn events(
     };
     // Subscribe before reading the backlog, so nothing falls in between.
     let mut live = auditor.subscribe();
-    let since = query.since.unwrap_or(0);
+    let since = match (query.since, query.tail) {
+        (Some(since), _) => since,
+        (None, Some(tail)) => read_trail(&shared, |store| store.last_id()).await?.saturating_sub(tail),
+        (None, None) => 0,
+    };
     let stopping = shared.api_stopping.clone();
     let stream = async_stream(move |tx| async move {
         // The backlog in pages, so that a client starting from 0 on a large

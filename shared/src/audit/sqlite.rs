@@ -142,6 +142,13 @@ impl SqliteStore {
     }
 
     /// Events in order, filtered.
+    /// The id of the newest event (0 for an empty trail).
+    pub fn last_id(&self) -> Result<u64, AuditError> {
+        read_head(&self.conn)
+            .map(|(id, _)| id)
+            .map_err(sql_error(&self.path, "reading the newest event"))
+    }
+
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, AuditError> {
         let err = sql_error(&self.path, "reading audit events");
         let mut stmt = self

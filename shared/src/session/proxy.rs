@@ -1667,6 +1667,7 @@ impl<'a> Proxy<'a> {
             timeout: approval.timeout,
             retry: None,
             access: None,
+            statements: statements.clone(),
         });
         tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
         let mut notice = ErrorFields::new(
@@ -1777,6 +1778,7 @@ impl<'a> Proxy<'a> {
                     timeout: approval.timeout,
                     retry: Some(hash),
                     access: None,
+                    statements: audit_records(request.classification.as_deref(), self.ctx.audit_tags),
                 });
                 view.id
             }

@@ -1,0 +1,287 @@
+//! Approvals: what waits for a decision (held statements and access
+//! requests, with the time left) and what was decided lately. `a`
+//! approves, `d` denies with a reason. The gateway decides whether the
+//! operator may: its refusals (your own request, not an approver) are
+//! shown as they come.
+
+use crossterm::event::{KeyCode, KeyEvent};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, TableState, Wrap};
+use sluice_core::approvals::{RequestState, RequestView};
+
+use super::{Outcome, navigate};
+use crate::action::Command;
+use crate::app::{App, Overlay, Prompt, Purpose, Status};
+use crate::sql::highlight;
+use crate::text::{clock, duration, escape_lines, one_line};
+
+#[derive(Debug, Default)]
+pub struct ApprovalsView {
+    /// Pending first (oldest first), then recent decisions (newest first),
+    /// as the gateway lists them.
+    pub list: Vec<RequestView>,
+    pub selected: usize,
+    pub error: Option<String>,
+}
+
+impl ApprovalsView {
+    pub fn set(&mut self, list: Vec<RequestView>) {
+        let selected = self.list.get(self.selected).map(|r| r.id);
+        self.list = list;
+        self.error = None;
+        self.selected = selected
+            .and_then(|id| self.list.iter().position(|r| r.id == id))
+            .unwrap_or(self.selected)
+            .min(self.list.len().saturating_sub(1));
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &RequestView> {
+        self.list.iter().filter(|r| r.state == RequestState::Pending)
+    }
+
+    pub fn key(&mut self, key: KeyEvent) -> Outcome {
+        if let Some(next) = navigate(self.selected, self.list.len(), &key, true) {
+            self.selected = next;
+            return Outcome::handled();
+        }
+        let Some(request) = self.list.get(self.selected) else {
+            return Outcome::ignored();
+        };
+        let pending = request.state == RequestState::Pending;
+        match key.code {
+            KeyCode::Char('a') if pending => Outcome {
+                handled: true,
+                commands: vec![Command::Decide {
+                    id: request.id,
+                    approve: true,
+                    reason: None,
+                }],
+                status: Some(Status::info(format!("approving request {}...", request.id))),
+                overlay: None,
+            },
+            KeyCode::Char('d') if pending => Outcome::overlay(Overlay::Prompt(Prompt {
+                title: format!(
+                    "Deny request {}: reason (shown to {})",
+                    request.id,
+                    one_line(&request.requester)
+                ),
+                input: String::new(),
+                purpose: Purpose::Deny(request.id),
+            })),
+            KeyCode::Char('a' | 'd') => Outcome::status(Status::error(format!(
+                "request {} is {}: nothing to decide",
+                request.id,
+                request.state.name()
+            ))),
+            _ => Outcome::ignored(),
+        }
+    }
+}
+
+fn what(request: &RequestView) -> String {
+    match &request.access {
+        Some(access) => format!(
+            "access: grant {} for {}",
+            one_line(&access.grant),
+            duration(chrono::Duration::seconds(access.seconds as i64))
+        ),
+        None => one_line(&request.statement),
+    }
+}
+
+fn state_style(app: &App, state: RequestState) -> Style {
+    match state {
+        RequestState::Pending => app.theme.warn(),
+        RequestState::Approved => app.theme.ok(),
+        RequestState::Denied => app.theme.danger(),
+        RequestState::Expired | RequestState::Cancelled => app.theme.dim(),
+    }
+}
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let view = &app.approvals;
+    let pending = view.pending().count();
+    let title = Line::from(vec![
+        Span::styled(" Approvals ", theme.title()),
+        Span::styled(
+            format!("{pending} pending "),
+            if pending > 0 { theme.warn() } else { theme.dim() },
+        ),
+        match &view.error {
+            Some(error) => Span::styled(format!(" {} ", one_line(error)), theme.danger()),
+            None => Span::raw(""),
+        },
+    ]);
+    let block = Block::bordered()
+        .title(title)
+        .title_bottom(Line::styled(" a: approve  d: deny  ↑↓: select ", theme.dim()));
+    if view.list.is_empty() {
+        let empty = Paragraph::new(vec![
+            Line::raw(""),
+            Line::styled("  Nothing waits for a decision.", theme.dim()),
+            Line::styled(
+                "  Statements held for approval and access requests appear here, with the time they have left.",
+                theme.dim(),
+            ),
+        ])
+        .block(block);
+        frame.render_widget(empty, area);
+        return;
+    }
+    let list_height = (view.list.len() as u16 + 3).min(area.height / 2).max(5);
+    let [top, bottom] = Layout::vertical([Constraint::Length(list_height), Constraint::Min(4)]).areas(area);
+    let header = Row::new(["id", "state", "requester", "target", "asks", "approvals", "left"]).style(theme.header());
+    let rows = view.list.iter().map(|r| {
+        let left = if r.state == RequestState::Pending {
+            let left = r.expires - app.now;
+            let style = if left.num_seconds() < 60 {
+                theme.danger()
+            } else {
+                theme.warn()
+            };
+            if left > chrono::Duration::zero() {
+                Span::styled(duration(left), style)
+            } else {
+                Span::styled("expiring", style)
+            }
+        } else {
+            Span::raw("")
+        };
+        Row::new(vec![
+            Cell::from(r.id.to_string()),
+            Cell::from(Span::styled(r.state.name(), state_style(app, r.state))),
+            Cell::from(one_line(&r.requester)),
+            Cell::from(one_line(&r.target)),
+            Cell::from(what(r)),
+            Cell::from(format!("{}/{}", r.approvals.len(), r.needed)),
+            Cell::from(left),
+        ])
+    });
+    let widths = [
+        Constraint::Length(5),
+        Constraint::Length(9),
+        Constraint::Length(12),
+        Constraint::Length(10),
+        Constraint::Min(20),
+        Constraint::Length(9),
+        Constraint::Length(8),
+    ];
+    let table = Table::new(rows, widths)
+        .header(header)
+        .block(block)
+        .row_highlight_style(theme.selected())
+        .highlight_symbol("▶ ");
+    let mut state = TableState::default().with_selected(Some(view.selected));
+    frame.render_stateful_widget(table, top, &mut state);
+    if let Some(request) = view.list.get(view.selected) {
+        render_request(app, request, frame, bottom);
+    }
+}
+
+fn render_request(app: &App, r: &RequestView, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let field = |name: &str, value: String, style: Style| {
+        Line::from(vec![
+            Span::styled(format!("{name:<11}"), theme.header()),
+            Span::styled(value, style),
+        ])
+    };
+    let groups = if r.groups.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", one_line(&r.groups.join(", ")))
+    };
+    let mut lines = vec![
+        field(
+            "requester",
+            format!("{}{groups} on {}", one_line(&r.requester), one_line(&r.target)),
+            theme.plain(),
+        ),
+        field(
+            if r.access.is_some() { "grant" } else { "rule" },
+            one_line(&r.rule),
+            theme.plain(),
+        ),
+    ];
+    if let Some(reason) = &r.reason {
+        lines.push(field("why", one_line(reason), theme.plain()));
+    }
+    let features: Vec<&str> = r
+        .statements
+        .iter()
+        .flat_map(|s| s.features.iter().map(String::as_str))
+        .collect();
+    if !features.is_empty() {
+        lines.push(field("risk", one_line(&features.join(", ")), theme.warn()));
+    }
+    let kinds: Vec<String> = r
+        .statements
+        .iter()
+        .map(|s| format!("{} {}", s.kind, s.relations.join(", ")))
+        .collect();
+    if !kinds.is_empty() {
+        lines.push(field("class", one_line(&kinds.join("; ")), theme.plain()));
+    }
+    let approvals: Vec<String> = r
+        .approvals
+        .iter()
+        .map(|a| {
+            format!(
+                "{} at {} via {}",
+                one_line(&a.by),
+                clock(a.at, app.zone),
+                one_line(&a.via)
+            )
+        })
+        .collect();
+    lines.push(field(
+        "approvers",
+        format!(
+            "{} of {} ({} so far{})",
+            r.needed,
+            one_line(&r.approvers.join(", ")),
+            r.approvals.len(),
+            if approvals.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", approvals.join("; "))
+            }
+        ),
+        theme.plain(),
+    ));
+    match r.state {
+        RequestState::Pending => lines.push(field(
+            "expires",
+            format!("{} (in {})", clock(r.expires, app.zone), duration(r.expires - app.now)),
+            theme.warn(),
+        )),
+        RequestState::Denied => lines.push(field(
+            "denied",
+            format!(
+                "by {}{}",
+                one_line(r.denied_by.as_deref().unwrap_or("?")),
+                r.denial_reason
+                    .as_deref()
+                    .map(|x| format!(": {}", one_line(x)))
+                    .unwrap_or_default()
+            ),
+            theme.danger(),
+        )),
+        state => lines.push(field("state", state.name().to_string(), state_style(app, state))),
+    }
+    if let Some(access) = &r.access
+        && let Some(until) = access.until
+    {
+        lines.push(field("grant until", clock(until, app.zone), theme.plain()));
+    }
+    if !r.statement.is_empty() {
+        lines.push(Line::raw(""));
+        lines.extend(highlight(&escape_lines(&r.statement), theme));
+    }
+    let block = Block::bordered().title(Span::styled(format!(" Request {} ", r.id), theme.title()));
+    frame.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
+}

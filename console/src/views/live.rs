@@ -1,0 +1,286 @@
+//! Live: the gateway's pulse (statements/s, blocked/s, pending approvals,
+//! latency) and its running sessions. Enter opens a session's timeline as
+//! it happens; `k` ends a session (admins), after a confirmation.
+
+use crossterm::event::{KeyCode, KeyEvent};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Sparkline, Table, TableState};
+use sluice_core::audit::{Detail, StoredEvent};
+use sluice_core::live::{LiveSummary, SessionState};
+
+use super::{Outcome, navigate};
+use crate::action::Command;
+use crate::app::{App, Overlay, short_id};
+use crate::text::{clip, duration, escape, micros, one_line};
+
+#[derive(Debug, Default)]
+pub struct LiveView {
+    pub sessions: Vec<LiveSummary>,
+    pub selected: usize,
+    /// Why the last poll failed.
+    pub error: Option<String>,
+    /// The session whose timeline is open.
+    pub panel: Option<Panel>,
+}
+
+#[derive(Debug)]
+pub struct Panel {
+    pub session: String,
+    pub events: Vec<StoredEvent>,
+    pub loading: bool,
+    pub error: Option<String>,
+}
+
+impl LiveView {
+    pub fn set_sessions(&mut self, mut sessions: Vec<LiveSummary>) {
+        let selected = self.sessions.get(self.selected).map(|s| s.id.clone());
+        sessions.sort_by(|a, b| a.started.cmp(&b.started).then_with(|| a.id.cmp(&b.id)));
+        self.sessions = sessions;
+        self.error = None;
+        // The selection follows its session when others come and go.
+        self.selected = selected
+            .and_then(|id| self.sessions.iter().position(|s| s.id == id))
+            .unwrap_or(self.selected)
+            .min(self.sessions.len().saturating_sub(1));
+    }
+
+    /// Takes an event from the stream; true when the session list changed
+    /// (a session opened or closed).
+    pub fn note(&mut self, event: &StoredEvent) -> bool {
+        if let Some(panel) = &mut self.panel
+            && event.event.session.as_deref() == Some(panel.session.as_str())
+            && !panel.loading
+            && panel.events.last().is_none_or(|last| last.id < event.id)
+        {
+            panel.events.push(event.clone());
+        }
+        matches!(
+            event.event.detail,
+            Detail::SessionOpened { .. } | Detail::SessionClosed { .. }
+        )
+    }
+
+    pub fn set_timeline(&mut self, session: &str, result: Result<Vec<StoredEvent>, String>) {
+        let Some(panel) = &mut self.panel else { return };
+        if panel.session != session {
+            return;
+        }
+        panel.loading = false;
+        match result {
+            Ok(events) => panel.events = events,
+            Err(error) => panel.error = Some(error),
+        }
+    }
+
+    pub fn key(&mut self, key: KeyEvent) -> Outcome {
+        if self.panel.is_some() {
+            return match key.code {
+                KeyCode::Esc | KeyCode::Enter => {
+                    self.panel = None;
+                    Outcome::handled()
+                }
+                _ => Outcome::ignored(),
+            };
+        }
+        if let Some(next) = navigate(self.selected, self.sessions.len(), &key, false) {
+            self.selected = next;
+            return Outcome::handled();
+        }
+        let Some(session) = self.sessions.get(self.selected) else {
+            return Outcome::ignored();
+        };
+        match key.code {
+            KeyCode::Enter => {
+                self.panel = Some(Panel {
+                    session: session.id.clone(),
+                    events: Vec::new(),
+                    loading: true,
+                    error: None,
+                });
+                Outcome::command(Command::LoadTimeline {
+                    session: session.id.clone(),
+                })
+            }
+            KeyCode::Char('k') => Outcome::overlay(Overlay::Confirm {
+                question: format!(
+                    "End session {} of {} on {}? Its client is disconnected and its transaction rolled back.",
+                    short_id(&session.id),
+                    escape(&session.identity),
+                    escape(&session.target)
+                ),
+                command: Command::Kill {
+                    session: session.id.clone(),
+                },
+            }),
+            _ => Outcome::ignored(),
+        }
+    }
+}
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    let [header, table] = Layout::vertical([Constraint::Length(5), Constraint::Min(3)]).areas(area);
+    render_pulse(app, frame, header);
+    match &app.live.panel {
+        Some(panel) => render_panel(app, panel, frame, table),
+        None => render_sessions(app, frame, table),
+    }
+}
+
+fn render_pulse(app: &App, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let now = app.now.timestamp();
+    let cells = Layout::horizontal([Constraint::Ratio(1, 4); 4]).split(area);
+    let width = cells[0].width.saturating_sub(2) as usize;
+    let stats = &app.stats;
+    let per_second = |v: f64| {
+        if v >= 10.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    };
+    let latency = stats.latency(now, 10);
+    let p99_series = stats.series(now, width, |b| {
+        let mut d = b.durations.clone();
+        d.sort_unstable();
+        d.get(((d.len().max(1) - 1) as f64 * 0.99).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    });
+    let panels: [(String, Vec<u64>); 4] = [
+        (
+            format!("stmts/s {}", per_second(stats.rate(now, 5, |b| b.statements))),
+            stats.series(now, width, |b| b.statements),
+        ),
+        (
+            format!("blocked/s {}", per_second(stats.rate(now, 5, |b| b.blocked))),
+            stats.series(now, width, |b| b.blocked),
+        ),
+        (
+            format!("pending {}", app.approvals.pending().count()),
+            stats.series(now, width, |b| b.pending),
+        ),
+        (
+            match latency {
+                Some((p50, p99)) => format!("p50 {} p99 {}", micros(p50), micros(p99)),
+                None => "p50/p99 -".to_string(),
+            },
+            p99_series,
+        ),
+    ];
+    for ((title, data), cell) in panels.into_iter().zip(cells.iter()) {
+        let block = Block::bordered().title(Span::styled(title, theme.title()));
+        let spark = Sparkline::default().block(block).data(&data).style(theme.chart());
+        frame.render_widget(spark, *cell);
+    }
+}
+
+fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let live = &app.live;
+    let title = match &live.error {
+        Some(error) => Line::from(vec![
+            Span::styled(" Sessions ", theme.title()),
+            Span::styled(format!(" {} ", one_line(error)), theme.danger()),
+        ]),
+        None => Line::from(Span::styled(
+            format!(" Sessions ({}) ", live.sessions.len()),
+            theme.title(),
+        )),
+    };
+    let block = Block::bordered().title(title);
+    if live.sessions.is_empty() {
+        let empty = Paragraph::new(vec![
+            Line::raw(""),
+            Line::styled("  No sessions right now.", theme.dim()),
+            Line::styled(
+                "  Sessions appear here as soon as a client connects through the gateway.",
+                theme.dim(),
+            ),
+        ])
+        .block(block);
+        frame.render_widget(empty, area);
+        return;
+    }
+    let header = Row::new([
+        "identity",
+        "target",
+        "application",
+        "since",
+        "stmts",
+        "state",
+        "last statement",
+    ])
+    .style(theme.header());
+    let rows = live.sessions.iter().map(|s| {
+        let (state, style) = match s.state {
+            SessionState::Idle => ("idle", theme.dim()),
+            SessionState::Running => ("running", theme.ok()),
+            SessionState::Held => ("HELD", theme.warn()),
+        };
+        let statements = if s.refused > 0 {
+            format!("{} ({}✗)", s.statements, s.refused)
+        } else {
+            s.statements.to_string()
+        };
+        Row::new(vec![
+            Cell::from(clip(&one_line(&s.identity), 14).into_owned()),
+            Cell::from(clip(&one_line(&s.target), 10).into_owned()),
+            Cell::from(clip(&one_line(&s.application), 12).into_owned()),
+            Cell::from(duration(app.now - s.started)),
+            Cell::from(statements),
+            Cell::from(Span::styled(state, style)),
+            Cell::from(one_line(&s.last_statement)),
+        ])
+    });
+    let widths = [
+        Constraint::Length(14),
+        Constraint::Length(10),
+        Constraint::Length(12),
+        Constraint::Length(7),
+        Constraint::Length(9),
+        Constraint::Length(7),
+        Constraint::Min(10),
+    ];
+    let table = Table::new(rows, widths)
+        .header(header)
+        .block(block.title_bottom(Line::styled(" enter: timeline  k: end session ", theme.dim())))
+        .row_highlight_style(theme.selected())
+        .highlight_symbol("▶ ");
+    let mut state = TableState::default().with_selected(Some(live.selected));
+    frame.render_stateful_widget(table, area, &mut state);
+}
+
+fn render_panel(app: &App, panel: &Panel, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let who = app
+        .live
+        .sessions
+        .iter()
+        .find(|s| s.id == panel.session)
+        .map(|s| format!("{} on {}", one_line(&s.identity), one_line(&s.target)))
+        .unwrap_or_else(|| "ended".to_string());
+    let block = Block::bordered()
+        .title(Span::styled(
+            format!(" Session {} ({who}) ", short_id(&panel.session)),
+            theme.title(),
+        ))
+        .title_bottom(Line::styled(" esc: back ", theme.dim()));
+    let mut lines: Vec<Line> = Vec::new();
+    if panel.loading {
+        lines.push(Line::styled("loading the timeline...", theme.dim()));
+    }
+    if let Some(error) = &panel.error {
+        lines.push(Line::styled(one_line(error), theme.danger()));
+    }
+    for event in &panel.events {
+        lines.push(super::activity::event_line(app, event));
+    }
+    // The newest at the bottom, always in view.
+    let inner = area.height.saturating_sub(2) as usize;
+    let skip = lines.len().saturating_sub(inner);
+    let lines: Vec<Line> = lines.into_iter().skip(skip).collect();
+    frame.render_widget(Paragraph::new(lines).block(block), area);
+}
