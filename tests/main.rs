@@ -10,6 +10,7 @@ mod audit;
 mod bad_input;
 mod cli;
 mod clients;
+mod console;
 mod identity;
 mod lifecycle;
 mod masking;
