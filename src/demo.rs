@@ -85,7 +85,7 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr, console: bool) -> a
             let options = sluice_console::Options {
                 api: format!("http://{api}"),
                 token: "carol-demo-token".into(),
-                postgres: crate::postgres_address(&address.to_string(), "carol-demo-token")?,
+                postgres: crate::postgres_address(&address.to_string(), "carol-demo-token", None)?,
                 target: "shop".into(),
                 log_file: log_file.clone(),
                 history_file: Some(crate::state_dir().join("shell_history")),

@@ -73,6 +73,12 @@ enum Command {
         /// the shell changes it.
         #[arg(long, default_value = "")]
         target: String,
+        /// The CA that signed the gateway's certificate (PEM). The shell
+        /// uses TLS (verifying the gateway's certificate and name, against
+        /// this CA or the system's) unless the gateway is on loopback and
+        /// no CA is given.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
     },
     /// Ask for a time-bound grant (policy [[grants]] with approvers) and
     /// wait for approvers: exits 0 once approved, 1 if denied or expired.
@@ -297,9 +303,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             runtime(0)?.block_on(demo::run(listen, api_listen, console))
         }
-        Command::Console { api, token, pg, target } => {
+        Command::Console {
+            api,
+            token,
+            pg,
+            target,
+            ca,
+        } => {
             let token = token.context("no token: pass --token or set SLUICE_TOKEN")?;
-            let postgres = postgres_address(&pg, &token)?;
+            let postgres = postgres_address(&pg, &token, ca.as_deref())?;
             runtime(2)?.block_on(sluice_console::run(sluice_console::Options {
                 api,
                 token,
@@ -464,19 +476,34 @@ pub(crate) fn state_dir() -> PathBuf {
     }
 }
 
-/// `HOST:PORT` of the gateway's PostgreSQL listener, for the shell.
-pub(crate) fn postgres_address(address: &str, token: &str) -> anyhow::Result<sluice_console::effects::Postgres> {
+/// `HOST:PORT` of the gateway's PostgreSQL listener, for the shell, and how
+/// to reach it: TLS with verification, except plaintext to a loopback
+/// address when no CA is given.
+pub(crate) fn postgres_address(
+    address: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<sluice_console::effects::Postgres> {
     let (host, port) = address
         .rsplit_once(':')
         .with_context(|| format!("--pg {address:?}: write HOST:PORT, e.g. 127.0.0.1:7432"))?;
     let port = port
         .parse()
         .with_context(|| format!("--pg {address:?}: {port:?} is not a port number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let tls = if loopback && ca.is_none() {
+        None
+    } else {
+        let config = sluice_core::tls::client_config(ca).context("setting up TLS to the gateway")?;
+        Some(Arc::new(config))
+    };
     Ok(sluice_console::effects::Postgres {
-        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        host,
         port,
         user: std::env::var("USER").unwrap_or_else(|_| "console".into()),
         token: token.to_string(),
+        tls,
     })
 }
 

@@ -69,15 +69,20 @@ struct Console {
 
 impl Console {
     fn new(gw: &TestGateway, token: &str) -> Console {
+        Console::with_tls(gw, token, "127.0.0.1", None)
+    }
+
+    fn with_tls(gw: &TestGateway, token: &str, host: &str, tls: Option<rustls::ClientConfig>) -> Console {
         let api = gw.api.clone().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let runner = Runner::new(
             ApiClient::new(&api, Some(token)).via("console"),
             Postgres {
-                host: "127.0.0.1".into(),
+                host: host.into(),
                 port: gw.addr.port(),
                 user: "operator".into(),
                 token: token.into(),
+                tls: tls.map(std::sync::Arc::new),
             },
             tx,
             None,
@@ -381,6 +386,33 @@ async fn the_shell_runs_under_the_operators_identity_and_policy() {
         panic!("the sleep was not cancelled");
     };
     assert_eq!(error.code.as_deref(), Some("57014"), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_verifies_the_gateways_certificate() {
+    let gw = start("console_tls").await;
+    let ca = harness::cluster().ca_path.clone();
+    let trusted = sluice_core::tls::client_config(Some(&ca)).unwrap();
+    let mut bob = Console::with_tls(&gw, BOB, "localhost", Some(trusted));
+    bob.key(KeyCode::Char('4')).await;
+    bob.typed("SELECT 'over TLS' AS how;").await;
+    bob.key(KeyCode::Enter).await;
+    let Action::QueryDone(Ok(outcome)) = bob.next_answer().await else {
+        panic!("the query over TLS failed: {:?}", bob.app.shell.messages);
+    };
+    assert_eq!(outcome.rows, [[Some("over TLS".to_string())]]);
+
+    // The system's roots do not know the test CA: no connection, and a
+    // message that says why.
+    let untrusted = sluice_core::tls::client_config(None).unwrap();
+    let mut bob = Console::with_tls(&gw, BOB, "localhost", Some(untrusted));
+    bob.key(KeyCode::Char('4')).await;
+    bob.typed("SELECT 1;").await;
+    bob.key(KeyCode::Enter).await;
+    let Action::QueryDone(Err(error)) = bob.next_answer().await else {
+        panic!("connected to a gateway whose certificate it cannot verify");
+    };
+    assert!(error.message.contains("certificate"), "{error:?}");
 }
 
 /// A TCP forwarder on a fixed local port whose destination can change: the

@@ -25,6 +25,17 @@ pub struct Postgres {
     /// Informational for the gateway (the token says who); sent as user.
     pub user: String,
     pub token: String,
+    /// TLS to the gateway, verifying its certificate and name; `None`:
+    /// plaintext (only sensible on loopback, where the gateway may allow it).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Postgres {
+    fn connector(&self) -> Option<tokio_postgres_rustls::MakeRustlsConnect> {
+        self.tls
+            .as_ref()
+            .map(|config| tokio_postgres_rustls::MakeRustlsConnect::new((**config).clone()))
+    }
 }
 
 #[derive(Clone)]
@@ -115,10 +126,14 @@ impl Runner {
             }
             Command::CancelQuery => {
                 let token = self.cancel.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if let Some(token) = token
-                    && let Err(err) = token.cancel_query(NoTls).await
-                {
-                    self.post(Action::QueryNotice(format!("could not cancel: {err}")));
+                if let Some(token) = token {
+                    let sent = match self.postgres.connector() {
+                        Some(tls) => token.cancel_query(tls).await,
+                        None => token.cancel_query(NoTls).await,
+                    };
+                    if let Err(err) = sent {
+                        self.post(Action::QueryNotice(format!("could not cancel: {err}")));
+                    }
                 }
             }
             Command::SaveHistory { entries } => {
@@ -155,7 +170,28 @@ impl Runner {
             .password(&pg.token)
             .dbname(target)
             .application_name("sluice console");
-        let (client, mut connection) = config.connect(NoTls).await?;
+        match pg.connector() {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) = config.connect(tls).await?;
+                self.follow_notices(connection);
+                Ok(client)
+            }
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                self.follow_notices(connection);
+                Ok(client)
+            }
+        }
+    }
+
+    /// Drives the shell's connection, forwarding its notices (a "held for
+    /// approval" arrives while the query waits).
+    fn follow_notices<S, T>(&self, mut connection: tokio_postgres::Connection<S, T>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+    {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -176,7 +212,6 @@ impl Runner {
                 }
             }
         });
-        Ok(client)
     }
 
     async fn query(&self, target: &str, sql: &str) -> Result<QueryOutcome, QueryError> {

@@ -98,7 +98,7 @@ pub fn upstream_connector(target: &Target) -> Result<Option<UpstreamTlsConnector
         UpstreamTls::Disable => return Ok(None),
         UpstreamTls::Require => Arc::new(EncryptOnly(provider())),
         UpstreamTls::VerifyCa | UpstreamTls::VerifyFull => {
-            let roots = root_store(target)?;
+            let roots = root_store(target.ca.as_deref(), &target.name)?;
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|err| TlsError::Verifier {
@@ -123,14 +123,25 @@ pub fn upstream_connector(target: &Target) -> Result<Option<UpstreamTlsConnector
     }))
 }
 
-fn root_store(target: &Target) -> Result<RootCertStore, TlsError> {
+/// A client configuration that verifies the server's chain and name
+/// (libpq's `verify-full`) against `ca`, or the system's roots without
+/// one: for the CLI's own connections to a gateway (the console's shell).
+pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let roots = root_store(ca, "gateway")?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn root_store(ca: Option<&Path>, target: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    match &target.ca {
+    match ca {
         Some(path) => {
             for cert in certificates(path, "CA file")? {
                 roots.add(cert).map_err(|_| TlsError::NoCa {
-                    target: target.name.clone(),
-                    path: path.clone(),
+                    target: target.to_string(),
+                    path: path.to_path_buf(),
                 })?;
             }
         }
