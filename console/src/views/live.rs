@@ -31,6 +31,21 @@ pub struct Panel {
     pub events: Vec<StoredEvent>,
     pub loading: bool,
     pub error: Option<String>,
+    /// Events of the session the stream brought while its timeline was
+    /// loading: those the timeline ends before are added after it.
+    early: Vec<StoredEvent>,
+}
+
+impl Panel {
+    fn new(session: &str) -> Panel {
+        Panel {
+            session: session.to_string(),
+            events: Vec::new(),
+            loading: true,
+            error: None,
+            early: Vec::new(),
+        }
+    }
 }
 
 impl LiveView {
@@ -51,10 +66,12 @@ impl LiveView {
     pub fn note(&mut self, event: &StoredEvent) -> bool {
         if let Some(panel) = &mut self.panel
             && event.event.session.as_deref() == Some(panel.session.as_str())
-            && !panel.loading
-            && panel.events.last().is_none_or(|last| last.id < event.id)
         {
-            panel.events.push(event.clone());
+            if panel.loading {
+                panel.early.push(event.clone());
+            } else if panel.events.last().is_none_or(|last| last.id < event.id) {
+                panel.events.push(event.clone());
+            }
         }
         matches!(
             event.event.detail,
@@ -68,9 +85,17 @@ impl LiveView {
             return;
         }
         panel.loading = false;
+        let early = std::mem::take(&mut panel.early);
         match result {
-            Ok(events) => panel.events = events,
-            Err(error) => panel.error = Some(error),
+            Ok(events) => {
+                let last = events.last().map_or(0, |e| e.id);
+                panel.events = events;
+                panel.events.extend(early.into_iter().filter(|e| e.id > last));
+            }
+            Err(error) => {
+                panel.error = Some(error);
+                panel.events = early;
+            }
         }
     }
 
@@ -93,12 +118,7 @@ impl LiveView {
         };
         match key.code {
             KeyCode::Enter => {
-                self.panel = Some(Panel {
-                    session: session.id.clone(),
-                    events: Vec::new(),
-                    loading: true,
-                    error: None,
-                });
+                self.panel = Some(Panel::new(&session.id));
                 Outcome::command(Command::LoadTimeline {
                     session: session.id.clone(),
                 })
@@ -283,4 +303,32 @@ fn render_panel(app: &App, panel: &Panel, frame: &mut Frame, area: Rect) {
     let skip = lines.len().saturating_sub(inner);
     let lines: Vec<Line> = lines.into_iter().skip(skip).collect();
     frame.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::audit::Event;
+
+    fn event(id: u64, session: &str) -> StoredEvent {
+        StoredEvent {
+            id,
+            event: Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).in_session(session),
+        }
+    }
+
+    #[test]
+    fn events_that_arrive_while_the_timeline_loads_are_kept_once() {
+        let mut live = LiveView {
+            panel: Some(Panel::new("s")),
+            ..LiveView::default()
+        };
+        live.note(&event(5, "s"));
+        live.note(&event(6, "other"));
+        live.note(&event(7, "s"));
+        live.set_timeline("s", Ok(vec![event(1, "s"), event(5, "s")]));
+        live.note(&event(8, "s"));
+        let ids: Vec<u64> = live.panel.unwrap().events.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [1, 5, 7, 8]);
+    }
 }
