@@ -174,163 +174,43 @@ pub fn show(files: &TrailFiles, session: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line per event, for people.
+/// One line per event (and, for a completion, its columns and sample), for
+/// people.
 fn describe(stored: &StoredEvent) -> String {
     let event = &stored.event;
     let at = event.at.to_rfc3339_opts(SecondsFormat::Millis, true);
-    let what = match &event.detail {
-        Detail::SessionOpened {
-            client,
-            application,
-            tls,
-            upstream_role,
-            ..
-        } => format!(
-            "session opened by {} from {client} ({}{}), upstream role {upstream_role}",
-            event.identity.as_deref().unwrap_or("?"),
-            if application.is_empty() {
-                "no application name"
-            } else {
-                application
-            },
-            if *tls { ", TLS" } else { "" }
-        ),
-        Detail::SessionRefused {
-            client,
-            user,
-            code,
-            reason,
-        } => {
-            format!("session refused ({code}) for {user:?} from {client}: {reason}")
+    let mut what = printable(&event.summary());
+    if let Detail::StatementDone { columns, sample, .. } = &event.detail {
+        if !columns.is_empty() {
+            let described: Vec<String> = columns
+                .iter()
+                .map(|c| {
+                    let origin = c.origin.as_deref().map(|o| format!(" <- {o}")).unwrap_or_default();
+                    let tags = if c.tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", c.tags.join(", "))
+                    };
+                    format!("{}{origin} [{}{tags}]", c.name, c.masking)
+                })
+                .collect();
+            what.push_str(&format!(
+                "\n{:>8}  {:24}  columns: {}",
+                "",
+                "",
+                printable(&described.join(", "))
+            ));
         }
-        Detail::Statement {
-            seq,
-            source,
-            text,
-            decision,
-            rule,
-            refusal,
-            ..
-        } => {
-            let rule = rule.as_deref().map(|r| format!(" by rule {r:?}")).unwrap_or_default();
-            let refusal = refusal.as_deref().map(|r| format!(" -- {r}")).unwrap_or_default();
-            format!("#{seq} {source} {decision}{rule}: {}{refusal}", printable(text))
-        }
-        Detail::StatementDone {
-            seq,
-            rows,
-            duration_us,
-            sqlstate,
-            skipped,
-            columns,
-            sample,
-        } => {
-            let outcome = match (sqlstate, skipped) {
-                (_, true) => "skipped (an earlier message of its batch failed)".to_string(),
-                (Some(code), _) => format!("failed with SQLSTATE {code}"),
-                (None, _) => "ok".to_string(),
-            };
-            let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
-            let mut line = format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0);
-            if !columns.is_empty() {
-                let described: Vec<String> = columns
-                    .iter()
-                    .map(|c| {
-                        let origin = c.origin.as_deref().map(|o| format!(" <- {o}")).unwrap_or_default();
-                        let tags = if c.tags.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; {}", c.tags.join(", "))
-                        };
-                        format!("{}{origin} [{}{tags}]", c.name, c.masking)
-                    })
-                    .collect();
-                line.push_str(&format!(
-                    "\n{:>8}  {:24}  columns: {}",
-                    "",
-                    "",
-                    printable(&described.join(", "))
-                ));
+        if !sample.is_empty() {
+            let width = sample[0].len().min(columns.len());
+            let names: Vec<&str> = columns[..width].iter().map(|c| c.name.as_str()).collect();
+            what.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&names.join(" | "))));
+            for row in sample {
+                let values: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
+                what.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&values.join(" | "))));
             }
-            if !sample.is_empty() {
-                let width = sample[0].len().min(columns.len());
-                let names: Vec<&str> = columns[..width].iter().map(|c| c.name.as_str()).collect();
-                line.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&names.join(" | "))));
-                for row in sample {
-                    let values: Vec<&str> = row.iter().map(|v| v.as_deref().unwrap_or("NULL")).collect();
-                    line.push_str(&format!("\n{:>8}  {:24}  | {}", "", "", printable(&values.join(" | "))));
-                }
-            }
-            line
         }
-        Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
-        Detail::SessionClosed {
-            reason,
-            detail,
-            statements,
-            refused,
-        } => {
-            let detail = if detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({detail})")
-            };
-            format!("session closed: {reason}{detail}; {statements} statements, {refused} refused")
-        }
-        Detail::AuditUnavailable { refused, error } => {
-            format!("the trail was unavailable ({error}); {refused} statements were refused meanwhile")
-        }
-        Detail::ApprovalRequested {
-            request,
-            rule,
-            approvers,
-            needed,
-            expires,
-            access: Some(access),
-            ..
-        } => format!(
-            "asked for grant {rule:?} for {}: request {request}, {needed} of {} until {expires}",
-            sluice_core::config::human_duration(std::time::Duration::from_secs(access.seconds)),
-            approvers.join(", ")
-        ),
-        Detail::ApprovalRequested {
-            request,
-            rule,
-            approvers,
-            needed,
-            expires,
-            ..
-        } => format!(
-            "held for approval: request {request} (rule {rule:?}), {needed} of {} until {expires}",
-            approvers.join(", ")
-        ),
-        Detail::AccessGranted {
-            request, grant, until, ..
-        } => format!("grant {grant:?} holds until {until} (request {request})"),
-        Detail::AccessEnded { request, grant, reason } => {
-            format!("grant {grant:?} ended: {reason} (request {request})")
-        }
-        Detail::ApprovalDecided {
-            request,
-            decision,
-            by,
-            reason,
-            via,
-        } => {
-            let by = if by.is_empty() {
-                String::new()
-            } else {
-                format!(" by {by}")
-            };
-            let reason = reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-            format!("request {request} {decision}{by} (via {via}){reason}")
-        }
-        Detail::AuditPruned {
-            before,
-            through_id,
-            events,
-        } => format!("retention removed {events} events older than {before} (through event {through_id})"),
-    };
+    }
     format!("{:>8}  {at}  {what}", stored.id)
 }
 
@@ -539,5 +419,26 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
+    }
+
+    #[test]
+    fn a_deny_reason_with_control_characters_cannot_rewrite_the_terminal() {
+        use sluice_core::audit::{Detail, Event, StoredEvent};
+        let stored = StoredEvent {
+            id: 9,
+            event: Event::now(Detail::ApprovalDecided {
+                request: 3,
+                decision: "denied".into(),
+                by: "carol".into(),
+                reason: Some("no\x1b[2J\x1b]0;owned\x07".into()),
+                via: "api".into(),
+            }),
+        };
+        let line = describe(&stored);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(
+            line.ends_with("request 3 denied by carol (via api): no [2J ]0;owned "),
+            "{line:?}"
+        );
     }
 }

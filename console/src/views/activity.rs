@@ -10,8 +10,8 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, TableState, Wrap};
-use sluice_core::audit::{Detail, StoredEvent};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, Wrap};
+use sluice_core::audit::{Detail, Event, StoredEvent};
 
 use super::{Outcome, navigate};
 use crate::app::{App, Overlay, Prompt, Purpose, short_id};
@@ -212,7 +212,7 @@ pub fn event_line(app: &App, event: &StoredEvent) -> Line<'static> {
             };
             (format!("  done    {outcome} in {}", micros(*duration_us)), style)
         }
-        detail => (describe(detail), other_style(app, detail)),
+        detail => (describe(&event.event), other_style(app, detail)),
     };
     Line::from(vec![at, Span::styled(what, style)])
 }
@@ -243,83 +243,11 @@ fn label(detail: &Detail) -> String {
     }
 }
 
-/// Everything but statements, in words.
-pub fn describe(detail: &Detail) -> String {
-    match detail {
-        Detail::SessionOpened {
-            client, application, ..
-        } => format!("session opened from {} ({})", escape(client), one_line(application)),
-        Detail::SessionRefused { user, reason, .. } => {
-            format!("login refused for {}: {}", one_line(user), one_line(reason))
-        }
-        Detail::SessionClosed {
-            reason,
-            statements,
-            refused,
-            ..
-        } => format!(
-            "session closed: {} ({statements} statements, {refused} refused)",
-            one_line(reason)
-        ),
-        Detail::UnmaskGrantUsed { grant } => format!("unmask grant {} in use: values in clear", one_line(grant)),
-        Detail::AuditUnavailable { refused, error } => {
-            format!(
-                "audit trail unavailable: {} ({refused} statements refused)",
-                one_line(error)
-            )
-        }
-        Detail::AuditPruned { events, .. } => format!("retention removed {events} old events"),
-        Detail::ApprovalRequested {
-            request,
-            rule,
-            approvers,
-            needed,
-            access,
-            ..
-        } => match access {
-            Some(ask) => format!(
-                "request {request}: access to {} asked, needs {needed} of {}",
-                one_line(&ask.grant),
-                one_line(&approvers.join(", "))
-            ),
-            None => format!(
-                "request {request}: held by rule {}, needs {needed} of {}",
-                one_line(rule),
-                one_line(&approvers.join(", "))
-            ),
-        },
-        Detail::ApprovalDecided {
-            request,
-            decision,
-            by,
-            reason,
-            via,
-        } => {
-            let by = if by.is_empty() {
-                String::new()
-            } else {
-                format!(" by {}", one_line(by))
-            };
-            let reason = reason
-                .as_deref()
-                .map(|r| format!(": {}", one_line(r)))
-                .unwrap_or_default();
-            format!("request {request} {decision}{by} via {}{reason}", one_line(via))
-        }
-        Detail::AccessGranted {
-            request, grant, until, ..
-        } => {
-            format!("request {request}: grant {} until {}", one_line(grant), one_line(until))
-        }
-        Detail::AccessEnded { request, grant, reason } => {
-            format!(
-                "request {request}: grant {} ended ({})",
-                one_line(grant),
-                one_line(reason)
-            )
-        }
+/// An event in words, on one line, escaped (a statement: its text).
+pub fn describe(event: &Event) -> String {
+    match &event.detail {
         Detail::Statement { text, .. } => one_line(text),
-        Detail::StatementDone { .. } => "statement done".into(),
+        _ => one_line(&event.summary()),
     }
 }
 
@@ -371,13 +299,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Min(20),
     ];
     let header = Row::new(["time", "who", "decision", "took", "statement"]).style(theme.header());
-    let table = Table::new(rows, widths)
-        .header(header)
-        .block(block)
-        .row_highlight_style(theme.selected())
-        .highlight_symbol("▶ ");
-    let mut state = TableState::default().with_selected(Some(view.selected));
-    frame.render_stateful_widget(table, area, &mut state);
+    let table = Table::new(rows, widths).header(header).block(block);
+    super::draw_selectable(frame, area, table, theme, view.selected);
 }
 
 fn feed_row(app: &App, item: &Item) -> Row<'static> {
@@ -415,7 +338,7 @@ fn feed_row(app: &App, item: &Item) -> Row<'static> {
             Cell::from(clip(&who, 16).into_owned()),
             Cell::from(Span::styled(label(detail), other_style(app, detail))),
             Cell::from(""),
-            Cell::from(Span::styled(describe(detail), other_style(app, detail))),
+            Cell::from(Span::styled(describe(e), other_style(app, detail))),
         ]),
     }
 }
@@ -506,7 +429,7 @@ fn render_detail(app: &App, item: &Item, frame: &mut Frame, area: Rect) {
             lines.push(Line::raw(""));
             lines.extend(highlight(&escape_lines(text), theme));
         }
-        detail => lines.push(field("event", describe(detail), other_style(app, detail))),
+        detail => lines.push(field("event", describe(e), other_style(app, detail))),
     }
     let block = Block::bordered()
         .title(Span::styled(" Statement ", theme.title()))

@@ -9,7 +9,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, Wrap};
 use sluice_core::approvals::{RequestState, RequestView};
 
 use super::{Outcome, navigate};
@@ -170,13 +170,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(9),
         Constraint::Length(8),
     ];
-    let table = Table::new(rows, widths)
-        .header(header)
-        .block(block)
-        .row_highlight_style(theme.selected())
-        .highlight_symbol("▶ ");
-    let mut state = TableState::default().with_selected(Some(view.selected));
-    frame.render_stateful_widget(table, top, &mut state);
+    let table = Table::new(rows, widths).header(header).block(block);
+    super::draw_selectable(frame, top, table, theme, view.selected);
     if let Some(request) = view.list.get(view.selected) {
         render_request(app, request, frame, bottom);
     }

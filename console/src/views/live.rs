@@ -6,7 +6,7 @@ use crossterm::event::{KeyCode, KeyEvent};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Cell, Paragraph, Row, Sparkline, Table, TableState};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Sparkline, Table};
 use sluice_core::audit::{Detail, StoredEvent};
 use sluice_core::live::{LiveSummary, SessionState};
 
@@ -266,11 +266,8 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
     ];
     let table = Table::new(rows, widths)
         .header(header)
-        .block(block.title_bottom(Line::styled(" enter: timeline  k: end session ", theme.dim())))
-        .row_highlight_style(theme.selected())
-        .highlight_symbol("▶ ");
-    let mut state = TableState::default().with_selected(Some(live.selected));
-    frame.render_stateful_widget(table, area, &mut state);
+        .block(block.title_bottom(Line::styled(" enter: timeline  k: end session ", theme.dim())));
+    super::draw_selectable(frame, area, table, theme, live.selected);
 }
 
 fn render_panel(app: &App, panel: &Panel, frame: &mut Frame, area: Rect) {

@@ -8,6 +8,9 @@ pub mod replay;
 pub mod shell;
 
 use crossterm::event::{KeyCode, KeyEvent};
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::widgets::{Table, TableState};
 
 use crate::action::Command;
 use crate::app::{Overlay, Status};
@@ -75,4 +78,12 @@ pub fn navigate(selected: usize, len: usize, key: &KeyEvent, vim: bool) -> Optio
         _ => return None,
     };
     Some(next)
+}
+
+/// Draws a list whose `selected` row stands out (highlighted, with a
+/// marker that shows without colour too) and stays in view.
+pub fn draw_selectable(frame: &mut Frame, area: Rect, table: Table<'_>, theme: crate::theme::Theme, selected: usize) {
+    let table = table.row_highlight_style(theme.selected()).highlight_symbol("▶ ");
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, area, &mut state);
 }

@@ -11,7 +11,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Cell, LineGauge, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Cell, LineGauge, Paragraph, Row, Table, Wrap};
 use sluice_core::audit::{Detail, SessionSummary, StoredEvent};
 
 use super::{Outcome, navigate};
@@ -308,13 +308,8 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(8),
         Constraint::Min(8),
     ];
-    let table = Table::new(rows, widths)
-        .header(header)
-        .block(block)
-        .row_highlight_style(theme.selected())
-        .highlight_symbol("▶ ");
-    let mut state = TableState::default().with_selected(Some(view.selected));
-    frame.render_stateful_widget(table, area, &mut state);
+    let table = Table::new(rows, widths).header(header).block(block);
+    super::draw_selectable(frame, area, table, theme, view.selected);
 }
 
 fn render_player(app: &App, player: &Player, frame: &mut Frame, area: Rect) {
@@ -380,11 +375,8 @@ fn render_player(app: &App, player: &Player, frame: &mut Frame, area: Rect) {
         Row::new(vec![Cell::from(Span::styled(clip(&text, width).into_owned(), style))])
     });
     let table = Table::new(rows, [Constraint::Min(10)])
-        .block(Block::bordered().title(Span::styled(" Timeline ", theme.title())))
-        .row_highlight_style(theme.selected())
-        .highlight_symbol("▶ ");
-    let mut state = TableState::default().with_selected(Some(player.position));
-    frame.render_stateful_widget(table, list, &mut state);
+        .block(Block::bordered().title(Span::styled(" Timeline ", theme.title())));
+    super::draw_selectable(frame, list, table, theme, player.position);
     if let Some(event) = player.events.get(player.position) {
         render_event(app, player, event, frame, detail);
     }
@@ -503,7 +495,7 @@ fn render_event(app: &App, player: &Player, event: &StoredEvent, frame: &mut Fra
             }
         }
         Detail::ApprovalDecided { request, .. } => {
-            lines.push(field("event", super::activity::describe(&e.detail), theme.plain()));
+            lines.push(field("event", super::activity::describe(e), theme.plain()));
             // How long the statement waited.
             let asked = player.events.iter().find_map(|other| match &other.event.detail {
                 Detail::ApprovalRequested { request: r, .. } if r == request => Some(other.event.at),
@@ -513,7 +505,7 @@ fn render_event(app: &App, player: &Player, event: &StoredEvent, frame: &mut Fra
                 lines.push(field("waited", duration(e.at - asked), theme.warn()));
             }
         }
-        detail => lines.push(field("event", super::activity::describe(detail), theme.plain())),
+        _ => lines.push(field("event", super::activity::describe(e), theme.plain())),
     }
     frame.render_widget(
         Paragraph::new(lines)

@@ -281,6 +281,135 @@ impl Event {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"unserializable\",\"error\":\"{e}\"}}"))
     }
 
+    /// What happened, in one line of plain text for people (`sluice audit
+    /// show`, the console). Not escaped: texts in it come from clients and
+    /// approvers, and whoever draws it must make control characters
+    /// harmless.
+    pub fn summary(&self) -> String {
+        match &self.detail {
+            Detail::SessionOpened {
+                client,
+                application,
+                tls,
+                upstream_role,
+                ..
+            } => format!(
+                "session opened by {} from {client} ({}{}), upstream role {upstream_role}",
+                self.identity.as_deref().unwrap_or("?"),
+                if application.is_empty() {
+                    "no application name"
+                } else {
+                    application
+                },
+                if *tls { ", TLS" } else { "" }
+            ),
+            Detail::SessionRefused {
+                client,
+                user,
+                code,
+                reason,
+            } => {
+                format!("session refused ({code}) for {user:?} from {client}: {reason}")
+            }
+            Detail::Statement {
+                seq,
+                source,
+                text,
+                decision,
+                rule,
+                refusal,
+                ..
+            } => {
+                let rule = rule.as_deref().map(|r| format!(" by rule {r:?}")).unwrap_or_default();
+                let refusal = refusal.as_deref().map(|r| format!(" -- {r}")).unwrap_or_default();
+                format!("#{seq} {source} {decision}{rule}: {text}{refusal}")
+            }
+            Detail::StatementDone {
+                seq,
+                rows,
+                duration_us,
+                sqlstate,
+                skipped,
+                ..
+            } => {
+                let outcome = match (sqlstate, skipped) {
+                    (_, true) => "skipped (an earlier message of its batch failed)".to_string(),
+                    (Some(code), _) => format!("failed with SQLSTATE {code}"),
+                    (None, _) => "ok".to_string(),
+                };
+                let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
+                format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0)
+            }
+            Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
+            Detail::SessionClosed {
+                reason,
+                detail,
+                statements,
+                refused,
+            } => {
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({detail})")
+                };
+                format!("session closed: {reason}{detail}; {statements} statements, {refused} refused")
+            }
+            Detail::AuditUnavailable { refused, error } => {
+                format!("the trail was unavailable ({error}); {refused} statements were refused meanwhile")
+            }
+            Detail::ApprovalRequested {
+                request,
+                rule,
+                approvers,
+                needed,
+                expires,
+                access: Some(access),
+                ..
+            } => format!(
+                "asked for grant {rule:?} for {}: request {request}, {needed} of {} until {expires}",
+                crate::config::human_duration(std::time::Duration::from_secs(access.seconds)),
+                approvers.join(", ")
+            ),
+            Detail::ApprovalRequested {
+                request,
+                rule,
+                approvers,
+                needed,
+                expires,
+                ..
+            } => format!(
+                "held for approval: request {request} (rule {rule:?}), {needed} of {} until {expires}",
+                approvers.join(", ")
+            ),
+            Detail::AccessGranted {
+                request, grant, until, ..
+            } => format!("grant {grant:?} holds until {until} (request {request})"),
+            Detail::AccessEnded { request, grant, reason } => {
+                format!("grant {grant:?} ended: {reason} (request {request})")
+            }
+            Detail::ApprovalDecided {
+                request,
+                decision,
+                by,
+                reason,
+                via,
+            } => {
+                let by = if by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {by}")
+                };
+                let reason = reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                format!("request {request} {decision}{by} (via {via}){reason}")
+            }
+            Detail::AuditPruned {
+                before,
+                through_id,
+                events,
+            } => format!("retention removed {events} events older than {before} (through event {through_id})"),
+        }
+    }
+
     /// `at` as stored: RFC 3339 in UTC with microseconds, so that text order
     /// is time order.
     pub fn at_text(&self) -> String {
