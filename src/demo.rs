@@ -89,9 +89,10 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr, console: bool) -> a
                 target: "shop".into(),
                 log_file: log_file.clone(),
                 history_file: Some(crate::state_dir().join("shell_history")),
-                footer: Some(format!(
-                    "you are carol (lead). Another terminal: PGPASSWORD=bob-demo-token psql \"host={host} port={port} dbname=shop user=bob\" (alice: alice-demo-token)"
-                )),
+                footer: vec![
+                    "You are carol (a lead and approver). From another terminal, connect as bob (or alice):".into(),
+                    format!("PGPASSWORD=bob-demo-token psql \"host={host} port={port} dbname=shop user=bob\""),
+                ],
             };
             let result = tokio::select! {
                 result = sluice_console::run(options) => result,

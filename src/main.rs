@@ -319,7 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 target,
                 log_file: state_dir().join("console.log"),
                 history_file: Some(state_dir().join("shell_history")),
-                footer: None,
+                footer: Vec::new(),
             }))
         }
         Command::Config {

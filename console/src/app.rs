@@ -233,8 +233,8 @@ pub struct App {
     pub quit: bool,
     /// The newest event id seen: where the stream resumes.
     pub last_event: u64,
-    /// A line of guidance at the bottom (the demo's how-to-connect).
-    pub footer: Option<String>,
+    /// Lines of guidance at the bottom (the demo's how-to-connect).
+    pub footer: Vec<String>,
 }
 
 impl App {
@@ -256,7 +256,7 @@ impl App {
             status: None,
             quit: false,
             last_event: 0,
-            footer: None,
+            footer: Vec::new(),
         }
     }
 

@@ -45,8 +45,8 @@ pub struct Options {
     pub log_file: PathBuf,
     /// The shell's history (None: not kept).
     pub history_file: Option<PathBuf>,
-    /// A line shown at the bottom (the demo's how-to-connect).
-    pub footer: Option<String>,
+    /// Lines shown at the bottom (the demo's how-to-connect).
+    pub footer: Vec<String>,
 }
 
 /// How many recent events the Activity view starts with.

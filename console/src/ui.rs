@@ -12,7 +12,7 @@ use crate::text::{escape, one_line};
 use crate::views;
 
 pub fn render(app: &App, frame: &mut Frame) {
-    let footer = u16::from(app.footer.is_some());
+    let footer = app.footer.len() as u16;
     let [top, body, bottom, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(3),
@@ -20,9 +20,12 @@ pub fn render(app: &App, frame: &mut Frame) {
         Constraint::Length(footer),
     ])
     .areas(frame.area());
-    if let Some(text) = &app.footer {
-        frame.render_widget(Paragraph::new(Line::styled(one_line(text), app.theme.dim())), foot);
-    }
+    let guidance: Vec<Line> = app
+        .footer
+        .iter()
+        .map(|text| Line::styled(one_line(text), app.theme.dim()))
+        .collect();
+    frame.render_widget(Paragraph::new(guidance), foot);
     render_tabs(app, frame, top);
     match app.tab {
         Tab::Live => views::live::render(app, frame, body),

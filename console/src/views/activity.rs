@@ -201,6 +201,7 @@ pub fn event_line(app: &App, event: &StoredEvent) -> Line<'static> {
                 (_, true) => "skipped".to_string(),
                 (Some(code), _) => format!("failed {code}"),
                 (None, _) => match rows {
+                    Some(1) => "1 row".to_string(),
                     Some(n) => format!("{n} rows"),
                     None => "done".to_string(),
                 },

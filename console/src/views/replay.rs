@@ -452,6 +452,7 @@ fn render_event(app: &App, player: &Player, event: &StoredEvent, frame: &mut Fra
             lines.extend(highlight(&escape_lines(text), theme));
         }
         Detail::StatementDone {
+            seq,
             rows,
             duration_us,
             sqlstate,
@@ -459,6 +460,18 @@ fn render_event(app: &App, player: &Player, event: &StoredEvent, frame: &mut Fra
             sample,
             ..
         } => {
+            // The statement it completes, from earlier in the timeline.
+            let statement =
+                player.events[..player.position]
+                    .iter()
+                    .rev()
+                    .find_map(|earlier| match &earlier.event.detail {
+                        Detail::Statement { seq: s, text, .. } if s == seq => Some(text),
+                        _ => None,
+                    });
+            if let Some(text) = statement {
+                lines.push(field("statement", one_line(text), theme.plain()));
+            }
             lines.push(field("took", micros(*duration_us), theme.plain()));
             if let Some(rows) = rows {
                 lines.push(field("rows", rows.to_string(), theme.plain()));
