@@ -495,7 +495,9 @@ pub(crate) fn postgres_address(
     let tls = if loopback && ca.is_none() {
         None
     } else {
-        let config = sluice_core::tls::client_config(ca).context("setting up TLS to the gateway")?;
+        // The error says what and why in one line (its source is in it).
+        let config = sluice_core::tls::client_config(ca)
+            .map_err(|err| anyhow::anyhow!("setting up TLS to the gateway: {err}"))?;
         Some(Arc::new(config))
     };
     Ok(sluice_console::effects::Postgres {

@@ -58,6 +58,10 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Runs the console until the operator quits.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        anyhow::bail!("the console draws on a terminal: run it in one (stdin and stdout are not a terminal here)");
+    }
     init_logging(&options.log_file)?;
     let api = ApiClient::new(&options.api, Some(&options.token)).via("console");
     let (tx, mut rx) = mpsc::unbounded_channel();
