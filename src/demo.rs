@@ -88,7 +88,9 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr, console: bool) -> a
                 postgres: crate::postgres_address(&address.to_string(), "carol-demo-token", None)?,
                 target: "shop".into(),
                 log_file: log_file.clone(),
-                history_file: Some(crate::state_dir().join("shell_history")),
+                // The demo's statements are not the operator's own.
+                history_file: Some(crate::state_dir().join("demo_shell_history")),
+                confirm_quit: true,
                 footer: vec![
                     "You are carol (a lead and approver). From another terminal, connect as bob (or alice):".into(),
                     format!("PGPASSWORD=bob-demo-token psql \"host={host} port={port} dbname=shop user=bob\""),

@@ -320,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 log_file: state_dir().join("console.log"),
                 history_file: Some(state_dir().join("shell_history")),
                 footer: Vec::new(),
+                confirm_quit: false,
             }))
         }
         Command::Config {

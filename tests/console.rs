@@ -62,7 +62,7 @@ async fn start(test: &str) -> TestGateway {
 struct Console {
     app: App,
     runner: Runner,
-    rx: mpsc::UnboundedReceiver<Action>,
+    rx: mpsc::Receiver<Action>,
     /// Query answers applied but not yet looked at by the test.
     answers: std::collections::VecDeque<Action>,
 }
@@ -74,7 +74,7 @@ impl Console {
 
     fn with_tls(gw: &TestGateway, token: &str, host: &str, tls: Option<rustls::ClientConfig>) -> Console {
         let api = gw.api.clone().unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(4096);
         let runner = Runner::new(
             ApiClient::new(&api, Some(token)).via("console"),
             Postgres {
@@ -251,11 +251,29 @@ async fn the_gateway_refuses_self_approval_and_a_denial_carries_its_reason() {
     assert!(status.text.contains("(HTTP 403)"), "{}", status.text);
     assert_eq!(bob.app.approvals.list[0].state, RequestState::Pending);
 
+    // A reason that would reach bob's terminal with escape sequences in it
+    // is refused by the gateway, and nothing is decided.
+    let err = ApiClient::new(gw.api.as_deref().unwrap(), Some(ALICE))
+        .decide(id, false, Some("no\x1b[2J\u{202e}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("invisible character (U+001B)"), "{err}");
+
     let mut alice = Console::new(&gw, ALICE);
     pending(&mut alice).await;
     alice.key(KeyCode::Char('3')).await;
     alice.key(KeyCode::Char('d')).await;
     assert!(matches!(alice.app.overlay, Some(Overlay::Prompt(_))));
+    // Pasted into the prompt, such characters are dropped.
+    alice.act(Action::Paste("not\x1b[31m\u{202e}".into())).await;
+    let Some(Overlay::Prompt(prompt)) = &alice.app.overlay else {
+        panic!("the prompt closed");
+    };
+    assert_eq!(prompt.input, "not[31m");
+    alice
+        .act(Action::Key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL)))
+        .await;
     alice.typed("not during the sale").await;
     let commands = alice.key(KeyCode::Enter).await;
     assert_eq!(
@@ -457,7 +475,7 @@ impl Drop for Forwarder {
 /// Feeds the console's actions from the stream until `done` says so.
 async fn follow_until(
     console: &mut Console,
-    rx: &mut mpsc::UnboundedReceiver<Action>,
+    rx: &mut mpsc::Receiver<Action>,
     seen: &mut Vec<u64>,
     links: &mut Vec<sluice_console::action::Link>,
     mut done: impl FnMut(&Console) -> bool,
@@ -495,7 +513,7 @@ async fn the_event_stream_resumes_after_a_gateway_restart_missing_nothing() {
     };
     let mut first = TestGateway::start_for(db.clone(), spec()).await;
     let forwarder = Forwarder::start(first.api.as_deref().unwrap()).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(4096);
     let follow = tokio::spawn(sluice_console::follow_events(
         ApiClient::new(&forwarder.url, Some(BOB)),
         tx,

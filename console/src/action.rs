@@ -57,6 +57,10 @@ pub enum Link {
         attempt: u32,
         error: String,
     },
+    /// The gateway refused the token (401/403): not a network problem.
+    Refused {
+        error: String,
+    },
 }
 
 /// What a shell query returned: the last result set with rows, and the

@@ -82,10 +82,10 @@ impl Status {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Overlay {
     Help,
-    /// y runs the command; n or Esc does not.
+    /// y runs the command (none: quits); n or Esc does not.
     Confirm {
         question: String,
-        command: Command,
+        command: Option<Command>,
     },
     Prompt(Prompt),
 }
@@ -95,6 +95,19 @@ pub struct Prompt {
     pub title: String,
     pub input: String,
     pub purpose: Purpose,
+    /// What `input` was when the prompt opened: Esc puts a filter back.
+    pub before: String,
+}
+
+impl Prompt {
+    pub fn new(title: impl Into<String>, input: &str, purpose: Purpose) -> Prompt {
+        Prompt {
+            title: title.into(),
+            input: input.to_string(),
+            purpose,
+            before: input.to_string(),
+        }
+    }
 }
 
 /// What a prompt's answer is for.
@@ -134,6 +147,12 @@ impl Stats {
         }
         if second < self.first {
             return None;
+        }
+        // Far ahead of what is kept (an idle gateway, an old backlog event):
+        // start again there rather than fill the gap second by second.
+        if second >= self.first + self.buckets.len() as i64 + STATS_WINDOW {
+            self.buckets.clear();
+            self.first = second;
         }
         while self.first + (self.buckets.len() as i64) <= second {
             self.buckets.push_back(Bucket::default());
@@ -230,7 +249,11 @@ pub struct App {
     pub stats: Stats,
     pub overlay: Option<Overlay>,
     pub status: Option<Status>,
+    /// When the status was set: it fades after a while.
+    pub status_at: DateTime<Utc>,
     pub quit: bool,
+    /// Ask before quitting (the demo: quitting removes its database).
+    pub confirm_quit: bool,
     /// The newest event id seen: where the stream resumes.
     pub last_event: u64,
     /// Lines of guidance at the bottom (the demo's how-to-connect).
@@ -250,11 +273,13 @@ impl App {
             activity: ActivityView::default(),
             approvals: ApprovalsView::default(),
             shell: ShellView::new(target),
-            replay: ReplayView::default(),
+            replay: ReplayView::new(zone),
             stats: Stats::default(),
             overlay: None,
             status: None,
+            status_at: now,
             quit: false,
+            confirm_quit: false,
             last_event: 0,
             footer: Vec::new(),
         }
@@ -285,8 +310,21 @@ impl App {
     }
 }
 
+/// How long a message stays in the message line (errors longer).
+const STATUS_FOR: i64 = 8;
+const ERROR_FOR: i64 = 30;
+
 /// Applies one action; returns the work it asks for.
 pub fn update(app: &mut App, action: Action) -> Vec<Command> {
+    let before = app.status.clone();
+    let commands = apply(app, action);
+    if app.status != before {
+        app.status_at = app.now;
+    }
+    commands
+}
+
+fn apply(app: &mut App, action: Action) -> Vec<Command> {
     let mut commands = Vec::new();
     match action {
         Action::Key(key) => {
@@ -296,13 +334,27 @@ pub fn update(app: &mut App, action: Action) -> Vec<Command> {
         }
         Action::Paste(text) => {
             if let Some(Overlay::Prompt(prompt)) = &mut app.overlay {
-                prompt.input.push_str(&text.replace(['\r', '\n'], " "));
+                // A prompt's answer goes to people (a denial's reason reaches
+                // the requester's client): nothing invisible goes with it.
+                let clean: String = text
+                    .chars()
+                    .map(|c| if c == '\n' || c == '\r' || c == '\t' { ' ' } else { c })
+                    .filter(|c| !crate::text::is_hidden(*c))
+                    .collect();
+                prompt.input.push_str(&clean);
             } else if app.tab == Tab::Shell {
                 app.shell.paste(&text);
             }
         }
         Action::Tick(now) => {
             app.now = now;
+            let keep = match &app.status {
+                Some(status) if status.level == Level::Error => ERROR_FOR,
+                _ => STATUS_FOR,
+            };
+            if (now - app.status_at).num_seconds() >= keep {
+                app.status = None;
+            }
             app.replay.tick(now);
             if let Some(running) = app.shell.running {
                 app.shell.elapsed_ms = (now - running).num_milliseconds().max(0) as u64;
@@ -369,7 +421,13 @@ pub fn update(app: &mut App, action: Action) -> Vec<Command> {
             });
         }
         Action::QueryNotice(text) => app.shell.notice(text),
-        Action::QueryDone(result) => app.shell.done(result),
+        Action::QueryDone(result) => {
+            app.shell.done(result);
+            // "cancelling..." and the like are over; the result says the rest.
+            if app.status.as_ref().is_some_and(|s| s.level == Level::Info) {
+                app.status = None;
+            }
+        }
     }
     commands
 }
@@ -432,8 +490,8 @@ fn on_key(app: &mut App, key: KeyEvent, commands: &mut Vec<Command>) {
         return;
     }
     match key.code {
-        KeyCode::Char('q') => app.quit = true,
-        KeyCode::Char('c') if ctrl => app.quit = true,
+        KeyCode::Char('q') => quit(app),
+        KeyCode::Char('c') if ctrl => quit(app),
         KeyCode::Char('?') => app.overlay = Some(Overlay::Help),
         KeyCode::Char(c @ '1'..='5') => {
             let tab = Tab::ALL[(c as u8 - b'1') as usize];
@@ -442,6 +500,17 @@ fn on_key(app: &mut App, key: KeyEvent, commands: &mut Vec<Command>) {
         KeyCode::Char('r') => commands.push(Command::Refresh),
         KeyCode::Esc => app.status = None,
         _ => {}
+    }
+}
+
+fn quit(app: &mut App) {
+    if app.confirm_quit {
+        app.overlay = Some(Overlay::Confirm {
+            question: "Quit? The demo stops and its database and files are removed.".into(),
+            command: None,
+        });
+    } else {
+        app.quit = true;
     }
 }
 
@@ -454,7 +523,10 @@ fn on_overlay_key(app: &mut App, overlay: Overlay, key: KeyEvent, commands: &mut
         },
         Overlay::Confirm { question, command } => match key.code {
             KeyCode::Char('y' | 'Y') => {
-                commands.push(command);
+                match command {
+                    Some(command) => commands.push(command),
+                    None => app.quit = true,
+                }
                 None
             }
             KeyCode::Char('n' | 'N') | KeyCode::Esc => {
@@ -465,8 +537,11 @@ fn on_overlay_key(app: &mut App, overlay: Overlay, key: KeyEvent, commands: &mut
         },
         Overlay::Prompt(mut prompt) => match key.code {
             KeyCode::Esc => {
-                if matches!(prompt.purpose, Purpose::Deny(_)) {
-                    app.status = Some(Status::info("not denied"));
+                match prompt.purpose {
+                    Purpose::Deny(_) => app.status = Some(Status::info("not denied")),
+                    Purpose::ActivityFilter => app.activity.set_filter(&prompt.before),
+                    Purpose::ReplayFilter => app.replay.set_filter(&prompt.before),
+                    Purpose::ShellTarget => {}
                 }
                 None
             }
@@ -484,7 +559,7 @@ fn on_overlay_key(app: &mut App, overlay: Overlay, key: KeyEvent, commands: &mut
                 live_filter(app, &prompt);
                 Some(Overlay::Prompt(prompt))
             }
-            KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
+            KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) && !crate::text::is_hidden(c) => {
                 prompt.input.push(c);
                 live_filter(app, &prompt);
                 Some(Overlay::Prompt(prompt))

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt as _;
 use sluice_core::api::client::ApiClient;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio_postgres::{AsyncMessage, CancelToken, NoTls, SimpleQueryMessage};
 
 use crate::action::{Action, Command, QueryError, QueryOutcome};
@@ -42,7 +42,7 @@ impl Postgres {
 pub struct Runner {
     api: ApiClient,
     postgres: Postgres,
-    tx: UnboundedSender<Action>,
+    tx: Sender<Action>,
     session: Arc<tokio::sync::Mutex<Option<(String, tokio_postgres::Client)>>>,
     cancel: Arc<Mutex<Option<CancelToken>>>,
     history: Option<PathBuf>,
@@ -53,7 +53,7 @@ impl Runner {
     pub fn new(
         api: ApiClient,
         postgres: Postgres,
-        tx: UnboundedSender<Action>,
+        tx: Sender<Action>,
         history: Option<PathBuf>,
         export_dir: PathBuf,
     ) -> Runner {
@@ -68,8 +68,10 @@ impl Runner {
         }
     }
 
-    fn post(&self, action: Action) {
-        let _ = self.tx.send(action);
+    /// Hands an answer to the loop (waiting while its queue is full: the
+    /// loop drains it between frames).
+    async fn post(&self, action: Action) {
+        let _ = self.tx.send(action).await;
     }
 
     /// Starts `command`; its answer arrives as an action.
@@ -88,41 +90,45 @@ impl Runner {
                     .await
                     .map(Box::new)
                     .map_err(|e| e.to_string());
-                self.post(Action::Decided { id, approve, result });
+                self.post(Action::Decided { id, approve, result }).await;
             }
             Command::Kill { session } => {
                 let result = api.kill(&session).await.map(|_| ()).map_err(|e| e.to_string());
-                self.post(Action::Killed { session, result });
+                self.post(Action::Killed { session, result }).await;
             }
             Command::Refresh => self.refresh().await,
             Command::LoadTimeline { session } => {
                 let result = api.timeline(&session).await.map_err(|e| e.to_string());
-                self.post(Action::Timeline { session, result });
+                self.post(Action::Timeline { session, result }).await;
             }
             Command::LoadPastSessions => {
                 let result = api.past_sessions(500).await.map_err(|e| e.to_string());
-                self.post(Action::PastSessions(result));
+                self.post(Action::PastSessions(result)).await;
             }
             Command::LoadRecording { session } => {
                 let result = api.timeline(&session).await.map_err(|e| e.to_string());
-                self.post(Action::Recording { session, result });
+                self.post(Action::Recording { session, result }).await;
             }
             Command::Export { session, events } => {
-                let path = self.export_dir.join(format!("sluice-session-{session}.jsonl"));
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+                let path = self.export_dir.join(format!("sluice-session-{session}-{stamp}.jsonl"));
                 let mut body = String::new();
                 for event in &events {
                     body.push_str(&serde_json::to_string(event).unwrap_or_default());
                     body.push('\n');
                 }
-                let result = tokio::fs::write(&path, body)
+                // A new file only the operator can read (never through a
+                // link or over another file): it holds the session's
+                // statements and samples.
+                let result = write_private(&path, body.as_bytes(), true)
                     .await
                     .map(|()| path.display().to_string())
                     .map_err(|e| format!("{}: {e}", path.display()));
-                self.post(Action::Exported(result));
+                self.post(Action::Exported(result)).await;
             }
             Command::RunQuery { target, sql } => {
                 let result = self.query(&target, &sql).await;
-                self.post(Action::QueryDone(result));
+                self.post(Action::QueryDone(result)).await;
             }
             Command::CancelQuery => {
                 let token = self.cancel.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -132,7 +138,7 @@ impl Runner {
                         None => token.cancel_query(NoTls).await,
                     };
                     if let Err(err) = sent {
-                        self.post(Action::QueryNotice(format!("could not cancel: {err}")));
+                        self.post(Action::QueryNotice(format!("could not cancel: {err}"))).await;
                     }
                 }
             }
@@ -145,7 +151,7 @@ impl Runner {
                     if let Some(dir) = path.parent() {
                         let _ = tokio::fs::create_dir_all(dir).await;
                     }
-                    if let Err(err) = write_private(path, (text.join("\n") + "\n").as_bytes()).await {
+                    if let Err(err) = write_private(path, (text.join("\n") + "\n").as_bytes(), false).await {
                         tracing::warn!(error = %err, path = %path.display(), "cannot save the shell history");
                     }
                 }
@@ -156,8 +162,8 @@ impl Runner {
     /// Live sessions and approvals, now.
     pub async fn refresh(&self) {
         let (sessions, approvals) = tokio::join!(self.api.sessions(), self.api.approvals());
-        self.post(Action::Sessions(sessions.map_err(|e| e.to_string())));
-        self.post(Action::Approvals(approvals.map_err(|e| e.to_string())));
+        self.post(Action::Sessions(sessions.map_err(|e| e.to_string()))).await;
+        self.post(Action::Approvals(approvals.map_err(|e| e.to_string()))).await;
     }
 
     async fn connect(&self, target: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -202,7 +208,7 @@ impl Runner {
                         if let Some(hint) = notice.hint() {
                             text.push_str(&format!(" (hint: {hint})"));
                         }
-                        let _ = tx.send(Action::QueryNotice(text));
+                        let _ = tx.send(Action::QueryNotice(text)).await;
                     }
                     Ok(_) => {}
                     Err(err) => {
@@ -303,17 +309,21 @@ fn query_error(err: &tokio_postgres::Error, elapsed_ms: u64) -> QueryError {
     }
 }
 
-/// Writes a file only its owner can read: the shell's history holds the
-/// operator's statements.
-async fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file only its owner can read: `new` refuses to replace
+/// anything already there (a file or a link); otherwise an existing file is
+/// overwritten and made private too.
+async fn write_private(path: &std::path::Path, bytes: &[u8], new: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     use tokio::io::AsyncWriteExt as _;
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .await?;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    let mut file = options.open(path).await?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).await?;
     file.write_all(bytes).await?;
     file.flush().await
 }

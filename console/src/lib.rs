@@ -47,8 +47,12 @@ pub struct Options {
     pub history_file: Option<PathBuf>,
     /// Lines shown at the bottom (the demo's how-to-connect).
     pub footer: Vec<String>,
+    /// Ask before quitting (the demo).
+    pub confirm_quit: bool,
 }
 
+/// Actions waiting for the loop, at most.
+const QUEUE: usize = 4096;
 /// How many recent events the Activity view starts with.
 const BACKLOG: u64 = 500;
 /// How often live sessions and approvals are fetched.
@@ -64,7 +68,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     init_logging(&options.log_file)?;
     let api = ApiClient::new(&options.api, Some(&options.token)).via("console");
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Bounded: the stream and the runner wait rather than pile up events
+    // when drawing falls behind.
+    let (tx, mut rx) = mpsc::channel(QUEUE);
     let export_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let runner = effects::Runner::new(
         api.clone(),
@@ -82,12 +88,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         theme::Theme::from_env(),
     );
     app.footer = options.footer.clone();
+    app.confirm_quit = options.confirm_quit;
     if let Some(path) = &options.history_file {
         app.shell.history = effects::load_history(path);
     }
 
     let mut terminal = Terminal::enter()?;
-    let background = tokio_util_tasks(api, runner.clone(), tx.clone());
+    let background = background_tasks(api, runner.clone(), tx.clone());
     let mut input = EventStream::new();
     terminal.draw(&app)?;
     loop {
@@ -130,10 +137,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 }
 
 /// The event stream, the poll and the clock.
-fn tokio_util_tasks(
+fn background_tasks(
     api: ApiClient,
     runner: effects::Runner,
-    tx: mpsc::UnboundedSender<Action>,
+    tx: mpsc::Sender<Action>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let stream = {
         let tx = tx.clone();
@@ -150,7 +157,7 @@ fn tokio_util_tasks(
         let mut interval = tokio::time::interval(TICK);
         loop {
             interval.tick().await;
-            if tx.send(Action::Tick(Utc::now())).is_err() {
+            if tx.send(Action::Tick(Utc::now())).await.is_err() {
                 return;
             }
         }
@@ -159,8 +166,9 @@ fn tokio_util_tasks(
 }
 
 /// Follows the gateway's event stream; after any loss, reconnects with
-/// `since` = the last event seen, so nothing is missed or shown twice.
-pub async fn follow_events(api: ApiClient, tx: mpsc::UnboundedSender<Action>) {
+/// `since` = the last event seen, so nothing is missed or shown twice. A
+/// token the gateway refuses is said so, and tried again only slowly.
+pub async fn follow_events(api: ApiClient, tx: mpsc::Sender<Action>) {
     let mut last: Option<u64> = None;
     let mut attempt = 0u32;
     loop {
@@ -171,7 +179,7 @@ pub async fn follow_events(api: ApiClient, tx: mpsc::UnboundedSender<Action>) {
         let error = match opened {
             Ok(mut stream) => {
                 attempt = 0;
-                if tx.send(Action::Link(Link::Connected)).is_err() {
+                if tx.send(Action::Link(Link::Connected)).await.is_err() {
                     return;
                 }
                 // A fresh start from the tail: everything after the
@@ -181,25 +189,47 @@ pub async fn follow_events(api: ApiClient, tx: mpsc::UnboundedSender<Action>) {
                     match stream.next().await {
                         Some(Ok(event)) => {
                             last = Some(event.id);
-                            if tx.send(Action::Event(Box::new(event))).is_err() {
+                            if tx.send(Action::Event(Box::new(event))).await.is_err() {
                                 return;
                             }
                         }
-                        Some(Err(err)) => break err.to_string(),
-                        None => break "the gateway closed the event stream".to_string(),
+                        Some(Err(err)) => break err,
+                        None => {
+                            break sluice_core::api::client::ClientError::Decode(
+                                "the gateway closed the event stream".into(),
+                            );
+                        }
                     }
                 }
             }
-            Err(err) => err.to_string(),
+            Err(err) => err,
         };
         attempt += 1;
-        tracing::warn!(%error, attempt, "event stream lost; reconnecting");
-        if tx.send(Action::Link(Link::Reconnecting { attempt, error })).is_err() {
+        let (link, wait) = match error.status() {
+            Some(401 | 403) => (
+                Link::Refused {
+                    error: error.to_string(),
+                },
+                REFUSED_RETRY,
+            ),
+            _ => (
+                Link::Reconnecting {
+                    attempt,
+                    error: error.to_string(),
+                },
+                Duration::from_millis(500 * u64::from(attempt.min(10))),
+            ),
+        };
+        tracing::warn!(error = %error, attempt, "event stream lost; reconnecting");
+        if tx.send(Action::Link(link)).await.is_err() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(10)))).await;
+        tokio::time::sleep(wait).await;
     }
 }
+
+/// How long to wait before trying a refused token again.
+const REFUSED_RETRY: Duration = Duration::from_secs(15);
 
 /// Sends logs to `path` (appending). The first call in a process wins.
 pub fn init_logging(path: &std::path::Path) -> anyhow::Result<()> {

@@ -675,3 +675,142 @@ fn tabs_switch_by_number_and_tab_key() {
     key(&mut app, KeyCode::Char('q'));
     assert!(app.quit);
 }
+
+#[test]
+fn every_view_draws_at_any_size_without_panicking() {
+    let mut app = app();
+    feed(&mut app);
+    update(&mut app, Action::Sessions(Ok(sessions())));
+    update(&mut app, Action::Approvals(Ok(requests())));
+    key(&mut app, KeyCode::Char('4'));
+    typed(&mut app, "SELECT 1;");
+    key(&mut app, KeyCode::Enter);
+    update(&mut app, Action::QueryNotice("NOTICE: a long notice ".repeat(20)));
+    update(&mut app, Action::QueryDone(Ok(wide_result())));
+    key(&mut app, KeyCode::Esc);
+    for tab in ['1', '2', '3', '4', '5'] {
+        key(&mut app, KeyCode::Char(tab));
+        for (width, height) in [(1, 1), (10, 3), (20, 5), (80, 6), (80, 7), (80, 8), (40, 24), (200, 60)] {
+            draw(&app, width, height);
+        }
+        key(&mut app, KeyCode::Esc);
+    }
+}
+
+#[test]
+fn the_error_after_a_long_notice_stays_in_view() {
+    let mut app = app();
+    key(&mut app, KeyCode::Char('4'));
+    typed(&mut app, "DELETE FROM orders;");
+    key(&mut app, KeyCode::Enter);
+    update(
+        &mut app,
+        Action::QueryNotice(format!("NOTICE: held for approval: request 1 {}", "x".repeat(150))),
+    );
+    update(
+        &mut app,
+        Action::QueryDone(Err(crate::action::QueryError {
+            message: "canceling statement due to user request".into(),
+            detail: None,
+            hint: Some("approval request 1 is cancelled".into()),
+            code: Some("57014".into()),
+            elapsed_ms: 900,
+        })),
+    );
+    let screen = draw(&app, 100, 20);
+    assert!(screen.contains("ERROR (57014): canceling statement"), "{screen}");
+    assert!(screen.contains("HINT: approval request 1 is cancelled"), "{screen}");
+}
+
+#[test]
+fn a_far_away_second_does_not_fill_the_pulse_history() {
+    let mut app = app();
+    let old = StoredEvent {
+        id: 1,
+        event: Event {
+            at: now() - Duration::days(365),
+            ..event(1, 0, "s", "alice", statement(1, "SELECT 1", "allow", None, &[])).event
+        },
+    };
+    update(&mut app, Action::Event(Box::new(old)));
+    update(&mut app, Action::Approvals(Ok(requests())));
+    assert_eq!(app.stats.series(now().timestamp(), 3, |b| b.pending), [0, 0, 2]);
+}
+
+#[test]
+fn filters_match_the_words_on_screen_and_esc_puts_them_back() {
+    let mut app = app();
+    feed(&mut app);
+    key(&mut app, KeyCode::Char('2'));
+    key(&mut app, KeyCode::Char('/'));
+    typed(&mut app, "held");
+    key(&mut app, KeyCode::Enter);
+    assert_eq!(app.activity.visible().count(), 2, "the held statement and its request");
+    key(&mut app, KeyCode::Char('/'));
+    typed(&mut app, "xyz");
+    assert_eq!(app.activity.visible().count(), 0, "filters as it is typed");
+    key(&mut app, KeyCode::Esc);
+    assert_eq!(app.activity.filter, "held");
+    assert_eq!(app.activity.visible().count(), 2);
+}
+
+#[test]
+fn the_selection_moves_on_when_its_request_ends() {
+    let mut app = app();
+    let mut list = requests();
+    update(&mut app, Action::Approvals(Ok(list.clone())));
+    key(&mut app, KeyCode::Char('3'));
+    assert_eq!(app.approvals.list[app.approvals.selected].id, 7);
+    // 7 is cancelled; 9 now waits.
+    list[0].state = RequestState::Cancelled;
+    let mut waiting = list[1].clone();
+    waiting.id = 9;
+    update(
+        &mut app,
+        Action::Approvals(Ok(vec![waiting, list[1].clone(), list[0].clone()])),
+    );
+    assert_eq!(app.approvals.list[app.approvals.selected].id, 9);
+}
+
+#[test]
+fn messages_fade_and_the_demo_asks_before_quitting() {
+    let mut app = app();
+    update(&mut app, Action::Exported(Ok("/tmp/sluice-session-x.jsonl".into())));
+    assert!(app.status.is_some());
+    update(&mut app, Action::Tick(now() + Duration::seconds(9)));
+    assert!(app.status.is_none());
+
+    app.confirm_quit = true;
+    key(&mut app, KeyCode::Char('q'));
+    assert!(!app.quit);
+    assert!(matches!(
+        app.overlay,
+        Some(crate::app::Overlay::Confirm { command: None, .. })
+    ));
+    key(&mut app, KeyCode::Char('n'));
+    assert!(!app.quit);
+    key(&mut app, KeyCode::Char('q'));
+    key(&mut app, KeyCode::Char('y'));
+    assert!(app.quit);
+}
+
+#[test]
+fn the_shell_editor_follows_the_cursor_across_wide_and_long_lines() {
+    let mut app = app();
+    key(&mut app, KeyCode::Char('4'));
+    typed(&mut app, "select '漢字漢字'");
+    for _ in 0..3 {
+        key(&mut app, KeyCode::Left);
+    }
+    let mut terminal = Terminal::new(TestBackend::new(40, 12)).unwrap();
+    terminal.draw(|frame| crate::ui::render(&app, frame)).unwrap();
+    // "select '漢字" is 12 columns: the cursor is after it, inside the border.
+    terminal.backend_mut().assert_cursor_position((1 + 12, 2));
+    // A line longer than the editor scrolls to keep the cursor in view.
+    key(&mut app, KeyCode::End);
+    typed(&mut app, &" and more".repeat(8));
+    terminal.draw(|frame| crate::ui::render(&app, frame)).unwrap();
+    let screen = terminal.backend().to_string();
+    assert!(screen.contains("and more and more"), "{screen}");
+    terminal.backend_mut().assert_cursor_position((38, 2));
+}

@@ -54,11 +54,28 @@ pub fn one_line(text: &str) -> String {
 }
 
 fn needs_escape(c: char) -> bool {
-    c.is_control() || is_bidi_control(c)
+    is_hidden(c)
+}
+
+/// Control characters, bidirectional overrides and zero-width format
+/// characters: what changes how text is shown without being seen.
+pub fn is_hidden(c: char) -> bool {
+    c.is_control() || is_bidi_control(c) || is_invisible_format(c)
 }
 
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
+/// Zero-width characters that glue or hide others. The joiner (U+200D)
+/// matters most: terminals draw a joined emoji sequence wider than the
+/// width ratatui counts for it, which shifts and leaves behind text on the
+/// screen (a client's application name could make counters read wrong).
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{180E}' | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 fn push_escaped(out: &mut String, c: char) {
@@ -77,19 +94,31 @@ fn push_escaped(out: &mut String, c: char) {
     }
 }
 
-/// The first `width` columns of `text` (counted in chars, which is what the
-/// console's texts are once escaped), with `…` when cut.
+/// How many terminal columns `text` takes.
+pub fn width(text: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(text)
+}
+
+/// The first `width` columns of `text`, with `…` when cut (wide characters
+/// count two).
 pub fn clip(text: &str, width: usize) -> Cow<'_, str> {
+    if self::width(text) <= width {
+        return Cow::Borrowed(text);
+    }
     if width == 0 {
         return Cow::Borrowed("");
     }
-    match text.char_indices().nth(width) {
-        None => Cow::Borrowed(text),
-        Some(_) => {
-            let cut: String = text.chars().take(width - 1).collect();
-            Cow::Owned(cut + "…")
+    let mut cut = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w > width - 1 {
+            break;
         }
+        used += w;
+        cut.push(c);
     }
+    Cow::Owned(cut + "…")
 }
 
 /// A duration the way people say it: `850ms`, `4.2s`, `3m12s`, `2h05m`.
@@ -150,6 +179,8 @@ mod tests {
         assert_eq!(escape("del\x7f"), "del\\x7f");
         assert_eq!(escape("rtl\u{202e}txt"), "rtl\\u{202e}txt");
         assert_eq!(escape("two\nlines"), "two\\nlines");
+        // A joined emoji sequence falls apart into its (narrow-counted) parts.
+        assert_eq!(escape("👩\u{200d}👧"), "👩\\u{200d}👧");
     }
 
     #[test]
@@ -168,6 +199,9 @@ mod tests {
         assert_eq!(clip("abcdef", 10), "abcdef");
         assert_eq!(clip("abcdef", 4), "abc…");
         assert_eq!(clip("abcdef", 0), "");
+        assert_eq!(clip("漢字漢字", 8), "漢字漢字");
+        assert_eq!(clip("漢字漢字", 6), "漢字…");
+        assert_eq!(width("漢字a"), 5);
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn render_tabs(app: &App, frame: &mut Frame, area: Rect) {
             format!("○ reconnecting to {} (attempt {attempt})", app.api),
             theme.warn(),
         ),
+        Link::Refused { .. } => Span::styled(format!("✗ {} refused the token", app.api), theme.danger()),
     };
     let link_width = link.content.chars().count() as u16 + 1;
     let [tabs, right] = Layout::horizontal([Constraint::Min(10), Constraint::Length(link_width)]).areas(area);
@@ -117,6 +118,10 @@ fn render_status(app: &App, frame: &mut Frame, area: Rect) {
         (None, Link::Reconnecting { error, .. }) => Line::styled(
             format!("lost the gateway: {} (retrying)", one_line(error)),
             theme.warn(),
+        ),
+        (None, Link::Refused { error }) => Line::styled(
+            format!("{} (check --token or SLUICE_TOKEN)", one_line(error)),
+            theme.danger(),
         ),
         (None, _) => Line::from(vec![
             Span::styled("?", theme.key()),

@@ -109,15 +109,21 @@ impl ActivityView {
         if fields.iter().flatten().any(|f| f.to_lowercase().contains(&needle)) {
             return true;
         }
+        // The words on screen match, and the trail's own.
         match &e.detail {
             Detail::Statement {
                 text, decision, rule, ..
             } => {
                 decision.contains(&needle)
+                    || decision_word(decision).to_lowercase().contains(&needle)
                     || text.to_lowercase().contains(&needle)
                     || rule.as_deref().is_some_and(|r| r.to_lowercase().contains(&needle))
             }
-            other => other.kind().contains(&needle),
+            other => {
+                other.kind().contains(&needle)
+                    || label(other).to_lowercase().contains(&needle)
+                    || event.event.summary().to_lowercase().contains(&needle)
+            }
         }
     }
 
@@ -147,11 +153,11 @@ impl ActivityView {
             return Outcome::handled();
         }
         match key.code {
-            KeyCode::Char('/') => Outcome::overlay(Overlay::Prompt(Prompt {
-                title: "Filter (identity, target, decision, text)".into(),
-                input: self.filter.clone(),
-                purpose: Purpose::ActivityFilter,
-            })),
+            KeyCode::Char('/') => Outcome::overlay(Overlay::Prompt(Prompt::new(
+                "Filter (identity, target, decision, text)",
+                &self.filter,
+                Purpose::ActivityFilter,
+            ))),
             KeyCode::Enter if len > 0 => {
                 self.detail = true;
                 Outcome::handled()
@@ -165,14 +171,25 @@ impl ActivityView {
     }
 }
 
+/// A decision as the feed shows it.
+fn decision_word(decision: &str) -> &'static str {
+    match decision {
+        "allow" => "allowed",
+        "deny" => "REFUSED",
+        "require_approval" => "HELD",
+        _ => "?",
+    }
+}
+
 /// A decision's word and style.
 fn decision_style(app: &App, decision: &str) -> (&'static str, Style) {
-    match decision {
-        "allow" => ("allowed", app.theme.ok()),
-        "deny" => ("REFUSED", app.theme.danger()),
-        "require_approval" => ("HELD", app.theme.warn()),
-        _ => ("?", app.theme.plain()),
-    }
+    let style = match decision {
+        "allow" => app.theme.ok(),
+        "deny" => app.theme.danger(),
+        "require_approval" => app.theme.warn(),
+        _ => app.theme.plain(),
+    };
+    (decision_word(decision), style)
 }
 
 /// What an event says, in one line (for timelines).
@@ -366,7 +383,11 @@ fn render_detail(app: &App, item: &Item, frame: &mut Frame, area: Rect) {
     ));
     lines.push(field(
         "when",
-        format!("{} (event {})", crate::text::date_time(e.at, app.zone), item.event.id),
+        format!(
+            "{} (event {})",
+            e.at.with_timezone(&app.zone).format("%Y-%m-%d %H:%M:%S"),
+            item.event.id
+        ),
         theme.plain(),
     ));
     match &e.detail {

@@ -32,10 +32,16 @@ impl ApprovalsView {
         let selected = self.list.get(self.selected).map(|r| r.id);
         self.list = list;
         self.error = None;
-        self.selected = selected
-            .and_then(|id| self.list.iter().position(|r| r.id == id))
-            .unwrap_or(self.selected)
-            .min(self.list.len().saturating_sub(1));
+        // The selection follows its request while that waits; once it has
+        // ended, it moves to what waits now (pending ones are listed first),
+        // so that `a` acts on something that can be decided.
+        let follow = selected.and_then(|id| self.list.iter().position(|r| r.id == id));
+        self.selected = match follow {
+            Some(at) if self.list[at].state != RequestState::Pending && self.pending().next().is_some() => 0,
+            Some(at) => at,
+            None => self.selected,
+        }
+        .min(self.list.len().saturating_sub(1));
     }
 
     pub fn pending(&self) -> impl Iterator<Item = &RequestView> {
@@ -62,15 +68,15 @@ impl ApprovalsView {
                 status: Some(Status::info(format!("approving request {}...", request.id))),
                 overlay: None,
             },
-            KeyCode::Char('d') if pending => Outcome::overlay(Overlay::Prompt(Prompt {
-                title: format!(
+            KeyCode::Char('d') if pending => Outcome::overlay(Overlay::Prompt(Prompt::new(
+                format!(
                     "Deny request {}: reason (shown to {})",
                     request.id,
                     one_line(&request.requester)
                 ),
-                input: String::new(),
-                purpose: Purpose::Deny(request.id),
-            })),
+                "",
+                Purpose::Deny(request.id),
+            ))),
             KeyCode::Char('a' | 'd') => Outcome::status(Status::error(format!(
                 "request {} is {}: nothing to decide",
                 request.id,
@@ -216,7 +222,13 @@ fn render_request(app: &App, r: &RequestView, frame: &mut Frame, area: Rect) {
     let kinds: Vec<String> = r
         .statements
         .iter()
-        .map(|s| format!("{} {}", s.kind, s.relations.join(", ")))
+        .map(|s| {
+            if s.relations.is_empty() {
+                s.kind.clone()
+            } else {
+                format!("{} {}", s.kind, s.relations.join(", "))
+            }
+        })
         .collect();
     if !kinds.is_empty() {
         lines.push(field("class", one_line(&kinds.join("; ")), theme.plain()));

@@ -130,9 +130,9 @@ impl LiveView {
                     escape(&session.identity),
                     escape(&session.target)
                 ),
-                command: Command::Kill {
+                command: Some(Command::Kill {
                     session: session.id.clone(),
-                },
+                }),
             }),
             _ => Outcome::ignored(),
         }
@@ -212,15 +212,25 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
     };
     let block = Block::bordered().title(title);
     if live.sessions.is_empty() {
-        let empty = Paragraph::new(vec![
-            Line::raw(""),
-            Line::styled("  No sessions right now.", theme.dim()),
-            Line::styled(
-                "  Sessions appear here as soon as a client connects through the gateway.",
-                theme.dim(),
-            ),
-        ])
-        .block(block);
+        let body = match &live.error {
+            // Nothing is known: say why rather than "no sessions".
+            Some(error) => vec![
+                Line::raw(""),
+                Line::styled(
+                    format!("  Cannot list the sessions: {}", one_line(error)),
+                    theme.danger(),
+                ),
+            ],
+            None => vec![
+                Line::raw(""),
+                Line::styled("  No sessions right now.", theme.dim()),
+                Line::styled(
+                    "  Sessions appear here as soon as a client connects through the gateway.",
+                    theme.dim(),
+                ),
+            ],
+        };
+        let empty = Paragraph::new(body).block(block);
         frame.render_widget(empty, area);
         return;
     }

@@ -5,7 +5,7 @@
 //! and durations, and a scrubber for the position. `e` exports the session
 //! as JSON lines.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use crossterm::event::{KeyCode, KeyEvent};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -23,10 +23,11 @@ use crate::text::{clip, clock, duration, escape_lines, micros, one_line};
 /// Playback speeds, ×.
 const SPEEDS: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReplayView {
+    /// The operator's zone, in which start times are shown and filtered.
+    pub zone: FixedOffset,
     pub sessions: Vec<SessionSummary>,
-    pub loaded: bool,
     pub loading: bool,
     pub error: Option<String>,
     pub filter: String,
@@ -68,13 +69,27 @@ impl Player {
 }
 
 impl ReplayView {
+    pub fn new(zone: FixedOffset) -> ReplayView {
+        ReplayView {
+            zone,
+            sessions: Vec::new(),
+            loading: false,
+            error: None,
+            filter: String::new(),
+            selected: 0,
+            player: None,
+        }
+    }
+
+    /// Whether entering the view should (re)load the list: every time, so
+    /// that sessions that started meanwhile are there.
     pub fn needs_loading(&self) -> bool {
-        !self.loaded && !self.loading
+        !self.loading && self.player.is_none()
     }
 
     pub fn set_sessions(&mut self, result: Result<Vec<SessionSummary>, String>) {
         self.loading = false;
-        self.loaded = true;
+        let selected = self.visible().nth(self.selected).map(|s| s.session.clone());
         match result {
             Ok(sessions) => {
                 self.sessions = sessions;
@@ -82,7 +97,11 @@ impl ReplayView {
             }
             Err(error) => self.error = Some(error),
         }
-        self.selected = self.selected.min(self.visible().count().saturating_sub(1));
+        // The selection stays on its session when the list is reloaded.
+        let follow = selected.and_then(|id| self.visible().position(|s| s.session == id));
+        self.selected = follow
+            .unwrap_or(self.selected)
+            .min(self.visible().count().saturating_sub(1));
     }
 
     pub fn set_recording(&mut self, session: &str, result: Result<Vec<StoredEvent>, String>, now: DateTime<Utc>) {
@@ -107,12 +126,17 @@ impl ReplayView {
 
     pub fn visible(&self) -> impl Iterator<Item = &SessionSummary> {
         let needle = self.filter.to_lowercase();
+        let zone = self.zone;
         self.sessions.iter().filter(move |s| {
+            // The start as the list shows it (the operator's zone) and as
+            // stored (UTC) both match.
+            let shown = started(s, zone);
             needle.is_empty()
                 || [
                     s.identity.as_deref(),
                     s.target.as_deref(),
                     Some(s.started.as_str()),
+                    Some(shown.as_str()),
                     Some(&s.session),
                 ]
                 .into_iter()
@@ -205,11 +229,11 @@ impl ReplayView {
             return Outcome::handled();
         }
         match key.code {
-            KeyCode::Char('/') => Outcome::overlay(Overlay::Prompt(Prompt {
-                title: "Filter sessions (identity, target, date)".into(),
-                input: self.filter.clone(),
-                purpose: Purpose::ReplayFilter,
-            })),
+            KeyCode::Char('/') => Outcome::overlay(Overlay::Prompt(Prompt::new(
+                "Filter sessions (identity, target, date)",
+                &self.filter,
+                Purpose::ReplayFilter,
+            ))),
             KeyCode::Char('r') => {
                 self.loading = true;
                 Outcome::command(Command::LoadPastSessions)
@@ -247,6 +271,13 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     }
 }
 
+/// When a session started, as the list shows it.
+fn started(session: &SessionSummary, zone: FixedOffset) -> String {
+    DateTime::parse_from_rfc3339(&session.started)
+        .map(|t| crate::text::date_time(t.with_timezone(&Utc), zone))
+        .unwrap_or_else(|_| one_line(&session.started))
+}
+
 fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
     let theme = app.theme;
     let view = &app.replay;
@@ -281,9 +312,7 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
     let header =
         Row::new(["started", "identity", "target", "client", "stmts", "refused", "ended"]).style(theme.header());
     let rows = sessions.iter().map(|s| {
-        let started = DateTime::parse_from_rfc3339(&s.started)
-            .map(|t| crate::text::date_time(t.with_timezone(&Utc), app.zone))
-            .unwrap_or_else(|_| one_line(&s.started));
+        let started = started(s, app.zone);
         let ended = match (&s.closed, s.refused_at_start) {
             (_, true) => Span::styled("login refused", theme.danger()),
             (Some(reason), _) => Span::raw(one_line(reason)),
@@ -301,12 +330,12 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
     });
     let widths = [
         Constraint::Length(16),
-        Constraint::Length(14),
+        Constraint::Length(12),
         Constraint::Length(10),
-        Constraint::Length(21),
-        Constraint::Length(6),
-        Constraint::Length(8),
         Constraint::Min(8),
+        Constraint::Length(5),
+        Constraint::Length(7),
+        Constraint::Length(18),
     ];
     let table = Table::new(rows, widths).header(header).block(block);
     super::draw_selectable(frame, area, table, theme, view.selected);

@@ -11,13 +11,13 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Position, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Cell, Paragraph, Row, Table, Wrap};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
 
 use super::Outcome;
 use crate::action::{Command, QueryError, QueryOutcome};
 use crate::app::{App, Level, Overlay, Prompt, Purpose, Status};
 use crate::sql::highlight;
-use crate::text::{clip, escape, micros, one_line};
+use crate::text::{clip, escape, one_line, width};
 
 /// History entries kept (and saved).
 pub const HISTORY: usize = 500;
@@ -44,6 +44,8 @@ pub struct ShellView {
     pub scroll_col: usize,
     /// The last query's text, as sent.
     pub last_sql: String,
+    /// The result's column widths, measured when it came.
+    pub widths: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,7 @@ impl ShellView {
             scroll_row: 0,
             scroll_col: 0,
             last_sql: String::new(),
+            widths: Vec::new(),
         }
     }
 
@@ -98,14 +101,19 @@ impl ShellView {
         self.browsing = None;
     }
 
+    /// Inserts pasted text at the cursor (a line at a time: a large paste
+    /// costs its length, not its length squared).
     pub fn paste(&mut self, text: &str) {
         self.focus = Focus::Editor;
-        for c in text.chars() {
-            match c {
-                '\n' => self.newline(),
-                '\r' => {}
-                c => self.insert(c),
+        self.browsing = None;
+        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        for (n, part) in text.split('\n').enumerate() {
+            if n > 0 {
+                self.newline();
             }
+            let at = self.byte();
+            self.lines[self.row].insert_str(at, part);
+            self.col += part.chars().count();
         }
     }
 
@@ -163,7 +171,10 @@ impl ShellView {
         if sql.is_empty() {
             return Outcome::handled();
         }
-        if let Some(target) = sql.strip_prefix("\\c") {
+        if let Some(target) = sql
+            .strip_prefix("\\c")
+            .filter(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+        {
             let target = target.trim().trim_end_matches(';').trim();
             self.lines = vec![String::new()];
             self.row = 0;
@@ -228,6 +239,7 @@ impl ShellView {
         match result {
             Ok(outcome) => {
                 self.elapsed_ms = outcome.elapsed_ms;
+                self.widths = column_widths(&outcome);
                 self.result = Some(outcome);
             }
             Err(error) => {
@@ -266,11 +278,11 @@ impl ShellView {
             return Outcome::handled();
         }
         if ctrl && key.code == KeyCode::Char('t') {
-            return Outcome::overlay(Overlay::Prompt(Prompt {
-                title: "Target (the database name clients use)".into(),
-                input: self.target.clone(),
-                purpose: Purpose::ShellTarget,
-            }));
+            return Outcome::overlay(Overlay::Prompt(Prompt::new(
+                "Target (the database name clients use)",
+                &self.target,
+                Purpose::ShellTarget,
+            )));
         }
         if self.focus == Focus::Results {
             return self.results_key(key);
@@ -286,8 +298,9 @@ impl ShellView {
             KeyCode::Enter => {
                 let text = self.text();
                 let trimmed = text.trim_end();
+                let switch = trimmed.trim_start().strip_prefix("\\c");
                 if self.row + 1 == self.lines.len()
-                    && (trimmed.ends_with(';') || trimmed.trim_start().starts_with("\\c"))
+                    && (trimmed.ends_with(';') || switch.is_some_and(|rest| rest.is_empty() || rest.starts_with(' ')))
                 {
                     self.run()
                 } else {
@@ -392,20 +405,39 @@ const MAX_COLUMN: usize = 40;
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let theme = app.theme;
     let shell = &app.shell;
-    let editor_height = (shell.lines.len() as u16 + 2).clamp(3, area.height / 3 + 1);
+    // The editor takes what its text needs, up to a third of the view; the
+    // messages (each wrapped) up to half of what is left. On a very short
+    // screen the results go first.
+    let editor_height = (shell.lines.len() as u16 + 2).min((area.height / 3).max(3));
+    let message_width = area.width.saturating_sub(2).max(1) as usize;
+    let message_lines: Vec<Line> = shell
+        .messages
+        .iter()
+        .flat_map(|(level, text)| {
+            let style = match level {
+                Level::Error => theme.danger(),
+                Level::Warn => theme.warn(),
+                _ => theme.plain(),
+            };
+            // Wrapped here, by columns, so that the count below is exact.
+            wrap(&one_line(text), message_width)
+                .into_iter()
+                .map(move |part| Line::styled(part, style))
+        })
+        .collect();
     let message_height = if shell.messages.is_empty() {
         0
     } else {
-        (shell.messages.len() as u16 + 2).min(area.height / 4 + 2)
+        (message_lines.len() as u16 + 2).min((area.height.saturating_sub(editor_height) / 2).max(3))
     };
     let [editor, messages, results] = Layout::vertical([
         Constraint::Length(editor_height),
         Constraint::Length(message_height),
-        Constraint::Min(3),
+        Constraint::Min(0),
     ])
     .areas(area);
     let status = match shell.running {
-        Some(_) => Span::styled(format!(" running {} ", micros(shell.elapsed_ms * 1000)), theme.warn()),
+        Some(_) => Span::styled(format!(" running {} ", millis(shell.elapsed_ms)), theme.warn()),
         None => Span::raw(""),
     };
     let editor_style = if shell.editing() { theme.title() } else { theme.dim() };
@@ -420,39 +452,60 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         ));
     let inner = block.inner(editor);
     let escaped: Vec<String> = shell.lines.iter().map(|l| escape(l).into_owned()).collect();
-    // Keep the cursor's line in view.
+    // Keep the cursor in view: its line, and its column (long lines scroll
+    // sideways; wide characters count two columns).
     let top = shell.row.saturating_sub(inner.height.saturating_sub(1) as usize);
+    let before: String = shell.lines[shell.row].chars().take(shell.col).collect();
+    let cursor = width(&escape(&before)) as u16;
+    let left = cursor.saturating_sub(inner.width.saturating_sub(1));
     let text: Vec<Line> = highlight(&escaped, theme).into_iter().skip(top).collect();
-    frame.render_widget(Paragraph::new(text).block(block), editor);
+    frame.render_widget(Paragraph::new(text).block(block).scroll((0, left)), editor);
     if shell.editing() && app.overlay.is_none() {
-        let before: String = shell.lines[shell.row].chars().take(shell.col).collect();
-        let x = inner.x + escape(&before).chars().count() as u16;
+        let x = inner.x + cursor - left;
         let y = inner.y + (shell.row - top) as u16;
         if x < inner.right() && y < inner.bottom() {
             frame.set_cursor_position(Position::new(x, y));
         }
     }
     if message_height > 0 {
-        let lines: Vec<Line> = shell
-            .messages
-            .iter()
-            .map(|(level, text)| {
-                let style = match level {
-                    Level::Error => theme.danger(),
-                    Level::Warn => theme.warn(),
-                    _ => theme.plain(),
-                };
-                Line::styled(one_line(text), style)
-            })
-            .collect();
+        // What came last (the error, its hint) stays in view.
+        let skip = message_lines
+            .len()
+            .saturating_sub(message_height.saturating_sub(2) as usize);
+        let lines: Vec<Line> = message_lines.into_iter().skip(skip).collect();
         frame.render_widget(
-            Paragraph::new(lines)
-                .block(Block::bordered().title(Span::styled(" Messages ", theme.title())))
-                .wrap(Wrap { trim: false }),
+            Paragraph::new(lines).block(Block::bordered().title(Span::styled(" Messages ", theme.title()))),
             messages,
         );
     }
     render_results(app, frame, results);
+}
+
+/// `text` in pieces of at most `columns` columns.
+fn wrap(text: &str, columns: usize) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut used = 0;
+    for c in text.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w > columns && used > 0 {
+            parts.push(String::new());
+            used = 0;
+        }
+        used += w;
+        if let Some(last) = parts.last_mut() {
+            last.push(c);
+        }
+    }
+    parts
+}
+
+/// A shell run time: `<1ms`, `12ms`, `4.2s`.
+fn millis(ms: u64) -> String {
+    match ms {
+        0 => "<1ms".to_string(),
+        ms if ms < 1000 => format!("{ms}ms"),
+        ms => crate::text::duration(chrono::Duration::milliseconds(ms as i64)),
+    }
 }
 
 fn render_results(app: &App, frame: &mut Frame, area: Rect) {
@@ -487,7 +540,7 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
                 if result.truncated { " (more not kept)" } else { "" }
             )
         };
-        format!(" {what} in {} ", micros(result.elapsed_ms * 1000))
+        format!(" {what} in {} ", millis(result.elapsed_ms))
     };
     let position = if result.columns.len() > 1 {
         format!(
@@ -509,46 +562,58 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
         frame.render_widget(Paragraph::new("").block(block), area);
         return;
     }
-    let columns = &result.columns[shell.scroll_col.min(result.columns.len() - 1)..];
-    let width = |i: usize| {
-        let index = shell.scroll_col + i;
-        let header = escape(&result.columns[index]).chars().count();
-        let values = result
-            .rows
-            .iter()
-            .skip(shell.scroll_row)
-            .take(area.height as usize)
-            .map(|row| {
-                row.get(index)
-                    .and_then(|v| v.as_deref())
-                    .map_or(4, |v| one_line(v).chars().count())
-            })
-            .max()
-            .unwrap_or(0);
-        header.max(values).clamp(4, MAX_COLUMN) as u16
-    };
     // As many whole columns as fit from the scrolled-to one (at least
-    // one); the rest are a → away.
+    // one); the rest are a → away. Widths were measured once, when the
+    // result came, so columns do not shift while scrolling.
+    let first_column = shell.scroll_col.min(result.columns.len() - 1);
     let room = area.width.saturating_sub(2);
     let mut used = 0u16;
     let mut widths: Vec<Constraint> = Vec::new();
-    for i in 0..columns.len() {
-        let w = width(i);
+    for w in shell.widths.iter().skip(first_column) {
         if !widths.is_empty() && used + w > room {
             break;
         }
         used += w + 1;
-        widths.push(Constraint::Length(w));
+        widths.push(Constraint::Length(*w));
     }
     let shown = widths.len();
-    let header = Row::new(columns.iter().take(shown).map(|c| Cell::from(escape(c).into_owned()))).style(theme.header());
-    let rows = result.rows.iter().skip(shell.scroll_row).map(|row| {
-        Row::new(row.iter().skip(shell.scroll_col).take(shown).map(|value| match value {
-            Some(v) => Cell::from(clip(&one_line(v), MAX_COLUMN).into_owned()),
+    // Only the rows that fit are built: a result of thousands of rows costs
+    // a page per frame. Scrolled past the end, the last page shows.
+    let page = area.height.saturating_sub(3) as usize;
+    let first_row = shell.scroll_row.min(result.rows.len().saturating_sub(page));
+    let header = Row::new(
+        result.columns[first_column..]
+            .iter()
+            .take(shown)
+            .map(|c| Cell::from(escape(c).into_owned())),
+    )
+    .style(theme.header());
+    let rows = result.rows.iter().skip(first_row).take(page).map(|row| {
+        Row::new(row.iter().skip(first_column).take(shown).map(|value| match value {
+            // Values as they are (leading spaces, tabs and line breaks
+            // shown, not folded), cut to the column with a mark.
+            Some(v) => Cell::from(clip(&escape(v), MAX_COLUMN).into_owned()),
             None => Cell::from(Span::styled("NULL", theme.null())),
         }))
     });
     frame.render_widget(Table::new(rows, widths).header(header).block(block), area);
+}
+
+/// Column widths for a result: its header and values (the first rows),
+/// escaped, between 4 and [`MAX_COLUMN`] columns.
+fn column_widths(result: &QueryOutcome) -> Vec<u16> {
+    (0..result.columns.len())
+        .map(|i| {
+            let values = result
+                .rows
+                .iter()
+                .take(1000)
+                .map(|row| row.get(i).and_then(|v| v.as_deref()).map_or(4, |v| width(&escape(v))))
+                .max()
+                .unwrap_or(0);
+            width(&escape(&result.columns[i])).max(values).clamp(4, MAX_COLUMN) as u16
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -609,6 +674,22 @@ mod tests {
         let outcome = shell.key(key(KeyCode::Enter));
         assert!(outcome.commands.is_empty());
         assert_eq!(shell.target, "billing");
+        // \copy is not \c: it is sent (and the gateway says what it thinks).
+        typed(&mut shell, "\\copy orders to stdout;");
+        let outcome = shell.key(key(KeyCode::Enter));
+        assert_eq!(shell.target, "billing");
+        assert!(matches!(&outcome.commands[0], Command::RunQuery { sql, .. } if sql == "\\copy orders to stdout;"));
+    }
+
+    #[test]
+    fn a_large_paste_lands_whole_at_the_cursor() {
+        let mut shell = ShellView::new("shop");
+        typed(&mut shell, "select ");
+        let long = "x".repeat(200_000);
+        shell.paste(&format!("'{long}'\r\nfrom t;"));
+        assert_eq!(shell.lines.len(), 2);
+        assert_eq!(shell.lines[0].len(), 7 + 200_002);
+        assert_eq!((shell.row, shell.col), (1, 7));
     }
 
     #[test]

@@ -522,6 +522,7 @@ async fn request_access(
         )
     })?;
     let reason = body.reason.trim();
+    check_reason(reason)?;
     if reason.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -592,12 +593,44 @@ fn decision_body(body: &[u8]) -> ApiResult<DecisionBody> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DecisionBody::default());
     }
-    serde_json::from_slice(body).map_err(|err| {
+    let body: DecisionBody = serde_json::from_slice(body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the body must be JSON like {{\"reason\": \"...\"}}: {err}"),
         )
-    })
+    })?;
+    if let Some(reason) = &body.reason {
+        check_reason(reason)?;
+    }
+    Ok(body)
+}
+
+/// The longest reason a decision or request may give.
+const MAX_REASON: usize = 1000;
+
+/// A reason is shown to people (in the requester's client, the console, the
+/// trail): no control characters or direction overrides, which could make
+/// it show something else, and a length a person reads.
+fn check_reason(reason: &str) -> ApiResult<()> {
+    if reason.chars().count() > MAX_REASON {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the reason is longer than {MAX_REASON} characters: say it shorter"),
+        ));
+    }
+    let hidden = |c: char| {
+        c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200B}'..='\u{200F}')
+    };
+    if let Some(c) = reason.chars().find(|c| hidden(*c)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the reason holds an invisible character (U+{:04X}): write it as plain text on one line",
+                c as u32
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Ends a grant before its time: its holder, or an approver or admin.
