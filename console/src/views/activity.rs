@@ -335,7 +335,7 @@ fn feed_row(app: &App, item: &Item) -> Row<'static> {
             let (word, style) = decision_style(app, decision);
             let took = match &item.done {
                 Some(done) if done.sqlstate.is_some() => Span::styled(
-                    format!("ERR {}", done.sqlstate.as_deref().unwrap_or("")),
+                    format!("ERR {}", one_line(done.sqlstate.as_deref().unwrap_or(""))),
                     theme.danger(),
                 ),
                 Some(done) => Span::raw(micros(done.duration_us)),
