@@ -293,20 +293,28 @@ impl SqliteStore {
         Ok(grants)
     }
 
-    /// Sessions, newest first.
+    /// Sessions, newest first. The newest `limit` sessions are found from
+    /// the end of the trail (each starts with its opening or its refusal),
+    /// and only their events are read, through the session index: the cost
+    /// follows what is shown, not the size of the trail.
     pub fn sessions(&self, limit: u64) -> Result<Vec<SessionSummary>, AuditError> {
         let err = sql_error(&self.path, "reading audit sessions");
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT session, MIN(at), MAX(at), MAX(identity), MAX(target), \
-                   SUM(kind = 'statement'), \
-                   SUM(kind = 'statement' AND json_extract(body, '$.decision') <> 'allow'), \
-                   MAX(CASE WHEN kind = 'session_closed' THEN json_extract(body, '$.reason') END), \
-                   MAX(CASE WHEN kind = 'session_opened' THEN json_extract(body, '$.client') \
-                            WHEN kind = 'session_refused' THEN json_extract(body, '$.client') END), \
-                   MAX(kind = 'session_refused') \
-                 FROM events WHERE session IS NOT NULL GROUP BY session ORDER BY MIN(id) DESC LIMIT ?1",
+                "WITH recent AS ( \
+                   SELECT session FROM events \
+                   WHERE kind IN ('session_opened', 'session_refused') AND session IS NOT NULL \
+                   ORDER BY id DESC LIMIT ?1) \
+                 SELECT e.session, MIN(e.at), MAX(e.at), MAX(e.identity), MAX(e.target), \
+                   SUM(e.kind = 'statement'), \
+                   SUM(e.kind = 'statement' AND json_extract(e.body, '$.decision') <> 'allow'), \
+                   MAX(CASE WHEN e.kind = 'session_closed' THEN json_extract(e.body, '$.reason') END), \
+                   MAX(CASE WHEN e.kind = 'session_opened' THEN json_extract(e.body, '$.client') \
+                            WHEN e.kind = 'session_refused' THEN json_extract(e.body, '$.client') END), \
+                   MAX(e.kind = 'session_refused') \
+                 FROM recent r JOIN events e ON e.session = r.session \
+                 GROUP BY e.session ORDER BY MIN(e.id) DESC",
             )
             .map_err(&err)?;
         let rows = stmt
