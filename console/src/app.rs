@@ -504,13 +504,23 @@ fn on_key(app: &mut App, key: KeyEvent, commands: &mut Vec<Command>) {
 }
 
 fn quit(app: &mut App) {
-    if app.confirm_quit {
-        app.overlay = Some(Overlay::Confirm {
-            question: "Quit? The demo stops and its database and files are removed.".into(),
-            command: None,
-        });
+    let question = if app.confirm_quit {
+        Some("Quit? The demo stops and its database and files are removed.")
+    } else if app.shell.running.is_some() {
+        Some("Quit? A query is running in the shell; it is cancelled.")
+    } else if !app.shell.text().trim().is_empty() {
+        Some("Quit? The shell holds SQL you have not run.")
     } else {
-        app.quit = true;
+        None
+    };
+    match question {
+        Some(question) => {
+            app.overlay = Some(Overlay::Confirm {
+                question: question.into(),
+                command: None,
+            })
+        }
+        None => app.quit = true,
     }
 }
 

@@ -468,13 +468,16 @@ fn shell_wide_result_scrolled() {
     typed(&mut app, "SELECT * FROM wide;");
     key(&mut app, KeyCode::Enter);
     update(&mut app, Action::QueryDone(Ok(wide_result())));
-    key(&mut app, KeyCode::Esc);
+    let ctrl = |app: &mut App, code| update(app, Action::Key(KeyEvent::new(code, KeyModifiers::CONTROL)));
     for _ in 0..3 {
-        key(&mut app, KeyCode::Right);
+        ctrl(&mut app, KeyCode::Right);
     }
     for _ in 0..5 {
-        key(&mut app, KeyCode::Down);
+        ctrl(&mut app, KeyCode::Down);
     }
+    // Letters and digits stay text in the shell: nothing else happens.
+    typed(&mut app, "q1j");
+    assert_eq!((app.tab, app.quit, app.shell.text().as_str()), (Tab::Shell, false, "q1j"));
     insta::assert_snapshot!(draw(&app, 100, 20));
 }
 
@@ -672,7 +675,10 @@ fn tabs_switch_by_number_and_tab_key() {
     key(&mut app, KeyCode::BackTab);
     key(&mut app, KeyCode::BackTab);
     assert_eq!(app.tab, Tab::Approvals);
+    // The "1" typed in the shell is still there: quitting asks first.
     key(&mut app, KeyCode::Char('q'));
+    assert!(!app.quit);
+    key(&mut app, KeyCode::Char('y'));
     assert!(app.quit);
 }
 
@@ -687,13 +693,11 @@ fn every_view_draws_at_any_size_without_panicking() {
     key(&mut app, KeyCode::Enter);
     update(&mut app, Action::QueryNotice("NOTICE: a long notice ".repeat(20)));
     update(&mut app, Action::QueryDone(Ok(wide_result())));
-    key(&mut app, KeyCode::Esc);
-    for tab in ['1', '2', '3', '4', '5'] {
-        key(&mut app, KeyCode::Char(tab));
+    for tab in Tab::ALL {
+        app.tab = tab;
         for (width, height) in [(1, 1), (10, 3), (20, 5), (80, 6), (80, 7), (80, 8), (40, 24), (200, 60)] {
             draw(&app, width, height);
         }
-        key(&mut app, KeyCode::Esc);
     }
 }
 

@@ -57,26 +57,7 @@ fn needs_escape(c: char) -> bool {
     is_hidden(c)
 }
 
-/// Control characters, bidirectional overrides and zero-width format
-/// characters: what changes how text is shown without being seen.
-pub fn is_hidden(c: char) -> bool {
-    c.is_control() || is_bidi_control(c) || is_invisible_format(c)
-}
-
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-}
-
-/// Zero-width characters that glue or hide others. The joiner (U+200D)
-/// matters most: terminals draw a joined emoji sequence wider than the
-/// width ratatui counts for it, which shifts and leaves behind text on the
-/// screen (a client's application name could make counters read wrong).
-fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{180E}' | '\u{E0000}'..='\u{E007F}'
-    )
-}
+pub use sluice_core::text::is_hidden;
 
 fn push_escaped(out: &mut String, c: char) {
     match c {

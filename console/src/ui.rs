@@ -162,9 +162,10 @@ pub fn bindings(tab: Tab) -> &'static [(&'static str, &'static str)] {
             ("ctrl-r / F5", "run the text as it is"),
             ("↑ ↓", "history (at the first / last line)"),
             ("ctrl-c", "cancel the running query, or clear the text"),
-            ("ctrl-t or \\c NAME", "choose the target"),
-            ("esc", "to the results: arrows scroll, h/l columns; i: back"),
-            ("F1", "this help (? is text here)"),
+            ("ctrl-t, \\c NAME", "choose the target"),
+            ("PgUp PgDn", "scroll the results a page"),
+            ("ctrl/alt-arrows", "scroll the results a row / column"),
+            ("F1", "this help (letters, digits, ? are text here)"),
         ],
         Tab::Replay => &[
             ("enter", "replay the selected session"),

@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod text;
 pub mod tls;
 pub mod upstream;
 

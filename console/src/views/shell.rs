@@ -32,7 +32,6 @@ pub struct ShellView {
     /// Walking the history: which entry, and the text being written before.
     browsing: Option<(usize, Vec<String>)>,
     pub target: String,
-    pub focus: Focus,
     /// When the running query started.
     pub running: Option<chrono::DateTime<chrono::Utc>>,
     pub elapsed_ms: u64,
@@ -48,11 +47,6 @@ pub struct ShellView {
     pub widths: Vec<u16>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Focus {
-    Editor,
-    Results,
-}
 
 impl ShellView {
     pub fn new(target: &str) -> ShellView {
@@ -63,7 +57,6 @@ impl ShellView {
             history: Vec::new(),
             browsing: None,
             target: target.to_string(),
-            focus: Focus::Editor,
             running: None,
             elapsed_ms: 0,
             result: None,
@@ -75,8 +68,10 @@ impl ShellView {
         }
     }
 
+    /// The shell always takes typing: letters and digits are text here,
+    /// never view switches or quitting.
     pub fn editing(&self) -> bool {
-        self.focus == Focus::Editor
+        true
     }
 
     pub fn text(&self) -> String {
@@ -104,7 +99,6 @@ impl ShellView {
     /// Inserts pasted text at the cursor (a line at a time: a large paste
     /// costs its length, not its length squared).
     pub fn paste(&mut self, text: &str) {
-        self.focus = Focus::Editor;
         self.browsing = None;
         let text = text.replace("\r\n", "\n").replace('\r', "\n");
         for (n, part) in text.split('\n').enumerate() {
@@ -268,7 +262,7 @@ impl ShellView {
                     overlay: None,
                 };
             }
-            if self.focus == Focus::Editor && self.text().is_empty() {
+            if self.text().is_empty() {
                 return Outcome::ignored();
             }
             self.lines = vec![String::new()];
@@ -284,14 +278,13 @@ impl ShellView {
                 Purpose::ShellTarget,
             )));
         }
-        if self.focus == Focus::Results {
-            return self.results_key(key);
+        let alt = key.modifiers.contains(KeyModifiers::ALT);
+        if (ctrl || alt) && !matches!(key.code, KeyCode::Char(_) | KeyCode::Enter) || matches!(key.code, KeyCode::PageUp | KeyCode::PageDown) {
+            if let Some(outcome) = self.scroll(key) {
+                return outcome;
+            }
         }
         match key.code {
-            KeyCode::Esc => {
-                self.focus = Focus::Results;
-                Outcome::handled()
-            }
             KeyCode::Char('r') if ctrl => self.run(),
             KeyCode::F(5) => self.run(),
             KeyCode::Enter if key.modifiers.contains(KeyModifiers::ALT) => self.run(),
@@ -374,30 +367,34 @@ impl ShellView {
         }
     }
 
-    fn results_key(&mut self, key: KeyEvent) -> Outcome {
+    /// Result scrolling, while the editor keeps the keys it needs:
+    /// PageUp/PageDown by pages, ctrl/alt with ↑↓ by rows and ←→ by
+    /// columns, ctrl/alt with Home/End to the first and last rows.
+    fn scroll(&mut self, key: KeyEvent) -> Option<Outcome> {
         let rows = self.result.as_ref().map_or(0, |r| r.rows.len());
         let columns = self.result.as_ref().map_or(0, |r| r.columns.len());
+        // Past the last page the view shows the last page: count from it.
+        let at = self.scroll_row.min(rows.saturating_sub(PAGE));
         match key.code {
-            KeyCode::Char('i') | KeyCode::Enter => self.focus = Focus::Editor,
-            KeyCode::Esc => self.focus = Focus::Editor,
-            KeyCode::Down | KeyCode::Char('j') => self.scroll_row = (self.scroll_row + 1).min(rows.saturating_sub(1)),
-            KeyCode::Up | KeyCode::Char('k') => self.scroll_row = self.scroll_row.saturating_sub(1),
-            KeyCode::PageDown => self.scroll_row = (self.scroll_row + 20).min(rows.saturating_sub(1)),
-            KeyCode::PageUp => self.scroll_row = self.scroll_row.saturating_sub(20),
-            KeyCode::Right | KeyCode::Char('l') => {
-                self.scroll_col = (self.scroll_col + 1).min(columns.saturating_sub(1))
-            }
-            KeyCode::Left | KeyCode::Char('h') => self.scroll_col = self.scroll_col.saturating_sub(1),
+            KeyCode::Down => self.scroll_row = (at + 1).min(rows.saturating_sub(1)),
+            KeyCode::Up => self.scroll_row = at.saturating_sub(1),
+            KeyCode::PageDown => self.scroll_row = (at + PAGE).min(rows.saturating_sub(1)),
+            KeyCode::PageUp => self.scroll_row = at.saturating_sub(PAGE),
+            KeyCode::Right => self.scroll_col = (self.scroll_col + 1).min(columns.saturating_sub(1)),
+            KeyCode::Left => self.scroll_col = self.scroll_col.saturating_sub(1),
             KeyCode::Home => {
                 self.scroll_row = 0;
                 self.scroll_col = 0;
             }
-            KeyCode::End => self.scroll_row = rows.saturating_sub(1),
-            _ => return Outcome::ignored(),
+            KeyCode::End => self.scroll_row = rows.saturating_sub(PAGE),
+            _ => return None,
         }
-        Outcome::handled()
+        Some(Outcome::handled())
     }
 }
+
+/// Rows a page of results scrolls by.
+const PAGE: usize = 20;
 
 /// The widest a result column is drawn.
 const MAX_COLUMN: usize = 40;
@@ -447,7 +444,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             status,
         ]))
         .title_bottom(Line::styled(
-            " enter after ; runs  ctrl-r: run  ctrl-c: cancel  esc: results  F1: keys ",
+            " enter after ; runs  ctrl-r: run  ctrl-c: cancel  PgUp/PgDn: results  F1: keys ",
             theme.dim(),
         ));
     let inner = block.inner(editor);
@@ -511,11 +508,7 @@ fn millis(ms: u64) -> String {
 fn render_results(app: &App, frame: &mut Frame, area: Rect) {
     let theme = app.theme;
     let shell = &app.shell;
-    let focus = if shell.focus == Focus::Results {
-        theme.title()
-    } else {
-        theme.dim()
-    };
+    let focus = theme.title();
     let Some(result) = &shell.result else {
         let hint = if shell.running.is_some() {
             "  waiting for the gateway..."
@@ -542,22 +535,12 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
         };
         format!(" {what} in {} ", millis(result.elapsed_ms))
     };
-    let position = if result.columns.len() > 1 {
-        format!(
-            " column {}/{}  row {} ",
-            shell.scroll_col + 1,
-            result.columns.len(),
-            shell.scroll_row + 1
-        )
-    } else {
-        String::new()
-    };
     let block = Block::bordered()
         .title(Line::from(vec![
             Span::styled(" Results ", focus),
             Span::styled(summary, theme.ok()),
         ]))
-        .title_bottom(Line::styled(position, theme.dim()));
+        ;
     if result.columns.is_empty() {
         frame.render_widget(Paragraph::new("").block(block), area);
         return;
@@ -581,6 +564,17 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
     // a page per frame. Scrolled past the end, the last page shows.
     let page = area.height.saturating_sub(3) as usize;
     let first_row = shell.scroll_row.min(result.rows.len().saturating_sub(page));
+    // Where the view is, as it is drawn.
+    let last_row = (first_row + page).min(result.rows.len());
+    let position = format!(
+        " rows {}-{} of {}  column {}/{}  (PgUp/PgDn, ctrl-arrows) ",
+        (first_row + 1).min(last_row),
+        last_row,
+        result.rows.len(),
+        first_column + 1,
+        result.columns.len()
+    );
+    let block = block.title_bottom(Line::styled(position, theme.dim()));
     let header = Row::new(
         result.columns[first_column..]
             .iter()
@@ -588,11 +582,12 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
             .map(|c| Cell::from(escape(c).into_owned())),
     )
     .style(theme.header());
+    let column_widths = &shell.widths[first_column..];
     let rows = result.rows.iter().skip(first_row).take(page).map(|row| {
-        Row::new(row.iter().skip(first_column).take(shown).map(|value| match value {
+        Row::new(row.iter().skip(first_column).take(shown).zip(column_widths).map(|(value, w)| match value {
             // Values as they are (leading spaces, tabs and line breaks
-            // shown, not folded), cut to the column with a mark.
-            Some(v) => Cell::from(clip(&escape(v), MAX_COLUMN).into_owned()),
+            // shown, not folded), cut to their column with a mark.
+            Some(v) => Cell::from(clip(&escape(v), *w as usize).into_owned()),
             None => Cell::from(Span::styled("NULL", theme.null())),
         }))
     });

@@ -618,10 +618,7 @@ fn check_reason(reason: &str) -> ApiResult<()> {
             format!("the reason is longer than {MAX_REASON} characters: say it shorter"),
         ));
     }
-    let hidden = |c: char| {
-        c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200B}'..='\u{200F}')
-    };
-    if let Some(c) = reason.chars().find(|c| hidden(*c)) {
+    if let Some(c) = reason.chars().find(|c| crate::text::is_hidden(*c)) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
