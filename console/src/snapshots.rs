@@ -477,7 +477,10 @@ fn shell_wide_result_scrolled() {
     }
     // Letters and digits stay text in the shell: nothing else happens.
     typed(&mut app, "q1j");
-    assert_eq!((app.tab, app.quit, app.shell.text().as_str()), (Tab::Shell, false, "q1j"));
+    assert_eq!(
+        (app.tab, app.quit, app.shell.text().as_str()),
+        (Tab::Shell, false, "q1j")
+    );
     insta::assert_snapshot!(draw(&app, 100, 20));
 }
 
@@ -817,4 +820,61 @@ fn the_shell_editor_follows_the_cursor_across_wide_and_long_lines() {
     let screen = terminal.backend().to_string();
     assert!(screen.contains("and more and more"), "{screen}");
     terminal.backend_mut().assert_cursor_position((38, 2));
+}
+
+#[test]
+fn a_long_statement_is_read_whole_before_a_approves_it() {
+    let mut app = app();
+    let mut list = requests();
+    let body: Vec<String> = (0..40)
+        .map(|n| format!("  -- reviewed by finance, ticket #{n}"))
+        .collect();
+    list[0].statement = format!(
+        "UPDATE orders SET status = 'refunded'\nWHERE id = 3\n{}\n  OR total > 0",
+        body.join("\n")
+    );
+    update(&mut app, Action::Approvals(Ok(list)));
+    key(&mut app, KeyCode::Char('3'));
+    let screen = draw(&app, 100, 30);
+    assert!(
+        screen.contains("⋯ the statement goes on (43 lines): enter reads it whole"),
+        "{screen}"
+    );
+    // a opens the statement instead of approving it.
+    assert!(
+        update(
+            &mut app,
+            Action::Key(KeyEvent::new(KeyCode::Char('a'), KeyModifiers::NONE))
+        )
+        .is_empty()
+    );
+    assert_eq!(app.approvals.reading, Some(0));
+    key(&mut app, KeyCode::End);
+    let screen = draw(&app, 100, 30);
+    assert!(screen.contains("OR total > 0"), "{screen}");
+    let commands = update(
+        &mut app,
+        Action::Key(KeyEvent::new(KeyCode::Char('a'), KeyModifiers::NONE)),
+    );
+    assert_eq!(
+        commands,
+        [crate::action::Command::Decide {
+            id: 7,
+            approve: true,
+            reason: None
+        }]
+    );
+}
+
+#[test]
+fn the_selection_stays_on_a_decided_request_the_operator_chose() {
+    let mut app = app();
+    update(&mut app, Action::Approvals(Ok(requests())));
+    key(&mut app, KeyCode::Char('3'));
+    key(&mut app, KeyCode::Down);
+    key(&mut app, KeyCode::Down);
+    assert_eq!(app.approvals.list[app.approvals.selected].id, 5);
+    // The next poll brings the same list: the selection stays on the denied one.
+    update(&mut app, Action::Approvals(Ok(requests())));
+    assert_eq!(app.approvals.list[app.approvals.selected].id, 5);
 }

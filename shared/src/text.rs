@@ -35,7 +35,10 @@ mod tests {
 
     #[test]
     fn what_is_hidden() {
-        for c in ['\x1b', '\x07', '\u{9b}', '\x7f', '\u{202e}', '\u{200d}', '\u{ad}', '\u{3164}', '\u{fe0f}', '\u{301}', '\u{34f}'] {
+        for c in [
+            '\x1b', '\x07', '\u{9b}', '\x7f', '\u{202e}', '\u{200d}', '\u{ad}', '\u{3164}', '\u{fe0f}', '\u{301}',
+            '\u{34f}',
+        ] {
             assert!(is_hidden(c), "{:04x}", c as u32);
         }
         for c in ['a', ' ', '漢', '👩', 'é', '€'] {

@@ -25,23 +25,47 @@ pub struct ApprovalsView {
     pub list: Vec<RequestView>,
     pub selected: usize,
     pub error: Option<String>,
+    /// The selected request's statement read whole, scrolled to this line.
+    pub reading: Option<usize>,
+    /// Requests whose statement was read whole (a long one must be, before
+    /// `a` approves it).
+    read: std::collections::HashSet<u64>,
+}
+
+/// A statement longer than this (lines, or characters) is approved only
+/// after it was read whole: the detail pane may not show all of it.
+const SHORT_LINES: usize = 6;
+const SHORT_CHARS: usize = 400;
+
+fn is_long(statement: &str) -> bool {
+    statement.lines().count() > SHORT_LINES || statement.chars().count() > SHORT_CHARS
 }
 
 impl ApprovalsView {
     pub fn set(&mut self, list: Vec<RequestView>) {
-        let selected = self.list.get(self.selected).map(|r| r.id);
+        let selected = self
+            .list
+            .get(self.selected)
+            .map(|r| (r.id, r.state == RequestState::Pending));
         self.list = list;
         self.error = None;
-        // The selection follows its request while that waits; once it has
-        // ended, it moves to what waits now (pending ones are listed first),
-        // so that `a` acts on something that can be decided.
-        let follow = selected.and_then(|id| self.list.iter().position(|r| r.id == id));
+        // The selection follows its request. When that request has just
+        // ended (it was pending), it moves to what waits now (pending ones
+        // are listed first), so that `a` acts on something that can be
+        // decided; a decided request the operator chose to look at stays.
+        let follow = selected
+            .and_then(|(id, was_pending)| self.list.iter().position(|r| r.id == id).map(|at| (at, was_pending)));
         self.selected = match follow {
-            Some(at) if self.list[at].state != RequestState::Pending && self.pending().next().is_some() => 0,
-            Some(at) => at,
+            Some((at, true)) if self.list[at].state != RequestState::Pending && self.pending().next().is_some() => 0,
+            Some((at, _)) => at,
             None => self.selected,
         }
         .min(self.list.len().saturating_sub(1));
+        if self.list.get(self.selected).map(|r| r.id) != selected.map(|(id, _)| id) {
+            self.reading = None;
+        }
+        let ids: std::collections::HashSet<u64> = self.list.iter().map(|r| r.id).collect();
+        self.read.retain(|id| ids.contains(id));
     }
 
     pub fn pending(&self) -> impl Iterator<Item = &RequestView> {
@@ -49,7 +73,26 @@ impl ApprovalsView {
     }
 
     pub fn key(&mut self, key: KeyEvent) -> Outcome {
-        if let Some(next) = navigate(self.selected, self.list.len(), &key, true) {
+        if let Some(top) = self.reading {
+            let lines = self.list.get(self.selected).map_or(0, |r| r.statement.lines().count());
+            let moved = match key.code {
+                KeyCode::Esc | KeyCode::Enter => {
+                    self.reading = None;
+                    return Outcome::handled();
+                }
+                KeyCode::Down | KeyCode::Char('j') => Some(top + 1),
+                KeyCode::Up | KeyCode::Char('k') => Some(top.saturating_sub(1)),
+                KeyCode::PageDown | KeyCode::Char(' ') => Some(top + 10),
+                KeyCode::PageUp => Some(top.saturating_sub(10)),
+                KeyCode::Home => Some(0),
+                KeyCode::End => Some(lines),
+                _ => None,
+            };
+            if let Some(top) = moved {
+                self.reading = Some(top.min(lines.saturating_sub(1)));
+                return Outcome::handled();
+            }
+        } else if let Some(next) = navigate(self.selected, self.list.len(), &key, true) {
             self.selected = next;
             return Outcome::handled();
         }
@@ -57,7 +100,21 @@ impl ApprovalsView {
             return Outcome::ignored();
         };
         let pending = request.state == RequestState::Pending;
+        if self.reading.is_some() {
+            self.read.insert(request.id);
+        }
         match key.code {
+            KeyCode::Enter if !request.statement.is_empty() => {
+                self.reading = Some(0);
+                Outcome::handled()
+            }
+            KeyCode::Char('a') if pending && is_long(&request.statement) && !self.read.contains(&request.id) => {
+                self.reading = Some(0);
+                Outcome::status(Status::info(format!(
+                    "request {}: the statement is long; read it whole, then a approves",
+                    request.id
+                )))
+            }
             KeyCode::Char('a') if pending => Outcome {
                 handled: true,
                 commands: vec![Command::Decide {
@@ -87,6 +144,32 @@ impl ApprovalsView {
     }
 }
 
+/// The selected request's statement, whole, from line `top`.
+fn render_reader(app: &App, r: &RequestView, top: usize, frame: &mut Frame, area: Rect) {
+    let theme = app.theme;
+    let lines = escape_lines(&r.statement);
+    let total = lines.len();
+    let shown = area.height.saturating_sub(2) as usize;
+    let last = (top + shown).min(total);
+    let block = Block::bordered()
+        .title(Span::styled(
+            format!(
+                " Request {} by {}: lines {}-{} of {total} ",
+                r.id,
+                one_line(&r.requester),
+                (top + 1).min(last),
+                last
+            ),
+            theme.title(),
+        ))
+        .title_bottom(Line::styled(
+            " ↑↓ PgUp PgDn: scroll  a: approve  d: deny  esc: back ",
+            theme.dim(),
+        ));
+    let text: Vec<Line> = highlight(&lines, theme).into_iter().skip(top).collect();
+    frame.render_widget(Paragraph::new(text).block(block).wrap(Wrap { trim: false }), area);
+}
+
 fn what(request: &RequestView) -> String {
     match &request.access {
         Some(access) => format!(
@@ -110,6 +193,10 @@ fn state_style(app: &App, state: RequestState) -> Style {
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let theme = app.theme;
     let view = &app.approvals;
+    if let (Some(top), Some(request)) = (view.reading, view.list.get(view.selected)) {
+        render_reader(app, request, top, frame, area);
+        return;
+    }
     let pending = view.pending().count();
     let title = Line::from(vec![
         Span::styled(" Approvals ", theme.title()),
@@ -285,10 +372,31 @@ fn render_request(app: &App, r: &RequestView, frame: &mut Frame, area: Rect) {
     {
         lines.push(field("grant until", clock(until, app.zone), theme.plain()));
     }
+    // The statement first, after who and which rule: it is what is being
+    // approved. What does not fit is announced, never silently cut.
+    let mut statement: Vec<Line> = Vec::new();
     if !r.statement.is_empty() {
-        lines.push(Line::raw(""));
-        lines.extend(highlight(&escape_lines(&r.statement), theme));
+        let text = escape_lines(&r.statement);
+        // The statement comes before the other fields, which give way.
+        let room = (area.height.saturating_sub(2) as usize).saturating_sub(3).max(1);
+        let total = text.len();
+        let highlighted = highlight(&text, theme);
+        let width = area.width.saturating_sub(2) as usize;
+        let too_wide = text.iter().any(|l| crate::text::width(l) > width);
+        if total <= room && !too_wide {
+            statement.extend(highlighted);
+        } else {
+            statement.extend(highlighted.into_iter().take(room.saturating_sub(1).max(1)));
+            statement.push(Line::styled(
+                format!("⋯ the statement goes on ({total} lines): enter reads it whole"),
+                theme.warn(),
+            ));
+        }
+        statement.push(Line::raw(""));
     }
+    let fields = lines.split_off(2.min(lines.len()));
+    lines.extend(statement);
+    lines.extend(fields);
     let block = Block::bordered().title(Span::styled(format!(" Request {} ", r.id), theme.title()));
-    frame.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
+    frame.render_widget(Paragraph::new(lines).block(block), area);
 }

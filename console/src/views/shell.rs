@@ -47,7 +47,6 @@ pub struct ShellView {
     pub widths: Vec<u16>,
 }
 
-
 impl ShellView {
     pub fn new(target: &str) -> ShellView {
         ShellView {
@@ -279,7 +278,9 @@ impl ShellView {
             )));
         }
         let alt = key.modifiers.contains(KeyModifiers::ALT);
-        if (ctrl || alt) && !matches!(key.code, KeyCode::Char(_) | KeyCode::Enter) || matches!(key.code, KeyCode::PageUp | KeyCode::PageDown) {
+        if (ctrl || alt) && !matches!(key.code, KeyCode::Char(_) | KeyCode::Enter)
+            || matches!(key.code, KeyCode::PageUp | KeyCode::PageDown)
+        {
             if let Some(outcome) = self.scroll(key) {
                 return outcome;
             }
@@ -535,12 +536,10 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
         };
         format!(" {what} in {} ", millis(result.elapsed_ms))
     };
-    let block = Block::bordered()
-        .title(Line::from(vec![
-            Span::styled(" Results ", focus),
-            Span::styled(summary, theme.ok()),
-        ]))
-        ;
+    let block = Block::bordered().title(Line::from(vec![
+        Span::styled(" Results ", focus),
+        Span::styled(summary, theme.ok()),
+    ]));
     if result.columns.is_empty() {
         frame.render_widget(Paragraph::new("").block(block), area);
         return;
@@ -584,12 +583,18 @@ fn render_results(app: &App, frame: &mut Frame, area: Rect) {
     .style(theme.header());
     let column_widths = &shell.widths[first_column..];
     let rows = result.rows.iter().skip(first_row).take(page).map(|row| {
-        Row::new(row.iter().skip(first_column).take(shown).zip(column_widths).map(|(value, w)| match value {
-            // Values as they are (leading spaces, tabs and line breaks
-            // shown, not folded), cut to their column with a mark.
-            Some(v) => Cell::from(clip(&escape(v), *w as usize).into_owned()),
-            None => Cell::from(Span::styled("NULL", theme.null())),
-        }))
+        Row::new(
+            row.iter()
+                .skip(first_column)
+                .take(shown)
+                .zip(column_widths)
+                .map(|(value, w)| match value {
+                    // Values as they are (leading spaces, tabs and line breaks
+                    // shown, not folded), cut to their column with a mark.
+                    Some(v) => Cell::from(clip(&escape(v), *w as usize).into_owned()),
+                    None => Cell::from(Span::styled("NULL", theme.null())),
+                }),
+        )
     });
     frame.render_widget(Table::new(rows, widths).header(header).block(block), area);
 }
