@@ -278,12 +278,10 @@ impl ShellView {
             )));
         }
         let alt = key.modifiers.contains(KeyModifiers::ALT);
-        if (ctrl || alt) && !matches!(key.code, KeyCode::Char(_) | KeyCode::Enter)
-            || matches!(key.code, KeyCode::PageUp | KeyCode::PageDown)
-        {
-            if let Some(outcome) = self.scroll(key) {
-                return outcome;
-            }
+        let scrolls = (ctrl || alt) && !matches!(key.code, KeyCode::Char(_) | KeyCode::Enter)
+            || matches!(key.code, KeyCode::PageUp | KeyCode::PageDown);
+        if scrolls && let Some(outcome) = self.scroll(key) {
+            return outcome;
         }
         match key.code {
             KeyCode::Char('r') if ctrl => self.run(),
