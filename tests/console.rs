@@ -433,6 +433,52 @@ async fn the_shell_verifies_the_gateways_certificate() {
     assert!(error.message.contains("certificate"), "{error:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_never_answers_does_not_wedge_the_shell() {
+    let gw = start("console_silent").await;
+    // Accepts connections and says nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut bob = Console::new(&gw, BOB);
+    bob.runner = Runner::new(
+        ApiClient::new(gw.api.as_deref().unwrap(), Some(BOB)),
+        Postgres {
+            host: "127.0.0.1".into(),
+            port,
+            user: "operator".into(),
+            token: BOB.into(),
+            tls: None,
+        },
+        {
+            let (tx, rx) = mpsc::channel(4096);
+            bob.rx = rx;
+            tx
+        },
+        None,
+        std::env::temp_dir(),
+    );
+    bob.key(KeyCode::Char('4')).await;
+    bob.typed("SELECT 1;").await;
+    bob.key(KeyCode::Enter).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancel = bob
+        .act(Action::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)))
+        .await;
+    assert_eq!(cancel, [Command::CancelQuery]);
+    let Action::QueryDone(Err(error)) = bob.next_answer().await else {
+        panic!("the shell kept waiting");
+    };
+    assert_eq!(error.message, "cancelled while connecting to the gateway");
+    assert!(bob.app.shell.running.is_none());
+    keep.abort();
+}
+
 /// A TCP forwarder on a fixed local port whose destination can change: the
 /// console's API address stays the same while the gateway behind it
 /// restarts (on another port, as test gateways bind port 0).
@@ -554,7 +600,6 @@ async fn the_event_stream_resumes_after_a_gateway_restart_missing_nothing() {
         shows(c, "SELECT 1003") && c.app.link == sluice_console::action::Link::Connected
     })
     .await;
-    follow.abort();
 
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, none twice: {seen:?}");
     let last = *seen.last().unwrap();
@@ -573,6 +618,31 @@ async fn the_event_stream_resumes_after_a_gateway_restart_missing_nothing() {
             .iter()
             .any(|l| matches!(l, sluice_console::action::Link::Reconnecting { .. }))
     );
+
+    // A gateway with a new, empty trail takes over the address: the old
+    // cursor is past its end. The console starts again from its newest
+    // events instead of waiting forever for ids it will not see.
+    drop(alice);
+    drop(second);
+    let fresh = harness::cluster().dev.dir().join(format!("audit-{db}-fresh.db"));
+    let third = TestGateway::start_for(
+        db.clone(),
+        Spec {
+            policy: Some(POLICY.into()),
+            extra: format!("{API}\n[audit]\npath = \"{}\"\nsync = \"normal\"\n", fresh.display()),
+            ..Spec::default()
+        },
+    )
+    .await;
+    forwarder.point_to(third.api.as_deref().unwrap());
+    let alice = third.connect(ALICE).await.unwrap();
+    alice.simple_query("SELECT 1004").await.unwrap();
+    follow_until(&mut console, &mut rx, &mut seen, &mut links, |c| {
+        shows(c, "SELECT 1004")
+    })
+    .await;
+    assert_eq!(console.app.link, sluice_console::action::Link::Connected);
+    follow.abort();
 }
 
 /// tmux on its own socket, for one test.

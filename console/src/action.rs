@@ -19,11 +19,16 @@ pub enum Action {
     Link(Link),
     /// An event from the gateway's stream, in trail order.
     Event(Box<StoredEvent>),
+    /// The gateway's trail is not the one followed so far (replaced or
+    /// reset): event ids start again.
+    StreamReset,
     Sessions(Result<Vec<LiveSummary>, String>),
     Approvals(Result<Vec<RequestView>, String>),
     Decided {
         id: u64,
         approve: bool,
+        /// The reason given (a denial's), so that a refused one is not lost.
+        reason: Option<String>,
         result: Result<Box<RequestView>, String>,
     },
     Killed {
@@ -83,6 +88,19 @@ pub struct QueryError {
     pub hint: Option<String>,
     pub code: Option<String>,
     pub elapsed_ms: u64,
+}
+
+impl QueryError {
+    /// An error of the console's own (no server said it).
+    pub fn local(message: &str, elapsed_ms: u64) -> QueryError {
+        QueryError {
+            message: message.to_string(),
+            detail: None,
+            hint: None,
+            code: None,
+            elapsed_ms,
+        }
+    }
 }
 
 /// Work for the runner ([`crate::effects`]); each answers with an

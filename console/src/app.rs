@@ -342,7 +342,7 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
                     .filter(|c| !crate::text::is_hidden(*c))
                     .collect();
                 prompt.input.push_str(&clean);
-            } else if app.tab == Tab::Shell {
+            } else if app.tab == Tab::Shell && app.overlay.is_none() {
                 app.shell.paste(&text);
             }
         }
@@ -362,6 +362,18 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
         }
         Action::Link(link) => {
             app.link = link;
+        }
+        Action::StreamReset => {
+            // Ids start again: the feed (kept by id) starts again too.
+            app.last_event = 0;
+            let filter = std::mem::take(&mut app.activity.filter);
+            app.activity = ActivityView::default();
+            app.activity.set_filter(&filter);
+            app.status = Some(Status {
+                level: Level::Warn,
+                text: "the gateway's audit trail starts afresh (it was replaced or reset): following its newest events"
+                    .into(),
+            });
         }
         Action::Event(event) => {
             if event.id > app.last_event {
@@ -385,7 +397,21 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
             }
             Err(error) => app.approvals.error = Some(error),
         },
-        Action::Decided { id, approve, result } => {
+        Action::Decided {
+            id,
+            approve,
+            reason,
+            result,
+        } => {
+            // A denial the gateway refused (its reason, say) comes back to
+            // the prompt with what was typed.
+            if let (Err(_), false, Some(reason), None) = (&result, approve, &reason, &app.overlay) {
+                app.overlay = Some(Overlay::Prompt(Prompt::new(
+                    format!("Deny request {id}: reason (fix it and press enter again)"),
+                    reason,
+                    Purpose::Deny(id),
+                )));
+            }
             app.status = Some(match result {
                 Ok(view) => {
                     let state = view.state.name();

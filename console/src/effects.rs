@@ -17,6 +17,9 @@ use crate::action::{Action, Command, QueryError, QueryOutcome};
 /// Rows a shell result keeps (the rest are counted, not kept).
 pub const MAX_ROWS: usize = 10_000;
 
+/// How long the shell waits for the gateway to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Where the shell connects: the gateway's PostgreSQL port.
 #[derive(Debug, Clone)]
 pub struct Postgres {
@@ -45,6 +48,8 @@ pub struct Runner {
     tx: Sender<Action>,
     session: Arc<tokio::sync::Mutex<Option<(String, tokio_postgres::Client)>>>,
     cancel: Arc<Mutex<Option<CancelToken>>>,
+    /// Woken by a cancel while the shell is still connecting.
+    give_up: Arc<tokio::sync::Notify>,
     history: Option<PathBuf>,
     export_dir: PathBuf,
 }
@@ -63,6 +68,7 @@ impl Runner {
             tx,
             session: Arc::default(),
             cancel: Arc::default(),
+            give_up: Arc::default(),
             history,
             export_dir,
         }
@@ -90,13 +96,21 @@ impl Runner {
                     .await
                     .map(Box::new)
                     .map_err(|e| e.to_string());
-                self.post(Action::Decided { id, approve, result }).await;
+                self.post(Action::Decided {
+                    id,
+                    approve,
+                    reason,
+                    result,
+                })
+                .await;
             }
             Command::Kill { session } => {
                 let result = api.kill(&session).await.map(|_| ()).map_err(|e| e.to_string());
                 self.post(Action::Killed { session, result }).await;
             }
-            Command::Refresh => self.refresh().await,
+            Command::Refresh => {
+                self.refresh().await;
+            }
             Command::LoadTimeline { session } => {
                 let result = api.timeline(&session).await.map_err(|e| e.to_string());
                 self.post(Action::Timeline { session, result }).await;
@@ -110,7 +124,7 @@ impl Runner {
                 self.post(Action::Recording { session, result }).await;
             }
             Command::Export { session, events } => {
-                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
                 let path = self.export_dir.join(format!("sluice-session-{session}-{stamp}.jsonl"));
                 let mut body = String::new();
                 for event in &events {
@@ -132,6 +146,10 @@ impl Runner {
             }
             Command::CancelQuery => {
                 let token = self.cancel.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if token.is_none() {
+                    // Not connected yet: stop waiting for the connection.
+                    self.give_up.notify_waiters();
+                }
                 if let Some(token) = token {
                     let sent = match self.postgres.connector() {
                         Some(tls) => token.cancel_query(tls).await,
@@ -160,10 +178,17 @@ impl Runner {
     }
 
     /// Live sessions and approvals, now.
-    pub async fn refresh(&self) {
+    /// Returns whether the gateway refused the token (401/403), so that
+    /// the poll can slow down.
+    pub async fn refresh(&self) -> bool {
         let (sessions, approvals) = tokio::join!(self.api.sessions(), self.api.approvals());
+        let refused = [sessions.as_ref().err(), approvals.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .any(|e| matches!(e.status(), Some(401 | 403)));
         self.post(Action::Sessions(sessions.map_err(|e| e.to_string()))).await;
         self.post(Action::Approvals(approvals.map_err(|e| e.to_string()))).await;
+        refused
     }
 
     async fn connect(&self, target: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -205,6 +230,9 @@ impl Runner {
                 match message {
                     Ok(AsyncMessage::Notice(notice)) => {
                         let mut text = format!("{}: {}", notice.severity(), notice.message());
+                        if let Some(detail) = notice.detail() {
+                            text.push_str(&format!(" ({detail})"));
+                        }
                         if let Some(hint) = notice.hint() {
                             text.push_str(&format!(" (hint: {hint})"));
                         }
@@ -224,14 +252,43 @@ impl Runner {
         let started = Instant::now();
         let elapsed = || started.elapsed().as_millis() as u64;
         let mut session = self.session.lock().await;
-        if session
-            .as_ref()
-            .is_some_and(|(t, client)| t != target || client.is_closed())
+        if let Some((t, client)) = session.as_ref()
+            && (t != target || client.is_closed())
         {
+            if t == target {
+                // Whatever that session held (a transaction) is gone: say
+                // so before the statement runs somewhere new.
+                self.post(Action::QueryNotice(format!(
+                    "the shell's session on {target} ended (ended by an administrator, or the gateway restarted): \
+                     this runs in a new session, outside any transaction begun there"
+                )))
+                .await;
+            }
             *session = None;
         }
         if session.is_none() {
-            let client = self.connect(target).await.map_err(|e| query_error(&e, elapsed()))?;
+            // A gateway that accepts the connection and never answers must
+            // not wedge the shell: a time limit, and ctrl-c gives up too.
+            let connected = tokio::select! {
+                connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(target)) => connected,
+                () = self.give_up.notified() => {
+                    return Err(QueryError::local("cancelled while connecting to the gateway", elapsed()));
+                }
+            };
+            let client = match connected {
+                Ok(connected) => connected.map_err(|e| query_error(&e, elapsed()))?,
+                Err(_) => {
+                    return Err(QueryError::local(
+                        &format!(
+                            "the gateway at {}:{} did not answer within {} s",
+                            self.postgres.host,
+                            self.postgres.port,
+                            CONNECT_TIMEOUT.as_secs()
+                        ),
+                        elapsed(),
+                    ));
+                }
+            };
             *session = Some((target.to_string(), client));
         }
         let Some((_, client)) = session.as_ref() else {

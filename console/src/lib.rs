@@ -150,7 +150,11 @@ fn background_tasks(
         let mut interval = tokio::time::interval(POLL);
         loop {
             interval.tick().await;
-            runner.refresh().await;
+            if runner.refresh().await {
+                // A refused token does not become good by asking twice a
+                // second.
+                tokio::time::sleep(REFUSED_RETRY).await;
+            }
         }
     });
     let tick = tokio::spawn(async move {
@@ -205,6 +209,16 @@ pub async fn follow_events(api: ApiClient, tx: mpsc::Sender<Action>) {
             Err(err) => err,
         };
         attempt += 1;
+        if error.status() == Some(409) && last.is_some() {
+            // The trail behind the gateway is not the one the cursor came
+            // from: start again from its newest events.
+            tracing::warn!(error = %error, "the gateway's trail was replaced; following it afresh");
+            last = None;
+            if tx.send(Action::StreamReset).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let (link, wait) = match error.status() {
             Some(401 | 403) => (
                 Link::Refused {

@@ -427,6 +427,7 @@ fn approvals_refusal_from_the_gateway_is_shown() {
         Action::Decided {
             id: 7,
             approve: true,
+            reason: None,
             result: Err("you cannot approve your own request (HTTP 403)".into()),
         },
     );

@@ -59,7 +59,11 @@ pub fn render(app: &App, frame: &mut Frame) {
                 Line::raw(""),
                 Line::styled("enter: ok   esc: cancel", app.theme.dim()),
             ];
-            popup(app, frame, &format!(" {} ", prompt.title), lines, 70, 6);
+            // Tall enough for the whole answer as it wraps.
+            let width = 70u16.min(frame.area().width);
+            let input = crate::text::width(&escape(&prompt.input)) + 1;
+            let rows = input.div_ceil(width.saturating_sub(2).max(1) as usize) as u16;
+            popup(app, frame, &format!(" {} ", prompt.title), lines, 70, rows + 4);
         }
         None => {}
     }

@@ -315,27 +315,29 @@ fn render_sessions(app: &App, frame: &mut Frame, area: Rect) {
         let started = started(s, app.zone);
         let ended = match (&s.closed, s.refused_at_start) {
             (_, true) => Span::styled("login refused", theme.danger()),
-            (Some(reason), _) => Span::raw(one_line(reason)),
+            (Some(reason), _) => Span::raw(clip(&one_line(reason), 14).into_owned()),
             (None, _) => Span::styled("open", theme.ok()),
         };
         Row::new(vec![
             Cell::from(started),
-            Cell::from(one_line(s.identity.as_deref().unwrap_or("-"))),
-            Cell::from(one_line(s.target.as_deref().unwrap_or("-"))),
+            Cell::from(clip(&one_line(s.identity.as_deref().unwrap_or("-")), 10).into_owned()),
+            Cell::from(clip(&one_line(s.target.as_deref().unwrap_or("-")), 10).into_owned()),
             Cell::from(one_line(s.client.as_deref().unwrap_or("-"))),
             Cell::from(s.statements.to_string()),
             Cell::from(s.refused.to_string()),
             Cell::from(ended),
         ])
     });
+    // 80 columns hold them all; the start (what sessions are picked by)
+    // is never cut.
     let widths = [
         Constraint::Length(16),
-        Constraint::Length(12),
+        Constraint::Length(10),
         Constraint::Length(10),
         Constraint::Min(8),
         Constraint::Length(5),
         Constraint::Length(7),
-        Constraint::Length(18),
+        Constraint::Length(14),
     ];
     let table = Table::new(rows, widths).header(header).block(block);
     super::draw_selectable(frame, area, table, theme, view.selected);
@@ -346,8 +348,16 @@ fn render_player(app: &App, player: &Player, frame: &mut Frame, area: Rect) {
     let [scrubber, body] = Layout::vertical([Constraint::Length(3), Constraint::Min(4)]).areas(area);
     let first = player.events.first().map(|e| e.event.at);
     let last = player.events.last().map(|e| e.event.at);
-    let (ratio, label) = match (first, last, player.at()) {
+    // While playing, the session's clock (which moves between events);
+    // otherwise the current event's time.
+    let now = if player.playing {
+        Some(player.clock)
+    } else {
+        player.at()
+    };
+    let (ratio, label) = match (first, last, now) {
         (Some(first), Some(last), Some(at)) => {
+            let at = at.clamp(first, last);
             let total = (last - first).num_milliseconds().max(1) as f64;
             let ratio = ((at - first).num_milliseconds() as f64 / total).clamp(0.0, 1.0);
             (

@@ -685,7 +685,21 @@ async fn events(
     // Subscribe before reading the backlog, so nothing falls in between.
     let mut live = auditor.subscribe();
     let since = match (query.since, query.tail) {
-        (Some(since), _) => since,
+        (Some(since), _) => {
+            // A cursor past the end belongs to another trail (this one was
+            // replaced or reset): following it would show nothing, ever.
+            let last = read_trail(&shared, |store| store.last_id()).await?;
+            if since > last {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "since={since} is past this trail's newest event ({last}): the trail was replaced or reset; \
+                         start again with tail=N or since=0"
+                    ),
+                ));
+            }
+            since
+        }
         (None, Some(tail)) => read_trail(&shared, |store| store.last_id()).await?.saturating_sub(tail),
         (None, None) => 0,
     };
