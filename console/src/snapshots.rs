@@ -633,10 +633,7 @@ fn reconnecting_is_shown() {
         }),
     );
     let screen = draw(&app, 120, 12);
-    assert!(
-        screen.contains("reconnecting to http://127.0.0.1:7480 (attempt 3)"),
-        "{screen}"
-    );
+    assert!(screen.contains("○ reconnecting http://127.0.0.1:7480 (3)"), "{screen}");
     assert!(
         screen.contains("lost the gateway: cannot reach the control API"),
         "{screen}"

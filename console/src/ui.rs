@@ -86,14 +86,19 @@ fn render_tabs(app: &App, frame: &mut Frame, area: Rect) {
             Line::from(spans)
         })
         .collect();
+    // Narrow screens keep the tabs whole: the address gives way first.
+    let address = if area.width >= 100 {
+        format!(" {}", app.api)
+    } else {
+        String::new()
+    };
     let link = match &app.link {
-        Link::Connected => Span::styled(format!("● {}", app.api), theme.ok()),
-        Link::Connecting => Span::styled(format!("○ connecting to {}", app.api), theme.warn()),
-        Link::Reconnecting { attempt, .. } => Span::styled(
-            format!("○ reconnecting to {} (attempt {attempt})", app.api),
-            theme.warn(),
-        ),
-        Link::Refused { .. } => Span::styled(format!("✗ {} refused the token", app.api), theme.danger()),
+        Link::Connected => Span::styled(format!("●{address}"), theme.ok()),
+        Link::Connecting => Span::styled(format!("○ connecting{address}"), theme.warn()),
+        Link::Reconnecting { attempt, .. } => {
+            Span::styled(format!("○ reconnecting{address} ({attempt})"), theme.warn())
+        }
+        Link::Refused { .. } => Span::styled(format!("✗ token refused{address}"), theme.danger()),
     };
     let link_width = link.content.chars().count() as u16 + 1;
     let [tabs, right] = Layout::horizontal([Constraint::Min(10), Constraint::Length(link_width)]).areas(area);

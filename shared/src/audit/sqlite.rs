@@ -308,7 +308,9 @@ impl SqliteStore {
                    ORDER BY id DESC LIMIT ?1) \
                  SELECT e.session, MIN(e.at), MAX(e.at), MAX(e.identity), MAX(e.target), \
                    SUM(e.kind = 'statement'), \
-                   SUM(e.kind = 'statement' AND json_extract(e.body, '$.decision') <> 'allow'), \
+                   SUM(e.kind = 'statement' AND json_extract(e.body, '$.refusal') IS NOT NULL) \
+                     + SUM(e.kind = 'approval_decided' \
+                           AND json_extract(e.body, '$.decision') IN ('denied', 'expired', 'cancelled')), \
                    MAX(CASE WHEN e.kind = 'session_closed' THEN json_extract(e.body, '$.reason') END), \
                    MAX(CASE WHEN e.kind = 'session_opened' THEN json_extract(e.body, '$.client') \
                             WHEN e.kind = 'session_refused' THEN json_extract(e.body, '$.client') END), \
@@ -387,6 +389,8 @@ pub struct SessionSummary {
     pub target: Option<String>,
     pub client: Option<String>,
     pub statements: u64,
+    /// Statements refused at the gate, and held ones that were denied,
+    /// expired or cancelled (as the live session counts them).
     pub refused: u64,
     /// The close reason, once closed.
     pub closed: Option<String>,
