@@ -127,15 +127,6 @@ async fn pending(gw: &TestGateway) -> RequestView {
     panic!("no request became pending");
 }
 
-async fn count(gw: &TestGateway, table: &str) -> i64 {
-    harness::superuser(&gw.db)
-        .await
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_waits_for_an_approval_then_gets_its_result() {
     let mut gw = start("approval_psql").await;
@@ -148,7 +139,7 @@ async fn psql_waits_for_an_approval_then_gets_its_result() {
     assert_eq!(request.rule, "two-eyes-for-orders");
     assert_eq!(request.statement, "DELETE FROM orders WHERE id <= 2");
     // Held, not run: others carry on meanwhile.
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
     let live = api(&gw, BOB).sessions().await.unwrap();
     assert_eq!(live[0].state, sluice_core::live::SessionState::Held);
     let other = gw.connect(ALICE).await.unwrap();
@@ -170,7 +161,7 @@ async fn psql_waits_for_an_approval_then_gets_its_result() {
         )),
         "{stderr}"
     );
-    assert_eq!(count(&gw, "orders").await, 3);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 3);
     // Deciding again is a conflict that says how it ended.
     let err = api(&gw, AGENT).decide(request.id, false, None).await.unwrap_err();
     assert_eq!(err.status(), Some(409));
@@ -230,7 +221,7 @@ async fn denials_expiry_and_cancellation_refuse_with_the_reason() {
             request.id
         )
     );
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 
     // Nobody decides: it expires (this rule waits one second).
     let err = bob.simple_query("DELETE FROM urgent").await.unwrap_err();
@@ -252,7 +243,7 @@ async fn denials_expiry_and_cancellation_refuse_with_the_reason() {
     assert_eq!(err.as_db_error().unwrap().code().code(), "57014");
     let view = api(&gw, BOB).approval(request.id).await.unwrap();
     assert_eq!(view.state, RequestState::Cancelled);
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,11 +258,11 @@ async fn two_approvals_from_two_approvers() {
     // The same approver twice is still one approval.
     let view = api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
     assert_eq!(view.approvals.len(), 1);
-    assert_eq!(count(&gw, "payments WHERE id = 2").await, 0);
+    assert_eq!(harness::count_rows(&gw.db, "payments WHERE id = 2").await, 0);
     let view = api(&gw, AGENT).decide(request.id, true, None).await.unwrap();
     assert_eq!(view.state, RequestState::Approved);
     held.await.unwrap().unwrap();
-    assert_eq!(count(&gw, "payments WHERE id = 2").await, 1);
+    assert_eq!(harness::count_rows(&gw.db, "payments WHERE id = 2").await, 1);
 }
 
 /// `refuse_and_retry`: refused with a request id; once approved, exactly the
@@ -317,7 +308,7 @@ async fn refuse_and_retry_runs_the_approved_statement_once() {
             .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1)))
     );
     refused(bob.simple_query(statement).await.unwrap_err());
-    assert_eq!(count(&gw, "reports").await, 2);
+    assert_eq!(harness::count_rows(&gw.db, "reports").await, 2);
 }
 
 /// An approved statement changes what the gate knows of the session like an
@@ -479,7 +470,7 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     assert_eq!(grants.len(), 1);
     assert_eq!((grants[0].identity.as_str(), grants[0].request), ("bob", request.id));
     bob.simple_query("DELETE FROM ledger WHERE id = 1").await.unwrap();
-    assert_eq!(count(&gw, "ledger").await, 2);
+    assert_eq!(harness::count_rows(&gw.db, "ledger").await, 2);
     // Statements prepared under the grant, at both levels; and one the
     // grant made no difference to.
     let prepared = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap();
@@ -569,7 +560,7 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     let err = bob.prepare("DELETE FROM ledger WHERE id = $1").await.unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
     bob.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(count(&gw, "ledger").await, 2);
+    assert_eq!(harness::count_rows(&gw.db, "ledger").await, 2);
     let view = api(&gw, BOB).approval(request.id).await.unwrap();
     assert_eq!(view.access.unwrap().ended.as_deref(), Some("expired"));
 
@@ -735,7 +726,7 @@ async fn approved_grants_survive_a_restart_and_forged_ones_do_not() {
     assert_eq!(again.unwrap_err().status(), Some(404));
     delete(port, 3).await.unwrap_err();
     stop(gateway).await;
-    assert_eq!(count_in(&db, "ledger").await, 1);
+    assert_eq!(harness::count_rows(&db, "ledger").await, 1);
 
     let store = SqliteStore::open_read_only(&audit.path).unwrap();
     let ended: Vec<(u64, String)> = store
@@ -751,15 +742,6 @@ async fn approved_grants_survive_a_restart_and_forged_ones_do_not() {
     assert_eq!(ended[0].0, 900);
     assert!(ended[0].1.contains("no signed head covers it"), "{ended:?}");
     assert_eq!(ended[1], (asked.id, "revoked by bob: done".to_string()));
-}
-
-async fn count_in(db: &str, table: &str) -> i64 {
-    harness::superuser(db)
-        .await
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// The extended protocol (JDBC, psycopg, tokio-postgres) is held too: the
@@ -793,10 +775,10 @@ async fn prepared_statements_are_held_at_each_execution() {
         request.statement,
         "DELETE FROM orders WHERE id = $1\n-- parameters: $1 = (binary 0x00000001)"
     );
-    assert_eq!(count(&gw, "orders").await, 5, "nothing ran while held");
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5, "nothing ran while held");
     api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
     assert_eq!(held.await.unwrap().unwrap(), 1);
-    assert_eq!(count(&gw, "orders").await, 4);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 
     // The next execution asks again.
     let held = run(statement.clone(), 2);
@@ -816,7 +798,7 @@ async fn prepared_statements_are_held_at_each_execution() {
     );
     // The session is in a good state afterwards.
     bob.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(count(&gw, "orders").await, 4);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 
     // Text parameters are shown with the detectors' findings masked.
     let update = bob
@@ -909,12 +891,12 @@ async fn rejected_parses_and_skipped_closes_do_not_wipe_what_a_statement_needs()
         .await;
     let request = pending(&gw).await;
     assert_eq!(request.statement, "DELETE FROM orders WHERE id = 1");
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
     api(&gw, ALICE).decide(request.id, false, None).await.unwrap();
     let answer = client.until_ready().await;
     let error = raw::first_error(&answer);
     assert!(error[&'M'].contains("was denied by alice"), "{error:?}");
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 }
 
 /// Statement after statement through the unnamed statement (what JDBC,
@@ -942,7 +924,7 @@ async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it(
     // A statement that needs nothing runs at once.
     client.send(&run("SELECT 1")).await;
     assert_eq!(raw::tags(&client.until_ready().await), "12DCZ");
-    assert_eq!(count(&gw, "orders").await, 4);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 
     // Prepared for approval through the protocol, EXECUTEd through SQL.
     client
@@ -954,7 +936,7 @@ async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it(
         let error = raw::first_error(&client.until_ready().await);
         assert_eq!(error[&'C'], "42501", "{sql}: {error:?}");
     }
-    assert_eq!(count(&gw, "orders").await, 4);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 }
 
 /// A grant that turns a refusal into "needs approval" binds what was
@@ -989,7 +971,7 @@ async fn a_statement_held_under_a_grant_is_refused_once_the_grant_ends() {
             .all(|r| r.state != RequestState::Pending),
         "nothing was held"
     );
-    assert_eq!(count(&gw, "archive").await, 1);
+    assert_eq!(harness::count_rows(&gw.db, "archive").await, 1);
 }
 
 /// A cancel while a statement is held but an earlier one of the same
@@ -1028,5 +1010,5 @@ async fn a_cancel_reaches_what_runs_before_a_held_statement() {
         .expect("the sleep was cancelled, not waited out");
     let error = raw::first_error(&answer);
     assert_eq!(error[&'C'], "57014", "{error:?}");
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 }

@@ -161,6 +161,22 @@ impl Console {
         }
     }
 
+    /// Runs `sql` in the shell, presses ctrl-c while it runs, and returns
+    /// the error it ended with.
+    async fn run_and_cancel(&mut self, sql: &str) -> sluice_console::action::QueryError {
+        self.typed(sql).await;
+        self.key(KeyCode::Enter).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cancel = self
+            .act(Action::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)))
+            .await;
+        assert_eq!(cancel, [Command::CancelQuery]);
+        match self.next_answer().await {
+            Action::QueryDone(Err(error)) => error,
+            other => panic!("{sql} did not end cancelled: {other:?}"),
+        }
+    }
+
     fn status(&self) -> String {
         self.app.status.as_ref().map(|s| s.text.clone()).unwrap_or_default()
     }
@@ -176,15 +192,6 @@ async fn pending(console: &mut Console) -> u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("no request became pending");
-}
-
-async fn count(gw: &TestGateway, table: &str) -> i64 {
-    harness::superuser(&gw.db)
-        .await
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +219,7 @@ async fn approving_in_the_console_lets_the_held_statement_run() {
 
     let out = psql.await.unwrap();
     assert_eq!(harness::stdout_ok(&out), "DELETE 2\n");
-    assert_eq!(count(&gw, "orders").await, 3);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 3);
     // A second press has nothing to decide, and says so.
     alice.key(KeyCode::Char('a')).await;
     assert_eq!(alice.status(), format!("request {id} is approved: nothing to decide"));
@@ -290,7 +297,7 @@ async fn the_gateway_refuses_self_approval_and_a_denial_carries_its_reason() {
         err.as_db_error().unwrap().message(),
         format!("statement refused: approval request {id} was denied by alice: not during the sale")
     );
-    assert_eq!(count(&gw, "orders").await, 5);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,19 +397,10 @@ async fn the_shell_runs_under_the_operators_identity_and_policy() {
     };
     assert_eq!(done.tags, ["1 row"]);
     assert!(bob.app.shell.running.is_none());
-    assert_eq!(count(&gw, "orders").await, 4);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 
     // A long query is cancelled with ctrl-c.
-    bob.typed("SELECT pg_sleep(30);").await;
-    bob.key(KeyCode::Enter).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let cancel = bob
-        .act(Action::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)))
-        .await;
-    assert_eq!(cancel, [Command::CancelQuery]);
-    let Action::QueryDone(Err(error)) = bob.next_answer().await else {
-        panic!("the sleep was not cancelled");
-    };
+    let error = bob.run_and_cancel("SELECT pg_sleep(30);").await;
     assert_eq!(error.code.as_deref(), Some("57014"), "{error:?}");
 }
 
@@ -464,16 +462,7 @@ async fn a_gateway_that_never_answers_does_not_wedge_the_shell() {
         std::env::temp_dir(),
     );
     bob.key(KeyCode::Char('4')).await;
-    bob.typed("SELECT 1;").await;
-    bob.key(KeyCode::Enter).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let cancel = bob
-        .act(Action::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)))
-        .await;
-    assert_eq!(cancel, [Command::CancelQuery]);
-    let Action::QueryDone(Err(error)) = bob.next_answer().await else {
-        panic!("the shell kept waiting");
-    };
+    let error = bob.run_and_cancel("SELECT 1;").await;
     assert_eq!(error.message, "cancelled while connecting to the gateway");
     assert!(bob.app.shell.running.is_none());
     keep.abort();
@@ -726,7 +715,7 @@ async fn the_console_binary_in_a_terminal_approves_a_held_delete() {
     assert_eq!(harness::stdout_ok(&out), "DELETE 2\n");
     let screen = tmux.shows("approved").await;
     assert!(screen.contains("approved  bob"), "{screen}");
-    assert_eq!(count(&gw, "orders").await, 3);
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 3);
 
     // Logs went to the file, never to the screen; q quits.
     assert!(!screen.contains("INFO") && !screen.contains("WARN"), "{screen}");

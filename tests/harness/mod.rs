@@ -148,6 +148,16 @@ pub async fn serve_binary_with_api(
     (child, lines, port, api)
 }
 
+/// How many rows `table` of database `db` has, asked of PostgreSQL directly.
+pub async fn count_rows(db: &str, table: &str) -> i64 {
+    superuser(db)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A superuser connection straight to PostgreSQL, for setup and checks.
 pub async fn superuser(db: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&cluster().dev.superuser_url(db), tokio_postgres::NoTls)
