@@ -412,6 +412,9 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
                     Purpose::Deny(id),
                 )));
             }
+            if result.is_ok() {
+                app.approvals.reading = None;
+            }
             app.status = Some(match result {
                 Ok(view) => {
                     let state = view.state.name();

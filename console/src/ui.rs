@@ -151,7 +151,7 @@ pub fn bindings(tab: Tab) -> &'static [(&'static str, &'static str)] {
     match tab {
         Tab::Live => &[
             ("↑ ↓", "select a session"),
-            ("enter", "the session's live timeline (esc: back)"),
+            ("enter", "the session's live timeline (↑↓ scroll, esc: back)"),
             ("k", "end the session (admins; asks first)"),
             ("r", "refresh now"),
         ],
@@ -163,7 +163,8 @@ pub fn bindings(tab: Tab) -> &'static [(&'static str, &'static str)] {
         ],
         Tab::Approvals => &[
             ("↑ ↓ j k", "select a request"),
-            ("a", "approve (the gateway checks you may)"),
+            ("enter", "read the statement whole"),
+            ("a", "approve (a long statement is shown whole first)"),
             ("d", "deny, with a reason"),
         ],
         Tab::Shell => &[

@@ -150,6 +150,8 @@ fn render_reader(app: &App, r: &RequestView, top: usize, frame: &mut Frame, area
     let lines = escape_lines(&r.statement);
     let total = lines.len();
     let shown = area.height.saturating_sub(2) as usize;
+    // The end shows a whole last page.
+    let top = top.min(total.saturating_sub(shown));
     let last = (top + shown).min(total);
     let block = Block::bordered()
         .title(Span::styled(

@@ -34,6 +34,8 @@ pub struct Panel {
     /// Events of the session the stream brought while its timeline was
     /// loading: those the timeline ends before are added after it.
     early: Vec<StoredEvent>,
+    /// Lines scrolled back from the newest (0: following the newest).
+    pub back: usize,
 }
 
 impl Panel {
@@ -44,6 +46,7 @@ impl Panel {
             loading: true,
             error: None,
             early: Vec::new(),
+            back: 0,
         }
     }
 }
@@ -100,14 +103,22 @@ impl LiveView {
     }
 
     pub fn key(&mut self, key: KeyEvent) -> Outcome {
-        if self.panel.is_some() {
-            return match key.code {
+        if let Some(panel) = &mut self.panel {
+            let last = panel.events.len().saturating_sub(1);
+            panel.back = match key.code {
                 KeyCode::Esc | KeyCode::Enter => {
                     self.panel = None;
-                    Outcome::handled()
+                    return Outcome::handled();
                 }
-                _ => Outcome::ignored(),
+                KeyCode::Up | KeyCode::Char('k') => (panel.back + 1).min(last),
+                KeyCode::Down | KeyCode::Char('j') => panel.back.saturating_sub(1),
+                KeyCode::PageUp => (panel.back + 10).min(last),
+                KeyCode::PageDown => panel.back.saturating_sub(10),
+                KeyCode::Home => last,
+                KeyCode::End => 0,
+                _ => return Outcome::ignored(),
             };
+            return Outcome::handled();
         }
         if let Some(next) = navigate(self.selected, self.sessions.len(), &key, false) {
             self.selected = next;
@@ -294,7 +305,14 @@ fn render_panel(app: &App, panel: &Panel, frame: &mut Frame, area: Rect) {
             format!(" Session {} ({who}) ", short_id(&panel.session)),
             theme.title(),
         ))
-        .title_bottom(Line::styled(" esc: back ", theme.dim()));
+        .title_bottom(Line::styled(
+            if panel.back > 0 {
+                " ↑↓ PgUp PgDn: scroll  end: follow the newest  esc: back "
+            } else {
+                " ↑↓ PgUp PgDn: scroll back  esc: back "
+            },
+            theme.dim(),
+        ));
     let mut lines: Vec<Line> = Vec::new();
     if panel.loading {
         lines.push(Line::styled("loading the timeline...", theme.dim()));
@@ -305,10 +323,13 @@ fn render_panel(app: &App, panel: &Panel, frame: &mut Frame, area: Rect) {
     for event in &panel.events {
         lines.push(super::activity::event_line(app, event));
     }
-    // The newest at the bottom, always in view.
+    // The newest at the bottom, in view unless scrolled back.
     let inner = area.height.saturating_sub(2) as usize;
-    let skip = lines.len().saturating_sub(inner);
-    let lines: Vec<Line> = lines.into_iter().skip(skip).collect();
+    let end = lines
+        .len()
+        .saturating_sub(panel.back.min(lines.len().saturating_sub(inner)));
+    let skip = end.saturating_sub(inner);
+    let lines: Vec<Line> = lines.into_iter().skip(skip).take(end - skip).collect();
     frame.render_widget(Paragraph::new(lines).block(block), area);
 }
 
@@ -337,5 +358,21 @@ mod tests {
         live.note(&event(8, "s"));
         let ids: Vec<u64> = live.panel.unwrap().events.iter().map(|e| e.id).collect();
         assert_eq!(ids, [1, 5, 7, 8]);
+    }
+
+    #[test]
+    fn the_timeline_scrolls_back_and_follows_again() {
+        let mut live = LiveView {
+            panel: Some(Panel::new("s")),
+            ..LiveView::default()
+        };
+        live.set_timeline("s", Ok((1..=30).map(|id| event(id, "s")).collect()));
+        let key = |code| KeyEvent::new(code, crossterm::event::KeyModifiers::NONE);
+        live.key(key(KeyCode::PageUp));
+        assert_eq!(live.panel.as_ref().unwrap().back, 10);
+        live.key(key(KeyCode::Home));
+        assert_eq!(live.panel.as_ref().unwrap().back, 29);
+        live.key(key(KeyCode::End));
+        assert_eq!(live.panel.as_ref().unwrap().back, 0);
     }
 }
