@@ -349,6 +349,29 @@ async fn a_gateway_killed_mid_run_left_every_executed_statement_recorded() {
     gateway.wait().await.unwrap();
     let _ = pgbench.wait().await;
 
+    // Before the restart the trail verifies as far as it goes; what the
+    // journal holds beyond it is reported, not lost.
+    let verify = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["audit", "verify", "--path"])
+        .arg(&audit.path)
+        .arg("--key-file")
+        .arg(&audit.key_file)
+        .arg("--head-file")
+        .arg(&audit.head_file)
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(said.contains(": intact"), "{said}");
+    if let Some(line) = said.lines().find(|l| l.contains("pending")) {
+        assert!(line.contains("events in the write-ahead journal"), "{said}");
+    }
+
     // The restarted gateway continues the chain and signs it at shutdown.
     let (mut gateway, port) = serve().await;
     let conn = format!("host=127.0.0.1 port={port} dbname={db} user=tester password={BOB}");

@@ -60,6 +60,8 @@ pub struct Mark {
 pub struct Journal {
     path: PathBuf,
     map: NonNull<u8>,
+    /// Mapped for writing (the gateway's); a reader's view is not.
+    writable: bool,
     /// Keeps the descriptor (and the flock'd writer that owns it) alive
     /// with the mapping.
     _file: std::fs::File,
@@ -156,6 +158,7 @@ impl Journal {
         let journal = Journal {
             path: path.to_path_buf(),
             map: NonNull::new(map.cast()).ok_or_else(|| setup("mmap returned null".into()))?,
+            writable: true,
             _file: file,
         };
         if fresh {
@@ -169,6 +172,65 @@ impl Journal {
             )));
         }
         Ok(journal)
+    }
+
+    /// A reader's view of the journal beside a trail (for `sluice audit
+    /// verify`), mapped read-only and without the writer lock: `None` when
+    /// there is none. Only [`Journal::recover`] is meaningful on it; a
+    /// running gateway may be appending meanwhile, and a record it has not
+    /// finished fails its check and ends the walk.
+    pub fn open_read_only(path: &Path) -> Result<Option<Journal>, AuditError> {
+        let setup = |reason: String| AuditError::Setup {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(setup(format!("cannot open the audit journal: {err}"))),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| setup(format!("cannot read the audit journal's size: {e}")))?
+            .len();
+        if len != HEADER + CAPACITY {
+            return Err(setup(format!(
+                "{} is not a journal of this version ({len} bytes, expected {})",
+                path.display(),
+                HEADER + CAPACITY
+            )));
+        }
+        // SAFETY: maps the whole file read-only, on a descriptor kept open
+        // for the mapping's life; the size was checked above.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (HEADER + CAPACITY) as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(setup(format!(
+                "cannot map the audit journal: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let journal = Journal {
+            path: path.to_path_buf(),
+            map: NonNull::new(map.cast()).ok_or_else(|| setup("mmap returned null".into()))?,
+            writable: false,
+            _file: file,
+        };
+        if journal.bytes(0, 16) != MAGIC || journal.bytes(16, 8) != CAPACITY.to_le_bytes() {
+            return Err(setup(format!(
+                "{} is not a Sluice audit journal of this version",
+                path.display()
+            )));
+        }
+        Ok(Some(journal))
     }
 
     pub fn path(&self) -> &Path {
@@ -194,6 +256,9 @@ impl Journal {
     /// oldest position the writer still needs, or is too large for the
     /// journal. The caller holds the queue lock.
     pub fn append(&self, next: &mut Mark, ingested: u64, json: &[u8]) -> Option<()> {
+        if !self.writable {
+            return None;
+        }
         let size = RECORD_HEADER + (json.len() as u64).next_multiple_of(8);
         if json.len() as u64 > MAX_RECORD {
             return None;
@@ -312,6 +377,32 @@ mod tests {
         let path = path_for(&dir.join("audit.db"));
         let journal = Journal::open(&path).unwrap();
         (dir, journal)
+    }
+
+    #[test]
+    fn a_readers_view_sees_what_the_writer_appended_and_cannot_write() {
+        let (dir, journal) = journal("reader");
+        let path = journal.path().to_path_buf();
+        let mut next = Mark::default();
+        for n in 0..3 {
+            journal
+                .append(&mut next, 0, format!("{{\"n\":{n}}}").as_bytes())
+                .unwrap();
+        }
+        let view = Journal::open_read_only(&path).unwrap().expect("the journal exists");
+        // While the writer still holds it, as `sluice audit verify` does.
+        let seen = view.recover(Mark::default());
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2].1, "{\"n\":2}");
+        assert_eq!(view.recover(seen[0].0).len(), 2);
+        let mut from = next;
+        assert!(
+            view.append(&mut from, 0, b"{}").is_none(),
+            "a reader's view does not write"
+        );
+        drop(journal);
+        assert!(Journal::open_read_only(&dir.join("none")).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{AccessAsk, ColumnRecord, Detail, Event, Record, StatementRecord};
-pub use journal::{Mark as JournalMark, path_for as journal_path};
+pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
 pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};

@@ -128,17 +128,25 @@ impl SqliteStore {
                 .map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&err)?;
         let head = read_head(&conn).map_err(sql_error(path, "reading the chain head"))?;
+        // A trail older than the journal has no position: nothing after it.
+        let journal = read_journal_mark(&conn).unwrap_or_default();
         Ok(SqliteStore {
             conn,
             path: path.to_path_buf(),
             _lock: None,
             head,
-            journal: Mark::default(),
+            journal,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where in the write-ahead journal the trail reaches: what follows
+    /// there is recorded but not yet in the trail.
+    pub fn journal_position(&self) -> Mark {
+        self.journal
     }
 
     /// Events in order, filtered.
