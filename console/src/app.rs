@@ -339,7 +339,7 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
                 let clean: String = text
                     .chars()
                     .map(|c| if c == '\n' || c == '\r' || c == '\t' { ' ' } else { c })
-                    .filter(|c| !crate::text::is_hidden(*c))
+                    .filter(|c| !sluice_core::text::is_invisible(*c))
                     .collect();
                 prompt.input.push_str(&clean);
             } else if app.tab == Tab::Shell && app.overlay.is_none() {
@@ -598,7 +598,9 @@ fn on_overlay_key(app: &mut App, overlay: Overlay, key: KeyEvent, commands: &mut
                 live_filter(app, &prompt);
                 Some(Overlay::Prompt(prompt))
             }
-            KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) && !crate::text::is_hidden(c) => {
+            KeyCode::Char(c)
+                if !key.modifiers.contains(KeyModifiers::CONTROL) && !sluice_core::text::is_invisible(c) =>
+            {
                 prompt.input.push(c);
                 live_filter(app, &prompt);
                 Some(Overlay::Prompt(prompt))

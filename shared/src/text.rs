@@ -3,12 +3,21 @@
 //! terminals, chat and the console; these characters could make them show
 //! something else.
 
-/// Control characters (C0, DEL, C1), bidirectional overrides and isolates,
-/// and characters a terminal may draw at another width than they are
-/// counted at: zero-width ones (joiners, spaces, variation selectors,
-/// combining marks), the soft hyphen and the Hangul fillers. Drawn escaped
-/// (the console) or refused (reasons given to the API).
+/// Characters a terminal may draw at another width than they are counted
+/// at, on top of [`is_invisible`]: anything not exactly one or two columns
+/// wide (combining marks, variation selectors...). The console draws them
+/// escaped, which keeps its tables aligned.
 pub fn is_hidden(c: char) -> bool {
+    is_invisible(c)
+        || unicode_width::UnicodeWidthChar::width(c) != Some(1) && unicode_width::UnicodeWidthChar::width(c) != Some(2)
+}
+
+/// Control characters (C0, DEL, C1), bidirectional overrides and isolates,
+/// zero-width spaces and joiners, the soft hyphen and the Hangul fillers:
+/// characters that are not seen but change what is. The API refuses them
+/// in reasons people will read; combining marks, which whole scripts need,
+/// are not among them.
+pub fn is_invisible(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
@@ -26,12 +35,23 @@ pub fn is_hidden(c: char) -> bool {
                 | '\u{180E}'
                 | '\u{E0000}'..='\u{E007F}'
         )
-        || unicode_width::UnicodeWidthChar::width(c) != Some(1) && unicode_width::UnicodeWidthChar::width(c) != Some(2)
 }
 
 #[cfg(test)]
 mod tests {
     use super::is_hidden;
+
+    #[test]
+    fn scripts_with_combining_marks_are_not_invisible() {
+        use super::is_invisible;
+        // Hindi and Vietnamese (decomposed) reasons are plain text.
+        for text in ["नमस्ते", "Vie\u{0323}\u{0302}t"] {
+            assert!(!text.chars().any(is_invisible), "{text}");
+        }
+        for c in ['\x1b', '\u{202e}', '\u{200d}', '\u{ad}', '\u{3164}', '\u{feff}'] {
+            assert!(is_invisible(c), "{:04x}", c as u32);
+        }
+    }
 
     #[test]
     fn what_is_hidden() {

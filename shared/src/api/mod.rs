@@ -618,7 +618,7 @@ fn check_reason(reason: &str) -> ApiResult<()> {
             format!("the reason is longer than {MAX_REASON} characters: say it shorter"),
         ));
     }
-    if let Some(c) = reason.chars().find(|c| crate::text::is_hidden(*c)) {
+    if let Some(c) = reason.chars().find(|c| crate::text::is_invisible(*c)) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
