@@ -385,7 +385,8 @@ impl ShellView {
                 self.scroll_row = 0;
                 self.scroll_col = 0;
             }
-            KeyCode::End => self.scroll_row = rows.saturating_sub(PAGE),
+            // The drawing shows the last whole page from there.
+            KeyCode::End => self.scroll_row = rows.saturating_sub(1),
             _ => return None,
         }
         Some(Outcome::handled())
