@@ -303,10 +303,10 @@ impl App {
         }
     }
 
-    /// Whether keys go to a text field of the view (so `q`, digits and `?`
-    /// are text, not commands).
+    /// Whether keys go to a text field (the shell always takes typing:
+    /// `q`, digits and `?` are text there, not commands).
     fn typing(&self) -> bool {
-        self.tab == Tab::Shell && self.shell.editing()
+        self.tab == Tab::Shell
     }
 }
 

@@ -41,8 +41,6 @@ pub struct ShellView {
     /// Results scrolled to: first row, first column.
     pub scroll_row: usize,
     pub scroll_col: usize,
-    /// The last query's text, as sent.
-    pub last_sql: String,
     /// The result's column widths, measured when it came.
     pub widths: Vec<u16>,
 }
@@ -62,15 +60,8 @@ impl ShellView {
             messages: Vec::new(),
             scroll_row: 0,
             scroll_col: 0,
-            last_sql: String::new(),
             widths: Vec::new(),
         }
-    }
-
-    /// The shell always takes typing: letters and digits are text here,
-    /// never view switches or quitting.
-    pub fn editing(&self) -> bool {
-        true
     }
 
     pub fn text(&self) -> String {
@@ -201,7 +192,6 @@ impl ShellView {
         self.scroll_row = 0;
         self.scroll_col = 0;
         self.elapsed_ms = 0;
-        self.last_sql = sql.clone();
         Outcome {
             handled: true,
             commands: vec![
@@ -437,7 +427,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         Some(_) => Span::styled(format!(" running {} ", millis(shell.elapsed_ms)), theme.warn()),
         None => Span::raw(""),
     };
-    let editor_style = if shell.editing() { theme.title() } else { theme.dim() };
+    let editor_style = theme.title();
     let block = Block::bordered()
         .title(Line::from(vec![
             Span::styled(format!(" SQL on {} ", one_line(&shell.target)), editor_style),
@@ -457,7 +447,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let left = cursor.saturating_sub(inner.width.saturating_sub(1));
     let text: Vec<Line> = highlight(&escaped, theme).into_iter().skip(top).collect();
     frame.render_widget(Paragraph::new(text).block(block).scroll((0, left)), editor);
-    if shell.editing() && app.overlay.is_none() {
+    if app.overlay.is_none() {
         let x = inner.x + cursor - left;
         let y = inner.y + (shell.row - top) as u16;
         if x < inner.right() && y < inner.bottom() {

@@ -137,34 +137,11 @@ impl Journal {
                 HEADER + CAPACITY
             )));
         }
-        // SAFETY: maps the whole file, shared, on a descriptor kept open
-        // for the mapping's life; the size was checked or allocated above.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                (HEADER + CAPACITY) as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(setup(format!(
-                "cannot map the audit journal: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let journal = Journal {
-            path: path.to_path_buf(),
-            map: NonNull::new(map.cast()).ok_or_else(|| setup("mmap returned null".into()))?,
-            writable: true,
-            _file: file,
-        };
+        let journal = Journal::map(path, file, true)?;
         if fresh {
             journal.bytes_mut(0, 16).copy_from_slice(MAGIC);
             journal.bytes_mut(16, 8).copy_from_slice(&CAPACITY.to_le_bytes());
-        } else if journal.bytes(0, 16) != MAGIC || journal.bytes(16, 8) != CAPACITY.to_le_bytes() {
+        } else if !journal.has_header() {
             return Err(setup(format!(
                 "{} is not a Sluice audit journal of this version; if the gateway is stopped and the trail \
                  verifies, remove it",
@@ -200,17 +177,39 @@ impl Journal {
                 HEADER + CAPACITY
             )));
         }
-        // SAFETY: maps the whole file read-only, on a descriptor kept open
-        // for the mapping's life; the size was checked above.
+        let journal = Journal::map(path, file, false)?;
+        if !journal.has_header() {
+            return Err(setup(format!(
+                "{} is not a Sluice audit journal of this version",
+                path.display()
+            )));
+        }
+        Ok(Some(journal))
+    }
+
+    /// Maps the whole file (whose size the caller checked or allocated),
+    /// shared, writable for the gateway, read-only for a reader.
+    fn map(path: &Path, file: std::fs::File, writable: bool) -> Result<Journal, AuditError> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: maps the whole file on a descriptor the journal keeps
+        // open for the mapping's life; its size is the mapping's.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 (HEADER + CAPACITY) as usize,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
             )
+        };
+        let setup = |reason: String| AuditError::Setup {
+            path: path.to_path_buf(),
+            reason,
         };
         if map == libc::MAP_FAILED {
             return Err(setup(format!(
@@ -218,19 +217,17 @@ impl Journal {
                 std::io::Error::last_os_error()
             )));
         }
-        let journal = Journal {
+        Ok(Journal {
             path: path.to_path_buf(),
             map: NonNull::new(map.cast()).ok_or_else(|| setup("mmap returned null".into()))?,
-            writable: false,
+            writable,
             _file: file,
-        };
-        if journal.bytes(0, 16) != MAGIC || journal.bytes(16, 8) != CAPACITY.to_le_bytes() {
-            return Err(setup(format!(
-                "{} is not a Sluice audit journal of this version",
-                path.display()
-            )));
-        }
-        Ok(Some(journal))
+        })
+    }
+
+    /// The file starts with this version's magic and capacity.
+    fn has_header(&self) -> bool {
+        self.bytes(0, 16) == MAGIC && self.bytes(16, 8) == CAPACITY.to_le_bytes()
     }
 
     pub fn path(&self) -> &Path {
