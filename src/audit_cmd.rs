@@ -456,6 +456,8 @@ mod tests {
                 by: "carol".into(),
                 reason: Some("no\x1b[2J\x1b]0;owned\x07".into()),
                 via: "api".into(),
+                delegate: None,
+                chat_user: None,
             }),
         };
         let line = describe(&stored);

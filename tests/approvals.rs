@@ -696,6 +696,8 @@ async fn approved_grants_survive_a_restart_and_forged_ones_do_not() {
                     by: "alice".into(),
                     reason: None,
                     via: "api".into(),
+                    delegate: None,
+                    chat_user: None,
                 }),
                 forged(Detail::AccessGranted {
                     request: 900,

@@ -254,6 +254,7 @@ fn requests() -> Vec<RequestView> {
             by: "dave".into(),
             at: now() - Duration::seconds(20),
             via: "slack".into(),
+            chat_user: Some("U042".into()),
         }],
         created: now() - Duration::seconds(60),
         expires: now() + Duration::seconds(272),
@@ -267,6 +268,7 @@ fn requests() -> Vec<RequestView> {
             features: vec!["no_where".into(), "touches_finance".into()],
             tags: vec!["finance".into()],
         }],
+        approve_via: vec!["console".into()],
     };
     let access = RequestView {
         id: 8,

@@ -54,6 +54,31 @@ pub struct Approval {
     pub at: DateTime<Utc>,
     /// Where it was given: "api", "console", "slack", "discord".
     pub via: String,
+    /// For a decision a chat bot forwarded: the chat user who clicked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_user: Option<String>,
+}
+
+/// Where a decision comes from: the channel, and for a chat bot deciding on
+/// a person's behalf, the bot and the chat user who clicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Channel<'a> {
+    /// "api", "console", "slack" or "discord".
+    pub via: &'a str,
+    /// The bot's identity, when it decides on the approver's behalf.
+    pub delegate: Option<&'a str>,
+    pub chat_user: Option<&'a str>,
+}
+
+impl<'a> Channel<'a> {
+    /// The approver's own call ("api", "console").
+    pub fn direct(via: &'a str) -> Channel<'a> {
+        Channel {
+            via,
+            delegate: None,
+            chat_user: None,
+        }
+    }
 }
 
 /// A request as the API shows it.
@@ -85,6 +110,9 @@ pub struct RequestView {
     /// features, tags), one record per statement of its text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub statements: Vec<crate::audit::StatementRecord>,
+    /// Where an approval counts ("console", "slack"...); empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approve_via: Vec<String>,
 }
 
 /// What an access request asks for, and what became of the grant.
@@ -140,6 +168,8 @@ pub struct NewRequest {
     pub access: Option<AccessAsk>,
     /// The statement's classification, for approvers to see.
     pub statements: Vec<crate::audit::StatementRecord>,
+    /// Where an approval counts; empty: anywhere.
+    pub approve_via: Vec<String>,
 }
 
 /// Who may run which statement once, after an approval.
@@ -375,6 +405,7 @@ impl Approvals {
                 ended: None,
             }),
             statements: new.statements,
+            approve_via: new.approve_via,
         };
         let (tx, rx) = oneshot::channel();
         let retry = new
@@ -415,6 +446,20 @@ impl Approvals {
         reason: Option<String>,
         via: &str,
     ) -> Result<RequestView, DecideError> {
+        self.decide_via(id, approver, approve, reason, Channel::direct(via))
+    }
+
+    /// [`Approvals::decide`], through a channel: a rule's `approve_via`
+    /// decides where an approval counts (a denial counts from anywhere).
+    pub fn decide_via(
+        &self,
+        id: u64,
+        approver: &Identity,
+        approve: bool,
+        reason: Option<String>,
+        channel: Channel<'_>,
+    ) -> Result<RequestView, DecideError> {
+        let via = channel.via;
         self.expire_due();
         let mut entries = self.lock();
         let entry = entries.get_mut(&id).ok_or(DecideError::NotFound(id))?;
@@ -447,12 +492,20 @@ impl Approvals {
                 view.approvers.join(", ")
             )));
         }
+        if approve && !view.approve_via.is_empty() && !view.approve_via.iter().any(|v| v == via) {
+            return Err(DecideError::Forbidden(format!(
+                "request {id} (rule \"{}\") may be approved only through {}, not {via}; deny it here, or approve it there",
+                view.rule,
+                view.approve_via.join(" or ")
+            )));
+        }
         let outcome = if approve {
             if !view.approvals.iter().any(|a| a.by == name) {
                 view.approvals.push(Approval {
                     by: name.to_string(),
                     at: Utc::now(),
                     via: via.to_string(),
+                    chat_user: channel.chat_user.map(str::to_string),
                 });
             }
             if (view.approvals.len() as u32) < view.needed {
@@ -466,6 +519,8 @@ impl Approvals {
                         by: name.to_string(),
                         reason,
                         via: via.to_string(),
+                        delegate: channel.delegate.map(str::to_string),
+                        chat_user: channel.chat_user.map(str::to_string),
                     },
                 );
                 return Ok(view);
@@ -521,6 +576,8 @@ impl Approvals {
                 by: name.to_string(),
                 reason,
                 via: via.to_string(),
+                delegate: channel.delegate.map(str::to_string),
+                chat_user: channel.chat_user.map(str::to_string),
             },
         );
         if let Some(grant) = granted {
@@ -570,6 +627,8 @@ impl Approvals {
                 by: String::new(),
                 reason: Some(why.to_string()),
                 via: "gateway".into(),
+                delegate: None,
+                chat_user: None,
             },
         );
         true
@@ -713,6 +772,13 @@ mod tests {
 
     fn request(approvals: &Approvals, needed: u32) -> (RequestView, oneshot::Receiver<Outcome>) {
         approvals.open(NewRequest {
+            needed,
+            ..request_for_tests()
+        })
+    }
+
+    fn request_for_tests() -> NewRequest {
+        NewRequest {
             requester: person("bob", &["oncall", "leads"]),
             target: "shop".into(),
             session: "s1".into(),
@@ -720,12 +786,13 @@ mod tests {
             rule: "writes-need-approval".into(),
             reason: None,
             approvers: vec!["leads".into()],
-            needed,
+            needed: 1,
             timeout: Duration::from_secs(300),
             retry: None,
             access: None,
             statements: Vec::new(),
-        })
+            approve_via: Vec::new(),
+        }
     }
 
     #[test]
@@ -769,6 +836,37 @@ mod tests {
     }
 
     #[test]
+    fn approve_via_decides_where_an_approval_counts() {
+        let approvals = Approvals::new(None, 1);
+        let (view, _rx) = approvals.open(NewRequest {
+            approve_via: vec!["console".into()],
+            ..request_for_tests()
+        });
+        let carol = person("carol", &["leads"]);
+        let slack = Channel {
+            via: "slack",
+            delegate: Some("approval-bot"),
+            chat_user: Some("U042"),
+        };
+        let err = approvals.decide_via(view.id, &carol, true, None, slack).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "request 1 (rule \"writes-need-approval\") may be approved only through console, not slack; deny it here, or approve it there"
+        );
+        assert_eq!(approvals.get(view.id).unwrap().state, RequestState::Pending);
+        // A denial counts from anywhere: stopping a statement is always safe.
+        let denied = approvals
+            .decide_via(view.id, &carol, false, Some("not now".into()), slack)
+            .unwrap();
+        assert_eq!(denied.state, RequestState::Denied);
+
+        let (view, _rx) = approvals.open(request_for_tests());
+        let approved = approvals.decide_via(view.id, &carol, true, None, slack).unwrap();
+        assert_eq!(approved.approvals[0].via, "slack");
+        assert_eq!(approved.approvals[0].chat_user.as_deref(), Some("U042"));
+    }
+
+    #[test]
     fn an_approved_access_request_grants_until_it_expires() {
         let approvals = Approvals::new(None, 1);
         let bob = person("bob", &["oncall"]);
@@ -790,6 +888,7 @@ mod tests {
                 seconds,
             }),
             statements: Vec::new(),
+            approve_via: Vec::new(),
         };
         let (view, _) = approvals.open(ask(1800));
         assert_eq!(approvals.pending_access(&bob, "writer", "shop").unwrap().id, view.id);
@@ -847,6 +946,7 @@ mod tests {
                 retry: Some([n as u8; 32]),
                 access: None,
                 statements: Vec::new(),
+                approve_via: Vec::new(),
             });
         }
         let message = approvals.too_many_pending(&bob).unwrap();

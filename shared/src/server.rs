@@ -73,6 +73,8 @@ fn expire_orphaned_requests(config: &Config, auditor: &crate::audit::Auditor) {
                     by: String::new(),
                     reason: Some("the gateway restarted while it was pending; its client was disconnected".into()),
                     via: "gateway".into(),
+                    delegate: None,
+                    chat_user: None,
                 });
                 event.session = open.session;
                 event.identity = open.identity;

@@ -326,8 +326,13 @@ fn render_request(app: &App, r: &RequestView, frame: &mut Frame, area: Rect) {
         .approvals
         .iter()
         .map(|a| {
+            let chat = a
+                .chat_user
+                .as_deref()
+                .map(|user| format!(" (user {})", one_line(user)))
+                .unwrap_or_default();
             format!(
-                "{} at {} via {}",
+                "{} at {} via {}{chat}",
                 one_line(&a.by),
                 clock(a.at, app.zone),
                 one_line(&a.via)
@@ -349,6 +354,13 @@ fn render_request(app: &App, r: &RequestView, frame: &mut Frame, area: Rect) {
         ),
         theme.plain(),
     ));
+    if !r.approve_via.is_empty() {
+        lines.push(field(
+            "approve in",
+            format!("{} only", one_line(&r.approve_via.join(" or "))),
+            theme.warn(),
+        ));
+    }
     match r.state {
         RequestState::Pending => lines.push(field(
             "expires",

@@ -167,16 +167,47 @@ impl ApiClient {
         approve: bool,
         reason: Option<&str>,
     ) -> Result<crate::approvals::RequestView, ClientError> {
-        let verb = if approve { "approve" } else { "deny" };
         let body = super::DecisionBody {
             reason: reason.map(str::to_string),
             via: self.via.clone(),
+            on_behalf_of: None,
+            chat_user: None,
         };
+        self.post_decision(id, approve, &body).await
+    }
+
+    /// A chat bot's decision (its token listed in `[[api.delegates]]`): on
+    /// behalf of `person`, for chat user `chat_user` who clicked, through
+    /// this client's `via` ("slack", "discord").
+    pub async fn decide_on_behalf(
+        &self,
+        id: u64,
+        approve: bool,
+        reason: Option<&str>,
+        person: &str,
+        chat_user: &str,
+    ) -> Result<crate::approvals::RequestView, ClientError> {
+        let body = super::DecisionBody {
+            reason: reason.map(str::to_string),
+            via: self.via.clone(),
+            on_behalf_of: Some(person.to_string()),
+            chat_user: Some(chat_user.to_string()),
+        };
+        self.post_decision(id, approve, &body).await
+    }
+
+    async fn post_decision(
+        &self,
+        id: u64,
+        approve: bool,
+        body: &super::DecisionBody,
+    ) -> Result<crate::approvals::RequestView, ClientError> {
+        let verb = if approve { "approve" } else { "deny" };
         self.json(
             self.http
                 .post(self.url(&format!("/v1/approvals/{id}/{verb}")))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(serde_json::to_vec(&body).unwrap_or_default()),
+                .body(serde_json::to_vec(body).unwrap_or_default()),
         )
         .await
     }
@@ -210,7 +241,7 @@ impl ApiClient {
     ) -> Result<crate::approvals::GrantView, ClientError> {
         let body = super::DecisionBody {
             reason: reason.map(str::to_string),
-            via: None,
+            ..super::DecisionBody::default()
         };
         self.json(
             self.http

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::approvals::Channel;
 use crate::audit::{EventFilter, SessionSummary, SqliteStore, StoredEvent};
 use crate::config::ApiRole;
 use crate::identity::Identity;
@@ -119,7 +120,9 @@ fn router(shared: Arc<Shared>) -> Router {
 async fn caller(shared: &Shared, headers: &HeaderMap, needs: ApiRole) -> ApiResult<Identity> {
     let identity = authenticated(shared, headers).await?;
     let role = shared.config.api.role_of(identity.groups());
-    if role < Some(needs) {
+    // A chat bot reads what viewers read: it follows requests to post them.
+    let bot_reads = needs == ApiRole::Viewer && shared.config.api.delegate(identity.name()).is_some();
+    if role < Some(needs) && !bot_reads {
         return Err(forbidden(shared, &identity, needs));
     }
     Ok(identity)
@@ -167,6 +170,7 @@ async fn authenticated(shared: &Shared, headers: &HeaderMap) -> ApiResult<Identi
 
 fn is_viewer(shared: &Shared, identity: &Identity) -> bool {
     shared.config.api.role_of(identity.groups()) >= Some(ApiRole::Viewer)
+        || shared.config.api.delegate(identity.name()).is_some()
 }
 
 /// `/health`.
@@ -439,9 +443,16 @@ async fn approval(
 pub struct DecisionBody {
     #[serde(default)]
     pub reason: Option<String>,
-    /// Where the approver decided: "api" (the default) or "console".
+    /// Where the approver decided: "api" (the default) or "console"; for a
+    /// chat bot, "slack" or "discord".
     #[serde(default)]
     pub via: Option<String>,
+    /// Chat bots only (`[[api.delegates]]`): the person the bot decides for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+    /// Chat bots only: the chat user who clicked, for the trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_user: Option<String>,
 }
 
 async fn decide(
@@ -451,19 +462,46 @@ async fn decide(
     body: &[u8],
     approve: bool,
 ) -> ApiResult<Json<crate::approvals::RequestView>> {
-    let approver = caller(&shared, &headers, ApiRole::Approver).await?;
+    let caller = authenticated(&shared, &headers).await?;
     let body = decision_body(body)?;
-    let via = body.via.as_deref().unwrap_or("api");
-    if !matches!(via, "api" | "console") {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("via = {via:?}: write \"api\" or \"console\" (chat decisions come through the bot)"),
-        ));
-    }
+    let delegated;
+    let (approver, channel) = match shared.config.api.delegate(caller.name()) {
+        Some(bot) => {
+            delegated = on_behalf(bot, &body)?;
+            let channel = Channel {
+                via: body.via.as_deref().unwrap_or_default(),
+                delegate: Some(bot.identity.as_str()),
+                chat_user: body.chat_user.as_deref(),
+            };
+            (&delegated, channel)
+        }
+        None => {
+            if shared.config.api.role_of(caller.groups()) < Some(ApiRole::Approver) {
+                return Err(forbidden(&shared, &caller, ApiRole::Approver));
+            }
+            if body.on_behalf_of.is_some() || body.chat_user.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{} decides as itself: only a chat bot listed in [[api.delegates]] decides on behalf of someone",
+                        caller.name()
+                    ),
+                ));
+            }
+            let via = body.via.as_deref().unwrap_or("api");
+            if !matches!(via, "api" | "console") {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("via = {via:?}: write \"api\" or \"console\" (chat decisions come through the bot)"),
+                ));
+            }
+            (&caller, Channel::direct(via))
+        }
+    };
     use crate::approvals::DecideError;
     shared
         .approvals
-        .decide(id, &approver, approve, body.reason, via)
+        .decide_via(id, approver, approve, body.reason.clone(), channel)
         .map(Json)
         .map_err(|err| {
             let status = match err {
@@ -473,6 +511,45 @@ async fn decide(
             };
             ApiError::new(status, err.to_string())
         })
+}
+
+/// The person a chat bot decides for, as `[[api.delegates]]` knows them.
+fn on_behalf(bot: &crate::config::Delegate, body: &DecisionBody) -> ApiResult<Identity> {
+    let name = &bot.identity;
+    let Some(person) = body.on_behalf_of.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{name} is a chat bot: it decides only on behalf of a person (on_behalf_of), never as itself"),
+        ));
+    };
+    let via = body.via.as_deref().unwrap_or_default();
+    if !bot.via.iter().any(|v| v == via) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{name} decides through {}, not {via:?}", bot.via.join(" and ")),
+        ));
+    }
+    let Some(groups) = bot.people.get(person) else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{name} may not decide on behalf of {person:?}: the gateway's [[api.delegates]] entry for it does not list them"
+            ),
+        ));
+    };
+    match body.chat_user.as_deref() {
+        Some(user)
+            if !user.is_empty()
+                && user.len() <= 64
+                && user.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "a chat bot's decision names the chat user who clicked (chat_user: their Slack or Discord user id)",
+            ));
+        }
+    }
+    Ok(Identity::delegated(person, groups, name))
 }
 
 async fn approve(
@@ -570,6 +647,7 @@ async fn request_access(
             seconds: duration.as_secs(),
         }),
         statements: Vec::new(),
+        approve_via: ask.approve_via,
     });
     tracing::info!(request = view.id, grant = %view.rule, identity = %view.requester, target = %view.target, "access requested");
     Ok((StatusCode::CREATED, Json(view)))

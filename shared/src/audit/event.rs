@@ -155,6 +155,12 @@ pub enum Detail {
         /// Where it was decided: "api", "console", "slack", "discord" or
         /// "gateway".
         via: String,
+        /// The chat bot that decided on the approver's behalf.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delegate: Option<String>,
+        /// The chat user who clicked (Slack or Discord user id).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chat_user: Option<String>,
     },
     /// Retention removed the oldest events, through a signed head (which
     /// stays, so that the chain still verifies from there).
@@ -393,6 +399,8 @@ impl Event {
                 by,
                 reason,
                 via,
+                delegate,
+                chat_user,
             } => {
                 let by = if by.is_empty() {
                     String::new()
@@ -400,7 +408,13 @@ impl Event {
                     format!(" by {by}")
                 };
                 let reason = reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-                format!("request {request} {decision}{by} (via {via}){reason}")
+                let chat = match (chat_user, delegate) {
+                    (Some(user), Some(bot)) => format!(", user {user} through {bot}"),
+                    (Some(user), None) => format!(", user {user}"),
+                    (None, Some(bot)) => format!(", through {bot}"),
+                    (None, None) => String::new(),
+                };
+                format!("request {request} {decision}{by} (via {via}{chat}){reason}")
             }
             Detail::AuditPruned {
                 before,

@@ -488,6 +488,8 @@ mod tests {
                     by: "carol".into(),
                     reason: None,
                     via: "api".into(),
+                    delegate: None,
+                    chat_user: None,
                 },
             ),
             ev(5, "s2", "carol", Detail::UnmaskGrantUsed { grant: "leads".into() }),

@@ -1028,6 +1028,8 @@ mod tests {
                 by: "carol".into(),
                 reason: None,
                 via: "api".into(),
+                delegate: None,
+                chat_user: None,
             })
         };
         trail
@@ -1075,6 +1077,8 @@ mod tests {
                 by: "carol".into(),
                 reason: None,
                 via: "api".into(),
+                delegate: None,
+                chat_user: None,
             })
             .by("bob", "shop")
         };

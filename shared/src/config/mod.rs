@@ -84,6 +84,22 @@ pub struct ApiConfig {
     pub viewer_groups: Vec<String>,
     pub approver_groups: Vec<String>,
     pub admin_groups: Vec<String>,
+    /// Chat bots that decide on behalf of the people they map.
+    pub delegates: Vec<Delegate>,
+}
+
+/// `[[api.delegates]]`: a chat bot (`sluice bot`) that decides approvals on
+/// behalf of people. It may act only as the people listed, with the groups
+/// listed here (never groups the bot claims), only through its channels, and
+/// never as itself. It may read what viewers read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegate {
+    /// The bot's identity: its service token's name.
+    pub identity: String,
+    /// "slack", "discord".
+    pub via: Vec<String>,
+    /// Identity names (people's emails) and their groups.
+    pub people: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for ApiConfig {
@@ -94,6 +110,7 @@ impl Default for ApiConfig {
             viewer_groups: Vec::new(),
             approver_groups: Vec::new(),
             admin_groups: Vec::new(),
+            delegates: Vec::new(),
         }
     }
 }
@@ -111,6 +128,11 @@ impl ApiConfig {
         } else {
             None
         }
+    }
+
+    /// The chat bot `identity` is, if it is one.
+    pub fn delegate(&self, identity: &str) -> Option<&Delegate> {
+        self.delegates.iter().find(|d| d.identity == identity)
     }
 
     /// Who holds a role, for error messages.
@@ -624,6 +646,60 @@ impl Validator<'_> {
             admin_groups: raw.admin_groups,
             ..ApiConfig::default()
         };
+        for raw in raw.delegates {
+            let identity = raw.identity.get_ref().trim().to_string();
+            if identity.is_empty() {
+                self.at(
+                    &raw.identity,
+                    "api.delegates: identity is the bot's service token name; it cannot be empty",
+                );
+                continue;
+            }
+            if api.delegates.iter().any(|d| d.identity == identity) {
+                self.at(
+                    &raw.identity,
+                    format!("api.delegates: \"{identity}\" is listed twice; merge its people into one entry"),
+                );
+                continue;
+            }
+            let mut via = Vec::new();
+            for channel in raw.via.get_ref() {
+                if !matches!(channel.as_str(), "slack" | "discord") {
+                    self.at(
+                        &raw.via,
+                        format!(
+                            "api.delegates \"{identity}\": via \"{channel}\" is not a chat channel; write \"slack\" and/or \"discord\""
+                        ),
+                    );
+                } else if !via.contains(channel) {
+                    via.push(channel.clone());
+                }
+            }
+            if raw.via.get_ref().is_empty() {
+                self.at(
+                    &raw.via,
+                    format!("api.delegates \"{identity}\": via names no channel; write via = [\"slack\"]"),
+                );
+            }
+            if raw
+                .people
+                .get_ref()
+                .keys()
+                .any(|p| p.trim().is_empty() || p == "*" || *p == identity)
+            {
+                self.at(
+                    &raw.people,
+                    format!(
+                        "api.delegates \"{identity}\": people are identity names (emails); \"*\", an empty name and the bot itself are not allowed"
+                    ),
+                );
+            }
+            api.delegates.push(Delegate {
+                identity,
+                via,
+                people: raw.people.into_inner(),
+            });
+        }
         if let Some(listen) = &raw.listen {
             match listen.get_ref().parse() {
                 Ok(addr) => api.listen = addr,
@@ -1490,6 +1566,73 @@ groups = ["x"]
     }
 
     #[test]
+    fn delegates_and_approve_via_are_checked() {
+        let good = minimal()
+            + r#"
+[api]
+[[api.delegates]]
+identity = "approval-bot"
+via = ["slack", "discord", "slack"]
+people = { "carol@example.com" = ["leads"] }
+
+[policy]
+[[policy.rules]]
+name = "drops"
+decision = "require_approval"
+kinds = ["ddl"]
+approvers = ["leads"]
+approve_via = ["console"]
+"#;
+        let config = load(&good).unwrap();
+        let bot = config.api.delegate("approval-bot").unwrap();
+        assert_eq!(bot.via, ["slack", "discord"]);
+        assert_eq!(bot.people["carol@example.com"], ["leads"]);
+        assert!(config.api.delegate("carol@example.com").is_none());
+        let approval = config.policy.rules[0].approval.as_ref().unwrap();
+        assert_eq!(approval.approve_via, ["console"]);
+
+        let bad = minimal()
+            + r#"
+[api]
+[[api.delegates]]
+identity = "approval-bot"
+via = ["console"]
+people = { "*" = ["leads"] }
+
+[policy]
+[[policy.rules]]
+name = "drops"
+decision = "require_approval"
+kinds = ["ddl"]
+approvers = ["leads"]
+approve_via = ["teams"]
+
+[[policy.rules]]
+name = "reads"
+decision = "allow"
+kinds = ["read"]
+approve_via = ["console"]
+"#;
+        let err = load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("api.delegates \"approval-bot\": via \"console\" is not a chat channel"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\"*\", an empty name and the bot itself are not allowed"),
+            "{err}"
+        );
+        assert!(
+            err.contains("rule \"drops\": approve_via \"teams\" is not a channel; write some of \"api\", \"console\", \"slack\", \"discord\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("rule \"reads\" has approvers, approvals, timeout, approval_mode or approve_via"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn requested_grants_and_the_rules_that_name_them_are_checked() {
         let text = minimal()
             + r#"
@@ -1522,7 +1665,9 @@ except_grants = ["writter"]
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("an unmask grant is standing"), "{err}");
         assert!(
-            err.contains("grant \"nobody-approves\" has approvals, timeout or max_duration but no approvers"),
+            err.contains(
+                "grant \"nobody-approves\" has approvals, timeout, max_duration or approve_via but no approvers"
+            ),
             "{err}"
         );
         assert!(err.contains("grant \"writer\" max_duration"), "{err}");

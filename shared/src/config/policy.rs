@@ -140,7 +140,13 @@ pub struct ApprovalConfig {
     pub approvals: u32,
     pub timeout: Duration,
     pub mode: ApprovalMode,
+    /// Where an approval counts ("console", "slack"...); empty: anywhere.
+    /// Denials count from anywhere.
+    pub approve_via: Vec<String>,
 }
+
+/// Where approvers decide: the values of `approve_via`.
+pub const APPROVAL_CHANNELS: [&str; 4] = ["api", "console", "slack", "discord"];
 
 /// One policy rule.
 #[derive(Debug, Clone)]
@@ -227,6 +233,8 @@ pub struct GrantRequestConfig {
     pub timeout: Duration,
     /// The longest a request may ask for.
     pub max_duration: Duration,
+    /// Where an approval counts; empty: anywhere.
+    pub approve_via: Vec<String>,
 }
 
 /// Who a rule or grant is for. Empty lists match everyone.
@@ -453,8 +461,11 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let asks =
-            !raw.approvers.is_empty() || raw.approvals.is_some() || raw.timeout.is_some() || raw.max_duration.is_some();
+        let asks = !raw.approvers.is_empty()
+            || raw.approvals.is_some()
+            || raw.timeout.is_some()
+            || raw.max_duration.is_some()
+            || !raw.approve_via.is_empty();
         let request = if !asks {
             None
         } else if kind == GrantKind::Unmask {
@@ -464,7 +475,7 @@ impl Validator<'_> {
                 &raw.name,
                 format!(
                     "grant \"{name}\": an unmask grant is standing (it cannot be requested for a time); \
-                     drop approvers/approvals/timeout/max_duration, or use grant = \"access\""
+                     drop approvers/approvals/timeout/max_duration/approve_via, or use grant = \"access\""
                 ),
             );
             return None;
@@ -472,7 +483,7 @@ impl Validator<'_> {
             self.at(
                 &raw.name,
                 format!(
-                    "grant \"{name}\" has approvals, timeout or max_duration but no approvers; \
+                    "grant \"{name}\" has approvals, timeout, max_duration or approve_via but no approvers; \
                      add approvers = [\"leads\"] (groups whose members approve requests for it)"
                 ),
             );
@@ -510,11 +521,13 @@ impl Validator<'_> {
             } else {
                 max_duration
             };
+            let approve_via = self.approve_via(&format!("grant \"{name}\""), &raw.approve_via);
             Some(GrantRequestConfig {
                 approvers: raw.approvers,
                 approvals,
                 timeout,
                 max_duration,
+                approve_via,
             })
         };
         // A grant is a privilege: one that names nobody in particular must
@@ -555,6 +568,26 @@ impl Validator<'_> {
             );
         }
         decision
+    }
+
+    /// `approve_via`: channels from [`APPROVAL_CHANNELS`], each once.
+    fn approve_via(&mut self, what: &str, raw: &[toml::Spanned<String>]) -> Vec<String> {
+        let mut channels: Vec<String> = Vec::new();
+        for channel in raw {
+            let name = channel.get_ref().as_str();
+            if !APPROVAL_CHANNELS.contains(&name) {
+                self.at(
+                    channel,
+                    format!(
+                        "{what}: approve_via \"{name}\" is not a channel; write some of \"{}\"",
+                        APPROVAL_CHANNELS.join("\", \"")
+                    ),
+                );
+            } else if !channels.iter().any(|c| c == name) {
+                channels.push(name.to_string());
+            }
+        }
+        channels
     }
 
     fn rule(&mut self, raw: RawRule) -> Option<RuleConfig> {
@@ -635,7 +668,8 @@ impl Validator<'_> {
         let has_approval_keys = !raw.approvers.is_empty()
             || raw.approvals.is_some()
             || raw.timeout.is_some()
-            || raw.approval_mode.is_some();
+            || raw.approval_mode.is_some()
+            || !raw.approve_via.is_empty();
         let approval = if decision == DecisionKind::RequireApproval {
             if raw.approvers.is_empty() {
                 self.at(
@@ -676,18 +710,20 @@ impl Validator<'_> {
                     }
                 }
             };
+            let approve_via = self.approve_via(&format!("rule \"{name}\""), &raw.approve_via);
             Some(ApprovalConfig {
                 approvers: raw.approvers,
                 approvals,
                 timeout,
                 mode,
+                approve_via,
             })
         } else {
             if has_approval_keys {
                 self.at(
                     &raw.decision,
                     format!(
-                        "rule \"{name}\" has approvers, approvals, timeout or approval_mode, which only apply to decision = \"require_approval\""
+                        "rule \"{name}\" has approvers, approvals, timeout, approval_mode or approve_via, which only apply to decision = \"require_approval\""
                     ),
                 );
             }

@@ -36,6 +36,17 @@ pub struct RawApi {
     pub approver_groups: Vec<String>,
     #[serde(default)]
     pub admin_groups: Vec<String>,
+    #[serde(default)]
+    pub delegates: Vec<RawDelegate>,
+}
+
+/// `[[api.delegates]]`: a chat bot that decides on behalf of people.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelegate {
+    pub identity: Spanned<String>,
+    pub via: Spanned<Vec<String>>,
+    pub people: Spanned<BTreeMap<String, Vec<String>>>,
 }
 
 /// `[audit]`: where the trail is kept and how it is signed.
@@ -139,6 +150,9 @@ pub struct RawGrant {
     pub timeout: Option<Spanned<RawDuration>>,
     /// The longest a request may ask for.
     pub max_duration: Option<Spanned<RawDuration>>,
+    /// Where requests for it may be approved ("api", "console", "slack", "discord").
+    #[serde(default)]
+    pub approve_via: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +198,9 @@ pub struct RawRule {
     pub approvals: Option<Spanned<i64>>,
     pub timeout: Option<Spanned<RawDuration>>,
     pub approval_mode: Option<Spanned<String>>,
+    /// Where its requests may be approved ("api", "console", "slack", "discord").
+    #[serde(default)]
+    pub approve_via: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

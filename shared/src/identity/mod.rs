@@ -23,6 +23,9 @@ pub enum IdentitySource {
     Oidc { issuer: String },
     /// A static service token from the configuration.
     StaticToken,
+    /// Named by a chat bot listed in `[[api.delegates]]`, which verified
+    /// the chat user; the groups are the delegate entry's.
+    Delegated { by: String },
 }
 
 /// A verified person or machine.
@@ -96,6 +99,21 @@ impl Identity {
             groups,
             labels,
             source: IdentitySource::StaticToken,
+            expires_at: None,
+            application_name: None,
+        }
+    }
+
+    /// A person a chat bot decides for: `[[api.delegates]]` names them and
+    /// their groups. Used only for approval decisions, never for sessions.
+    pub(crate) fn delegated(name: &str, groups: &[String], by: &str) -> Identity {
+        Identity {
+            name: name.to_string(),
+            subject: name.to_string(),
+            email: name.contains('@').then(|| name.to_string()),
+            groups: groups.to_vec(),
+            labels: BTreeMap::new(),
+            source: IdentitySource::Delegated { by: by.to_string() },
             expires_at: None,
             application_name: None,
         }

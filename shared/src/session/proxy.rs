@@ -1668,6 +1668,7 @@ impl<'a> Proxy<'a> {
             retry: None,
             access: None,
             statements: statements.clone(),
+            approve_via: approval.approve_via.clone(),
         });
         tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
         let mut notice = ErrorFields::new(
@@ -1779,6 +1780,7 @@ impl<'a> Proxy<'a> {
                     retry: Some(hash),
                     access: None,
                     statements: audit_records(request.classification.as_deref(), self.ctx.audit_tags),
+                    approve_via: approval.approve_via.clone(),
                 });
                 view.id
             }
