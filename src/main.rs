@@ -80,6 +80,15 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
     },
+    /// The approval bot: posts held statements and access requests to Slack
+    /// and/or Discord with Approve and Deny buttons, and forwards clicks to
+    /// the gateway on behalf of the mapped approver.
+    Bot {
+        /// The bot's configuration (see config/bot-slack.toml and
+        /// config/bot-discord.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Ask for a time-bound grant (policy [[grants]] with approvers) and
     /// wait for approvers: exits 0 once approved, 1 if denied or expired.
     Request {
@@ -323,6 +332,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 confirm_quit: false,
             }))
         }
+        Command::Bot { config } => {
+            let config = sluice_bot::BotConfig::load(&config)?;
+            runtime(2)?.block_on(async {
+                let bot = sluice_bot::Bot::bind(config).await?;
+                for addr in bot.local_addrs() {
+                    tracing::info!(%addr, "listening for chat interactions");
+                }
+                bot.run(shutdown_on_signal()?).await
+            })
+        }
         Command::Config {
             action: ConfigAction::Check { config },
         } => {
@@ -464,7 +483,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token cancelled on the first ctrl-c or SIGTERM.
 /// Where the console keeps its log and the shell's history:
 /// `$XDG_STATE_HOME/sluice`, else `~/.local/state/sluice`.
 pub(crate) fn state_dir() -> PathBuf {
@@ -510,6 +528,7 @@ pub(crate) fn postgres_address(
     })
 }
 
+/// A token cancelled on the first ctrl-c or SIGTERM.
 pub(crate) fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();

@@ -8,6 +8,7 @@ mod api;
 mod approvals;
 mod audit;
 mod bad_input;
+mod bot;
 mod cli;
 mod clients;
 mod console;
