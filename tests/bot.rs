@@ -12,6 +12,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{Method, Uri};
+use axum::response::IntoResponse;
 use ed25519_dalek::Signer;
 use serde_json::{Value, json};
 use sluice_bot::{Bot, BotConfig};
@@ -162,7 +163,12 @@ impl FakeChat {
     }
 
     async fn discord() -> FakeChat {
-        FakeChat::start(Router::new().fallback(discord_api)).await
+        FakeChat::start(
+            Router::new()
+                .route("/gateway", axum::routing::get(discord_gateway))
+                .fallback(discord_api),
+        )
+        .await
     }
 
     fn calls(&self, method: &str) -> Vec<Value> {
@@ -274,21 +280,92 @@ async fn slack_socket(
     })
 }
 
-async fn discord_api(State(fake): State<Arc<Fake>>, method: Method, uri: Uri, body: Bytes) -> axum::Json<Value> {
+async fn discord_api(State(fake): State<Arc<Fake>>, method: Method, uri: Uri, body: Bytes) -> axum::response::Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = uri.path().to_string();
+    if path.ends_with("/gateway") || path.ends_with("/gateway/bot") {
+        fake.record(&format!("{method} {path}"), Value::Null);
+        let addr = fake.addr.lock().unwrap().unwrap();
+        return axum::Json(json!({
+            "url": format!("ws://{addr}/gateway"), "shards": 1,
+            "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+        }))
+        .into_response();
+    }
+    if path.ends_with("/callback") {
+        // An interaction's answer (gateway mode).
+        fake.record(&format!("{method} {path}"), body);
+        return axum::http::StatusCode::NO_CONTENT.into_response();
+    }
     let id = match path.rsplit_once("/messages/") {
         Some((_, id)) => id.to_string(),
         None => (5000 + fake.calls.lock().unwrap().len()).to_string(),
     };
     fake.record(&format!("{method} {path}"), body.clone());
-    axum::Json(json!({
+    axum::Json(message_json(&id, &body["content"])).into_response()
+}
+
+/// A Discord message object as the REST API returns it.
+fn message_json(id: &str, content: &Value) -> Value {
+    json!({
         "id": id, "channel_id": CHANNEL.to_string(),
         "author": {"id": "9", "username": "sluice", "discriminator": "0000", "avatar": null, "bot": true},
-        "content": body["content"], "timestamp": "2026-11-29T10:00:00.000000+00:00", "edited_timestamp": null,
+        "content": content, "timestamp": "2026-11-29T10:00:00.000000+00:00", "edited_timestamp": null,
         "tts": false, "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [],
         "embeds": [], "pinned": false, "type": 0
-    }))
+    })
+}
+
+/// Discord's gateway, as much of it as a bot with no intents sees: HELLO,
+/// READY after IDENTIFY, heartbeat acks, and the test's dispatches.
+async fn discord_gateway(
+    State(fake): State<Arc<Fake>>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    use axum::extract::ws::Message;
+    use futures_util::{SinkExt, StreamExt};
+    upgrade.on_upgrade(move |socket| async move {
+        let (mut tx, mut rx) = socket.split();
+        let mut frames = fake.to_socket.subscribe();
+        let mut seq = 1u64;
+        let hello = json!({"op": 10, "d": {"heartbeat_interval": 45000}});
+        if tx.send(Message::Text(hello.to_string().into())).await.is_err() {
+            return;
+        }
+        loop {
+            let reply = tokio::select! {
+                frame = frames.recv() => match frame {
+                    Ok(frame) => {
+                        seq += 1;
+                        json!({"op": 0, "t": "INTERACTION_CREATE", "s": seq, "d": serde_json::from_str::<Value>(&frame).unwrap()})
+                    }
+                    Err(_) => return,
+                },
+                message = rx.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                        match frame["op"].as_u64() {
+                            Some(2) => {
+                                fake.record("gateway.identify", frame["d"]["intents"].clone());
+                                json!({"op": 0, "t": "READY", "s": 1, "d": {
+                                    "v": 10, "session_id": "session-1", "resume_gateway_url": "ws://127.0.0.1:9",
+                                    "user": {"id": "9", "username": "sluice", "discriminator": "0", "avatar": null, "bot": true},
+                                    "guilds": [], "shard": [0, 1], "application": {"id": "2", "flags": 0}
+                                }})
+                            }
+                            Some(1) => json!({"op": 11}),
+                            _ => continue,
+                        }
+                    }
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                },
+            };
+            if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 fn discord_key() -> ed25519_dalek::SigningKey {
@@ -311,6 +388,20 @@ impl RunningBot {
 
 fn bot_config(gw: &TestGateway, slack: Option<&FakeChat>, discord: Option<&FakeChat>, state: &Path) -> BotConfig {
     bot_config_with(gw, slack, discord, state, "")
+}
+
+/// A Discord bot in gateway mode (no interactions endpoint, no public key).
+fn gateway_bot_config(gw: &TestGateway, discord: &FakeChat, state: &Path) -> BotConfig {
+    let text = format!(
+        "[gateway]\napi = \"{}\"\ntoken_env = \"BOT_TOKEN\"\nstate = \"{}\"\n\n\
+         [discord]\nmode = \"gateway\"\nbot_token_env = \"BOT_TOKEN\"\nchannel_id = \"{CHANNEL}\"\n\
+         api_url = \"http://{}\"\n[discord.users]\n\"{CAROL_ON_DISCORD}\" = \"carol@example.com\"\n",
+        gw.api.as_deref().unwrap(),
+        state.display(),
+        discord.addr
+    );
+    let env = |name: &str| (name == "BOT_TOKEN").then(|| BOT_TOKEN.to_string());
+    BotConfig::parse(&text, Path::new("/tmp/bot.toml"), &env).unwrap()
 }
 
 /// `slack_extra`: more [slack] keys (`mode = "socket"`).
@@ -897,5 +988,89 @@ async fn slack_socket_mode_needs_no_public_endpoint() {
         .await
         .unwrap();
     assert!(harness::stderr(&psql.await.unwrap()).contains("done"));
+    bot.stop().await;
+}
+
+/// An interaction as the gateway dispatches it (a DM-style user, no member).
+fn gateway_interaction(kind: u64, n: u64, user: &str, data: Value) -> Value {
+    json!({
+        "id": (1000 + n).to_string(), "application_id": "2", "type": kind, "data": data,
+        "channel_id": CHANNEL.to_string(),
+        "user": {"id": user, "username": "carol", "discriminator": "0", "avatar": null},
+        "token": format!("token-{n}"), "version": 1,
+        "message": message_json("5000", &json!("")),
+        "locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
+        "authorizing_integration_owners": {}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_gateway_mode_needs_no_public_endpoint() {
+    let gw = gateway("bot_discord_gateway").await;
+    let discord = FakeChat::discord().await;
+    let bot = start_bot(gateway_bot_config(&gw, &discord, &state_file("bot_discord_gateway"))).await;
+    // Connected with no intents: interactions come without any.
+    let intents = discord.wait_for("gateway.identify", "").await;
+    assert_eq!(intents, json!(0));
+
+    let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 1");
+    let request = pending(&gw, "orders-need-a-lead").await;
+    let approve = format!("sluice:approve:{}", request.id);
+    discord
+        .wait_for(&format!("POST /api/v10/channels/{CHANNEL}/messages"), &approve)
+        .await;
+    discord.to_socket(gateway_interaction(
+        3,
+        1,
+        CAROL_ON_DISCORD,
+        json!({"custom_id": approve, "component_type": 2}),
+    ));
+    let answer = discord
+        .wait_for("POST /api/v10/interactions/1001/token-1/callback", "")
+        .await;
+    assert_eq!(answer, json!({"type": 6}));
+    assert_eq!(harness::stdout_ok(&psql.await.unwrap()), "DELETE 1\n");
+    discord
+        .wait_for("PATCH /api/v10/channels/777/messages/", "Approved by carol@example.com")
+        .await;
+
+    // Deny through the form, and a stranger's click explained privately.
+    let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 2");
+    let second = pending(&gw, "orders-need-a-lead").await;
+    discord
+        .wait_for(
+            &format!("POST /api/v10/channels/{CHANNEL}/messages"),
+            &format!("sluice:deny:{}", second.id),
+        )
+        .await;
+    let deny = json!({"custom_id": format!("sluice:deny:{}", second.id), "component_type": 2});
+    discord.to_socket(gateway_interaction(3, 2, STRANGER_ON_DISCORD, deny.clone()));
+    let told = discord
+        .wait_for("POST /api/v10/interactions/1002/token-2/callback", "")
+        .await;
+    assert_eq!(
+        (told["type"].clone(), told["data"]["flags"].clone()),
+        (json!(4), json!(64))
+    );
+    discord.to_socket(gateway_interaction(3, 3, CAROL_ON_DISCORD, deny));
+    let modal = discord
+        .wait_for("POST /api/v10/interactions/1003/token-3/callback", "")
+        .await;
+    assert_eq!(modal["type"], 9);
+    let submit = json!({
+        "custom_id": modal["data"]["custom_id"],
+        "components": [{"type": 1, "components": [{"type": 4, "custom_id": "reason", "value": "not today"}]}]
+    });
+    discord.to_socket(gateway_interaction(5, 4, CAROL_ON_DISCORD, submit));
+    discord
+        .wait_for("POST /api/v10/interactions/1004/token-4/callback", "")
+        .await;
+    assert!(harness::stderr(&psql.await.unwrap()).contains("not today"));
+    discord
+        .wait_for(
+            "PATCH /api/v10/channels/777/messages/",
+            "Denied by carol@example.com: not today",
+        )
+        .await;
     bot.stop().await;
 }

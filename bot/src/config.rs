@@ -47,8 +47,10 @@ pub struct SlackConfig {
 #[derive(Debug, Clone)]
 pub struct DiscordConfig {
     pub bot_token: String,
-    /// The application's Ed25519 public key, hex.
-    pub public_key: [u8; 32],
+    /// HTTP mode: the application's Ed25519 public key. `None`: gateway
+    /// mode (interactions arrive over the bot's gateway connection, and no
+    /// endpoint listens).
+    pub public_key: Option<[u8; 32]>,
     pub channel_id: u64,
     /// The interactions endpoint (the application's Interactions Endpoint
     /// URL is `https://YOUR-HOST/discord/interactions`).
@@ -101,7 +103,8 @@ struct RawSlack {
 struct RawDiscord {
     bot_token_env: Option<String>,
     bot_token_file: Option<String>,
-    public_key: String,
+    mode: Option<String>,
+    public_key: Option<String>,
     channel_id: String,
     listen: Option<String>,
     api_url: Option<String>,
@@ -235,16 +238,34 @@ impl BotConfig {
         let discord = match raw.discord {
             None => None,
             Some(discord) => {
-                let mut public_key = [0u8; 32];
-                if hex::decode_to_slice(discord.public_key.trim(), &mut public_key).is_err()
-                    || serenity::interactions_endpoint::Verifier::try_new(public_key).is_err()
-                {
-                    return Err(fail(
-                        "discord.public_key: write the application's public key (64 hex digits, from the \
-                         Developer Portal's General Information page)"
-                            .into(),
-                    ));
-                }
+                let public_key = match (discord.mode.as_deref().unwrap_or("http"), &discord.public_key) {
+                    ("http", Some(text)) => {
+                        let mut key = [0u8; 32];
+                        if hex::decode_to_slice(text.trim(), &mut key).is_err()
+                            || serenity::interactions_endpoint::Verifier::try_new(key).is_err()
+                        {
+                            return Err(fail(
+                                "discord.public_key: write the application's public key (64 hex digits, from the \
+                                 Developer Portal's General Information page)"
+                                    .into(),
+                            ));
+                        }
+                        Some(key)
+                    }
+                    ("http", None) => {
+                        return Err(fail(
+                            "discord.public_key is missing: the interactions endpoint checks every request with it \
+                             (or set mode = \"gateway\")"
+                                .into(),
+                        ));
+                    }
+                    ("gateway", _) => None,
+                    (other, _) => {
+                        return Err(fail(format!(
+                            "discord.mode = \"{other}\": write \"http\" (an interactions endpoint) or \"gateway\" (the bot's gateway connection)"
+                        )));
+                    }
+                };
                 let channel_id = discord
                     .channel_id
                     .parse::<u64>()
@@ -364,5 +385,9 @@ mod tests {
                        public_key = \"abc\"\nchannel_id = \"1\"\n";
         let err = parse(discord).unwrap_err();
         assert!(err.to_string().contains("discord.public_key"), "{err}");
+        let gateway = discord.replace("public_key = \"abc\"\n", "mode = \"gateway\"\n");
+        assert_eq!(parse(&gateway).unwrap().discord.unwrap().public_key, None);
+        let err = parse(&discord.replace("public_key = \"abc\"\n", "")).unwrap_err();
+        assert!(err.to_string().contains("discord.public_key is missing"), "{err}");
     }
 }

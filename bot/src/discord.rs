@@ -1,6 +1,7 @@
-//! Discord: messages through the REST API (serenity's HTTP client), button
+//! Discord: messages through the REST API (serenity's HTTP client); button
 //! clicks and the deny-reason modal through the HTTP interactions endpoint,
-//! whose requests must carry the application's Ed25519 signature.
+//! whose requests must carry the application's Ed25519 signature, or
+//! through the gateway connection of a normal bot.
 
 use std::sync::Arc;
 
@@ -34,7 +35,8 @@ pub struct DiscordRef {
 pub struct Discord {
     config: DiscordConfig,
     http: Http,
-    verifier: Verifier,
+    /// HTTP mode: checks each interaction's signature. `None` in gateway mode.
+    verifier: Option<Verifier>,
 }
 
 /// Interaction types and response types of Discord's API.
@@ -50,22 +52,24 @@ const EPHEMERAL: u64 = 1 << 6;
 
 impl Discord {
     pub fn new(config: DiscordConfig) -> anyhow::Result<Discord> {
-        let mut builder = HttpBuilder::new(&config.bot_token);
-        if let Some(url) = &config.api_url {
-            // The rate limiter builds its requests without the proxy.
-            builder = builder.proxy(url.as_str()).ratelimiter_disabled(true);
-        }
-        let verifier =
-            Verifier::try_new(config.public_key).map_err(|err| anyhow::anyhow!("discord.public_key: {err}"))?;
+        let verifier = match config.public_key {
+            Some(key) => Some(Verifier::try_new(key).map_err(|err| anyhow::anyhow!("discord.public_key: {err}"))?),
+            None => None,
+        };
         Ok(Discord {
-            http: builder.build(),
+            http: http(&config),
             verifier,
             config,
         })
     }
 
-    pub fn listen(&self) -> std::net::SocketAddr {
-        self.config.listen
+    /// Where the interactions endpoint listens; `None` in gateway mode.
+    pub fn listen(&self) -> Option<std::net::SocketAddr> {
+        self.verifier.is_some().then_some(self.config.listen)
+    }
+
+    fn http_client(&self) -> Http {
+        http(&self.config)
     }
 
     pub async fn post(&self, card: &Card) -> anyhow::Result<DiscordRef> {
@@ -98,6 +102,15 @@ impl Discord {
     fn identity_of(&self, user: &str) -> Option<String> {
         self.config.users.get(user).cloned()
     }
+}
+
+fn http(config: &DiscordConfig) -> Http {
+    let mut builder = HttpBuilder::new(&config.bot_token);
+    if let Some(url) = &config.api_url {
+        // The rate limiter builds its requests without the proxy.
+        builder = builder.proxy(url.as_str()).ratelimiter_disabled(true);
+    }
+    builder.build()
 }
 
 fn status(card: &Card) -> String {
@@ -212,19 +225,19 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn ephemeral(text: &str) -> Response {
-    axum::Json(
-        json!({"type": MESSAGE, "data": {"content": text, "flags": EPHEMERAL, "allowed_mentions": {"parse": []}}}),
-    )
-    .into_response()
+fn ephemeral(text: &str) -> Value {
+    json!({"type": MESSAGE, "data": {"content": text, "flags": EPHEMERAL, "allowed_mentions": {"parse": []}}})
 }
 
 async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(discord) = engine.discord() else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    let Some(verifier) = &discord.verifier else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
     if let Err(err) = verify::verify_discord(
-        &discord.verifier,
+        verifier,
         header(&headers, "x-signature-timestamp"),
         header(&headers, "x-signature-ed25519"),
         &body,
@@ -241,22 +254,59 @@ async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, bod
         .or_else(|| payload["user"]["id"].as_str())
         .unwrap_or_default()
         .to_string();
-    let custom_id = payload["data"]["custom_id"].as_str().unwrap_or_default();
-    let request = |prefix: &str| custom_id.strip_prefix(prefix).and_then(|id| id.parse::<u64>().ok());
-    match payload["type"].as_u64() {
-        Some(PING) => axum::Json(json!({"type": PONG})).into_response(),
-        Some(COMPONENT) => {
+    let custom_id = payload["data"]["custom_id"].as_str().unwrap_or_default().to_string();
+    let act = match payload["type"].as_u64() {
+        Some(PING) => return axum::Json(json!({"type": PONG})).into_response(),
+        Some(COMPONENT) => Act::Click { user, custom_id },
+        Some(MODAL_SUBMIT) => {
+            let reason = payload["data"]["components"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|row| row["components"].as_array().into_iter().flatten())
+                .find(|c| c["custom_id"] == "reason")
+                .and_then(|c| c["value"].as_str())
+                .map(str::to_string);
+            Act::Submit {
+                user,
+                custom_id,
+                reason,
+            }
+        }
+        _ => return (StatusCode::BAD_REQUEST, "unsupported interaction type").into_response(),
+    };
+    axum::Json(respond(&engine, discord, act).await).into_response()
+}
+
+/// What a Discord user did, from either transport.
+enum Act {
+    /// A button: `sluice:approve:ID` or `sluice:deny:ID`.
+    Click { user: String, custom_id: String },
+    /// The deny form: `sluice:deny_reason:ID`.
+    Submit {
+        user: String,
+        custom_id: String,
+        reason: Option<String>,
+    },
+}
+
+/// The interaction response for `act`, after forwarding any decision.
+async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
+    let deferred = json!({"type": DEFERRED_UPDATE});
+    let request = |custom_id: &str, prefix: &str| custom_id.strip_prefix(prefix).and_then(|id| id.parse::<u64>().ok());
+    match act {
+        Act::Click { user, custom_id } => {
             let Some(person) = discord.identity_of(&user) else {
                 return ephemeral(&unmapped(&user));
             };
-            if let Some(id) = request("sluice:approve:") {
+            if let Some(id) = request(&custom_id, "sluice:approve:") {
                 match engine.decide(Platform::Discord, &person, &user, id, true, None).await {
                     // The message changes when the gateway's event arrives.
-                    Ok(()) => axum::Json(json!({"type": DEFERRED_UPDATE})).into_response(),
+                    Ok(()) => deferred,
                     Err(why) => ephemeral(&why),
                 }
-            } else if let Some(id) = request("sluice:deny:") {
-                axum::Json(json!({
+            } else if let Some(id) = request(&custom_id, "sluice:deny:") {
+                json!({
                     "type": MODAL,
                     "data": {
                         "custom_id": format!("sluice:deny_reason:{id}"),
@@ -267,37 +317,127 @@ async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, bod
                             "required": false, "max_length": 1000
                         }]}]
                     }
-                }))
-                .into_response()
+                })
             } else {
-                axum::Json(json!({"type": DEFERRED_UPDATE})).into_response()
+                deferred
             }
         }
-        Some(MODAL_SUBMIT) => {
-            let Some(id) = request("sluice:deny_reason:") else {
-                return axum::Json(json!({"type": DEFERRED_UPDATE})).into_response();
+        Act::Submit {
+            user,
+            custom_id,
+            reason,
+        } => {
+            let Some(id) = request(&custom_id, "sluice:deny_reason:") else {
+                return deferred;
             };
             let Some(person) = discord.identity_of(&user) else {
                 return ephemeral(&unmapped(&user));
             };
-            let reason = payload["data"]["components"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|row| row["components"].as_array().into_iter().flatten())
-                .find(|c| c["custom_id"] == "reason")
-                .and_then(|c| c["value"].as_str())
-                .map(str::trim)
-                .filter(|r| !r.is_empty());
+            let reason = reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
             match engine
                 .decide(Platform::Discord, &person, &user, id, false, reason)
                 .await
             {
-                Ok(()) => axum::Json(json!({"type": DEFERRED_UPDATE})).into_response(),
+                Ok(()) => deferred,
                 Err(why) => ephemeral(&why),
             }
         }
-        _ => (StatusCode::BAD_REQUEST, "unsupported interaction type").into_response(),
+    }
+}
+
+/// Gateway mode: the bot connects to Discord's gateway like any bot and
+/// receives interactions there, answering each through the REST API, so it
+/// needs no public URL. No intents: interactions come without any.
+pub async fn gateway_mode(engine: Arc<Engine>, shutdown: tokio_util::sync::CancellationToken) {
+    use serenity::all::{ClientBuilder, GatewayIntents};
+    let Some(discord) = engine.discord() else { return };
+    let mut failures = 0u32;
+    loop {
+        let built = ClientBuilder::new_with_http(discord.http_client(), GatewayIntents::empty())
+            .event_handler(Handler { engine: engine.clone() })
+            .await;
+        match built {
+            Ok(mut client) => {
+                let shards = client.shard_manager.clone();
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        shards.shutdown_all().await;
+                        return;
+                    }
+                    ended = client.start() => match ended {
+                        Ok(()) => tracing::info!("the Discord gateway connection ended; reconnecting"),
+                        Err(err) => {
+                            failures += 1;
+                            tracing::warn!(error = %err, "the Discord gateway connection failed");
+                        }
+                    },
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                tracing::warn!(error = %err, "cannot start the Discord gateway client");
+            }
+        }
+        let wait = std::time::Duration::from_secs(u64::from(failures.clamp(1, 30)));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+struct Handler {
+    engine: Arc<Engine>,
+}
+
+#[serenity::async_trait]
+impl serenity::all::EventHandler for Handler {
+    async fn ready(&self, _: serenity::all::Context, ready: serenity::all::Ready) {
+        tracing::info!(user = %ready.user.name, "connected to the Discord gateway");
+    }
+
+    async fn interaction_create(&self, ctx: serenity::all::Context, interaction: serenity::all::Interaction) {
+        use serenity::all::{ActionRowComponent, Interaction};
+        let Some(discord) = self.engine.discord() else { return };
+        let (id, token, act) = match interaction {
+            Interaction::Component(click) => (
+                click.id,
+                click.token,
+                Act::Click {
+                    user: click.user.id.to_string(),
+                    custom_id: click.data.custom_id,
+                },
+            ),
+            Interaction::Modal(submit) => {
+                let reason = submit
+                    .data
+                    .components
+                    .iter()
+                    .flat_map(|row| row.components.iter())
+                    .find_map(|c| match c {
+                        ActionRowComponent::InputText(input) if input.custom_id == "reason" => input.value.clone(),
+                        _ => None,
+                    });
+                (
+                    submit.id,
+                    submit.token,
+                    Act::Submit {
+                        user: submit.user.id.to_string(),
+                        custom_id: submit.data.custom_id,
+                        reason,
+                    },
+                )
+            }
+            _ => return,
+        };
+        let answer = respond(&self.engine, discord, act).await;
+        if let Err(err) = ctx
+            .http
+            .create_interaction_response(id, &token, &answer, Vec::new())
+            .await
+        {
+            tracing::warn!(error = %err, "could not answer a Discord interaction");
+        }
     }
 }
 

@@ -53,8 +53,8 @@ impl Bot {
         if let Some(addr) = engine.slack().and_then(slack::Slack::listen) {
             add(addr, slack::router(engine.clone()));
         }
-        if let Some(discord) = engine.discord() {
-            add(discord.listen(), discord::router(engine.clone()));
+        if let Some(addr) = engine.discord().and_then(discord::Discord::listen) {
+            add(addr, discord::router(engine.clone()));
         }
         let mut listeners = Vec::new();
         for (addr, router) in routes {
@@ -91,6 +91,9 @@ impl Bot {
         }
         if self.engine.slack().is_some_and(|s| s.listen().is_none()) {
             servers.spawn(slack::socket_mode(self.engine.clone(), shutdown.clone()).map(Ok));
+        }
+        if self.engine.discord().is_some_and(|d| d.listen().is_none()) {
+            servers.spawn(discord::gateway_mode(self.engine.clone(), shutdown.clone()).map(Ok));
         }
         self.engine.run(self.refreshes, shutdown.clone()).await;
         while let Some(result) = servers.join_next().await {
