@@ -188,7 +188,8 @@ fn embed(card: &Card) -> CreateEmbed {
         None => {
             embed = embed.field("Approvals", escape(&card.approvals_line()), true).field(
                 "Time left",
-                escape(&card.expiry_line(Utc::now())),
+                // Discord shows the relative time live, in each reader's clock.
+                format!("<t:{0}:R> (<t:{0}:T>)", card.expires.timestamp()),
                 true,
             );
             if !card.approve_via.is_empty() {

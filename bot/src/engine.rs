@@ -301,7 +301,8 @@ impl Engine {
             // It ended before the bot saw it: nobody needs a message.
             return;
         }
-        self.render(view.id, Card::new(view, &self.full_text_url)).await;
+        self.render(view.id, Card::new(view, &self.full_text_url, chrono::Utc::now()))
+            .await;
     }
 
     /// Posts what is missing and edits what changed.

@@ -34,6 +34,9 @@ pub struct Card {
     /// Approvals so far: "dave (slack)".
     pub approvals: Vec<String>,
     pub expires: DateTime<Utc>,
+    /// The time left when the card was made, in whole minutes over a
+    /// minute ("4m"): the message is edited as it changes.
+    pub left: String,
     /// Where an approval counts, when a rule restricts it.
     pub approve_via: Vec<String>,
     /// Where the whole statement can be read.
@@ -105,7 +108,8 @@ fn plain(text: &str, multiline: bool) -> String {
 }
 
 impl Card {
-    pub fn new(view: &RequestView, full_text_url: &str) -> Card {
+    /// The card of `view` at `now`.
+    pub fn new(view: &RequestView, full_text_url: &str, now: DateTime<Utc>) -> Card {
         let statement = clean(&view.statement, true);
         let total = statement.chars().count();
         let (statement, truncated) = if total > STATEMENT_CHARS {
@@ -175,6 +179,7 @@ impl Card {
                 .map(|a| format!("{} ({})", name(&a.by), name(&a.via)))
                 .collect(),
             expires: view.expires,
+            left: left(view.expires, now),
             approve_via: view.approve_via.clone(),
             full_text_url: full_text_url.replace("{id}", &view.id.to_string()),
             outcome,
@@ -198,6 +203,7 @@ impl Card {
             needed: 1,
             approvals: Vec::new(),
             expires: DateTime::<Utc>::MIN_UTC,
+            left: String::new(),
             approve_via: Vec::new(),
             full_text_url: full_text_url.replace("{id}", &id.to_string()),
             outcome: Some(Outcome::Gone),
@@ -223,15 +229,17 @@ impl Card {
         )
     }
 
-    /// "expires 10:47:12 UTC (in 5m)" from `now`.
-    pub fn expiry_line(&self, now: DateTime<Utc>) -> String {
-        let left = (self.expires - now).num_seconds().max(0) as u64;
-        format!(
-            "expires {} UTC (in {})",
-            self.expires.format("%H:%M:%S"),
-            sluice_core::config::human_duration(std::time::Duration::from_secs(left))
-        )
+    /// "expires 10:47:12 UTC (in 4m)".
+    pub fn expiry_line(&self) -> String {
+        format!("expires {} UTC (in {})", self.expires.format("%H:%M:%S"), self.left)
     }
+}
+
+/// The time left, in whole minutes over a minute.
+fn left(expires: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let seconds = (expires - now).num_seconds().max(0) as u64;
+    let shown = if seconds >= 60 { seconds / 60 * 60 } else { seconds };
+    sluice_core::config::human_duration(std::time::Duration::from_secs(shown))
 }
 
 fn plural(n: u32) -> &'static str {
@@ -282,7 +290,8 @@ mod tests {
 
     #[test]
     fn a_card_masks_and_describes() {
-        let card = Card::new(&view(), "https://sluice.example/v1/approvals/{id}");
+        let now = view().created + chrono::Duration::seconds(61);
+        let card = Card::new(&view(), "https://sluice.example/v1/approvals/{id}", now);
         assert_eq!(
             card.statement,
             "DELETE FROM orders WHERE email = '****@example.com'\n\u{fffd}"
@@ -294,8 +303,11 @@ mod tests {
         );
         assert_eq!(card.approvals_line(), "1 of 2 approvals: dave@example.com (console)");
         assert_eq!(card.full_text_url, "https://sluice.example/v1/approvals/42");
-        let now = view().created + chrono::Duration::seconds(60);
-        assert_eq!(card.expiry_line(now), "expires 10:45:00 UTC (in 4m)");
+        assert_eq!(card.expiry_line(), "expires 10:45:00 UTC (in 3m)");
+        let later = Card::new(&view(), "u", now + chrono::Duration::seconds(30));
+        assert_eq!(later.left, card.left, "the same minute: no edit");
+        let last = Card::new(&view(), "u", view().expires - chrono::Duration::seconds(20));
+        assert_eq!(last.left, "20s");
         assert!(card.pending());
     }
 
@@ -303,7 +315,7 @@ mod tests {
     fn long_statements_are_cut_on_a_character() {
         let mut long = view();
         long.statement = format!("SELECT '{}'", "é".repeat(2000));
-        let card = Card::new(&long, "u");
+        let card = Card::new(&long, "u", long.created);
         assert_eq!(card.statement.chars().count(), STATEMENT_CHARS);
         assert_eq!(card.truncated, 2009 - STATEMENT_CHARS);
     }
@@ -315,13 +327,13 @@ mod tests {
         denied.denied_by = Some("carol@example.com".into());
         denied.denial_reason = Some("not during\nthe sale".into());
         assert_eq!(
-            Card::new(&denied, "u").outcome.unwrap().line(),
+            Card::new(&denied, "u", denied.created).outcome.unwrap().line(),
             "Denied by carol@example.com: not during the sale"
         );
         let mut approved = view();
         approved.state = RequestState::Approved;
         assert_eq!(
-            Card::new(&approved, "u").outcome.unwrap().line(),
+            Card::new(&approved, "u", approved.created).outcome.unwrap().line(),
             "Approved by dave@example.com at 10:40 UTC"
         );
     }

@@ -43,8 +43,11 @@ const DENY_MODAL: &str = "sluice_deny_reason";
 
 impl Slack {
     pub fn new(config: SlackConfig) -> anyhow::Result<Slack> {
+        // The system's roots (none found is not an error here: a plain
+        // http:// base URL needs none, and https fails with a clear error).
+        let tls = sluice_core::tls::client_config(None)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .build();
@@ -160,7 +163,6 @@ fn code(text: &str) -> String {
 }
 
 fn content(card: &Card) -> SlackMessageContent {
-    let now = Utc::now();
     let mut blocks: Vec<SlackBlock> = Vec::new();
     let who = if card.groups.is_empty() {
         format!("*{}*", escape(&card.requester))
@@ -205,7 +207,14 @@ fn content(card: &Card) -> SlackMessageContent {
         context.push(format!("Rule *{}*{reason}", escape(&card.rule)));
     }
     if card.pending() {
-        let mut line = format!("{} · {}", escape(&card.approvals_line()), card.expiry_line(now));
+        // Slack shows the time in each reader's time zone.
+        let mut line = format!(
+            "{} · expires <!date^{}^{{time_secs}}|{} UTC> (in {})",
+            escape(&card.approvals_line()),
+            card.expires.timestamp(),
+            card.expires.format("%H:%M:%S"),
+            escape(&card.left)
+        );
         if !card.approve_via.is_empty() {
             line.push_str(&format!(" · approve only through {}", card.approve_via.join(" or ")));
         }
