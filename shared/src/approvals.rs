@@ -189,9 +189,26 @@ pub enum DecideError {
 struct Entry {
     view: RequestView,
     requester_subject: String,
+    /// The requester's email, when the token had one.
+    requester_email: Option<String>,
     retry: Option<(RetryKey, std::time::Duration)>,
     /// Tells the waiting session; taken when the request ends.
     waiter: Option<oneshot::Sender<Outcome>>,
+}
+
+/// Whether two names are one person's: identity names and emails compare
+/// without case or surrounding space.
+fn same_person(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+/// Whether an approval through `via` counts under `approve_via`. The API and
+/// the console are one class: both are a person's own token, and the
+/// gateway cannot tell one client from another; the chat channels are told
+/// apart, since only a delegate (a bot) can decide through them.
+fn counts_through(approve_via: &[String], via: &str) -> bool {
+    let direct = |v: &str| matches!(v, "api" | "console");
+    approve_via.is_empty() || approve_via.iter().any(|v| v == via || (direct(v) && direct(via)))
 }
 
 /// Requests kept after they end, for the API's recent decisions.
@@ -416,6 +433,7 @@ impl Approvals {
             Entry {
                 view: view.clone(),
                 requester_subject: new.requester.subject().to_string(),
+                requester_email: new.requester.email().map(str::to_string),
                 retry,
                 waiter: Some(tx),
             },
@@ -467,8 +485,8 @@ impl Approvals {
         let view = &mut entry.view;
         if view.state != RequestState::Pending {
             let same = match view.state {
-                RequestState::Approved => approve && view.approvals.iter().any(|a| a.by == name),
-                RequestState::Denied => !approve && view.denied_by.as_deref() == Some(name),
+                RequestState::Approved => approve && view.approvals.iter().any(|a| same_person(&a.by, name)),
+                RequestState::Denied => !approve && view.denied_by.as_deref().is_some_and(|d| same_person(d, name)),
                 _ => false,
             };
             return if same {
@@ -480,7 +498,20 @@ impl Approvals {
                 })
             };
         }
-        if name == view.requester || approver.subject() == entry.requester_subject {
+        // Names are compared as people write them: an email in another case
+        // (an IdP's "Bob@Example.com", a bot's "bob@example.com") is the
+        // same person, by name, email or subject.
+        let approver_names = [Some(name), approver.email(), Some(approver.subject())];
+        let requester_names = [
+            Some(view.requester.as_str()),
+            entry.requester_email.as_deref(),
+            Some(entry.requester_subject.as_str()),
+        ];
+        let is_requester = approver_names
+            .iter()
+            .flatten()
+            .any(|a| requester_names.iter().flatten().any(|r| same_person(a, r)));
+        if is_requester {
             return Err(DecideError::Forbidden(format!(
                 "{name} asked for request {id} and cannot decide it: another approver must"
             )));
@@ -492,7 +523,7 @@ impl Approvals {
                 view.approvers.join(", ")
             )));
         }
-        if approve && !view.approve_via.is_empty() && !view.approve_via.iter().any(|v| v == via) {
+        if approve && !counts_through(&view.approve_via, via) {
             return Err(DecideError::Forbidden(format!(
                 "request {id} (rule \"{}\") may be approved only through {}, not {via}; deny it here, or approve it there",
                 view.rule,
@@ -500,7 +531,7 @@ impl Approvals {
             )));
         }
         let outcome = if approve {
-            if !view.approvals.iter().any(|a| a.by == name) {
+            if !view.approvals.iter().any(|a| same_person(&a.by, name)) {
                 view.approvals.push(Approval {
                     by: name.to_string(),
                     at: Utc::now(),
@@ -833,6 +864,39 @@ mod tests {
         assert!(approvals.decide(1, &dave, true, None, "api").is_ok());
         let err = approvals.decide(1, &dave, false, None, "api").unwrap_err();
         assert_eq!(err.to_string(), "request 1 is no longer pending: it was approved");
+    }
+
+    #[test]
+    fn one_person_is_one_person_whatever_the_case() {
+        let approvals = Approvals::new(None, 1);
+        let (view, _rx) = request(&approvals, 2);
+        let slack = Channel {
+            via: "slack",
+            delegate: Some("approval-bot"),
+            chat_user: Some("U1"),
+        };
+        // The requester, named by a bot in another case: still the requester.
+        let loud_bob = person("BOB ", &["leads"]);
+        let err = approvals.decide_via(view.id, &loud_bob, true, None, slack).unwrap_err();
+        assert!(err.to_string().contains("cannot decide it"), "{err}");
+        // carol in the console and "Carol" through Slack are one approval.
+        let carol = person("carol", &["leads"]);
+        approvals.decide(view.id, &carol, true, None, "console").unwrap();
+        let again = approvals
+            .decide_via(view.id, &person("Carol", &["leads"]), true, None, slack)
+            .unwrap();
+        assert_eq!((again.state, again.approvals.len()), (RequestState::Pending, 1));
+    }
+
+    #[test]
+    fn the_api_and_the_console_are_one_class() {
+        let console = vec!["console".to_string()];
+        assert!(counts_through(&console, "console"));
+        assert!(counts_through(&console, "api"));
+        assert!(!counts_through(&console, "slack"));
+        assert!(counts_through(&[], "discord"));
+        assert!(counts_through(&["slack".to_string()], "slack"));
+        assert!(!counts_through(&["slack".to_string()], "discord"));
     }
 
     #[test]

@@ -121,7 +121,7 @@ async fn caller(shared: &Shared, headers: &HeaderMap, needs: ApiRole) -> ApiResu
     let identity = authenticated(shared, headers).await?;
     let role = shared.config.api.role_of(identity.groups());
     // A chat bot reads what viewers read: it follows requests to post them.
-    let bot_reads = needs == ApiRole::Viewer && shared.config.api.delegate(identity.name()).is_some();
+    let bot_reads = needs == ApiRole::Viewer && delegate_of(shared, &identity).is_some();
     if role < Some(needs) && !bot_reads {
         return Err(forbidden(shared, &identity, needs));
     }
@@ -169,8 +169,7 @@ async fn authenticated(shared: &Shared, headers: &HeaderMap) -> ApiResult<Identi
 }
 
 fn is_viewer(shared: &Shared, identity: &Identity) -> bool {
-    shared.config.api.role_of(identity.groups()) >= Some(ApiRole::Viewer)
-        || shared.config.api.delegate(identity.name()).is_some()
+    shared.config.api.role_of(identity.groups()) >= Some(ApiRole::Viewer) || delegate_of(shared, identity).is_some()
 }
 
 /// `/health`.
@@ -465,7 +464,7 @@ async fn decide(
     let caller = authenticated(&shared, &headers).await?;
     let body = decision_body(body)?;
     let delegated;
-    let (approver, channel) = match shared.config.api.delegate(caller.name()) {
+    let (approver, channel) = match delegate_of(&shared, &caller) {
         Some(bot) => {
             delegated = on_behalf(bot, &body)?;
             let channel = Channel {
@@ -513,6 +512,16 @@ async fn decide(
         })
 }
 
+/// The `[[api.delegates]]` entry of a chat bot's service token. Only a
+/// static token can be one: an OIDC identity whose email or subject happens
+/// to equal the name is not the bot.
+fn delegate_of<'a>(shared: &'a Shared, identity: &Identity) -> Option<&'a crate::config::Delegate> {
+    match identity.source() {
+        crate::identity::IdentitySource::StaticToken => shared.config.api.delegate(identity.name()),
+        _ => None,
+    }
+}
+
 /// The person a chat bot decides for, as `[[api.delegates]]` knows them.
 fn on_behalf(bot: &crate::config::Delegate, body: &DecisionBody) -> ApiResult<Identity> {
     let name = &bot.identity;
@@ -529,7 +538,7 @@ fn on_behalf(bot: &crate::config::Delegate, body: &DecisionBody) -> ApiResult<Id
             format!("{name} decides through {}, not {via:?}", bot.via.join(" and ")),
         ));
     }
-    let Some(groups) = bot.people.get(person) else {
+    let Some((person, groups)) = bot.person(person) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!(

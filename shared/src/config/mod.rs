@@ -98,8 +98,18 @@ pub struct Delegate {
     pub identity: String,
     /// "slack", "discord".
     pub via: Vec<String>,
-    /// Identity names (people's emails) and their groups.
+    /// Identity names (people's emails), trimmed, and their groups.
     pub people: BTreeMap<String, Vec<String>>,
+}
+
+impl Delegate {
+    /// A listed person and their groups, by name in any case.
+    pub fn person(&self, name: &str) -> Option<(&str, &[String])> {
+        self.people
+            .iter()
+            .find(|(listed, _)| listed.eq_ignore_ascii_case(name.trim()))
+            .map(|(listed, groups)| (listed.as_str(), groups.as_slice()))
+    }
 }
 
 impl Default for ApiConfig {
@@ -130,7 +140,7 @@ impl ApiConfig {
         }
     }
 
-    /// The chat bot `identity` is, if it is one.
+    /// The chat bot a service token named `identity` is, if it is one.
     pub fn delegate(&self, identity: &str) -> Option<&Delegate> {
         self.delegates.iter().find(|d| d.identity == identity)
     }
@@ -524,7 +534,8 @@ impl Config {
         };
         let masking = raw.masking.map(|m| v.masking(m)).unwrap_or_default();
         let audit = v.audit(raw.audit.unwrap_or_default());
-        let api = v.api(raw.api.unwrap_or_default());
+        let token_names: Vec<&str> = identity.tokens.iter().map(|t| t.name.as_str()).collect();
+        let api = v.api(raw.api.unwrap_or_default(), &token_names);
         if let Some(server) = &server
             && tls.is_none()
             && !server.allow_plaintext
@@ -637,8 +648,8 @@ impl Validator<'_> {
         Ok(policy)
     }
 
-    /// `[api]`.
-    fn api(&mut self, raw: raw::RawApi) -> ApiConfig {
+    /// `[api]`; `tokens`: the service tokens' names (a delegate is one).
+    fn api(&mut self, raw: raw::RawApi, tokens: &[&str]) -> ApiConfig {
         let mut api = ApiConfig {
             enabled: raw.enabled.unwrap_or(true),
             viewer_groups: raw.viewer_groups,
@@ -681,11 +692,27 @@ impl Validator<'_> {
                     format!("api.delegates \"{identity}\": via names no channel; write via = [\"slack\"]"),
                 );
             }
+            let mut lowered: Vec<String> = raw.people.get_ref().keys().map(|p| p.trim().to_lowercase()).collect();
+            lowered.sort();
+            if lowered.windows(2).any(|w| w[0] == w[1]) {
+                self.at(
+                    &raw.people,
+                    format!("api.delegates \"{identity}\": a person is listed twice (names compare without case)"),
+                );
+            }
+            if !tokens.contains(&identity.as_str()) {
+                self.at(
+                    &raw.identity,
+                    format!(
+                        "api.delegates: \"{identity}\" is not an [[identity.tokens]] name; a bot decides with its own service token"
+                    ),
+                );
+            }
             if raw
                 .people
                 .get_ref()
                 .keys()
-                .any(|p| p.trim().is_empty() || p == "*" || *p == identity)
+                .any(|p| p.trim().is_empty() || p == "*" || p.trim().eq_ignore_ascii_case(&identity))
             {
                 self.at(
                     &raw.people,
@@ -697,7 +724,12 @@ impl Validator<'_> {
             api.delegates.push(Delegate {
                 identity,
                 via,
-                people: raw.people.into_inner(),
+                people: raw
+                    .people
+                    .into_inner()
+                    .into_iter()
+                    .map(|(name, groups)| (name.trim().to_string(), groups))
+                    .collect(),
             });
         }
         if let Some(listen) = &raw.listen {
@@ -1568,12 +1600,20 @@ groups = ["x"]
     #[test]
     fn delegates_and_approve_via_are_checked() {
         let good = minimal()
+            + &format!(
+                r#"
+[[identity.tokens]]
+name = "approval-bot"
+sha256 = "{}"
+"#,
+                HASH.replace('2', "3")
+            )
             + r#"
 [api]
 [[api.delegates]]
 identity = "approval-bot"
 via = ["slack", "discord", "slack"]
-people = { "carol@example.com" = ["leads"] }
+people = { " carol@example.com " = ["leads"] }
 
 [policy]
 [[policy.rules]]
@@ -1587,6 +1627,8 @@ approve_via = ["console"]
         let bot = config.api.delegate("approval-bot").unwrap();
         assert_eq!(bot.via, ["slack", "discord"]);
         assert_eq!(bot.people["carol@example.com"], ["leads"]);
+        let leads = ["leads".to_string()];
+        assert_eq!(bot.person("Carol@Example.com"), Some(("carol@example.com", &leads[..])));
         assert!(config.api.delegate("carol@example.com").is_none());
         let approval = config.policy.rules[0].approval.as_ref().unwrap();
         assert_eq!(approval.approve_via, ["console"]);
@@ -1597,7 +1639,7 @@ approve_via = ["console"]
 [[api.delegates]]
 identity = "approval-bot"
 via = ["console"]
-people = { "*" = ["leads"] }
+people = { "*" = ["leads"], "Dave@example.com" = ["leads"], "dave@example.com" = ["leads"] }
 
 [policy]
 [[policy.rules]]
@@ -1620,6 +1662,16 @@ approve_via = ["console"]
         );
         assert!(
             err.contains("\"*\", an empty name and the bot itself are not allowed"),
+            "{err}"
+        );
+        assert!(
+            err.contains("a person is listed twice (names compare without case)"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "\"approval-bot\" is not an [[identity.tokens]] name; a bot decides with its own service token"
+            ),
             "{err}"
         );
         assert!(
