@@ -122,6 +122,8 @@ struct Fake {
     addr: Mutex<Option<SocketAddr>>,
     /// Frames for the Socket Mode connection(s), from the test.
     to_socket: tokio::sync::broadcast::Sender<String>,
+    /// Message edits fail (Discord answers 404 Unknown Message).
+    fail_edits: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -139,6 +141,7 @@ impl FakeChat {
             calls: Mutex::new(Vec::new()),
             addr: Mutex::new(None),
             to_socket: tokio::sync::broadcast::channel(16).0,
+            fail_edits: std::sync::atomic::AtomicBool::new(false),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -155,6 +158,30 @@ impl FakeChat {
                 .route("/socket", axum::routing::get(slack_socket)),
         )
         .await
+    }
+
+    /// The ts of the Slack message posted for request `id` (the fake
+    /// numbers them in order).
+    fn ts_of(&self, id: u64) -> String {
+        let posts = self.calls("chat.postMessage");
+        let needle = format!("\"value\":\"{id}\"");
+        let n = posts
+            .iter()
+            .position(|p| p.to_string().contains(&needle))
+            .expect("no message for the request");
+        post_ts(n)
+    }
+
+    /// The id of the Discord message posted for request `id` (the fake
+    /// numbers them by their place among all calls).
+    fn message_of(&self, id: u64) -> String {
+        let calls = self.state.calls.lock().unwrap();
+        let needle = format!("sluice:approve:{id}\"");
+        let n = calls
+            .iter()
+            .position(|c| c.method.starts_with("POST /api/v10/channels/") && c.body.to_string().contains(&needle))
+            .expect("no message for the request");
+        (5000 + n).to_string()
     }
 
     /// Sends a frame to the bot's Socket Mode connection.
@@ -223,9 +250,17 @@ async fn slack_api(
         "chat.postEphemeral" => json!({"ok": true, "message_ts": "1700000000.999999"}),
         // Slack user U0CAROL2 has carol's email in their profile.
         "users.info" if body["user"] == "U0CAROL2" => {
-            json!({"ok": true, "user": {"id": "U0CAROL2", "profile": {"email": "carol@example.com"}}})
+            json!({"ok": true, "user": {"id": "U0CAROL2", "team_id": "T0TEST", "profile": {"email": "carol@example.com"}}})
         }
+        // A guest with a listed person's email: never mapped by it.
+        "users.info" if body["user"] == "U0GUEST" => json!({"ok": true, "user": {
+            "id": "U0GUEST", "team_id": "T0TEST", "is_restricted": true,
+            "profile": {"email": "carol@example.com"}
+        }}),
         "users.info" => json!({"ok": false, "error": "user_not_found"}),
+        "auth.test" => {
+            json!({"ok": true, "user_id": "U0BOT", "team_id": "T0TEST", "team": "Test", "url": "https://test.slack.com/"})
+        }
         "apps.connections.open" => {
             let addr = fake.addr.lock().unwrap().unwrap();
             json!({"ok": true, "url": format!("ws://{addr}/socket")})
@@ -296,6 +331,11 @@ async fn discord_api(State(fake): State<Arc<Fake>>, method: Method, uri: Uri, bo
         // An interaction's answer (gateway mode).
         fake.record(&format!("{method} {path}"), body);
         return axum::http::StatusCode::NO_CONTENT.into_response();
+    }
+    if method == Method::PATCH && fake.fail_edits.load(std::sync::atomic::Ordering::Relaxed) {
+        fake.record(&format!("{method} {path} (failed)"), body);
+        let unknown = json!({"message": "Unknown Message", "code": 10008});
+        return (axum::http::StatusCode::NOT_FOUND, axum::Json(unknown)).into_response();
     }
     let id = match path.rsplit_once("/messages/") {
         Some((_, id)) => id.to_string(),
@@ -485,13 +525,17 @@ async fn slack_interaction(bot: SocketAddr, payload: Value, secret: &str) -> req
         .unwrap()
 }
 
-fn slack_click(user: &str, action: &str, request: u64) -> Value {
+fn slack_click(slack: &FakeChat, user: &str, action: &str, request: u64) -> Value {
+    slack_click_on(&slack.ts_of(request), user, action, request)
+}
+
+fn slack_click_on(ts: &str, user: &str, action: &str, request: u64) -> Value {
     json!({
         "type": "block_actions",
         "user": {"id": user, "username": "someone", "team_id": "T0TEST"},
         "trigger_id": format!("trigger-{user}-{request}"),
         "channel": {"id": "C0APPROVALS", "name": "approvals"},
-        "message": {"ts": "1700000000.000001"},
+        "message": {"ts": ts},
         "actions": [{"action_id": action, "block_id": "b", "value": request.to_string(), "type": "button"}]
     })
 }
@@ -558,7 +602,7 @@ async fn slack_click_approves_and_the_message_follows() {
     // A forged click decides nothing.
     let forged = slack_interaction(
         bot.addr,
-        slack_click(CAROL, "sluice_approve", request.id),
+        slack_click(&slack, CAROL, "sluice_approve", request.id),
         "not-the-secret",
     )
     .await;
@@ -566,7 +610,7 @@ async fn slack_click_approves_and_the_message_follows() {
     // Someone the bot cannot map: told so, privately; nothing decided.
     let unmapped = slack_interaction(
         bot.addr,
-        slack_click(STRANGER, "sluice_approve", request.id),
+        slack_click(&slack, STRANGER, "sluice_approve", request.id),
         SIGNING_SECRET,
     )
     .await;
@@ -581,10 +625,26 @@ async fn slack_click_approves_and_the_message_follows() {
     );
     // The bot looked for them by profile email first (map_by_email).
     assert!(slack.calls("users.info").iter().any(|q| q["user"] == STRANGER));
+    // A guest whose profile carries carol's email is not carol.
+    slack_interaction(
+        bot.addr,
+        slack_click(&slack, "U0GUEST", "sluice_approve", request.id),
+        SIGNING_SECRET,
+    )
+    .await;
+    slack.wait_for("chat.postEphemeral", "U0GUEST").await;
+    // A click on another message than the one the bot keeps for this
+    // request (an old trail's request with the same id) decides nothing.
+    let elsewhere = slack_click_on("1600000000.000001", CAROL, "sluice_approve", request.id);
+    slack_interaction(bot.addr, elsewhere, SIGNING_SECRET).await;
+    let told = slack
+        .wait_for("chat.postEphemeral", "not the message the bot keeps")
+        .await;
+    assert_eq!(told["user"], CAROL);
     // bob may not approve his own request, whatever groups he has.
     slack_interaction(
         bot.addr,
-        slack_click(BOB_IN_SLACK, "sluice_approve", request.id),
+        slack_click(&slack, BOB_IN_SLACK, "sluice_approve", request.id),
         SIGNING_SECRET,
     )
     .await;
@@ -604,7 +664,7 @@ async fn slack_click_approves_and_the_message_follows() {
     // carol's click: psql gets its result, and the message says who approved.
     let approved = slack_interaction(
         bot.addr,
-        slack_click(CAROL, "sluice_approve", request.id),
+        slack_click(&slack, CAROL, "sluice_approve", request.id),
         SIGNING_SECRET,
     )
     .await;
@@ -624,7 +684,7 @@ async fn slack_click_approves_and_the_message_follows() {
     // A second click is harmless: the same decision by the same approver.
     slack_interaction(
         bot.addr,
-        slack_click(CAROL, "sluice_approve", request.id),
+        slack_click(&slack, CAROL, "sluice_approve", request.id),
         SIGNING_SECRET,
     )
     .await;
@@ -649,14 +709,17 @@ async fn slack_deny_asks_for_a_reason_and_the_requester_reads_it() {
 
     slack_interaction(
         bot.addr,
-        slack_click(CAROL_BY_EMAIL, "sluice_deny", request.id),
+        slack_click(&slack, CAROL_BY_EMAIL, "sluice_deny", request.id),
         SIGNING_SECRET,
     )
     .await;
     let modal = slack
         .wait_for("views.open", &format!("trigger-{CAROL_BY_EMAIL}-{}", request.id))
         .await;
-    assert_eq!(modal["view"]["private_metadata"], request.id.to_string());
+    assert_eq!(
+        modal["view"]["private_metadata"],
+        format!("{}:{}", request.id, slack.ts_of(request.id))
+    );
     assert_eq!(modal["view"]["callback_id"], "sluice_deny_reason");
     // Still pending until the form is sent.
     assert_eq!(
@@ -668,7 +731,7 @@ async fn slack_deny_asks_for_a_reason_and_the_requester_reads_it() {
         "type": "view_submission",
         "user": {"id": CAROL_BY_EMAIL},
         "view": {
-            "id": "V0TEST", "callback_id": "sluice_deny_reason", "private_metadata": request.id.to_string(),
+            "id": "V0TEST", "callback_id": "sluice_deny_reason", "private_metadata": modal["view"]["private_metadata"],
             "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "not during the sale"}}}}
         }
     });
@@ -702,7 +765,12 @@ async fn slack_expiry_and_a_restarted_bot() {
     let out = urgent.await.unwrap();
     assert!(harness::stderr(&out).contains("expired"), "{}", harness::stderr(&out));
     slack.wait_for("chat.update", "Expired").await;
-    slack_interaction(bot.addr, slack_click(CAROL, "sluice_approve", short.id), SIGNING_SECRET).await;
+    slack_interaction(
+        bot.addr,
+        slack_click(&slack, CAROL, "sluice_approve", short.id),
+        SIGNING_SECRET,
+    )
+    .await;
     let told = slack.wait_for("chat.postEphemeral", "no longer pending").await;
     assert!(told["text"].as_str().unwrap().contains("it was expired"), "{told}");
 
@@ -747,12 +815,12 @@ async fn discord_interaction(bot: SocketAddr, payload: &Value, key: &ed25519_dal
         .unwrap()
 }
 
-fn discord_click(user: &str, custom_id: &str) -> Value {
+fn discord_click(user: &str, custom_id: &str, message: &str) -> Value {
     json!({
         "type": 3, "id": "1", "application_id": "2", "token": "interaction-token", "version": 1,
         "channel_id": CHANNEL.to_string(), "guild_id": "3",
         "member": {"user": {"id": user, "username": "someone"}, "roles": []},
-        "message": {"id": "5000"},
+        "message": {"id": message},
         "data": {"custom_id": custom_id, "component_type": 2}
     })
 }
@@ -790,7 +858,12 @@ async fn discord_buttons_and_the_reason_modal() {
     assert!(text.contains("orders-need-a-lead"), "{text}");
     assert_eq!(message["allowed_mentions"]["parse"], json!([]), "{text}");
 
-    let stranger = discord_interaction(bot.addr, &discord_click(STRANGER_ON_DISCORD, &approve), &discord_key()).await;
+    let stranger = discord_interaction(
+        bot.addr,
+        &discord_click(STRANGER_ON_DISCORD, &approve, &discord.message_of(request.id)),
+        &discord_key(),
+    )
+    .await;
     let answer: Value = stranger.json().await.unwrap();
     assert_eq!(answer["type"], 4);
     assert_eq!(answer["data"]["flags"], 64);
@@ -802,7 +875,12 @@ async fn discord_buttons_and_the_reason_modal() {
         "{answer}"
     );
 
-    let clicked = discord_interaction(bot.addr, &discord_click(CAROL_ON_DISCORD, &approve), &discord_key()).await;
+    let clicked = discord_interaction(
+        bot.addr,
+        &discord_click(CAROL_ON_DISCORD, &approve, &discord.message_of(request.id)),
+        &discord_key(),
+    )
+    .await;
     assert_eq!(clicked.json::<Value>().await.unwrap(), json!({"type": 6}));
     assert_eq!(harness::stdout_ok(&psql.await.unwrap()), "DELETE 1\n");
     let edit = discord
@@ -824,7 +902,11 @@ async fn discord_buttons_and_the_reason_modal() {
     discord.wait_for(&post, &format!("sluice:deny:{}", second.id)).await;
     let modal: Value = discord_interaction(
         bot.addr,
-        &discord_click(CAROL_ON_DISCORD, &format!("sluice:deny:{}", second.id)),
+        &discord_click(
+            CAROL_ON_DISCORD,
+            &format!("sluice:deny:{}", second.id),
+            &discord.message_of(second.id),
+        ),
         &discord_key(),
     )
     .await
@@ -884,6 +966,12 @@ async fn a_bot_decides_only_for_the_people_it_maps_and_where_rules_allow() {
             .contains("decided by members of leads; erin@example.com is not one"),
         "{err}"
     );
+    // bob, named in another case, is still bob: not for his own request.
+    let err = slack_bot
+        .decide_on_behalf(request.id, false, None, " BOB", "U0B")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot decide it"), "{err}");
     // Only through its channels.
     let err = ApiClient::new(base, Some(BOT_TOKEN))
         .via("console")
@@ -947,7 +1035,7 @@ async fn slack_socket_mode_needs_no_public_endpoint() {
     .await;
     slack.to_socket(json!({
         "envelope_id": "env-1", "type": "interactive", "accepts_response_payload": false,
-        "payload": slack_click(CAROL, "sluice_approve", request.id)
+        "payload": slack_click(&slack, CAROL, "sluice_approve", request.id)
     }));
     slack.wait_for("socket", "env-1").await;
     assert_eq!(harness::stdout_ok(&psql.await.unwrap()), "DELETE 1\n");
@@ -957,11 +1045,14 @@ async fn slack_socket_mode_needs_no_public_endpoint() {
     // the acknowledgement, so the form shows why.
     let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 4");
     let second = pending(&gw, "orders-need-a-lead").await;
+    slack
+        .wait_for("chat.postMessage", &format!("\"value\":\"{}\"", second.id))
+        .await;
     slack.to_socket(json!({
         "envelope_id": "env-2", "type": "interactive",
         "payload": {
             "type": "view_submission", "user": {"id": BOB_IN_SLACK},
-            "view": {"callback_id": "sluice_deny_reason", "private_metadata": second.id.to_string(),
+            "view": {"callback_id": "sluice_deny_reason", "private_metadata": format!("{}:{}", second.id, slack.ts_of(second.id)),
                      "state": {"values": {"reason": {"reason": {"value": "mine"}}}}}
         }
     }));
@@ -988,13 +1079,13 @@ async fn slack_socket_mode_needs_no_public_endpoint() {
 }
 
 /// An interaction as the gateway dispatches it (a DM-style user, no member).
-fn gateway_interaction(kind: u64, n: u64, user: &str, data: Value) -> Value {
+fn gateway_interaction(kind: u64, n: u64, user: &str, message: &str, data: Value) -> Value {
     json!({
         "id": (1000 + n).to_string(), "application_id": "2", "type": kind, "data": data,
         "channel_id": CHANNEL.to_string(),
         "user": {"id": user, "username": "carol", "discriminator": "0", "avatar": null},
         "token": format!("token-{n}"), "version": 1,
-        "message": message_json("5000", &json!("")),
+        "message": message_json(message, &json!("")),
         "locale": "en-US", "entitlements": [], "attachment_size_limit": 8388608,
         "authorizing_integration_owners": {}
     })
@@ -1019,6 +1110,7 @@ async fn discord_gateway_mode_needs_no_public_endpoint() {
         3,
         1,
         CAROL_ON_DISCORD,
+        &discord.message_of(request.id),
         json!({"custom_id": approve, "component_type": 2}),
     ));
     let answer = discord
@@ -1040,7 +1132,14 @@ async fn discord_gateway_mode_needs_no_public_endpoint() {
         )
         .await;
     let deny = json!({"custom_id": format!("sluice:deny:{}", second.id), "component_type": 2});
-    discord.to_socket(gateway_interaction(3, 2, STRANGER_ON_DISCORD, deny.clone()));
+    let second_message = discord.message_of(second.id);
+    discord.to_socket(gateway_interaction(
+        3,
+        2,
+        STRANGER_ON_DISCORD,
+        &second_message,
+        deny.clone(),
+    ));
     let told = discord
         .wait_for("POST /api/v10/interactions/1002/token-2/callback", "")
         .await;
@@ -1048,7 +1147,7 @@ async fn discord_gateway_mode_needs_no_public_endpoint() {
         (told["type"].clone(), told["data"]["flags"].clone()),
         (json!(4), json!(64))
     );
-    discord.to_socket(gateway_interaction(3, 3, CAROL_ON_DISCORD, deny));
+    discord.to_socket(gateway_interaction(3, 3, CAROL_ON_DISCORD, &second_message, deny));
     let modal = discord
         .wait_for("POST /api/v10/interactions/1003/token-3/callback", "")
         .await;
@@ -1057,7 +1156,7 @@ async fn discord_gateway_mode_needs_no_public_endpoint() {
         "custom_id": modal["data"]["custom_id"],
         "components": [{"type": 1, "components": [{"type": 4, "custom_id": "reason", "value": "not today"}]}]
     });
-    discord.to_socket(gateway_interaction(5, 4, CAROL_ON_DISCORD, submit));
+    discord.to_socket(gateway_interaction(5, 4, CAROL_ON_DISCORD, &second_message, submit));
     discord
         .wait_for("POST /api/v10/interactions/1004/token-4/callback", "")
         .await;
@@ -1068,5 +1167,69 @@ async fn discord_gateway_mode_needs_no_public_endpoint() {
             "Denied by carol@example.com: not today",
         )
         .await;
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_platforms_a_reused_id_and_a_failing_platform() {
+    let gw = gateway("bot_both").await;
+    let slack = FakeChat::slack().await;
+    let discord = FakeChat::discord().await;
+    let state = state_file("bot_both");
+    // The bot's state remembers a request 1 from another trail (the gateway
+    // numbers requests again after its trail was replaced).
+    let old = json!({"cursor": null, "requests": {"1": {
+        "created": "2020-01-01T00:00:00Z",
+        "slack": {"at": {"channel": "C0APPROVALS", "ts": "1500000000.000001"}},
+        "done": false
+    }}});
+    std::fs::write(&state, old.to_string()).unwrap();
+    let bot = start_bot(bot_config(&gw, Some(&slack), Some(&discord), &state)).await;
+
+    let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 1");
+    let request = pending(&gw, "orders-need-a-lead").await;
+    assert_eq!(request.id, 1);
+    // The old message is retired, the new request gets messages of its own.
+    let retired = slack.wait_for("chat.update", "1500000000.000001").await;
+    assert!(retired.to_string().contains("No longer pending"), "{retired}");
+    slack.wait_for("chat.postMessage", "\"value\":\"1\"").await;
+    discord
+        .wait_for(
+            &format!("POST /api/v10/channels/{CHANNEL}/messages"),
+            "sluice:approve:1\"",
+        )
+        .await;
+    // A click on the old message decides nothing.
+    let old_click = slack_click_on("1500000000.000001", CAROL, "sluice_approve", 1);
+    slack_interaction(bot.addr, old_click, SIGNING_SECRET).await;
+    slack
+        .wait_for("chat.postEphemeral", "not the message the bot keeps")
+        .await;
+    assert_eq!(viewer(&gw).approval(1).await.unwrap().state, RequestState::Pending);
+
+    // Discord cannot take edits now: Slack's message still follows, and
+    // nothing is posted twice.
+    discord
+        .state
+        .fail_edits
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    slack_interaction(
+        bot.addr,
+        slack_click(&slack, CAROL, "sluice_approve", 1),
+        SIGNING_SECRET,
+    )
+    .await;
+    assert_eq!(harness::stdout_ok(&psql.await.unwrap()), "DELETE 1\n");
+    slack.wait_for("chat.update", "Approved by carol@example.com").await;
+    discord
+        .wait_for("PATCH /api/v10/channels/777/messages/", "Approved by carol@example.com")
+        .await;
+    assert_eq!(slack.calls("chat.postMessage").len(), 1);
+    assert_eq!(
+        discord
+            .calls(&format!("POST /api/v10/channels/{CHANNEL}/messages"))
+            .len(),
+        1
+    );
     bot.stop().await;
 }

@@ -8,13 +8,29 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// A secret read from the environment or a file; its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[secret]")
+    }
+}
+
 /// The bot's configuration, validated.
 #[derive(Debug, Clone)]
 pub struct BotConfig {
     /// The control API, `http://127.0.0.1:7480`.
     pub api: String,
     /// The bot's service token (listed in the gateway's `[[api.delegates]]`).
-    pub token: String,
+    pub token: Secret,
     /// Which message shows which request, kept across restarts.
     pub state: PathBuf,
     /// Where the whole statement can be read: `{id}` is the request id.
@@ -25,13 +41,13 @@ pub struct BotConfig {
 
 #[derive(Debug, Clone)]
 pub struct SlackConfig {
-    pub bot_token: String,
+    pub bot_token: Secret,
     /// HTTP mode: the app's signing secret.
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<Secret>,
     /// Socket Mode: the app-level token (`xapp-`, scope
     /// `connections:write`); interactions arrive over a websocket the bot
     /// opens, and no endpoint listens.
-    pub app_token: Option<String>,
+    pub app_token: Option<Secret>,
     pub channel: String,
     /// The interactions endpoint (the Slack app's Request URL is
     /// `https://YOUR-HOST/slack/interactions`).
@@ -46,7 +62,7 @@ pub struct SlackConfig {
 
 #[derive(Debug, Clone)]
 pub struct DiscordConfig {
-    pub bot_token: String,
+    pub bot_token: Secret,
     /// HTTP mode: the application's Ed25519 public key. `None`: gateway
     /// mode (interactions arrive over the bot's gateway connection, and no
     /// endpoint listens).
@@ -144,7 +160,7 @@ impl BotConfig {
             fail(format!("{line}{}", err.message()))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let secret = |what: &str, var: &Option<String>, file: &Option<String>| -> Result<String, ConfigError> {
+        let secret = |what: &str, var: &Option<String>, file: &Option<String>| -> Result<Secret, ConfigError> {
             let value = match (var, file) {
                 (Some(var), None) => env(var).ok_or_else(|| {
                     fail(format!(
@@ -167,7 +183,7 @@ impl BotConfig {
             if value.is_empty() {
                 return Err(fail(format!("{what} is empty")));
             }
-            Ok(value)
+            Ok(Secret(value))
         };
         let listen = |what: &str, value: &Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
             let value = value.as_deref().unwrap_or(default);
@@ -350,7 +366,8 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(file);
             let text = std::fs::read_to_string(&path).unwrap();
             let config = BotConfig::parse(&text, &path, &env).unwrap_or_else(|err| panic!("{err}"));
-            assert_eq!(config.token, "SLUICE_BOT_TOKEN-value");
+            assert_eq!(config.token.expose(), "SLUICE_BOT_TOKEN-value");
+            assert!(!format!("{config:?}").contains("-value"), "a secret in Debug");
             assert!(config.slack.is_some() || config.discord.is_some());
         }
     }

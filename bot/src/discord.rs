@@ -22,7 +22,7 @@ use serenity::interactions_endpoint::Verifier;
 
 use crate::config::DiscordConfig;
 use crate::engine::{Engine, Platform};
-use crate::render::{Card, Outcome};
+use crate::render::{Card, Outcome, fit};
 use crate::verify;
 
 /// Where a request's message is.
@@ -72,7 +72,16 @@ impl Discord {
         http(&self.config)
     }
 
-    pub async fn post(&self, card: &Card) -> anyhow::Result<DiscordRef> {
+    fn identity_of(&self, user: &str) -> Option<String> {
+        self.config.users.get(user).cloned()
+    }
+}
+
+impl crate::engine::Messenger for Discord {
+    type At = DiscordRef;
+    const NAME: &'static str = "Discord";
+
+    async fn post(&self, card: &Card) -> anyhow::Result<DiscordRef> {
         let message = CreateMessage::new()
             .content(format!("Request {}: {}", card.id, status(card)))
             .embed(embed(card))
@@ -87,7 +96,7 @@ impl Discord {
         })
     }
 
-    pub async fn update(&self, at: &DiscordRef, card: &Card) -> anyhow::Result<()> {
+    async fn update(&self, at: &DiscordRef, card: &Card) -> anyhow::Result<()> {
         let edit = EditMessage::new()
             .content(format!("Request {}: {}", card.id, status(card)))
             .embed(embed(card))
@@ -98,14 +107,10 @@ impl Discord {
             .await?;
         Ok(())
     }
-
-    fn identity_of(&self, user: &str) -> Option<String> {
-        self.config.users.get(user).cloned()
-    }
 }
 
 fn http(config: &DiscordConfig) -> Http {
-    let mut builder = HttpBuilder::new(&config.bot_token);
+    let mut builder = HttpBuilder::new(config.bot_token.expose());
     if let Some(url) = &config.api_url {
         // The rate limiter builds its requests without the proxy.
         builder = builder.proxy(url.as_str()).ratelimiter_disabled(true);
@@ -116,26 +121,32 @@ fn http(config: &DiscordConfig) -> Http {
 fn status(card: &Card) -> String {
     match &card.outcome {
         None => "waiting for approval".into(),
-        Some(outcome) => escape(&outcome.line()),
+        Some(outcome) => fit(&outcome.line(), 1900, markdown),
     }
 }
 
-/// Text outside code blocks: markdown characters lose their meaning, and
-/// `<@id>` cannot become a mention (nothing pings anyway: every message
-/// allows no mentions).
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(
-            c,
-            '\\' | '*' | '_' | '~' | '`' | '|' | '>' | '<' | '#' | '[' | ']' | '(' | ')'
-        ) {
-            out.push('\\');
-        }
-        out.push(c);
+/// One character outside code blocks: markdown characters lose their
+/// meaning, and `<@id>` cannot become a mention (nothing pings anyway:
+/// every message allows no mentions).
+fn markdown(c: char, out: &mut String) {
+    if matches!(
+        c,
+        '\\' | '*' | '_' | '~' | '`' | '|' | '>' | '<' | '#' | '[' | ']' | '(' | ')'
+    ) {
+        out.push('\\');
     }
-    out
+    out.push(c);
 }
+
+/// Text outside code blocks, whole.
+pub fn escape(text: &str) -> String {
+    fit(text, usize::MAX, markdown)
+}
+
+/// Discord's limits: an embed field's value holds 1024 characters, the
+/// description 4096, the whole embed 6000; the budgets below keep the sum
+/// under that.
+const FIELD: usize = 1000;
 
 fn embed(card: &Card) -> CreateEmbed {
     let colour = match &card.outcome {
@@ -149,23 +160,33 @@ fn embed(card: &Card) -> CreateEmbed {
         let groups = if card.groups.is_empty() {
             String::new()
         } else {
-            format!(" ({})", escape(&card.groups.join(", ")))
+            format!(" ({})", fit(&card.groups.join(", "), 300, markdown))
         };
         description.push_str(&format!(
             "**{}**{groups} on **{}**\n",
-            escape(&card.requester),
-            escape(&card.target)
+            fit(&card.requester, 200, markdown),
+            fit(&card.target, 200, markdown)
         ));
     }
     if let Some(access) = &card.access {
-        description.push_str(&format!("Asks for {}\n", escape(access)));
+        description.push_str(&format!("Asks for {}\n", fit(access, 300, markdown)));
     }
     if !card.statement.is_empty() {
-        description.push_str(&format!("```sql\n{}\n```", card.statement.replace('`', "\u{2cb}")));
+        // The card's statement is at most 900 characters; a backtick
+        // becomes another character, so nothing closes the block.
+        let code = fit(&card.statement, 1000, |c, out| {
+            out.push(if c == '`' { '\u{2cb}' } else { c })
+        });
+        description.push_str(&format!("```sql\n{code}\n```"));
         if card.truncated > 0 {
             description.push_str(&format!(
                 "…{} more characters: [full text]({}) (or the console's Approvals view)\n",
-                card.truncated, card.full_text_url
+                card.truncated,
+                fit(&card.full_text_url, 250, |c, out| out.push(if c == ')' {
+                    '_'
+                } else {
+                    c
+                }))
             ));
         }
     }
@@ -174,29 +195,35 @@ fn embed(card: &Card) -> CreateEmbed {
         .description(description)
         .colour(colour);
     if !card.classification.is_empty() {
-        embed = embed.field("Classification", escape(&card.classification.join("\n")), false);
+        embed = embed.field(
+            "Classification",
+            fit(&card.classification.join("\n"), FIELD, markdown),
+            false,
+        );
     }
     if !card.rule.is_empty() {
         let reason = card
             .reason
             .as_deref()
-            .map(|r| format!(": {}", escape(r)))
+            .map(|r| format!(": {}", fit(r, FIELD - 220, markdown)))
             .unwrap_or_default();
-        embed = embed.field("Rule", format!("{}{reason}", escape(&card.rule)), false);
+        embed = embed.field("Rule", format!("{}{reason}", fit(&card.rule, 200, markdown)), false);
     }
     match &card.outcome {
         None => {
-            embed = embed.field("Approvals", escape(&card.approvals_line()), true).field(
-                "Time left",
-                // Discord shows the relative time live, in each reader's clock.
-                format!("<t:{0}:R> (<t:{0}:T>)", card.expires.timestamp()),
-                true,
-            );
+            embed = embed
+                .field("Approvals", fit(&card.approvals_line(), FIELD, markdown), true)
+                .field(
+                    "Time left",
+                    // Discord shows the relative time live, in each reader's clock.
+                    format!("<t:{0}:R> (<t:{0}:T>)", card.expires.timestamp()),
+                    true,
+                );
             if !card.approve_via.is_empty() {
                 embed = embed.field("Approve only through", card.approve_via.join(" or "), true);
             }
         }
-        Some(outcome) => embed = embed.field("Outcome", escape(&outcome.line()), false),
+        Some(outcome) => embed = embed.field("Outcome", fit(&outcome.line(), FIELD, markdown), false),
     }
     embed
 }
@@ -227,7 +254,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn ephemeral(text: &str) -> Value {
-    json!({"type": MESSAGE, "data": {"content": text, "flags": EPHEMERAL, "allowed_mentions": {"parse": []}}})
+    let content = fit(text, 1900, markdown);
+    json!({"type": MESSAGE, "data": {"content": content, "flags": EPHEMERAL, "allowed_mentions": {"parse": []}}})
 }
 
 async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -258,7 +286,11 @@ async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, bod
     let custom_id = payload["data"]["custom_id"].as_str().unwrap_or_default().to_string();
     let act = match payload["type"].as_u64() {
         Some(PING) => return axum::Json(json!({"type": PONG})).into_response(),
-        Some(COMPONENT) => Act::Click { user, custom_id },
+        Some(COMPONENT) => Act::Click {
+            user,
+            custom_id,
+            message: payload["message"]["id"].as_str().unwrap_or_default().to_string(),
+        },
         Some(MODAL_SUBMIT) => {
             let reason = payload["data"]["components"]
                 .as_array()
@@ -281,9 +313,13 @@ async fn interactions(State(engine): State<Arc<Engine>>, headers: HeaderMap, bod
 
 /// What a Discord user did, from either transport.
 enum Act {
-    /// A button: `sluice:approve:ID` or `sluice:deny:ID`.
-    Click { user: String, custom_id: String },
-    /// The deny form: `sluice:deny_reason:ID`.
+    /// A button: `sluice:approve:ID` or `sluice:deny:ID`, on `message`.
+    Click {
+        user: String,
+        custom_id: String,
+        message: String,
+    },
+    /// The deny form: `sluice:deny_reason:ID:MESSAGE`.
     Submit {
         user: String,
         custom_id: String,
@@ -296,21 +332,33 @@ async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
     let deferred = json!({"type": DEFERRED_UPDATE});
     let request = |custom_id: &str, prefix: &str| custom_id.strip_prefix(prefix).and_then(|id| id.parse::<u64>().ok());
     match act {
-        Act::Click { user, custom_id } => {
+        Act::Click {
+            user,
+            custom_id,
+            message,
+        } => {
+            let approving = request(&custom_id, "sluice:approve:");
+            let denying = request(&custom_id, "sluice:deny:");
+            let Some(id) = approving.or(denying) else {
+                return deferred;
+            };
+            if !engine.is_message_of(Platform::Discord, id, &message) {
+                return ephemeral(&not_current(id));
+            }
             let Some(person) = discord.identity_of(&user) else {
                 return ephemeral(&unmapped(&user));
             };
-            if let Some(id) = request(&custom_id, "sluice:approve:") {
+            if let Some(id) = approving {
                 match engine.decide(Platform::Discord, &person, &user, id, true, None).await {
                     // The message changes when the gateway's event arrives.
                     Ok(()) => deferred,
                     Err(why) => ephemeral(&why),
                 }
-            } else if let Some(id) = request(&custom_id, "sluice:deny:") {
+            } else {
                 json!({
                     "type": MODAL,
                     "data": {
-                        "custom_id": format!("sluice:deny_reason:{id}"),
+                        "custom_id": format!("sluice:deny_reason:{id}:{message}"),
                         "title": format!("Deny request {id}"),
                         "components": [{"type": 1, "components": [{
                             "type": 4, "custom_id": "reason", "style": 2,
@@ -319,8 +367,6 @@ async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
                         }]}]
                     }
                 })
-            } else {
-                deferred
             }
         }
         Act::Submit {
@@ -328,9 +374,16 @@ async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
             custom_id,
             reason,
         } => {
-            let Some(id) = request(&custom_id, "sluice:deny_reason:") else {
+            let Some((id, message)) = custom_id
+                .strip_prefix("sluice:deny_reason:")
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(id, message)| Some((id.parse::<u64>().ok()?, message)))
+            else {
                 return deferred;
             };
+            if !engine.is_message_of(Platform::Discord, id, message) {
+                return ephemeral(&not_current(id));
+            }
             let Some(person) = discord.identity_of(&user) else {
                 return ephemeral(&unmapped(&user));
             };
@@ -407,6 +460,7 @@ impl serenity::all::EventHandler for Handler {
                 Act::Click {
                     user: click.user.id.to_string(),
                     custom_id: click.data.custom_id,
+                    message: click.message.id.to_string(),
                 },
             ),
             Interaction::Modal(submit) => {
@@ -446,4 +500,47 @@ fn unmapped(user: &str) -> String {
     format!(
         "Sluice does not know who Discord user {user} is, so nothing was decided. Ask an admin to map you in the bot's [discord.users]."
     )
+}
+
+fn not_current(id: u64) -> String {
+    format!(
+        "This is not the message the bot keeps for request {id} (an older request, or from before the bot lost its state), so nothing was decided. Use the newest message for it, or the console."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::view;
+
+    #[test]
+    fn fields_stay_within_discords_limits() {
+        let mut hostile = view();
+        hostile.statement = "`".repeat(5000);
+        hostile.reason = Some("*".repeat(5000));
+        hostile.rule = "_".repeat(5000);
+        hostile.groups = vec!["#".repeat(5000)];
+        hostile.statements = (0..100).map(|_| hostile.statements[0].clone()).collect();
+        for state in [
+            sluice_core::approvals::RequestState::Pending,
+            sluice_core::approvals::RequestState::Denied,
+        ] {
+            hostile.state = state;
+            hostile.denied_by = Some("carol".into());
+            hostile.denial_reason = Some("(".repeat(1000));
+            let card = Card::new(&hostile, "https://x/{id}", hostile.created);
+            let embed = serde_json::to_value(embed(&card)).unwrap();
+            let description = embed["description"].as_str().unwrap();
+            assert!(description.chars().count() <= 4096);
+            assert_eq!(description.matches("```").count(), 2, "{description}");
+            let mut total = description.chars().count() + embed["title"].as_str().unwrap().chars().count();
+            for field in embed["fields"].as_array().unwrap() {
+                let value = field["value"].as_str().unwrap().chars().count();
+                assert!(value <= 1024, "{field}");
+                total += value + field["name"].as_str().unwrap().chars().count();
+            }
+            assert!(total <= 6000, "{total}");
+            assert!(status(&card).chars().count() <= 1990);
+        }
+    }
 }

@@ -39,7 +39,7 @@ impl Bot {
         let discord = config.discord.clone().map(discord::Discord::new).transpose()?;
         let (engine, refreshes) = engine::Engine::new(
             &config.api,
-            &config.token,
+            config.token.expose(),
             slack,
             discord,
             config.state.clone(),

@@ -74,7 +74,11 @@ impl Outcome {
             Outcome::Denied { by, reason: None } => format!("Denied by {by}"),
             Outcome::Expired => "Expired: nobody decided in time".into(),
             Outcome::Cancelled => "Cancelled: the client left or cancelled the statement".into(),
-            Outcome::Gone => "No longer pending: the gateway restarted and its client was disconnected".into(),
+            Outcome::Gone => {
+                "No longer pending: the gateway no longer lists this request (it restarted or replaced its trail); \
+                 the audit trail has how it ended"
+                    .into()
+            }
         }
     }
 }
@@ -242,12 +246,40 @@ fn left(expires: DateTime<Utc>, now: DateTime<Utc>) -> String {
     sluice_core::config::human_duration(std::time::Duration::from_secs(shown))
 }
 
+/// `text` escaped character by character (`escape` writes one character's
+/// escaped form) and cut so that the result has at most `max` characters,
+/// ending in "…" when cut: never inside an escape, never over a platform's
+/// limit for the field.
+pub fn fit(text: &str, max: usize, escape: impl Fn(char, &mut String)) -> String {
+    let mut out = String::new();
+    let mut piece = String::new();
+    let mut count = 0;
+    // Where the text must stop if anything is left out, to leave room for "…".
+    let mut cut_at: Option<usize> = None;
+    for c in text.chars() {
+        piece.clear();
+        escape(c, &mut piece);
+        let n = piece.chars().count();
+        if count + n > max.saturating_sub(1) && cut_at.is_none() {
+            cut_at = Some(out.len());
+        }
+        if count + n > max {
+            out.truncate(cut_at.unwrap_or(out.len()));
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+        count += n;
+    }
+    out
+}
+
 fn plural(n: u32) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sluice_core::approvals::Approval;
     use sluice_core::audit::StatementRecord;
@@ -318,6 +350,26 @@ mod tests {
         let card = Card::new(&long, "u", long.created);
         assert_eq!(card.statement.chars().count(), STATEMENT_CHARS);
         assert_eq!(card.truncated, 2009 - STATEMENT_CHARS);
+    }
+
+    #[test]
+    fn fitting_never_splits_an_escape_nor_overruns() {
+        let entity = |c: char, out: &mut String| match c {
+            '<' => out.push_str("&lt;"),
+            c => out.push(c),
+        };
+        assert_eq!(fit("a<b", 10, entity), "a&lt;b");
+        assert_eq!(fit("a<b", 6, entity), "a&lt;b");
+        assert_eq!(fit("a<bc", 6, entity), "a&lt;…");
+        assert_eq!(fit("a<bc", 5, entity), "a…");
+        let long = "<".repeat(1000);
+        let fitted = fit(&long, 3000, entity);
+        assert!(
+            fitted.chars().count() <= 3000 && fitted.ends_with('…'),
+            "{}",
+            fitted.len()
+        );
+        assert!(fitted.trim_end_matches('…').ends_with("&lt;"));
     }
 
     #[test]
