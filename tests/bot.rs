@@ -31,6 +31,7 @@ const CAROL_BY_EMAIL: &str = "U0CAROL2";
 const STRANGER: &str = "U0STRANGER";
 const CAROL_ON_DISCORD: &str = "80351110224678912";
 const STRANGER_ON_DISCORD: &str = "80351110224678913";
+const BOB_ON_DISCORD: &str = "80351110224678914";
 const CHANNEL: u64 = 777;
 
 const POLICY: &str = r#"[policy]
@@ -467,7 +468,8 @@ fn bot_config_with(
     if let Some(discord) = discord {
         text.push_str(&format!(
             "\n[discord]\nbot_token_env = \"DISCORD_TOKEN\"\npublic_key = \"{}\"\nchannel_id = \"{CHANNEL}\"\n\
-             listen = \"127.0.0.1:0\"\napi_url = \"http://{}\"\n[discord.users]\n\"{CAROL_ON_DISCORD}\" = \"carol@example.com\"\n",
+             listen = \"127.0.0.1:0\"\napi_url = \"http://{}\"\n[discord.users]\n\"{CAROL_ON_DISCORD}\" = \"carol@example.com\"\n\
+             \"{BOB_ON_DISCORD}\" = \"bob\"\n",
             hex_string(&discord_key().verifying_key().to_bytes()),
             discord.addr
         ));
@@ -1231,5 +1233,77 @@ async fn both_platforms_a_reused_id_and_a_failing_platform() {
             .len(),
         1
     );
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_self_approval_expiry_and_a_restarted_bot() {
+    let gw = gateway("bot_discord_more").await;
+    let discord = FakeChat::discord().await;
+    let state = state_file("bot_discord_more");
+    let bot = start_bot(bot_config(&gw, None, Some(&discord), &state)).await;
+    let posts = format!("POST /api/v10/channels/{CHANNEL}/messages");
+
+    // Expired before anyone clicked: the message says so, and a late click
+    // is told why nothing happened.
+    let urgent = bob_runs(&gw, "DELETE FROM urgent");
+    let short = pending(&gw, "urgent-or-never").await;
+    let approve_short = format!("sluice:approve:{}", short.id);
+    discord.wait_for(&posts, &approve_short).await;
+    assert!(harness::stderr(&urgent.await.unwrap()).contains("expired"));
+    discord
+        .wait_for("PATCH /api/v10/channels/777/messages/", "Expired")
+        .await;
+    let late = discord_click(CAROL_ON_DISCORD, &approve_short, &discord.message_of(short.id));
+    let answer: Value = discord_interaction(bot.addr, &late, &discord_key())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        answer["data"]["content"].as_str().unwrap().contains("it was expired"),
+        "{answer}"
+    );
+
+    // bob cannot approve his own request from Discord either.
+    let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 5");
+    let request = pending(&gw, "orders-need-a-lead").await;
+    let approve = format!("sluice:approve:{}", request.id);
+    discord.wait_for(&posts, &approve).await;
+    let own = discord_click(BOB_ON_DISCORD, &approve, &discord.message_of(request.id));
+    let answer: Value = discord_interaction(bot.addr, &own, &discord_key())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["data"]["flags"], 64);
+    assert!(
+        answer["data"]["content"].as_str().unwrap().contains("cannot decide it"),
+        "{answer}"
+    );
+
+    // The bot restarts while the request is pending: no second message,
+    // and the first one follows the decision.
+    bot.stop().await;
+    let bot = start_bot(bot_config(&gw, None, Some(&discord), &state)).await;
+    let click = discord_click(CAROL_ON_DISCORD, &approve, &discord.message_of(request.id));
+    let answer: Value = discord_interaction(bot.addr, &click, &discord_key())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer, json!({"type": 6}));
+    assert_eq!(harness::stdout_ok(&psql.await.unwrap()), "DELETE 1\n");
+    let edited = format!(
+        "PATCH /api/v10/channels/777/messages/{}",
+        discord.message_of(request.id)
+    );
+    discord.wait_for(&edited, "Approved by carol@example.com").await;
+    let posted = discord
+        .calls(&posts)
+        .iter()
+        .filter(|p| p.to_string().contains(&format!("{approve}\"")))
+        .count();
+    assert_eq!(posted, 1, "the restarted bot posted the request again");
     bot.stop().await;
 }
