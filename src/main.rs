@@ -2,6 +2,7 @@
 
 mod audit_cmd;
 mod demo;
+mod login_cmd;
 mod policy_cmd;
 mod request_cmd;
 
@@ -113,6 +114,34 @@ enum Command {
         /// Print the request id and return without waiting.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Sign in with OpenID Connect in a browser (authorization code with
+    /// PKCE, redirect to a loopback port); the tokens are cached for
+    /// `sluice token`, `whoami` and `connect`, readable only by you.
+    Login {
+        /// The identity provider (the issuer the gateway trusts); default:
+        /// the one you signed in to last.
+        #[arg(long, env = "SLUICE_ISSUER")]
+        issuer: Option<String>,
+        /// Sluice's client id at the provider (the gateway's `audience`).
+        #[arg(long, env = "SLUICE_CLIENT_ID", default_value = "sluice")]
+        client_id: String,
+    },
+    /// Forget the cached tokens of an issuer.
+    Logout {
+        #[arg(long, env = "SLUICE_ISSUER")]
+        issuer: Option<String>,
+    },
+    /// Show who you are signed in as: identity, groups, expiry.
+    Whoami {
+        #[arg(long, env = "SLUICE_ISSUER")]
+        issuer: Option<String>,
+    },
+    /// Print a fresh ID token (renewed first when it runs out), for clients
+    /// that take it as their password; use it over TLS.
+    Token {
+        #[arg(long, env = "SLUICE_ISSUER")]
+        issuer: Option<String>,
     },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
@@ -332,6 +361,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 confirm_quit: false,
             }))
         }
+        Command::Login { issuer, client_id } => runtime(1)?.block_on(login_cmd::login(issuer, client_id)),
+        Command::Logout { issuer } => login_cmd::logout(issuer),
+        Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
+        Command::Token { issuer } => runtime(1)?.block_on(login_cmd::token(issuer)),
         Command::Bot { config } => {
             let config = sluice_bot::BotConfig::load(&config)?;
             runtime(2)?.block_on(async {

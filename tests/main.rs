@@ -14,6 +14,7 @@ mod clients;
 mod console;
 mod identity;
 mod lifecycle;
+mod login;
 mod masking;
 mod pgbench;
 mod policy;

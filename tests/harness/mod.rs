@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod issuer;
+pub mod provider;
 pub mod raw;
 
 use std::path::PathBuf;

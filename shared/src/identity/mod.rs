@@ -3,6 +3,7 @@
 //! precisely why it cannot. An `Identity` has no public constructor: holding one
 //! means a verifier accepted the token.
 
+pub mod login;
 mod oidc;
 mod tokens;
 

@@ -1,0 +1,131 @@
+//! `sluice login`, `logout`, `whoami` and `token`: a person's OpenID
+//! Connect sign-in, kept in the token cache (`sluice_core::identity::login`).
+
+use anyhow::Context;
+use sluice_core::identity::login::{self, TokenCache, Tokens};
+
+fn cache() -> TokenCache {
+    TokenCache::new(TokenCache::default_dir())
+}
+
+/// The issuer given, or the one signed in to last.
+fn issuer(cache: &TokenCache, given: Option<String>) -> anyhow::Result<String> {
+    given
+        .map(|i| i.trim_end_matches('/').to_string())
+        .or_else(|| cache.current())
+        .context("no issuer: pass --issuer URL (or set SLUICE_ISSUER), or sign in first with sluice login --issuer URL")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub async fn login(issuer_arg: Option<String>, client_id: String) -> anyhow::Result<()> {
+    let cache = cache();
+    let issuer = issuer(&cache, issuer_arg)?;
+    let tokens = login::sign_in(&issuer, &client_id, |url| {
+        eprintln!("Sign in to {issuer} in your browser; if it does not open, open this URL:\n\n  {url}\n");
+        open_browser(url);
+    })
+    .await?;
+    cache.save(&tokens)?;
+    eprintln!("Signed in: {}", describe(&tokens));
+    Ok(())
+}
+
+pub fn logout(issuer_arg: Option<String>) -> anyhow::Result<()> {
+    let cache = cache();
+    let issuer = issuer(&cache, issuer_arg)?;
+    if cache.remove(&issuer)? {
+        eprintln!(
+            "Signed out of {issuer}: its tokens are removed from {}",
+            cache.dir().display()
+        );
+    } else {
+        eprintln!("Not signed in to {issuer}: nothing to remove");
+    }
+    Ok(())
+}
+
+pub async fn whoami(issuer_arg: Option<String>) -> anyhow::Result<()> {
+    let cache = cache();
+    let issuer = issuer(&cache, issuer_arg)?;
+    let tokens = cache.fresh(&issuer, now()).await?;
+    let claims = tokens.claims();
+    println!("{}", claims.email.as_deref().unwrap_or(&claims.sub));
+    println!("  subject  {}", claims.sub);
+    println!(
+        "  groups   {}",
+        if claims.groups.is_empty() {
+            "(none)".to_string()
+        } else {
+            claims.groups.join(", ")
+        }
+    );
+    println!("  issuer   {}", tokens.issuer);
+    println!("  expires  {}", expiry(&tokens));
+    Ok(())
+}
+
+/// Prints a fresh ID token, for clients that take it as a password (over
+/// TLS: it is a bearer credential).
+pub async fn token(issuer_arg: Option<String>) -> anyhow::Result<()> {
+    let cache = cache();
+    let issuer = issuer(&cache, issuer_arg)?;
+    let tokens = cache.fresh(&issuer, now()).await?;
+    println!("{}", tokens.id_token);
+    Ok(())
+}
+
+fn expiry(tokens: &Tokens) -> String {
+    let claims = tokens.claims();
+    let at = chrono::DateTime::from_timestamp(claims.exp, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let left = claims.exp - now();
+    let refresh = if tokens.refresh_token.is_some() {
+        "; renewed when it runs out"
+    } else {
+        "; sign in again then"
+    };
+    if left > 0 {
+        format!("{at} (in {}m){refresh}", left / 60)
+    } else {
+        format!("{at} (expired){refresh}")
+    }
+}
+
+fn describe(tokens: &Tokens) -> String {
+    let claims = tokens.claims();
+    let groups = if claims.groups.is_empty() {
+        "no groups".to_string()
+    } else {
+        format!("groups {}", claims.groups.join(", "))
+    };
+    format!(
+        "{} ({groups}); ID token until {}",
+        claims.email.as_deref().unwrap_or(&claims.sub),
+        expiry(tokens)
+    )
+}
+
+/// Opens `url` in the desktop's browser when there is a desktop; the URL is
+/// printed either way.
+fn open_browser(url: &str) {
+    let desktop = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let opener = if cfg!(target_os = "macos") {
+        Some("open")
+    } else if desktop {
+        Some("xdg-open")
+    } else {
+        None
+    };
+    if let Some(opener) = opener {
+        let _ = std::process::Command::new(opener)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}

@@ -1,0 +1,147 @@
+//! A real OpenID provider for the tests: panva's `oidc-provider` (npm),
+//! installed from `tests/oidc/package-lock.json` on first use and started
+//! with `tests/oidc/provider.mjs` on a loopback port. See that script for
+//! its clients and accounts.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc")
+}
+
+/// `npm ci`, once per test binary, when the package is missing.
+fn install() {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return;
+    }
+    let dir = oidc_dir();
+    if !dir.join("node_modules/oidc-provider/package.json").exists() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is needed for the OpenID provider (apt-get install npm)");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    *installed = true;
+}
+
+/// A running provider.
+pub struct Provider {
+    pub issuer: String,
+    port: u16,
+    key_file: PathBuf,
+    ttl: u64,
+    child: tokio::process::Child,
+}
+
+impl Provider {
+    /// A provider whose ID tokens live `ttl` seconds, with a new key.
+    pub async fn start(name: &str, ttl: u64) -> Provider {
+        install();
+        let key_file = super::cluster().dev.dir().join(format!("oidc-{name}-k1.json"));
+        let _ = std::fs::remove_file(&key_file);
+        let (child, issuer) = spawn(0, &key_file, "k1", ttl).await;
+        let port = issuer.rsplit(':').next().unwrap().parse().unwrap();
+        Provider {
+            issuer,
+            port,
+            key_file,
+            ttl,
+            child,
+        }
+    }
+
+    /// Restarts on the same port with a new signing key (key id `kid`):
+    /// what a provider's key rotation looks like to the gateway.
+    pub async fn rotate(&mut self, kid: &str) {
+        let _ = self.child.kill().await;
+        self.key_file = self
+            .key_file
+            .with_file_name(format!("{}-{kid}.json", self.key_file.display()));
+        let (child, _) = spawn(self.port, &self.key_file, kid, self.ttl).await;
+        self.child = child;
+    }
+}
+
+async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new("node")
+        .arg("provider.mjs")
+        .current_dir(oidc_dir())
+        .env("PORT", port.to_string())
+        .env("KEY_FILE", key_file)
+        .env("KEY_ID", kid)
+        .env("ID_TOKEN_TTL", ttl.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is needed for the OpenID provider");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the OpenID provider did not start")
+        .unwrap()
+        .expect("the OpenID provider exited");
+    // The provider logs to stdout as it works: keep reading, or it dies of
+    // a broken pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let started: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (child, started["issuer"].as_str().unwrap().to_string())
+}
+
+/// Plays the person at the browser: follows the provider's redirects,
+/// signs in as `login` (any password) and consents, up to the redirect to
+/// the client, which it then makes. Returns that last URL.
+pub async fn browse(auth_url: &str, login: &str) -> String {
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let location = |r: &reqwest::Response| {
+        r.headers()
+            .get("location")
+            .unwrap_or_else(|| panic!("no redirect from {} ({})", r.url(), r.status()))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let absolute = |base: &str, to: String| {
+        if to.starts_with("http") {
+            to
+        } else {
+            format!("{}{to}", &base[..base.find("/auth").unwrap_or(base.len())])
+        }
+    };
+    let mut url = auth_url.to_string();
+    for _ in 0..10 {
+        let response = browser.get(&url).send().await.unwrap();
+        if !response.status().is_redirection() {
+            // An interaction page: log in, or consent.
+            let page = response.text().await.unwrap();
+            let form: Vec<(&str, &str)> = if page.contains("name=\"login\"") {
+                vec![("prompt", "login"), ("login", login), ("password", "any")]
+            } else {
+                vec![("prompt", "consent")]
+            };
+            let posted = browser.post(&url).form(&form).send().await.unwrap();
+            url = absolute(auth_url, location(&posted));
+            continue;
+        }
+        let next = absolute(auth_url, location(&response));
+        if !next.starts_with(auth_url.split("/auth").next().unwrap()) {
+            // Back to the client: the browser goes there.
+            let _ = browser.get(&next).send().await;
+            return next;
+        }
+        url = next;
+    }
+    panic!("the sign-in did not come back to the client");
+}

@@ -1,0 +1,185 @@
+//! People sign in with OpenID Connect against a real provider (panva's
+//! oidc-provider, see `harness::provider`): `sluice login` in a scripted
+//! browser, the token cache, `whoami`, `token` (renewed with the refresh
+//! token), and psql through the gateway with the ID token as password.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use sluice_core::audit::{EventFilter, SqliteStore};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::harness::provider::{self, Provider};
+use crate::harness::{self, Spec, TestGateway};
+
+fn cache_dir(test: &str) -> PathBuf {
+    let dir = harness::cluster().dev.dir().join(format!("cache-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs the CLI with its own token cache and no desktop.
+async fn sluice(args: &[&str], cache: &Path) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .env_remove("SLUICE_ISSUER")
+        .output()
+        .await
+        .unwrap()
+}
+
+/// `sluice login` with `login` at the scripted browser; its stderr.
+async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["login", "--issuer", &idp.issuer, "--client-id", "sluice-cli"])
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("sluice login ended before printing the URL");
+        said.push_str(&line);
+        said.push('\n');
+        if let Some(url) = line.trim().strip_prefix(&format!("{}/auth?", idp.issuer)) {
+            break format!("{}/auth?{url}", idp.issuer);
+        }
+    };
+    let back = provider::browse(&url, login).await;
+    assert!(back.contains("/callback?code="), "{back}");
+    while let Some(line) = lines.next_line().await.unwrap() {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    assert!(child.wait().await.unwrap().success(), "{said}");
+    said
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn oidc(idp: &Provider) -> Spec {
+    Spec {
+        oidc: Some(format!(
+            "[identity.oidc]\nissuer = \"{}\"\naudience = \"sluice-cli\"\nmin_refresh_interval = \"0s\"\n",
+            idp.issuer
+        )),
+        ..Spec::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_in_a_browser_then_psql_as_yourself() {
+    let idp = Provider::start("login", 3600).await;
+    let cache = cache_dir("login");
+    let said = sign_in(&idp, &cache, "dana").await;
+    assert!(
+        said.contains("Signed in: dana@example.com (groups engineering)"),
+        "{said}"
+    );
+
+    // The cache is the user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let tokens = cache.join("sluice/tokens");
+    assert_eq!(std::fs::metadata(&tokens).unwrap().permissions().mode() & 0o777, 0o700);
+    for entry in std::fs::read_dir(&tokens).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+    let whoami = stdout(&sluice(&["whoami"], &cache).await);
+    assert!(whoami.starts_with("dana@example.com\n"), "{whoami}");
+    assert!(whoami.contains("groups   engineering"), "{whoami}");
+    assert!(whoami.contains(&format!("issuer   {}", idp.issuer)), "{whoami}");
+
+    // The token is the password; statements are recorded under the email.
+    let token = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    let mut gw = TestGateway::start("login_psql", oidc(&idp)).await;
+    let out = gw.psql(&token, "", &["-c", "SELECT 42"]).await;
+    assert_eq!(harness::stdout_ok(&out), "42\n");
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let identities: Vec<String> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.event.identity)
+        .collect();
+    assert!(identities.iter().any(|i| i == "dana@example.com"), "{identities:?}");
+
+    let out = sluice(&["logout"], &cache).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Signed out of"));
+    let out = sluice(&["token", "--issuer", &idp.issuer], &cache).await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!("sluice: not signed in to {}: run sluice login", idp.issuer)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_is_renewed_with_the_refresh_token() {
+    // ID tokens for 30 s: always within the minute before expiry, so every
+    // `sluice token` renews.
+    let idp = Provider::start("refresh", 30).await;
+    let cache = cache_dir("refresh");
+    sign_in(&idp, &cache, "erin").await;
+    let cached = |cache: &Path| -> serde_json::Value {
+        let dir = cache.join("sluice/tokens");
+        let file = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "json"))
+            .unwrap();
+        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+    };
+    let first = cached(&cache);
+    let renewed = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    // The provider rotates refresh tokens: a new one shows the renewal (the
+    // ID token itself may come out byte for byte the same within a second).
+    let after = cached(&cache);
+    assert_ne!(
+        after["refresh_token"], first["refresh_token"],
+        "the token was not renewed"
+    );
+    assert_eq!(after["id_token"], renewed.as_str(), "the renewed token is cached");
+    let gw = TestGateway::start("login_refresh", oidc(&idp)).await;
+    let out = gw.psql(&renewed, "", &["-c", "SELECT 'renewed'"]).await;
+    assert_eq!(harness::stdout_ok(&out), "renewed\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_follows_a_key_rotation_without_restarting() {
+    let mut idp = Provider::start("rotate", 3600).await;
+    let cache = cache_dir("rotate");
+    sign_in(&idp, &cache, "lee").await;
+    let old = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    let gw = TestGateway::start("login_rotate", oidc(&idp)).await;
+    assert_eq!(harness::stdout_ok(&gw.psql(&old, "", &["-c", "SELECT 1"]).await), "1\n");
+
+    // The provider signs with a new key (kid k2) from now on.
+    idp.rotate("k2").await;
+    sign_in(&idp, &cache, "lee").await;
+    let new = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    let header = |token: &str| -> serde_json::Value {
+        use base64::Engine as _;
+        let part = token.split('.').next().unwrap();
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+    };
+    assert_eq!(header(&new)["kid"], "k2");
+    assert_eq!(harness::stdout_ok(&gw.psql(&new, "", &["-c", "SELECT 2"]).await), "2\n");
+}
