@@ -4,14 +4,15 @@
 use anyhow::Context;
 use sluice_core::identity::login::{self, TokenCache, Tokens};
 
-fn cache() -> TokenCache {
-    TokenCache::new(TokenCache::default_dir())
+fn cache() -> anyhow::Result<TokenCache> {
+    Ok(TokenCache::new(TokenCache::default_dir()?))
 }
 
 /// The issuer given, or the one signed in to last.
 fn issuer(cache: &TokenCache, given: Option<String>) -> anyhow::Result<String> {
+    // As given: discovery compares the issuer exactly (a trailing slash
+    // included).
     given
-        .map(|i| i.trim_end_matches('/').to_string())
         .or_else(|| cache.current())
         .context("no issuer: pass --issuer URL (or set SLUICE_ISSUER), or sign in first with sluice login --issuer URL")
 }
@@ -21,7 +22,7 @@ fn now() -> i64 {
 }
 
 pub async fn login(issuer_arg: Option<String>, client_id: String) -> anyhow::Result<()> {
-    let cache = cache();
+    let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
     let tokens = login::sign_in(&issuer, &client_id, |url| {
         eprintln!("Sign in to {issuer} in your browser; if it does not open, open this URL:\n\n  {url}\n");
@@ -34,7 +35,7 @@ pub async fn login(issuer_arg: Option<String>, client_id: String) -> anyhow::Res
 }
 
 pub fn logout(issuer_arg: Option<String>) -> anyhow::Result<()> {
-    let cache = cache();
+    let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
     if cache.remove(&issuer)? {
         eprintln!(
@@ -48,9 +49,12 @@ pub fn logout(issuer_arg: Option<String>) -> anyhow::Result<()> {
 }
 
 pub async fn whoami(issuer_arg: Option<String>) -> anyhow::Result<()> {
-    let cache = cache();
+    let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
-    let tokens = cache.fresh(&issuer, now()).await?;
+    // What the cache holds: no renewal (and no network) to answer.
+    let tokens = cache
+        .load(&issuer)?
+        .with_context(|| format!("not signed in to {issuer}: run sluice login"))?;
     let claims = tokens.claims();
     println!("{}", claims.email.as_deref().unwrap_or(&claims.sub));
     println!("  subject  {}", claims.sub);
@@ -70,7 +74,7 @@ pub async fn whoami(issuer_arg: Option<String>) -> anyhow::Result<()> {
 /// Prints a fresh ID token, for clients that take it as a password (over
 /// TLS: it is a bearer credential).
 pub async fn token(issuer_arg: Option<String>) -> anyhow::Result<()> {
-    let cache = cache();
+    let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
     let tokens = cache.fresh(&issuer, now()).await?;
     println!("{}", tokens.id_token);

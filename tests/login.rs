@@ -39,6 +39,7 @@ async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
         .env_remove("DISPLAY")
         .env_remove("WAYLAND_DISPLAY")
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -55,6 +56,22 @@ async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
             break format!("{}/auth?{url}", idp.issuer);
         }
     };
+    // Other local programs may poke the redirect listener: an idle
+    // connection and a request without this sign-in's state change nothing.
+    let redirect = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| url::Url::parse(&v).unwrap())
+        .unwrap();
+    let listener = format!("127.0.0.1:{}", redirect.port().unwrap());
+    let _idle = tokio::net::TcpStream::connect(&listener).await.unwrap();
+    let stray = reqwest::get(format!(
+        "http://{listener}/callback?error=access_denied&error_description=%1b%5b2Jgo"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stray.status(), 400);
     let back = provider::browse(&url, login).await;
     assert!(back.contains("/callback?code="), "{back}");
     while let Some(line) = lines.next_line().await.unwrap() {
@@ -147,6 +164,8 @@ async fn an_expiring_token_is_renewed_with_the_refresh_token() {
             .unwrap();
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
     };
+    // The gateway first: the renewed token lives 30 s.
+    let gw = TestGateway::start("login_refresh", oidc(&idp)).await;
     let first = cached(&cache);
     let renewed = stdout(&sluice(&["token"], &cache).await).trim().to_string();
     // The provider rotates refresh tokens: a new one shows the renewal (the
@@ -157,7 +176,6 @@ async fn an_expiring_token_is_renewed_with_the_refresh_token() {
         "the token was not renewed"
     );
     assert_eq!(after["id_token"], renewed.as_str(), "the renewed token is cached");
-    let gw = TestGateway::start("login_refresh", oidc(&idp)).await;
     let out = gw.psql(&renewed, "", &["-c", "SELECT 'renewed'"]).await;
     assert_eq!(harness::stdout_ok(&out), "renewed\n");
 }

@@ -13,7 +13,9 @@ fn oidc_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc")
 }
 
-/// `npm ci`, once per test binary, when the package is missing.
+/// `npm ci`, once per test binary, when the package is missing or a
+/// previous install did not finish; one install at a time across
+/// processes (a lock file beside it).
 fn install() {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
@@ -21,14 +23,30 @@ fn install() {
         return;
     }
     let dir = oidc_dir();
-    if !dir.join("node_modules/oidc-provider/package.json").exists() {
-        let status = std::process::Command::new("npm")
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("sluice-oidc-npm.lock"))
+        .expect("the npm install lock");
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns; released on drop.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    // npm writes node_modules/.package-lock.json last.
+    if !dir.join("node_modules/.package-lock.json").exists() {
+        let output = std::process::Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&dir)
-            .status()
+            .output()
             .expect("npm is needed for the OpenID provider (apt-get install npm)");
-        assert!(status.success(), "npm ci in {} failed", dir.display());
+        assert!(
+            output.status.success(),
+            "npm ci in {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
+    drop(lock);
     *installed = true;
 }
 

@@ -39,8 +39,8 @@ pub enum LoginError {
     Cache { path: PathBuf, why: String },
 }
 
-/// What the cache keeps for one issuer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What the cache keeps for one issuer. Its `Debug` hides the tokens.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Tokens {
     pub issuer: String,
     pub client_id: String,
@@ -50,30 +50,65 @@ pub struct Tokens {
     pub refresh_token: Option<String>,
 }
 
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The claims of an ID token that people want to see (`sluice whoami`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Claims {
-    #[serde(default)]
     pub sub: String,
-    #[serde(default)]
+    pub iss: String,
     pub email: Option<String>,
-    #[serde(default)]
     pub groups: Vec<String>,
-    #[serde(default)]
     pub exp: i64,
+}
+
+/// Text from the provider or a token, made safe for a terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || crate::text::is_invisible(c) {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 impl Tokens {
     /// The ID token's claims, read without verifying it (it came from the
     /// provider over TLS and was verified at sign-in; the gateway verifies
     /// it again at every use).
+    /// Each claim is read on its own: one of an odd type (a groups string,
+    /// a fractional `exp`) does not lose the others.
     pub fn claims(&self) -> Claims {
-        self.id_token
+        let payload: serde_json::Value = self
+            .id_token
             .split('.')
             .nth(1)
             .and_then(|payload| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok())
             .and_then(|json| serde_json::from_slice(&json).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let text = |key: &str| payload[key].as_str().map(printable);
+        let groups = match &payload["groups"] {
+            serde_json::Value::Array(items) => items.iter().filter_map(|g| g.as_str()).map(printable).collect(),
+            serde_json::Value::String(one) => vec![printable(one)],
+            _ => Vec::new(),
+        };
+        Claims {
+            sub: text("sub").unwrap_or_default(),
+            iss: text("iss").unwrap_or_default(),
+            email: text("email"),
+            groups,
+            exp: payload["exp"].as_f64().map_or(0, |e| e as i64),
+        }
     }
 
     /// Whether the ID token is expired, or will be within a minute.
@@ -94,9 +129,33 @@ fn http() -> Result<reqwest::Client, LoginError> {
 async fn discover(issuer: &str, http: &reqwest::Client) -> Result<CoreProviderMetadata, LoginError> {
     let url = IssuerUrl::new(issuer.to_string())
         .map_err(|err| LoginError::Provider(format!("{issuer} is not an issuer URL: {err}")))?;
-    CoreProviderMetadata::discover_async(url, http)
-        .await
-        .map_err(|err| LoginError::Provider(format!("cannot read {issuer}/.well-known/openid-configuration: {err}")))
+    let loopback = url
+        .url()
+        .host_str()
+        .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
+    if url.url().scheme() != "https" && !loopback {
+        return Err(LoginError::Provider(format!(
+            "{issuer} is not https: tokens would cross the network in the clear"
+        )));
+    }
+    CoreProviderMetadata::discover_async(url, http).await.map_err(|err| {
+        LoginError::Provider(format!(
+            "cannot discover {issuer} (its .well-known/openid-configuration and keys): {}",
+            token_error(&err)
+        ))
+    })
+}
+
+/// The optional scopes the provider says it supports (all of them when it
+/// does not say): a provider that refuses unknown scopes still signs in.
+fn scopes(metadata: &CoreProviderMetadata) -> Vec<Scope> {
+    let wanted = ["email", "groups", "offline_access"];
+    let supported = metadata.scopes_supported();
+    wanted
+        .into_iter()
+        .filter(|w| supported.is_none_or(|s| s.iter().any(|scope| scope.as_str() == *w)))
+        .map(|w| Scope::new(w.into()))
+        .collect()
 }
 
 /// The authorization code flow with PKCE: `show` gets the URL to open in a
@@ -114,36 +173,62 @@ pub async fn sign_in(issuer: &str, client_id: &str, show: impl FnOnce(&str)) -> 
         .port();
     let redirect = RedirectUrl::new(format!("http://127.0.0.1:{port}/callback"))
         .map_err(|err| LoginError::Provider(err.to_string()))?;
+    let scopes = scopes(&metadata);
     let client = CoreClient::from_provider_metadata(metadata, ClientId::new(client_id.to_string()), None)
         .set_redirect_uri(redirect);
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let (url, state, nonce) = client
+    let mut request = client
         .authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
             CsrfToken::new_random,
             Nonce::new_random,
         )
-        .add_scope(Scope::new("email".into()))
-        .add_scope(Scope::new("groups".into()))
-        .add_scope(Scope::new("offline_access".into()))
-        .set_pkce_challenge(challenge)
-        .url();
+        .add_scopes(scopes.iter().cloned())
+        .set_pkce_challenge(challenge);
+    if scopes.iter().any(|s| s.as_str() == "offline_access") {
+        // OIDC Core 11: offline_access is honoured only with prompt=consent.
+        request = request.add_prompt(openidconnect::core::CoreAuthPrompt::Consent);
+    }
+    let (url, state, nonce) = request.url();
     show(url.as_str());
-    let code = tokio::time::timeout(LOGIN_TIMEOUT, redirect_code(listener, state.secret()))
+    let (code, browser) = tokio::time::timeout(LOGIN_TIMEOUT, redirect_code(listener, state.secret()))
         .await
         .map_err(|_| LoginError::TimedOut)??;
+    let outcome = exchange(&client, &http, code, verifier, &nonce, issuer, client_id).await;
+    // The browser hears how it ended only now, after the exchange and the
+    // token's verification.
+    answer(browser, outcome.as_ref().map(|_| ()).map_err(|e| e.to_string())).await;
+    outcome
+}
+
+async fn exchange(
+    client: &CoreClient<
+        openidconnect::EndpointSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointMaybeSet,
+        openidconnect::EndpointMaybeSet,
+    >,
+    http: &reqwest::Client,
+    code: String,
+    verifier: openidconnect::PkceCodeVerifier,
+    nonce: &Nonce,
+    issuer: &str,
+    client_id: &str,
+) -> Result<Tokens, LoginError> {
     let response = client
         .exchange_code(AuthorizationCode::new(code))
         .map_err(|err| LoginError::Provider(format!("the provider has no token endpoint: {err}")))?
         .set_pkce_verifier(verifier)
-        .request_async(&http)
+        .request_async(http)
         .await
         .map_err(|err| LoginError::Refused(token_error(&err)))?;
     let id_token = response
         .id_token()
         .ok_or_else(|| LoginError::Refused("the provider returned no ID token".into()))?;
     id_token
-        .claims(&client.id_token_verifier(), &nonce)
+        .claims(&client.id_token_verifier(), nonce)
         .map_err(|err| LoginError::Refused(format!("the ID token does not verify: {err}")))?;
     Ok(Tokens {
         issuer: issuer.to_string(),
@@ -171,7 +256,20 @@ pub async fn refresh(tokens: &Tokens) -> Result<Tokens, LoginError> {
         .map_err(|err| LoginError::Provider(format!("the provider has no token endpoint: {err}")))?
         .request_async(&http)
         .await
-        .map_err(|err| expired(&token_error(&err)))?;
+        .map_err(|err| match &err {
+            // Only the provider saying the grant is no more ends the session;
+            // a network or server failure is for trying again.
+            openidconnect::RequestTokenError::ServerResponse(response)
+                if *response.error() == openidconnect::core::CoreErrorResponseType::InvalidGrant =>
+            {
+                expired(&token_error(&err))
+            }
+            _ => LoginError::Provider(format!(
+                "cannot renew the token at {}: {}",
+                tokens.issuer,
+                token_error(&err)
+            )),
+        })?;
     let id_token = response
         .id_token()
         .ok_or_else(|| expired("the refresh gave no ID token"))?;
@@ -179,7 +277,7 @@ pub async fn refresh(tokens: &Tokens) -> Result<Tokens, LoginError> {
     id_token
         .claims(&client.id_token_verifier(), |_: Option<&Nonce>| Ok(()))
         .map_err(|err| expired(&format!("the refreshed ID token does not verify: {err}")))?;
-    Ok(Tokens {
+    let renewed = Tokens {
         issuer: tokens.issuer.clone(),
         client_id: tokens.client_id.clone(),
         id_token: id_token.to_string(),
@@ -187,7 +285,13 @@ pub async fn refresh(tokens: &Tokens) -> Result<Tokens, LoginError> {
             .refresh_token()
             .map(|r| r.secret().clone())
             .or_else(|| tokens.refresh_token.clone()),
-    })
+    };
+    // OIDC Core 12.2: the same person, from the same issuer.
+    let (before, after) = (tokens.claims(), renewed.claims());
+    if before.sub != after.sub || before.iss != after.iss {
+        return Err(expired("the renewed token names another subject or issuer"));
+    }
+    Ok(renewed)
 }
 
 fn token_error<E: std::error::Error>(err: &E) -> String {
@@ -201,62 +305,109 @@ fn token_error<E: std::error::Error>(err: &E) -> String {
     text
 }
 
-/// Waits for the browser's redirect to `/callback`, answers it, and returns
-/// the code. Requests with another path are answered 404 and waited past; a
-/// wrong state or an error from the provider ends the sign-in.
-async fn redirect_code(listener: tokio::net::TcpListener, state: &str) -> Result<String, LoginError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Waits for the browser's redirect to `/callback` with this sign-in's
+/// state, and returns the code with the browser's connection (answered
+/// once the code is exchanged). Each connection is read in its own task
+/// with a deadline, so an idle one cannot hold up the redirect; anything
+/// else (another path, another method, a wrong or missing state) is
+/// answered and waited past, so a stray request cannot end the sign-in.
+/// The provider's error ends it only with the right state.
+async fn redirect_code(
+    listener: tokio::net::TcpListener,
+    state: &str,
+) -> Result<(String, tokio::net::TcpStream), LoginError> {
+    let (found, mut arrived) = tokio::sync::mpsc::channel(4);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let mut request = Vec::new();
-        let mut buf = [0u8; 4096];
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let found = found.clone();
+                    let state = state.to_string();
+                    tokio::spawn(async move {
+                        if let Some(result) = read_redirect(stream, &state).await {
+                            let _ = found.send(result).await;
+                        }
+                    });
+                }
+                // Out of descriptors, say: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            Some(result) = arrived.recv() => return result,
+        }
+    }
+}
+
+/// One connection to the redirect listener: `Some` when it is this
+/// sign-in's redirect (its code, or the provider's error).
+async fn read_redirect(
+    mut stream: tokio::net::TcpStream,
+    state: &str,
+) -> Option<Result<(String, tokio::net::TcpStream), LoginError>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
         while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => request.extend_from_slice(&buf[..n]),
             }
         }
-        let line = String::from_utf8_lossy(&request);
-        let target = line.split_whitespace().nth(1).unwrap_or_default().to_string();
-        let Some(query) = target.strip_prefix("/callback?") else {
-            let _ = stream
-                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .await;
-            continue;
-        };
-        let params: std::collections::HashMap<String, String> =
-            url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let outcome = if let Some(error) = params.get("error") {
-            let description = params
-                .get("error_description")
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
-            Err(LoginError::Refused(format!("{error}{description}")))
-        } else if params.get("state").map(String::as_str) != Some(state) {
-            Err(LoginError::Refused(
-                "the redirect's state does not match this sign-in (another tab or an old link?)".into(),
-            ))
-        } else {
-            params
-                .get("code")
-                .cloned()
-                .ok_or_else(|| LoginError::Refused("the redirect carried no code".into()))
-        };
-        let page = match &outcome {
-            Ok(_) => "Signed in to Sluice. You can close this tab and return to the terminal.".to_string(),
-            Err(err) => format!("Sluice sign-in failed: {err}"),
-        };
-        let page = page.replace('&', "&amp;").replace('<', "&lt;");
-        let body = format!("<!doctype html><meta charset=utf-8><title>Sluice</title><p>{page}</p>");
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = stream.write_all(response.as_bytes()).await;
-        return outcome;
+    })
+    .await;
+    let refuse = |status: &str| format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    if read.is_err() {
+        return None;
     }
+    let line = String::from_utf8_lossy(&request);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+    let query = match (method, target.strip_prefix("/callback?")) {
+        ("GET", Some(query)) => query.to_string(),
+        _ => {
+            let _ = stream.write_all(refuse("404 Not Found").as_bytes()).await;
+            return None;
+        }
+    };
+    let params: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    if params.get("state").map(String::as_str) != Some(state) {
+        let _ = stream.write_all(refuse("400 Bad Request").as_bytes()).await;
+        return None;
+    }
+    if let Some(error) = params.get("error") {
+        let description = params
+            .get("error_description")
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        let refused = LoginError::Refused(printable(&format!("{error}{description}")));
+        answer(stream, Err(refused.to_string())).await;
+        return Some(Err(refused));
+    }
+    match params.get("code") {
+        Some(code) => Some(Ok((code.clone(), stream))),
+        None => {
+            let refused = LoginError::Refused("the redirect carried no code".into());
+            answer(stream, Err(refused.to_string())).await;
+            Some(Err(refused))
+        }
+    }
+}
+
+/// Tells the browser how the sign-in ended.
+async fn answer(mut stream: tokio::net::TcpStream, outcome: Result<(), String>) {
+    use tokio::io::AsyncWriteExt;
+    let page = match outcome {
+        Ok(()) => "Signed in to Sluice. You can close this tab and return to the terminal.".to_string(),
+        Err(err) => format!("Sluice sign-in failed: {err}"),
+    };
+    let page = page.replace('&', "&amp;").replace('<', "&lt;");
+    let body = format!("<!doctype html><meta charset=utf-8><title>Sluice</title><p>{page}</p>");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
 }
 
 /// The token cache: one file per issuer under `dir` (made readable only by
@@ -271,14 +422,18 @@ impl TokenCache {
         TokenCache { dir }
     }
 
-    /// `$XDG_CACHE_HOME/sluice/tokens`, else `~/.cache/sluice/tokens`.
-    pub fn default_dir() -> PathBuf {
+    /// `$XDG_CACHE_HOME/sluice/tokens`, else `~/.cache/sluice/tokens`;
+    /// never a shared directory.
+    pub fn default_dir() -> Result<PathBuf, LoginError> {
         if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir).join("sluice/tokens");
+            return Ok(PathBuf::from(dir).join("sluice/tokens"));
         }
         match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-            Some(home) => PathBuf::from(home).join(".cache/sluice/tokens"),
-            None => std::env::temp_dir().join("sluice-tokens"),
+            Some(home) => Ok(PathBuf::from(home).join(".cache/sluice/tokens")),
+            None => Err(LoginError::Cache {
+                path: PathBuf::from("~/.cache/sluice/tokens"),
+                why: "neither HOME nor XDG_CACHE_HOME is set: there is no private place for tokens".into(),
+            }),
         }
     }
 
@@ -323,28 +478,67 @@ impl TokenCache {
     /// Saves `tokens` (0600, in a 0700 directory) and makes their issuer
     /// the current one.
     pub fn save(&self, tokens: &Tokens) -> Result<(), LoginError> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        self.write(tokens)?;
+        self.write_file("current", tokens.issuer.as_bytes())
+    }
+
+    /// The cache directory, made if missing: a real directory (not a
+    /// link), ours, and 0700.
+    fn private_dir(&self) -> Result<(), LoginError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .map_err(|err| Self::error(&self.dir, err))?;
-        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
-        let path = self.file(&tokens.issuer);
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
+        let meta = std::fs::symlink_metadata(&self.dir).map_err(|err| Self::error(&self.dir, err))?;
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let me = unsafe { libc::getuid() };
+        if !meta.is_dir() || meta.uid() != me {
+            return Err(Self::error(
+                &self.dir,
+                "not a directory of yours; remove it or set XDG_CACHE_HOME",
+            ));
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|err| Self::error(&self.dir, err))?;
+        }
+        Ok(())
+    }
+
+    /// Saves `tokens` without changing the current issuer.
+    fn write(&self, tokens: &Tokens) -> Result<(), LoginError> {
+        let name = self.file(&tokens.issuer);
+        let name = name
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tokens.json")
+            .to_string();
+        self.write_file(&name, &serde_json::to_vec_pretty(tokens).unwrap_or_default())
+    }
+
+    /// Writes `name` in the cache directory: a new temporary file of its
+    /// own (0600), synced, renamed into place.
+    fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), LoginError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        self.private_dir()?;
+        let path = self.dir.join(name);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.{}.{:x}", std::process::id(), rand::random::<u64>()));
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(|err| Self::error(&tmp, err))?;
-        file.write_all(&serde_json::to_vec_pretty(tokens).unwrap_or_default())
-            .and_then(|()| file.sync_all())
-            .map_err(|err| Self::error(&tmp, err))?;
-        std::fs::rename(&tmp, &path).map_err(|err| Self::error(&path, err))?;
-        std::fs::write(self.dir.join("current"), &tokens.issuer).map_err(|err| Self::error(&self.dir, err))?;
+        let written = file.write_all(bytes).and_then(|()| file.sync_all());
+        if let Err(err) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Self::error(&path, err));
+        }
         Ok(())
     }
 
@@ -365,6 +559,10 @@ impl TokenCache {
 
     /// A usable ID token for `issuer`, refreshed (and saved) first when it
     /// expires within a minute.
+    ///
+    /// Renewals are one at a time across processes (a lock file): providers
+    /// rotate refresh tokens, and a second use of the old one revokes the
+    /// whole session. Whoever waited reads what the first one saved.
     pub async fn fresh(&self, issuer: &str, now: i64) -> Result<Tokens, LoginError> {
         let tokens = self
             .load(issuer)?
@@ -372,8 +570,33 @@ impl TokenCache {
         if !tokens.expiring(now) {
             return Ok(tokens);
         }
+        self.private_dir()?;
+        let lock_path = self.file(issuer).with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|err| Self::error(&lock_path, err))?;
+        let held = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this closure owns.
+            let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            (rc == 0).then_some(lock)
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Self::error(&lock_path, "cannot lock"))?;
+        let tokens = self
+            .load(issuer)?
+            .ok_or_else(|| LoginError::NotSignedIn(issuer.to_string()))?;
+        if !tokens.expiring(now) {
+            return Ok(tokens);
+        }
         let refreshed = refresh(&tokens).await?;
-        self.save(&refreshed)?;
+        self.write(&refreshed)?;
+        drop(held);
         Ok(refreshed)
     }
 }
