@@ -21,14 +21,29 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-pub async fn login(issuer_arg: Option<String>, client_id: String) -> anyhow::Result<()> {
+pub async fn login(issuer_arg: Option<String>, client_id: String, device: bool) -> anyhow::Result<()> {
     let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
-    let tokens = login::sign_in(&issuer, &client_id, |url| {
-        eprintln!("Sign in to {issuer} in your browser; if it does not open, open this URL:\n\n  {url}\n");
-        open_browser(url);
-    })
-    .await?;
+    let tokens = if device {
+        login::sign_in_device(&issuer, &client_id, |code| {
+            eprintln!(
+                "On any device, open {} and enter the code {}",
+                login::printable(&code.verification_uri),
+                login::printable(&code.user_code)
+            );
+            if let Some(complete) = &code.verification_uri_complete {
+                eprintln!("(or open {}, which has the code in it)", login::printable(complete));
+            }
+            eprintln!("Waiting for you to approve...");
+        })
+        .await?
+    } else {
+        login::sign_in(&issuer, &client_id, |url| {
+            eprintln!("Sign in to {issuer} in your browser; if it does not open, open this URL:\n\n  {url}\n");
+            open_browser(url);
+        })
+        .await?
+    };
     cache.save(&tokens)?;
     eprintln!("Signed in: {}", describe(&tokens));
     Ok(())

@@ -126,6 +126,10 @@ enum Command {
         /// Sluice's client id at the provider (the gateway's `audience`).
         #[arg(long, env = "SLUICE_CLIENT_ID", default_value = "sluice")]
         client_id: String,
+        /// The device flow, for a machine without a browser: sign in on
+        /// another device with the code shown.
+        #[arg(long)]
+        device: bool,
     },
     /// Forget the cached tokens of an issuer.
     Logout {
@@ -361,7 +365,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 confirm_quit: false,
             }))
         }
-        Command::Login { issuer, client_id } => runtime(1)?.block_on(login_cmd::login(issuer, client_id)),
+        Command::Login {
+            issuer,
+            client_id,
+            device,
+        } => runtime(1)?.block_on(login_cmd::login(issuer, client_id, device)),
         Command::Logout { issuer } => login_cmd::logout(issuer),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
         Command::Token { issuer } => runtime(1)?.block_on(login_cmd::token(issuer)),

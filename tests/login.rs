@@ -201,3 +201,46 @@ async fn the_gateway_follows_a_key_rotation_without_restarting() {
     assert_eq!(header(&new)["kid"], "k2");
     assert_eq!(harness::stdout_ok(&gw.psql(&new, "", &["-c", "SELECT 2"]).await), "2\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_flow_signs_in_a_machine_without_a_browser() {
+    let idp = Provider::start("device", 3600).await;
+    let cache = cache_dir("device");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "login",
+            "--device",
+            "--issuer",
+            &idp.issuer,
+            "--client-id",
+            "sluice-cli",
+        ])
+        .env("XDG_CACHE_HOME", &cache)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let complete = loop {
+        let line = lines.next_line().await.unwrap().expect("no device code printed");
+        said.push_str(&line);
+        said.push('\n');
+        if let Some(rest) = line.strip_prefix("(or open ") {
+            break rest.split(", which").next().unwrap().to_string();
+        }
+    };
+    assert!(said.contains("On any device, open "), "{said}");
+    assert!(said.contains(" and enter the code "), "{said}");
+    // On "another device": the provider's pages, signed in as lee.
+    let done = provider::browse(&complete, "lee").await;
+    assert!(done.contains("/device"), "{done}");
+    while let Some(line) = lines.next_line().await.unwrap() {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    assert!(child.wait().await.unwrap().success(), "{said}");
+    assert!(said.contains("Signed in: lee@example.com (groups leads)"), "{said}");
+    let whoami = stdout(&sluice(&["whoami"], &cache).await);
+    assert!(whoami.starts_with("lee@example.com\n"), "{whoami}");
+}

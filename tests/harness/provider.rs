@@ -114,52 +114,85 @@ async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::proce
     (child, started["issuer"].as_str().unwrap().to_string())
 }
 
-/// Plays the person at the browser: follows the provider's redirects,
-/// signs in as `login` (any password) and consents, up to the redirect to
-/// the client, which it then makes. Returns that last URL.
-pub async fn browse(auth_url: &str, login: &str) -> String {
+/// Plays the person at the browser: follows the provider's redirects and
+/// forms, signs in as `login` (any password) and consents, up to the
+/// redirect to the client, which it then makes (that URL is returned), or
+/// up to the device flow's success page (its URL is returned).
+pub async fn browse(start: &str, login: &str) -> String {
     let browser = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let location = |r: &reqwest::Response| {
-        r.headers()
-            .get("location")
-            .unwrap_or_else(|| panic!("no redirect from {} ({})", r.url(), r.status()))
-            .to_str()
-            .unwrap()
-            .to_string()
+    // The provider's origin: scheme, host and port of the first URL.
+    let origin = {
+        let parsed = url::Url::parse(start).unwrap();
+        let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{}{port}", parsed.scheme(), parsed.host_str().unwrap())
     };
-    let absolute = |base: &str, to: String| {
+    let absolute = |to: &str| {
         if to.starts_with("http") {
-            to
+            to.to_string()
         } else {
-            format!("{}{to}", &base[..base.find("/auth").unwrap_or(base.len())])
+            format!("{origin}{to}")
         }
     };
-    let mut url = auth_url.to_string();
-    for _ in 0..10 {
-        let response = browser.get(&url).send().await.unwrap();
-        if !response.status().is_redirection() {
-            // An interaction page: log in, or consent.
-            let page = response.text().await.unwrap();
-            let form: Vec<(&str, &str)> = if page.contains("name=\"login\"") {
-                vec![("prompt", "login"), ("login", login), ("password", "any")]
-            } else {
-                vec![("prompt", "consent")]
-            };
-            let posted = browser.post(&url).form(&form).send().await.unwrap();
-            url = absolute(auth_url, location(&posted));
+    let mut url = start.to_string();
+    let mut form: Option<Vec<(String, String)>> = None;
+    for _ in 0..20 {
+        let response = match form.take() {
+            Some(fields) => browser.post(&url).form(&fields).send().await.unwrap(),
+            None => browser.get(&url).send().await.unwrap(),
+        };
+        if response.status().is_redirection() {
+            let to = absolute(response.headers()["location"].to_str().unwrap());
+            if !to.starts_with(&origin) {
+                // Back to the client: the browser goes there.
+                let _ = browser.get(&to).send().await;
+                return to;
+            }
+            url = to;
             continue;
         }
-        let next = absolute(auth_url, location(&response));
-        if !next.starts_with(auth_url.split("/auth").next().unwrap()) {
-            // Back to the client: the browser goes there.
-            let _ = browser.get(&next).send().await;
-            return next;
+        let status = response.status();
+        let page = response.text().await.unwrap();
+        assert!(status.is_success(), "{url}: {status}\n{page}");
+        if page.contains("Sign-in Success") {
+            return url;
         }
-        url = next;
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        form = Some(if page.contains("name=\"login\"") {
+            vec![pair("prompt", "login"), pair("login", login), pair("password", "any")]
+        } else if page.contains("name=\"prompt\" value=\"consent\"") {
+            vec![pair("prompt", "consent")]
+        } else {
+            // Any other form (the device flow's code and confirmation, an
+            // auto-submitting callback): its fields, to its action.
+            let (action, fields) = form_of(&page).unwrap_or_else(|| panic!("{url}: no form\n{page}"));
+            url = absolute(&action);
+            fields
+        });
     }
     panic!("the sign-in did not come back to the client");
+}
+
+/// The first form of a page: its action and the values of its inputs.
+fn form_of(page: &str) -> Option<(String, Vec<(String, String)>)> {
+    let attribute = |tag: &str, name: &str| -> Option<String> {
+        let start = tag.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(tag[start..start + tag[start..].find('"')?].to_string())
+    };
+    let form_at = page.find("<form")?;
+    let form_tag = &page[form_at..form_at + page[form_at..].find('>')?];
+    let action = attribute(form_tag, "action")?;
+    let mut fields = Vec::new();
+    let mut rest = &page[form_at..page[form_at..].find("</form>").map_or(page.len(), |e| form_at + e)];
+    while let Some(at) = rest.find("<input") {
+        let tag = &rest[at..at + rest[at..].find('>').unwrap_or(rest.len() - at)];
+        if let (Some(name), Some(value)) = (attribute(tag, "name"), attribute(tag, "value")) {
+            fields.push((name, value));
+        }
+        rest = &rest[at + tag.len()..];
+    }
+    Some((action, fields))
 }

@@ -126,7 +126,8 @@ fn http() -> Result<reqwest::Client, LoginError> {
         .map_err(|err| LoginError::Provider(format!("cannot make an HTTP client: {err}")))
 }
 
-async fn discover(issuer: &str, http: &reqwest::Client) -> Result<CoreProviderMetadata, LoginError> {
+/// The issuer's URL: https, or plain http on loopback only.
+fn issuer_url(issuer: &str) -> Result<IssuerUrl, LoginError> {
     let url = IssuerUrl::new(issuer.to_string())
         .map_err(|err| LoginError::Provider(format!("{issuer} is not an issuer URL: {err}")))?;
     let loopback = url
@@ -138,6 +139,11 @@ async fn discover(issuer: &str, http: &reqwest::Client) -> Result<CoreProviderMe
             "{issuer} is not https: tokens would cross the network in the clear"
         )));
     }
+    Ok(url)
+}
+
+async fn discover(issuer: &str, http: &reqwest::Client) -> Result<CoreProviderMetadata, LoginError> {
+    let url = issuer_url(issuer)?;
     CoreProviderMetadata::discover_async(url, http).await.map_err(|err| {
         LoginError::Provider(format!(
             "cannot discover {issuer} (its .well-known/openid-configuration and keys): {}",
@@ -149,8 +155,11 @@ async fn discover(issuer: &str, http: &reqwest::Client) -> Result<CoreProviderMe
 /// The optional scopes the provider says it supports (all of them when it
 /// does not say): a provider that refuses unknown scopes still signs in.
 fn scopes(metadata: &CoreProviderMetadata) -> Vec<Scope> {
+    scopes_among(metadata.scopes_supported())
+}
+
+fn scopes_among(supported: Option<&Vec<Scope>>) -> Vec<Scope> {
     let wanted = ["email", "groups", "offline_access"];
-    let supported = metadata.scopes_supported();
     wanted
         .into_iter()
         .filter(|w| supported.is_none_or(|s| s.iter().any(|scope| scope.as_str() == *w)))
@@ -229,6 +238,103 @@ async fn exchange(
         .ok_or_else(|| LoginError::Refused("the provider returned no ID token".into()))?;
     id_token
         .claims(&client.id_token_verifier(), nonce)
+        .map_err(|err| LoginError::Refused(format!("the ID token does not verify: {err}")))?;
+    Ok(Tokens {
+        issuer: issuer.to_string(),
+        client_id: client_id.to_string(),
+        id_token: id_token.to_string(),
+        refresh_token: response.refresh_token().map(|r| r.secret().clone()),
+    })
+}
+
+/// The device endpoint, which core discovery metadata does not carry.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+struct DeviceEndpoint {
+    device_authorization_endpoint: Option<openidconnect::DeviceAuthorizationUrl>,
+}
+
+impl openidconnect::AdditionalProviderMetadata for DeviceEndpoint {}
+
+type DeviceProviderMetadata = openidconnect::ProviderMetadata<
+    DeviceEndpoint,
+    openidconnect::core::CoreAuthDisplay,
+    openidconnect::core::CoreClientAuthMethod,
+    openidconnect::core::CoreClaimName,
+    openidconnect::core::CoreClaimType,
+    openidconnect::core::CoreGrantType,
+    openidconnect::core::CoreJweContentEncryptionAlgorithm,
+    openidconnect::core::CoreJweKeyManagementAlgorithm,
+    openidconnect::core::CoreJsonWebKey,
+    openidconnect::core::CoreResponseMode,
+    openidconnect::core::CoreResponseType,
+    openidconnect::core::CoreSubjectIdentifierType,
+>;
+
+/// What a person does on another device for the device flow.
+#[derive(Debug, Clone)]
+pub struct DeviceCode {
+    /// Where to go.
+    pub verification_uri: String,
+    /// What to type there.
+    pub user_code: String,
+    /// The same page with the code filled in, when the provider offers it.
+    pub verification_uri_complete: Option<String>,
+}
+
+/// The device authorization flow (RFC 8628), for machines without a
+/// browser: `show` gets the URL and the code to enter on another device;
+/// the provider is polled (at the interval it asks for) until the person
+/// approves, refuses, or the code expires.
+pub async fn sign_in_device(
+    issuer: &str,
+    client_id: &str,
+    show: impl FnOnce(&DeviceCode),
+) -> Result<Tokens, LoginError> {
+    let http = http()?;
+    let url = issuer_url(issuer)?;
+    let metadata = DeviceProviderMetadata::discover_async(url, &http)
+        .await
+        .map_err(|err| {
+            LoginError::Provider(format!(
+                "cannot discover {issuer} (its .well-known/openid-configuration and keys): {}",
+                token_error(&err)
+            ))
+        })?;
+    let endpoint = metadata
+        .additional_metadata()
+        .device_authorization_endpoint
+        .clone()
+        .ok_or_else(|| {
+            LoginError::Provider(format!(
+                "{issuer} offers no device authorization endpoint: sign in in a browser (without --device)"
+            ))
+        })?;
+    let scopes = scopes_among(metadata.scopes_supported());
+    let client = CoreClient::from_provider_metadata(metadata, ClientId::new(client_id.to_string()), None)
+        .set_device_authorization_url(endpoint);
+    let details: openidconnect::core::CoreDeviceAuthorizationResponse = client
+        .exchange_device_code()
+        .add_scopes(scopes)
+        .request_async(&http)
+        .await
+        .map_err(|err| LoginError::Refused(printable(&token_error(&err))))?;
+    show(&DeviceCode {
+        verification_uri: details.verification_uri().to_string(),
+        user_code: details.user_code().secret().clone(),
+        verification_uri_complete: details.verification_uri_complete().map(|u| u.secret().clone()),
+    });
+    let response = client
+        .exchange_device_access_token(&details)
+        .map_err(|err| LoginError::Provider(format!("the provider has no token endpoint: {err}")))?
+        .request_async(&http, tokio::time::sleep, Some(LOGIN_TIMEOUT))
+        .await
+        .map_err(|err| LoginError::Refused(printable(&token_error(&err))))?;
+    let id_token = response
+        .id_token()
+        .ok_or_else(|| LoginError::Refused("the provider returned no ID token".into()))?;
+    // No nonce in the device flow.
+    id_token
+        .claims(&client.id_token_verifier(), |_: Option<&Nonce>| Ok(()))
         .map_err(|err| LoginError::Refused(format!("the ID token does not verify: {err}")))?;
     Ok(Tokens {
         issuer: issuer.to_string(),
