@@ -949,59 +949,50 @@ async fn a_bot_decides_only_for_the_people_it_maps_and_where_rules_allow() {
     let err = slack_bot.decide(request.id, true, None).await.unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
     assert!(err.to_string().contains("decides only on behalf of a person"), "{err}");
-    // Only for the people the gateway lists for it, with the gateway's groups.
-    let err = slack_bot
-        .decide_on_behalf(request.id, true, None, "mallory@example.com", "U0M")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("may not decide on behalf of \"mallory@example.com\""),
-        "{err}"
-    );
-    let err = slack_bot
-        .decide_on_behalf(request.id, true, None, "erin@example.com", "U0E")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("decided by members of leads; erin@example.com is not one"),
-        "{err}"
-    );
-    // bob, named in another case, is still bob: not for his own request.
-    let err = slack_bot
-        .decide_on_behalf(request.id, false, None, " BOB", "U0B")
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("cannot decide it"), "{err}");
-    // Only through its channels.
-    let err = ApiClient::new(base, Some(BOT_TOKEN))
-        .via("console")
-        .decide_on_behalf(request.id, true, None, "carol@example.com", "U0C")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("decides through slack and discord, not \"console\""),
-        "{err}"
-    );
-    // People decide as themselves.
-    let err = ApiClient::new(base, Some(ALICE))
-        .decide_on_behalf(request.id, true, None, "carol@example.com", "U0C")
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(403), "{err}");
-    // This rule is approved only in the console: a chat approval is refused,
-    // a chat denial counts.
-    let err = slack_bot
-        .decide_on_behalf(request.id, true, None, "carol@example.com", "U0C")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("may be approved only through console, not slack"),
-        "{err}"
-    );
+    let console_bot = ApiClient::new(base, Some(BOT_TOKEN)).via("console");
+    let alice = ApiClient::new(base, Some(ALICE));
+    let refusals = [
+        // Only for the people the gateway lists for it, with its groups.
+        (
+            &slack_bot,
+            true,
+            "mallory@example.com",
+            "may not decide on behalf of \"mallory@example.com\"",
+        ),
+        (
+            &slack_bot,
+            true,
+            "erin@example.com",
+            "decided by members of leads; erin@example.com is not one",
+        ),
+        // bob, named in another case, is still bob: not his own request.
+        (&slack_bot, false, " BOB", "cannot decide it"),
+        // Only through its channels.
+        (
+            &console_bot,
+            true,
+            "carol@example.com",
+            "decides through slack and discord, not \"console\"",
+        ),
+        // People decide as themselves.
+        (&alice, true, "carol@example.com", "alice decides as itself"),
+        // This rule is approved only in the console: a chat approval is
+        // refused (a chat denial counts, below).
+        (
+            &slack_bot,
+            true,
+            "carol@example.com",
+            "may be approved only through console, not slack",
+        ),
+    ];
+    for (client, approve, person, expected) in refusals {
+        let err = client
+            .decide_on_behalf(request.id, approve, None, person, "U0X")
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(403), "{person}: {err}");
+        assert!(err.to_string().contains(expected), "{person}: {err}");
+    }
     let denied = slack_bot
         .decide_on_behalf(request.id, false, Some("not from chat"), "carol@example.com", "U0C")
         .await

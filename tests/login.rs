@@ -31,10 +31,19 @@ async fn sluice(args: &[&str], cache: &Path) -> Output {
         .unwrap()
 }
 
-/// `sluice login` with `login` at the scripted browser; its stderr.
-async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
+/// `sluice login` (with `extra` arguments) running with its own cache and
+/// no desktop, and its stderr's lines.
+fn login_process(
+    idp: &Provider,
+    cache: &Path,
+    extra: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["login", "--issuer", &idp.issuer, "--client-id", "sluice-cli"])
+        .args(extra)
         .env("XDG_CACHE_HOME", cache)
         .env_remove("DISPLAY")
         .env_remove("WAYLAND_DISPLAY")
@@ -42,7 +51,13 @@ async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// `sluice login` with `login` at the scripted browser; its stderr.
+async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
+    let (mut child, mut lines) = login_process(idp, cache, &[]);
     let mut said = String::new();
     let url = loop {
         let line = lines
@@ -206,21 +221,7 @@ async fn the_gateway_follows_a_key_rotation_without_restarting() {
 async fn the_device_flow_signs_in_a_machine_without_a_browser() {
     let idp = Provider::start("device", 3600).await;
     let cache = cache_dir("device");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "login",
-            "--device",
-            "--issuer",
-            &idp.issuer,
-            "--client-id",
-            "sluice-cli",
-        ])
-        .env("XDG_CACHE_HOME", &cache)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = login_process(&idp, &cache, &["--device"]);
     let mut said = String::new();
     let complete = loop {
         let line = lines.next_line().await.unwrap().expect("no device code printed");
