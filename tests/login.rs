@@ -245,3 +245,90 @@ async fn the_device_flow_signs_in_a_machine_without_a_browser() {
     let whoami = stdout(&sluice(&["whoami"], &cache).await);
     assert!(whoami.starts_with("lee@example.com\n"), "{whoami}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_misdirected_real_tokens_are_refused() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let unb64 = |part: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap();
+    let idp = Provider::start("forged", 3600).await;
+    let other = Provider::start("forged-other", 3600).await;
+    let cache = cache_dir("forged");
+    sign_in(&idp, &cache, "dana").await;
+    let token = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    let gw = TestGateway::start("login_forged", oidc(&idp)).await;
+    let refused = |token: String| {
+        let gw = &gw;
+        async move {
+            let err = gw.connect(&token).await.expect_err("a forged token was accepted");
+            let (code, message) = harness::db_error(&err);
+            assert!(!message.contains(&token), "the error echoes the token: {message}");
+            (code, message)
+        }
+    };
+    gw.connect(&token).await.expect("the real token");
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: serde_json::Value = serde_json::from_slice(&unb64(parts[1])).unwrap();
+
+    // The payload changed under a real signature: more groups.
+    claims["groups"] = serde_json::json!(["engineering", "admins"]);
+    let tampered = format!("{}.{}.{}", parts[0], b64(claims.to_string().as_bytes()), parts[2]);
+    let (code, message) = refused(tampered).await;
+    assert_eq!(code, "28P01");
+    assert!(message.contains("signature does not verify"), "{message}");
+
+    // alg none over the real claims.
+    let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    let (_, message) = refused(none).await;
+    assert!(message.contains("algorithm") && message.contains("none"), "{message}");
+
+    // HS256 with the provider's public key (its modulus) as the HMAC secret.
+    let jwks: serde_json::Value = reqwest::get(format!("{}/jwks", idp.issuer))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let modulus = unb64(jwks["keys"][0]["n"].as_str().unwrap());
+    let header = b64(format!(
+        r#"{{"alg":"HS256","kid":"{}"}}"#,
+        jwks["keys"][0]["kid"].as_str().unwrap()
+    )
+    .as_bytes());
+    let signing_input = format!("{header}.{}", parts[1]);
+    let mac = {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&modulus).unwrap();
+        mac.update(signing_input.as_bytes());
+        mac.finalize().into_bytes()
+    };
+    let (_, message) = refused(format!("{signing_input}.{}", b64(&mac))).await;
+    assert!(message.contains("HS256"), "{message}");
+
+    // A real token from another provider: not this gateway's issuer.
+    sign_in(&other, &cache, "dana").await;
+    let elsewhere = stdout(&sluice(&["token", "--issuer", &other.issuer], &cache).await)
+        .trim()
+        .to_string();
+    let (_, message) = refused(elsewhere).await;
+    assert!(message.contains(&format!("issued by `{}`", other.issuer)), "{message}");
+
+    // A gateway that expects another client (audience) refuses the real token.
+    let strict = TestGateway::start(
+        "login_audience",
+        Spec {
+            oidc: Some(format!(
+                "[identity.oidc]\nissuer = \"{}\"\naudience = \"another-app\"\n",
+                idp.issuer
+            )),
+            ..Spec::default()
+        },
+    )
+    .await;
+    let err = strict
+        .connect(&token)
+        .await
+        .expect_err("the wrong audience was accepted");
+    let (_, message) = harness::db_error(&err);
+    assert!(message.contains("for audience `sluice-cli`"), "{message}");
+}
