@@ -332,3 +332,32 @@ async fn forged_and_misdirected_real_tokens_are_refused() {
     let (_, message) = harness::db_error(&err);
     assert!(message.contains("for audience `sluice-cli`"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_from_the_provider_choose_the_upstream_role() {
+    let idp = Provider::start("roles", 3600).await;
+    let spec = Spec {
+        access: "[[targets.access]]\ngroups = [\"analysts\"]\nrole = \"sluice_plain\"\npassword = \"plain-pw\"\n\n\
+                 [[targets.access]]\ngroups = [\"engineering\"]\nrole = \"sluice_app\"\npassword = \"app-pw\"\n"
+            .into(),
+        ..oidc(&idp)
+    };
+    let gw = TestGateway::start("login_roles", spec).await;
+    let mut roles = Vec::new();
+    for person in ["dana", "erin", "lee"] {
+        let cache = cache_dir(&format!("roles-{person}"));
+        sign_in(&idp, &cache, person).await;
+        let token = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+        let out = gw.psql(&token, "", &["-c", "SELECT current_user"]).await;
+        roles.push(if out.status.success() {
+            harness::stdout_ok(&out).trim().to_string()
+        } else {
+            harness::stderr(&out)
+        });
+    }
+    // engineering and analysts map to their roles; leads to none here.
+    assert_eq!(roles[0], "sluice_app");
+    assert_eq!(roles[1], "sluice_plain");
+    assert!(roles[2].contains("lee@example.com"), "{}", roles[2]);
+    assert!(!roles[2].contains("sluice_"), "the refusal names a role: {}", roles[2]);
+}
