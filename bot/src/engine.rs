@@ -461,11 +461,18 @@ impl Engine {
         self.store(id, &tracked);
     }
 
+    /// Keeps `tracked` (with the cards shown, in memory) and writes the
+    /// state file only when what it holds changed: a reconciliation that
+    /// finds every message as it should be writes nothing.
     fn store(&self, id: u64, tracked: &Tracked) {
+        let persisted = |t: Option<&Tracked>| t.and_then(|t| serde_json::to_value(t).ok());
         let mut state = self.lock();
+        let changed = persisted(state.requests.get(&id)) != persisted(Some(tracked));
         state.requests.insert(id, tracked.clone());
-        state.prune();
-        self.save(&state);
+        if changed {
+            state.prune();
+            self.save(&state);
+        }
     }
 }
 

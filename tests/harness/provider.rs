@@ -80,9 +80,8 @@ impl Provider {
     /// what a provider's key rotation looks like to the gateway.
     pub async fn rotate(&mut self, kid: &str) {
         let _ = self.child.kill().await;
-        self.key_file = self
-            .key_file
-            .with_file_name(format!("{}-{kid}.json", self.key_file.display()));
+        let stem = self.key_file.file_stem().unwrap().to_string_lossy().into_owned();
+        self.key_file = self.key_file.with_file_name(format!("{stem}-{kid}.json"));
         let (child, _) = spawn(self.port, &self.key_file, kid, self.ttl).await;
         self.child = child;
     }
