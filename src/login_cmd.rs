@@ -9,7 +9,7 @@ fn cache() -> anyhow::Result<TokenCache> {
 }
 
 /// The issuer given, or the one signed in to last.
-fn issuer(cache: &TokenCache, given: Option<String>) -> anyhow::Result<String> {
+pub(crate) fn issuer(cache: &TokenCache, given: Option<String>) -> anyhow::Result<String> {
     // As given: discovery compares the issuer exactly (a trailing slash
     // included).
     given

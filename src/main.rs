@@ -1,6 +1,7 @@
 //! The `sluice` command: a thin CLI over `sluice-core`.
 
 mod audit_cmd;
+mod connect_cmd;
 mod demo;
 mod login_cmd;
 mod policy_cmd;
@@ -130,6 +131,28 @@ enum Command {
         /// another device with the code shown.
         #[arg(long)]
         device: bool,
+    },
+    /// Open a tunnel on loopback for one target: psql, DBeaver or a JDBC
+    /// app connect to it with no password, and it logs them in to the
+    /// gateway with your token (renewed when it runs out). Only your local
+    /// user may use it.
+    Connect {
+        /// The target: the database name at the gateway.
+        target: String,
+        /// The local port (on 127.0.0.1); 0 picks a free one.
+        #[arg(long, default_value_t = 6543)]
+        port: u16,
+        /// The gateway's PostgreSQL listener, HOST:PORT.
+        #[arg(long, env = "SLUICE_GATEWAY", default_value = "127.0.0.1:7432")]
+        gateway: String,
+        /// The CA that signed the gateway's certificate (PEM). The tunnel
+        /// uses TLS to the gateway (verifying its certificate and name,
+        /// against this CA or the system's) unless the gateway is on
+        /// loopback and no CA is given.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        #[arg(long, env = "SLUICE_ISSUER")]
+        issuer: Option<String>,
     },
     /// Forget the cached tokens of an issuer.
     Logout {
@@ -370,6 +393,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client_id,
             device,
         } => runtime(1)?.block_on(login_cmd::login(issuer, client_id, device)),
+        Command::Connect {
+            target,
+            port,
+            gateway,
+            ca,
+            issuer,
+        } => runtime(1)?.block_on(connect_cmd::run(connect_cmd::ConnectArgs {
+            target: &target,
+            port,
+            gateway: &gateway,
+            ca: ca.as_deref(),
+            issuer,
+        })),
         Command::Logout { issuer } => login_cmd::logout(issuer),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
         Command::Token { issuer } => runtime(1)?.block_on(login_cmd::token(issuer)),
@@ -536,20 +572,20 @@ pub(crate) fn state_dir() -> PathBuf {
     }
 }
 
-/// `HOST:PORT` of the gateway's PostgreSQL listener, for the shell, and how
-/// to reach it: TLS with verification, except plaintext to a loopback
+/// `HOST:PORT` of the gateway's PostgreSQL listener (given as `flag`) and
+/// how to reach it: TLS with verification, except plaintext to a loopback
 /// address when no CA is given.
-pub(crate) fn postgres_address(
+pub(crate) fn gateway_address(
     address: &str,
-    token: &str,
+    flag: &str,
     ca: Option<&std::path::Path>,
-) -> anyhow::Result<sluice_console::effects::Postgres> {
+) -> anyhow::Result<(String, u16, Option<Arc<rustls::ClientConfig>>)> {
     let (host, port) = address
         .rsplit_once(':')
-        .with_context(|| format!("--pg {address:?}: write HOST:PORT, e.g. 127.0.0.1:7432"))?;
+        .with_context(|| format!("{flag} {address:?}: write HOST:PORT, e.g. 127.0.0.1:7432"))?;
     let port = port
         .parse()
-        .with_context(|| format!("--pg {address:?}: {port:?} is not a port number"))?;
+        .with_context(|| format!("{flag} {address:?}: {port:?} is not a port number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     let tls = if loopback && ca.is_none() {
@@ -560,6 +596,16 @@ pub(crate) fn postgres_address(
             .map_err(|err| anyhow::anyhow!("setting up TLS to the gateway: {err}"))?;
         Some(Arc::new(config))
     };
+    Ok((host, port, tls))
+}
+
+/// The console shell's connection to the gateway.
+pub(crate) fn postgres_address(
+    address: &str,
+    token: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<sluice_console::effects::Postgres> {
+    let (host, port, tls) = gateway_address(address, "--pg", ca)?;
     Ok(sluice_console::effects::Postgres {
         host,
         port,

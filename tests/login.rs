@@ -361,3 +361,108 @@ async fn groups_from_the_provider_choose_the_upstream_role() {
     assert!(roles[2].contains("lee@example.com"), "{}", roles[2]);
     assert!(!roles[2].contains("sluice_"), "the refusal names a role: {}", roles[2]);
 }
+
+/// `sluice connect TARGET --port 0` running with `cache`, and the psql
+/// connection string it printed.
+async fn tunnel(gw: &TestGateway, cache: &Path) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["connect", &gw.db, "--port", "0", "--gateway", &gw.addr.to_string()])
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("SLUICE_ISSUER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("sluice connect printed nothing");
+    let conn = line
+        .strip_prefix("psql \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("not a psql line: {line}"))
+        .to_string();
+    (child, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_lets_psql_in_with_no_password() {
+    let idp = Provider::start("connect", 3600).await;
+    let cache = cache_dir("connect");
+    sign_in(&idp, &cache, "dana").await;
+    let mut gw = TestGateway::start("login_connect", oidc(&idp)).await;
+    let (_tunnel, conn) = tunnel(&gw, &cache).await;
+    assert!(conn.starts_with("host=127.0.0.1 port="), "{conn}");
+    assert!(conn.ends_with(&format!("dbname={}", gw.db)), "{conn}");
+
+    // What the tunnel printed is all psql needs: no password anywhere.
+    let out = harness::psql(&conn, &["-c", "SELECT 'through the tunnel'", "-w"], None).await;
+    assert_eq!(harness::stdout_ok(&out), "through the tunnel\n");
+    // psql's default database (the user name) means the tunnel's target.
+    let port = conn.split_whitespace().find_map(|kv| kv.strip_prefix("port=")).unwrap();
+    let out = harness::psql(
+        &format!("host=127.0.0.1 port={port} user=someone"),
+        &["-w", "-c", "SELECT 1"],
+        None,
+    )
+    .await;
+    assert_eq!(harness::stdout_ok(&out), "1\n");
+    // Another database is refused, not quietly replaced.
+    let out = harness::psql(&format!("host=127.0.0.1 port={port} dbname=billing"), &["-w"], None).await;
+    assert!(!out.status.success());
+    assert!(
+        harness::stderr(&out).contains(&format!("this tunnel is for target \"{}\", not \"billing\"", gw.db)),
+        "{}",
+        harness::stderr(&out)
+    );
+    // A statement cancelled through the tunnel reaches the gateway.
+    let client = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = client;
+    tokio::spawn(connection);
+    let cancel = client.cancel_token();
+    let slow = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(30), slow)
+        .await
+        .expect("the cancel did not arrive")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+
+    // Other local users are refused (root can run psql as another user).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let out = tokio::process::Command::new("runuser")
+            .args([
+                "-u", "postgres", "--", "psql", "-X", "-w", "-d", &conn, "-c", "SELECT 1",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let said = harness::stderr(&out);
+        assert!(said.contains("connections from uid"), "{said}");
+        assert!(said.contains("are refused"), "{said}");
+    }
+
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let sessions: Vec<_> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.detail.kind() == "session_opened")
+        .filter_map(|e| e.event.identity)
+        .collect();
+    assert_eq!(sessions.len(), 3, "{sessions:?}");
+    assert!(sessions.iter().all(|i| i == "dana@example.com"), "{sessions:?}");
+}

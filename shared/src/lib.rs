@@ -27,6 +27,7 @@ pub mod session;
 pub mod shutdown;
 pub mod text;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 pub use config::Config;
