@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use crate::harness::issuer::{self, TestIssuer, now};
-use crate::harness::{AGENT, APP_PASSWORD, APP_ROLE, BOB, Spec, TestGateway, db_error};
+use crate::harness::{self, AGENT, APP_PASSWORD, APP_ROLE, BOB, Spec, TestGateway, db_error};
 
 fn oidc_spec(issuer: &TestIssuer) -> Spec {
     Spec {
@@ -190,4 +190,104 @@ async fn issuer_down_refuses_with_a_clear_message() {
     assert!(message.contains("unreachable"), "{message}");
     // Static tokens keep working while the issuer is down.
     gw.connect(AGENT).await.expect("service token");
+}
+
+/// A gateway trusting `issuer`, with `identity` settings (`[identity]`).
+async fn expiring_gateway(issuer: &TestIssuer, name: &str, identity: &str) -> TestGateway {
+    let spec = Spec {
+        oidc: Some(format!("[identity]\n{identity}\n{}", issuer.config(""))),
+        ..oidc_spec(issuer)
+    };
+    TestGateway::start(name, spec).await
+}
+
+/// The reasons and details of the sessions closed in `gw`'s trail.
+fn closed_sessions(gw: &TestGateway) -> Vec<(String, String)> {
+    use sluice_core::audit::{Detail, EventFilter, SqliteStore};
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event.detail {
+            Detail::SessionClosed { reason, detail, .. } => Some((reason, detail)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let issuer = TestIssuer::start().await;
+    let mut gw = expiring_gateway(&issuer, "expiry_end", "on_token_expiry = \"end\"").await;
+    // Tokens are checked to the second: this one lives 2-3 s.
+    let mut claims = issuer.claims("dana@example.com", &["engineering"]);
+    claims["exp"] = json!(now() + 3);
+    let conn = gw.conn_str("tester", &issuer::key(0).token(&claims), "");
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // The gateway ends it, mid-transaction, with the reason.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), connection)
+        .await
+        .expect("the session outlived its token")
+        .unwrap();
+    let err = ended.expect_err("the session should end with an error");
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "28000", "{message}");
+    assert!(
+        message.starts_with("terminating connection: the token expired at "),
+        "{message}"
+    );
+    assert!(client.simple_query("SELECT 1").await.is_err());
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let closed = closed_sessions(&gw);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0].0, "token_expired");
+    assert!(closed[0].1.starts_with("the token expired at "), "{closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_may_finish_after_the_token_expires() {
+    let issuer = TestIssuer::start().await;
+    let mut gw = expiring_gateway(
+        &issuer,
+        "expiry_finish",
+        "on_token_expiry = \"finish_transaction\"\ntoken_expiry_grace = \"6s\"",
+    )
+    .await;
+    let mut claims = issuer.claims("dana@example.com", &["engineering"]);
+    claims["exp"] = json!(now() + 3);
+    let conn = gw.conn_str("tester", &issuer::key(0).token(&claims), "");
+    // Both sessions are open before the token expires. One finishes its
+    // transaction within the grace period (after expiry: the sleep), the
+    // other is still in its transaction when the grace period ends.
+    let finishes = "BEGIN;\nSELECT 'before';\n\\! sleep 4\nSELECT 'after expiry';\nCOMMIT;\nSELECT 'next';\n";
+    let lingers = "BEGIN;\nSELECT 'before';\n\\! sleep 11\nSELECT 'too late';\n";
+    let (finished, lingered) = tokio::join!(
+        harness::psql(&conn, &[], Some(finishes)),
+        harness::psql(&conn, &[], Some(lingers))
+    );
+    let out = String::from_utf8_lossy(&finished.stdout);
+    let err = harness::stderr(&finished);
+    assert_eq!(out, "BEGIN\nbefore\nafter expiry\nCOMMIT\n", "{err}");
+    assert!(err.contains("WARNING:  your token expired at "), "{err}");
+    assert!(err.contains("finish this transaction within 6s"), "{err}");
+    assert!(
+        err.contains("FATAL:  terminating connection: the token expired at ")
+            && err.contains("the session ended after its transaction"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&lingered.stdout);
+    let err = harness::stderr(&lingered);
+    assert_eq!(out, "BEGIN\nbefore\n", "{err}");
+    assert!(err.contains("did not finish within 6s"), "{err}");
+
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let mut closed = closed_sessions(&gw);
+    closed.sort();
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    assert!(closed.iter().all(|(reason, _)| reason == "token_expired"), "{closed:?}");
 }

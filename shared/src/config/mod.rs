@@ -332,10 +332,38 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct IdentityConfig {
     pub oidc: Option<OidcConfig>,
     pub tokens: Vec<StaticTokenConfig>,
+    /// What happens to a session when its token expires.
+    pub on_token_expiry: OnTokenExpiry,
+    /// With `FinishTransaction`: how long after expiry an open transaction
+    /// may still run before the session ends anyway.
+    pub token_expiry_grace: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> IdentityConfig {
+        IdentityConfig {
+            oidc: None,
+            tokens: Vec::new(),
+            on_token_expiry: OnTokenExpiry::FinishTransaction,
+            token_expiry_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a session does once the token it signed in with expires (static
+/// service tokens never do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTokenExpiry {
+    /// End it at once, with a FATAL error that says why; an open
+    /// transaction rolls back.
+    End,
+    /// Let an open transaction finish (within the grace period), then end
+    /// the session at its first idle moment. No new transaction starts.
+    FinishTransaction,
 }
 
 /// An OpenID Connect issuer whose ID tokens the gateway accepts.
@@ -1149,7 +1177,35 @@ impl Validator<'_> {
                 labels: token.labels,
             });
         }
-        IdentityConfig { oidc, tokens }
+        let defaults = IdentityConfig::default();
+        let on_token_expiry = match &raw.on_token_expiry {
+            None => defaults.on_token_expiry,
+            Some(mode) => match mode.get_ref().as_str() {
+                "end" => OnTokenExpiry::End,
+                "finish_transaction" => OnTokenExpiry::FinishTransaction,
+                other => {
+                    self.at(
+                        mode,
+                        format!(
+                            "identity.on_token_expiry = \"{other}\"; write \"end\" (end the session when its token expires) \
+                             or \"finish_transaction\" (let an open transaction finish first)"
+                        ),
+                    );
+                    OnTokenExpiry::End
+                }
+            },
+        };
+        let token_expiry_grace = self.duration(
+            "identity.token_expiry_grace",
+            raw.token_expiry_grace,
+            defaults.token_expiry_grace,
+        );
+        IdentityConfig {
+            oidc,
+            tokens,
+            on_token_expiry,
+            token_expiry_grace,
+        }
     }
 
     fn oidc(&mut self, raw: RawOidc) -> Option<OidcConfig> {
@@ -1743,6 +1799,24 @@ except_grants = ["writter"]
         );
         assert_eq!(request.timeout, std::time::Duration::from_secs(600));
         assert_eq!(config.policy.rules[0].grants, ["w"]);
+    }
+
+    #[test]
+    fn token_expiry_settings_are_read_and_checked() {
+        let config = load(&minimal()).unwrap();
+        assert_eq!(config.identity.on_token_expiry, OnTokenExpiry::FinishTransaction);
+        assert_eq!(config.identity.token_expiry_grace, Duration::from_secs(300));
+        let config =
+            load(&(minimal() + "\n[identity]\non_token_expiry = \"end\"\ntoken_expiry_grace = \"30s\"\n")).unwrap();
+        assert_eq!(config.identity.on_token_expiry, OnTokenExpiry::End);
+        assert_eq!(config.identity.token_expiry_grace, Duration::from_secs(30));
+        let err = load(&(minimal() + "\n[identity]\non_token_expiry = \"never\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.on_token_expiry = \"never\"; write \"end\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -228,6 +228,8 @@ pub struct RawIdentity {
     pub oidc: Option<RawOidc>,
     #[serde(default)]
     pub tokens: Vec<RawToken>,
+    pub on_token_expiry: Option<Spanned<String>>,
+    pub token_expiry_grace: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

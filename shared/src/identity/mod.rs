@@ -261,6 +261,7 @@ mod tests {
                 groups: vec!["ci".into()],
                 labels: BTreeMap::from([("kind".into(), "agent".into())]),
             }],
+            ..IdentityConfig::default()
         })
     }
 

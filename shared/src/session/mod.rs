@@ -403,6 +403,11 @@ async fn run_session(
         approvals: &shared.approvals,
         metrics: &shared.metrics,
         audit_tags: &shared.config.audit.tags,
+        token_expiry: identity.expires_at().map(|at| proxy::TokenExpiry {
+            at,
+            mode: shared.config.identity.on_token_expiry,
+            grace: shared.config.identity.token_expiry_grace,
+        }),
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;

@@ -86,6 +86,8 @@ pub(crate) enum SessionEnd {
     ClientIo(String),
     AuditFailed(String),
     Killed(String),
+    /// The token the session signed in with expired.
+    TokenExpired(String),
 }
 
 impl SessionEnd {
@@ -100,6 +102,7 @@ impl SessionEnd {
             SessionEnd::ClientIo(_) => "client_io_error",
             SessionEnd::AuditFailed(_) => "audit_unavailable",
             SessionEnd::Killed(_) => "killed",
+            SessionEnd::TokenExpired(_) => "token_expired",
         }
     }
 
@@ -110,7 +113,8 @@ impl SessionEnd {
             | SessionEnd::ServerFailed(detail)
             | SessionEnd::ClientIo(detail)
             | SessionEnd::AuditFailed(detail)
-            | SessionEnd::Killed(detail) => detail,
+            | SessionEnd::Killed(detail)
+            | SessionEnd::TokenExpired(detail) => detail,
             _ => "",
         }
     }
@@ -132,6 +136,9 @@ enum Event {
     Killed(String),
     /// The held statement's request ended.
     Decided(HoldEnd),
+    /// The session's token expired, or (letting a transaction finish) its
+    /// grace period ran out or the session became idle.
+    TokenExpired,
 }
 
 /// How a hold ended.
@@ -212,6 +219,17 @@ pub(crate) struct ProxyContext<'a> {
     pub metrics: &'a crate::metrics::Metrics,
     /// Data set tags for the trail's lineage.
     pub audit_tags: &'a [crate::config::TagRule],
+    /// When the session's token expires and what happens then; `None` for
+    /// tokens that do not expire.
+    pub token_expiry: Option<TokenExpiry>,
+}
+
+/// The end of a session's credential.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenExpiry {
+    pub at: std::time::SystemTime,
+    pub mode: crate::config::OnTokenExpiry,
+    pub grace: Duration,
 }
 
 /// Facts remembered about one statement name at most (see the Parse
@@ -354,6 +372,10 @@ pub(crate) struct Proxy<'a> {
     cancel_waker: Option<std::task::Waker>,
     /// The audit text of the statement just checked, for its hold.
     checked_text: String,
+    /// Fires when the token expires; once it has (`token_expired`), at the
+    /// end of the grace period for an open transaction.
+    expiry_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    token_expired: bool,
 }
 
 /// A prepared statement as the audit trail records its executions.
@@ -395,6 +417,13 @@ impl<'a> Proxy<'a> {
     ) -> Proxy<'a> {
         let mut ctx = ctx;
         let seam = ResultSeam::new(ctx.masker.take());
+        let expiry_timer = ctx.token_expiry.map(|expiry| {
+            let left = expiry
+                .at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            Box::pin(tokio::time::sleep(left))
+        });
         Proxy {
             ctx,
             client,
@@ -442,6 +471,8 @@ impl<'a> Proxy<'a> {
             kill_waker: None,
             cancel_waker: None,
             checked_text: String::new(),
+            expiry_timer,
+            token_expired: false,
         }
     }
 
@@ -474,9 +505,18 @@ impl<'a> Proxy<'a> {
                 if let Some(end) = self.poll_hold(cx) {
                     return Poll::Ready(Ok(Event::Decided(end)));
                 }
+                if let Some(timer) = &mut self.expiry_timer
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    self.expiry_timer = None;
+                    return Poll::Ready(Ok(Event::TokenExpired));
+                }
                 let io = self.poll_io(cx);
                 if io.is_pending() && phase == Phase::Draining && self.is_idle() {
                     return Poll::Ready(Ok(Event::Drained));
+                }
+                if io.is_pending() && self.token_expired && self.is_idle() {
+                    return Poll::Ready(Ok(Event::TokenExpired));
                 }
                 io
             })
@@ -495,6 +535,12 @@ impl<'a> Proxy<'a> {
                 }),
                 Ok(Event::Drained) => return self.shut_down("the gateway is shutting down").await,
                 Ok(Event::Decided(end)) => self.end_hold(end),
+                Ok(Event::TokenExpired) => {
+                    if let Some(end) = self.on_token_expired() {
+                        return self.end_expired(end).await;
+                    }
+                    Ok(())
+                }
                 Ok(Event::Killed(by)) => {
                     tracing::info!(%by, "session ended by an administrator");
                     // What still waits for the trail was never sent: it
@@ -2688,6 +2734,57 @@ impl<'a> Proxy<'a> {
                 SessionEnd::AuditFailed(reason)
             }
         }
+    }
+
+    /// The token expired, or the time it left a transaction ran out.
+    /// Returns why the session ends now, or `None` while an open
+    /// transaction may still finish.
+    fn on_token_expired(&mut self) -> Option<String> {
+        let expiry = self.ctx.token_expiry?;
+        let at = chrono::DateTime::<chrono::Utc>::from(expiry.at).format("%Y-%m-%d %H:%M:%S UTC");
+        if self.token_expired {
+            return Some(if self.is_idle() {
+                format!("the token expired at {at}; the session ended after its transaction")
+            } else {
+                format!(
+                    "the token expired at {at}, and the transaction did not finish within {}s",
+                    expiry.grace.as_secs()
+                )
+            });
+        }
+        if expiry.mode == crate::config::OnTokenExpiry::End || self.is_idle() {
+            return Some(format!("the token expired at {at}"));
+        }
+        self.token_expired = true;
+        self.expiry_timer = Some(Box::pin(tokio::time::sleep(expiry.grace)));
+        tracing::info!(
+            grace_s = expiry.grace.as_secs(),
+            "token expired: the open transaction may finish first"
+        );
+        let notice = ErrorFields::new(
+            Severity::Warning,
+            "01000",
+            format!(
+                "your token expired at {at}: finish this transaction within {}s; the session then ends",
+                expiry.grace.as_secs()
+            ),
+        )
+        .with_hint("sign in again (sluice login) and reconnect");
+        let notice_bytes = self.held_notice.get_or_insert_with(BytesMut::new);
+        notice.encode(notice_bytes);
+        None
+    }
+
+    /// Ends the session because its token expired, telling the client why.
+    async fn end_expired(&mut self, detail: String) -> SessionEnd {
+        tracing::info!(%detail, "session ended: its token expired");
+        self.queue_fatal(
+            ErrorFields::new(Severity::Fatal, "28000", format!("terminating connection: {detail}"))
+                .with_hint("sign in again (sluice login) and reconnect"),
+        );
+        frontend::encode_terminate(&mut self.to_server);
+        self.close_quietly().await;
+        SessionEnd::TokenExpired(detail)
     }
 
     async fn shut_down(&mut self, message: &str) -> SessionEnd {
