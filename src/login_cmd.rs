@@ -96,6 +96,34 @@ pub async fn token(issuer_arg: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub struct ServiceArgs {
+    pub issuer: Option<String>,
+    pub client_id: String,
+    pub resource: Option<String>,
+    pub scopes: Vec<String>,
+}
+
+/// Prints a service's access token from the client credentials grant.
+pub async fn service_token(args: ServiceArgs) -> anyhow::Result<()> {
+    let issuer = args
+        .issuer
+        .context("no issuer: pass --issuer URL (or set SLUICE_ISSUER)")?;
+    let secret = std::env::var("SLUICE_CLIENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .context("no client secret: set SLUICE_CLIENT_SECRET (it is never taken from the command line, where other users could read it)")?;
+    let token = login::client_credentials(
+        &issuer,
+        &args.client_id,
+        &secret,
+        args.resource.as_deref(),
+        &args.scopes,
+    )
+    .await?;
+    println!("{token}");
+    Ok(())
+}
+
 fn expiry(tokens: &Tokens) -> String {
     let claims = tokens.claims();
     let at = chrono::DateTime::from_timestamp(claims.exp, 0)

@@ -165,10 +165,26 @@ enum Command {
         issuer: Option<String>,
     },
     /// Print a fresh ID token (renewed first when it runs out), for clients
-    /// that take it as their password; use it over TLS.
+    /// that take it as their password; use it over TLS. With
+    /// --client-credentials, a service's access token instead (the client
+    /// secret comes from SLUICE_CLIENT_SECRET, never the command line).
     Token {
         #[arg(long, env = "SLUICE_ISSUER")]
         issuer: Option<String>,
+        /// Get a service's token with the OAuth client credentials grant.
+        #[arg(long, requires = "client_id")]
+        client_credentials: bool,
+        /// The service's client id at the provider.
+        #[arg(long, env = "SLUICE_CLIENT_ID")]
+        client_id: Option<String>,
+        /// The resource to ask a token for: the gateway's
+        /// `service_audience` (RFC 8707).
+        #[arg(long, env = "SLUICE_RESOURCE")]
+        resource: Option<String>,
+        /// Scopes to ask for (comma-separated or repeated), as the
+        /// provider wants them (Entra: api://sluice/.default).
+        #[arg(long = "scope", value_delimiter = ',')]
+        scopes: Vec<String>,
     },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
@@ -408,7 +424,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })),
         Command::Logout { issuer } => login_cmd::logout(issuer),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
-        Command::Token { issuer } => runtime(1)?.block_on(login_cmd::token(issuer)),
+        Command::Token {
+            issuer,
+            client_credentials: false,
+            ..
+        } => runtime(1)?.block_on(login_cmd::token(issuer)),
+        Command::Token {
+            issuer,
+            client_credentials: true,
+            client_id,
+            resource,
+            scopes,
+        } => runtime(1)?.block_on(login_cmd::service_token(login_cmd::ServiceArgs {
+            issuer,
+            client_id: client_id.unwrap_or_default(),
+            resource,
+            scopes,
+        })),
         Command::Bot { config } => {
             let config = sluice_bot::BotConfig::load(&config)?;
             runtime(2)?.block_on(async {

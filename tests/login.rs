@@ -466,3 +466,95 @@ async fn connect_lets_psql_in_with_no_password() {
     assert_eq!(sessions.len(), 3, "{sessions:?}");
     assert!(sessions.iter().all(|i| i == "dana@example.com"), "{sessions:?}");
 }
+
+/// `sluice token --client-credentials` for the provider's `sluice-ci`.
+async fn service_token(idp: &Provider, secret: &str) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["token", "--client-credentials", "--issuer", &idp.issuer])
+        .args(["--client-id", "sluice-ci", "--resource", "urn:sluice"])
+        .env("SLUICE_CLIENT_SECRET", secret)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A gateway that accepts `services` (TOML) for the `urn:sluice` resource.
+fn with_services(idp: &Provider, services: &str) -> Spec {
+    let mut spec = oidc(idp);
+    let oidc = spec.oidc.take().unwrap();
+    spec.oidc = Some(format!("{oidc}service_audience = \"urn:sluice\"\n{services}"));
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_sign_in_with_client_credentials() {
+    let idp = Provider::start("services", 3600).await;
+    let ci = "\n[[identity.oidc.services]]\nclient_id = \"sluice-ci\"\nname = \"ci-pipeline\"\n\
+              groups = [\"deploy\"]\nlabels = { kind = \"service\" }\n";
+    let mut gw = TestGateway::start("login_services", with_services(&idp, ci)).await;
+
+    let token = stdout(&service_token(&idp, "ci-secret").await).trim().to_string();
+    let out = gw.psql(&token, "", &["-c", "SELECT 'as a service'"]).await;
+    assert_eq!(harness::stdout_ok(&out), "as a service\n");
+    // People still sign in beside it with their ID tokens.
+    let cache = cache_dir("services");
+    sign_in(&idp, &cache, "dana").await;
+    let person = stdout(&sluice(&["token"], &cache).await).trim().to_string();
+    let out = gw.psql(&person, "", &["-c", "SELECT 'as a person'"]).await;
+    assert_eq!(harness::stdout_ok(&out), "as a person\n");
+
+    // A wrong secret: the provider's refusal, and no token.
+    let out = service_token(&idp, "not-the-secret").await;
+    assert!(!out.status.success());
+    let said = harness::stderr(&out);
+    assert!(said.contains("refused") && said.contains("sluice-ci"), "{said}");
+    assert!(out.stdout.is_empty());
+
+    // The service's token is no ID token: a gateway without services
+    // refuses it, and so does one that lists another client.
+    let plain = TestGateway::start("login_services_none", oidc(&idp)).await;
+    let out = plain.psql(&token, "", &["-c", "SELECT 1"]).await;
+    let said = harness::stderr(&out);
+    assert!(!out.status.success());
+    assert!(said.contains("unexpected or unsupported JWT type"), "{said}");
+    let other = "\n[[identity.oidc.services]]\nclient_id = \"sluice-deployer\"\n";
+    let others = TestGateway::start("login_services_other", with_services(&idp, other)).await;
+    let out = others.psql(&token, "", &["-c", "SELECT 1"]).await;
+    let said = harness::stderr(&out);
+    assert!(
+        said.contains("the access token is for client sluice-ci, which this gateway does not accept as a service"),
+        "{said}"
+    );
+    assert!(!said.contains(&token));
+    // Listed, but expecting another subject (as for a provider whose
+    // service tokens name a service account): a token whose `sub` differs
+    // is not that service's.
+    let account = "\n[[identity.oidc.services]]\nclient_id = \"sluice-ci\"\nsubject = \"service-account-7\"\n";
+    let accounts = TestGateway::start("login_services_sub", with_services(&idp, account)).await;
+    let out = accounts.psql(&token, "", &["-c", "SELECT 1"]).await;
+    let said = harness::stderr(&out);
+    assert!(
+        said.contains("the access token of client sluice-ci names another subject"),
+        "{said}"
+    );
+
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let opened: Vec<(String, Vec<String>)> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event.detail {
+            sluice_core::audit::Detail::SessionOpened { groups, .. } => Some((e.event.identity?, groups)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        opened,
+        [
+            ("ci-pipeline".to_string(), vec!["deploy".to_string()]),
+            ("dana@example.com".to_string(), vec!["engineering".to_string()])
+        ]
+    );
+}

@@ -3,7 +3,9 @@
 //
 // - A public native client "sluice-cli" (no secret, PKCE required, any
 //   loopback redirect port): authorization code, refresh token, device code.
-// - A confidential client "sluice-ci" (secret "ci-secret"): client credentials.
+// - A confidential client "sluice-ci" (secret "ci-secret"): client
+//   credentials, with JWT access tokens (typ at+jwt, RFC 9068) for the
+//   resource "urn:sluice" (RFC 8707), the gateway's service_audience.
 // - devInteractions: login and consent forms that accept any password; the
 //   login name is the account: "dana" is dana@example.com, in the groups of
 //   GROUPS below (or none).
@@ -16,7 +18,7 @@
 import http from 'node:http';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const GROUPS = {
   dana: ['engineering'],
@@ -61,6 +63,19 @@ const provider = new Provider(issuer, {
     deviceFlow: { enabled: true },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      async getResourceServerInfo(ctx, resource) {
+        if (resource !== 'urn:sluice') throw new errors.InvalidTarget();
+        return {
+          scope: 'sluice',
+          audience: 'urn:sluice',
+          accessTokenTTL: idTokenTtl,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        };
+      },
+    },
   },
   conformIdTokenClaims: false,
   scopes: ['openid', 'offline_access', 'email', 'groups'],

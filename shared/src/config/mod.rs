@@ -382,6 +382,24 @@ pub struct OidcConfig {
     pub min_refresh_interval: Duration,
     /// Timeout of each request to the issuer.
     pub http_timeout: Duration,
+    /// The `aud` of access tokens that services get with the client
+    /// credentials grant (the resource they ask for); `None`: no services.
+    pub service_audience: Option<String>,
+    /// The clients accepted as services, by client id.
+    pub services: Vec<OidcService>,
+}
+
+/// A machine that signs in with OAuth client credentials at the issuer.
+#[derive(Debug, Clone)]
+pub struct OidcService {
+    pub client_id: String,
+    /// The `sub` its tokens carry: the client id unless the provider uses
+    /// another (Keycloak's service account, Entra's service principal).
+    pub subject: String,
+    /// Its identity's name in policy and the trail.
+    pub name: String,
+    pub groups: Vec<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A static service token; only its SHA-256 is configured.
@@ -1177,6 +1195,17 @@ impl Validator<'_> {
                 labels: token.labels,
             });
         }
+        for service in oidc.iter().flat_map(|oidc| &oidc.services) {
+            if names.contains(&service.name) {
+                self.problem(
+                    None,
+                    format!(
+                        "identity.oidc.services: the name \"{}\" is also a service token's; names identify people and machines and must be unique",
+                        service.name
+                    ),
+                );
+            }
+        }
         let defaults = IdentityConfig::default();
         let on_token_expiry = match &raw.on_token_expiry {
             None => defaults.on_token_expiry,
@@ -1268,6 +1297,45 @@ impl Validator<'_> {
             Duration::from_secs(30),
         );
         let http_timeout = self.duration("identity.oidc.http_timeout", raw.http_timeout, Duration::from_secs(10));
+        let service_audience = raw
+            .service_audience
+            .as_ref()
+            .map(|aud| aud.get_ref().trim().to_string());
+        if let Some(spanned) = &raw.service_audience {
+            let aud = spanned.get_ref().trim();
+            if aud.is_empty() || aud == audience {
+                self.at(
+                    spanned,
+                    "identity.oidc.service_audience must be the resource services ask tokens for (such as \"urn:sluice\"), \
+                     and differ from audience, so a person's ID token and a service's access token cannot be taken for each other",
+                );
+            }
+        }
+        let mut services = Vec::new();
+        let mut client_ids = HashSet::new();
+        for service in raw.services {
+            let client_id = service.client_id.get_ref().trim().to_string();
+            if service_audience.is_none() {
+                self.at(
+                    &service.client_id,
+                    "identity.oidc.services need identity.oidc.service_audience: the `aud` of the access tokens services get",
+                );
+            }
+            if client_id.is_empty() || !client_ids.insert(client_id.clone()) {
+                self.at(
+                    &service.client_id,
+                    format!("identity.oidc.services: client_id \"{client_id}\" is empty or listed twice"),
+                );
+                continue;
+            }
+            services.push(OidcService {
+                subject: service.subject.unwrap_or_else(|| client_id.clone()),
+                name: service.name.unwrap_or_else(|| client_id.clone()),
+                client_id,
+                groups: service.groups,
+                labels: service.labels,
+            });
+        }
         Some(OidcConfig {
             issuer,
             audience,
@@ -1276,6 +1344,8 @@ impl Validator<'_> {
             jwks_refresh,
             min_refresh_interval,
             http_timeout,
+            service_audience,
+            services,
         })
     }
 
@@ -1799,6 +1869,42 @@ except_grants = ["writter"]
         );
         assert_eq!(request.timeout, std::time::Duration::from_secs(600));
         assert_eq!(config.policy.rules[0].grants, ["w"]);
+    }
+
+    #[test]
+    fn oidc_services_are_checked() {
+        let oidc = "\n[identity.oidc]\nissuer = \"https://login.example.com\"\naudience = \"sluice\"\n";
+        let config = load(
+            &(minimal()
+                + oidc
+                + "service_audience = \"urn:sluice\"\n[[identity.oidc.services]]\nclient_id = \"deployer\"\ngroups = [\"ci\"]\n"),
+        )
+        .unwrap();
+        let oidc_config = config.identity.oidc.unwrap();
+        assert_eq!(oidc_config.service_audience.as_deref(), Some("urn:sluice"));
+        let service = &oidc_config.services[0];
+        assert_eq!(
+            (service.name.as_str(), service.subject.as_str()),
+            ("deployer", "deployer")
+        );
+        // Services without an audience for their tokens; an audience that is
+        // the people's; a name taken by a static token.
+        let err = load(&(minimal() + oidc + "[[identity.oidc.services]]\nclient_id = \"deployer\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need identity.oidc.service_audience"), "{err}");
+        let err = load(&(minimal() + oidc + "service_audience = \"sluice\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("differ from audience"), "{err}");
+        let err = load(
+            &(minimal()
+                + oidc
+                + "service_audience = \"urn:sluice\"\n[[identity.oidc.services]]\nclient_id = \"x\"\nname = \"ci\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the name \"ci\" is also a service token's"), "{err}");
     }
 
     #[test]

@@ -242,6 +242,21 @@ pub struct RawOidc {
     pub jwks_refresh: Option<Spanned<RawDuration>>,
     pub min_refresh_interval: Option<Spanned<RawDuration>>,
     pub http_timeout: Option<Spanned<RawDuration>>,
+    pub service_audience: Option<Spanned<String>>,
+    #[serde(default)]
+    pub services: Vec<RawOidcService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidcService {
+    pub client_id: Spanned<String>,
+    pub subject: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

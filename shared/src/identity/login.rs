@@ -10,8 +10,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
-    AuthorizationCode, ClientId, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, RedirectUrl,
-    RefreshToken, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge,
+    RedirectUrl, RefreshToken, Scope, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -398,6 +398,40 @@ pub async fn refresh(tokens: &Tokens) -> Result<Tokens, LoginError> {
         return Err(expired("the renewed token names another subject or issuer"));
     }
     Ok(renewed)
+}
+
+/// An access token for a service, with the OAuth client credentials grant:
+/// the client's own token (no person), for `resource` (RFC 8707: the
+/// gateway's `service_audience`) and `scopes` as the provider wants them.
+/// Not cached: a service asks again when it needs one.
+pub async fn client_credentials(
+    issuer: &str,
+    client_id: &str,
+    secret: &str,
+    resource: Option<&str>,
+    scopes: &[String],
+) -> Result<String, LoginError> {
+    let http = http()?;
+    let metadata = discover(issuer, &http).await?;
+    let client = CoreClient::from_provider_metadata(
+        metadata,
+        ClientId::new(client_id.to_string()),
+        Some(ClientSecret::new(secret.to_string())),
+    );
+    let mut request = client
+        .exchange_client_credentials()
+        .map_err(|err| LoginError::Provider(format!("{issuer} has no token endpoint: {err}")))?
+        .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
+    if let Some(resource) = resource {
+        request = request.add_extra_param("resource", resource.to_string());
+    }
+    let response = request.request_async(&http).await.map_err(|err| match &err {
+        openidconnect::RequestTokenError::ServerResponse(_) => {
+            LoginError::Refused(format!("client {client_id} at {issuer}: {}", token_error(&err)))
+        }
+        _ => LoginError::Provider(format!("cannot reach {issuer}'s token endpoint: {}", token_error(&err))),
+    })?;
+    Ok(response.access_token().secret().clone())
 }
 
 fn token_error<E: std::error::Error>(err: &E) -> String {

@@ -22,6 +22,9 @@ pub use tokens::{StaticTokens, hash_token};
 pub enum IdentitySource {
     /// An OpenID Connect ID token from this issuer.
     Oidc { issuer: String },
+    /// An OAuth access token this issuer gave a service (a client listed in
+    /// `[[identity.oidc.services]]`) with the client credentials grant.
+    OidcService { issuer: String, client_id: String },
     /// A static service token from the configuration.
     StaticToken,
     /// Named by a chat bot listed in `[[api.delegates]]`, which verified
@@ -161,6 +164,16 @@ pub enum AuthError {
     BadSignature,
     #[error("cannot verify the ID token right now: the issuer {issuer} is unreachable ({reason})")]
     IssuerUnavailable { issuer: String, reason: String },
+    #[error("the service's access token names no client (no client_id, azp, appid or cid claim)")]
+    NoClientId,
+    #[error(
+        "the access token is for client {client_id}, which this gateway does not accept as a service ([[identity.oidc.services]])"
+    )]
+    UnknownService { client_id: String },
+    #[error(
+        "the access token of client {client_id} names another subject: only the service's own client-credentials tokens are accepted"
+    )]
+    NotTheService { client_id: String },
 }
 
 impl AuthError {
@@ -188,6 +201,9 @@ impl AuthError {
             AuthError::UnknownKey { .. } => "unknown_key",
             AuthError::BadSignature => "bad_signature",
             AuthError::IssuerUnavailable { .. } => "issuer_unavailable",
+            AuthError::NoClientId => "no_client_id",
+            AuthError::UnknownService { .. } => "unknown_service",
+            AuthError::NotTheService { .. } => "not_the_service",
         }
     }
 }

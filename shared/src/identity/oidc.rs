@@ -13,7 +13,7 @@ use openidconnect::core::{
     CoreJwsSigningAlgorithm, CoreProviderMetadata,
 };
 use openidconnect::{
-    AdditionalClaims, ClaimsVerificationError, ClientId, IdToken, IssuerUrl, JsonWebKeySetUrl,
+    AdditionalClaims, ClaimsVerificationError, ClientId, IdToken, IssuerUrl, JsonWebKeySetUrl, JsonWebTokenType,
     SignatureVerificationError,
 };
 use serde::{Deserialize, Serialize};
@@ -36,9 +36,16 @@ impl AdditionalClaims for ExtraClaims {}
 
 type SluiceIdToken = IdToken<ExtraClaims, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
 
+/// Verifiers over the issuer's keys: one for people's ID tokens, one for
+/// services' access tokens (when `service_audience` is set).
+struct Verifiers {
+    id: CoreIdTokenVerifier<'static>,
+    service: Option<CoreIdTokenVerifier<'static>>,
+}
+
 /// The issuer's keys as last fetched.
 struct Keys {
-    verifier: Arc<CoreIdTokenVerifier<'static>>,
+    verifier: Arc<Verifiers>,
     fetched_at: Instant,
 }
 
@@ -93,16 +100,30 @@ impl OidcVerifier {
         let token: SluiceIdToken = raw
             .parse()
             .map_err(|err: serde_json::Error| AuthError::Malformed(err.to_string()))?;
+        // A service's access token is told apart by its audience (read
+        // unverified to choose the verifier, which then checks everything).
+        let service = self
+            .config
+            .service_audience
+            .as_deref()
+            .filter(|aud| unverified_audiences(&token).iter().any(|a| a == aud));
+        fn pick(verifiers: &Verifiers, service: bool) -> &CoreIdTokenVerifier<'static> {
+            match &verifiers.service {
+                Some(verifier) if service => verifier,
+                _ => &verifiers.id,
+            }
+        }
         let verifier = self.current_keys().await?;
-        let claims = match token.claims(&verifier, no_nonce) {
+        let claims = match token.claims(pick(&verifier, service.is_some()), no_nonce) {
             Err(ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey)) => {
                 // The issuer may have rotated its keys: fetch them once more.
                 let verifier = self.refresh_keys(Some(&verifier)).await?;
-                token.claims(&verifier, no_nonce)
+                token.claims(pick(&verifier, service.is_some()), no_nonce)
             }
             other => other,
         };
-        let claims = claims.map_err(|err| self.describe(err, &token))?;
+        let audience = service.unwrap_or(&self.config.audience);
+        let claims = claims.map_err(|err| self.describe(err, &token, audience))?;
 
         if let Some(nbf) = claims.additional_claims().rest.get("nbf").and_then(|v| v.as_i64()) {
             let not_before = DateTime::<Utc>::from_timestamp(nbf, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -113,6 +134,9 @@ impl OidcVerifier {
             }
         }
 
+        if service.is_some() {
+            return self.service_identity(claims);
+        }
         let extra = &claims.additional_claims().rest;
         let groups = match extra.get(&self.config.groups_claim) {
             Some(serde_json::Value::Array(items)) => items
@@ -138,8 +162,45 @@ impl OidcVerifier {
         })
     }
 
+    /// The service a client-credentials access token stands for: its client
+    /// must be listed in `services`, and its subject be that client's (not
+    /// a person's token obtained through the same client).
+    fn service_identity(
+        &self,
+        claims: &openidconnect::IdTokenClaims<ExtraClaims, CoreGenderClaim>,
+    ) -> Result<Identity, AuthError> {
+        let extra = &claims.additional_claims().rest;
+        let claim = |name: &str| extra.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        // RFC 9068 says client_id; Keycloak and Entra put it in azp (Entra
+        // v1: appid), Okta in cid.
+        let client_id = claim("client_id")
+            .or_else(|| claims.authorized_party().map(|azp| azp.to_string()))
+            .or_else(|| claim("appid"))
+            .or_else(|| claim("cid"))
+            .ok_or(AuthError::NoClientId)?;
+        let Some(service) = self.config.services.iter().find(|s| s.client_id == client_id) else {
+            return Err(AuthError::UnknownService { client_id });
+        };
+        if claims.subject().as_str() != service.subject {
+            return Err(AuthError::NotTheService { client_id });
+        }
+        Ok(Identity {
+            name: service.name.clone(),
+            subject: claims.subject().to_string(),
+            email: None,
+            groups: service.groups.clone(),
+            labels: service.labels.clone(),
+            source: IdentitySource::OidcService {
+                issuer: self.config.issuer.clone(),
+                client_id,
+            },
+            expires_at: Some(SystemTime::from(claims.expiration())),
+            application_name: None,
+        })
+    }
+
     /// The cached verifier, fetched first if there is none or it is stale.
-    async fn current_keys(&self) -> Result<Arc<CoreIdTokenVerifier<'static>>, AuthError> {
+    async fn current_keys(&self) -> Result<Arc<Verifiers>, AuthError> {
         {
             let keys = self.keys.read().await;
             if let Some(keys) = keys.as_ref()
@@ -155,10 +216,7 @@ impl OidcVerifier {
     /// attempt was less than `min_refresh_interval` ago. `seen` is the
     /// verifier the caller found wanting (it lacked a token's `kid`); if the
     /// cache holds another one by now, that one is returned without a request.
-    async fn refresh_keys(
-        &self,
-        seen: Option<&Arc<CoreIdTokenVerifier<'static>>>,
-    ) -> Result<Arc<CoreIdTokenVerifier<'static>>, AuthError> {
+    async fn refresh_keys(&self, seen: Option<&Arc<Verifiers>>) -> Result<Arc<Verifiers>, AuthError> {
         let mut fetch = self.fetch.lock().await;
         let cached = self
             .keys
@@ -206,7 +264,7 @@ impl OidcVerifier {
         }
     }
 
-    async fn fetch_keys(&self, fetch: &mut FetchState) -> Result<Arc<CoreIdTokenVerifier<'static>>, AuthError> {
+    async fn fetch_keys(&self, fetch: &mut FetchState) -> Result<Arc<Verifiers>, AuthError> {
         let jwks = match fetch.jwks_uri.clone() {
             Some(uri) => CoreJsonWebKeySet::fetch_async(&uri, &self.http).await.map_err(|err| {
                 self.unavailable(format!("fetching keys from {}: {}", uri.as_str(), error_chain(&err)))
@@ -229,13 +287,28 @@ impl OidcVerifier {
         Ok(Arc::new(self.build_verifier(jwks)?))
     }
 
-    fn build_verifier(&self, jwks: CoreJsonWebKeySet) -> Result<CoreIdTokenVerifier<'static>, AuthError> {
+    fn build_verifier(&self, jwks: CoreJsonWebKeySet) -> Result<Verifiers, AuthError> {
         let issuer = IssuerUrl::new(self.config.issuer.clone())
             .map_err(|err| self.unavailable(format!("bad issuer URL: {err}")))?;
-        Ok(
-            CoreIdTokenVerifier::new_public_client(ClientId::new(self.config.audience.clone()), issuer, jwks)
-                .set_allowed_algs(self.algorithms.clone()),
+        // People: ID tokens only (typ JWT or none; an `at+jwt` access token
+        // is refused), for Sluice's client id.
+        let id = CoreIdTokenVerifier::new_public_client(
+            ClientId::new(self.config.audience.clone()),
+            issuer.clone(),
+            jwks.clone(),
         )
+        .set_allowed_algs(self.algorithms.clone());
+        // Services: access tokens for the service audience, `at+jwt` (RFC
+        // 9068) or plain JWT as most providers still type them.
+        let service = self.config.service_audience.as_ref().map(|aud| {
+            let types = ["at+jwt", "application/at+jwt", "JWT", "application/jwt"]
+                .into_iter()
+                .filter_map(|t| JsonWebTokenType::new(t.to_string()).normalize().ok());
+            CoreIdTokenVerifier::new_public_client(ClientId::new(aud.clone()), issuer.clone(), jwks.clone())
+                .set_allowed_algs(self.algorithms.clone())
+                .set_allowed_jose_types(types)
+        });
+        Ok(Verifiers { id, service })
     }
 
     fn unavailable(&self, reason: String) -> AuthError {
@@ -247,7 +320,7 @@ impl OidcVerifier {
     }
 
     /// Turns the crate's error into one that tells the client what was wrong.
-    fn describe(&self, err: ClaimsVerificationError, token: &SluiceIdToken) -> AuthError {
+    fn describe(&self, err: ClaimsVerificationError, token: &SluiceIdToken, audience: &str) -> AuthError {
         match err {
             ClaimsVerificationError::Expired(message) => AuthError::Expired {
                 at: expired_at(&message),
@@ -257,7 +330,7 @@ impl OidcVerifier {
                 found: found_in(&message),
             },
             ClaimsVerificationError::InvalidAudience(message) => AuthError::WrongAudience {
-                expected: self.config.audience.clone(),
+                expected: audience.to_string(),
                 found: found_in(&message),
             },
             ClaimsVerificationError::SignatureVerification(sig) => match sig {
@@ -295,6 +368,32 @@ fn header_alg(token: &SluiceIdToken) -> String {
     unverified_header(token)
         .and_then(|h| h.get("alg").and_then(|k| k.as_str()).map(str::to_string))
         .unwrap_or_else(|| "(none)".to_string())
+}
+
+/// The `aud` values of a token, unverified: only to choose which verifier
+/// checks it.
+fn unverified_audiences(token: &SluiceIdToken) -> Vec<String> {
+    use base64::Engine;
+    let Some(payload) = serde_json::to_value(token)
+        .ok()
+        .and_then(|raw| raw.as_str().and_then(|s| s.split('.').nth(1)).map(str::to_string))
+    else {
+        return Vec::new();
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|claims| claims.get("aud").cloned())
+    {
+        Some(serde_json::Value::String(aud)) => vec![aud],
+        Some(serde_json::Value::Array(auds)) => auds
+            .into_iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The JOSE header, for error messages only: never trusted for a decision.
