@@ -84,8 +84,12 @@ pub async fn run(listen: SocketAddr, api_listen: SocketAddr, console: bool) -> a
             let (host, port) = (address.ip(), address.port());
             let options = sluice_console::Options {
                 api: format!("http://{api}"),
-                token: "carol-demo-token".into(),
-                postgres: crate::postgres_address(&address.to_string(), "carol-demo-token", None)?,
+                token: sluice_core::api::client::SharedToken::new("carol-demo-token"),
+                postgres: crate::postgres_address(
+                    &address.to_string(),
+                    sluice_core::api::client::SharedToken::new("carol-demo-token"),
+                    None,
+                )?,
                 target: "shop".into(),
                 log_file: log_file.clone(),
                 // The demo's statements are not the operator's own.

@@ -96,6 +96,44 @@ pub async fn token(issuer_arg: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the console checks its cached token; it is renewed within a
+/// minute of expiring, so a check every 20 s never lets it lapse.
+const RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The signed-in user's ID token for a long-running client (the console),
+/// and the task that keeps it fresh through the cache: the same renewal,
+/// lock and refresh-token rotation as `sluice token`.
+pub async fn renewed_token() -> anyhow::Result<(
+    sluice_core::api::client::SharedToken,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)> {
+    let cache = cache()?;
+    let issuer = issuer(&cache, None)?;
+    let tokens = cache.fresh(&issuer, now()).await?;
+    let token = sluice_core::api::client::SharedToken::new(&tokens.id_token);
+    let shared = token.clone();
+    let renewal = async move {
+        let mut warned = false;
+        loop {
+            tokio::time::sleep(RENEW_CHECK).await;
+            match cache.fresh(&issuer, now()).await {
+                Ok(tokens) => {
+                    shared.set(&tokens.id_token);
+                    warned = false;
+                }
+                // Logged once per failure streak (the console's log file);
+                // the API's refusal shows on screen when the token lapses.
+                Err(err) if !warned => {
+                    tracing::warn!(error = %err, "cannot renew the console's token");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    Ok((token, renewal))
+}
+
 pub struct ServiceArgs {
     pub issuer: Option<String>,
     pub client_id: String,

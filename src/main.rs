@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_core::api::client::SharedToken;
 use sluice_core::{Config, Gateway, PolicyGate};
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +66,9 @@ enum Command {
         /// The gateway's control API.
         #[arg(long, env = "SLUICE_API", default_value = "http://127.0.0.1:7480")]
         api: String,
-        /// Your Sluice token (for the API and the shell's connection).
+        /// Your Sluice token (for the API and the shell's connection);
+        /// without it, the ID token of `sluice login`, renewed as it runs
+        /// out.
         #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// The gateway's PostgreSQL listener, for the shell.
@@ -391,18 +394,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             ca,
         } => {
-            let token = token.context("no token: pass --token or set SLUICE_TOKEN")?;
-            let postgres = postgres_address(&pg, &token, ca.as_deref())?;
-            runtime(2)?.block_on(sluice_console::run(sluice_console::Options {
-                api,
-                token,
-                postgres,
-                target,
-                log_file: state_dir().join("console.log"),
-                history_file: Some(state_dir().join("shell_history")),
-                footer: Vec::new(),
-                confirm_quit: false,
-            }))
+            let runtime = runtime(2)?;
+            let (token, renewal) = match token {
+                Some(token) => (SharedToken::new(&token), None),
+                None => {
+                    let (token, renewal) = runtime
+                        .block_on(login_cmd::renewed_token())
+                        .context("no token: pass --token, set SLUICE_TOKEN, or sign in with sluice login")?;
+                    (token, Some(renewal))
+                }
+            };
+            let postgres = postgres_address(&pg, token.clone(), ca.as_deref())?;
+            runtime.block_on(async move {
+                // Ends with the runtime, when the console quits.
+                if let Some(renewal) = renewal {
+                    tokio::spawn(renewal);
+                }
+                sluice_console::run(sluice_console::Options {
+                    api,
+                    token,
+                    postgres,
+                    target,
+                    log_file: state_dir().join("console.log"),
+                    history_file: Some(state_dir().join("shell_history")),
+                    footer: Vec::new(),
+                    confirm_quit: false,
+                })
+                .await
+            })
         }
         Command::Login {
             issuer,
@@ -634,7 +653,7 @@ pub(crate) fn gateway_address(
 /// The console shell's connection to the gateway.
 pub(crate) fn postgres_address(
     address: &str,
-    token: &str,
+    token: SharedToken,
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<sluice_console::effects::Postgres> {
     let (host, port, tls) = gateway_address(address, "--pg", ca)?;
@@ -642,7 +661,7 @@ pub(crate) fn postgres_address(
         host,
         port,
         user: std::env::var("USER").unwrap_or_else(|_| "console".into()),
-        token: token.to_string(),
+        token,
         tls,
     })
 }

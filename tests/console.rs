@@ -11,7 +11,7 @@ use sluice_console::action::{Action, Command, QueryOutcome};
 use sluice_console::app::{App, Level, Overlay, Tab, update};
 use sluice_console::effects::{Postgres, Runner};
 use sluice_console::theme::Theme;
-use sluice_core::api::client::ApiClient;
+use sluice_core::api::client::{ApiClient, SharedToken};
 use sluice_core::approvals::RequestState;
 use sluice_core::audit::{Detail, EventFilter, SqliteStore};
 use tokio::sync::mpsc;
@@ -81,7 +81,7 @@ impl Console {
                 host: host.into(),
                 port: gw.addr.port(),
                 user: "operator".into(),
-                token: token.into(),
+                token: SharedToken::new(token),
                 tls: tls.map(std::sync::Arc::new),
             },
             tx,
@@ -450,7 +450,7 @@ async fn a_gateway_that_never_answers_does_not_wedge_the_shell() {
             host: "127.0.0.1".into(),
             port,
             user: "operator".into(),
-            token: BOB.into(),
+            token: SharedToken::new(BOB),
             tls: None,
         },
         {
@@ -635,12 +635,12 @@ async fn the_event_stream_resumes_after_a_gateway_restart_missing_nothing() {
 }
 
 /// tmux on its own socket, for one test.
-struct Tmux {
-    socket: std::path::PathBuf,
+pub(crate) struct Tmux {
+    pub(crate) socket: std::path::PathBuf,
 }
 
 impl Tmux {
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         std::process::Command::new("tmux")
             .arg("-S")
             .arg(&self.socket)
@@ -653,7 +653,7 @@ impl Tmux {
         String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "console"]).stdout).into_owned()
     }
 
-    async fn shows(&self, what: &str) -> String {
+    pub(crate) async fn shows(&self, what: &str) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let screen = self.screen();
@@ -668,7 +668,7 @@ impl Tmux {
         }
     }
 
-    fn keys(&self, keys: &str) {
+    pub(crate) fn keys(&self, keys: &str) {
         assert!(self.run(&["send-keys", "-t", "console", "-l", keys]).status.success());
     }
 }

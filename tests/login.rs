@@ -558,3 +558,54 @@ async fn services_sign_in_with_client_credentials() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_with_the_login_cache() {
+    // 30-s ID tokens: always within the minute before expiry, so the
+    // console renews the one it finds before using it.
+    let idp = Provider::start("console", 30).await;
+    let cache = cache_dir("console");
+    sign_in(&idp, &cache, "dana").await;
+    let before = cached_refresh_token(&cache);
+    let gw = TestGateway::start("login_console", oidc(&idp)).await;
+    let dir = harness::cluster().dev.dir().join("console-login-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmux = crate::console::Tmux {
+        socket: dir.join("tmux.sock"),
+    };
+    // No --token and no SLUICE_TOKEN: the login cache's.
+    let command = format!(
+        "env -u SLUICE_TOKEN XDG_CACHE_HOME={} XDG_STATE_HOME={} NO_COLOR=1 {} console --api {} --pg 127.0.0.1:{} --target {}",
+        cache.display(),
+        dir.display(),
+        env!("CARGO_BIN_EXE_sluice"),
+        gw.api.as_deref().unwrap(),
+        gw.addr.port(),
+        gw.db
+    );
+    let started = tmux.run(&["new-session", "-d", "-s", "console", "-x", "110", "-y", "30", &command]);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    // Connected: the API took dana's token (a viewer through engineering).
+    tmux.shows("● http://").await;
+    assert_ne!(
+        cached_refresh_token(&cache),
+        before,
+        "the console did not renew the token"
+    );
+    tmux.keys("q");
+    harness::eventually("the console exits", || async {
+        !tmux.run(&["has-session", "-t", "console"]).status.success()
+    })
+    .await;
+}
+
+fn cached_refresh_token(cache: &Path) -> String {
+    let dir = cache.join("sluice/tokens");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    tokens["refresh_token"].as_str().unwrap().to_string()
+}

@@ -27,7 +27,7 @@ pub struct Postgres {
     pub port: u16,
     /// Informational for the gateway (the token says who); sent as user.
     pub user: String,
-    pub token: String,
+    pub token: sluice_core::api::client::SharedToken,
     /// TLS to the gateway, verifying its certificate and name; `None`:
     /// plaintext (only sensible on loopback, where the gateway may allow it).
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -198,7 +198,7 @@ impl Runner {
             .host(&pg.host)
             .port(pg.port)
             .user(&pg.user)
-            .password(&pg.token)
+            .password(pg.token.get())
             .dbname(target)
             .application_name("sluice console");
         match pg.connector() {

@@ -36,7 +36,8 @@ use app::App;
 pub struct Options {
     /// The control API: `http://127.0.0.1:7480`.
     pub api: String,
-    pub token: String,
+    /// Renewed behind the console when it comes from the login cache.
+    pub token: sluice_core::api::client::SharedToken,
     /// The gateway's PostgreSQL listener, for the shell.
     pub postgres: effects::Postgres,
     /// The shell's first target.
@@ -67,7 +68,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         anyhow::bail!("the console draws on a terminal: run it in one (stdin and stdout are not a terminal here)");
     }
     init_logging(&options.log_file)?;
-    let api = ApiClient::new(&options.api, Some(&options.token)).via("console");
+    let api = ApiClient::with_shared_token(&options.api, options.token.clone()).via("console");
     // Bounded: the stream and the runner wait rather than pile up events
     // when drawing falls behind.
     let (tx, mut rx) = mpsc::channel(QUEUE);

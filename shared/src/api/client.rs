@@ -6,6 +6,34 @@ use super::{ErrorBody, Health, Killed};
 use crate::audit::{SessionSummary, StoredEvent};
 use crate::live::LiveSummary;
 
+/// A bearer token that a renewal task can replace while clients hold it:
+/// every clone sees the newest. Its `Debug` hides it.
+#[derive(Clone, Default)]
+pub struct SharedToken(std::sync::Arc<std::sync::RwLock<String>>);
+
+impl SharedToken {
+    pub fn new(token: &str) -> SharedToken {
+        SharedToken(std::sync::Arc::new(std::sync::RwLock::new(token.to_string())))
+    }
+
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, token: &str) {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if *current != token {
+            *current = token.to_string();
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedToken([token])")
+    }
+}
+
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,7 +64,7 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     base: String,
-    token: Option<String>,
+    token: Option<SharedToken>,
     http: reqwest::Client,
     /// Where decisions are said to come from ("api" when unset).
     via: Option<String>,
@@ -47,9 +75,18 @@ impl ApiClient {
     pub fn new(base: &str, token: Option<&str>) -> ApiClient {
         ApiClient {
             base: base.trim_end_matches('/').to_string(),
-            token: token.map(str::to_string),
+            token: token.map(SharedToken::new),
             http: reqwest::Client::new(),
             via: None,
+        }
+    }
+
+    /// A client whose token is renewed behind it (the console's, from the
+    /// login cache).
+    pub fn with_shared_token(base: &str, token: SharedToken) -> ApiClient {
+        ApiClient {
+            token: Some(token),
+            ..ApiClient::new(base, None)
         }
     }
 
@@ -73,7 +110,7 @@ impl ApiClient {
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
+            Some(token) => request.bearer_auth(token.get()),
             None => request,
         };
         let response = request.send().await.map_err(self.transport())?;
