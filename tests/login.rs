@@ -609,3 +609,47 @@ fn cached_refresh_token(cache: &Path) -> String {
     let tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
     tokens["refresh_token"].as_str().unwrap().to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_provider_token_is_refused_and_the_tunnel_renews_it() {
+    // 5-s ID tokens: one expires within the test.
+    let idp = Provider::start("expired", 5).await;
+    let cache = cache_dir("expired");
+    sign_in(&idp, &cache, "dana").await;
+    let gw = TestGateway::start("login_expired", oidc(&idp)).await;
+    let dir = cache.join("sluice/tokens");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let cached: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let stale = cached["id_token"].as_str().unwrap().to_string();
+    let payload = stale.split('.').nth(1).unwrap();
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let exp = claims["exp"].as_i64().unwrap();
+    // The provider's clock is this machine's: wait until the token is past.
+    while chrono::Utc::now().timestamp() <= exp {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = gw.psql(&stale, "", &["-c", "SELECT 1"]).await;
+    assert!(!out.status.success());
+    let said = harness::stderr(&out);
+    assert!(
+        said.contains("authentication failed: the ID token expired at"),
+        "{said}"
+    );
+    assert!(said.contains("sign in again (sluice login)"), "{said}");
+    assert!(!said.contains(&stale));
+
+    // The tunnel renews the cached token before each login.
+    let (_tunnel, conn) = tunnel(&gw, &cache).await;
+    let out = harness::psql(&conn, &["-w", "-c", "SELECT 'renewed'"], None).await;
+    assert_eq!(harness::stdout_ok(&out), "renewed\n");
+}
