@@ -9,6 +9,10 @@ use anyhow::Context;
 use sluice_core::identity::login::TokenCache;
 use sluice_core::tunnel::{self, Gateway, TokenSource, Tunnel};
 
+/// A connection gets a token with at least this long left (renewed first
+/// otherwise; a provider whose tokens live shorter is asked each time).
+const TUNNEL_TOKEN_LEFT: i64 = 300;
+
 /// The token of the signed-in user, renewed through the cache (which
 /// serialises renewals across processes).
 struct SignedIn {
@@ -18,8 +22,10 @@ struct SignedIn {
 
 impl TokenSource for SignedIn {
     async fn token(&self) -> Result<String, String> {
+        // A session ends when its token does: give each one a token with
+        // a few minutes in it, not one about to lapse.
         self.cache
-            .fresh(&self.issuer, chrono::Utc::now().timestamp())
+            .fresh_for(&self.issuer, chrono::Utc::now().timestamp(), TUNNEL_TOKEN_LEFT)
             .await
             .map(|tokens| tokens.id_token)
             .map_err(|err| err.to_string())
@@ -35,6 +41,11 @@ pub struct ConnectArgs<'a> {
 }
 
 pub async fn run(args: ConnectArgs<'_>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        tunnel::CHECKS_PEER_USER,
+        "sluice connect needs Linux: this system does not say which user owns a connection, and the tunnel \
+         lets only you in; use `PGPASSWORD=$(sluice token)` with TLS instead"
+    );
     anyhow::ensure!(
         !args.target.is_empty(),
         "name the target: sluice connect TARGET (the database name clients use at the gateway)"
@@ -73,13 +84,7 @@ pub async fn run(args: ConnectArgs<'_>) -> anyhow::Result<()> {
         local.port(),
         urlencoding(args.target)
     );
-    if tunnel::CHECKS_PEER_USER {
-        eprintln!("Only your user may connect. Ctrl-C ends the tunnel (open sessions carry on).");
-    } else {
-        eprintln!(
-            "Warning: this system cannot tell which user connects, so any local user can use this tunnel as you. Ctrl-C ends it."
-        );
-    }
+    eprintln!("Only your user may connect. Ctrl-C ends the tunnel (open sessions carry on).");
     tunnel.run(crate::shutdown_on_signal()?).await;
     Ok(())
 }

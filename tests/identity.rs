@@ -56,6 +56,17 @@ async fn bad_id_tokens_are_refused_with_the_reason() {
     assert_eq!(code, "28P01");
     assert!(message.contains("expired at"), "{message}");
 
+    // An access token made for the people's client id (as providers do for
+    // an API on the same registration) is no ID token.
+    let mut access = good.clone();
+    access["scp"] = json!("user_impersonation");
+    let (code, message) = refused(&gw, &key.token(&access)).await;
+    assert_eq!(code, "28P01");
+    assert!(
+        message.contains("this is an access token, not an ID token"),
+        "{message}"
+    );
+
     let mut future = good.clone();
     future["nbf"] = json!(now() + 3600);
     let (_, message) = refused(&gw, &key.token(&future)).await;
@@ -220,9 +231,10 @@ fn closed_sessions(gw: &TestGateway) -> Vec<(String, String)> {
 async fn a_session_ends_when_its_token_expires() {
     let issuer = TestIssuer::start().await;
     let mut gw = expiring_gateway(&issuer, "expiry_end", "on_token_expiry = \"end\"").await;
-    // Tokens are checked to the second: this one lives 2-3 s.
+    // Tokens are checked to the second: this one lives 4-5 s, time enough
+    // to sign in on a loaded machine.
     let mut claims = issuer.claims("dana@example.com", &["engineering"]);
-    claims["exp"] = json!(now() + 3);
+    claims["exp"] = json!(now() + 5);
     let conn = gw.conn_str("tester", &issuer::key(0).token(&claims), "");
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
     let connection = tokio::spawn(connection);
@@ -258,17 +270,42 @@ async fn an_open_transaction_may_finish_after_the_token_expires() {
     )
     .await;
     let mut claims = issuer.claims("dana@example.com", &["engineering"]);
-    claims["exp"] = json!(now() + 3);
+    claims["exp"] = json!(now() + 5);
     let conn = gw.conn_str("tester", &issuer::key(0).token(&claims), "");
     // Both sessions are open before the token expires. One finishes its
     // transaction within the grace period (after expiry: the sleep), the
     // other is still in its transaction when the grace period ends.
-    let finishes = "BEGIN;\nSELECT 'before';\n\\! sleep 4\nSELECT 'after expiry';\nCOMMIT;\nSELECT 'next';\n";
-    let lingers = "BEGIN;\nSELECT 'before';\n\\! sleep 11\nSELECT 'too late';\n";
-    let (finished, lingered) = tokio::join!(
+    let finishes = "BEGIN;\nSELECT 'before';\n\\! sleep 6\nSELECT 'after expiry';\nCOMMIT;\nSELECT 'next';\n";
+    let lingers = "BEGIN;\nSELECT 'before';\n\\! sleep 13\nSELECT 'too late';\n";
+    // A third pipelines its next statement behind the COMMIT: the
+    // transaction commits, the statement after it never runs.
+    let exp = claims["exp"].as_u64().unwrap();
+    let pipelined = async {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("BEGIN; CREATE TABLE expiry_pipelined (n int)")
+            .await
+            .unwrap();
+        while now() <= exp + 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let (commit, insert) = tokio::join!(
+            client.simple_query("COMMIT"),
+            client.simple_query("INSERT INTO expiry_pipelined VALUES (1)")
+        );
+        (commit.map(|_| ()), insert.map(|_| ()))
+    };
+    let (finished, lingered, (commit, insert)) = tokio::join!(
         harness::psql(&conn, &[], Some(finishes)),
-        harness::psql(&conn, &[], Some(lingers))
+        harness::psql(&conn, &[], Some(lingers)),
+        pipelined
     );
+    commit.expect("the open transaction may commit");
+    let err = insert.expect_err("nothing runs after the transaction");
+    let (_, message) = db_error(&err);
+    assert!(message.contains("the session ended after its transaction"), "{message}");
+    assert_eq!(harness::count_rows(&gw.db, "expiry_pipelined").await, 0);
     let out = String::from_utf8_lossy(&finished.stdout);
     let err = harness::stderr(&finished);
     assert_eq!(out, "BEGIN\nbefore\nafter expiry\nCOMMIT\n", "{err}");
@@ -288,6 +325,6 @@ async fn an_open_transaction_may_finish_after_the_token_expires() {
     gw.finished().await;
     let mut closed = closed_sessions(&gw);
     closed.sort();
-    assert_eq!(closed.len(), 2, "{closed:?}");
+    assert_eq!(closed.len(), 3, "{closed:?}");
     assert!(closed.iter().all(|(reason, _)| reason == "token_expired"), "{closed:?}");
 }

@@ -365,8 +365,12 @@ async fn groups_from_the_provider_choose_the_upstream_role() {
 /// `sluice connect TARGET --port 0` running with `cache`, and the psql
 /// connection string it printed.
 async fn tunnel(gw: &TestGateway, cache: &Path) -> (tokio::process::Child, String) {
+    tunnel_to(&gw.addr.to_string(), &gw.db, cache).await
+}
+
+async fn tunnel_to(gateway: &str, target: &str, cache: &Path) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["connect", &gw.db, "--port", "0", "--gateway", &gw.addr.to_string()])
+        .args(["connect", target, "--port", "0", "--gateway", gateway])
         .env("XDG_CACHE_HOME", cache)
         .env_remove("SLUICE_ISSUER")
         .stdout(Stdio::piped())
@@ -451,6 +455,18 @@ async fn connect_lets_psql_in_with_no_password() {
         let said = harness::stderr(&out);
         assert!(said.contains("connections from uid"), "{said}");
         assert!(said.contains("are refused"), "{said}");
+
+        // Nor does the token go in the clear to a listener of another
+        // user: here the test cluster's postmaster, which runs as postgres.
+        let postmaster = format!("127.0.0.1:{}", harness::cluster().dev.port());
+        let (_spoof, spoofed) = tunnel_to(&postmaster, &gw.db, &cache).await;
+        let out = harness::psql(&spoofed, &["-w", "-c", "SELECT 1"], None).await;
+        let said = harness::stderr(&out);
+        assert!(!out.status.success());
+        assert!(
+            said.contains("belongs to uid") && said.contains("not to you or root"),
+            "{said}"
+        );
     }
 
     gw.shutdown.cancel();

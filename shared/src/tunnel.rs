@@ -68,7 +68,24 @@ impl Gateway {
             .map_err(|err| format!("cannot reach the gateway at {address}: {err}"))?;
         tcp.set_nodelay(true).ok();
         let Some(config) = &self.tls else {
-            return Ok(Stream::Tcp(tcp));
+            // In the clear, the token goes to whoever listens there: on
+            // loopback another user could have taken the port. Only a
+            // listener of ours (or root's) gets it.
+            let owner = match (tcp.peer_addr(), tcp.local_addr()) {
+                (Ok(gateway), Ok(us)) => peer_uid(gateway, us),
+                (Err(err), _) | (_, Err(err)) => Err(err.to_string()),
+            };
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let us = unsafe { libc::getuid() };
+            return match owner {
+                Ok(uid) if uid == us || uid == 0 => Ok(Stream::Tcp(tcp)),
+                Ok(uid) => Err(format!(
+                    "the listener at {address} belongs to uid {uid}, not to you or root, so the tunnel will not send it your token in the clear; give the gateway's CA with --ca to use TLS"
+                )),
+                Err(reason) => Err(format!(
+                    "cannot tell who listens at {address} ({reason}), so the tunnel will not send it your token in the clear; give the gateway's CA with --ca to use TLS"
+                )),
+            };
         };
         let mut request = BytesMut::new();
         frontend::encode_ssl_request(&mut request);
@@ -184,6 +201,16 @@ async fn serve<T: TokenSource>(shared: Arc<Shared<T>>, tcp: TcpStream, peer: Soc
         }
         Err(_) => {
             tracing::info!(%peer, "connection closed: the login took over {HANDSHAKE_TIMEOUT:?}");
+            let mut out = BytesMut::new();
+            refuse(
+                "08006",
+                format!(
+                    "sluice connect gave up on the login after {}s (the gateway or the identity provider did not answer)",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            )
+            .encode(&mut out);
+            let _ = client.send(&out).await;
             return;
         }
     };
@@ -409,7 +436,8 @@ fn peer_uid(_peer: SocketAddr, _local: SocketAddr) -> Result<u32, String> {
     Err("this operating system does not say which user owns a TCP connection".to_string())
 }
 
-/// Whether this OS lets the tunnel check who connects.
+/// Whether this OS lets the tunnel check who connects (the tunnel
+/// refuses every connection where it cannot).
 pub const CHECKS_PEER_USER: bool = cfg!(target_os = "linux");
 
 /// Finds the uid column of the `/proc/net/tcp{,6}` line for the socket
@@ -478,7 +506,10 @@ mod tests {
         assert_eq!(find_uid(&table, local, peer), Some(1000));
         assert_eq!(find_uid(&table, "127.0.0.1:1".parse().unwrap(), local), None);
         if cfg!(target_endian = "little") {
+            // As the kernel prints them (x86-64 and arm64 are little-endian).
             assert_eq!(p, "0100007F:9C40");
+            let v6: SocketAddr = "[::1]:6543".parse().unwrap();
+            assert_eq!(proc_address(v6), "00000000000000000000000001000000:198F");
         }
     }
 

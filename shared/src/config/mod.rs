@@ -359,10 +359,12 @@ impl Default for IdentityConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnTokenExpiry {
     /// End it at once, with a FATAL error that says why; an open
-    /// transaction rolls back.
+    /// transaction is not committed.
     End,
     /// Let an open transaction finish (within the grace period), then end
-    /// the session at its first idle moment. No new transaction starts.
+    /// the session as soon as it is over: statements the client sends after
+    /// it are not run, even pipelined ones (only those in the same
+    /// simple-query string as the COMMIT are).
     FinishTransaction,
 }
 
@@ -1196,11 +1198,11 @@ impl Validator<'_> {
             });
         }
         for service in oidc.iter().flat_map(|oidc| &oidc.services) {
-            if names.contains(&service.name) {
+            if !names.insert(service.name.clone()) {
                 self.problem(
                     None,
                     format!(
-                        "identity.oidc.services: the name \"{}\" is also a service token's; names identify people and machines and must be unique",
+                        "identity.oidc.services: the name \"{}\" is used twice (by a service or a service token); names identify people and machines and must be unique",
                         service.name
                     ),
                 );
@@ -1329,8 +1331,16 @@ impl Validator<'_> {
                 continue;
             }
             services.push(OidcService {
-                subject: service.subject.unwrap_or_else(|| client_id.clone()),
-                name: service.name.unwrap_or_else(|| client_id.clone()),
+                subject: service
+                    .subject
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| client_id.clone()),
+                name: service
+                    .name
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| client_id.clone()),
                 client_id,
                 groups: service.groups,
                 labels: service.labels,
@@ -1904,7 +1914,7 @@ except_grants = ["writter"]
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("the name \"ci\" is also a service token's"), "{err}");
+        assert!(err.contains("the name \"ci\" is used twice"), "{err}");
     }
 
     #[test]

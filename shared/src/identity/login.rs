@@ -113,7 +113,12 @@ impl Tokens {
 
     /// Whether the ID token is expired, or will be within a minute.
     pub fn expiring(&self, now: i64) -> bool {
-        self.claims().exp <= now + REFRESH_AHEAD
+        self.expires_within(now, REFRESH_AHEAD)
+    }
+
+    /// Whether less than `left` seconds remain at `now`.
+    pub fn expires_within(&self, now: i64, left: i64) -> bool {
+        self.claims().exp <= now + left
     }
 }
 
@@ -704,10 +709,16 @@ impl TokenCache {
     /// rotate refresh tokens, and a second use of the old one revokes the
     /// whole session. Whoever waited reads what the first one saved.
     pub async fn fresh(&self, issuer: &str, now: i64) -> Result<Tokens, LoginError> {
+        self.fresh_for(issuer, now, REFRESH_AHEAD).await
+    }
+
+    /// As [`TokenCache::fresh`], renewing when less than `left` seconds
+    /// remain: for sessions that end when their token does.
+    pub async fn fresh_for(&self, issuer: &str, now: i64, left: i64) -> Result<Tokens, LoginError> {
         let tokens = self
             .load(issuer)?
             .ok_or_else(|| LoginError::NotSignedIn(issuer.to_string()))?;
-        if !tokens.expiring(now) {
+        if !tokens.expires_within(now, left) {
             return Ok(tokens);
         }
         self.private_dir()?;
@@ -731,7 +742,7 @@ impl TokenCache {
         let tokens = self
             .load(issuer)?
             .ok_or_else(|| LoginError::NotSignedIn(issuer.to_string()))?;
-        if !tokens.expiring(now) {
+        if !tokens.expires_within(now, left) {
             return Ok(tokens);
         }
         let refreshed = refresh(&tokens).await?;

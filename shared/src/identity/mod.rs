@@ -166,6 +166,8 @@ pub enum AuthError {
     IssuerUnavailable { issuer: String, reason: String },
     #[error("the service's access token names no client (no client_id, azp, appid or cid claim)")]
     NoClientId,
+    #[error("this is an access token, not an ID token: sign in with sluice login and use sluice token")]
+    NotAnIdToken,
     #[error(
         "the access token is for client {client_id}, which this gateway does not accept as a service ([[identity.oidc.services]])"
     )]
@@ -202,6 +204,7 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::IssuerUnavailable { .. } => "issuer_unavailable",
             AuthError::NoClientId => "no_client_id",
+            AuthError::NotAnIdToken => "not_an_id_token",
             AuthError::UnknownService { .. } => "unknown_service",
             AuthError::NotTheService { .. } => "not_the_service",
         }

@@ -138,6 +138,17 @@ impl OidcVerifier {
             return self.service_identity(claims);
         }
         let extra = &claims.additional_claims().rest;
+        // Providers type their access tokens `JWT` too (Entra, Okta,
+        // Keycloak); one made for an API on the people's client id would
+        // carry its audience. Their claims give them away.
+        let app_only = extra.get("idtyp").and_then(|v| v.as_str()) == Some("app");
+        if app_only
+            || ["scp", "client_id", "cid"]
+                .iter()
+                .any(|claim| extra.contains_key(*claim))
+        {
+            return Err(AuthError::NotAnIdToken);
+        }
         let groups = match extra.get(&self.config.groups_claim) {
             Some(serde_json::Value::Array(items)) => items
                 .iter()

@@ -235,6 +235,17 @@ impl PendingQueue {
         self.queue.len()
     }
 
+    /// Whether a ReadyForQuery is owed (a Query, Sync or FunctionCall was
+    /// sent and not yet answered to the end).
+    pub fn awaits_ready(&self) -> bool {
+        self.queue.iter().any(|e| {
+            matches!(
+                e,
+                Expect::Query { .. } | Expect::Sync | Expect::FunctionCall | Expect::Internal
+            )
+        })
+    }
+
     /// The oldest entry that expects an answer. CopyEnd markers that reach the
     /// front belong to a COPY that is over (or never started) and are dropped.
     fn front(&mut self) -> Option<&mut Expect> {

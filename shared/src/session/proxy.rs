@@ -511,12 +511,14 @@ impl<'a> Proxy<'a> {
                     self.expiry_timer = None;
                     return Poll::Ready(Ok(Event::TokenExpired));
                 }
+                // Expired and the transaction is over: end before reading
+                // (or passing on) anything more the client sent.
+                if self.token_expired && self.between_transactions() {
+                    return Poll::Ready(Ok(Event::TokenExpired));
+                }
                 let io = self.poll_io(cx);
                 if io.is_pending() && phase == Phase::Draining && self.is_idle() {
                     return Poll::Ready(Ok(Event::Drained));
-                }
-                if io.is_pending() && self.token_expired && self.is_idle() {
-                    return Poll::Ready(Ok(Event::TokenExpired));
                 }
                 io
             })
@@ -526,8 +528,10 @@ impl<'a> Proxy<'a> {
                 Ok(Event::ServerData) => self.on_server_data().and_then(|()| {
                     // Answers may have ended a guard, started its COPY or
                     // let a deferred statement go: carry on with what the
-                    // client sent (each message checks whether it may pass).
-                    if !self.client_in.is_empty() {
+                    // client sent (each message checks whether it may pass),
+                    // unless an expired token's transaction just ended.
+                    let expired_done = self.token_expired && self.between_transactions();
+                    if !self.client_in.is_empty() && !expired_done {
                         self.on_client_data()
                     } else {
                         Ok(())
@@ -596,6 +600,19 @@ impl<'a> Proxy<'a> {
                 SessionState::Running
             });
         }
+    }
+
+    /// No transaction open and nothing owed or on its way upstream; what
+    /// the client sent next may still wait in `client_in`.
+    fn between_transactions(&self) -> bool {
+        self.guard.is_none()
+            && self.deferred.is_none()
+            && self.pending.is_empty()
+            && self.tx_status == TxStatus::Idle
+            && self.server_streaming == 0
+            && self.to_server.is_empty()
+            && self.audit_wait.is_none()
+            && self.held.is_none()
     }
 
     /// Between requests: nothing owed, nothing half-read, no transaction open.
@@ -702,7 +719,9 @@ impl<'a> Proxy<'a> {
     }
 
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Stop>> {
-        if self.to_server.len() >= HIGH_WATER || (self.client_blocked() && self.client_in.len() >= HIGH_WATER) {
+        if self.to_server.len() >= HIGH_WATER
+            || ((self.client_blocked() || self.expiry_blocked()) && self.client_in.len() >= HIGH_WATER)
+        {
             return Poll::Pending;
         }
         reserve_for_read(&mut self.client_in);
@@ -761,6 +780,14 @@ impl<'a> Proxy<'a> {
             if self.client_blocked() && !self.passes_while_blocked(header.tag) {
                 break Ok(());
             }
+            if self.expiry_blocked()
+                && !matches!(
+                    header.tag,
+                    fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL | fe::FLUSH | fe::TERMINATE
+                )
+            {
+                break Ok(());
+            }
             match self.on_frontend(header.tag, &rest[..total]) {
                 Ok(Consumed::Yes) => offset += total,
                 Ok(Consumed::Wait) => break Ok(()),
@@ -775,6 +802,13 @@ impl<'a> Proxy<'a> {
         }
         self.client_in = buf;
         result
+    }
+
+    /// Once the token expired (letting a transaction finish), requests go
+    /// one at a time: each answer's ReadyForQuery says whether the
+    /// transaction is over, and then nothing more runs.
+    fn expiry_blocked(&self) -> bool {
+        self.token_expired && self.pending.awaits_ready()
     }
 
     /// Whether the client's messages must wait: a guard runs, or a guarded
@@ -1741,7 +1775,10 @@ impl<'a> Proxy<'a> {
         if self.server_streaming == 0 {
             self.to_client.extend_from_slice(&encoded);
         } else {
-            self.held_notice = Some(encoded);
+            // After any notice already waiting (a token expiry warning).
+            self.held_notice
+                .get_or_insert_with(BytesMut::new)
+                .extend_from_slice(&encoded);
         }
         self.ctx.live.clear_cancel();
         self.ctx.live.set_upstream_busy(!self.pending.is_empty());
@@ -2743,7 +2780,7 @@ impl<'a> Proxy<'a> {
         let expiry = self.ctx.token_expiry?;
         let at = chrono::DateTime::<chrono::Utc>::from(expiry.at).format("%Y-%m-%d %H:%M:%S UTC");
         if self.token_expired {
-            return Some(if self.is_idle() {
+            return Some(if self.between_transactions() {
                 format!("the token expired at {at}; the session ended after its transaction")
             } else {
                 format!(
@@ -2752,7 +2789,7 @@ impl<'a> Proxy<'a> {
                 )
             });
         }
-        if expiry.mode == crate::config::OnTokenExpiry::End || self.is_idle() {
+        if expiry.mode == crate::config::OnTokenExpiry::End || self.between_transactions() {
             return Some(format!("the token expired at {at}"));
         }
         self.token_expired = true;
@@ -2778,6 +2815,12 @@ impl<'a> Proxy<'a> {
     /// Ends the session because its token expired, telling the client why.
     async fn end_expired(&mut self, detail: String) -> SessionEnd {
         tracing::info!(%detail, "session ended: its token expired");
+        // As for a kill: what still waits for the trail was never sent,
+        // and stays unsent.
+        if let Some(hold) = self.audit_hold.take() {
+            self.to_server.truncate(hold);
+            self.audit_wait = None;
+        }
         self.queue_fatal(
             ErrorFields::new(Severity::Fatal, "28000", format!("terminating connection: {detail}"))
                 .with_hint("sign in again (sluice login) and reconnect"),
