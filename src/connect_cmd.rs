@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::Context;
-use sluice_core::identity::login::TokenCache;
+use sluice_core::identity::login::{self, TokenCache};
 use sluice_core::tunnel::{self, Gateway, TokenSource, Tunnel};
 
 /// A connection gets a token with at least this long left (renewed first
@@ -32,15 +32,47 @@ impl TokenSource for SignedIn {
     }
 }
 
+/// A service's token from the client credentials grant, asked for again
+/// when the one it holds has less than [`TUNNEL_TOKEN_LEFT`] left.
+struct Service {
+    args: crate::login_cmd::ServiceArgs,
+    issuer: String,
+    secret: String,
+    held: tokio::sync::Mutex<Option<(String, i64)>>,
+}
+
+impl TokenSource for Service {
+    async fn token(&self) -> Result<String, String> {
+        let mut held = self.held.lock().await;
+        let now = chrono::Utc::now().timestamp();
+        if let Some((token, exp)) = held.as_ref()
+            && *exp > now + TUNNEL_TOKEN_LEFT
+        {
+            return Ok(token.clone());
+        }
+        let token = self
+            .args
+            .token(&self.issuer, &self.secret)
+            .await
+            .map_err(|err| err.to_string())?;
+        // Read unverified, only to know when to ask again.
+        let exp = login::token_claims(&token).exp;
+        *held = Some((token.clone(), exp));
+        Ok(token)
+    }
+}
+
 pub struct ConnectArgs<'a> {
     pub target: &'a str,
     pub port: u16,
     pub gateway: &'a str,
     pub ca: Option<&'a Path>,
     pub issuer: Option<String>,
+    /// Sign in as this service instead of the person of `sluice login`.
+    pub service: Option<crate::login_cmd::ServiceArgs>,
 }
 
-pub async fn run(args: ConnectArgs<'_>) -> anyhow::Result<()> {
+pub async fn run(mut args: ConnectArgs<'_>) -> anyhow::Result<()> {
     anyhow::ensure!(
         tunnel::CHECKS_PEER_USER,
         "sluice connect needs Linux: this system does not say which user owns a connection, and the tunnel \
@@ -50,22 +82,41 @@ pub async fn run(args: ConnectArgs<'_>) -> anyhow::Result<()> {
         !args.target.is_empty(),
         "name the target: sluice connect TARGET (the database name clients use at the gateway)"
     );
-    let cache = TokenCache::new(TokenCache::default_dir()?);
-    let issuer = crate::login_cmd::issuer(&cache, args.issuer)?;
     let (host, port, tls) = crate::gateway_address(args.gateway, "--gateway", args.ca)?;
-    let encrypted = tls.is_some();
-    // A token now: a user who is not signed in hears it here, not from
-    // their client later.
-    let signed_in = SignedIn { cache, issuer };
-    let tokens = signed_in
-        .cache
-        .fresh(&signed_in.issuer, chrono::Utc::now().timestamp())
-        .await?;
-    let claims = tokens.claims();
-    let who = claims.email.unwrap_or(claims.sub);
     let gateway = Gateway { host, port, tls };
+    // A token now: a user who is not signed in (or a service whose secret
+    // is wrong) hears it here, not from their client later.
+    match args.service.take() {
+        Some(service) => {
+            let (issuer, secret) = service.credentials()?;
+            let who = format!("service {}", service.client_id);
+            let source = Service {
+                args: service,
+                issuer,
+                secret,
+                held: tokio::sync::Mutex::new(None),
+            };
+            source.token().await.map_err(anyhow::Error::msg)?;
+            serve(&args, gateway, source, &who).await
+        }
+        None => {
+            let cache = TokenCache::new(TokenCache::default_dir()?);
+            let issuer = crate::login_cmd::issuer(&cache, args.issuer.clone())?;
+            let tokens = cache
+                .fresh_for(&issuer, chrono::Utc::now().timestamp(), TUNNEL_TOKEN_LEFT)
+                .await?;
+            let claims = tokens.claims();
+            let who = claims.email.unwrap_or(claims.sub);
+            serve(&args, gateway, SignedIn { cache, issuer }, &who).await
+        }
+    }
+}
+
+/// Binds the tunnel, says how to use it, and serves until ctrl-c.
+async fn serve<T: TokenSource>(args: &ConnectArgs<'_>, gateway: Gateway, tokens: T, who: &str) -> anyhow::Result<()> {
+    let encrypted = gateway.tls.is_some();
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
-    let tunnel = Tunnel::bind(listen, args.target, gateway, signed_in)
+    let tunnel = Tunnel::bind(listen, args.target, gateway, tokens)
         .await
         .with_context(|| format!("listening on {listen} (another tunnel on that port? choose one with --port)"))?;
     let local = tunnel.local_addr()?;

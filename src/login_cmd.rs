@@ -141,24 +141,30 @@ pub struct ServiceArgs {
     pub scopes: Vec<String>,
 }
 
+impl ServiceArgs {
+    /// The issuer and the client secret (from the environment only).
+    pub fn credentials(&self) -> anyhow::Result<(String, String)> {
+        let issuer = self
+            .issuer
+            .clone()
+            .context("no issuer: pass --issuer URL (or set SLUICE_ISSUER)")?;
+        let secret = std::env::var("SLUICE_CLIENT_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .context("no client secret: set SLUICE_CLIENT_SECRET (it is never taken from the command line, where other users could read it)")?;
+        Ok((issuer, secret))
+    }
+
+    /// A new access token for the service.
+    pub async fn token(&self, issuer: &str, secret: &str) -> Result<String, login::LoginError> {
+        login::client_credentials(issuer, &self.client_id, secret, self.resource.as_deref(), &self.scopes).await
+    }
+}
+
 /// Prints a service's access token from the client credentials grant.
 pub async fn service_token(args: ServiceArgs) -> anyhow::Result<()> {
-    let issuer = args
-        .issuer
-        .context("no issuer: pass --issuer URL (or set SLUICE_ISSUER)")?;
-    let secret = std::env::var("SLUICE_CLIENT_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .context("no client secret: set SLUICE_CLIENT_SECRET (it is never taken from the command line, where other users could read it)")?;
-    let token = login::client_credentials(
-        &issuer,
-        &args.client_id,
-        &secret,
-        args.resource.as_deref(),
-        &args.scopes,
-    )
-    .await?;
-    println!("{token}");
+    let (issuer, secret) = args.credentials()?;
+    println!("{}", args.token(&issuer, &secret).await?);
     Ok(())
 }
 

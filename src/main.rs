@@ -156,6 +156,8 @@ enum Command {
         ca: Option<PathBuf>,
         #[arg(long, env = "SLUICE_ISSUER")]
         issuer: Option<String>,
+        #[command(flatten)]
+        service: ServiceFlags,
     },
     /// Forget the cached tokens of an issuer.
     Logout {
@@ -174,20 +176,8 @@ enum Command {
     Token {
         #[arg(long, env = "SLUICE_ISSUER")]
         issuer: Option<String>,
-        /// Get a service's token with the OAuth client credentials grant.
-        #[arg(long, requires = "client_id")]
-        client_credentials: bool,
-        /// The service's client id at the provider.
-        #[arg(long, env = "SLUICE_CLIENT_ID")]
-        client_id: Option<String>,
-        /// The resource to ask a token for: the gateway's
-        /// `service_audience` (RFC 8707).
-        #[arg(long, env = "SLUICE_RESOURCE")]
-        resource: Option<String>,
-        /// Scopes to ask for (comma-separated or repeated), as the
-        /// provider wants them (Entra: api://sluice/.default).
-        #[arg(long = "scope", value_delimiter = ',')]
-        scopes: Vec<String>,
+        #[command(flatten)]
+        service: ServiceFlags,
     },
     /// Print the SHA-256 to configure for a service token read from stdin
     /// (or for a new random token with --generate).
@@ -196,6 +186,39 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
+}
+
+/// A service signing in with the OAuth client credentials grant (the
+/// secret from SLUICE_CLIENT_SECRET, never the command line).
+#[derive(clap::Args)]
+struct ServiceFlags {
+    /// Sign in as a service with the OAuth client credentials grant
+    /// instead of as the person of `sluice login`.
+    #[arg(long, requires = "client_id")]
+    client_credentials: bool,
+    /// The service's client id at the provider.
+    #[arg(long, env = "SLUICE_CLIENT_ID")]
+    client_id: Option<String>,
+    /// The resource to ask a token for: the gateway's `service_audience`
+    /// (RFC 8707).
+    #[arg(long, env = "SLUICE_RESOURCE")]
+    resource: Option<String>,
+    /// Scopes to ask for (comma-separated or repeated), as the provider
+    /// wants them.
+    #[arg(long = "scope", value_delimiter = ',')]
+    scopes: Vec<String>,
+}
+
+impl ServiceFlags {
+    /// The service's sign-in, when --client-credentials is given.
+    fn service(self, issuer: Option<String>) -> Option<login_cmd::ServiceArgs> {
+        self.client_credentials.then(|| login_cmd::ServiceArgs {
+            issuer,
+            client_id: self.client_id.unwrap_or_default(),
+            resource: self.resource,
+            scopes: self.scopes,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -434,32 +457,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gateway,
             ca,
             issuer,
+            service,
         } => runtime(1)?.block_on(connect_cmd::run(connect_cmd::ConnectArgs {
             target: &target,
             port,
             gateway: &gateway,
             ca: ca.as_deref(),
+            service: service.service(issuer.clone()),
             issuer,
         })),
         Command::Logout { issuer } => login_cmd::logout(issuer),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
-        Command::Token {
-            issuer,
-            client_credentials: false,
-            ..
-        } => runtime(1)?.block_on(login_cmd::token(issuer)),
-        Command::Token {
-            issuer,
-            client_credentials: true,
-            client_id,
-            resource,
-            scopes,
-        } => runtime(1)?.block_on(login_cmd::service_token(login_cmd::ServiceArgs {
-            issuer,
-            client_id: client_id.unwrap_or_default(),
-            resource,
-            scopes,
-        })),
+        Command::Token { issuer, service } => match service.service(issuer.clone()) {
+            Some(service) => runtime(1)?.block_on(login_cmd::service_token(service)),
+            None => runtime(1)?.block_on(login_cmd::token(issuer)),
+        },
         Command::Bot { config } => {
             let config = sluice_bot::BotConfig::load(&config)?;
             runtime(2)?.block_on(async {

@@ -365,12 +365,15 @@ async fn groups_from_the_provider_choose_the_upstream_role() {
 /// `sluice connect TARGET --port 0` running with `cache`, and the psql
 /// connection string it printed.
 async fn tunnel(gw: &TestGateway, cache: &Path) -> (tokio::process::Child, String) {
-    tunnel_to(&gw.addr.to_string(), &gw.db, cache).await
+    tunnel_to(&gw.addr.to_string(), &gw.db, cache, &[]).await
 }
 
-async fn tunnel_to(gateway: &str, target: &str, cache: &Path) -> (tokio::process::Child, String) {
+/// As [`tunnel`], to any `gateway`, with `extra` arguments.
+async fn tunnel_to(gateway: &str, target: &str, cache: &Path, extra: &[&str]) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["connect", target, "--port", "0", "--gateway", gateway])
+        .args(extra)
+        .env("SLUICE_CLIENT_SECRET", "ci-secret")
         .env("XDG_CACHE_HOME", cache)
         .env_remove("SLUICE_ISSUER")
         .stdout(Stdio::piped())
@@ -459,7 +462,7 @@ async fn connect_lets_psql_in_with_no_password() {
         // Nor does the token go in the clear to a listener of another
         // user: here the test cluster's postmaster, which runs as postgres.
         let postmaster = format!("127.0.0.1:{}", harness::cluster().dev.port());
-        let (_spoof, spoofed) = tunnel_to(&postmaster, &gw.db, &cache).await;
+        let (_spoof, spoofed) = tunnel_to(&postmaster, &gw.db, &cache, &[]).await;
         let out = harness::psql(&spoofed, &["-w", "-c", "SELECT 1"], None).await;
         let said = harness::stderr(&out);
         assert!(!out.status.success());
@@ -512,6 +515,24 @@ async fn services_sign_in_with_client_credentials() {
     let token = stdout(&service_token(&idp, "ci-secret").await).trim().to_string();
     let out = gw.psql(&token, "", &["-c", "SELECT 'as a service'"]).await;
     assert_eq!(harness::stdout_ok(&out), "as a service\n");
+    // A service's tunnel: the same, with no token in its client's hands.
+    let (_tunnel, conn) = tunnel_to(
+        &gw.addr.to_string(),
+        &gw.db,
+        &cache_dir("services-tunnel"),
+        &[
+            "--issuer",
+            &idp.issuer,
+            "--client-credentials",
+            "--client-id",
+            "sluice-ci",
+            "--resource",
+            "urn:sluice",
+        ],
+    )
+    .await;
+    let out = harness::psql(&conn, &["-w", "-c", "SELECT 'tunnelled service'"], None).await;
+    assert_eq!(harness::stdout_ok(&out), "tunnelled service\n");
     // People still sign in beside it with their ID tokens.
     let cache = cache_dir("services");
     sign_in(&idp, &cache, "dana").await;
@@ -569,6 +590,7 @@ async fn services_sign_in_with_client_credentials() {
     assert_eq!(
         opened,
         [
+            ("ci-pipeline".to_string(), vec!["deploy".to_string()]),
             ("ci-pipeline".to_string(), vec!["deploy".to_string()]),
             ("dana@example.com".to_string(), vec!["engineering".to_string()])
         ]

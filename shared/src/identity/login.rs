@@ -82,33 +82,38 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
+/// The claims of a token (an ID token, or a service's JWT access token),
+/// read without verifying it: for showing, and for knowing when to renew.
+/// Each claim is read on its own: one of an odd type (a groups string, a
+/// fractional `exp`) does not lose the others.
+pub fn token_claims(token: &str) -> Claims {
+    let payload: serde_json::Value = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|json| serde_json::from_slice(&json).ok())
+        .unwrap_or_default();
+    let text = |key: &str| payload[key].as_str().map(printable);
+    let groups = match &payload["groups"] {
+        serde_json::Value::Array(items) => items.iter().filter_map(|g| g.as_str()).map(printable).collect(),
+        serde_json::Value::String(one) => vec![printable(one)],
+        _ => Vec::new(),
+    };
+    Claims {
+        sub: text("sub").unwrap_or_default(),
+        iss: text("iss").unwrap_or_default(),
+        email: text("email"),
+        groups,
+        exp: payload["exp"].as_f64().map_or(0, |e| e as i64),
+    }
+}
+
 impl Tokens {
     /// The ID token's claims, read without verifying it (it came from the
     /// provider over TLS and was verified at sign-in; the gateway verifies
     /// it again at every use).
-    /// Each claim is read on its own: one of an odd type (a groups string,
-    /// a fractional `exp`) does not lose the others.
     pub fn claims(&self) -> Claims {
-        let payload: serde_json::Value = self
-            .id_token
-            .split('.')
-            .nth(1)
-            .and_then(|payload| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok())
-            .and_then(|json| serde_json::from_slice(&json).ok())
-            .unwrap_or_default();
-        let text = |key: &str| payload[key].as_str().map(printable);
-        let groups = match &payload["groups"] {
-            serde_json::Value::Array(items) => items.iter().filter_map(|g| g.as_str()).map(printable).collect(),
-            serde_json::Value::String(one) => vec![printable(one)],
-            _ => Vec::new(),
-        };
-        Claims {
-            sub: text("sub").unwrap_or_default(),
-            iss: text("iss").unwrap_or_default(),
-            email: text("email"),
-            groups,
-            exp: payload["exp"].as_f64().map_or(0, |e| e as i64),
-        }
+        token_claims(&self.id_token)
     }
 
     /// Whether the ID token is expired, or will be within a minute.
