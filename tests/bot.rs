@@ -75,18 +75,28 @@ fn hex_string(bytes: &[u8]) -> String {
 }
 
 async fn gateway(test: &str) -> TestGateway {
+    let bot = format!(
+        "\n[[identity.tokens]]\nname = \"approval-bot\"\nsha256 = \"{}\"\ngroups = [\"bots\"]\n",
+        sha256_hex(BOT_TOKEN)
+    );
+    gateway_with(test, &bot, None).await
+}
+
+/// The bot's gateway; `bot` declares the bot's machine identity, in
+/// `extra` (a service token) or in `oidc` (a client-credentials service).
+async fn gateway_with(test: &str, bot: &str, oidc: Option<String>) -> TestGateway {
     let extra = format!(
-        "\n[[identity.tokens]]\nname = \"approval-bot\"\nsha256 = \"{}\"\ngroups = [\"bots\"]\n\n\
+        "{bot}\n\
          [api]\nlisten = \"127.0.0.1:0\"\nviewer_groups = [\"oncall\"]\napprover_groups = [\"engineering\", \"analytics\"]\n\n\
          [[api.delegates]]\nidentity = \"approval-bot\"\nvia = [\"slack\", \"discord\"]\n\
-         people = {{ \"carol@example.com\" = [\"leads\"], \"bob\" = [\"leads\"], \"erin@example.com\" = [\"analysts\"] }}\n",
-        sha256_hex(BOT_TOKEN)
+         people = {{ \"carol@example.com\" = [\"leads\"], \"bob\" = [\"leads\"], \"erin@example.com\" = [\"analysts\"] }}\n"
     );
     let gw = TestGateway::start(
         test,
         Spec {
             policy: Some(POLICY.into()),
             extra,
+            oidc,
             ..Spec::default()
         },
     )
@@ -453,8 +463,34 @@ fn bot_config_with(
     state: &Path,
     slack_extra: &str,
 ) -> BotConfig {
+    let text = bot_config_text(gw, slack, discord, state, slack_extra, "token_env = \"BOT_TOKEN\"\n");
+    BotConfig::parse(&text, Path::new("/tmp/bot.toml"), &bot_env).unwrap()
+}
+
+fn bot_env(name: &str) -> Option<String> {
+    match name {
+        "BOT_TOKEN" => Some(BOT_TOKEN.to_string()),
+        "BOT_CLIENT_SECRET" => Some("ci-secret".to_string()),
+        "SLACK_TOKEN" => Some("xoxb-test".to_string()),
+        "SLACK_SECRET" => Some(SIGNING_SECRET.to_string()),
+        "DISCORD_TOKEN" => Some("discord-test-token".to_string()),
+        "SLACK_APP_TOKEN" => Some("xapp-test".to_string()),
+        _ => None,
+    }
+}
+
+/// The bot's configuration file; `auth`: how it signs in to the gateway
+/// (the `[gateway]` keys, or a `[gateway.client_credentials]` table last).
+fn bot_config_text(
+    gw: &TestGateway,
+    slack: Option<&FakeChat>,
+    discord: Option<&FakeChat>,
+    state: &Path,
+    slack_extra: &str,
+    auth: &str,
+) -> String {
     let mut text = format!(
-        "[gateway]\napi = \"{}\"\ntoken_env = \"BOT_TOKEN\"\nstate = \"{}\"\n",
+        "[gateway]\napi = \"{}\"\nstate = \"{}\"\n{auth}",
         gw.api.as_deref().unwrap(),
         state.display()
     );
@@ -474,15 +510,7 @@ fn bot_config_with(
             discord.addr
         ));
     }
-    let env = |name: &str| match name {
-        "BOT_TOKEN" => Some(BOT_TOKEN.to_string()),
-        "SLACK_TOKEN" => Some("xoxb-test".to_string()),
-        "SLACK_SECRET" => Some(SIGNING_SECRET.to_string()),
-        "DISCORD_TOKEN" => Some("discord-test-token".to_string()),
-        "SLACK_APP_TOKEN" => Some("xapp-test".to_string()),
-        _ => None,
-    };
-    BotConfig::parse(&text, Path::new("/tmp/bot.toml"), &env).unwrap()
+    text
 }
 
 async fn start_bot(config: BotConfig) -> RunningBot {
@@ -1297,4 +1325,58 @@ async fn discord_self_approval_expiry_and_a_restarted_bot() {
         .count();
     assert_eq!(posted, 1, "the restarted bot posted the request again");
     bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_signs_in_with_client_credentials() {
+    // The bot is no service token here: it is the provider's client
+    // sluice-ci, a client-credentials service named approval-bot.
+    let idp = crate::harness::provider::Provider::start("bot", 3600).await;
+    let oidc = format!(
+        "[identity.oidc]\nissuer = \"{}\"\naudience = \"sluice-cli\"\nmin_refresh_interval = \"0s\"\n\
+         service_audience = \"urn:sluice\"\n\n[[identity.oidc.services]]\nclient_id = \"sluice-ci\"\n\
+         name = \"approval-bot\"\ngroups = [\"bots\"]\n",
+        idp.issuer
+    );
+    let gw = gateway_with("bot_client_credentials", "", Some(oidc)).await;
+    let slack = FakeChat::slack().await;
+    let state = state_file("bot_client_credentials");
+    let auth = format!(
+        "\n[gateway.client_credentials]\nissuer = \"{}\"\nclient_id = \"sluice-ci\"\n\
+         secret_env = \"BOT_CLIENT_SECRET\"\nresource = \"urn:sluice\"\n",
+        idp.issuer
+    );
+    // The [slack] table follows the [gateway.client_credentials] one.
+    let text = bot_config_text(&gw, Some(&slack), None, &state, "", &auth);
+    let config = BotConfig::parse(&text, Path::new("/tmp/bot.toml"), &bot_env).unwrap();
+    let bot = start_bot(config).await;
+
+    let psql = bob_runs(&gw, "DELETE FROM orders WHERE id <= 2");
+    let request = pending(&gw, "orders-need-a-lead").await;
+    // Reading the approvals needs the bot's token: the post shows it works.
+    slack
+        .wait_for("chat.postMessage", &format!("\"value\":\"{}\"", request.id))
+        .await;
+    slack_interaction(
+        bot.addr,
+        slack_click(&slack, CAROL, "sluice_approve", request.id),
+        SIGNING_SECRET,
+    )
+    .await;
+    let out = psql.await.unwrap();
+    assert_eq!(harness::stdout_ok(&out), "DELETE 2\n");
+    let view = viewer(&gw).approval(request.id).await.unwrap();
+    assert_eq!(view.approvals[0].by, "carol@example.com");
+    assert_eq!(view.approvals[0].via, "slack");
+    bot.stop().await;
+
+    // A wrong secret stops the bot at start, saying why.
+    let wrong = text.replace("BOT_CLIENT_SECRET", "SLACK_TOKEN");
+    let config = BotConfig::parse(&wrong, Path::new("/tmp/bot.toml"), &bot_env).unwrap();
+    let err = Bot::bind(config)
+        .await
+        .err()
+        .expect("a wrong secret should stop the bot");
+    let said = format!("{err:#}");
+    assert!(said.contains("as sluice-ci (client credentials)"), "{said}");
 }

@@ -29,14 +29,31 @@ impl std::fmt::Debug for Secret {
 pub struct BotConfig {
     /// The control API, `http://127.0.0.1:7480`.
     pub api: String,
-    /// The bot's service token (listed in the gateway's `[[api.delegates]]`).
-    pub token: Secret,
+    /// How the bot signs in to the control API (as the machine identity
+    /// listed in the gateway's `[[api.delegates]]`).
+    pub credential: Credential,
     /// Which message shows which request, kept across restarts.
     pub state: PathBuf,
     /// Where the whole statement can be read: `{id}` is the request id.
     pub full_text_url: String,
     pub slack: Option<SlackConfig>,
     pub discord: Option<DiscordConfig>,
+}
+
+/// The bot's own identity at the gateway.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A static service token (`[[identity.tokens]]`).
+    Token(Secret),
+    /// OAuth client credentials at the gateway's OIDC issuer
+    /// (`[[identity.oidc.services]]`): short-lived tokens, renewed.
+    ClientCredentials {
+        issuer: String,
+        client_id: String,
+        secret: Secret,
+        resource: Option<String>,
+        scopes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +110,19 @@ struct RawGateway {
     token_file: Option<String>,
     state: Option<String>,
     full_text_url: Option<String>,
+    client_credentials: Option<RawClientCredentials>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientCredentials {
+    issuer: String,
+    client_id: String,
+    secret_env: Option<String>,
+    secret_file: Option<String>,
+    resource: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,7 +229,32 @@ impl BotConfig {
                 "gateway.api = \"{api}\": write the control API's URL, such as \"http://127.0.0.1:7480\""
             )));
         }
-        let token = secret("gateway.token", &raw.gateway.token_env, &raw.gateway.token_file)?;
+        let credential = match raw.gateway.client_credentials {
+            Some(cc) => {
+                if raw.gateway.token_env.is_some() || raw.gateway.token_file.is_some() {
+                    return Err(fail(
+                        "give gateway.token_env/token_file or [gateway.client_credentials], not both".to_string(),
+                    ));
+                }
+                if cc.issuer.trim().is_empty() || cc.client_id.trim().is_empty() {
+                    return Err(fail(
+                        "gateway.client_credentials needs issuer (the gateway's OIDC issuer) and client_id".to_string(),
+                    ));
+                }
+                Credential::ClientCredentials {
+                    issuer: cc.issuer.trim().to_string(),
+                    client_id: cc.client_id.trim().to_string(),
+                    secret: secret("gateway.client_credentials.secret", &cc.secret_env, &cc.secret_file)?,
+                    resource: cc.resource,
+                    scopes: cc.scopes,
+                }
+            }
+            None => Credential::Token(secret(
+                "gateway.token",
+                &raw.gateway.token_env,
+                &raw.gateway.token_file,
+            )?),
+        };
         let state = base.join(raw.gateway.state.as_deref().unwrap_or("sluice-bot-state.json"));
         let full_text_url = raw
             .gateway
@@ -317,7 +372,7 @@ impl BotConfig {
         }
         Ok(BotConfig {
             api,
-            token,
+            credential,
             state,
             full_text_url,
             slack,
@@ -366,10 +421,46 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(file);
             let text = std::fs::read_to_string(&path).unwrap();
             let config = BotConfig::parse(&text, &path, &env).unwrap_or_else(|err| panic!("{err}"));
-            assert_eq!(config.token.expose(), "SLUICE_BOT_TOKEN-value");
+            assert!(
+                matches!(&config.credential, Credential::Token(token) if token.expose() == "SLUICE_BOT_TOKEN-value"),
+                "{config:?}"
+            );
             assert!(!format!("{config:?}").contains("-value"), "a secret in Debug");
             assert!(config.slack.is_some() || config.discord.is_some());
         }
+    }
+
+    #[test]
+    fn client_credentials_replace_the_token() {
+        let text = SLACK.replace(
+            "token_env = \"TOKEN\"\n",
+            "[gateway.client_credentials]\nissuer = \"https://login.example.com\"\nclient_id = \"approval-bot\"\n\
+             secret_env = \"TOKEN\"\nresource = \"urn:sluice\"\n",
+        );
+        let config = parse(&text).unwrap();
+        match &config.credential {
+            Credential::ClientCredentials {
+                issuer,
+                client_id,
+                secret,
+                resource,
+                ..
+            } => {
+                assert_eq!(
+                    (issuer.as_str(), client_id.as_str()),
+                    ("https://login.example.com", "approval-bot")
+                );
+                assert_eq!(secret.expose(), "bot-token");
+                assert_eq!(resource.as_deref(), Some("urn:sluice"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{config:?}").contains("bot-token"), "a secret in Debug");
+        let both = text.replace(
+            "[gateway.client_credentials]",
+            "token_env = \"TOKEN\"\n[gateway.client_credentials]",
+        );
+        assert!(parse(&both).unwrap_err().to_string().contains("not both"));
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         api: &str,
-        token: &str,
+        token: sluice_core::api::client::SharedToken,
         slack: Option<Slack>,
         discord: Option<Discord>,
         state_path: PathBuf,
@@ -184,7 +184,7 @@ impl Engine {
     ) -> anyhow::Result<(Arc<Engine>, mpsc::Receiver<u64>)> {
         let state = State::load(&state_path)?;
         let (refresh, refreshes) = mpsc::channel(256);
-        let client = ApiClient::new(api, Some(token));
+        let client = ApiClient::with_shared_token(api, token);
         let deciders = [Platform::Slack, Platform::Discord]
             .into_iter()
             .map(|p| (p.name(), client.clone().via(p.name())))

@@ -11,6 +11,7 @@
 //! - [`render`]: what a message says, masked. [`verify`]: signatures.
 
 pub mod config;
+mod credential;
 pub mod discord;
 pub mod engine;
 pub mod render;
@@ -30,6 +31,8 @@ pub struct Bot {
     engine: std::sync::Arc<engine::Engine>,
     refreshes: tokio::sync::mpsc::Receiver<u64>,
     listeners: Vec<(TcpListener, axum::Router)>,
+    /// Renews a client-credentials token while the bot runs.
+    renewal: Option<futures_util::future::BoxFuture<'static, ()>>,
 }
 
 impl Bot {
@@ -37,9 +40,10 @@ impl Bot {
     pub async fn bind(config: BotConfig) -> anyhow::Result<Bot> {
         let slack = config.slack.clone().map(slack::Slack::new).transpose()?;
         let discord = config.discord.clone().map(discord::Discord::new).transpose()?;
+        let (token, renewal) = credential::sign_in(&config.credential).await?;
         let (engine, refreshes) = engine::Engine::new(
             &config.api,
-            config.token.expose(),
+            token,
             slack,
             discord,
             config.state.clone(),
@@ -67,6 +71,7 @@ impl Bot {
             engine,
             refreshes,
             listeners,
+            renewal,
         })
     }
 
@@ -94,6 +99,16 @@ impl Bot {
         }
         if self.engine.discord().is_some_and(|d| d.listen().is_none()) {
             servers.spawn(discord::gateway_mode(self.engine.clone(), shutdown.clone()).map(Ok));
+        }
+        if let Some(renewal) = self.renewal {
+            let stop = shutdown.clone();
+            servers.spawn(async move {
+                tokio::select! {
+                    () = renewal => {}
+                    () = stop.cancelled() => {}
+                }
+                Ok(())
+            });
         }
         self.engine.run(self.refreshes, shutdown.clone()).await;
         while let Some(result) = servers.join_next().await {

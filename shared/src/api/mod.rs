@@ -512,12 +512,14 @@ async fn decide(
         })
 }
 
-/// The `[[api.delegates]]` entry of a chat bot's service token. Only a
-/// static token can be one: an OIDC identity whose email or subject happens
-/// to equal the name is not the bot.
+/// The `[[api.delegates]]` entry of a chat bot's machine identity. Only a
+/// service token or an OIDC service (client credentials) can be one: a
+/// person whose email or subject happens to equal the name is not the bot.
 fn delegate_of<'a>(shared: &'a Shared, identity: &Identity) -> Option<&'a crate::config::Delegate> {
     match identity.source() {
-        crate::identity::IdentitySource::StaticToken => shared.config.api.delegate(identity.name()),
+        crate::identity::IdentitySource::StaticToken | crate::identity::IdentitySource::OidcService { .. } => {
+            shared.config.api.delegate(identity.name())
+        }
         _ => None,
     }
 }

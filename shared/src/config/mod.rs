@@ -582,7 +582,18 @@ impl Config {
         };
         let masking = raw.masking.map(|m| v.masking(m)).unwrap_or_default();
         let audit = v.audit(raw.audit.unwrap_or_default());
-        let token_names: Vec<&str> = identity.tokens.iter().map(|t| t.name.as_str()).collect();
+        // Machines a bot may be: service tokens and OIDC services.
+        let token_names: Vec<&str> = identity
+            .tokens
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(
+                identity
+                    .oidc
+                    .iter()
+                    .flat_map(|oidc| oidc.services.iter().map(|s| s.name.as_str())),
+            )
+            .collect();
         let api = v.api(raw.api.unwrap_or_default(), &token_names);
         if let Some(server) = &server
             && tls.is_none()
@@ -696,7 +707,8 @@ impl Validator<'_> {
         Ok(policy)
     }
 
-    /// `[api]`; `tokens`: the service tokens' names (a delegate is one).
+    /// `[api]`; `tokens`: the machines' names, of service tokens and OIDC
+    /// services (a delegate is one).
     fn api(&mut self, raw: raw::RawApi, tokens: &[&str]) -> ApiConfig {
         let mut api = ApiConfig {
             enabled: raw.enabled.unwrap_or(true),
@@ -752,7 +764,7 @@ impl Validator<'_> {
                 self.at(
                     &raw.identity,
                     format!(
-                        "api.delegates: \"{identity}\" is not an [[identity.tokens]] name; a bot decides with its own service token"
+                        "api.delegates: \"{identity}\" is not the name of an [[identity.tokens]] entry or an [[identity.oidc.services]] client; a bot decides with its own machine identity"
                     ),
                 );
             }
@@ -1806,7 +1818,7 @@ approve_via = ["console"]
         );
         assert!(
             err.contains(
-                "\"approval-bot\" is not an [[identity.tokens]] name; a bot decides with its own service token"
+                "\"approval-bot\" is not the name of an [[identity.tokens]] entry or an [[identity.oidc.services]] client"
             ),
             "{err}"
         );
