@@ -33,11 +33,13 @@ impl TokenSource for SignedIn {
 }
 
 /// A service's token from the client credentials grant, asked for again
-/// when the one it holds has less than [`TUNNEL_TOKEN_LEFT`] left.
+/// when the one it holds has less than [`TUNNEL_TOKEN_LEFT`] (or half its
+/// life) left.
 struct Service {
     args: crate::login_cmd::ServiceArgs,
     issuer: String,
     secret: String,
+    /// The token and when to ask for the next one.
     held: tokio::sync::Mutex<Option<(String, i64)>>,
 }
 
@@ -45,8 +47,8 @@ impl TokenSource for Service {
     async fn token(&self) -> Result<String, String> {
         let mut held = self.held.lock().await;
         let now = chrono::Utc::now().timestamp();
-        if let Some((token, exp)) = held.as_ref()
-            && *exp > now + TUNNEL_TOKEN_LEFT
+        if let Some((token, renew_at)) = held.as_ref()
+            && *renew_at > now
         {
             return Ok(token.clone());
         }
@@ -56,8 +58,8 @@ impl TokenSource for Service {
             .await
             .map_err(|err| err.to_string())?;
         // Read unverified, only to know when to ask again.
-        let exp = login::token_claims(&token).exp;
-        *held = Some((token.clone(), exp));
+        let claims = login::token_claims(&token);
+        *held = Some((token.clone(), claims.exp - claims.renew_ahead(TUNNEL_TOKEN_LEFT)));
         Ok(token)
     }
 }

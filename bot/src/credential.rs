@@ -71,8 +71,10 @@ impl Request {
 /// Replaces `shared` with a new token before `current` runs out, forever.
 async fn renew(request: Request, shared: SharedToken, mut current: String) {
     loop {
-        let left = login::token_claims(&current).exp - chrono::Utc::now().timestamp();
-        let wait = Duration::from_secs(u64::try_from(left - RENEW_AHEAD).unwrap_or(0)).max(MIN_WAIT);
+        let claims = login::token_claims(&current);
+        let left = claims.exp - chrono::Utc::now().timestamp();
+        let wait =
+            Duration::from_secs(u64::try_from(left - claims.renew_ahead(RENEW_AHEAD)).unwrap_or(0)).max(MIN_WAIT);
         tokio::time::sleep(wait).await;
         match request.token().await {
             Ok(token) => {

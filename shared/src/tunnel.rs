@@ -205,7 +205,7 @@ async fn serve<T: TokenSource>(shared: Arc<Shared<T>>, tcp: TcpStream, peer: Soc
             refuse(
                 "08006",
                 format!(
-                    "sluice connect gave up on the login after {}s (the gateway or the identity provider did not answer)",
+                    "sluice connect gave up on this connection after {}s: its startup or the login to the gateway did not finish",
                     HANDSHAKE_TIMEOUT.as_secs()
                 ),
             )
@@ -423,12 +423,18 @@ async fn forward_cancel(gateway: &Gateway, process_id: i32, secret_key: i32) {
 /// whose local address is `peer` and remote address is our `local`.
 #[cfg(target_os = "linux")]
 fn peer_uid(peer: SocketAddr, local: SocketAddr) -> Result<u32, String> {
-    let table = match peer {
-        SocketAddr::V4(_) => "/proc/net/tcp",
-        SocketAddr::V6(_) => "/proc/net/tcp6",
-    };
-    let text = std::fs::read_to_string(table).map_err(|err| format!("reading {table}: {err}"))?;
-    find_uid(&text, peer, local).ok_or_else(|| format!("no entry for {peer} in {table}"))
+    let read = |table: &str| std::fs::read_to_string(table).map_err(|err| format!("reading {table}: {err}"));
+    if let (SocketAddr::V4(v4_peer), SocketAddr::V4(v4_local)) = (peer, local) {
+        if let Some(uid) = find_uid(&read("/proc/net/tcp")?, peer, local) {
+            return Ok(uid);
+        }
+        // A dual-stack socket (listening on [::]) shows IPv4 addresses as
+        // ::ffff:a.b.c.d in the IPv6 table.
+        let mapped = |a: std::net::SocketAddrV4| SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port());
+        return find_uid(&read("/proc/net/tcp6")?, mapped(v4_peer), mapped(v4_local))
+            .ok_or_else(|| format!("no entry for {peer} in /proc/net/tcp or /proc/net/tcp6"));
+    }
+    find_uid(&read("/proc/net/tcp6")?, peer, local).ok_or_else(|| format!("no entry for {peer} in /proc/net/tcp6"))
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -67,6 +67,23 @@ pub struct Claims {
     pub email: Option<String>,
     pub groups: Vec<String>,
     pub exp: i64,
+    /// When it was issued; 0 when the token does not say.
+    pub iat: i64,
+}
+
+impl Claims {
+    /// How long before `exp` to renew, aiming for `ahead`: no more than
+    /// half the token's life (so a short-lived token is not renewed the
+    /// moment it arrives), but never less than the minute `fresh` keeps.
+    pub fn renew_ahead(&self, ahead: i64) -> i64 {
+        let life = self.exp - self.iat;
+        let capped = if self.iat > 0 && life > 0 {
+            ahead.min(life / 2)
+        } else {
+            ahead
+        };
+        capped.max(ahead.min(REFRESH_AHEAD))
+    }
 }
 
 /// Text from the provider or a token, made safe for a terminal.
@@ -105,6 +122,7 @@ pub fn token_claims(token: &str) -> Claims {
         email: text("email"),
         groups,
         exp: payload["exp"].as_f64().map_or(0, |e| e as i64),
+        iat: payload["iat"].as_f64().map_or(0, |e| e as i64),
     }
 }
 
@@ -121,9 +139,11 @@ impl Tokens {
         self.expires_within(now, REFRESH_AHEAD)
     }
 
-    /// Whether less than `left` seconds remain at `now`.
+    /// Whether less than `left` seconds (at most half the token's life)
+    /// remain at `now`.
     pub fn expires_within(&self, now: i64, left: i64) -> bool {
-        self.claims().exp <= now + left
+        let claims = self.claims();
+        claims.exp <= now + claims.renew_ahead(left)
     }
 }
 
@@ -750,7 +770,13 @@ impl TokenCache {
         if !tokens.expires_within(now, left) {
             return Ok(tokens);
         }
-        let refreshed = refresh(&tokens).await?;
+        let refreshed = match refresh(&tokens).await {
+            Ok(refreshed) => refreshed,
+            // Renewing early failed (the provider is down, or gives no
+            // refresh token): the token in hand still serves a while.
+            Err(_) if left > REFRESH_AHEAD && !tokens.expiring(now) => return Ok(tokens),
+            Err(err) => return Err(err),
+        };
         self.write(&refreshed)?;
         drop(held);
         Ok(refreshed)
@@ -786,6 +812,14 @@ mod tests {
         assert_eq!(loaded.claims().email.as_deref(), Some("dana@example.com"));
         assert_eq!(loaded.claims().groups, ["eng"]);
         assert!(loaded.expiring(50) && !loaded.expiring(39));
+        // Renewing early aims at five minutes, or half the token's life.
+        let hour = token(serde_json::json!({"sub": "d", "iat": 1000, "exp": 4600})).claims();
+        assert_eq!(hour.renew_ahead(300), 300);
+        let five_minutes = token(serde_json::json!({"sub": "d", "iat": 1000, "exp": 1300})).claims();
+        assert_eq!(five_minutes.renew_ahead(300), 150);
+        assert_eq!(five_minutes.renew_ahead(60), 60);
+        let half_minute = token(serde_json::json!({"sub": "d", "iat": 1000, "exp": 1030})).claims();
+        assert_eq!(half_minute.renew_ahead(300), 60);
         assert!(cache.load("https://other.example.com").unwrap().is_none());
         assert!(cache.remove(&tokens.issuer).unwrap());
         assert!(!cache.remove(&tokens.issuer).unwrap());

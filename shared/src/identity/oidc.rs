@@ -141,11 +141,21 @@ impl OidcVerifier {
         // Providers type their access tokens `JWT` too (Entra, Okta,
         // Keycloak); one made for an API on the people's client id would
         // carry its audience. Their claims give them away.
-        let app_only = extra.get("idtyp").and_then(|v| v.as_str()) == Some("app");
-        if app_only
-            || ["scp", "client_id", "cid"]
-                .iter()
-                .any(|claim| extra.contains_key(*claim))
+        let text = |claim: &str| extra.get(claim).and_then(|v| v.as_str());
+        let access_claims = ["scp", "client_id", "cid"]
+            .iter()
+            .any(|claim| extra.contains_key(*claim));
+        // OIDC Core: an `azp` (Entra v1: `appid`) must be our client id.
+        let other_party = claims
+            .authorized_party()
+            .map(|azp| azp.as_str().to_string())
+            .or_else(|| text("appid").map(str::to_string))
+            .is_some_and(|party| party != self.config.audience);
+        if access_claims
+            || other_party
+            || text("idtyp") == Some("app")
+            || text("token_use") == Some("access")
+            || text("typ").is_some_and(|typ| !typ.eq_ignore_ascii_case("ID"))
         {
             return Err(AuthError::NotAnIdToken);
         }

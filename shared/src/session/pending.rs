@@ -235,6 +235,11 @@ impl PendingQueue {
         self.queue.len()
     }
 
+    /// Whether the server is reading a COPY FROM STDIN's data.
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
     /// Whether a ReadyForQuery is owed (a Query, Sync or FunctionCall was
     /// sent and not yet answered to the end).
     pub fn awaits_ready(&self) -> bool {

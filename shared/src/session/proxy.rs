@@ -603,16 +603,16 @@ impl<'a> Proxy<'a> {
     }
 
     /// No transaction open and nothing owed or on its way upstream; what
-    /// the client sent next may still wait in `client_in`.
+    /// the client sent next may still wait in `client_in`, and a statement
+    /// held for approval or deferred behind answers has not started: with
+    /// an expired token, neither will.
     fn between_transactions(&self) -> bool {
         self.guard.is_none()
-            && self.deferred.is_none()
             && self.pending.is_empty()
             && self.tx_status == TxStatus::Idle
             && self.server_streaming == 0
             && self.to_server.is_empty()
             && self.audit_wait.is_none()
-            && self.held.is_none()
     }
 
     /// Between requests: nothing owed, nothing half-read, no transaction open.
@@ -807,8 +807,10 @@ impl<'a> Proxy<'a> {
     /// Once the token expired (letting a transaction finish), requests go
     /// one at a time: each answer's ReadyForQuery says whether the
     /// transaction is over, and then nothing more runs.
+    /// A COPY FROM STDIN's data (and the Syncs drivers send meanwhile)
+    /// still flows: the transaction cannot end without it.
     fn expiry_blocked(&self) -> bool {
-        self.token_expired && self.pending.awaits_ready()
+        self.token_expired && !self.pending.copy_in() && self.pending.awaits_ready()
     }
 
     /// Whether the client's messages must wait: a guard runs, or a guarded
