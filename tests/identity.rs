@@ -328,3 +328,47 @@ async fn an_open_transaction_may_finish_after_the_token_expires() {
     assert_eq!(closed.len(), 3, "{closed:?}");
     assert!(closed.iter().all(|(reason, _)| reason == "token_expired"), "{closed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_held_when_the_token_expires_never_runs() {
+    let issuer = TestIssuer::start().await;
+    let policy = "[policy]\ndefault = \"allow\"\n\n[[policy.rules]]\nname = \"leads-approve-deletes\"\n\
+                  decision = \"require_approval\"\nkinds = [\"write\"]\nrelations = [\"held_at_expiry\"]\n\
+                  approvers = [\"leads\"]\ntimeout = \"5m\"\n";
+    let spec = Spec {
+        oidc: Some(format!(
+            "[identity]\non_token_expiry = \"finish_transaction\"\ntoken_expiry_grace = \"5m\"\n{}",
+            issuer.config("")
+        )),
+        policy: Some(policy.into()),
+        ..oidc_spec(&issuer)
+    };
+    let mut gw = TestGateway::start("expiry_held", spec).await;
+    harness::setup(
+        &gw.db,
+        "CREATE TABLE held_at_expiry (n int); INSERT INTO held_at_expiry VALUES (1)",
+    )
+    .await;
+    let mut claims = issuer.claims("dana@example.com", &["engineering"]);
+    claims["exp"] = json!(now() + 5);
+    let conn = gw.conn_str("tester", &issuer::key(0).token(&claims), "");
+    // Held outside a transaction: it has not started, so the expiry ends
+    // the session at once (not after the 5-minute grace), and it never runs.
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        harness::psql(&conn, &["-c", "DELETE FROM held_at_expiry"], None),
+    )
+    .await
+    .expect("the held session outlived its token");
+    let err = harness::stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("held for approval"), "{err}");
+    assert!(err.contains("terminating connection: the token expired at "), "{err}");
+    assert!(!err.contains("did not finish"), "{err}");
+    assert_eq!(harness::count_rows(&gw.db, "held_at_expiry").await, 1);
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let closed = closed_sessions(&gw);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0].0, "token_expired");
+}
