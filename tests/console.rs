@@ -636,10 +636,22 @@ async fn the_event_stream_resumes_after_a_gateway_restart_missing_nothing() {
 
 /// tmux on its own socket, for one test.
 pub(crate) struct Tmux {
-    pub(crate) socket: std::path::PathBuf,
+    socket: std::path::PathBuf,
 }
 
 impl Tmux {
+    /// A tmux server of its own in `dir`, running `command` in a 110x30
+    /// session named "console".
+    pub(crate) fn start(dir: &std::path::Path, command: &str) -> Tmux {
+        std::fs::create_dir_all(dir).unwrap();
+        let tmux = Tmux {
+            socket: dir.join("tmux.sock"),
+        };
+        let started = tmux.run(&["new-session", "-d", "-s", "console", "-x", "110", "-y", "30", command]);
+        assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+        tmux
+    }
+
     pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         std::process::Command::new("tmux")
             .arg("-S")
@@ -683,10 +695,6 @@ impl Drop for Tmux {
 async fn the_console_binary_in_a_terminal_approves_a_held_delete() {
     let gw = start("console_terminal").await;
     let dir = harness::cluster().dev.dir().join(format!("terminal-{}", gw.db));
-    std::fs::create_dir_all(&dir).unwrap();
-    let tmux = Tmux {
-        socket: dir.join("tmux.sock"),
-    };
     let command = format!(
         "env XDG_STATE_HOME={} NO_COLOR=1 {} console --api {} --token {ALICE} --pg 127.0.0.1:{} --target {}",
         dir.display(),
@@ -695,8 +703,7 @@ async fn the_console_binary_in_a_terminal_approves_a_held_delete() {
         gw.addr.port(),
         gw.db
     );
-    let started = tmux.run(&["new-session", "-d", "-s", "console", "-x", "110", "-y", "30", &command]);
-    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let tmux = Tmux::start(&dir, &command);
     tmux.shows("● http://").await;
 
     let conn = gw.conn_str("bob", BOB, "");

@@ -372,3 +372,47 @@ async fn a_statement_held_when_the_token_expires_never_runs() {
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0].0, "token_expired");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_pipeline_may_finish_after_the_token_expires() {
+    use crate::harness::raw::{self, RawClient};
+    let issuer = TestIssuer::start().await;
+    let mut gw = expiring_gateway(
+        &issuer,
+        "expiry_unsynced",
+        "on_token_expiry = \"finish_transaction\"\ntoken_expiry_grace = \"60s\"",
+    )
+    .await;
+    harness::setup(&gw.db, "CREATE TABLE pipeline_expiry (n int)").await;
+    let mut claims = issuer.claims("dana@example.com", &["engineering"]);
+    let exp = now() + 5;
+    claims["exp"] = json!(exp);
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, &issuer::key(0).token(&claims)).await;
+    // A pipeline (psycopg's, say) flushes without a Sync: the server's
+    // implicit transaction stays open, though the last ReadyForQuery said
+    // idle.
+    let mut batch = raw::parse("", "INSERT INTO pipeline_expiry VALUES (1)");
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::flush());
+    client.send(&batch).await;
+    for expected in [b'1', b'2', b'C'] {
+        assert_eq!(client.recv().await.expect("answer").0, expected);
+    }
+    while now() <= exp + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Past expiry the session waits for that transaction's Sync, then ends.
+    client.send(&raw::sync()).await;
+    let rest = client.until_closed().await;
+    assert_eq!(raw::tags(&rest), "NZE", "a warning, the Sync's answer, the end");
+    assert!(
+        raw::first_error(&rest)[&'M'].contains("the session ended after its transaction"),
+        "{:?}",
+        raw::first_error(&rest)
+    );
+    assert_eq!(harness::count_rows(&gw.db, "pipeline_expiry").await, 1);
+    gw.shutdown.cancel();
+    gw.finished().await;
+}

@@ -97,6 +97,14 @@ async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
     said
 }
 
+/// Every event of `gw`'s trail (after it stopped).
+fn trail(gw: &TestGateway) -> Vec<sluice_core::audit::StoredEvent> {
+    SqliteStore::open_read_only(&gw.audit.path)
+        .unwrap()
+        .events(&EventFilter::default())
+        .unwrap()
+}
+
 fn stdout(output: &Output) -> String {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout.clone()).unwrap()
@@ -144,13 +152,7 @@ async fn login_in_a_browser_then_psql_as_yourself() {
     assert_eq!(harness::stdout_ok(&out), "42\n");
     gw.shutdown.cancel();
     gw.finished().await;
-    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
-    let identities: Vec<String> = store
-        .events(&EventFilter::default())
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| e.event.identity)
-        .collect();
+    let identities: Vec<String> = trail(&gw).into_iter().filter_map(|e| e.event.identity).collect();
     assert!(identities.iter().any(|i| i == "dana@example.com"), "{identities:?}");
 
     let out = sluice(&["logout"], &cache).await;
@@ -170,15 +172,6 @@ async fn an_expiring_token_is_renewed_with_the_refresh_token() {
     let idp = Provider::start("refresh", 30).await;
     let cache = cache_dir("refresh");
     sign_in(&idp, &cache, "erin").await;
-    let cached = |cache: &Path| -> serde_json::Value {
-        let dir = cache.join("sluice/tokens");
-        let file = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|e| e == "json"))
-            .unwrap();
-        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
-    };
     // The gateway first: the renewed token lives 30 s.
     let gw = TestGateway::start("login_refresh", oidc(&idp)).await;
     let first = cached(&cache);
@@ -474,10 +467,7 @@ async fn connect_lets_psql_in_with_no_password() {
 
     gw.shutdown.cancel();
     gw.finished().await;
-    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
-    let sessions: Vec<_> = store
-        .events(&EventFilter::default())
-        .unwrap()
+    let sessions: Vec<_> = trail(&gw)
         .into_iter()
         .filter(|e| e.event.detail.kind() == "session_opened")
         .filter_map(|e| e.event.identity)
@@ -577,10 +567,7 @@ async fn services_sign_in_with_client_credentials() {
 
     gw.shutdown.cancel();
     gw.finished().await;
-    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
-    let opened: Vec<(String, Vec<String>)> = store
-        .events(&EventFilter::default())
-        .unwrap()
+    let opened: Vec<(String, Vec<String>)> = trail(&gw)
         .into_iter()
         .filter_map(|e| match e.event.detail {
             sluice_core::audit::Detail::SessionOpened { groups, .. } => Some((e.event.identity?, groups)),
@@ -607,10 +594,6 @@ async fn the_console_signs_in_with_the_login_cache() {
     let before = cached_refresh_token(&cache);
     let gw = TestGateway::start("login_console", oidc(&idp)).await;
     let dir = harness::cluster().dev.dir().join("console-login-state");
-    std::fs::create_dir_all(&dir).unwrap();
-    let tmux = crate::console::Tmux {
-        socket: dir.join("tmux.sock"),
-    };
     // No --token and no SLUICE_TOKEN: the login cache's.
     let command = format!(
         "env -u SLUICE_TOKEN XDG_CACHE_HOME={} XDG_STATE_HOME={} NO_COLOR=1 {} console --api {} --pg 127.0.0.1:{} --target {}",
@@ -621,8 +604,7 @@ async fn the_console_signs_in_with_the_login_cache() {
         gw.addr.port(),
         gw.db
     );
-    let started = tmux.run(&["new-session", "-d", "-s", "console", "-x", "110", "-y", "30", &command]);
-    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let tmux = crate::console::Tmux::start(&dir, &command);
     // Connected: the API took dana's token (a viewer through engineering).
     tmux.shows("● http://").await;
     assert_ne!(
@@ -637,15 +619,19 @@ async fn the_console_signs_in_with_the_login_cache() {
     .await;
 }
 
-fn cached_refresh_token(cache: &Path) -> String {
+/// The token cache's one issuer file, as JSON.
+fn cached(cache: &Path) -> serde_json::Value {
     let dir = cache.join("sluice/tokens");
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "json"))
         .unwrap();
-    let tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-    tokens["refresh_token"].as_str().unwrap().to_string()
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
+fn cached_refresh_token(cache: &Path) -> String {
+    cached(cache)["refresh_token"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,14 +641,7 @@ async fn an_expired_provider_token_is_refused_and_the_tunnel_renews_it() {
     let cache = cache_dir("expired");
     sign_in(&idp, &cache, "dana").await;
     let gw = TestGateway::start("login_expired", oidc(&idp)).await;
-    let dir = cache.join("sluice/tokens");
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .unwrap();
-    let cached: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-    let stale = cached["id_token"].as_str().unwrap().to_string();
+    let stale = cached(&cache)["id_token"].as_str().unwrap().to_string();
     let payload = stale.split('.').nth(1).unwrap();
     use base64::Engine as _;
     let claims: serde_json::Value = serde_json::from_slice(

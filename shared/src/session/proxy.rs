@@ -376,6 +376,9 @@ pub(crate) struct Proxy<'a> {
     /// end of the grace period for an open transaction.
     expiry_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     token_expired: bool,
+    /// Extended-protocol messages passed on since the last Sync: their
+    /// implicit transaction is still open, whatever ReadyForQuery said.
+    unsynced: bool,
 }
 
 /// A prepared statement as the audit trail records its executions.
@@ -473,6 +476,7 @@ impl<'a> Proxy<'a> {
             checked_text: String::new(),
             expiry_timer,
             token_expired: false,
+            unsynced: false,
         }
     }
 
@@ -608,6 +612,7 @@ impl<'a> Proxy<'a> {
     /// an expired token, neither will.
     fn between_transactions(&self) -> bool {
         self.guard.is_none()
+            && !self.unsynced
             && self.pending.is_empty()
             && self.tx_status == TxStatus::Idle
             && self.server_streaming == 0
@@ -789,7 +794,14 @@ impl<'a> Proxy<'a> {
                 break Ok(());
             }
             match self.on_frontend(header.tag, &rest[..total]) {
-                Ok(Consumed::Yes) => offset += total,
+                Ok(Consumed::Yes) => {
+                    offset += total;
+                    match header.tag {
+                        fe::PARSE | fe::BIND | fe::EXECUTE | fe::DESCRIBE | fe::CLOSE => self.unsynced = true,
+                        fe::SYNC | fe::QUERY => self.unsynced = false,
+                        _ => {}
+                    }
+                }
                 Ok(Consumed::Wait) => break Ok(()),
                 Err(stop) => break Err(stop),
             }
