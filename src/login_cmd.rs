@@ -21,9 +21,13 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-pub async fn login(issuer_arg: Option<String>, client_id: String, device: bool) -> anyhow::Result<()> {
+pub async fn login(issuer_arg: Option<String>, client_id: Option<String>, device: bool) -> anyhow::Result<()> {
     let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
+    // Signing in again keeps the client id this issuer was signed in with.
+    let client_id = client_id
+        .or_else(|| cache.load(&issuer).ok().flatten().map(|tokens| tokens.client_id))
+        .unwrap_or_else(|| "sluice".to_string());
     let tokens = if device {
         login::sign_in_device(&issuer, &client_id, |code| {
             eprintln!(
@@ -49,9 +53,18 @@ pub async fn login(issuer_arg: Option<String>, client_id: String, device: bool) 
     Ok(())
 }
 
-pub fn logout(issuer_arg: Option<String>) -> anyhow::Result<()> {
+pub async fn logout(issuer_arg: Option<String>) -> anyhow::Result<()> {
     let cache = cache()?;
     let issuer = issuer(&cache, issuer_arg)?;
+    // The provider first, so a copy of the cache stops working too; the
+    // local tokens go either way.
+    if let Ok(Some(tokens)) = cache.load(&issuer) {
+        match login::revoke(&tokens).await {
+            Ok(true) => eprintln!("Revoked the refresh token at {issuer}."),
+            Ok(false) => {}
+            Err(err) => eprintln!("Could not revoke the refresh token at {issuer} ({err}); removing it here anyway."),
+        }
+    }
     if cache.remove(&issuer)? {
         eprintln!(
             "Signed out of {issuer}: its tokens are removed from {}",

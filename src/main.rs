@@ -128,8 +128,10 @@ enum Command {
         #[arg(long, env = "SLUICE_ISSUER")]
         issuer: Option<String>,
         /// Sluice's client id at the provider (the gateway's `audience`).
-        #[arg(long, env = "SLUICE_CLIENT_ID", default_value = "sluice")]
-        client_id: String,
+        /// Default: the one used at the last sign-in to this issuer, else
+        /// "sluice".
+        #[arg(long, env = "SLUICE_CLIENT_ID")]
+        client_id: Option<String>,
         /// The device flow, for a machine without a browser: sign in on
         /// another device with the code shown.
         #[arg(long)]
@@ -466,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             service: service.service(issuer.clone()),
             issuer,
         })),
-        Command::Logout { issuer } => login_cmd::logout(issuer),
+        Command::Logout { issuer } => runtime(1)?.block_on(login_cmd::logout(issuer)),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
         Command::Token { issuer, service } => match service.service(issuer.clone()) {
             Some(service) => runtime(1)?.block_on(login_cmd::service_token(service)),

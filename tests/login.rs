@@ -42,7 +42,7 @@ fn login_process(
     tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
 ) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["login", "--issuer", &idp.issuer, "--client-id", "sluice-cli"])
+        .args(["login", "--issuer", &idp.issuer])
         .args(extra)
         .env("XDG_CACHE_HOME", cache)
         .env_remove("DISPLAY")
@@ -55,9 +55,14 @@ fn login_process(
     (child, lines)
 }
 
-/// `sluice login` with `login` at the scripted browser; its stderr.
+/// `sluice login --client-id sluice-cli` with `login` at the scripted
+/// browser; its stderr.
 async fn sign_in(idp: &Provider, cache: &Path, login: &str) -> String {
-    let (mut child, mut lines) = login_process(idp, cache, &[]);
+    sign_in_with(idp, cache, login, &["--client-id", "sluice-cli"]).await
+}
+
+async fn sign_in_with(idp: &Provider, cache: &Path, login: &str, args: &[&str]) -> String {
+    let (mut child, mut lines) = login_process(idp, cache, args);
     let mut said = String::new();
     let url = loop {
         let line = lines
@@ -155,8 +160,20 @@ async fn login_in_a_browser_then_psql_as_yourself() {
     let identities: Vec<String> = trail(&gw).into_iter().filter_map(|e| e.event.identity).collect();
     assert!(identities.iter().any(|i| i == "dana@example.com"), "{identities:?}");
 
+    let before = cached(&cache);
     let out = sluice(&["logout"], &cache).await;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Signed out of"));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        said.contains("Revoked the refresh token at") && said.contains("Signed out of"),
+        "{said}"
+    );
+    // A copy of the cache taken before is worth nothing now.
+    let copied: sluice_core::identity::login::Tokens = serde_json::from_value(before).unwrap();
+    let refused = sluice_core::identity::login::refresh(&copied).await.unwrap_err();
+    assert!(
+        matches!(refused, sluice_core::identity::login::LoginError::Expired { .. }),
+        "{refused}"
+    );
     let out = sluice(&["token", "--issuer", &idp.issuer], &cache).await;
     assert!(!out.status.success());
     assert_eq!(
@@ -199,7 +216,8 @@ async fn the_gateway_follows_a_key_rotation_without_restarting() {
 
     // The provider signs with a new key (kid k2) from now on.
     idp.rotate("k2").await;
-    sign_in(&idp, &cache, "lee").await;
+    // Signing in again needs no --client-id: the cache remembers it.
+    sign_in_with(&idp, &cache, "lee", &[]).await;
     let new = stdout(&sluice(&["token"], &cache).await).trim().to_string();
     let header = |token: &str| -> serde_json::Value {
         use base64::Engine as _;
@@ -214,7 +232,7 @@ async fn the_gateway_follows_a_key_rotation_without_restarting() {
 async fn the_device_flow_signs_in_a_machine_without_a_browser() {
     let idp = Provider::start("device", 3600).await;
     let cache = cache_dir("device");
-    let (mut child, mut lines) = login_process(&idp, &cache, &["--device"]);
+    let (mut child, mut lines) = login_process(&idp, &cache, &["--client-id", "sluice-cli", "--device"]);
     let mut said = String::new();
     let complete = loop {
         let line = lines.next_line().await.unwrap().expect("no device code printed");

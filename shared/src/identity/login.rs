@@ -277,10 +277,13 @@ async fn exchange(
     })
 }
 
-/// The device endpoint, which core discovery metadata does not carry.
+/// The device and revocation endpoints, which core discovery metadata
+/// does not carry.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 struct DeviceEndpoint {
     device_authorization_endpoint: Option<openidconnect::DeviceAuthorizationUrl>,
+    #[serde(default)]
+    revocation_endpoint: Option<openidconnect::RevocationUrl>,
 }
 
 impl openidconnect::AdditionalProviderMetadata for DeviceEndpoint {}
@@ -462,6 +465,53 @@ pub async fn client_credentials(
         _ => LoginError::Provider(format!("cannot reach {issuer}'s token endpoint: {}", token_error(&err))),
     })?;
     Ok(response.access_token().secret().clone())
+}
+
+/// Revokes the refresh token at the provider (RFC 7009), so a copy of the
+/// cache is worth nothing after `sluice logout`. `Ok(false)`: there was
+/// none, or the provider offers no revocation endpoint.
+pub async fn revoke(tokens: &Tokens) -> Result<bool, LoginError> {
+    let Some(refresh) = &tokens.refresh_token else {
+        return Ok(false);
+    };
+    let http = http()?;
+    let metadata = DeviceProviderMetadata::discover_async(issuer_url(&tokens.issuer)?, &http)
+        .await
+        .map_err(|err| LoginError::Provider(format!("cannot discover {}: {}", tokens.issuer, token_error(&err))))?;
+    let Some(endpoint) = metadata.additional_metadata().revocation_endpoint.clone() else {
+        return Ok(false);
+    };
+    // By hand: the oauth2 crate insists on https here, and a provider on
+    // loopback (as for sign-in) is plain http. RFC 7009: a form POST; a
+    // public client names itself in the body.
+    let url = endpoint.url();
+    let loopback = url
+        .host_str()
+        .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
+    if url.scheme() != "https" && !loopback {
+        return Err(LoginError::Provider(format!(
+            "{}'s revocation endpoint is not https; the refresh token was not sent",
+            tokens.issuer
+        )));
+    }
+    let response = http
+        .post(url.clone())
+        .form(&[
+            ("token", refresh.as_str()),
+            ("token_type_hint", "refresh_token"),
+            ("client_id", tokens.client_id.as_str()),
+        ])
+        .send()
+        .await
+        .map_err(|err| LoginError::Provider(format!("cannot reach {}: {}", tokens.issuer, token_error(&err))))?;
+    if !response.status().is_success() {
+        return Err(LoginError::Provider(format!(
+            "{} answered the revocation with HTTP {}",
+            tokens.issuer,
+            response.status().as_u16()
+        )));
+    }
+    Ok(true)
 }
 
 fn token_error<E: std::error::Error>(err: &E) -> String {
