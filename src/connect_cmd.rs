@@ -70,11 +70,11 @@ pub struct ConnectArgs<'a> {
     pub gateway: &'a str,
     pub ca: Option<&'a Path>,
     pub issuer: Option<String>,
-    /// Sign in as this service instead of the person of `sluice login`.
-    pub service: Option<crate::login_cmd::ServiceArgs>,
 }
 
-pub async fn run(mut args: ConnectArgs<'_>) -> anyhow::Result<()> {
+/// `service`: sign in as this service instead of the person of `sluice
+/// login`.
+pub async fn run(args: ConnectArgs<'_>, service: Option<crate::login_cmd::ServiceArgs>) -> anyhow::Result<()> {
     anyhow::ensure!(
         tunnel::CHECKS_PEER_USER,
         "sluice connect needs Linux: this system does not say which user owns a connection, and the tunnel \
@@ -88,7 +88,7 @@ pub async fn run(mut args: ConnectArgs<'_>) -> anyhow::Result<()> {
     let gateway = Gateway { host, port, tls };
     // A token now: a user who is not signed in (or a service whose secret
     // is wrong) hears it here, not from their client later.
-    match args.service.take() {
+    match service {
         Some(service) => {
             let (issuer, secret) = service.credentials()?;
             let who = format!("service {}", service.client_id);

@@ -460,14 +460,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ca,
             issuer,
             service,
-        } => runtime(1)?.block_on(connect_cmd::run(connect_cmd::ConnectArgs {
-            target: &target,
-            port,
-            gateway: &gateway,
-            ca: ca.as_deref(),
-            service: service.service(issuer.clone()),
-            issuer,
-        })),
+        } => runtime(1)?.block_on(connect_cmd::run(
+            connect_cmd::ConnectArgs {
+                target: &target,
+                port,
+                gateway: &gateway,
+                ca: ca.as_deref(),
+                issuer: issuer.clone(),
+            },
+            service.service(issuer),
+        )),
         Command::Logout { issuer } => runtime(1)?.block_on(login_cmd::logout(issuer)),
         Command::Whoami { issuer } => runtime(1)?.block_on(login_cmd::whoami(issuer)),
         Command::Token { issuer, service } => match service.service(issuer.clone()) {
@@ -652,8 +654,7 @@ pub(crate) fn gateway_address(
         .parse()
         .with_context(|| format!("{flag} {address:?}: {port:?} is not a port number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    let tls = if loopback && ca.is_none() {
+    let tls = if sluice_core::net::is_loopback_host(&host) && ca.is_none() {
         None
     } else {
         // The error says what and why in one line (its source is in it).

@@ -18,6 +18,53 @@ pub enum Stream {
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Why [`request_tls`] gave no TLS stream.
+#[derive(Debug)]
+pub enum TlsRequestError {
+    /// Writing the SSLRequest or reading the answer failed.
+    Io(io::Error),
+    /// The server answered N (or E): it does not offer TLS.
+    Refused,
+    /// The server answered something no PostgreSQL server sends.
+    Unexpected(u8),
+    /// The TLS handshake failed (certificate, name, protocol).
+    Handshake(io::Error),
+}
+
+/// Asks a PostgreSQL server (or a gateway) for TLS as libpq does: an
+/// SSLRequest, its one-byte answer, then the handshake.
+pub async fn request_tls(
+    mut tcp: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+) -> Result<Stream, TlsRequestError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = bytes::BytesMut::new();
+    crate::protocol::frontend::encode_ssl_request(&mut request);
+    tcp.write_all(&request).await.map_err(TlsRequestError::Io)?;
+    // Read exactly one byte straight from the socket: anything a man in the
+    // middle injects after it goes to rustls and fails the handshake,
+    // instead of being read as the server's answer (CVE-2021-23222).
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(TlsRequestError::Io)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' | b'E' => return Err(TlsRequestError::Refused),
+        other => return Err(TlsRequestError::Unexpected(other)),
+    }
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(TlsRequestError::Handshake)?;
+    Ok(Stream::ClientTls(Box::new(stream)))
+}
+
+/// Whether a host name (as written, without brackets) is this machine:
+/// `localhost` or a loopback address.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::ServerTls(_) | Stream::ClientTls(_))

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{Connection, Message};
-use crate::net::Stream;
+use crate::net::{Stream, TlsRequestError, request_tls};
 use crate::protocol::backend::tag;
 use crate::protocol::backend::{self, Authentication, ErrorFields, Severity};
 use crate::protocol::frontend;
@@ -63,7 +63,7 @@ impl Gateway {
     /// A connection to the gateway, TLS negotiated as PostgreSQL does it.
     async fn open(&self) -> Result<Stream, String> {
         let address = self.address();
-        let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|err| format!("cannot reach the gateway at {address}: {err}"))?;
         tcp.set_nodelay(true).ok();
@@ -87,29 +87,15 @@ impl Gateway {
                 )),
             };
         };
-        let mut request = BytesMut::new();
-        frontend::encode_ssl_request(&mut request);
-        tcp.write_all(&request)
-            .await
-            .map_err(|err| format!("gateway {address}: {err}"))?;
-        // One byte straight from the socket: whatever follows belongs to
-        // the TLS handshake (CVE-2021-23222).
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer)
-            .await
-            .map_err(|err| format!("gateway {address}: {err}"))?;
-        if answer[0] != b'S' {
-            return Err(format!(
-                "the gateway at {address} does not offer TLS; connect to its TLS listener or, for a gateway on this machine, leave out --ca"
-            ));
-        }
         let name = ServerName::try_from(self.host.clone())
             .map_err(|_| format!("\"{}\" is not a host name TLS can verify", self.host))?;
-        let tls = tokio_rustls::TlsConnector::from(config.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|err| format!("TLS with the gateway at {address} failed: {err}"))?;
-        Ok(Stream::ClientTls(Box::new(tls)))
+        request_tls(tcp, config.clone(), name).await.map_err(|err| match err {
+            TlsRequestError::Io(err) => format!("gateway {address}: {err}"),
+            TlsRequestError::Refused | TlsRequestError::Unexpected(_) => format!(
+                "the gateway at {address} does not offer TLS; connect to its TLS listener or, for a gateway on this machine, leave out --ca"
+            ),
+            TlsRequestError::Handshake(err) => format!("TLS with the gateway at {address} failed: {err}"),
+        })
     }
 }
 

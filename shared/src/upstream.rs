@@ -13,7 +13,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{Secret, Target, UpstreamAddress};
 use crate::conn::{ConnError, Connection};
-use crate::net::Stream;
+use crate::net::{Stream, TlsRequestError};
 use crate::protocol::backend::{self, Authentication, BackendKeyData, ReceivedError, tag};
 use crate::protocol::{TxStatus, frontend};
 use crate::tls::UpstreamTlsConnector;
@@ -89,7 +89,7 @@ pub struct Upstream {
 pub async fn open_stream(target: &Target, tls: Option<&UpstreamTlsConnector>) -> Result<Stream, UpstreamError> {
     let address = target.address.to_string();
     let connect = async {
-        let mut tcp = match &target.address {
+        let tcp = match &target.address {
             UpstreamAddress::Tcp { host, port } => {
                 let tcp =
                     TcpStream::connect((host.as_str(), *port))
@@ -115,45 +115,25 @@ pub async fn open_stream(target: &Target, tls: Option<&UpstreamTlsConnector>) ->
         let Some(tls) = tls else {
             return Ok(Stream::Tcp(tcp));
         };
-        let mut request = BytesMut::new();
-        frontend::encode_ssl_request(&mut request);
-        tcp.write_all(&request).await.map_err(|source| UpstreamError::Connect {
-            address: address.clone(),
-            source,
-        })?;
-        // Read exactly one byte straight from the socket: anything a man in the
-        // middle injects after it goes to rustls and fails the handshake,
-        // instead of being read as the server's answer (CVE-2021-23222).
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer)
+        crate::net::request_tls(tcp, tls.config.clone(), tls.server_name.clone())
             .await
-            .map_err(|source| UpstreamError::Connect {
-                address: address.clone(),
-                source,
-            })?;
-        match answer[0] {
-            b'S' => {}
-            b'N' | b'E' => {
-                return Err(UpstreamError::TlsRefused {
+            .map_err(|err| match err {
+                TlsRequestError::Io(source) => UpstreamError::Connect {
                     address: address.clone(),
-                });
-            }
-            other => {
-                return Err(UpstreamError::Protocol {
+                    source,
+                },
+                TlsRequestError::Refused => UpstreamError::TlsRefused {
+                    address: address.clone(),
+                },
+                TlsRequestError::Unexpected(other) => UpstreamError::Protocol {
                     address: address.clone(),
                     reason: format!("unexpected answer 0x{other:02x} to SSLRequest"),
-                });
-            }
-        }
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        let stream = connector
-            .connect(tls.server_name.clone(), tcp)
-            .await
-            .map_err(|source| UpstreamError::Tls {
-                address: address.clone(),
-                source,
-            })?;
-        Ok(Stream::ClientTls(Box::new(stream)))
+                },
+                TlsRequestError::Handshake(source) => UpstreamError::Tls {
+                    address: address.clone(),
+                    source,
+                },
+            })
     };
     tokio::time::timeout(target.connect_timeout, connect)
         .await

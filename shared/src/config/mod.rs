@@ -9,7 +9,7 @@ mod units;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -1421,9 +1421,7 @@ impl Validator<'_> {
         };
         let local = match &address {
             UpstreamAddress::Unix { .. } => true,
-            UpstreamAddress::Tcp { host, .. } => {
-                host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-            }
+            UpstreamAddress::Tcp { host, .. } => crate::net::is_loopback_host(host),
         };
         let tls = match &raw.tls {
             // A remote database is reached over the network: verify it unless told otherwise.

@@ -156,15 +156,16 @@ fn http() -> Result<reqwest::Client, LoginError> {
         .map_err(|err| LoginError::Provider(format!("cannot make an HTTP client: {err}")))
 }
 
+/// Whether tokens may be sent to `url`: https, or anything on loopback.
+fn https_or_loopback(url: &url::Url) -> bool {
+    url.scheme() == "https" || url.host_str().is_some_and(crate::net::is_loopback_host)
+}
+
 /// The issuer's URL: https, or plain http on loopback only.
 fn issuer_url(issuer: &str) -> Result<IssuerUrl, LoginError> {
     let url = IssuerUrl::new(issuer.to_string())
         .map_err(|err| LoginError::Provider(format!("{issuer} is not an issuer URL: {err}")))?;
-    let loopback = url
-        .url()
-        .host_str()
-        .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
-    if url.url().scheme() != "https" && !loopback {
+    if !https_or_loopback(url.url()) {
         return Err(LoginError::Provider(format!(
             "{issuer} is not https: tokens would cross the network in the clear"
         )));
@@ -263,11 +264,23 @@ async fn exchange(
         .request_async(http)
         .await
         .map_err(|err| LoginError::Refused(token_error(&err)))?;
+    verified_tokens(&response, &client.id_token_verifier(), nonce, issuer, client_id)
+}
+
+/// What a sign-in keeps, once its ID token verifies (signature, issuer,
+/// audience, expiry, and the nonce where the flow has one).
+fn verified_tokens(
+    response: &openidconnect::core::CoreTokenResponse,
+    verifier: &openidconnect::core::CoreIdTokenVerifier<'_>,
+    nonce: impl openidconnect::NonceVerifier,
+    issuer: &str,
+    client_id: &str,
+) -> Result<Tokens, LoginError> {
     let id_token = response
         .id_token()
         .ok_or_else(|| LoginError::Refused("the provider returned no ID token".into()))?;
     id_token
-        .claims(&client.id_token_verifier(), nonce)
+        .claims(verifier, nonce)
         .map_err(|err| LoginError::Refused(format!("the ID token does not verify: {err}")))?;
     Ok(Tokens {
         issuer: issuer.to_string(),
@@ -362,19 +375,9 @@ pub async fn sign_in_device(
         .request_async(&http, tokio::time::sleep, Some(LOGIN_TIMEOUT))
         .await
         .map_err(|err| LoginError::Refused(printable(&token_error(&err))))?;
-    let id_token = response
-        .id_token()
-        .ok_or_else(|| LoginError::Refused("the provider returned no ID token".into()))?;
     // No nonce in the device flow.
-    id_token
-        .claims(&client.id_token_verifier(), |_: Option<&Nonce>| Ok(()))
-        .map_err(|err| LoginError::Refused(format!("the ID token does not verify: {err}")))?;
-    Ok(Tokens {
-        issuer: issuer.to_string(),
-        client_id: client_id.to_string(),
-        id_token: id_token.to_string(),
-        refresh_token: response.refresh_token().map(|r| r.secret().clone()),
-    })
+    let no_nonce = |_: Option<&Nonce>| Ok(());
+    verified_tokens(&response, &client.id_token_verifier(), no_nonce, issuer, client_id)
 }
 
 /// A new ID token from the refresh token.
@@ -485,10 +488,7 @@ pub async fn revoke(tokens: &Tokens) -> Result<bool, LoginError> {
     // loopback (as for sign-in) is plain http. RFC 7009: a form POST; a
     // public client names itself in the body.
     let url = endpoint.url();
-    let loopback = url
-        .host_str()
-        .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
-    if url.scheme() != "https" && !loopback {
+    if !https_or_loopback(url) {
         return Err(LoginError::Provider(format!(
             "{}'s revocation endpoint is not https; the refresh token was not sent",
             tokens.issuer
