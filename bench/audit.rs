@@ -26,6 +26,7 @@ fn event(n: u64) -> Event {
             features: vec![],
             tags: vec![],
         }],
+        done: None,
     })
     .in_session("01a226e8d0b877c19f28ebda52a3ceaa")
     .by("bench", "bench")

@@ -141,6 +141,7 @@ fn statement(seq: u64, text: &str, decision: &str, rule: Option<&str>, features:
             features: features.iter().map(|f| f.to_string()).collect(),
             tags: vec!["finance".into()],
         }],
+        done: None,
     }
 }
 

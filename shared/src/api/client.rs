@@ -308,6 +308,7 @@ impl ApiClient {
             response,
             buffer: Vec::new(),
             base: self.base.clone(),
+            completion: None,
         })
     }
 }
@@ -318,11 +319,29 @@ pub struct EventStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
     base: String,
+    /// The completion of the statement just returned, when the trail kept
+    /// the two as one row (the stream sends rows): returned next.
+    completion: Option<StoredEvent>,
 }
 
 impl EventStream {
-    /// The next event; `None` when the gateway closed the stream.
+    /// The next event; `None` when the gateway closed the stream. A
+    /// statement the trail kept with its completion comes as the two
+    /// events, one after the other ([`StoredEvent::expand`]).
     pub async fn next(&mut self) -> Option<Result<StoredEvent, ClientError>> {
+        if let Some(done) = self.completion.take() {
+            return Some(Ok(done));
+        }
+        let row = self.next_row().await?;
+        Some(row.map(|row| {
+            let (event, done) = row.expand();
+            self.completion = done;
+            event
+        }))
+    }
+
+    /// The next row of the trail, as sent.
+    async fn next_row(&mut self) -> Option<Result<StoredEvent, ClientError>> {
         loop {
             if let Some(end) = find_blank_line(&self.buffer) {
                 let block: Vec<u8> = self.buffer.drain(..end.1).collect();

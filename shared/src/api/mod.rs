@@ -801,7 +801,7 @@ async fn events(
         loop {
             let after = last;
             let page = read_trail(&shared, move |store| {
-                store.events(&EventFilter {
+                store.rows(&EventFilter {
                     after_id: Some(after),
                     limit: Some(PAGE),
                     ..EventFilter::default()

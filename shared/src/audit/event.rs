@@ -75,8 +75,17 @@ pub enum Detail {
         /// Each statement of the text, as the classifier read it.
         #[serde(default)]
         statements: Vec<StatementRecord>,
+        /// How it ended, when that was known before the writer stored it
+        /// (almost always): the trail then keeps the statement and its
+        /// completion as one event, and readers see the two
+        /// ([`StoredEvent::expand`](super::StoredEvent::expand)). Last, so
+        /// that its stored form is the statement's with this appended
+        /// ([`join_completion`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        done: Option<Completion>,
     },
-    /// How an allowed statement ended.
+    /// How an allowed statement ended. Its fields after `seq` are
+    /// [`Completion`]'s, in the same order.
     StatementDone {
         seq: u64,
         /// Rows returned or affected, when the server said.
@@ -192,6 +201,56 @@ impl Detail {
     }
 }
 
+/// How a statement ended: [`Detail::StatementDone`] without its `seq`,
+/// field for field, so that the stored forms line up
+/// ([`join_completion`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    pub duration_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<ColumnRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sample: Vec<Vec<Option<String>>>,
+}
+
+/// Joins a completion to its statement in their stored forms (`statement`
+/// without `done`, and `done`, a [`Detail::StatementDone`]), in place:
+/// `statement` becomes what serializing it with `done` set gives, without
+/// serializing anything again. False, and nothing changed, when they are
+/// not such stored forms.
+pub fn join_completion(statement: &mut String, done: &str) -> bool {
+    let Some(fields) = completion_fields(done) else {
+        return false;
+    };
+    if !statement.ends_with('}') {
+        return false;
+    }
+    statement.pop();
+    statement.push_str(",\"done\":{");
+    statement.push_str(fields);
+    statement.push('}');
+    true
+}
+
+/// A completion's fields in its stored form: what follows its `seq`, up to
+/// and including the closing brace. A serialized event has its envelope
+/// (`at`, `session`, `identity`, `target`) first, then `type` and `seq`;
+/// inside a JSON string every quote is escaped, so the first
+/// `"type":"statement_done","seq":` is the real one.
+fn completion_fields(done: &str) -> Option<&str> {
+    const TAG: &str = "\"type\":\"statement_done\",\"seq\":";
+    let after = &done[done.find(TAG)? + TAG.len()..];
+    let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+    let rest = after[digits..].strip_prefix(',')?;
+    (digits > 0 && rest.ends_with('}')).then_some(rest)
+}
+
 /// One column of a statement's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColumnRecord {
@@ -278,6 +337,32 @@ impl Event {
         self.identity = Some(identity.into());
         self.target = Some(target.into());
         self
+    }
+
+    /// Takes a statement's completion out of it (see [`Detail::Statement`]'s
+    /// `done`), as the [`Detail::StatementDone`] event it stands for, timed
+    /// at the statement's time plus its duration.
+    pub fn take_completion(&mut self) -> Option<Event> {
+        let Detail::Statement { seq, done, .. } = &mut self.detail else {
+            return None;
+        };
+        let done = done.take()?;
+        let took = chrono::Duration::microseconds(i64::try_from(done.duration_us).unwrap_or(i64::MAX));
+        Some(Event {
+            at: self.at.checked_add_signed(took).unwrap_or(self.at),
+            session: self.session.clone(),
+            identity: self.identity.clone(),
+            target: self.target.clone(),
+            detail: Detail::StatementDone {
+                seq: *seq,
+                rows: done.rows,
+                duration_us: done.duration_us,
+                sqlstate: done.sqlstate,
+                skipped: done.skipped,
+                columns: done.columns,
+                sample: done.sample,
+            },
+        })
     }
 
     /// The stored form: the bytes the chain hashes.
@@ -444,6 +529,8 @@ pub struct Record {
     pub json: String,
     pub at: DateTime<Utc>,
     pub kind: &'static str,
+    /// A statement's or completion's number in its session (else 0).
+    pub seq: u64,
     pub session: Option<String>,
     pub identity: Option<String>,
     pub target: Option<String>,
@@ -464,14 +551,25 @@ impl Record {
             target,
             detail,
         } = event;
+        let seq = match detail {
+            Detail::Statement { seq, .. } | Detail::StatementDone { seq, .. } => seq,
+            _ => 0,
+        };
         Record {
             json,
             at,
             kind: detail.kind(),
+            seq,
             session,
             identity,
             target,
         }
+    }
+
+    /// Joins its completion (`done`, the stored form of its
+    /// [`Detail::StatementDone`]) to this statement ([`join_completion`]).
+    pub fn join(&mut self, done: &str) -> bool {
+        join_completion(&mut self.json, done)
     }
 
     /// The event back from its stored form (for the live stream).
@@ -505,6 +603,7 @@ mod tests {
                 features: vec![],
                 tags: vec!["pii".into()],
             }],
+            done: None,
         })
         .in_session("s1")
         .by("alice", "shop");
@@ -514,5 +613,83 @@ mod tests {
         assert_eq!(back, event);
         assert_eq!(back.detail.kind(), "statement");
         assert!(event.at_text().ends_with('Z'));
+    }
+
+    fn statement(text: &str) -> Event {
+        Event::now(Detail::Statement {
+            seq: 41,
+            source: "query".into(),
+            text: text.into(),
+            decision: "allow".into(),
+            rule: None,
+            refusal: None,
+            statements: vec![],
+            done: None,
+        })
+        .in_session("s\"1")
+        .by("a\"type\":\"statement_done\",\"seq\":7,", "shop")
+    }
+
+    fn completion() -> Completion {
+        Completion {
+            rows: Some(2),
+            duration_us: 1500,
+            sqlstate: None,
+            skipped: false,
+            columns: vec![ColumnRecord {
+                name: "seq\":9,".into(),
+                origin: None,
+                masking: "detectors".into(),
+                tags: vec![],
+            }],
+            sample: vec![vec![Some("}".into()), None]],
+        }
+    }
+
+    fn done_of(statement: &Event, done: &Completion) -> Event {
+        let Detail::Statement { seq, .. } = statement.detail else {
+            unreachable!()
+        };
+        Event {
+            at: statement.at + chrono::Duration::microseconds(done.duration_us as i64),
+            session: statement.session.clone(),
+            identity: statement.identity.clone(),
+            target: statement.target.clone(),
+            detail: Detail::StatementDone {
+                seq,
+                rows: done.rows,
+                duration_us: done.duration_us,
+                sqlstate: done.sqlstate.clone(),
+                skipped: done.skipped,
+                columns: done.columns.clone(),
+                sample: done.sample.clone(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_merged_statement_is_what_serializing_it_with_its_completion_gives() {
+        // Texts that look like the markers the merge looks for, in every
+        // string before and after them.
+        for text in ["SELECT 1", "SELECT '\"type\":\"statement_done\",\"seq\":1,}'", "}"] {
+            let bare = statement(text);
+            let done = done_of(&bare, &completion());
+            let mut whole = bare.clone();
+            if let Detail::Statement { done, .. } = &mut whole.detail {
+                *done = Some(completion());
+            }
+            let mut merged = bare.to_json();
+            assert!(join_completion(&mut merged, &done.to_json()));
+            assert_eq!(merged, whole.to_json());
+            let mut back: Event = serde_json::from_str(&merged).unwrap();
+            assert_eq!(back, whole);
+            // Read back, it is the two events again.
+            assert_eq!(back.take_completion(), Some(done));
+            assert_eq!(back, bare);
+        }
+        let bare = statement("x").to_json();
+        let mut merged = bare.clone();
+        assert!(!join_completion(&mut merged, &statement("y").to_json()));
+        assert_eq!(merged, bare, "nothing changed");
     }
 }

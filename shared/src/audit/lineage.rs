@@ -231,6 +231,7 @@ mod tests {
                 features: vec![],
                 tags: tags.iter().map(|t| t.to_string()).collect(),
             }],
+            done: None,
         }
     }
 

@@ -25,11 +25,11 @@ mod writer;
 use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
-pub use event::{AccessAsk, ColumnRecord, Detail, Event, Record, StatementRecord};
+pub use event::{AccessAsk, ColumnRecord, Completion, Detail, Event, Record, StatementRecord, join_completion};
 pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
-pub use writer::{Auditor, Durable, HealthSnapshot, Unavailable, WriterOptions};
+pub use writer::{Auditor, Durable, HealthSnapshot, Ticket, Unavailable, WriterOptions};
 
 /// How hard a commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

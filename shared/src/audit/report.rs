@@ -462,6 +462,7 @@ mod tests {
                     rule: None,
                     refusal: Some("no drops".into()),
                     statements: vec![],
+                    done: None,
                 },
             ),
             ev(
@@ -546,6 +547,7 @@ mod tests {
                         features: vec![],
                         tags: vec![],
                     }],
+                    done: None,
                 },
             ),
             ev(

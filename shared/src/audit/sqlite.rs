@@ -80,6 +80,11 @@ impl SqliteStore {
         // Something else holding the trail's write lock for a second makes
         // it unavailable: sessions are refused rather than left hanging.
         conn.busy_timeout(std::time::Duration::from_secs(1)).map_err(&err)?;
+        // A new trail gets 16 KiB pages (SQLite's default is 4): a batch of
+        // events then takes a quarter of the page writes and system calls,
+        // and the writer about a fifth less time per event. Only an empty
+        // file takes it; an existing trail keeps its size.
+        conn.execute_batch("PRAGMA page_size = 16384;").map_err(&err)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .map_err(&err)?;
@@ -97,8 +102,11 @@ impl SqliteStore {
         // MiB rather than 4) makes them a quarter as frequent. A page cache
         // of 32 MiB (rather than 2) keeps the index pages a batch updates in
         // memory instead of reading them back from the file each commit.
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0)).map_err(&err)?;
+        let checkpoint_pages = (16 << 20) / page_size.max(512);
         conn.execute_batch(&format!(
-            "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 4096; PRAGMA cache_size = -32768;"
+            "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = {checkpoint_pages}; \
+             PRAGMA cache_size = -32768;"
         ))
         .map_err(&err)?;
         conn.execute_batch(SCHEMA)
@@ -157,7 +165,23 @@ impl SqliteStore {
             .map_err(sql_error(&self.path, "reading the newest event"))
     }
 
+    /// Events in order, filtered: a statement kept with its completion is
+    /// the two events ([`StoredEvent::expand`]), and `limit` counts rows.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, AuditError> {
+        let rows = self.rows(filter)?;
+        let mut out = Vec::with_capacity(rows.len() + rows.len() / 2);
+        for row in rows {
+            let (event, done) = row.expand();
+            out.push(event);
+            out.extend(done);
+        }
+        Ok(out)
+    }
+
+    /// The trail's rows in order, filtered, as stored: a statement kept
+    /// with its completion is one (the event stream's unit, whose cursor is
+    /// the row's id).
+    pub fn rows(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, AuditError> {
         let err = sql_error(&self.path, "reading audit events");
         let mut stmt = self
             .conn
@@ -385,6 +409,19 @@ pub struct StoredEvent {
     pub id: u64,
     #[serde(flatten)]
     pub event: Event,
+}
+
+impl StoredEvent {
+    /// The events this stored one stands for: itself, or for a statement
+    /// kept with its completion ([`crate::audit::Detail::Statement`]'s
+    /// `done`), the statement and then its completion, with the same id.
+    pub fn expand(mut self) -> (StoredEvent, Option<StoredEvent>) {
+        let done = self
+            .event
+            .take_completion()
+            .map(|event| StoredEvent { id: self.id, event });
+        (self, done)
+    }
 }
 
 /// One session, summed up from its events.

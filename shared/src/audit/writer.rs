@@ -117,6 +117,9 @@ enum Sleep {
 #[derive(Debug)]
 struct Queue {
     events: Vec<Queued>,
+    /// Counts the writer's takes: a [`Ticket`] of an earlier round points
+    /// into a queue the writer has taken.
+    round: u64,
     controls: Vec<Control>,
     /// Events in `events` someone waits for, plus controls.
     urgent: usize,
@@ -199,6 +202,14 @@ const PUBLISH_BUFFER: usize = 4096;
 /// Resolves once a write-ahead event is durable, or with why it cannot be.
 pub struct Durable(Wait);
 
+/// Where a statement's event waits for the writer, so that its completion
+/// can join it there ([`Auditor::complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    round: u64,
+    index: usize,
+}
+
 enum Wait {
     /// Durable already (in the journal), or refused.
     Ready(Option<Result<(), Unavailable>>),
@@ -276,6 +287,7 @@ impl Auditor {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 events: Vec::new(),
+                round: 0,
                 controls: Vec::new(),
                 urgent: 0,
                 next,
@@ -297,6 +309,7 @@ impl Auditor {
             shared: shared.clone(),
             retry: VecDeque::new(),
             prefaulted,
+            taken: None,
             last_signed: None,
             signed_at: Instant::now(),
             pruned_at: None,
@@ -335,15 +348,55 @@ impl Auditor {
     pub fn record(&self, event: Event) {
         // Nobody waits: an event that did not fit in the journal is
         // simply written with the next batch.
-        drop(self.send(event, false));
+        drop(self.send(event, false).0);
     }
 
     /// Records an event the caller must not act on before it is durable.
     pub fn write_ahead(&self, event: Event) -> Durable {
+        self.send(event, true).0
+    }
+
+    /// Records a statement's event write-ahead ([`Auditor::write_ahead`]);
+    /// the ticket lets its completion join it.
+    pub fn write_ahead_statement(&self, event: Event) -> (Durable, Ticket) {
         self.send(event, true)
     }
 
-    fn send(&self, event: Event, write_ahead: bool) -> Durable {
+    /// Records how a statement ended (a [`Detail::StatementDone`]). While
+    /// the statement's event (`ticket`) still waits for the writer, which
+    /// is almost always, the two become one event in the trail: half the
+    /// rows, hashes and bytes per statement. Either way the completion is
+    /// in the journal as its own event, so that a crash loses neither.
+    pub fn complete(&self, ticket: Option<Ticket>, done: Event) {
+        let record = Record::new(done);
+        let shared = &self.handle.shared;
+        let mut queue = shared.queue();
+        let queue = &mut *queue;
+        let journal = shared.journal.as_ref().and_then(|journal| {
+            journal
+                .append(&mut queue.next, queue.ingested, record.json.as_bytes())
+                .map(|()| queue.next)
+        });
+        if let Some(ticket) = ticket
+            && ticket.round == queue.round
+            && let Some(statement) = queue.events.get_mut(ticket.index)
+            && statement.record.kind == "statement"
+            && statement.record.seq == record.seq
+            && statement.record.session == record.session
+            && statement.record.join(&record.json)
+        {
+            return;
+        }
+        shared.health.queued.fetch_add(1, Ordering::Relaxed);
+        queue.events.push(Queued {
+            record,
+            ack: None,
+            journal,
+        });
+        self.wake(queue, false);
+    }
+
+    fn send(&self, event: Event, write_ahead: bool) -> (Durable, Ticket) {
         // Serialized here, on the session's thread, outside the lock.
         let record = Record::new(event);
         let shared = &self.handle.shared;
@@ -368,9 +421,13 @@ impl Auditor {
         };
         let urgent = ack.is_some();
         queue.urgent += usize::from(urgent);
+        let ticket = Ticket {
+            round: queue.round,
+            index: queue.events.len(),
+        };
         queue.events.push(Queued { record, ack, journal });
         self.wake(queue, urgent);
-        durable
+        (durable, ticket)
     }
 
     /// Wakes the writer if it sleeps and this is what it waits for.
@@ -434,11 +491,32 @@ impl Auditor {
 /// Writes what the journal holds beyond the trail's mark to the trail;
 /// returns where the journal continues.
 fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<Mark, AuditError> {
-    let mut records = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    // Statements whose completion may follow, as the live writer joins
+    // them (`Auditor::complete`).
+    let mut open: std::collections::HashMap<(Option<String>, u64), usize> = std::collections::HashMap::new();
     let mut last = from;
     for (mark, json) in journal.recover(from) {
         match serde_json::from_str::<Event>(&json) {
-            Ok(event) => records.push(Record::stored(event, json)),
+            Ok(event) => {
+                let record = Record::stored(event, json);
+                let key = (record.session.clone(), record.seq);
+                match record.kind {
+                    "statement" => {
+                        open.insert(key, records.len());
+                    }
+                    "statement_done" => {
+                        if let Some(at) = open.remove(&key)
+                            && records[at].join(&record.json)
+                        {
+                            last = mark;
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
+                records.push(record);
+            }
             Err(err) => {
                 tracing::warn!(error = %err, seq = last.seq, "an event in the audit journal cannot be read; recovery stops there");
                 break;
@@ -469,6 +547,8 @@ struct Writer {
     retry: VecDeque<Queued>,
     /// How far ahead the journal's pages are mapped writable.
     prefaulted: u64,
+    /// How far into the journal the events taken so far reach.
+    taken: Option<Mark>,
     /// The newest signed position.
     last_signed: Option<u64>,
     signed_at: Instant,
@@ -483,7 +563,9 @@ impl Writer {
         let mut events: Vec<Queued> = Vec::with_capacity(1024);
         let mut controls: Vec<Control> = Vec::new();
         loop {
-            let closed = self.take(&mut events, &mut controls);
+            let mut taken = self.taken;
+            let closed = self.take(&mut events, &mut controls, &mut taken);
+            self.taken = taken;
             let sign = controls.iter().any(|c| matches!(c, Control::Sign(_)));
             // One transaction for everything taken (a round with nothing
             // new still tries a failing store again).
@@ -506,7 +588,7 @@ impl Writer {
 
     /// Waits for work, lets journal events gather, and takes what is
     /// queued; returns whether every [`Auditor`] is gone.
-    fn take(&self, events: &mut Vec<Queued>, controls: &mut Vec<Control>) -> bool {
+    fn take(&self, events: &mut Vec<Queued>, controls: &mut Vec<Control>, taken: &mut Option<Mark>) -> bool {
         let shared = &self.shared;
         let wait = if self.failing() {
             RETRY_EVERY
@@ -542,6 +624,12 @@ impl Writer {
         }
         queue.sleep = Sleep::Awake;
         queue.urgent = 0;
+        queue.round += 1;
+        if self.shared.journal.is_some() {
+            // Everything in the journal so far is in what is taken now (a
+            // completion that joined its statement has no entry of its own).
+            *taken = Some(queue.next);
+        }
         std::mem::swap(events, &mut queue.events);
         controls.append(&mut queue.controls);
         shared.health.queued.fetch_sub(events.len() as u64, Ordering::Relaxed);
@@ -588,7 +676,7 @@ impl Writer {
         }
         batch.append(events);
         let count = batch.len() as u64;
-        let journal = batch.iter().rev().find_map(|q| q.journal);
+        let journal = self.taken;
         let records: Vec<&Record> = batch.iter().map(|q| &q.record).collect();
         match self.store.append_records(&records, journal) {
             Ok(last) => {
@@ -976,6 +1064,244 @@ mod tests {
             })
             .collect();
         assert_eq!(grants, ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn statement(session: &str, seq: u64) -> Event {
+        Event::now(Detail::Statement {
+            seq,
+            source: "query".into(),
+            text: format!("SELECT {seq}"),
+            decision: "allow".into(),
+            rule: None,
+            refusal: None,
+            statements: vec![],
+            done: None,
+        })
+        .in_session(session)
+        .by("alice", "shop")
+    }
+
+    fn done(session: &str, seq: u64) -> Event {
+        Event::now(Detail::StatementDone {
+            seq,
+            rows: Some(seq),
+            duration_us: 250,
+            sqlstate: None,
+            skipped: false,
+            columns: vec![],
+            sample: vec![vec![Some(format!("row of {seq}"))]],
+        })
+        .in_session(session)
+        .by("alice", "shop")
+    }
+
+    /// What the trail holds, row by row: kind, session, seq, and whether a
+    /// statement carries its completion.
+    fn rows(store: &SqliteStore) -> Vec<(u64, String, String, u64, bool)> {
+        store
+            .rows(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                let (seq, joined) = match &row.event.detail {
+                    Detail::Statement { seq, done, .. } => (*seq, done.is_some()),
+                    Detail::StatementDone { seq, .. } => (*seq, false),
+                    _ => (0, false),
+                };
+                let session = row.event.session.clone().unwrap_or_default();
+                (row.id, row.event.detail.kind().to_string(), session, seq, joined)
+            })
+            .collect()
+    }
+
+    fn row(id: u64, kind: &str, session: &str, seq: u64, joined: bool) -> (u64, String, String, u64, bool) {
+        (id, kind.into(), session.into(), seq, joined)
+    }
+
+    /// A store whose first append waits until the test lets it go: what is
+    /// sent meanwhile waits in the queue, whatever the machine's timing.
+    struct Gated {
+        inner: SqliteStore,
+        entered: Option<std::sync::mpsc::Sender<()>>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl AuditStore for Gated {
+        fn append_records(&mut self, records: &[&Record], journal: Option<Mark>) -> Result<u64, AuditError> {
+            if let Some(entered) = self.entered.take() {
+                entered.send(()).unwrap();
+                self.release.recv().unwrap();
+            }
+            self.inner.append_records(records, journal)
+        }
+        fn journal_mark(&self) -> Mark {
+            self.inner.journal_mark()
+        }
+        fn head(&self) -> (u64, super::super::Hash) {
+            self.inner.head()
+        }
+        fn record_head(&mut self, head: &super::super::SignedHead) -> Result<(), AuditError> {
+            self.inner.record_head(head)
+        }
+        fn prune(&mut self, before: &str) -> Result<Option<(u64, u64)>, AuditError> {
+            self.inner.prune(before)
+        }
+    }
+
+    /// A completion that comes while its statement's event waits for the
+    /// writer joins it: one row. Readers still see the two events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completion_joins_its_waiting_statement_in_one_row() {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-joins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (entered, entered_rx) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let store = Gated {
+            inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
+            entered: Some(entered),
+            release: release_rx,
+        };
+        let key = dir.join("audit.key");
+        let signer = Signer::load_or_create(&key).unwrap();
+        let (auditor, handle) = Auditor::start(
+            Box::new(store),
+            Signer::load_or_create(&key).unwrap(),
+            WriterOptions {
+                sign_every: 100,
+                sign_interval: Duration::from_secs(3600),
+                head_file: dir.join("audit.head"),
+                retention: None,
+                journal: crate::audit::journal_path(&dir.join("audit.db")),
+                sync: SyncMode::Normal,
+            },
+        )
+        .unwrap();
+        // The writer takes this and stays in its append until released.
+        auditor.record(grant(0));
+        let flushed = auditor.control(Control::Flush);
+        entered_rx.recv().unwrap();
+        let (durable, a) = auditor.write_ahead_statement(statement("s1", 1));
+        durable.await.unwrap();
+        let (durable, b) = auditor.write_ahead_statement(statement("s2", 1));
+        durable.await.unwrap();
+        auditor.complete(Some(a), done("s1", 1));
+        // A ticket that does not point at this completion's statement (another
+        // number) joins nothing.
+        auditor.complete(Some(b), done("s2", 7));
+        release.send(()).unwrap();
+        flushed.await.unwrap();
+        auditor.flush().await;
+        // Taken by the writer already: the completion is a row of its own.
+        let (durable, c) = auditor.write_ahead_statement(statement("s1", 2));
+        durable.await.unwrap();
+        auditor.flush().await;
+        auditor.complete(Some(c), done("s1", 2));
+        auditor.complete(None, done("s2", 1));
+        assert_eq!(auditor.health().written, 5);
+        drop(auditor);
+        handle.join().unwrap();
+
+        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
+        let head = read_head_file(&dir.join("audit.head")).unwrap();
+        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(
+            rows(&store)[1..],
+            [
+                row(2, "statement", "s1", 1, true),
+                row(3, "statement", "s2", 1, false),
+                row(4, "statement_done", "s2", 7, false),
+                row(5, "statement", "s1", 2, false),
+                row(6, "statement_done", "s1", 2, false),
+                row(7, "statement_done", "s2", 1, false),
+            ]
+        );
+        let events = store.events(&crate::audit::EventFilter::default()).unwrap();
+        let kinds: Vec<(u64, &str)> = events.iter().map(|e| (e.id, e.event.detail.kind())).collect();
+        assert_eq!(
+            kinds[1..],
+            [
+                (2, "statement"),
+                (2, "statement_done"),
+                (3, "statement"),
+                (4, "statement_done"),
+                (5, "statement"),
+                (6, "statement_done"),
+                (7, "statement_done")
+            ]
+        );
+        let events = &events[1..];
+        let Detail::StatementDone { seq, rows, sample, .. } = &events[1].event.detail else {
+            panic!("{:?}", events[1]);
+        };
+        assert_eq!(
+            (*seq, *rows, sample.as_slice()),
+            (1, Some(1), &[vec![Some("row of 1".to_string())]][..])
+        );
+        assert_eq!(events[1].event.session.as_deref(), Some("s1"));
+        assert_eq!(
+            events[1].event.at,
+            events[0].event.at + chrono::Duration::microseconds(250)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// After a crash the journal holds completions as events of their own;
+    /// recovery joins each to its statement when that is recovered too, as
+    /// the live writer would have.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_joins_completions_to_their_statements() {
+        let (dir, auditor, handle, signer) = setup("recover-joins");
+        let (durable, _) = auditor.write_ahead_statement(statement("s1", 1));
+        durable.await.unwrap();
+        auditor.flush().await;
+        drop(auditor);
+        handle.join().unwrap();
+        {
+            let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+            let journal = Journal::open(&crate::audit::journal_path(&dir.join("audit.db"))).unwrap();
+            let mut next = store.journal_mark();
+            for event in [statement("s1", 2), done("s1", 1), statement("s2", 1), done("s1", 2)] {
+                journal
+                    .append(
+                        &mut next,
+                        store.journal_mark().offset,
+                        Record::new(event).json.as_bytes(),
+                    )
+                    .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let key = dir.join("audit.key");
+        let (auditor, handle) = Auditor::start(
+            Box::new(store),
+            Signer::load_or_create(&key).unwrap(),
+            WriterOptions {
+                sign_every: 100,
+                sign_interval: Duration::from_secs(3600),
+                head_file: dir.join("audit.head"),
+                retention: None,
+                journal: crate::audit::journal_path(&dir.join("audit.db")),
+                sync: SyncMode::Normal,
+            },
+        )
+        .unwrap();
+        drop(auditor);
+        handle.join().unwrap();
+        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
+        let head = read_head_file(&dir.join("audit.head")).unwrap();
+        assert!(store.verify(&signer.public_key(), head.as_ref()).unwrap().ok());
+        assert_eq!(
+            rows(&store),
+            [
+                row(1, "statement", "s1", 1, false),
+                row(2, "statement", "s1", 2, true),
+                row(3, "statement_done", "s1", 1, false),
+                row(4, "statement", "s2", 1, false),
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

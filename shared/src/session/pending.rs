@@ -95,6 +95,9 @@ pub enum Owner {
 pub struct Mark {
     /// The statement's number in the session's trail.
     pub seq: u64,
+    /// Where its event waits for the audit writer, for its completion to
+    /// join it.
+    pub ticket: Option<crate::audit::Ticket>,
     pub started: Instant,
     /// Rows its CommandCompletes reported.
     pub rows: Option<u64>,

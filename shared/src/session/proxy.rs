@@ -1617,15 +1617,19 @@ impl<'a> Proxy<'a> {
             auditor.record(event);
             return None;
         }
-        if self.ctx.audit_continue && !auditor.available() {
+        let ticket = if self.ctx.audit_continue && !auditor.available() {
             tracing::warn!("the audit trail is behind: a statement runs before its event is written");
             auditor.record(event);
+            None
         } else {
-            self.audit_wait = Some(auditor.write_ahead(event));
+            let (durable, ticket) = auditor.write_ahead_statement(event);
+            self.audit_wait = Some(durable);
             self.audit_hold.get_or_insert(self.to_server.len());
-        }
+            Some(ticket)
+        };
         Some(Mark {
             seq: self.audit_seq,
+            ticket,
             started: std::time::Instant::now(),
             rows: None,
             sqlstate: None,
@@ -1655,6 +1659,7 @@ impl<'a> Proxy<'a> {
             rule,
             refusal,
             statements,
+            done: None,
         })
         .in_session(self.ctx.session_id)
         .by(self.ctx.identity.name(), self.ctx.target)
@@ -2039,7 +2044,8 @@ impl<'a> Proxy<'a> {
             self.ctx.metrics.took(mark.started.elapsed());
         }
         let Some(auditor) = self.ctx.auditor else { return };
-        auditor.record(
+        auditor.complete(
+            mark.ticket,
             audit::Event::now(audit::Detail::StatementDone {
                 seq: mark.seq,
                 rows: mark.rows,
