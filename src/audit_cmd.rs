@@ -360,22 +360,37 @@ pub fn export(files: &TrailFiles, since: Option<&str>, until: Option<&str>, form
     };
     let store = files.open()?;
     let events = store.events(&filter)?;
+    // A row of the trail may keep several events (a statement with its
+    // completion, a session's statements): `part` numbers them, so that
+    // (id, part) names each event once.
+    let parts: Vec<u64> = events
+        .iter()
+        .scan(None, |last: &mut Option<(u64, u64)>, stored| {
+            let part = match *last {
+                Some((id, part)) if id == stored.id => part + 1,
+                _ => 0,
+            };
+            *last = Some((stored.id, part));
+            Some(part)
+        })
+        .collect();
     use std::io::Write as _;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match format {
         "jsonl" => {
-            for stored in events {
+            for (stored, part) in events.into_iter().zip(parts) {
                 let mut value = serde_json::to_value(&stored.event)?;
                 if let Some(object) = value.as_object_mut() {
                     object.insert("id".into(), stored.id.into());
+                    object.insert("part".into(), part.into());
                 }
                 writeln!(out, "{value}")?;
             }
         }
         "csv" => {
-            writeln!(out, "id,at,type,session,identity,target,decision,text,event")?;
-            for stored in events {
+            writeln!(out, "id,part,at,type,session,identity,target,decision,text,event")?;
+            for (stored, part) in events.into_iter().zip(parts) {
                 let event = &stored.event;
                 let (decision, text) = match &event.detail {
                     Detail::Statement { decision, text, .. } => (decision.as_str(), text.as_str()),
@@ -383,6 +398,7 @@ pub fn export(files: &TrailFiles, since: Option<&str>, until: Option<&str>, form
                 };
                 let fields = [
                     stored.id.to_string(),
+                    part.to_string(),
                     event.at.to_rfc3339_opts(SecondsFormat::Micros, true),
                     event.detail.kind().to_string(),
                     event.session.clone().unwrap_or_default(),

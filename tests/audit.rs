@@ -469,7 +469,7 @@ async fn the_audit_commands_read_a_real_trail() {
     let out = sluice(&["export", "--format", "csv"]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        text.starts_with("id,at,type,session,identity,target,decision,text,event\n"),
+        text.starts_with("id,part,at,type,session,identity,target,decision,text,event\n"),
         "{text}"
     );
     let dir = harness::cluster().dev.dir().join(format!("evidence-{}", gw.db));
@@ -486,7 +486,7 @@ async fn the_audit_commands_read_a_real_trail() {
     // Someone edits the trail: verify says where, and fails.
     let db = rusqlite::Connection::open(&gw.audit.path).unwrap();
     db.execute(
-        "UPDATE events SET body = replace(body, 'DROP TABLE people', 'SELECT 1') WHERE kind = 'statement'",
+        "UPDATE events SET body = replace(body, 'DROP TABLE people', 'SELECT 1') WHERE body LIKE '%DROP TABLE people%'",
         [],
     )
     .unwrap();

@@ -518,7 +518,7 @@ async fn follow_until(
     while !done(console) {
         let action = tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await
-            .expect("the stream moves within 30 s")
+            .unwrap_or_else(|_| panic!("the stream moves within 30 s: {seen:?} {links:?}"))
             .expect("the stream task is alive");
         match &action {
             Action::Event(event) => seen.push((event.id, event.event.detail.kind())),

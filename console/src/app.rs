@@ -254,7 +254,7 @@ pub struct App {
     pub quit: bool,
     /// Ask before quitting (the demo: quitting removes its database).
     pub confirm_quit: bool,
-    /// The newest event id seen: where the stream resumes.
+    /// The newest event id seen (the id of the trail's row it came in).
     pub last_event: u64,
     /// Lines of guidance at the bottom (the demo's how-to-connect).
     pub footer: Vec<String>,
@@ -376,7 +376,10 @@ fn apply(app: &mut App, action: Action) -> Vec<Command> {
             });
         }
         Action::Event(event) => {
-            if event.id > app.last_event {
+            // Events a row of the trail keeps together (a statement with its
+            // completion, a session's statements) share its id and come one
+            // after the other; a stream that resumes starts after a whole row.
+            if event.id >= app.last_event {
                 app.last_event = event.id;
                 app.stats.note(&event);
                 if app.live.note(&event) || approval_event(&event.event.detail) {

@@ -730,6 +730,39 @@ fn the_error_after_a_long_notice_stays_in_view() {
     assert!(screen.contains("HINT: approval request 1 is cancelled"), "{screen}");
 }
 
+/// A row of the trail may keep several events (a statement with its
+/// completion, a session's statements): they come with one id, and each
+/// counts.
+#[test]
+fn events_of_one_row_share_its_id_and_all_count() {
+    let mut app = app();
+    for detail in [
+        statement(1, "SELECT 1", "allow", None, &[]),
+        done(1, 2, 900),
+        statement(2, "SELECT 2", "allow", None, &[]),
+        statement(3, "SELECT 3", "allow", None, &[]),
+        done(3, 4, 900),
+    ] {
+        update(&mut app, Action::Event(Box::new(event(3, 0, "s", "alice", detail))));
+    }
+    let items: Vec<(String, Option<Option<u64>>)> = app
+        .activity
+        .visible()
+        .map(|item| match &item.event.event.detail {
+            Detail::Statement { text, .. } => (text.clone(), item.done.as_ref().map(|d| d.rows)),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        items,
+        [
+            ("SELECT 3".into(), Some(Some(4))),
+            ("SELECT 2".into(), None),
+            ("SELECT 1".into(), Some(Some(2)))
+        ]
+    );
+}
+
 #[test]
 fn a_far_away_second_does_not_fill_the_pulse_history() {
     let mut app = app();

@@ -59,10 +59,20 @@ impl ActivityView {
                 ..
             } => {
                 let key = (event.event.session.clone().unwrap_or_default(), *seq);
-                if let Some(id) = self.open.remove(&key)
-                    && let Ok(at) = self.items.binary_search_by_key(&id, |item| item.event.id)
-                {
-                    self.items[at].done = Some(Done {
+                // Items are in id order; several may share one (a row of the
+                // trail that keeps a session's statements).
+                let item = self.open.remove(&key).and_then(|id| {
+                    let from = self.items.partition_point(|item| item.event.id < id);
+                    self.items
+                        .range_mut(from..)
+                        .take_while(|item| item.event.id == id)
+                        .find(|item| {
+                            matches!(&item.event.event.detail, Detail::Statement { seq: s, .. } if s == seq)
+                                && item.event.event.session == event.event.session
+                        })
+                });
+                if let Some(item) = item {
+                    item.done = Some(Done {
                         rows: *rows,
                         duration_us: *duration_us,
                         sqlstate: sqlstate.clone(),

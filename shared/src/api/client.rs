@@ -308,7 +308,7 @@ impl ApiClient {
             response,
             buffer: Vec::new(),
             base: self.base.clone(),
-            completion: None,
+            expanded: std::collections::VecDeque::new(),
         })
     }
 }
@@ -319,25 +319,30 @@ pub struct EventStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
     base: String,
-    /// The completion of the statement just returned, when the trail kept
-    /// the two as one row (the stream sends rows): returned next.
-    completion: Option<StoredEvent>,
+    /// The rest of the events of the row just read (the stream sends the
+    /// trail's rows; one may keep several events), next first.
+    expanded: std::collections::VecDeque<StoredEvent>,
 }
 
 impl EventStream {
-    /// The next event; `None` when the gateway closed the stream. A
-    /// statement the trail kept with its completion comes as the two
-    /// events, one after the other ([`StoredEvent::expand`]).
+    /// The next event; `None` when the gateway closed the stream. A row
+    /// of the trail that keeps several events (a statement with its
+    /// completion, statements of one session) comes as each of them, one
+    /// after the other, with the row's id ([`StoredEvent::expand`]).
     pub async fn next(&mut self) -> Option<Result<StoredEvent, ClientError>> {
-        if let Some(done) = self.completion.take() {
-            return Some(Ok(done));
+        loop {
+            if let Some(event) = self.expanded.pop_front() {
+                return Some(Ok(event));
+            }
+            match self.next_row().await? {
+                Ok(row) => {
+                    let mut events = Vec::new();
+                    row.expand(&mut events);
+                    self.expanded.extend(events);
+                }
+                Err(err) => return Some(Err(err)),
+            }
         }
-        let row = self.next_row().await?;
-        Some(row.map(|row| {
-            let (event, done) = row.expand();
-            self.completion = done;
-            event
-        }))
     }
 
     /// The next row of the trail, as sent.

@@ -46,6 +46,12 @@ pub enum Detail {
         #[serde(default)]
         labels: BTreeMap<String, String>,
     },
+    /// Statement events of one session that the writer took in one batch
+    /// and stored as one row (see `writer::rows`): fewer rows, hashes and
+    /// index entries per statement. The envelope is the first one's;
+    /// readers see the statements themselves
+    /// ([`StoredEvent::expand`](super::StoredEvent::expand)).
+    Statements { statements: Vec<Event> },
     /// A login or session start that did not succeed.
     SessionRefused {
         client: String,
@@ -188,6 +194,7 @@ impl Detail {
             Detail::SessionOpened { .. } => "session_opened",
             Detail::SessionRefused { .. } => "session_refused",
             Detail::Statement { .. } => "statement",
+            Detail::Statements { .. } => "statements",
             Detail::StatementDone { .. } => "statement_done",
             Detail::UnmaskGrantUsed { .. } => "unmask_grant_used",
             Detail::SessionClosed { .. } => "session_closed",
@@ -236,6 +243,36 @@ pub fn join_completion(statement: &mut String, done: &str) -> bool {
     statement.push_str(fields);
     statement.push('}');
     true
+}
+
+/// Starts the stored form of a [`Detail::Statements`] row in `into` with
+/// `first`, the stored form of a statement event, whose envelope (`at`,
+/// `session`, `identity`, `target`) the row takes; false, and `into` left
+/// empty, when `first` is not one. Members follow with
+/// [`group_statement`], and [`end_statements`] closes the row: the result
+/// is exactly what serializing the row's `Event` gives.
+pub fn start_statements(first: &str, into: &mut String) -> bool {
+    const TAG: &str = "\"type\":\"statement\",";
+    into.clear();
+    // As in `completion_fields`: the first such tag is the real one.
+    let Some(at) = first.find(TAG) else {
+        return false;
+    };
+    into.push_str(&first[..at]);
+    into.push_str("\"type\":\"statements\",\"statements\":[");
+    into.push_str(first);
+    true
+}
+
+/// Adds a statement event's stored form to a row [`start_statements`] began.
+pub fn group_statement(member: &str, into: &mut String) {
+    into.push(',');
+    into.push_str(member);
+}
+
+/// Closes a row [`start_statements`] began.
+pub fn end_statements(into: &mut String) {
+    into.push_str("]}");
 }
 
 /// A completion's fields in its stored form: what follows its `seq`, up to
@@ -339,6 +376,25 @@ impl Event {
         self
     }
 
+    /// The events this one stands for, in order, into `out`: itself; for
+    /// a statement kept with its completion, the statement and then the
+    /// completion ([`Event::take_completion`]); for several statements
+    /// kept as one row, each of them so.
+    pub fn expand(mut self, out: &mut Vec<Event>) {
+        match &mut self.detail {
+            Detail::Statements { statements } => {
+                for statement in std::mem::take(statements) {
+                    statement.expand(out);
+                }
+            }
+            _ => {
+                let done = self.take_completion();
+                out.push(self);
+                out.extend(done);
+            }
+        }
+    }
+
     /// Takes a statement's completion out of it (see [`Detail::Statement`]'s
     /// `done`), as the [`Detail::StatementDone`] event it stands for, timed
     /// at the statement's time plus its duration.
@@ -431,6 +487,7 @@ impl Event {
                 let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
                 format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0)
             }
+            Detail::Statements { statements } => format!("{} statements", statements.len()),
             Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
             Detail::SessionClosed {
                 reason,
@@ -665,6 +722,45 @@ mod tests {
                 sample: done.sample.clone(),
             },
         }
+    }
+
+    #[test]
+    fn a_row_of_statements_is_what_serializing_it_gives_and_expands_to_them() {
+        let mut first = statement("SELECT '\"type\":\"statement\",'");
+        let Detail::Statement { done, .. } = &mut first.detail else {
+            unreachable!()
+        };
+        *done = Some(completion());
+        let second = statement("}]");
+        let third = statement("SELECT 3");
+        let mut json = String::new();
+        assert!(start_statements(&first.to_json(), &mut json));
+        group_statement(&second.to_json(), &mut json);
+        group_statement(&third.to_json(), &mut json);
+        end_statements(&mut json);
+        let row = Event {
+            at: first.at,
+            session: first.session.clone(),
+            identity: first.identity.clone(),
+            target: first.target.clone(),
+            detail: Detail::Statements {
+                statements: vec![first.clone(), second.clone(), third.clone()],
+            },
+        };
+        assert_eq!(json, row.to_json());
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, row);
+        let mut events = Vec::new();
+        back.expand(&mut events);
+        let mut bare = first.clone();
+        let done = bare.take_completion().unwrap();
+        assert_eq!(events, [bare, done, second, third]);
+        // Only a statement's stored form starts a row.
+        assert!(!start_statements(
+            &Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).to_json(),
+            &mut json
+        ));
+        assert!(json.is_empty());
     }
 
     #[test]

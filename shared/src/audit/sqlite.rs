@@ -165,15 +165,15 @@ impl SqliteStore {
             .map_err(sql_error(&self.path, "reading the newest event"))
     }
 
-    /// Events in order, filtered: a statement kept with its completion is
-    /// the two events ([`StoredEvent::expand`]), and `limit` counts rows.
+    /// Events in order, filtered: a row that keeps several (a statement
+    /// and its completion, statements of one session) gives each
+    /// ([`StoredEvent::expand`]). Filters and `limit` apply to rows: a
+    /// row's time and identity are its first event's.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, AuditError> {
         let rows = self.rows(filter)?;
-        let mut out = Vec::with_capacity(rows.len() + rows.len() / 2);
+        let mut out = Vec::with_capacity(rows.len() * 2);
         for row in rows {
-            let (event, done) = row.expand();
-            out.push(event);
-            out.extend(done);
+            row.expand(&mut out);
         }
         Ok(out)
     }
@@ -339,8 +339,11 @@ impl SqliteStore {
                    WHERE kind IN ('session_opened', 'session_refused') AND session IS NOT NULL \
                    ORDER BY id DESC LIMIT ?1) \
                  SELECT e.session, MIN(e.at), MAX(e.at), MAX(e.identity), MAX(e.target), \
-                   SUM(e.kind = 'statement'), \
-                   SUM(e.kind = 'statement' AND json_extract(e.body, '$.refusal') IS NOT NULL) \
+                   SUM(CASE e.kind WHEN 'statement' THEN 1 \
+                     WHEN 'statements' THEN json_array_length(e.body, '$.statements') ELSE 0 END), \
+                   SUM(CASE e.kind WHEN 'statement' THEN json_extract(e.body, '$.refusal') IS NOT NULL \
+                     WHEN 'statements' THEN (SELECT COUNT(*) FROM json_each(e.body, '$.statements') \
+                       WHERE json_extract(value, '$.refusal') IS NOT NULL) ELSE 0 END) \
                      + SUM(e.kind = 'approval_decided' \
                            AND json_extract(e.body, '$.decision') IN ('denied', 'expired', 'cancelled')), \
                    MAX(CASE WHEN e.kind = 'session_closed' THEN json_extract(e.body, '$.reason') END), \
@@ -412,15 +415,14 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// The events this stored one stands for: itself, or for a statement
-    /// kept with its completion ([`crate::audit::Detail::Statement`]'s
-    /// `done`), the statement and then its completion, with the same id.
-    pub fn expand(mut self) -> (StoredEvent, Option<StoredEvent>) {
-        let done = self
-            .event
-            .take_completion()
-            .map(|event| StoredEvent { id: self.id, event });
-        (self, done)
+    /// The events this row of the trail stands for, in order, into `out`,
+    /// each with the row's id ([`Event::expand`]): itself; a statement
+    /// kept with its completion (`done`) and then the completion; or the
+    /// statements of a [`crate::audit::Detail::Statements`] row.
+    pub fn expand(self, out: &mut Vec<StoredEvent>) {
+        let mut events = Vec::new();
+        self.event.expand(&mut events);
+        out.extend(events.into_iter().map(|event| StoredEvent { id: self.id, event }));
     }
 }
 
