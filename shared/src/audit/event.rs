@@ -226,21 +226,65 @@ pub struct Completion {
     pub sample: Vec<Vec<Option<String>>>,
 }
 
-/// Joins a completion to its statement in their stored forms (`statement`
-/// without `done`, and `done`, a [`Detail::StatementDone`]), in place:
-/// `statement` becomes what serializing it with `done` set gives, without
-/// serializing anything again. False, and nothing changed, when they are
-/// not such stored forms.
-pub fn join_completion(statement: &mut String, done: &str) -> bool {
-    let Some(fields) = completion_fields(done) else {
-        return false;
-    };
-    if !statement.ends_with('}') {
+impl Completion {
+    /// Its stored form, as [`join_completion`] takes it.
+    pub fn to_json(&self) -> String {
+        // As `Event::to_json`: serializing these types cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The completion of statement `seq` as an event of its own.
+    pub fn into_done(self, seq: u64) -> Detail {
+        Detail::StatementDone {
+            seq,
+            rows: self.rows,
+            duration_us: self.duration_us,
+            sqlstate: self.sqlstate,
+            skipped: self.skipped,
+            columns: self.columns,
+            sample: self.sample,
+        }
+    }
+
+    /// A [`Detail::StatementDone`]'s completion and its `seq`.
+    pub fn of_done(detail: Detail) -> Option<(u64, Completion)> {
+        match detail {
+            Detail::StatementDone {
+                seq,
+                rows,
+                duration_us,
+                sqlstate,
+                skipped,
+                columns,
+                sample,
+            } => Some((
+                seq,
+                Completion {
+                    rows,
+                    duration_us,
+                    sqlstate,
+                    skipped,
+                    columns,
+                    sample,
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Joins a completion to its statement in their stored forms, in place:
+/// `statement` (without `done`) becomes what serializing it with `done`
+/// set gives, and `completion` is [`Completion::to_json`]; nothing is
+/// serialized again. False, and nothing changed, when they are not such
+/// stored forms.
+pub fn join_completion(statement: &mut String, completion: &str) -> bool {
+    if !completion.starts_with('{') || !completion.ends_with('}') || !statement.ends_with('}') {
         return false;
     }
     statement.pop();
-    statement.push_str(",\"done\":{");
-    statement.push_str(fields);
+    statement.push_str(",\"done\":");
+    statement.push_str(completion);
     statement.push('}');
     true
 }
@@ -254,7 +298,9 @@ pub fn join_completion(statement: &mut String, done: &str) -> bool {
 pub fn start_statements(first: &str, into: &mut String) -> bool {
     const TAG: &str = "\"type\":\"statement\",";
     into.clear();
-    // As in `completion_fields`: the first such tag is the real one.
+    // A serialized event has its envelope (`at`, `session`, `identity`,
+    // `target`) first, then `type`; inside a JSON string every quote is
+    // escaped, so the first such tag is the real one.
     let Some(at) = first.find(TAG) else {
         return false;
     };
@@ -273,19 +319,6 @@ pub fn group_statement(member: &str, into: &mut String) {
 /// Closes a row [`start_statements`] began.
 pub fn end_statements(into: &mut String) {
     into.push_str("]}");
-}
-
-/// A completion's fields in its stored form: what follows its `seq`, up to
-/// and including the closing brace. A serialized event has its envelope
-/// (`at`, `session`, `identity`, `target`) first, then `type` and `seq`;
-/// inside a JSON string every quote is escaped, so the first
-/// `"type":"statement_done","seq":` is the real one.
-fn completion_fields(done: &str) -> Option<&str> {
-    const TAG: &str = "\"type\":\"statement_done\",\"seq\":";
-    let after = &done[done.find(TAG)? + TAG.len()..];
-    let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-    let rest = after[digits..].strip_prefix(',')?;
-    (digits > 0 && rest.ends_with('}')).then_some(rest)
 }
 
 /// One column of a statement's result.
@@ -409,15 +442,7 @@ impl Event {
             session: self.session.clone(),
             identity: self.identity.clone(),
             target: self.target.clone(),
-            detail: Detail::StatementDone {
-                seq: *seq,
-                rows: done.rows,
-                duration_us: done.duration_us,
-                sqlstate: done.sqlstate,
-                skipped: done.skipped,
-                columns: done.columns,
-                sample: done.sample,
-            },
+            detail: done.into_done(*seq),
         })
     }
 
@@ -623,10 +648,10 @@ impl Record {
         }
     }
 
-    /// Joins its completion (`done`, the stored form of its
-    /// [`Detail::StatementDone`]) to this statement ([`join_completion`]).
-    pub fn join(&mut self, done: &str) -> bool {
-        join_completion(&mut self.json, done)
+    /// Joins its completion ([`Completion::to_json`]) to this statement
+    /// ([`join_completion`]).
+    pub fn join(&mut self, completion: &str) -> bool {
+        join_completion(&mut self.json, completion)
     }
 
     /// The event back from its stored form (for the live stream).
@@ -775,7 +800,7 @@ mod tests {
                 *done = Some(completion());
             }
             let mut merged = bare.to_json();
-            assert!(join_completion(&mut merged, &done.to_json()));
+            assert!(join_completion(&mut merged, &completion().to_json()));
             assert_eq!(merged, whole.to_json());
             let mut back: Event = serde_json::from_str(&merged).unwrap();
             assert_eq!(back, whole);
@@ -785,7 +810,7 @@ mod tests {
         }
         let bare = statement("x").to_json();
         let mut merged = bare.clone();
-        assert!(!join_completion(&mut merged, &statement("y").to_json()));
+        assert!(!join_completion(&mut merged, "\"not an object\""));
         assert_eq!(merged, bare, "nothing changed");
     }
 }

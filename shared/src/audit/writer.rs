@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::chain::{Signer, replace_file};
-use super::event::{Detail, Event, Record};
+use super::event::{Completion, Detail, Event, Record};
 use super::journal::{Journal, Mark};
 use super::sqlite::StoredEvent;
 use super::{AuditError, AuditStore, SyncMode};
@@ -362,38 +362,44 @@ impl Auditor {
         self.send(event, true)
     }
 
-    /// Records how a statement ended (a [`Detail::StatementDone`]). While
-    /// the statement's event (`ticket`) still waits for the writer, which
-    /// is almost always, the two become one event in the trail: half the
-    /// rows, hashes and bytes per statement. Either way the completion is
-    /// in the journal as its own event, so that a crash loses neither.
-    pub fn complete(&self, ticket: Option<Ticket>, done: Event) {
-        let record = Record::new(done);
-        let shared = &self.handle.shared;
-        let mut queue = shared.queue();
-        let queue = &mut *queue;
-        let journal = shared.journal.as_ref().and_then(|journal| {
-            journal
-                .append(&mut queue.next, queue.ingested, record.json.as_bytes())
-                .map(|()| queue.next)
-        });
-        if let Some(ticket) = ticket
-            && ticket.round == queue.round
-            && let Some(statement) = queue.events.get_mut(ticket.index)
-            && statement.record.kind == "statement"
-            && statement.record.seq == record.seq
-            && statement.record.session == record.session
-            && statement.record.join(&record.json)
-        {
-            return;
+    /// Records how statement `seq` of `session` ended. While its event
+    /// (`ticket`) still waits for the writer, which is almost always, the
+    /// completion joins it (`done`): one event in the trail, and only the
+    /// completion's own fields serialized. The statement with its
+    /// completion then goes into the journal again, so that a crash keeps
+    /// both (recovery keeps the later form). Otherwise the completion is
+    /// an event of its own, `standalone(completion)`.
+    pub fn complete(
+        &self,
+        ticket: Option<Ticket>,
+        session: &str,
+        seq: u64,
+        completion: Completion,
+        standalone: impl FnOnce(Completion) -> Event,
+    ) {
+        if let Some(ticket) = ticket {
+            let fields = completion.to_json();
+            let shared = &self.handle.shared;
+            let mut queue = shared.queue();
+            let queue = &mut *queue;
+            if ticket.round == queue.round
+                && let Some(statement) = queue.events.get_mut(ticket.index)
+                && statement.record.kind == "statement"
+                && statement.record.seq == seq
+                && statement.record.session.as_deref() == Some(session)
+                && statement.record.join(&fields)
+            {
+                if let Some(journal) = &shared.journal
+                    && journal
+                        .append(&mut queue.next, queue.ingested, statement.record.json.as_bytes())
+                        .is_some()
+                {
+                    statement.journal = Some(queue.next);
+                }
+                return;
+            }
         }
-        shared.health.queued.fetch_add(1, Ordering::Relaxed);
-        queue.events.push(Queued {
-            record,
-            ack: None,
-            journal,
-        });
-        self.wake(queue, false);
+        self.record(standalone(completion));
     }
 
     fn send(&self, event: Event, write_ahead: bool) -> (Durable, Ticket) {
@@ -588,30 +594,36 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
 /// returns where the journal continues.
 fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<Mark, AuditError> {
     let mut records: Vec<Record> = Vec::new();
-    // Statements whose completion may follow, as the live writer joins
-    // them (`Auditor::complete`).
+    // Statements by session and number, as `Auditor::complete` joins them:
+    // a statement journaled again with its completion replaces its first
+    // form; a completion that came after the writer took its statement is
+    // an event of its own, joined here when its statement is recovered too.
     let mut open: std::collections::HashMap<(Option<String>, u64), usize> = std::collections::HashMap::new();
     let mut last = from;
     for (mark, json) in journal.recover(from) {
         match serde_json::from_str::<Event>(&json) {
             Ok(event) => {
-                let record = Record::stored(event, json);
-                let key = (record.session.clone(), record.seq);
-                match record.kind {
-                    "statement" => {
-                        open.insert(key, records.len());
-                    }
-                    "statement_done" => {
-                        if let Some(at) = open.remove(&key)
-                            && records[at].join(&record.json)
-                        {
-                            last = mark;
-                            continue;
+                let key = (event.session.clone(), 0);
+                match event.detail {
+                    Detail::Statement { seq, .. } => match open.get(&(key.0.clone(), seq)) {
+                        Some(&at) => records[at] = Record::stored(event, json),
+                        None => {
+                            open.insert((key.0, seq), records.len());
+                            records.push(Record::stored(event, json));
+                        }
+                    },
+                    Detail::StatementDone { seq, .. } => {
+                        let statement = open.remove(&(key.0, seq));
+                        let record = Record::stored(event.clone(), json);
+                        let joined = statement
+                            .zip(Completion::of_done(event.detail))
+                            .is_some_and(|(at, (_, completion))| records[at].join(&completion.to_json()));
+                        if !joined {
+                            records.push(record);
                         }
                     }
-                    _ => {}
+                    _ => records.push(Record::stored(event, json)),
                 }
-                records.push(record);
             }
             Err(err) => {
                 tracing::warn!(error = %err, seq = last.seq, "an event in the audit journal cannot be read; recovery stops there");
@@ -1189,17 +1201,36 @@ mod tests {
     }
 
     fn done(session: &str, seq: u64) -> Event {
-        Event::now(Detail::StatementDone {
-            seq,
+        Event::now(completion(seq).into_done(seq))
+            .in_session(session)
+            .by("alice", "shop")
+    }
+
+    fn completion(seq: u64) -> Completion {
+        Completion {
             rows: Some(seq),
             duration_us: 250,
             sqlstate: None,
             skipped: false,
             columns: vec![],
             sample: vec![vec![Some(format!("row of {seq}"))]],
-        })
-        .in_session(session)
-        .by("alice", "shop")
+        }
+    }
+
+    /// Records how statement `seq` of `session` ended, as a session does.
+    fn complete(auditor: &Auditor, ticket: Option<Ticket>, session: &str, seq: u64) {
+        auditor.complete(ticket, session, seq, completion(seq), |c| {
+            Event::now(c.into_done(seq)).in_session(session).by("alice", "shop")
+        });
+    }
+
+    /// The stored form of statement `seq` of `session` with its completion.
+    fn joined(session: &str, seq: u64) -> Event {
+        let mut event = statement(session, seq);
+        if let Detail::Statement { done, .. } = &mut event.detail {
+            *done = Some(completion(seq));
+        }
+        event
     }
 
     /// What the trail holds, row by row: kind, session, seq, and whether a
@@ -1292,10 +1323,10 @@ mod tests {
         durable.await.unwrap();
         let (durable, b) = auditor.write_ahead_statement(statement("s2", 1));
         durable.await.unwrap();
-        auditor.complete(Some(a), done("s1", 1));
+        complete(&auditor, Some(a), "s1", 1);
         // A ticket that does not point at this completion's statement (another
         // number) joins nothing.
-        auditor.complete(Some(b), done("s2", 7));
+        complete(&auditor, Some(b), "s2", 7);
         release.send(()).unwrap();
         flushed.await.unwrap();
         auditor.flush().await;
@@ -1303,8 +1334,8 @@ mod tests {
         let (durable, c) = auditor.write_ahead_statement(statement("s1", 2));
         durable.await.unwrap();
         auditor.flush().await;
-        auditor.complete(Some(c), done("s1", 2));
-        auditor.complete(None, done("s2", 1));
+        complete(&auditor, Some(c), "s1", 2);
+        complete(&auditor, None, "s2", 1);
         assert_eq!(auditor.health().written, 5);
         drop(auditor);
         handle.join().unwrap();
@@ -1414,7 +1445,7 @@ mod tests {
         auditor.record(opened("s1"));
         auditor.record(opened("s2"));
         let (_, s1) = auditor.write_ahead_statement(statement("s1", 1));
-        auditor.complete(Some(s1), done("s1", 1));
+        complete(&auditor, Some(s1), "s1", 1);
         let _ = auditor.write_ahead_statement(statement("s2", 1));
         let _ = auditor.write_ahead_statement(statement("s1", 2));
         auditor.record(Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).in_session("s1"));
@@ -1498,7 +1529,17 @@ mod tests {
             let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
             let journal = Journal::open(&crate::audit::journal_path(&dir.join("audit.db"))).unwrap();
             let mut next = store.journal_mark();
-            for event in [statement("s1", 2), done("s1", 1), statement("s2", 1), done("s1", 2)] {
+            // s1's second statement, the completion of its first (stored
+            // already), s2's first and then s2's first again with its
+            // completion (as `Auditor::complete` journals it), and the
+            // completion of s1's second, which came after the writer took it.
+            for event in [
+                statement("s1", 2),
+                done("s1", 1),
+                statement("s2", 1),
+                joined("s2", 1),
+                done("s1", 2),
+            ] {
                 journal
                     .append(
                         &mut next,
@@ -1534,7 +1575,7 @@ mod tests {
                 row(1, "statement", "s1", 1, false),
                 row(2, "statement", "s1", 2, true),
                 row(3, "statement_done", "s1", 1, false),
-                row(4, "statement", "s2", 1, false),
+                row(4, "statement", "s2", 1, true),
             ]
         );
         std::fs::remove_dir_all(&dir).unwrap();

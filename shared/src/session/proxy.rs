@@ -2044,20 +2044,19 @@ impl<'a> Proxy<'a> {
             self.ctx.metrics.took(mark.started.elapsed());
         }
         let Some(auditor) = self.ctx.auditor else { return };
-        auditor.complete(
-            mark.ticket,
-            audit::Event::now(audit::Detail::StatementDone {
-                seq: mark.seq,
-                rows: mark.rows,
-                duration_us: mark.started.elapsed().as_micros() as u64,
-                sqlstate: mark.sqlstate,
-                skipped: mark.skipped,
-                columns: mark.columns,
-                sample: mark.sample,
-            })
-            .in_session(self.ctx.session_id)
-            .by(self.ctx.identity.name(), self.ctx.target),
-        );
+        let completion = audit::Completion {
+            rows: mark.rows,
+            duration_us: mark.started.elapsed().as_micros() as u64,
+            sqlstate: mark.sqlstate,
+            skipped: mark.skipped,
+            columns: mark.columns,
+            sample: mark.sample,
+        };
+        auditor.complete(mark.ticket, self.ctx.session_id, mark.seq, completion, |completion| {
+            audit::Event::now(completion.into_done(mark.seq))
+                .in_session(self.ctx.session_id)
+                .by(self.ctx.identity.name(), self.ctx.target)
+        });
     }
 
     /// A RowDescription's columns as the trail records them: name, origin
