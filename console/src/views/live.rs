@@ -72,7 +72,9 @@ impl LiveView {
         {
             if panel.loading {
                 panel.early.push(event.clone());
-            } else if panel.events.last().is_none_or(|last| last.id < event.id) {
+            } else if panel.events.last().is_none_or(|last| last.id <= event.id) {
+                // Events of one row of the trail share its id (the stream
+                // never sends a row twice).
                 panel.events.push(event.clone());
             }
         }
@@ -356,8 +358,10 @@ mod tests {
         live.note(&event(7, "s"));
         live.set_timeline("s", Ok(vec![event(1, "s"), event(5, "s")]));
         live.note(&event(8, "s"));
+        // A row of the trail that keeps several events gives each.
+        live.note(&event(8, "s"));
         let ids: Vec<u64> = live.panel.unwrap().events.iter().map(|e| e.id).collect();
-        assert_eq!(ids, [1, 5, 7, 8]);
+        assert_eq!(ids, [1, 5, 7, 8, 8]);
     }
 
     #[test]

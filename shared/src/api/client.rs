@@ -308,6 +308,7 @@ impl ApiClient {
             response,
             buffer: Vec::new(),
             base: self.base.clone(),
+            scanned: 0,
             expanded: std::collections::VecDeque::new(),
         })
     }
@@ -319,6 +320,8 @@ pub struct EventStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
     base: String,
+    /// How much of `buffer` holds no complete block (see `find_blank_line`).
+    scanned: usize,
     /// The rest of the events of the row just read (the stream sends the
     /// trail's rows; one may keep several events), next first.
     expanded: std::collections::VecDeque<StoredEvent>,
@@ -348,7 +351,8 @@ impl EventStream {
     /// The next row of the trail, as sent.
     async fn next_row(&mut self) -> Option<Result<StoredEvent, ClientError>> {
         loop {
-            if let Some(end) = find_blank_line(&self.buffer) {
+            if let Some(end) = find_blank_line(&self.buffer, self.scanned) {
+                self.scanned = 0;
                 let block: Vec<u8> = self.buffer.drain(..end.1).collect();
                 let text = String::from_utf8_lossy(&block[..end.0]);
                 let mut kind = "message";
@@ -374,6 +378,7 @@ impl EventStream {
                 }
                 return Some(serde_json::from_str(&data).map_err(|e| ClientError::Decode(e.to_string())));
             }
+            self.scanned = self.buffer.len();
             match self.response.chunk().await {
                 Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
                 Ok(None) => return None,
@@ -388,9 +393,11 @@ impl EventStream {
     }
 }
 
-/// Where the first event block ends: (end of its text, end of the blank line).
-fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+/// Where the first event block ends: (end of its text, end of the blank
+/// line). The first `scanned` bytes were looked at before (a row can be
+/// large and come in many chunks): only the last three of them again.
+fn find_blank_line(buffer: &[u8], scanned: usize) -> Option<(usize, usize)> {
+    let mut i = scanned.saturating_sub(3);
     while i + 1 < buffer.len() {
         if buffer[i] == b'\n' && buffer[i + 1] == b'\n' {
             return Some((i, i + 2));
@@ -401,4 +408,27 @@ fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
         i += 1;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_blank_line;
+
+    /// A block's end is found whichever chunk it straddles, looking again
+    /// only at the last bytes already scanned.
+    #[test]
+    fn a_block_end_split_across_chunks_is_found() {
+        for end in ["\n\n", "\r\n\r\n"] {
+            let block = format!("data: {{}}{end}");
+            for split in 0..block.len() {
+                let first = &block.as_bytes()[..split];
+                let scanned = if find_blank_line(first, 0).is_none() { split } else { 0 };
+                assert_eq!(
+                    find_blank_line(block.as_bytes(), scanned),
+                    Some((8, block.len())),
+                    "{end:?} split at {split}"
+                );
+            }
+        }
+    }
 }

@@ -101,7 +101,7 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
         let identity = event.identity.clone().unwrap_or_default();
         let target = event.target.clone().unwrap_or_default();
         let entry = |access: &mut BTreeMap<(String, String), Access>| {
-            access
+            let row = access
                 .entry((identity.clone(), target.clone()))
                 .or_insert_with(|| Access {
                     identity: identity.clone(),
@@ -111,8 +111,15 @@ pub fn build(events: &[StoredEvent], since: &str, until: &str, verification: &Ve
                     refused: 0,
                     first: at.clone(),
                     last: at.clone(),
-                })
-                .last = at.clone();
+                });
+            // Not always in time order: statements of sessions side by side
+            // may be stored out of order with each other.
+            if at < row.first {
+                row.first = at.clone();
+            }
+            if at > row.last {
+                row.last = at.clone();
+            }
         };
         match &event.detail {
             Detail::SessionOpened { .. } => {

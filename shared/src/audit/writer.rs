@@ -218,6 +218,8 @@ enum Wait {
     Crowded(Arc<Shared>),
     /// Waits for its SQLite commit.
     Commit(oneshot::Receiver<Result<(), Unavailable>>),
+    /// Waits for each (events of several statements held together).
+    All(Vec<Durable>),
 }
 
 impl std::fmt::Debug for Durable {
@@ -226,6 +228,7 @@ impl std::fmt::Debug for Durable {
             Wait::Ready(_) => "Durable(ready)",
             Wait::Crowded(_) => "Durable(crowded)",
             Wait::Commit(_) => "Durable(commit)",
+            Wait::All(_) => "Durable(all)",
         })
     }
 }
@@ -248,9 +251,47 @@ impl Future for Durable {
                     Poll::Pending
                 }
             }
-            Wait::Commit(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|result| result.unwrap_or_else(|_| Err(Unavailable("the audit writer stopped".into())))),
+            Wait::Commit(rx) => {
+                let result = std::task::ready!(Pin::new(rx).poll(cx))
+                    .unwrap_or_else(|_| Err(Unavailable("the audit writer stopped".into())));
+                // A receiver is not polled again once it has answered.
+                self.0 = Wait::Ready(None);
+                Poll::Ready(result)
+            }
+            Wait::All(waits) => {
+                let mut failed = None;
+                waits.retain_mut(|wait| match Pin::new(wait).poll(cx) {
+                    Poll::Ready(Ok(())) => false,
+                    Poll::Ready(Err(err)) => {
+                        failed.get_or_insert(err);
+                        false
+                    }
+                    Poll::Pending => true,
+                });
+                match failed {
+                    Some(err) => Poll::Ready(Err(err)),
+                    None if waits.is_empty() => Poll::Ready(Ok(())),
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl Durable {
+    /// Resolves once both this and `next` are durable. The events of
+    /// statements held back together must all be: one in the journal is
+    /// durable at once, while an earlier one too large for it still waits
+    /// for its commit.
+    pub fn and(self, next: Durable) -> Durable {
+        match self.0 {
+            // Durable already: only `next` is left to wait for.
+            Wait::Ready(None) => next,
+            Wait::All(mut waits) => {
+                waits.push(next);
+                Durable(Wait::All(waits))
+            }
+            wait => Durable(Wait::All(vec![Durable(wait), next])),
         }
     }
 }
@@ -497,6 +538,13 @@ impl Auditor {
 /// At most this many statements share a row, ...
 const ROW_STATEMENTS: usize = 256;
 
+/// ... in at most this many bytes (SQLite takes values up to 1e9, and
+/// readers read a row at once), ...
+const ROW_BYTES: usize = 1 << 20;
+
+/// ... each of them at most this large (a larger one is a row of its own),
+const ROW_MEMBER_BYTES: usize = 64 << 10;
+
 /// ... and they happened within this long of the row's first.
 const ROW_SPAN: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
@@ -509,46 +557,60 @@ enum Row {
 /// The rows `batch` is stored as, in order. Each event is a row of its
 /// own, except statement events: a session's are kept together, as one
 /// [`Detail::Statements`] row in `groups` at the place of its first, until
-/// the session records anything else in the batch (a completion of its
-/// own, an approval request, its end), [`ROW_STATEMENTS`] or [`ROW_SPAN`].
-/// So a session's events keep their order; another session's events taken
-/// in the same batch (at most a gathering, 50 ms) may come before a
-/// statement that happened before them. Under load this is what makes the
-/// trail cheap: one row, hash and pair of index entries for a hundred
-/// statements rather than one each.
+/// anything but a statement is recorded (by any session, or none: an
+/// approval, a grant, a session's end), or the row reaches
+/// [`ROW_STATEMENTS`], [`ROW_BYTES`] or [`ROW_SPAN`]. So every event keeps
+/// its place relative to every event that is not a statement, and a
+/// session's statements keep their order; only statements of sessions
+/// running side by side may be stored out of their order with each other
+/// (a later one of one session ahead of an earlier one of another), by at
+/// most [`ROW_SPAN`]. Under load this is what makes the trail cheap: one
+/// row, hash and pair of index entries for a hundred statements rather
+/// than one each.
 fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
     enum Slot {
         Event(usize),
         Members(usize),
     }
     let mut slots = Vec::with_capacity(batch.len());
-    let mut members: Vec<Vec<usize>> = Vec::new();
+    // Each row's members and their bytes.
+    let mut members: Vec<(Vec<usize>, usize)> = Vec::new();
     let mut open: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (n, queued) in batch.iter().enumerate() {
         let record = &queued.record;
-        let Some(session) = record.session.as_deref() else {
-            slots.push(Slot::Event(n));
-            continue;
+        let size = record.json.len();
+        let session = match record.session.as_deref() {
+            Some(session) if record.kind == "statement" && size <= ROW_MEMBER_BYTES => session,
+            Some(session) if record.kind == "statement" => {
+                // Too large to share a row: its own, and its session's
+                // statements after it start another.
+                open.remove(session);
+                slots.push(Slot::Event(n));
+                continue;
+            }
+            _ => {
+                open.clear();
+                slots.push(Slot::Event(n));
+                continue;
+            }
         };
-        if record.kind != "statement" {
-            open.remove(session);
-            slots.push(Slot::Event(n));
-            continue;
-        }
         if let Some(&group) = open.get(session) {
-            let first = &batch[members[group][0]].record;
-            if members[group].len() < ROW_STATEMENTS
+            let (row, bytes) = &mut members[group];
+            let first = &batch[row[0]].record;
+            if row.len() < ROW_STATEMENTS
+                && *bytes + size <= ROW_BYTES
                 && record.identity == first.identity
                 && record.target == first.target
                 && (record.at - first.at).abs() <= ROW_SPAN
             {
-                members[group].push(n);
+                row.push(n);
+                *bytes += size;
                 continue;
             }
         }
         open.insert(session, members.len());
         slots.push(Slot::Members(members.len()));
-        members.push(vec![n]);
+        members.push((vec![n], size));
     }
     let mut rows = Vec::with_capacity(slots.len());
     for slot in slots {
@@ -557,7 +619,7 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
                 rows.push(Row::Event(n));
                 continue;
             }
-            Slot::Members(group) => &members[group],
+            Slot::Members(group) => &members[group].0,
         };
         let first = &batch[group[0]].record;
         let mut json = String::new();
@@ -1256,6 +1318,31 @@ mod tests {
         (id, kind.into(), session.into(), seq, joined)
     }
 
+    /// A statement in the journal is durable at once; one held back with
+    /// it that waits for its commit keeps both held until then.
+    #[tokio::test]
+    async fn held_statements_wait_for_every_event_they_hold() {
+        let (tx, rx) = oneshot::channel();
+        let mut both = Durable(Wait::Commit(rx)).and(Durable(Wait::Ready(None)));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(
+            Pin::new(&mut both).poll(&mut cx).is_pending(),
+            "the earlier one is not committed yet"
+        );
+        tx.send(Ok(())).unwrap();
+        assert_eq!(Pin::new(&mut both).poll(&mut cx), Poll::Ready(Ok(())));
+
+        let (tx, rx) = oneshot::channel();
+        let mut both = Durable(Wait::Ready(None)).and(Durable(Wait::Commit(rx)));
+        assert!(Pin::new(&mut both).poll(&mut cx).is_pending());
+        tx.send(Err(Unavailable("disk full".into()))).unwrap();
+        assert_eq!(
+            Pin::new(&mut both).poll(&mut cx),
+            Poll::Ready(Err(Unavailable("disk full".into())))
+        );
+    }
+
     /// A store whose first append waits until the test lets it go: what is
     /// sent meanwhile waits in the queue, whatever the machine's timing.
     struct Gated {
@@ -1448,9 +1535,23 @@ mod tests {
         complete(&auditor, Some(s1), "s1", 1);
         let _ = auditor.write_ahead_statement(statement("s2", 1));
         let _ = auditor.write_ahead_statement(statement("s1", 2));
+        auditor.record(refused("s2", 2));
+        // Anything but a statement ends every session's row: what follows
+        // it is stored after it.
         auditor.record(Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).in_session("s1"));
         let _ = auditor.write_ahead_statement(statement("s1", 3));
-        auditor.record(refused("s2", 2));
+        let _ = auditor.write_ahead_statement(statement("s2", 3));
+        auditor.record(grant(9));
+        let _ = auditor.write_ahead_statement(statement("s2", 4));
+        // A large statement is a row of its own; its session's next ones
+        // start another.
+        let mut large = statement("s1", 4);
+        if let Detail::Statement { text, .. } = &mut large.detail {
+            *text = "x".repeat(ROW_MEMBER_BYTES);
+        }
+        let _ = auditor.write_ahead_statement(large);
+        let _ = auditor.write_ahead_statement(statement("s1", 5));
+        let _ = auditor.write_ahead_statement(statement("s1", 6));
         release.send(()).unwrap();
         flushed.await.unwrap();
         auditor.flush().await;
@@ -1478,6 +1579,11 @@ mod tests {
                 (5, "statements", s("s2")),
                 (6, "unmask_grant_used", s("s1")),
                 (7, "statement", s("s1")),
+                (8, "statement", s("s2")),
+                (9, "unmask_grant_used", None),
+                (10, "statement", s("s2")),
+                (11, "statement", s("s1")),
+                (12, "statements", s("s1")),
             ]
         );
         let events: Vec<(u64, &str, Option<String>, u64)> = store
@@ -1502,6 +1608,12 @@ mod tests {
                 (5, "statement", s("s2"), 2),
                 (6, "unmask_grant_used", s("s1"), 0),
                 (7, "statement", s("s1"), 3),
+                (8, "statement", s("s2"), 3),
+                (9, "unmask_grant_used", None, 0),
+                (10, "statement", s("s2"), 4),
+                (11, "statement", s("s1"), 4),
+                (12, "statement", s("s1"), 5),
+                (12, "statement", s("s1"), 6),
             ]
         );
         // The sessions' summaries count the statements inside rows.
@@ -1510,7 +1622,7 @@ mod tests {
             .iter()
             .map(|s| (s.session.as_str(), s.statements, s.refused))
             .collect();
-        assert_eq!(counts, [("s2", 2, 1), ("s1", 3, 0)]);
+        assert_eq!(counts, [("s2", 4, 1), ("s1", 6, 0)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1623,7 +1623,11 @@ impl<'a> Proxy<'a> {
             None
         } else {
             let (durable, ticket) = auditor.write_ahead_statement(event);
-            self.audit_wait = Some(durable);
+            // Everything held waits for every event it holds back.
+            self.audit_wait = Some(match self.audit_wait.take() {
+                Some(earlier) => earlier.and(durable),
+                None => durable,
+            });
             self.audit_hold.get_or_insert(self.to_server.len());
             Some(ticket)
         };
