@@ -130,7 +130,7 @@ fn pending_in_journal(files: &TrailFiles, store: &sluice_core::audit::SqliteStor
             let pending = journal.recover(store.journal_position());
             if !pending.is_empty() {
                 println!(
-                    "  pending    {} events in the write-ahead journal ({}) are not in the trail yet: a running \
+                    "  pending    {} records in the write-ahead journal ({}) are not in the trail yet: a running \
                      gateway adds them within moments; after a crash, its next start does (verify again then)",
                     pending.len(),
                     path.display()

@@ -369,7 +369,7 @@ async fn a_gateway_killed_mid_run_left_every_executed_statement_recorded() {
     );
     assert!(said.contains(": intact"), "{said}");
     if let Some(line) = said.lines().find(|l| l.contains("pending")) {
-        assert!(line.contains("events in the write-ahead journal"), "{said}");
+        assert!(line.contains("records in the write-ahead journal"), "{said}");
     }
 
     // The restarted gateway continues the chain and signs it at shutdown.

@@ -725,7 +725,9 @@ async fn the_console_binary_in_a_terminal_approves_a_held_delete() {
     tmux.keys("a");
     let out = psql.await.unwrap();
     assert_eq!(harness::stdout_ok(&out), "DELETE 2\n");
-    let screen = tmux.shows("approved").await;
+    // The list row, not the status line ("request 1 approved"), which
+    // comes before the list is read again.
+    let screen = tmux.shows("approved  bob").await;
     assert!(screen.contains("approved  bob"), "{screen}");
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 3);
 

@@ -56,7 +56,8 @@ const GATHER: Duration = Duration::from_millis(50);
 /// How the writer signs and where it keeps the signed head.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
-    /// Sign the head after this many events.
+    /// Sign the head after this many rows (a row may keep several
+    /// statements: see `rows`).
     pub sign_every: u64,
     /// ... or after this long, if anything is unsigned.
     pub sign_interval: Duration,
@@ -73,6 +74,12 @@ pub struct WriterOptions {
     /// `Full`: each waits for its SQLite commit (and fsync); no journal.
     pub sync: SyncMode,
 }
+
+/// A statement joined by its completion up to this size goes into the
+/// journal again whole; a larger one's completion goes in on its own, so
+/// that a large text is not copied twice (under the queue's lock, and into
+/// the ring's space).
+const REJOURNAL_JOINED: usize = 16 << 10;
 
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -282,16 +289,22 @@ impl Durable {
     /// Resolves once both this and `next` are durable. The events of
     /// statements held back together must all be: one in the journal is
     /// durable at once, while an earlier one too large for it still waits
-    /// for its commit.
+    /// for its commit (and an earlier batch may fail where a later one
+    /// does not, so every commit counts). A crowded journal is one
+    /// condition, however many wait on it: it is kept once.
     pub fn and(self, next: Durable) -> Durable {
-        match self.0 {
-            // Durable already: only `next` is left to wait for.
-            Wait::Ready(None) => next,
-            Wait::All(mut waits) => {
-                waits.push(next);
+        let crowded = |wait: &Wait| matches!(wait, Wait::Crowded(_));
+        match (self.0, next.0) {
+            // Durable already: only the other is left to wait for.
+            (wait, Wait::Ready(None)) | (Wait::Ready(None), wait) => Durable(wait),
+            (Wait::Crowded(shared), Wait::Crowded(_)) => Durable(Wait::Crowded(shared)),
+            (Wait::All(mut waits), next) => {
+                if !(crowded(&next) && waits.iter().any(|w| crowded(&w.0))) {
+                    waits.push(Durable(next));
+                }
                 Durable(Wait::All(waits))
             }
-            wait => Durable(Wait::All(vec![Durable(wait), next])),
+            (wait, next) => Durable(Wait::All(vec![Durable(wait), Durable(next)])),
         }
     }
 }
@@ -430,12 +443,20 @@ impl Auditor {
                 && statement.record.session.as_deref() == Some(session)
                 && statement.record.join(&fields)
             {
-                if let Some(journal) = &shared.journal
-                    && journal
-                        .append(&mut queue.next, queue.ingested, statement.record.json.as_bytes())
-                        .is_some()
+                // Journaled like its statement (one the journal refused
+                // waits for its commit, and so does its completion): a
+                // small statement again with its completion, which
+                // recovery keeps over its first form; a large one's
+                // completion as an event of its own, which recovery joins.
+                if statement.journal.is_some()
+                    && let Some(journal) = &shared.journal
                 {
-                    statement.journal = Some(queue.next);
+                    if statement.record.json.len() <= REJOURNAL_JOINED {
+                        journal.append(&mut queue.next, queue.ingested, statement.record.json.as_bytes());
+                    } else {
+                        let done = standalone(completion).to_json();
+                        journal.append(&mut queue.next, queue.ingested, done.as_bytes());
+                    }
                 }
                 return;
             }
@@ -559,12 +580,13 @@ enum Row {
 /// [`Detail::Statements`] row in `groups` at the place of its first, until
 /// anything but a statement is recorded (by any session, or none: an
 /// approval, a grant, a session's end), or the row reaches
-/// [`ROW_STATEMENTS`], [`ROW_BYTES`] or [`ROW_SPAN`]. So every event keeps
+/// [`ROW_STATEMENTS`], [`ROW_BYTES`] or [`ROW_SPAN`]. So a statement keeps
 /// its place relative to every event that is not a statement, and a
 /// session's statements keep their order; only statements of sessions
 /// running side by side may be stored out of their order with each other
 /// (a later one of one session ahead of an earlier one of another), by at
-/// most [`ROW_SPAN`]. Under load this is what makes the trail cheap: one
+/// most [`ROW_SPAN`]. (A completion joined to its statement is stored at
+/// the statement's place.) Under load this is what makes the trail cheap: one
 /// row, hash and pair of index entries for a hundred statements rather
 /// than one each.
 fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
@@ -797,7 +819,8 @@ impl Writer {
         queue.round += 1;
         if self.shared.journal.is_some() {
             // Everything in the journal so far is in what is taken now (a
-            // completion that joined its statement has no entry of its own).
+            // completion that joined its statement has no queue entry of its
+            // own, only a journal record).
             *taken = Some(queue.next);
         }
         std::mem::swap(events, &mut queue.events);

@@ -839,7 +839,7 @@ impl Validator<'_> {
         if let Some(every) = &raw.sign_every {
             match u64::try_from(*every.get_ref()) {
                 Ok(n) if n >= 1 => audit.sign_every = n,
-                _ => self.at(every, "audit sign_every must be 1 or more events"),
+                _ => self.at(every, "audit sign_every must be 1 or more rows"),
             }
         }
         audit.sign_interval = self.duration("audit sign_interval", raw.sign_interval, audit.sign_interval);

@@ -346,8 +346,8 @@ pub(crate) struct Proxy<'a> {
     /// front of `to_server` may be written. The rest (the statement it
     /// records, and everything after) waits.
     audit_hold: Option<usize>,
-    /// The newest write-ahead event not yet durable. The writer commits in
-    /// order, so when it is durable every earlier one is too.
+    /// The write-ahead events of the statements held back, not yet all
+    /// durable (combined with `Durable::and`).
     audit_wait: Option<Durable>,
     /// The mark of the statement just checked, for its pending entry.
     pending_mark: Option<Mark>,
