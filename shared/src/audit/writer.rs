@@ -1396,11 +1396,21 @@ mod tests {
         }
     }
 
-    /// A completion that comes while its statement's event waits for the
-    /// writer joins it: one row. Readers still see the two events.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_completion_joins_its_waiting_statement_in_one_row() {
-        let dir = std::env::temp_dir().join(format!("sluice-writer-joins-{}", std::process::id()));
+    /// A writer whose store is inside its first append (of one event) when
+    /// this returns: what is sent next waits in the queue, one batch, until
+    /// `release` is sent; `flushed` answers once that batch is written too.
+    #[allow(clippy::type_complexity)]
+    fn gated(
+        name: &str,
+    ) -> (
+        PathBuf,
+        Auditor,
+        std::thread::JoinHandle<()>,
+        Signer,
+        std::sync::mpsc::Sender<()>,
+        oneshot::Receiver<()>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (entered, entered_rx) = std::sync::mpsc::channel();
@@ -1429,6 +1439,14 @@ mod tests {
         auditor.record(grant(0));
         let flushed = auditor.control(Control::Flush);
         entered_rx.recv().unwrap();
+        (dir, auditor, handle, signer, release, flushed)
+    }
+
+    /// A completion that comes while its statement's event waits for the
+    /// writer joins it: one row. Readers still see the two events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completion_joins_its_waiting_statement_in_one_row() {
+        let (dir, auditor, handle, signer, release, flushed) = gated("joins");
         let (durable, a) = auditor.write_ahead_statement(statement("s1", 1));
         durable.await.unwrap();
         let (durable, b) = auditor.write_ahead_statement(statement("s2", 1));
@@ -1523,34 +1541,7 @@ mod tests {
     /// session records something else; readers see each statement.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sessions_statements_in_one_batch_share_a_row() {
-        let dir = std::env::temp_dir().join(format!("sluice-writer-rows-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (entered, entered_rx) = std::sync::mpsc::channel();
-        let (release, release_rx) = std::sync::mpsc::channel();
-        let store = Gated {
-            inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
-            entered: Some(entered),
-            release: release_rx,
-        };
-        let key = dir.join("audit.key");
-        let signer = Signer::load_or_create(&key).unwrap();
-        let (auditor, handle) = Auditor::start(
-            Box::new(store),
-            Signer::load_or_create(&key).unwrap(),
-            WriterOptions {
-                sign_every: 100,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Normal,
-            },
-        )
-        .unwrap();
-        auditor.record(grant(0));
-        let flushed = auditor.control(Control::Flush);
-        entered_rx.recv().unwrap();
+        let (dir, auditor, handle, signer, release, flushed) = gated("rows");
         // All of this waits in the queue: one batch.
         auditor.record(opened("s1"));
         auditor.record(opened("s2"));
