@@ -1042,10 +1042,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let (auditor, handle, signer) = start(&dir, Box::new(store));
+        (dir, auditor, handle, signer)
+    }
+
+    /// A writer over `store` for the trail in `dir` (`sync = "normal"`,
+    /// signing every 100 rows), and the signer whose key it uses.
+    fn start(dir: &std::path::Path, store: Box<dyn AuditStore>) -> (Auditor, std::thread::JoinHandle<()>, Signer) {
         let key = dir.join("audit.key");
         let signer = Signer::load_or_create(&key).unwrap();
         let (auditor, handle) = Auditor::start(
-            Box::new(store),
+            store,
             Signer::load_or_create(&key).unwrap(),
             WriterOptions {
                 sign_every: 100,
@@ -1057,7 +1064,7 @@ mod tests {
             },
         )
         .unwrap();
-        (dir, auditor, handle, signer)
+        (auditor, handle, signer)
     }
 
     fn grant(n: usize) -> Event {
@@ -1420,21 +1427,7 @@ mod tests {
             entered: Some(entered),
             release: release_rx,
         };
-        let key = dir.join("audit.key");
-        let signer = Signer::load_or_create(&key).unwrap();
-        let (auditor, handle) = Auditor::start(
-            Box::new(store),
-            Signer::load_or_create(&key).unwrap(),
-            WriterOptions {
-                sign_every: 100,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Normal,
-            },
-        )
-        .unwrap();
+        let (auditor, handle, signer) = start(&dir, Box::new(store));
         // The writer takes this and stays in its append until released.
         auditor.record(grant(0));
         let flushed = auditor.control(Control::Flush);
@@ -1676,20 +1669,7 @@ mod tests {
             }
         }
         let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
-        let key = dir.join("audit.key");
-        let (auditor, handle) = Auditor::start(
-            Box::new(store),
-            Signer::load_or_create(&key).unwrap(),
-            WriterOptions {
-                sign_every: 100,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Normal,
-            },
-        )
-        .unwrap();
+        let (auditor, handle, _) = start(&dir, Box::new(store));
         drop(auditor);
         handle.join().unwrap();
         let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
