@@ -3,6 +3,7 @@
 //! serialization is part of the trail's format: fields are only ever added.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// When it happened.
+    #[serde(serialize_with = "serialize_at")]
     pub at: DateTime<Utc>,
     /// The session it happened in (a failed login has one too: the id of
     /// the connection that tried).
@@ -231,6 +233,14 @@ impl Completion {
     pub fn to_json(&self) -> String {
         // As `Event::to_json`: serializing these types cannot fail.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// [`Completion::to_json`] into `buf` (a session's, reused), as the
+    /// text `join_completion` takes.
+    pub fn write_json<'b>(&self, buf: &'b mut Vec<u8>) -> Option<&'b str> {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, self).ok()?;
+        std::str::from_utf8(buf).ok()
     }
 
     /// The completion of statement `seq` as an event of its own.
@@ -598,6 +608,58 @@ impl Event {
     }
 }
 
+/// `at` in the stored form: RFC 3339 in UTC with as many fractional
+/// digits as it needs (none, 3, 6 or 9), exactly what chrono's serializer
+/// writes, without its formatting machinery (which writes, and serde_json
+/// escapes, a character at a time: a third of an event's serialization).
+fn serialize_at<S: serde::Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut buf = [0u8; 30];
+    match stored_at(at, &mut buf) {
+        Some(text) => serializer.serialize_str(text),
+        None => at.serialize(serializer),
+    }
+}
+
+/// [`serialize_at`]'s text, for the years 0 to 9999 and times that are
+/// not leap seconds (else None: chrono's formatting then).
+fn stored_at<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; 30]) -> Option<&'b str> {
+    use chrono::{Datelike, Timelike};
+    let (date, time) = (at.date_naive(), at.time());
+    let year = u32::try_from(date.year()).ok().filter(|year| *year <= 9999)?;
+    let nanos = time.nanosecond();
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let (fraction, digits) = match nanos {
+        0 => (0, 0),
+        n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
+        n if n % 1_000 == 0 => (n / 1_000, 6),
+        n => (n, 9),
+    };
+    let mut put = |at: usize, mut value: u32, width: usize| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, year, 4);
+    put(5, date.month(), 2);
+    put(8, date.day(), 2);
+    put(11, time.hour(), 2);
+    put(14, time.minute(), 2);
+    put(17, time.second(), 2);
+    let mut len = 19;
+    if digits > 0 {
+        put(20, fraction, digits);
+        len = 20 + digits;
+    }
+    for (at, byte) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.')] {
+        buf[at] = byte;
+    }
+    buf[len] = b'Z';
+    std::str::from_utf8(&buf[..=len]).ok()
+}
+
 /// An event as the store takes it: its stored form, serialized once by
 /// whoever records it (a session, on its own thread), and the columns the
 /// trail is searched by. The rest of the event (statement text,
@@ -613,15 +675,113 @@ pub struct Record {
     pub kind: &'static str,
     /// A statement's or completion's number in its session (else 0).
     pub seq: u64,
+    /// Who and where. A session's statements share one
+    /// ([`Record::statement`]): nothing to copy, and one reference count
+    /// to drop where the writer frees them.
+    pub envelope: Arc<Envelope>,
+}
+
+/// An event's session, identity and target ([`Event`]'s fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
     pub session: Option<String>,
     pub identity: Option<String>,
     pub target: Option<String>,
 }
 
+impl Envelope {
+    /// A session's, for its statements' [`Record::statement`].
+    pub fn of_session(session: &str, identity: &str, target: &str) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            session: Some(session.into()),
+            identity: Some(identity.into()),
+            target: Some(target.into()),
+        })
+    }
+}
+
+/// A statement event's fields after the envelope, borrowed: what
+/// [`Record::statement`] serializes, to the same stored form as
+/// [`Detail::Statement`] (without `done`, which its completion adds).
+#[derive(Debug, Clone, Copy)]
+pub struct StatementView<'a> {
+    pub seq: u64,
+    pub source: &'a str,
+    pub text: &'a str,
+    pub decision: &'a str,
+    pub rule: Option<&'a str>,
+    pub refusal: Option<&'a str>,
+    pub statements: &'a [StatementRecord],
+}
+
+/// Bytes a statement's stored form is allocated with beyond what
+/// [`Record::statement`] expects it to take, for its completion to join
+/// it without growing it (a pgbench row's takes about a hundred).
+const COMPLETION_ROOM: usize = 192;
+
 impl Record {
     pub fn new(event: Event) -> Record {
         let json = event.to_json();
         Record::stored(event, json)
+    }
+
+    /// A statement event of the session `envelope` is, serialized from
+    /// borrowed parts: the stored form [`Event::to_json`] gives for the
+    /// same event, without building it (a dozen allocations, freed on the
+    /// writer's thread). Sessions record one per statement.
+    pub fn statement(at: DateTime<Utc>, envelope: &Arc<Envelope>, view: StatementView<'_>) -> Record {
+        #[derive(Serialize)]
+        struct Form<'a> {
+            #[serde(serialize_with = "serialize_at")]
+            at: &'a DateTime<Utc>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            session: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            identity: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            target: Option<&'a str>,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            seq: u64,
+            source: &'a str,
+            text: &'a str,
+            decision: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rule: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            refusal: Option<&'a str>,
+            statements: &'a [StatementRecord],
+        }
+        let form = Form {
+            at: &at,
+            session: envelope.session.as_deref(),
+            identity: envelope.identity.as_deref(),
+            target: envelope.target.as_deref(),
+            kind: "statement",
+            seq: view.seq,
+            source: view.source,
+            text: view.text,
+            decision: view.decision,
+            rule: view.rule,
+            refusal: view.refusal,
+            statements: view.statements,
+        };
+        // Sized once: the envelope and fields take about 300 bytes, each
+        // classified statement about 100 more.
+        let mut json = Vec::with_capacity(320 + view.text.len() + 128 * view.statements.len() + COMPLETION_ROOM);
+        // As `Event::to_json`: serializing these types cannot fail, and
+        // what serde_json writes is UTF-8.
+        let json = match serde_json::to_writer(&mut json, &form) {
+            Ok(()) => String::from_utf8(json).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Err(e) => format!("{{\"type\":\"unserializable\",\"error\":\"{e}\"}}"),
+        };
+        Record {
+            json,
+            at,
+            kind: "statement",
+            seq: view.seq,
+            envelope: envelope.clone(),
+        }
     }
 
     /// An event with the stored form it was read from.
@@ -642,10 +802,16 @@ impl Record {
             at,
             kind: detail.kind(),
             seq,
-            session,
-            identity,
-            target,
+            envelope: Arc::new(Envelope {
+                session,
+                identity,
+                target,
+            }),
         }
+    }
+
+    pub fn session(&self) -> Option<&str> {
+        self.envelope.session.as_deref()
     }
 
     /// Joins its completion ([`Completion::to_json`]) to this statement
@@ -789,6 +955,120 @@ mod tests {
     }
 
     #[test]
+    fn times_are_stored_as_chrono_writes_them() {
+        use chrono::TimeZone;
+        let chrono_form = |at: &DateTime<Utc>| {
+            let mut out = Vec::new();
+            at.serialize(&mut serde_json::Serializer::new(&mut out)).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let ours = |at: &DateTime<Utc>| {
+            let mut out = Vec::new();
+            serialize_at(at, &mut serde_json::Serializer::new(&mut out)).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let second = Utc.with_ymd_and_hms(2026, 11, 29, 23, 5, 9).unwrap();
+        let mut times = vec![Utc::now(), Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap()];
+        for nanos in [
+            0,
+            7_000_000,
+            120_000_000,
+            7_000,
+            123_456_000,
+            1,
+            999_999_999,
+            100_000_010,
+        ] {
+            times.push(second + chrono::Duration::nanoseconds(nanos));
+            times.push(Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap() + chrono::Duration::nanoseconds(nanos));
+        }
+        for at in &times {
+            let mut buf = [0u8; 30];
+            assert!(stored_at(at, &mut buf).is_some(), "{at:?}");
+            assert_eq!(ours(at), chrono_form(at));
+        }
+        // Outside what it writes itself (years beyond 9999 or before 0, a
+        // leap second): chrono's own form.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        for at in [
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(-1, 6, 1, 0, 0, 0).unwrap(),
+            leap,
+        ] {
+            let mut buf = [0u8; 30];
+            assert!(stored_at(&at, &mut buf).is_none(), "{at:?}");
+            assert_eq!(ours(&at), chrono_form(&at));
+        }
+        // And the stored form reads back as the same time.
+        for at in times {
+            let back: DateTime<Utc> = serde_json::from_str(&ours(&at)).unwrap();
+            assert_eq!(back, at);
+        }
+    }
+
+    #[test]
+    fn a_statement_serialized_from_its_parts_is_its_events_stored_form() {
+        let envelope = Envelope::of_session("s\"1", "a\"type\":\"statement\",", "shop\u{7f}");
+        let statements = [
+            StatementRecord {
+                kind: "read".into(),
+                command: "SELECT".into(),
+                relations: vec!["public.t (read)".into(), "\"we\"\"ird\" (read)".into()],
+                features: vec!["cte".into()],
+                tags: vec!["pii".into()],
+            },
+            StatementRecord {
+                kind: "write".into(),
+                command: "DELETE".into(),
+                relations: vec![],
+                features: vec![],
+                tags: vec![],
+            },
+        ];
+        let texts = ["SELECT 1", "", "SELECT '\"}\\\n\t\u{1}é😀'", &"x".repeat(5000)];
+        for (n, text) in texts.into_iter().enumerate() {
+            for (rule, refusal) in [(None, None), (Some("reads \"all\""), Some("refused: \u{0}"))] {
+                let view = StatementView {
+                    seq: n as u64 + 1,
+                    source: "query",
+                    text,
+                    decision: "deny",
+                    rule,
+                    refusal,
+                    statements: &statements[..n % 3],
+                };
+                let at = Utc::now();
+                let record = Record::statement(at, &envelope, view);
+                let event = Event {
+                    at,
+                    session: envelope.session.clone(),
+                    identity: envelope.identity.clone(),
+                    target: envelope.target.clone(),
+                    detail: Detail::Statement {
+                        seq: view.seq,
+                        source: view.source.into(),
+                        text: text.into(),
+                        decision: view.decision.into(),
+                        rule: rule.map(Into::into),
+                        refusal: refusal.map(Into::into),
+                        statements: view.statements.to_vec(),
+                        done: None,
+                    },
+                };
+                assert_eq!(record.json, event.to_json());
+                assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
+                assert!(Arc::ptr_eq(&record.envelope, &envelope));
+                // Room for its completion to join it without growing it.
+                assert!(record.json.capacity() >= record.json.len() + COMPLETION_ROOM, "{n}");
+            }
+        }
+    }
+
+    #[test]
     fn a_merged_statement_is_what_serializing_it_with_its_completion_gives() {
         // Texts that look like the markers the merge looks for, in every
         // string before and after them.
@@ -800,6 +1080,11 @@ mod tests {
                 *done = Some(completion());
             }
             let mut merged = bare.to_json();
+            let mut scratch = vec![b'x'];
+            assert_eq!(
+                completion().write_json(&mut scratch),
+                Some(completion().to_json().as_str())
+            );
             assert!(join_completion(&mut merged, &completion().to_json()));
             assert_eq!(merged, whole.to_json());
             let mut back: Event = serde_json::from_str(&merged).unwrap();

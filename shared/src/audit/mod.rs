@@ -25,7 +25,10 @@ mod writer;
 use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
-pub use event::{AccessAsk, ColumnRecord, Completion, Detail, Event, Record, StatementRecord, join_completion};
+pub use event::{
+    AccessAsk, ColumnRecord, Completion, Detail, Envelope, Event, Record, StatementRecord, StatementView,
+    join_completion,
+};
 pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};

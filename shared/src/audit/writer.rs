@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::chain::{Signer, replace_file};
-use super::event::{Completion, Detail, Event, Record};
+use super::event::{Completion, Detail, Envelope, Event, Record};
 use super::journal::{Journal, Mark};
 use super::sqlite::StoredEvent;
 use super::{AuditError, AuditStore, SyncMode};
@@ -400,39 +400,49 @@ impl Auditor {
 
     /// Records an event without waiting for it.
     pub fn record(&self, event: Event) {
+        // Serialized here, on the caller's thread, outside the lock.
+        self.record_stored(Record::new(event));
+    }
+
+    /// Records an event already in its stored form (a session's statement,
+    /// [`Record::statement`]) without waiting for it.
+    pub fn record_stored(&self, record: Record) {
         // Nobody waits: an event that did not fit in the journal is
         // simply written with the next batch.
-        drop(self.send(event, false).0);
+        drop(self.send(record, false).0);
     }
 
     /// Records an event the caller must not act on before it is durable.
     pub fn write_ahead(&self, event: Event) -> Durable {
-        self.send(event, true).0
+        self.send(Record::new(event), true).0
     }
 
-    /// Records a statement's event write-ahead ([`Auditor::write_ahead`]);
-    /// the ticket lets its completion join it.
-    pub fn write_ahead_statement(&self, event: Event) -> (Durable, Ticket) {
-        self.send(event, true)
+    /// Records a statement's event ([`Record::statement`]) write-ahead
+    /// ([`Auditor::write_ahead`]); the ticket lets its completion join it.
+    pub fn write_ahead_statement(&self, record: Record) -> (Durable, Ticket) {
+        self.send(record, true)
     }
 
-    /// Records how statement `seq` of `session` ended. While its event
-    /// (`ticket`) still waits for the writer, which is almost always, the
-    /// completion joins it (`done`): one event in the trail, and only the
-    /// completion's own fields serialized. The statement with its
-    /// completion then goes into the journal again, so that a crash keeps
-    /// both (recovery keeps the later form). Otherwise the completion is
-    /// an event of its own, `standalone(completion)`.
+    /// Records how statement `seq` of the session `envelope` is ended.
+    /// While its event (`ticket`) still waits for the writer, which is
+    /// almost always, the completion joins it (`done`): one event in the
+    /// trail, and only the completion's own fields serialized (into
+    /// `scratch`, the session's buffer). The statement with its completion
+    /// then goes into the journal again, so that a crash keeps both
+    /// (recovery keeps the later form). Otherwise the completion is an
+    /// event of its own, `standalone(completion)`.
     pub fn complete(
         &self,
         ticket: Option<Ticket>,
-        session: &str,
+        envelope: &Arc<Envelope>,
         seq: u64,
         completion: Completion,
+        scratch: &mut Vec<u8>,
         standalone: impl FnOnce(Completion) -> Event,
     ) {
-        if let Some(ticket) = ticket {
-            let fields = completion.to_json();
+        if let Some(ticket) = ticket
+            && let Some(fields) = completion.write_json(scratch)
+        {
             let shared = &self.handle.shared;
             let mut queue = shared.queue();
             let queue = &mut *queue;
@@ -440,8 +450,8 @@ impl Auditor {
                 && let Some(statement) = queue.events.get_mut(ticket.index)
                 && statement.record.kind == "statement"
                 && statement.record.seq == seq
-                && statement.record.session.as_deref() == Some(session)
-                && statement.record.join(&fields)
+                && Arc::ptr_eq(&statement.record.envelope, envelope)
+                && statement.record.join(fields)
             {
                 // Journaled like its statement (one the journal refused
                 // waits for its commit, and so does its completion): a
@@ -464,9 +474,7 @@ impl Auditor {
         self.record(standalone(completion));
     }
 
-    fn send(&self, event: Event, write_ahead: bool) -> (Durable, Ticket) {
-        // Serialized here, on the session's thread, outside the lock.
-        let record = Record::new(event);
+    fn send(&self, record: Record, write_ahead: bool) -> (Durable, Ticket) {
         let shared = &self.handle.shared;
         shared.health.queued.fetch_add(1, Ordering::Relaxed);
         let mut queue = shared.queue();
@@ -601,7 +609,7 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
     for (n, queued) in batch.iter().enumerate() {
         let record = &queued.record;
         let size = record.json.len();
-        let session = match record.session.as_deref() {
+        let session = match record.session() {
             Some(session) if record.kind == "statement" && size <= ROW_MEMBER_BYTES => session,
             Some(session) if record.kind == "statement" => {
                 // Too large to share a row: its own, and its session's
@@ -621,8 +629,7 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
             let first = &batch[row[0]].record;
             if row.len() < ROW_STATEMENTS
                 && *bytes + size <= ROW_BYTES
-                && record.identity == first.identity
-                && record.target == first.target
+                && record.envelope == first.envelope
                 && (record.at - first.at).abs() <= ROW_SPAN
             {
                 row.push(n);
@@ -666,9 +673,7 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
             at: first.at,
             kind: "statements",
             seq: 0,
-            session: first.session.clone(),
-            identity: first.identity.clone(),
-            target: first.target.clone(),
+            envelope: first.envelope.clone(),
         });
     }
     rows
@@ -1309,9 +1314,55 @@ mod tests {
         }
     }
 
+    /// A session's envelope, shared by its statements as in a session.
+    fn envelope(session: &str) -> Arc<Envelope> {
+        static SESSIONS: std::sync::LazyLock<Mutex<std::collections::HashMap<String, Arc<Envelope>>>> =
+            std::sync::LazyLock::new(Default::default);
+        let mut sessions = SESSIONS.lock().unwrap();
+        sessions
+            .entry(session.to_string())
+            .or_insert_with(|| Envelope::of_session(session, "alice", "shop"))
+            .clone()
+    }
+
+    /// A statement event as a session records it ([`Record::statement`]).
+    fn stored(event: Event) -> Record {
+        let Detail::Statement {
+            seq,
+            source,
+            text,
+            decision,
+            rule,
+            refusal,
+            statements,
+            done: None,
+        } = &event.detail
+        else {
+            unreachable!("a statement without its completion")
+        };
+        let envelope = envelope(event.session.as_deref().unwrap());
+        assert_eq!(*envelope, *Record::new(event.clone()).envelope);
+        let record = Record::statement(
+            event.at,
+            &envelope,
+            crate::audit::StatementView {
+                seq: *seq,
+                source,
+                text,
+                decision,
+                rule: rule.as_deref(),
+                refusal: refusal.as_deref(),
+                statements,
+            },
+        );
+        assert_eq!(record.json, event.to_json());
+        record
+    }
+
     /// Records how statement `seq` of `session` ended, as a session does.
     fn complete(auditor: &Auditor, ticket: Option<Ticket>, session: &str, seq: u64) {
-        auditor.complete(ticket, session, seq, completion(seq), |c| {
+        let mut scratch = Vec::new();
+        auditor.complete(ticket, &envelope(session), seq, completion(seq), &mut scratch, |c| {
             Event::now(c.into_done(seq)).in_session(session).by("alice", "shop")
         });
     }
@@ -1440,9 +1491,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_completion_joins_its_waiting_statement_in_one_row() {
         let (dir, auditor, handle, signer, release, flushed) = gated("joins");
-        let (durable, a) = auditor.write_ahead_statement(statement("s1", 1));
+        let (durable, a) = auditor.write_ahead_statement(stored(statement("s1", 1)));
         durable.await.unwrap();
-        let (durable, b) = auditor.write_ahead_statement(statement("s2", 1));
+        let (durable, b) = auditor.write_ahead_statement(stored(statement("s2", 1)));
         durable.await.unwrap();
         complete(&auditor, Some(a), "s1", 1);
         // A ticket that does not point at this completion's statement (another
@@ -1452,7 +1503,7 @@ mod tests {
         flushed.await.unwrap();
         auditor.flush().await;
         // Taken by the writer already: the completion is a row of its own.
-        let (durable, c) = auditor.write_ahead_statement(statement("s1", 2));
+        let (durable, c) = auditor.write_ahead_statement(stored(statement("s1", 2)));
         durable.await.unwrap();
         auditor.flush().await;
         complete(&auditor, Some(c), "s1", 2);
@@ -1538,27 +1589,27 @@ mod tests {
         // All of this waits in the queue: one batch.
         auditor.record(opened("s1"));
         auditor.record(opened("s2"));
-        let (_, s1) = auditor.write_ahead_statement(statement("s1", 1));
+        let (_, s1) = auditor.write_ahead_statement(stored(statement("s1", 1)));
         complete(&auditor, Some(s1), "s1", 1);
-        let _ = auditor.write_ahead_statement(statement("s2", 1));
-        let _ = auditor.write_ahead_statement(statement("s1", 2));
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 1)));
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 2)));
         auditor.record(refused("s2", 2));
         // Anything but a statement ends every session's row: what follows
         // it is stored after it.
         auditor.record(Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).in_session("s1"));
-        let _ = auditor.write_ahead_statement(statement("s1", 3));
-        let _ = auditor.write_ahead_statement(statement("s2", 3));
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 3)));
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 3)));
         auditor.record(grant(9));
-        let _ = auditor.write_ahead_statement(statement("s2", 4));
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 4)));
         // A large statement is a row of its own; its session's next ones
         // start another.
         let mut large = statement("s1", 4);
         if let Detail::Statement { text, .. } = &mut large.detail {
             *text = "x".repeat(ROW_MEMBER_BYTES);
         }
-        let _ = auditor.write_ahead_statement(large);
-        let _ = auditor.write_ahead_statement(statement("s1", 5));
-        let _ = auditor.write_ahead_statement(statement("s1", 6));
+        let _ = auditor.write_ahead_statement(stored(large));
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 5)));
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 6)));
         release.send(()).unwrap();
         flushed.await.unwrap();
         auditor.flush().await;
@@ -1639,7 +1690,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recovery_joins_completions_to_their_statements() {
         let (dir, auditor, handle, signer) = setup("recover-joins");
-        let (durable, _) = auditor.write_ahead_statement(statement("s1", 1));
+        let (durable, _) = auditor.write_ahead_statement(stored(statement("s1", 1)));
         durable.await.unwrap();
         auditor.flush().await;
         drop(auditor);

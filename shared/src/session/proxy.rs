@@ -342,6 +342,10 @@ pub(crate) struct Proxy<'a> {
     counters: Counters,
     /// Statements recorded in the audit trail so far; the last one's number.
     audit_seq: u64,
+    /// The session, identity and target its statement events share.
+    audit_envelope: Arc<audit::Envelope>,
+    /// Where completions are serialized, reused.
+    audit_scratch: Vec<u8>,
     /// While a write-ahead event is not yet durable: how many bytes at the
     /// front of `to_server` may be written. The rest (the statement it
     /// records, and everything after) waits.
@@ -420,6 +424,7 @@ impl<'a> Proxy<'a> {
     ) -> Proxy<'a> {
         let mut ctx = ctx;
         let seam = ResultSeam::new(ctx.masker.take());
+        let audit_envelope = audit::Envelope::of_session(ctx.session_id, ctx.identity.name(), ctx.target);
         let expiry_timer = ctx.token_expiry.map(|expiry| {
             let left = expiry
                 .at
@@ -462,6 +467,8 @@ impl<'a> Proxy<'a> {
             server_first: false,
             counters: Counters::default(),
             audit_seq: 0,
+            audit_envelope,
+            audit_scratch: Vec::new(),
             audit_hold: None,
             audit_wait: None,
             pending_mark: None,
@@ -1587,21 +1594,21 @@ impl<'a> Proxy<'a> {
             StatementSource::Parse { .. } => "parse",
             StatementSource::FunctionCall => "function_call",
         };
-        self.record_execution(source, text, statements, outcome, decision, rule)
+        self.record_execution(source, &text, &statements, outcome, decision, rule.as_deref())
     }
 
     fn record_execution(
         &mut self,
         source: &str,
-        text: String,
-        statements: Vec<StatementRecord>,
+        text: &str,
+        statements: &[StatementRecord],
         outcome: &Outcome,
         decision: &'static str,
-        rule: Option<String>,
+        rule: Option<&str>,
     ) -> Option<Mark> {
         let auditor = self.ctx.auditor?;
         let refusal = match outcome {
-            Outcome::Refuse(error) => Some(error.message.clone()),
+            Outcome::Refuse(error) => Some(error.message.as_str()),
             _ => None,
         };
         let runs = matches!(outcome, Outcome::Forward | Outcome::Guard(_));
@@ -1614,12 +1621,12 @@ impl<'a> Proxy<'a> {
             refusal,
         );
         if !runs {
-            auditor.record(event);
+            auditor.record_stored(event);
             return None;
         }
         let ticket = if self.ctx.audit_continue && !auditor.available() {
             tracing::warn!("the audit trail is behind: a statement runs before its event is written");
-            auditor.record(event);
+            auditor.record_stored(event);
             None
         } else {
             let (durable, ticket) = auditor.write_ahead_statement(event);
@@ -1644,29 +1651,30 @@ impl<'a> Proxy<'a> {
         })
     }
 
-    /// The next statement event of the session.
+    /// The next statement event of the session, in its stored form.
     fn statement_event(
         &mut self,
         source: &str,
-        text: String,
-        statements: Vec<StatementRecord>,
+        text: &str,
+        statements: &[StatementRecord],
         decision: &str,
-        rule: Option<String>,
-        refusal: Option<String>,
-    ) -> audit::Event {
+        rule: Option<&str>,
+        refusal: Option<&str>,
+    ) -> audit::Record {
         self.audit_seq += 1;
-        audit::Event::now(audit::Detail::Statement {
-            seq: self.audit_seq,
-            source: source.into(),
-            text,
-            decision: decision.into(),
-            rule,
-            refusal,
-            statements,
-            done: None,
-        })
-        .in_session(self.ctx.session_id)
-        .by(self.ctx.identity.name(), self.ctx.target)
+        audit::Record::statement(
+            chrono::Utc::now(),
+            &self.audit_envelope,
+            audit::StatementView {
+                seq: self.audit_seq,
+                source,
+                text,
+                decision,
+                rule,
+                refusal,
+                statements,
+            },
+        )
     }
 
     /// Records an Execute of a bound portal (its first: later ones fetch
@@ -1678,25 +1686,32 @@ impl<'a> Proxy<'a> {
         }
         let portal = first_name(execute_body, "portal name")?;
         let audit = self.portal_texts.insert(portal.to_string(), PortalAudit::Executed);
-        let (text, statements) = match audit {
+        let bound = match audit {
             Some(PortalAudit::Executed) => return Ok(()),
             Some(PortalAudit::Refused) => {
                 self.portal_texts.insert(portal.to_string(), PortalAudit::Refused);
                 return Ok(());
             }
-            Some(PortalAudit::Bound(text)) => (text.text.clone(), text.statements.clone()),
+            Some(PortalAudit::Bound(text)) => text,
             // A portal bound to a statement the gateway has no text for
             // (or bound in a batch the server discarded): it still runs on
             // the record.
-            Some(PortalAudit::Unknown) | None => (
-                format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
-                Vec::new(),
-            ),
+            Some(PortalAudit::Unknown) | None => Arc::new(AuditText {
+                text: format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
+                statements: Vec::new(),
+            }),
         };
         if let Some(refusal) = self.audit_unavailable() {
             return Err(Stop::Audit(refusal.message));
         }
-        self.pending_mark = self.record_execution("execute", text, statements, &Outcome::Forward, "allow", None);
+        self.pending_mark = self.record_execution(
+            "execute",
+            &bound.text,
+            &bound.statements,
+            &Outcome::Forward,
+            "allow",
+            None,
+        );
         Ok(())
     }
 
@@ -1717,13 +1732,23 @@ impl<'a> Proxy<'a> {
     fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
         if let Some(auditor) = self.ctx.auditor {
             let (portal, statement) = bind_names(bind_body)?;
-            let (text, statements) = match self.statement_texts.get(statement) {
-                Some(text) => (text.text.clone(), text.statements.clone()),
-                None => (format!("(prepared statement \"{statement}\")"), Vec::new()),
+            let bound = match self.statement_texts.get(statement) {
+                Some(text) => text.clone(),
+                None => Arc::new(AuditText {
+                    text: format!("(prepared statement \"{statement}\")"),
+                    statements: Vec::new(),
+                }),
             };
             let portal = portal.to_string();
-            let event = self.statement_event("bind", text, statements, "deny", None, Some(refusal.message.clone()));
-            auditor.record(event);
+            let event = self.statement_event(
+                "bind",
+                &bound.text,
+                &bound.statements,
+                "deny",
+                None,
+                Some(&refusal.message),
+            );
+            auditor.record_stored(event);
             self.portal_texts.insert(portal, PortalAudit::Refused);
         }
         self.fail_in_place(REFUSED_NAME, refusal);
@@ -1961,8 +1986,9 @@ impl<'a> Proxy<'a> {
                     // Bound now; its Execute is recorded (write-ahead) when
                     // it comes.
                     if let Some(auditor) = self.ctx.auditor {
-                        let event = self.statement_event("bind", held.text, held.statements, "allow", Some(rule), None);
-                        auditor.record(event);
+                        let event =
+                            self.statement_event("bind", &held.text, &held.statements, "allow", Some(&rule), None);
+                        auditor.record_stored(event);
                     }
                     self.bind_approved = Some(held.id);
                     self.on_frontend(fe::BIND, &held.query)?;
@@ -1974,11 +2000,11 @@ impl<'a> Proxy<'a> {
                 }
                 self.pending_mark = self.record_execution(
                     "query",
-                    held.text,
-                    held.statements,
+                    &held.text,
+                    &held.statements,
                     &Outcome::Forward,
                     "allow",
-                    Some(rule),
+                    Some(&rule),
                 );
                 self.to_server.extend_from_slice(&held.query);
                 let mark = self.pending_mark.take();
@@ -2043,7 +2069,7 @@ impl<'a> Proxy<'a> {
         }
     }
 
-    fn record_done(&self, mark: Mark) {
+    fn record_done(&mut self, mark: Mark) {
         if !mark.skipped {
             self.ctx.metrics.took(mark.started.elapsed());
         }
@@ -2056,11 +2082,19 @@ impl<'a> Proxy<'a> {
             columns: mark.columns,
             sample: mark.sample,
         };
-        auditor.complete(mark.ticket, self.ctx.session_id, mark.seq, completion, |completion| {
-            audit::Event::now(completion.into_done(mark.seq))
-                .in_session(self.ctx.session_id)
-                .by(self.ctx.identity.name(), self.ctx.target)
-        });
+        let (session, identity, target) = (self.ctx.session_id, self.ctx.identity.name(), self.ctx.target);
+        auditor.complete(
+            mark.ticket,
+            &self.audit_envelope,
+            mark.seq,
+            completion,
+            &mut self.audit_scratch,
+            |completion| {
+                audit::Event::now(completion.into_done(mark.seq))
+                    .in_session(session)
+                    .by(identity, target)
+            },
+        );
     }
 
     /// A RowDescription's columns as the trail records them: name, origin
