@@ -50,8 +50,10 @@ pub enum Detail {
     },
     /// Statement events of one session that the writer took in one batch
     /// and stored as one row (see `writer::rows`): fewer rows, hashes and
-    /// index entries per statement. The envelope is the first one's;
-    /// readers see the statements themselves
+    /// index entries per statement. The envelope is the first one's, and
+    /// the statements' own session, identity and target are left out
+    /// (they are the row's; rows written by earlier versions repeat them). Readers
+    /// see the statements themselves, with the row's envelope
     /// ([`StoredEvent::expand`](super::StoredEvent::expand)).
     Statements { statements: Vec<Event> },
     /// A login or session start that did not succeed.
@@ -299,31 +301,59 @@ pub fn join_completion(statement: &mut String, completion: &str) -> bool {
     true
 }
 
+/// Where a statement event's stored form has its `type` tag, after its
+/// envelope (`at`, `session`, `identity`, `target`): inside a JSON string
+/// every quote is escaped, so the first such tag is the real one.
+fn statement_tag(stored: &str) -> Option<usize> {
+    stored.find("\"type\":\"statement\",")
+}
+
 /// Starts the stored form of a [`Detail::Statements`] row in `into` with
 /// `first`, the stored form of a statement event, whose envelope (`at`,
 /// `session`, `identity`, `target`) the row takes; false, and `into` left
 /// empty, when `first` is not one. Members follow with
 /// [`group_statement`], and [`end_statements`] closes the row: the result
-/// is exactly what serializing the row's `Event` gives.
+/// is exactly what serializing the row's `Event` gives, with its members'
+/// session, identity and target left out (None).
 pub fn start_statements(first: &str, into: &mut String) -> bool {
-    const TAG: &str = "\"type\":\"statement\",";
     into.clear();
-    // A serialized event has its envelope (`at`, `session`, `identity`,
-    // `target`) first, then `type`; inside a JSON string every quote is
-    // escaped, so the first such tag is the real one.
-    let Some(at) = first.find(TAG) else {
+    let Some(tag) = statement_tag(first) else {
         return false;
     };
-    into.push_str(&first[..at]);
+    into.push_str(&first[..tag]);
     into.push_str("\"type\":\"statements\",\"statements\":[");
-    into.push_str(first);
+    push_member(first, tag, into);
     true
 }
 
-/// Adds a statement event's stored form to a row [`start_statements`] began.
+/// Adds a statement event's stored form to a row [`start_statements`]
+/// began.
 pub fn group_statement(member: &str, into: &mut String) {
     into.push(',');
-    into.push_str(member);
+    match statement_tag(member) {
+        Some(tag) => push_member(member, tag, into),
+        // Not a statement's stored form: whole, as it is.
+        None => into.push_str(member),
+    }
+}
+
+/// A statement's stored form (its tag at `tag`) as a row's member: its
+/// `at`, then what follows its envelope. `at` is the first field, a
+/// string without quotes or escapes in it.
+fn push_member(stored: &str, tag: usize, into: &mut String) {
+    const AT: &str = "{\"at\":\"";
+    let at_end = stored
+        .strip_prefix(AT)
+        .and_then(|rest| rest.find('"'))
+        .map(|end| AT.len() + end + 2)
+        .filter(|&end| end <= tag && stored.get(end - 2..end) == Some("\","));
+    match at_end {
+        Some(end) => {
+            into.push_str(&stored[..end]);
+            into.push_str(&stored[tag..]);
+        }
+        None => into.push_str(stored),
+    }
 }
 
 /// Closes a row [`start_statements`] began.
@@ -426,7 +456,16 @@ impl Event {
     pub fn expand(mut self, out: &mut Vec<Event>) {
         match &mut self.detail {
             Detail::Statements { statements } => {
-                for statement in std::mem::take(statements) {
+                for mut statement in std::mem::take(statements) {
+                    for (theirs, row) in [
+                        (&mut statement.session, &self.session),
+                        (&mut statement.identity, &self.identity),
+                        (&mut statement.target, &self.target),
+                    ] {
+                        if theirs.is_none() {
+                            theirs.clone_from(row);
+                        }
+                    }
                     statement.expand(out);
                 }
             }
@@ -935,17 +974,38 @@ mod tests {
             identity: first.identity.clone(),
             target: first.target.clone(),
             detail: Detail::Statements {
-                statements: vec![first.clone(), second.clone(), third.clone()],
+                statements: [&first, &second, &third]
+                    .map(|member| Event {
+                        session: None,
+                        identity: None,
+                        target: None,
+                        ..member.clone()
+                    })
+                    .to_vec(),
             },
         };
+        // Members are stored without the envelope the row has.
         assert_eq!(json, row.to_json());
+        assert_eq!(json.matches("\"session\":").count(), 1, "{json}");
         let back: Event = serde_json::from_str(&json).unwrap();
         assert_eq!(back, row);
         let mut events = Vec::new();
         back.expand(&mut events);
         let mut bare = first.clone();
         let done = bare.take_completion().unwrap();
-        assert_eq!(events, [bare, done, second, third]);
+        let expected = [bare, done, second.clone(), third.clone()];
+        assert_eq!(events, expected);
+        // A row whose members repeat the envelope (as earlier versions
+        // wrote them) reads the same.
+        let mut whole = row.clone();
+        whole.detail = Detail::Statements {
+            statements: vec![first.clone(), second, third],
+        };
+        let mut events = Vec::new();
+        serde_json::from_str::<Event>(&whole.to_json())
+            .unwrap()
+            .expand(&mut events);
+        assert_eq!(events, expected);
         // Only a statement's stored form starts a row.
         assert!(!start_statements(
             &Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).to_json(),
