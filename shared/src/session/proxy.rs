@@ -346,6 +346,7 @@ pub(crate) struct Proxy<'a> {
     audit_envelope: Arc<audit::Envelope>,
     /// Where completions are serialized, reused.
     audit_scratch: Vec<u8>,
+    audit_records: AuditRecords,
     /// While a write-ahead event is not yet durable: how many bytes at the
     /// front of `to_server` may be written. The rest (the statement it
     /// records, and everything after) waits.
@@ -389,7 +390,45 @@ pub(crate) struct Proxy<'a> {
 #[derive(Debug)]
 struct AuditText {
     text: String,
-    statements: Vec<StatementRecord>,
+    statements: Arc<[StatementRecord]>,
+}
+
+/// Classifications a session saw last and their statements as the trail
+/// records them: a session runs the same few statement shapes over and
+/// over, and the policy's cache hands back the same classification for
+/// each, so most statements find theirs here rather than allocate them.
+#[derive(Debug, Default)]
+struct AuditRecords {
+    recent: Vec<(Arc<crate::policy::Classification>, Arc<[StatementRecord]>)>,
+}
+
+impl AuditRecords {
+    /// How many classifications are kept.
+    const KEPT: usize = 8;
+
+    /// `classification`'s statements as the trail records them.
+    fn of(
+        &mut self,
+        classification: Option<&Arc<crate::policy::Classification>>,
+        tags: &[crate::config::TagRule],
+    ) -> Arc<[StatementRecord]> {
+        let Some(classification) = classification else {
+            return Arc::from([]);
+        };
+        if let Some(at) = self
+            .recent
+            .iter()
+            .position(|(seen, _)| Arc::ptr_eq(seen, classification))
+        {
+            // Most recent first, so that the oldest is the one to go.
+            self.recent[..=at].rotate_right(1);
+            return self.recent[0].1.clone();
+        }
+        let records: Arc<[StatementRecord]> = audit_records(Some(classification), tags).into();
+        self.recent.truncate(Self::KEPT - 1);
+        self.recent.insert(0, (classification.clone(), records.clone()));
+        records
+    }
 }
 
 /// Where a bound portal is, for the audit trail.
@@ -469,6 +508,7 @@ impl<'a> Proxy<'a> {
             audit_seq: 0,
             audit_envelope,
             audit_scratch: Vec::new(),
+            audit_records: AuditRecords::default(),
             audit_hold: None,
             audit_wait: None,
             pending_mark: None,
@@ -1532,7 +1572,9 @@ impl<'a> Proxy<'a> {
             self.checked_text = text.clone();
         }
         if self.ctx.auditor.is_some() {
-            let statements = audit_records(decided.classification.as_deref(), self.ctx.audit_tags);
+            let statements = self
+                .audit_records
+                .of(decided.classification.as_ref(), self.ctx.audit_tags);
             match source {
                 StatementSource::Parse { statement } => match outcome {
                     Outcome::Refuse(_) => {
@@ -1584,7 +1626,7 @@ impl<'a> Proxy<'a> {
         text: String,
         source: StatementSource<'_>,
         outcome: &Outcome,
-        statements: Option<Vec<StatementRecord>>,
+        statements: Option<Arc<[StatementRecord]>>,
         decision: &'static str,
         rule: Option<String>,
     ) -> Option<Mark> {
@@ -1698,7 +1740,7 @@ impl<'a> Proxy<'a> {
             // the record.
             Some(PortalAudit::Unknown) | None => Arc::new(AuditText {
                 text: format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
-                statements: Vec::new(),
+                statements: Arc::from([]),
             }),
         };
         if let Some(refusal) = self.audit_unavailable() {
@@ -1736,7 +1778,7 @@ impl<'a> Proxy<'a> {
                 Some(text) => text.clone(),
                 None => Arc::new(AuditText {
                     text: format!("(prepared statement \"{statement}\")"),
-                    statements: Vec::new(),
+                    statements: Arc::from([]),
                 }),
             };
             let portal = portal.to_string();
@@ -2070,13 +2112,14 @@ impl<'a> Proxy<'a> {
     }
 
     fn record_done(&mut self, mark: Mark) {
+        let took = mark.started.elapsed();
         if !mark.skipped {
-            self.ctx.metrics.took(mark.started.elapsed());
+            self.ctx.metrics.took(took);
         }
         let Some(auditor) = self.ctx.auditor else { return };
         let completion = audit::Completion {
             rows: mark.rows,
-            duration_us: mark.started.elapsed().as_micros() as u64,
+            duration_us: took.as_micros() as u64,
             sqlstate: mark.sqlstate,
             skipped: mark.skipped,
             columns: mark.columns,
@@ -3160,6 +3203,46 @@ pub(crate) fn encode_greeting(greeting: &[u8], key: backend::BackendKeyData, sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sessions_recent_classifications_keep_their_audit_records() {
+        let options = crate::policy::ClassifyOptions::default();
+        let classified = |sql: &str| Arc::new(crate::policy::classify(sql, &options));
+        let mut records = AuditRecords::default();
+        let read = classified("SELECT * FROM accounts");
+        let first = records.of(Some(&read), &[]);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].command, "SELECT");
+        assert_eq!(first[0].relations, ["accounts (read)"]);
+        // The same classification (the policy cache's) finds them again.
+        assert!(Arc::ptr_eq(&records.of(Some(&read), &[]), &first));
+        // Another, even of the same text, has its own.
+        let again = classified("SELECT * FROM accounts");
+        let other = records.of(Some(&again), &[]);
+        assert!(!Arc::ptr_eq(&other, &first));
+        assert_eq!(other, first);
+        let delete = records.of(Some(&classified("DELETE FROM accounts; SELECT 1")), &[]);
+        assert_eq!(
+            delete.iter().map(|r| r.command.as_str()).collect::<Vec<_>>(),
+            ["DELETE", "SELECT"]
+        );
+        // Only the most recent are kept, the last one used among them.
+        let _ = records.of(Some(&read), &[]);
+        let many: Vec<_> = (0..AuditRecords::KEPT - 1)
+            .map(|n| classified(&format!("SELECT {n} FROM t")))
+            .collect();
+        for classification in &many {
+            let _ = records.of(Some(classification), &[]);
+        }
+        assert_eq!(records.recent.len(), AuditRecords::KEPT);
+        assert!(
+            Arc::ptr_eq(&records.of(Some(&read), &[]), &first),
+            "used last before the others"
+        );
+        let _ = records.of(Some(&classified("SELECT 99")), &[]);
+        assert!(!records.recent.iter().any(|(seen, _)| Arc::ptr_eq(seen, &again)));
+        assert!(records.of(None, &[]).is_empty());
+    }
 
     fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
         let mut body = (values.len() as i16).to_be_bytes().to_vec();
