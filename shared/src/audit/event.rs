@@ -1,6 +1,11 @@
 //! What the audit trail records: one [`Event`] per thing that happened, as a
 //! JSON document. The document is what the hash chain covers, so its
 //! serialization is part of the trail's format: fields are only ever added.
+//! One exception, before any release: the statements of a
+//! [`Detail::Statements`] row leave out the session, identity and target
+//! their row has, and only readers that fill them in ([`Event::expand`],
+//! from this version on) show them; a trail is read by the binary that
+//! wrote it, or a later one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -704,8 +709,9 @@ fn stored_at<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; 30]) -> Option<&'b str> {
 /// trail is searched by. The rest of the event (statement text,
 /// classification, samples: a dozen allocations) is freed where it was
 /// made: memory allocated on one thread and freed on another is what
-/// glibc's allocator does worst, and this keeps that to four blocks per
-/// event.
+/// glibc's allocator does worst, and this keeps that to the JSON and a
+/// reference to the envelope, which a session's statements share (other
+/// events have one of their own).
 #[derive(Debug, Clone)]
 pub struct Record {
     /// [`Event::to_json`]: the bytes the chain hashes.
@@ -805,9 +811,20 @@ impl Record {
             refusal: view.refusal,
             statements: view.statements,
         };
-        // Sized once: the envelope and fields take about 300 bytes, each
-        // classified statement about 100 more.
-        let mut json = Vec::with_capacity(320 + view.text.len() + 128 * view.statements.len() + COMPLETION_ROOM);
+        // Sized once: the field names and fixed values take at most 250
+        // bytes, each classified statement about 100 more; a statement
+        // that runs gets its completion joined.
+        let envelope_len = [&envelope.session, &envelope.identity, &envelope.target]
+            .iter()
+            .map(|field| field.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+        let strings = [view.rule, view.refusal]
+            .iter()
+            .map(|s| s.map_or(0, str::len))
+            .sum::<usize>();
+        let room = if view.refusal.is_none() { COMPLETION_ROOM } else { 0 };
+        let mut json =
+            Vec::with_capacity(256 + envelope_len + view.text.len() + strings + 128 * view.statements.len() + room);
         // As `Event::to_json`: serializing these types cannot fail, and
         // what serde_json writes is UTF-8.
         let json = match serde_json::to_writer(&mut json, &form) {
@@ -1122,8 +1139,10 @@ mod tests {
                 assert_eq!(record.json, event.to_json());
                 assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
                 assert!(Arc::ptr_eq(&record.envelope, &envelope));
-                // Room for its completion to join it without growing it.
-                assert!(record.json.capacity() >= record.json.len() + COMPLETION_ROOM, "{n}");
+                // Room for its completion to join it without growing it
+                // (a refused statement has none).
+                let room = if refusal.is_none() { COMPLETION_ROOM } else { 0 };
+                assert!(record.json.capacity() >= record.json.len() + room, "{n}");
             }
         }
     }

@@ -683,7 +683,8 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
 /// returns where the journal continues.
 fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<Mark, AuditError> {
     let mut records: Vec<Record> = Vec::new();
-    // Statements by session and number, as `Auditor::complete` joins them:
+    // Statements by session and number (`Auditor::complete` joins a
+    // completion to its queued statement, of the same session and number):
     // a statement journaled again with its completion replaces its first
     // form; a completion that came after the writer took its statement is
     // an event of its own, joined here when its statement is recovered too.

@@ -2138,6 +2138,11 @@ impl<'a> Proxy<'a> {
                     .by(identity, target)
             },
         );
+        // One large completion (long sampled values, many columns) does not
+        // keep its buffer for the rest of the session.
+        if self.audit_scratch.capacity() > SCRATCH_KEPT {
+            self.audit_scratch = Vec::new();
+        }
     }
 
     /// A RowDescription's columns as the trail records them: name, origin
@@ -3114,6 +3119,9 @@ fn bind_parameters(body: &[u8]) -> String {
         Err(_) => "\n-- parameters: (unreadable)".into(),
     }
 }
+
+/// A completion's serialization buffer larger than this is not kept.
+const SCRATCH_KEPT: usize = 16 << 10;
 
 /// Sampled values longer than this are cut.
 const SAMPLE_VALUE_MAX: usize = 200;
