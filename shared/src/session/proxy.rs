@@ -346,6 +346,7 @@ pub(crate) struct Proxy<'a> {
     audit_envelope: Arc<audit::Envelope>,
     /// Where completions are serialized, reused.
     audit_scratch: Vec<u8>,
+    /// The trail's records of the classifications the session saw last.
     audit_records: AuditRecords,
     /// While a write-ahead event is not yet durable: how many bytes at the
     /// front of `to_server` may be written. The rest (the statement it
