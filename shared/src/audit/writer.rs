@@ -692,29 +692,25 @@ fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<
     let mut last = from;
     for (mark, json) in journal.recover(from) {
         match serde_json::from_str::<Event>(&json) {
-            Ok(event) => {
-                let key = (event.session.clone(), 0);
-                match event.detail {
-                    Detail::Statement { seq, .. } => match open.get(&(key.0.clone(), seq)) {
-                        Some(&at) => records[at] = Record::stored(event, json),
-                        None => {
-                            open.insert((key.0, seq), records.len());
-                            records.push(Record::stored(event, json));
-                        }
-                    },
-                    Detail::StatementDone { seq, .. } => {
-                        let statement = open.remove(&(key.0, seq));
-                        let record = Record::stored(event.clone(), json);
-                        let joined = statement
-                            .zip(Completion::of_done(event.detail))
-                            .is_some_and(|(at, (_, completion))| records[at].join(&completion.to_json()));
-                        if !joined {
-                            records.push(record);
-                        }
+            Ok(event) => match event.detail {
+                Detail::Statement { seq, .. } => match open.get(&(event.session.clone(), seq)) {
+                    Some(&at) => records[at] = Record::stored(event, json),
+                    None => {
+                        open.insert((event.session.clone(), seq), records.len());
+                        records.push(Record::stored(event, json));
                     }
-                    _ => records.push(Record::stored(event, json)),
+                },
+                Detail::StatementDone { seq, .. } => {
+                    let joined = open
+                        .remove(&(event.session.clone(), seq))
+                        .zip(Completion::of_done(event.detail.clone()))
+                        .is_some_and(|(at, (_, completion))| records[at].join(&completion.to_json()));
+                    if !joined {
+                        records.push(Record::stored(event, json));
+                    }
                 }
-            }
+                _ => records.push(Record::stored(event, json)),
+            },
             Err(err) => {
                 tracing::warn!(error = %err, seq = last.seq, "an event in the audit journal cannot be read; recovery stops there");
                 break;
@@ -1113,20 +1109,15 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A store that fails while `broken` is set.
-    struct Flaky {
+    /// A trail whose every append first runs `before` (which may fail it).
+    struct Hooked<F> {
         inner: SqliteStore,
-        broken: Arc<AtomicBool>,
+        before: F,
     }
 
-    impl AuditStore for Flaky {
+    impl<F: FnMut() -> Result<(), AuditError> + Send> AuditStore for Hooked<F> {
         fn append_records(&mut self, records: &[&Record], journal: Option<Mark>) -> Result<u64, AuditError> {
-            if self.broken.load(Ordering::SeqCst) {
-                return Err(AuditError::Setup {
-                    path: PathBuf::from("flaky"),
-                    reason: "disk full".into(),
-                });
-            }
+            (self.before)()?;
             self.inner.append_records(records, journal)
         }
         fn journal_mark(&self) -> Mark {
@@ -1151,14 +1142,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let broken = Arc::new(AtomicBool::new(false));
-        let store = Flaky {
-            inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
-            broken: broken.clone(),
-        };
+        let store = flaky(&dir.join("audit.db"), &broken);
         let key = dir.join("audit.key");
         let signer = Signer::load_or_create(&key).unwrap();
         let (auditor, handle) = Auditor::start(
-            Box::new(store),
+            store,
             Signer::load_or_create(&key).unwrap(),
             WriterOptions {
                 sign_every: 1000,
@@ -1226,12 +1214,8 @@ mod tests {
             journal: crate::audit::journal_path(&dir.join("audit.db")),
             sync: SyncMode::Normal,
         };
-        let store = Flaky {
-            inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
-            broken: broken.clone(),
-        };
-        let (auditor, handle) =
-            Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
+        let store = flaky(&dir.join("audit.db"), &broken);
+        let (auditor, handle) = Auditor::start(store, Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
         auditor.write_ahead(grant(1)).await.unwrap();
         broken.store(true, Ordering::SeqCst);
         auditor.write_ahead(grant(2)).await.expect("durable in the journal");
@@ -1425,34 +1409,21 @@ mod tests {
         );
     }
 
-    /// A store whose first append waits until the test lets it go: what is
-    /// sent meanwhile waits in the queue, whatever the machine's timing.
-    struct Gated {
-        inner: SqliteStore,
-        entered: Option<std::sync::mpsc::Sender<()>>,
-        release: std::sync::mpsc::Receiver<()>,
-    }
-
-    impl AuditStore for Gated {
-        fn append_records(&mut self, records: &[&Record], journal: Option<Mark>) -> Result<u64, AuditError> {
-            if let Some(entered) = self.entered.take() {
-                entered.send(()).unwrap();
-                self.release.recv().unwrap();
-            }
-            self.inner.append_records(records, journal)
-        }
-        fn journal_mark(&self) -> Mark {
-            self.inner.journal_mark()
-        }
-        fn head(&self) -> (u64, super::super::Hash) {
-            self.inner.head()
-        }
-        fn record_head(&mut self, head: &super::super::SignedHead) -> Result<(), AuditError> {
-            self.inner.record_head(head)
-        }
-        fn prune(&mut self, before: &str) -> Result<Option<(u64, u64)>, AuditError> {
-            self.inner.prune(before)
-        }
+    /// A store that fails while `broken` is set.
+    fn flaky(path: &std::path::Path, broken: &Arc<AtomicBool>) -> Box<dyn AuditStore> {
+        let broken = broken.clone();
+        Box::new(Hooked {
+            inner: SqliteStore::open(path, SyncMode::Normal).unwrap(),
+            before: move || {
+                if broken.load(Ordering::SeqCst) {
+                    return Err(AuditError::Setup {
+                        path: PathBuf::from("flaky"),
+                        reason: "disk full".into(),
+                    });
+                }
+                Ok(())
+            },
+        })
     }
 
     /// A writer whose store is inside its first append (of one event) when
@@ -1474,10 +1445,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (entered, entered_rx) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel();
-        let store = Gated {
+        // Its first append waits until the test lets it go: what is sent
+        // meanwhile waits in the queue, whatever the machine's timing.
+        let mut entered = Some(entered);
+        let store = Hooked {
             inner: SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap(),
-            entered: Some(entered),
-            release: release_rx,
+            before: move || {
+                if let Some(entered) = entered.take() {
+                    entered.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                }
+                Ok(())
+            },
         };
         let (auditor, handle, signer) = start(&dir, Box::new(store));
         // The writer takes this and stays in its append until released.
