@@ -1250,10 +1250,7 @@ mod tests {
         drop(auditor);
         handle.join().unwrap();
 
-        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
-        let head = crate::audit::read_head_file(&dir.join("audit.head")).unwrap();
-        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
-        assert!(report.ok(), "{report:?}");
+        let store = verified(&dir, &signer);
         let grants: Vec<String> = store
             .events(&crate::audit::EventFilter::default())
             .unwrap()
@@ -1409,6 +1406,16 @@ mod tests {
         );
     }
 
+    /// The stopped writer's trail in `dir`, which verifies against its
+    /// head file.
+    fn verified(dir: &std::path::Path, signer: &Signer) -> SqliteStore {
+        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
+        let head = crate::audit::read_head_file(&dir.join("audit.head")).unwrap();
+        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
+        assert!(report.ok(), "{report:?}");
+        store
+    }
+
     /// A store that fails while `broken` is set.
     fn flaky(path: &std::path::Path, broken: &Arc<AtomicBool>) -> Box<dyn AuditStore> {
         let broken = broken.clone();
@@ -1492,10 +1499,7 @@ mod tests {
         drop(auditor);
         handle.join().unwrap();
 
-        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
-        let head = read_head_file(&dir.join("audit.head")).unwrap();
-        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
-        assert!(report.ok(), "{report:?}");
+        let store = verified(&dir, &signer);
         assert_eq!(
             rows(&store)[1..],
             [
@@ -1596,10 +1600,7 @@ mod tests {
         drop(auditor);
         handle.join().unwrap();
 
-        let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
-        let head = read_head_file(&dir.join("audit.head")).unwrap();
-        let report = store.verify(&signer.public_key(), head.as_ref()).unwrap();
-        assert!(report.ok(), "{report:?}");
+        let store = verified(&dir, &signer);
         let kinds: Vec<(u64, &str, Option<String>)> = store
             .rows(&crate::audit::EventFilter::default())
             .unwrap()
