@@ -182,6 +182,37 @@ async fn shutdown_deadline_ends_open_transactions() {
     gw.finished().await;
 }
 
+/// A statement still running at the deadline is cancelled on the server,
+/// not left to run after its session (and the gateway) are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deadline_cancels_running_statements() {
+    let spec = Spec {
+        shutdown_grace: "300ms",
+        ..Spec::default()
+    };
+    let mut gw = TestGateway::start("deadline_running", spec).await;
+    let admin = harness::superuser(&gw.db).await;
+    let sleeping = || async {
+        admin
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .len()
+    };
+    let mut busy = RawClient::connect(gw.addr).await;
+    busy.login(&gw.db, ALICE).await;
+    busy.send(&raw::query("SELECT pg_sleep(600)")).await;
+    harness::eventually("the statement to run", || async { sleeping().await == 1 }).await;
+    gw.shutdown.cancel();
+    let error = first_error(&busy.until_closed().await);
+    assert_eq!(error[&'C'], "57P01");
+    gw.finished().await;
+    harness::eventually("the server to stop the statement", || async { sleeping().await == 0 }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_and_disconnect_end_the_upstream_session() {
     let gw = TestGateway::start("terminate", Spec::default()).await;

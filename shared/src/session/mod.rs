@@ -411,6 +411,18 @@ async fn run_session(
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
+    // PostgreSQL does not notice a closed connection while a statement
+    // runs: what a session the gateway ended left running is cancelled, or
+    // a runaway query an administrator ended would go on.
+    if end.by_gateway() && proxy.server_owed_answers() {
+        match cancel_upstream(shared, target, upstream.key).await {
+            Ok(()) => tracing::info!(
+                backend_pid = upstream.key.process_id,
+                "cancelled what the session left running"
+            ),
+            Err(err) => tracing::warn!(error = %err, "cannot cancel what the session left running"),
+        }
+    }
     proxy.release(&format!("the session ended ({})", end.reason()));
     let counters = proxy.counters();
     tracing::info!(
@@ -450,15 +462,20 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let Some(target) = shared.config.target(&entry.target) else {
         return;
     };
-    let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
-    let key = BackendKeyData {
-        process_id: entry.upstream.process_id,
-        secret_key: entry.upstream.secret_key,
-    };
-    match upstream::send_cancel(target, tls, key).await {
+    match cancel_upstream(shared, target, entry.upstream).await {
         Ok(()) => tracing::info!(process_id, target = %target.name, "cancel request forwarded"),
         Err(err) => tracing::warn!(error = %err, "cannot forward cancel request"),
     }
+}
+
+/// Sends a CancelRequest for the backend with this key to its target.
+async fn cancel_upstream(
+    shared: &Shared,
+    target: &crate::config::Target,
+    key: BackendKeyData,
+) -> Result<(), upstream::UpstreamError> {
+    let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
+    upstream::send_cancel(target, tls, key).await
 }
 
 /// The target's catalog snapshot: which columns masking rules name, and the

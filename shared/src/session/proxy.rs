@@ -106,6 +106,24 @@ impl SessionEnd {
         }
     }
 
+    /// The gateway ended the session on its own (rather than the client
+    /// or the server): whatever the server still runs for it was abandoned.
+    /// A client that goes away is left as PostgreSQL leaves it.
+    pub(crate) fn by_gateway(&self) -> bool {
+        match self {
+            SessionEnd::Shutdown
+            | SessionEnd::ClientProtocol(_)
+            | SessionEnd::AuditFailed(_)
+            | SessionEnd::Killed(_)
+            | SessionEnd::TokenExpired(_) => true,
+            SessionEnd::ClientTerminated
+            | SessionEnd::ClientDisconnected
+            | SessionEnd::ClientIo(_)
+            | SessionEnd::ServerClosed
+            | SessionEnd::ServerFailed(_) => false,
+        }
+    }
+
     /// What went wrong, for the ends that are failures.
     pub(crate) fn detail(&self) -> &str {
         match self {
@@ -526,6 +544,12 @@ impl<'a> Proxy<'a> {
             token_expired: false,
             unsynced: false,
         }
+    }
+
+    /// The server had not answered everything sent to it when the session
+    /// ended: a statement may still run there.
+    pub(crate) fn server_owed_answers(&self) -> bool {
+        !self.pending.is_empty() || self.server_streaming > 0
     }
 
     pub(crate) fn counters(&self) -> Counters {
