@@ -310,7 +310,11 @@ pub fn join_completion(statement: &mut String, completion: &str) -> bool {
 /// envelope (`at`, `session`, `identity`, `target`): inside a JSON string
 /// every quote is escaped, so the first such tag is the real one.
 fn statement_tag(stored: &str) -> Option<usize> {
-    stored.find("\"type\":\"statement\",")
+    // Built once: `str::find` builds its searcher on every call, and the
+    // writer looks for the tag in every statement it groups.
+    static TAG: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\":\"statement\","));
+    TAG.find(stored.as_bytes())
 }
 
 /// Starts the stored form of a [`Detail::Statements`] row in `into` with
