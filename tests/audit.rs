@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sluice_core::audit::{Detail, EventFilter, Signer, SqliteStore, StoredEvent, read_head_file};
 
+use crate::harness::raw::{self, RawClient};
 use crate::harness::{self, BOB, Spec, TestGateway};
 
 /// A policy that allows everything but DROP, so a refusal can be recorded.
@@ -190,6 +191,61 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
 /// unavailable and new statements and sessions are refused with the reason;
 /// everything works again once the file can be written, and then every
 /// statement that ran is in the trail, with the outage.
+/// The server forgets a portal when the transaction it was bound in ends:
+/// an Execute of it afterwards runs nothing, and the trail must not say
+/// the portal's old statement ran. A portal bound behind a batch the
+/// server is still answering belongs to the next one and is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_is_forgotten_with_the_transaction_it_was_bound_in() {
+    let spec = Spec {
+        policy: Some(POLICY.into()),
+        ..Spec::default()
+    };
+    let mut gw = TestGateway::start("audit_portals", spec).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client
+        .send(&[raw::parse("s", "SELECT 1 AS one"), raw::bind("old", "s"), raw::sync()].concat())
+        .await;
+    client.until_ready().await;
+    client.send(&[raw::execute("old", 0), raw::sync()].concat()).await;
+    let answer = client.until_ready().await;
+    assert_eq!(raw::first_error(&answer)[&'C'], "34000", "{answer:?}");
+    // Bound in the same write as the Sync before it: in the next batch.
+    client
+        .send(
+            &[
+                raw::parse("t", "SELECT 2 AS two"),
+                raw::sync(),
+                raw::bind("new", "t"),
+                raw::flush(),
+            ]
+            .concat(),
+        )
+        .await;
+    client.until_ready().await;
+    client.send(&[raw::execute("new", 0), raw::sync()].concat()).await;
+    let answer = client.until_ready().await;
+    assert!(raw::tags(&answer).contains("DC"), "{answer:?}");
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let executed: Vec<(String, String)> = statements(&events)
+        .into_iter()
+        .map(|(_, source, text, _)| (source, text))
+        .collect();
+    assert_eq!(
+        executed,
+        [
+            (
+                "execute".to_string(),
+                "(portal \"old\" of a prepared statement the gateway has no text for)".to_string()
+            ),
+            ("execute".to_string(), "SELECT 2 AS two".to_string()),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_trail_stops_statements_until_it_recovers() {
     let mut gw = TestGateway::start("audit_outage", Spec::default()).await;

@@ -66,6 +66,14 @@ impl Expect {
         }
     }
 
+    /// Whether ReadyForQuery answers it: it ends a batch.
+    fn ends_batch(&self) -> bool {
+        matches!(
+            self,
+            Expect::Query { .. } | Expect::Sync | Expect::FunctionCall | Expect::Internal
+        )
+    }
+
     fn owner(&self) -> Owner {
         match self {
             Expect::Query { guarded: true, .. } | Expect::Execute { guarded: true } => Owner::Guard,
@@ -140,10 +148,15 @@ pub struct PendingQueue {
     confirmed: Vec<Confirm>,
     /// Whether the server is in COPY FROM STDIN mode.
     copy_in: bool,
+    /// Entries that end a batch (see [`PendingQueue::batch`]) pushed so
+    /// far, and answered by a ReadyForQuery so far.
+    batches_pushed: u64,
+    batches_answered: u64,
 }
 
 impl PendingQueue {
     pub fn push(&mut self, expect: Expect) {
+        self.batches_pushed += u64::from(expect.ends_batch());
         self.queue.push_back(expect);
         self.marks.push_back(None);
         self.confirms.push_back(None);
@@ -152,9 +165,25 @@ impl PendingQueue {
     /// Pushes a Parse or Close whose success (ParseComplete, CloseComplete)
     /// is reported through [`PendingQueue::take_confirmed`].
     pub fn push_confirmed(&mut self, expect: Expect, confirm: Confirm) {
+        self.batches_pushed += u64::from(expect.ends_batch());
         self.queue.push_back(expect);
         self.marks.push_back(None);
         self.confirms.push_back(Some(confirm));
+    }
+
+    /// The batch a message sent now belongs to: the batch that the
+    /// `batch() + 1`th ReadyForQuery ends (a Query, a FunctionCall, or the
+    /// extended protocol's messages up to their Sync), counted over the
+    /// session. Pipelined messages of the next batch count past the one
+    /// the server is still answering.
+    pub fn batch(&self) -> u64 {
+        self.batches_pushed
+    }
+
+    /// How many batches the server has answered (ReadyForQuery): every
+    /// batch numbered below this has ended.
+    pub fn batches_answered(&self) -> u64 {
+        self.batches_answered
     }
 
     /// The Parses and Closes the server confirmed since the last call.
@@ -164,6 +193,7 @@ impl PendingQueue {
 
     /// Pushes the entry of a statement the audit trail follows.
     pub fn push_marked(&mut self, expect: Expect, mark: Option<Mark>) {
+        self.batches_pushed += u64::from(expect.ends_batch());
         self.queue.push_back(expect);
         self.marks.push_back(mark.map(Box::new));
         self.confirms.push_back(None);
@@ -383,10 +413,8 @@ impl PendingQueue {
             tag::READY_FOR_QUERY => {
                 let mut owner = Owner::Client;
                 while let Some(expect) = self.pop() {
-                    if matches!(
-                        expect,
-                        Expect::Query { .. } | Expect::Sync | Expect::FunctionCall | Expect::Internal
-                    ) {
+                    if expect.ends_batch() {
+                        self.batches_answered += 1;
                         owner = expect.owner();
                         break;
                     }
@@ -482,6 +510,31 @@ mod tests {
         feed(&mut q, b"12TDDCZ");
         assert_eq!(q.len(), 3);
         feed(&mut q, b"2DsZ");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn batches_are_numbered_as_sent_and_counted_as_answered() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Bind);
+        assert_eq!(q.batch(), 0);
+        q.push(Expect::Execute { guarded: false });
+        q.push(Expect::Sync);
+        // Pipelined behind it: the next batch.
+        assert_eq!(q.batch(), 1);
+        q.push(Expect::Bind);
+        q.push(Expect::Sync);
+        q.push(Expect::query(false));
+        assert_eq!(q.batch(), 3);
+        feed(&mut q, b"2DC");
+        assert_eq!(q.batches_answered(), 0);
+        feed(&mut q, b"Z");
+        assert_eq!(q.batches_answered(), 1);
+        // An error skips the rest of its batch; its Sync still ends it.
+        feed(&mut q, b"EZ");
+        assert_eq!(q.batches_answered(), 2);
+        feed(&mut q, b"TDCZ");
+        assert_eq!(q.batches_answered(), 3);
         assert!(q.is_empty());
     }
 

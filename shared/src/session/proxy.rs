@@ -345,7 +345,7 @@ pub(crate) struct Proxy<'a> {
     last_sensitive: bool,
     /// The same, per prepared statement and per bound portal.
     statement_sensitive: HashMap<String, bool>,
-    portal_sensitive: HashMap<String, bool>,
+    portal_sensitive: Portals<bool>,
     /// A cursor was declared over a table with masked columns: FETCH and
     /// MOVE are sensitive from then on.
     cursors_sensitive: bool,
@@ -382,7 +382,7 @@ pub(crate) struct Proxy<'a> {
     /// name: their text, for the event of each execution. A portal's entry
     /// is taken by its first Execute (later ones fetch more of its rows).
     statement_texts: HashMap<String, Arc<AuditText>>,
-    portal_texts: HashMap<String, PortalAudit>,
+    portal_texts: Portals<PortalAudit>,
     /// The columns of the last RowDescription, for the trail: they go to
     /// the statement whose result they describe when it ends.
     result_columns: Vec<crate::audit::ColumnRecord>,
@@ -464,6 +464,66 @@ enum PortalAudit {
     Refused,
 }
 
+/// What the gateway keeps about each bound portal, by name, until the
+/// server forgets the portal: at a Close, or when the transaction it was
+/// bound in ends (a ReadyForQuery that says the session is idle ends every
+/// portal of the batches it answers; those of batches pipelined behind it
+/// stay). A client that never closes its named portals would otherwise
+/// grow these maps for as long as the session lasts.
+#[derive(Debug)]
+struct Portals<T> {
+    /// Each portal's value, with the batch it was bound in
+    /// ([`PendingQueue::batch`]).
+    by_name: HashMap<String, (u64, T)>,
+}
+
+impl<T> Default for Portals<T> {
+    fn default() -> Self {
+        Portals {
+            by_name: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Portals<T> {
+    /// A portal bound in `batch` (replacing one of the same name).
+    fn bind(&mut self, name: &str, batch: u64, value: T) {
+        self.by_name.insert(name.to_string(), (batch, value));
+    }
+
+    /// Replaces a portal's value, keeping the batch it was bound in (or
+    /// taking `batch` if it is not known); the value it had.
+    fn replace(&mut self, name: &str, batch: u64, value: T) -> Option<T> {
+        match self.by_name.get_mut(name) {
+            Some((_, old)) => Some(std::mem::replace(old, value)),
+            None => {
+                self.by_name.insert(name.to_string(), (batch, value));
+                None
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&T> {
+        self.by_name.get(name).map(|(_, value)| value)
+    }
+
+    fn remove(&mut self, name: &str) -> Option<T> {
+        self.by_name.remove(name).map(|(_, value)| value)
+    }
+
+    fn clear(&mut self) {
+        self.by_name.clear();
+    }
+
+    /// The session is idle after the server answered `answered` batches:
+    /// the portals bound in them are gone.
+    fn transaction_ended(&mut self, answered: u64) {
+        if !self.by_name.is_empty() {
+            self.by_name.retain(|_, (batch, _)| *batch >= answered);
+        }
+    }
+}
+
 /// What the gate decided, for the audit trail.
 struct Decided {
     decision: &'static str,
@@ -516,7 +576,7 @@ impl<'a> Proxy<'a> {
             portal_limits: HashMap::new(),
             last_sensitive: false,
             statement_sensitive: HashMap::new(),
-            portal_sensitive: HashMap::new(),
+            portal_sensitive: Portals::default(),
             cursors_sensitive: false,
             seam,
             tx_status,
@@ -533,7 +593,7 @@ impl<'a> Proxy<'a> {
             pending_mark: None,
             guard_mark: None,
             statement_texts: HashMap::new(),
-            portal_texts: HashMap::new(),
+            portal_texts: Portals::default(),
             result_columns: Vec::new(),
             held: None,
             held_notice: None,
@@ -1120,13 +1180,13 @@ impl<'a> Proxy<'a> {
                         Some(text) => PortalAudit::Bound(text.clone()),
                         None => PortalAudit::Unknown,
                     };
-                    self.portal_texts.insert(portal.to_string(), audit);
+                    self.portal_texts.bind(portal, self.pending.batch(), audit);
                 }
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
                     // A statement the gateway never saw parsed is sensitive.
                     let sensitive = self.statement_sensitive.get(statement).copied().unwrap_or(true);
-                    self.portal_sensitive.insert(portal.to_string(), sensitive);
+                    self.portal_sensitive.bind(portal, self.pending.batch(), sensitive);
                 }
                 if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
                     let (portal, statement) = bind_names(body)?;
@@ -1752,11 +1812,12 @@ impl<'a> Proxy<'a> {
             return Ok(());
         }
         let portal = first_name(execute_body, "portal name")?;
-        let audit = self.portal_texts.insert(portal.to_string(), PortalAudit::Executed);
+        let batch = self.pending.batch();
+        let audit = self.portal_texts.replace(portal, batch, PortalAudit::Executed);
         let bound = match audit {
             Some(PortalAudit::Executed) => return Ok(()),
             Some(PortalAudit::Refused) => {
-                self.portal_texts.insert(portal.to_string(), PortalAudit::Refused);
+                self.portal_texts.replace(portal, batch, PortalAudit::Refused);
                 return Ok(());
             }
             Some(PortalAudit::Bound(text)) => text,
@@ -1806,7 +1867,7 @@ impl<'a> Proxy<'a> {
                     statements: Arc::from([]),
                 }),
             };
-            let portal = portal.to_string();
+            let (portal, batch) = (portal.to_string(), self.pending.batch());
             let event = self.statement_event(
                 "bind",
                 &bound.text,
@@ -1816,7 +1877,7 @@ impl<'a> Proxy<'a> {
                 Some(&refusal.message),
             );
             auditor.record_stored(event);
-            self.portal_texts.insert(portal, PortalAudit::Refused);
+            self.portal_texts.bind(&portal, batch, PortalAudit::Refused);
         }
         self.fail_in_place(REFUSED_NAME, refusal);
         Ok(())
@@ -2768,6 +2829,11 @@ impl<'a> Proxy<'a> {
                 self.seam.observe(message_tag, message);
                 self.tx_status = backend::decode_ready_for_query(body)
                     .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
+                if self.tx_status == TxStatus::Idle {
+                    let answered = self.pending.batches_answered();
+                    self.portal_texts.transaction_ended(answered);
+                    self.portal_sensitive.transaction_ended(answered);
+                }
             }
             backend::tag::ERROR_RESPONSE => {
                 if self.seam.has_rules() {
@@ -3236,6 +3302,29 @@ pub(crate) fn encode_greeting(greeting: &[u8], key: backend::BackendKeyData, sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn portals_are_forgotten_with_the_transaction_they_were_bound_in() {
+        let mut portals = Portals::default();
+        portals.bind("a", 0, 'a');
+        portals.bind("b", 1, 'b');
+        // Pipelined behind the batch being answered.
+        portals.bind("c", 2, 'c');
+        // Executing keeps the batch a portal was bound in.
+        assert_eq!(portals.replace("b", 5, 'B'), Some('b'));
+        assert_eq!(portals.replace("d", 2, 'd'), None);
+        portals.transaction_ended(2);
+        assert_eq!(portals.get("a"), None);
+        assert_eq!(portals.get("b"), None);
+        assert_eq!(portals.get("c"), Some(&'c'));
+        assert_eq!(portals.get("d"), Some(&'d'));
+        // Bound again under an old name: a portal of its own batch.
+        portals.bind("a", 3, 'A');
+        portals.transaction_ended(3);
+        assert_eq!((portals.get("a"), portals.get("c")), (Some(&'A'), None));
+        assert_eq!(portals.remove("a"), Some('A'));
+        assert!(portals.by_name.is_empty());
+    }
 
     #[test]
     fn a_sessions_recent_classifications_keep_their_audit_records() {
