@@ -185,12 +185,6 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     );
 }
 
-/// What happens when the trail's SQLite file cannot be written (with
-/// `sync = "normal"`): statements already in the write-ahead journal are on
-/// the record and run; once the writer finds it cannot commit, the trail is
-/// unavailable and new statements and sessions are refused with the reason;
-/// everything works again once the file can be written, and then every
-/// statement that ran is in the trail, with the outage.
 /// The server forgets a portal when the transaction it was bound in ends:
 /// an Execute of it afterwards runs nothing, and the trail must not say
 /// the portal's old statement ran. A portal bound behind a batch the
@@ -227,12 +221,32 @@ async fn a_portal_is_forgotten_with_the_transaction_it_was_bound_in() {
     client.send(&[raw::execute("new", 0), raw::sync()].concat()).await;
     let answer = client.until_ready().await;
     assert!(raw::tags(&answer).contains("DC"), "{answer:?}");
+    // Inside an explicit transaction a portal outlives its batch's Sync.
+    client.send(&raw::query("BEGIN")).await;
+    client.until_ready().await;
+    client
+        .send(
+            &[
+                raw::parse("u", "SELECT 3 AS three"),
+                raw::bind("open", "u"),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    client.until_ready().await;
+    client.send(&[raw::execute("open", 0), raw::sync()].concat()).await;
+    let answer = client.until_ready().await;
+    assert!(raw::tags(&answer).contains("DC"), "{answer:?}");
+    client.send(&raw::query("COMMIT")).await;
+    client.until_ready().await;
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
     let executed: Vec<(String, String)> = statements(&events)
         .into_iter()
         .map(|(_, source, text, _)| (source, text))
+        .filter(|(source, _)| source == "execute")
         .collect();
     assert_eq!(
         executed,
@@ -242,10 +256,17 @@ async fn a_portal_is_forgotten_with_the_transaction_it_was_bound_in() {
                 "(portal \"old\" of a prepared statement the gateway has no text for)".to_string()
             ),
             ("execute".to_string(), "SELECT 2 AS two".to_string()),
+            ("execute".to_string(), "SELECT 3 AS three".to_string()),
         ]
     );
 }
 
+/// What happens when the trail's SQLite file cannot be written (with
+/// `sync = "normal"`): statements already in the write-ahead journal are on
+/// the record and run; once the writer finds it cannot commit, the trail is
+/// unavailable and new statements and sessions are refused with the reason;
+/// everything works again once the file can be written, and then every
+/// statement that ran is in the trail, with the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_trail_stops_statements_until_it_recovers() {
     let mut gw = TestGateway::start("audit_outage", Spec::default()).await;

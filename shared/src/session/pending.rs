@@ -336,7 +336,9 @@ impl PendingQueue {
 
     /// A COPY FROM STDIN ended: the Syncs the client sent while it ran were
     /// ignored by the server (as is libpq's Sync sent with the Execute), so
-    /// they get no ReadyForQuery and must not wait for one.
+    /// they get no ReadyForQuery and must not wait for one (each counts as
+    /// answered: its batch runs on into the next, which the server does
+    /// answer).
     fn end_copy_in(&mut self) {
         self.copy_in = false;
         let mut index = 1;
@@ -347,6 +349,7 @@ impl PendingQueue {
                     self.queue.remove(index);
                     self.marks.remove(index);
                     self.confirms.remove(index);
+                    self.batches_answered += 1;
                 }
                 _ => index += 1,
             }
@@ -601,6 +604,8 @@ mod tests {
         feed(&mut q, b"C");
         feed(&mut q, b"Z");
         assert!(q.is_empty(), "{:?}", q.queue);
+        // The ignored Sync's batch ended with the next: nothing is owed.
+        assert_eq!((q.batch(), q.batches_answered()), (2, 2));
         q.push(refused_query());
         assert!(is_refusal(&q.on_backend(b'E')), "queue drifted: {:?}", q.queue);
     }
