@@ -60,7 +60,8 @@ async fn runaway(direct: &tokio_postgres::Client) -> i64 {
     direct
         .query_one(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE state = 'active' AND query = 'SELECT pg_sleep(600) AS runaway'",
+             WHERE datname = current_database() AND state = 'active' \
+             AND query = 'SELECT pg_sleep(600) AS runaway'",
             &[],
         )
         .await

@@ -195,7 +195,8 @@ async fn shutdown_deadline_cancels_running_statements() {
     let sleeping = || async {
         admin
             .query(
-                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'",
+                "SELECT 1 FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query = 'SELECT pg_sleep(600)' AND state = 'active'",
                 &[],
             )
             .await

@@ -40,7 +40,7 @@ use crate::conn::Connection;
 use crate::gate::StatementGate;
 use crate::identity::{Identity, Verifier};
 use crate::net::Stream;
-use crate::protocol::backend::{BackendKeyData, ErrorFields, Severity};
+use crate::protocol::backend::{ErrorFields, Severity};
 use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::tls::UpstreamTlsConnector;
 use crate::upstream::{self, Login};
@@ -408,21 +408,14 @@ async fn run_session(
             mode: shared.config.identity.on_token_expiry,
             grace: shared.config.identity.token_expiry_grace,
         }),
+        upstream_cancel: proxy::UpstreamCancel {
+            target,
+            tls: shared.upstream_tls.get(&target.name).and_then(Option::as_ref),
+            key: upstream.key,
+        },
     };
     let mut proxy = proxy::Proxy::new(ctx, client, client_in, server, server_in, upstream.status);
     let end = proxy.run(shutdown).await;
-    // PostgreSQL does not notice a closed connection while a statement
-    // runs: what a session the gateway ended left running is cancelled, or
-    // a runaway query an administrator ended would go on.
-    if end.by_gateway() && proxy.server_owed_answers() {
-        match cancel_upstream(shared, target, upstream.key).await {
-            Ok(()) => tracing::info!(
-                backend_pid = upstream.key.process_id,
-                "cancelled what the session left running"
-            ),
-            Err(err) => tracing::warn!(error = %err, "cannot cancel what the session left running"),
-        }
-    }
     proxy.release(&format!("the session ended ({})", end.reason()));
     let counters = proxy.counters();
     tracing::info!(
@@ -462,20 +455,15 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     let Some(target) = shared.config.target(&entry.target) else {
         return;
     };
-    match cancel_upstream(shared, target, entry.upstream).await {
+    let cancel = proxy::UpstreamCancel {
+        target,
+        tls: shared.upstream_tls.get(&target.name).and_then(Option::as_ref),
+        key: entry.upstream,
+    };
+    match cancel.send().await {
         Ok(()) => tracing::info!(process_id, target = %target.name, "cancel request forwarded"),
         Err(err) => tracing::warn!(error = %err, "cannot forward cancel request"),
     }
-}
-
-/// Sends a CancelRequest for the backend with this key to its target.
-async fn cancel_upstream(
-    shared: &Shared,
-    target: &crate::config::Target,
-    key: BackendKeyData,
-) -> Result<(), upstream::UpstreamError> {
-    let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
-    upstream::send_cancel(target, tls, key).await
 }
 
 /// The target's catalog snapshot: which columns masking rules name, and the

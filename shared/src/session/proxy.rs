@@ -106,24 +106,6 @@ impl SessionEnd {
         }
     }
 
-    /// The gateway ended the session on its own (rather than the client
-    /// or the server): whatever the server still runs for it was abandoned.
-    /// A client that goes away is left as PostgreSQL leaves it.
-    pub(crate) fn by_gateway(&self) -> bool {
-        match self {
-            SessionEnd::Shutdown
-            | SessionEnd::ClientProtocol(_)
-            | SessionEnd::AuditFailed(_)
-            | SessionEnd::Killed(_)
-            | SessionEnd::TokenExpired(_) => true,
-            SessionEnd::ClientTerminated
-            | SessionEnd::ClientDisconnected
-            | SessionEnd::ClientIo(_)
-            | SessionEnd::ServerClosed
-            | SessionEnd::ServerFailed(_) => false,
-        }
-    }
-
     /// What went wrong, for the ends that are failures.
     pub(crate) fn detail(&self) -> &str {
         match self {
@@ -240,6 +222,23 @@ pub(crate) struct ProxyContext<'a> {
     /// When the session's token expires and what happens then; `None` for
     /// tokens that do not expire.
     pub token_expiry: Option<TokenExpiry>,
+    /// Cancels the statement the backend runs (its CancelRequest).
+    pub upstream_cancel: UpstreamCancel<'a>,
+}
+
+/// What a CancelRequest for one backend needs.
+#[derive(Clone, Copy)]
+pub(crate) struct UpstreamCancel<'a> {
+    pub target: &'a crate::config::Target,
+    pub tls: Option<&'a crate::tls::UpstreamTlsConnector>,
+    pub key: crate::protocol::backend::BackendKeyData,
+}
+
+impl UpstreamCancel<'_> {
+    /// Sends it: the backend stops the statement it runs now, if any.
+    pub(crate) async fn send(self) -> Result<(), crate::upstream::UpstreamError> {
+        crate::upstream::send_cancel(self.target, self.tls, self.key).await
+    }
 }
 
 /// The end of a session's credential.
@@ -606,12 +605,6 @@ impl<'a> Proxy<'a> {
         }
     }
 
-    /// The server had not answered everything sent to it when the session
-    /// ended: a statement may still run there.
-    pub(crate) fn server_owed_answers(&self) -> bool {
-        !self.pending.is_empty() || self.server_streaming > 0
-    }
-
     pub(crate) fn counters(&self) -> Counters {
         Counters {
             rows: self.seam.rows(),
@@ -698,12 +691,12 @@ impl<'a> Proxy<'a> {
                         .await;
                 }
                 Ok(Event::Terminated) => {
-                    self.close_quietly().await;
+                    self.close_quietly(false).await;
                     return SessionEnd::ClientTerminated;
                 }
                 Ok(Event::ClientEof) => {
                     frontend::encode_terminate(&mut self.to_server);
-                    self.close_quietly().await;
+                    self.close_quietly(false).await;
                     return SessionEnd::ClientDisconnected;
                 }
                 Ok(Event::ServerEof) => {
@@ -714,7 +707,7 @@ impl<'a> Proxy<'a> {
                             format!("the target \"{}\" closed the connection unexpectedly", self.ctx.target),
                         ));
                     }
-                    self.close_quietly().await;
+                    self.close_quietly(false).await;
                     return SessionEnd::ServerClosed;
                 }
                 Err(stop) => Err(stop),
@@ -2929,7 +2922,7 @@ impl<'a> Proxy<'a> {
                 tracing::warn!(code = error.code, %reason, "ending session: client protocol error");
                 self.queue_fatal(error);
                 frontend::encode_terminate(&mut self.to_server);
-                self.close_quietly().await;
+                self.close_quietly(true).await;
                 SessionEnd::ClientProtocol(reason)
             }
             Stop::Server(reason) => {
@@ -2939,12 +2932,12 @@ impl<'a> Proxy<'a> {
                     "08006",
                     format!("lost the connection to target \"{}\"", self.ctx.target),
                 ));
-                self.close_quietly().await;
+                self.close_quietly(false).await;
                 SessionEnd::ServerFailed(reason)
             }
             Stop::ClientIo(err) => {
                 frontend::encode_terminate(&mut self.to_server);
-                self.close_quietly().await;
+                self.close_quietly(false).await;
                 SessionEnd::ClientIo(err.to_string())
             }
             Stop::Audit(reason) => {
@@ -2963,7 +2956,7 @@ impl<'a> Proxy<'a> {
                     .with_hint("reconnect once the trail is available again; the gateway's log says why it is not"),
                 );
                 frontend::encode_terminate(&mut self.to_server);
-                self.close_quietly().await;
+                self.close_quietly(true).await;
                 SessionEnd::AuditFailed(reason)
             }
         }
@@ -3022,7 +3015,7 @@ impl<'a> Proxy<'a> {
                 .with_hint("sign in again (sluice login) and reconnect"),
         );
         frontend::encode_terminate(&mut self.to_server);
-        self.close_quietly().await;
+        self.close_quietly(true).await;
         SessionEnd::TokenExpired(detail)
     }
 
@@ -3033,13 +3026,23 @@ impl<'a> Proxy<'a> {
             format!("terminating connection: {message}"),
         ));
         frontend::encode_terminate(&mut self.to_server);
-        self.close_quietly().await;
+        self.close_quietly(true).await;
         SessionEnd::Shutdown
     }
 
     /// Writes what is queued on both sides, then closes both, within
     /// [`CLOSE_TIMEOUT`]: a client that stopped reading cannot hold the task.
-    async fn close_quietly(&mut self) {
+    /// `abandon`: the gateway ends the session on its own (a kill, the
+    /// shutdown deadline, an expired token, a protocol violation, a trail
+    /// that cannot record), so while the server still owes answers its
+    /// backend is sent a CancelRequest at the same time: PostgreSQL does
+    /// not notice a closed connection while a statement runs. One cancel
+    /// stops the statement running then; what the client pipelined behind
+    /// it that the server already has still runs (allowed and recorded).
+    /// A client that goes away is left as PostgreSQL leaves it.
+    async fn close_quietly(&mut self, abandon: bool) {
+        let cancel =
+            (abandon && (!self.pending.is_empty() || self.server_streaming > 0)).then_some(self.ctx.upstream_cancel);
         // Statements held for the trail go only once it has them.
         if let Some(wait) = self.audit_wait.take() {
             let durable = matches!(tokio::time::timeout(CLOSE_TIMEOUT, wait).await, Ok(Ok(())));
@@ -3058,7 +3061,15 @@ impl<'a> Proxy<'a> {
             };
             tokio::join!(server, client);
         };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+        let cancel = async move {
+            let Some(cancel) = cancel else { return };
+            let backend_pid = cancel.key.process_id;
+            match cancel.send().await {
+                Ok(()) => tracing::info!(backend_pid, "sent a cancel for what the session may have left running"),
+                Err(err) => tracing::warn!(error = %err, "cannot cancel what the session may have left running"),
+            }
+        };
+        let _ = tokio::join!(tokio::time::timeout(CLOSE_TIMEOUT, drain), cancel);
     }
 }
 
