@@ -342,9 +342,6 @@ impl Journal {
     }
 }
 
-/// A cheap check over a record: enough to tell a whole record from one a
-/// crash cut short or from old bytes (it is not what makes the trail
-/// tamper-evident: the hash chain is).
 /// Writes a record (`len`, `check`, `seq`, the JSON padded with zeros) into
 /// `record`, 8-byte aligned and exactly its size, in one pass that also
 /// computes the check ([`check`]'s value).
@@ -416,6 +413,9 @@ fn check_end(h: u64, last: u64) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// A cheap check over a record: enough to tell a whole record from one a
+/// crash cut short or from old bytes (it is not what makes the trail
+/// tamper-evident: the hash chain is).
 fn check(seq: u64, bytes: &[u8]) -> u32 {
     let mut h = check_start(seq, bytes.len());
     let mut words = bytes.chunks_exact(8);
