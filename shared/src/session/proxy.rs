@@ -3043,6 +3043,18 @@ impl<'a> Proxy<'a> {
     async fn close_quietly(&mut self, abandon: bool) {
         let cancel =
             (abandon && (!self.pending.is_empty() || self.server_streaming > 0)).then_some(self.ctx.upstream_cancel);
+        let cancel = async move {
+            let Some(cancel) = cancel else { return };
+            let backend_pid = cancel.key.process_id;
+            match cancel.send().await {
+                Ok(()) => tracing::info!(backend_pid, "sent a cancel for what the session may have left running"),
+                Err(err) => tracing::warn!(error = %err, "cannot cancel what the session may have left running"),
+            }
+        };
+        tokio::join!(self.close_both(), cancel);
+    }
+
+    async fn close_both(&mut self) {
         // Statements held for the trail go only once it has them.
         if let Some(wait) = self.audit_wait.take() {
             let durable = matches!(tokio::time::timeout(CLOSE_TIMEOUT, wait).await, Ok(Ok(())));
@@ -3061,15 +3073,7 @@ impl<'a> Proxy<'a> {
             };
             tokio::join!(server, client);
         };
-        let cancel = async move {
-            let Some(cancel) = cancel else { return };
-            let backend_pid = cancel.key.process_id;
-            match cancel.send().await {
-                Ok(()) => tracing::info!(backend_pid, "sent a cancel for what the session may have left running"),
-                Err(err) => tracing::warn!(error = %err, "cannot cancel what the session may have left running"),
-            }
-        };
-        let _ = tokio::join!(tokio::time::timeout(CLOSE_TIMEOUT, drain), cancel);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
     }
 }
 
