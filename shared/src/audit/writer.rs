@@ -50,8 +50,14 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// With the journal, how long the writer lets events gather before it
 /// moves them into SQLite, unless someone waits for them. Sleeping here
 /// (not spinning) costs nothing, and a larger batch shares one commit, one
-/// round of WAL page writes and one wakeup among more events.
-const GATHER: Duration = Duration::from_millis(50);
+/// round of WAL page writes and one wakeup among more events. A commit
+/// writes whole pages, among them the index leaves its rows land in (about
+/// one per active session), so the longer the batch the fewer pages per
+/// statement: 100 ms rather than 50 took the writer from 1.35 to 1.15 µs
+/// per statement at pgbench -c 10 and from 1.98 to 1.33 µs at -c 50, and
+/// its writes down by a quarter. It is also how late the live event stream
+/// (and the console) can be; the API flushes before it reads the trail.
+const GATHER: Duration = Duration::from_millis(100);
 
 /// How the writer signs and where it keeps the signed head.
 #[derive(Debug, Clone)]
