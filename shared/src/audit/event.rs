@@ -242,12 +242,77 @@ impl Completion {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
     }
 
-    /// [`Completion::to_json`] into `buf` (a session's, reused), as the
-    /// text `join_completion` takes.
-    pub fn write_json<'b>(&self, buf: &'b mut Vec<u8>) -> Option<&'b str> {
+    /// [`Completion::to_json`], written into `buf` (a session's, reused)
+    /// without serde, as the text `join_completion` takes: a session
+    /// writes one per statement.
+    pub fn write_json<'b>(&self, buf: &'b mut String) -> &'b str {
+        // Every field named: one added to the struct is an error here
+        // until it is written.
+        let Completion {
+            rows,
+            duration_us,
+            sqlstate,
+            skipped,
+            columns,
+            sample,
+        } = self;
+        let mut number = itoa::Buffer::new();
         buf.clear();
-        serde_json::to_writer(&mut *buf, self).ok()?;
-        std::str::from_utf8(buf).ok()
+        buf.push('{');
+        if let Some(rows) = *rows {
+            buf.push_str("\"rows\":");
+            buf.push_str(number.format(rows));
+            buf.push(',');
+        }
+        buf.push_str("\"duration_us\":");
+        buf.push_str(number.format(*duration_us));
+        if let Some(sqlstate) = sqlstate {
+            buf.push_str(",\"sqlstate\":");
+            push_json_str(buf, sqlstate);
+        }
+        if *skipped {
+            buf.push_str(",\"skipped\":true");
+        }
+        if !columns.is_empty() {
+            buf.push_str(",\"columns\":[");
+            for (n, column) in columns.iter().enumerate() {
+                let ColumnRecord {
+                    name,
+                    origin,
+                    masking,
+                    tags,
+                } = column;
+                if n > 0 {
+                    buf.push(',');
+                }
+                buf.push_str("{\"name\":");
+                push_json_str(buf, name);
+                if let Some(origin) = origin {
+                    buf.push_str(",\"origin\":");
+                    push_json_str(buf, origin);
+                }
+                buf.push_str(",\"masking\":");
+                push_json_str(buf, masking);
+                if !tags.is_empty() {
+                    buf.push_str(",\"tags\":");
+                    push_json_strs(buf, tags.iter().map(|tag| Some(tag.as_str())));
+                }
+                buf.push('}');
+            }
+            buf.push(']');
+        }
+        if !sample.is_empty() {
+            buf.push_str(",\"sample\":[");
+            for (n, row) in sample.iter().enumerate() {
+                if n > 0 {
+                    buf.push(',');
+                }
+                push_json_strs(buf, row.iter().map(Option::as_deref));
+            }
+            buf.push(']');
+        }
+        buf.push('}');
+        buf
     }
 
     /// The completion of statement `seq` as an event of its own.
@@ -433,6 +498,101 @@ impl StatementRecord {
             features: statement.features.iter().map(|f| f.name().to_string()).collect(),
             tags: tagged,
         }
+    }
+}
+
+/// A statement's classified statements as the trail records them, with
+/// their stored form, serialized once: a session runs the same few
+/// statement shapes over and over, and each of its statement events
+/// takes this text as it is ([`Record::statement`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct StatementRecords {
+    records: Vec<StatementRecord>,
+    json: String,
+}
+
+impl StatementRecords {
+    pub fn new(records: Vec<StatementRecord>) -> StatementRecords {
+        // As `Event::to_json`: serializing these cannot fail.
+        let json = serde_json::to_string(&records).unwrap_or_else(|_| "[]".into());
+        StatementRecords { records, json }
+    }
+
+    /// No statements (a text the gateway has not classified), shared.
+    pub fn none() -> Arc<StatementRecords> {
+        static NONE: std::sync::LazyLock<Arc<StatementRecords>> =
+            std::sync::LazyLock::new(|| Arc::new(StatementRecords::new(Vec::new())));
+        NONE.clone()
+    }
+
+    pub fn records(&self) -> &[StatementRecord] {
+        &self.records
+    }
+}
+
+/// Appends `value` to `out` as a JSON string, escaped exactly as
+/// serde_json escapes it (quote, backslash and the control characters),
+/// so that a stored form written piece by piece is byte for byte what
+/// serializing its event gives.
+fn push_json_str(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (at, &byte) in value.as_bytes().iter().enumerate() {
+        if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+            continue;
+        }
+        // An ASCII byte: `at` is a character boundary.
+        out.push_str(&value[start..at]);
+        start = at + 1;
+        match byte {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0x08 => out.push_str("\\b"),
+            0x0c => out.push_str("\\f"),
+            _ => {
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+        }
+    }
+    out.push_str(&value[start..]);
+    out.push('"');
+}
+
+/// Appends `values` to `out` as a JSON array of strings and nulls.
+fn push_json_strs<'v>(out: &mut String, values: impl Iterator<Item = Option<&'v str>>) {
+    out.push('[');
+    for (n, value) in values.enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        match value {
+            Some(value) => push_json_str(out, value),
+            None => out.push_str("null"),
+        }
+    }
+    out.push(']');
+}
+
+/// Appends `at` in its stored form ([`serialize_at`]) to `out`.
+fn push_at(out: &mut String, at: &DateTime<Utc>) {
+    let mut buf = [0u8; 30];
+    match stored_at(at, &mut buf) {
+        Some(text) => {
+            out.push('"');
+            out.push_str(text);
+            out.push('"');
+        }
+        // Outside the years 0 to 9999, or a leap second: chrono's form.
+        None => match serde_json::to_string(at) {
+            Ok(text) => out.push_str(&text),
+            Err(_) => push_json_str(out, &at.to_rfc3339()),
+        },
     }
 }
 
@@ -760,7 +920,7 @@ pub struct StatementView<'a> {
     pub decision: &'a str,
     pub rule: Option<&'a str>,
     pub refusal: Option<&'a str>,
-    pub statements: &'a [StatementRecord],
+    pub statements: &'a StatementRecords,
 }
 
 /// Bytes a statement's stored form is allocated with beyond what
@@ -774,67 +934,54 @@ impl Record {
         Record::stored(event, json)
     }
 
-    /// A statement event of the session `envelope` is, serialized from
+    /// A statement event of the session `envelope` is, written from
     /// borrowed parts: the stored form [`Event::to_json`] gives for the
     /// same event, without building it (a dozen allocations, freed on the
-    /// writer's thread). Sessions record one per statement.
+    /// writer's thread) or running serde over it (its classification is
+    /// serialized already, [`StatementRecords`]). Sessions record one per
+    /// statement.
     pub fn statement(at: DateTime<Utc>, envelope: &Arc<Envelope>, view: StatementView<'_>) -> Record {
-        #[derive(Serialize)]
-        struct Form<'a> {
-            #[serde(serialize_with = "serialize_at")]
-            at: &'a DateTime<Utc>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            session: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            identity: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            target: Option<&'a str>,
-            #[serde(rename = "type")]
-            kind: &'static str,
-            seq: u64,
-            source: &'a str,
-            text: &'a str,
-            decision: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            rule: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            refusal: Option<&'a str>,
-            statements: &'a [StatementRecord],
-        }
-        let form = Form {
-            at: &at,
-            session: envelope.session.as_deref(),
-            identity: envelope.identity.as_deref(),
-            target: envelope.target.as_deref(),
-            kind: "statement",
-            seq: view.seq,
-            source: view.source,
-            text: view.text,
-            decision: view.decision,
-            rule: view.rule,
-            refusal: view.refusal,
-            statements: view.statements,
-        };
+        let fields = [
+            (",\"session\":", envelope.session.as_deref()),
+            (",\"identity\":", envelope.identity.as_deref()),
+            (",\"target\":", envelope.target.as_deref()),
+        ];
+        let optional = [(",\"rule\":", view.rule), (",\"refusal\":", view.refusal)];
         // Sized once: the field names and fixed values take at most 250
-        // bytes, each classified statement about 100 more; a statement
-        // that runs gets its completion joined.
-        let envelope_len = [&envelope.session, &envelope.identity, &envelope.target]
-            .iter()
-            .map(|field| field.as_ref().map_or(0, String::len))
-            .sum::<usize>();
-        let strings = [view.rule, view.refusal]
-            .iter()
-            .map(|s| s.map_or(0, str::len))
+        // bytes; a statement that runs gets its completion joined. (Text
+        // that needs escaping grows it.)
+        let strings = [view.source, view.text, view.decision]
+            .into_iter()
+            .chain(fields.iter().chain(&optional).filter_map(|(_, value)| *value))
+            .map(str::len)
             .sum::<usize>();
         let room = if view.refusal.is_none() { COMPLETION_ROOM } else { 0 };
-        let mut json =
-            Vec::with_capacity(256 + envelope_len + view.text.len() + strings + 128 * view.statements.len() + room);
-        // As `Event::to_json`: serializing these types cannot fail, and
-        // what serde_json writes is UTF-8.
-        let json = match serde_json::to_writer(&mut json, &form) {
-            Ok(()) => String::from_utf8(json).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-            Err(e) => format!("{{\"type\":\"unserializable\",\"error\":\"{e}\"}}"),
-        };
+        let mut json = String::with_capacity(256 + strings + view.statements.json.len() + room);
+        json.push_str("{\"at\":");
+        push_at(&mut json, &at);
+        for (name, value) in fields {
+            if let Some(value) = value {
+                json.push_str(name);
+                push_json_str(&mut json, value);
+            }
+        }
+        json.push_str(",\"type\":\"statement\",\"seq\":");
+        json.push_str(itoa::Buffer::new().format(view.seq));
+        json.push_str(",\"source\":");
+        push_json_str(&mut json, view.source);
+        json.push_str(",\"text\":");
+        push_json_str(&mut json, view.text);
+        json.push_str(",\"decision\":");
+        push_json_str(&mut json, view.decision);
+        for (name, value) in optional {
+            if let Some(value) = value {
+                json.push_str(name);
+                push_json_str(&mut json, value);
+            }
+        }
+        json.push_str(",\"statements\":");
+        json.push_str(&view.statements.json);
+        json.push('}');
         Record {
             json,
             at,
@@ -1092,6 +1239,24 @@ mod tests {
     }
 
     #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut every_ascii: String = (0u8..=0x7f).map(char::from).collect();
+        every_ascii.push_str("é€😀\u{80}\u{2028}\u{fffd}");
+        let mut values = vec![String::new(), every_ascii.clone()];
+        // Each character alone, and between others (escapes at the
+        // start, the end and next to each other).
+        for c in every_ascii.chars() {
+            values.push(c.to_string());
+            values.push(format!("a{c}{c}b"));
+        }
+        for value in values {
+            let mut ours = String::from("x");
+            push_json_str(&mut ours, &value);
+            assert_eq!(ours[1..], serde_json::to_string(&value).unwrap(), "{value:?}");
+        }
+    }
+
+    #[test]
     fn a_statement_serialized_from_its_parts_is_its_events_stored_form() {
         let envelope = Envelope::of_session("s\"1", "a\"type\":\"statement\",", "shop\u{7f}");
         let statements = [
@@ -1111,7 +1276,21 @@ mod tests {
             },
         ];
         let texts = ["SELECT 1", "", "SELECT '\"}\\\n\t\u{1}é😀'", &"x".repeat(5000)];
+        // Now, and times outside what the stored form writes itself (a
+        // leap second, a year past 9999): chrono's form.
+        let times = [
+            Utc::now(),
+            chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+                .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+                .unwrap()
+                .and_utc(),
+            chrono::NaiveDate::from_ymd_opt(12000, 1, 1)
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .unwrap()
+                .and_utc(),
+        ];
         for (n, text) in texts.into_iter().enumerate() {
+            let records = StatementRecords::new(statements[..n % 3].to_vec());
             for (rule, refusal) in [(None, None), (Some("reads \"all\""), Some("refused: \u{0}"))] {
                 let view = StatementView {
                     seq: n as u64 + 1,
@@ -1120,34 +1299,72 @@ mod tests {
                     decision: "deny",
                     rule,
                     refusal,
-                    statements: &statements[..n % 3],
+                    statements: &records,
                 };
-                let at = Utc::now();
-                let record = Record::statement(at, &envelope, view);
-                let event = Event {
-                    at,
-                    session: envelope.session.clone(),
-                    identity: envelope.identity.clone(),
-                    target: envelope.target.clone(),
-                    detail: Detail::Statement {
-                        seq: view.seq,
-                        source: view.source.into(),
-                        text: text.into(),
-                        decision: view.decision.into(),
-                        rule: rule.map(Into::into),
-                        refusal: refusal.map(Into::into),
-                        statements: view.statements.to_vec(),
-                        done: None,
-                    },
-                };
-                assert_eq!(record.json, event.to_json());
-                assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
-                assert!(Arc::ptr_eq(&record.envelope, &envelope));
-                // Room for its completion to join it without growing it
-                // (a refused statement has none).
-                let room = if refusal.is_none() { COMPLETION_ROOM } else { 0 };
-                assert!(record.json.capacity() >= record.json.len() + room, "{n}");
+                for at in times {
+                    let record = Record::statement(at, &envelope, view);
+                    let event = Event {
+                        at,
+                        session: envelope.session.clone(),
+                        identity: envelope.identity.clone(),
+                        target: envelope.target.clone(),
+                        detail: Detail::Statement {
+                            seq: view.seq,
+                            source: view.source.into(),
+                            text: text.into(),
+                            decision: view.decision.into(),
+                            rule: rule.map(Into::into),
+                            refusal: refusal.map(Into::into),
+                            statements: view.statements.records().to_vec(),
+                            done: None,
+                        },
+                    };
+                    assert_eq!(record.json, event.to_json());
+                    assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
+                    assert!(Arc::ptr_eq(&record.envelope, &envelope));
+                    // Room for its completion to join it without growing it
+                    // (a refused statement has none).
+                    let room = if refusal.is_none() { COMPLETION_ROOM } else { 0 };
+                    assert!(record.json.capacity() >= record.json.len() + room, "{n}");
+                }
             }
+        }
+    }
+
+    #[test]
+    fn a_completion_written_by_hand_is_what_serde_writes() {
+        let column = |name: &str, origin: Option<&str>, tags: &[&str]| ColumnRecord {
+            name: name.into(),
+            origin: origin.map(Into::into),
+            masking: "rule".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        };
+        let mut scratch = String::from("left over");
+        let completions = [
+            Completion {
+                rows: None,
+                duration_us: 0,
+                sqlstate: None,
+                skipped: false,
+                columns: vec![],
+                sample: vec![],
+            },
+            Completion {
+                rows: Some(u64::MAX),
+                duration_us: 12,
+                sqlstate: Some("57014".into()),
+                skipped: true,
+                columns: vec![
+                    column("a\"b", Some("public.t.\\c"), &["pii", "fin\u{1}ance"]),
+                    column("", None, &[]),
+                ],
+                sample: vec![vec![None, Some("\n".into())], vec![], vec![Some("é😀".into())]],
+            },
+            completion(),
+        ];
+        for done in completions {
+            assert_eq!(done.write_json(&mut scratch), serde_json::to_string(&done).unwrap());
+            assert_eq!(serde_json::from_str::<Completion>(&scratch).unwrap(), done);
         }
     }
 
@@ -1163,11 +1380,8 @@ mod tests {
                 *done = Some(completion());
             }
             let mut merged = bare.to_json();
-            let mut scratch = vec![b'x'];
-            assert_eq!(
-                completion().write_json(&mut scratch),
-                Some(completion().to_json().as_str())
-            );
+            let mut scratch = String::from("x");
+            assert_eq!(completion().write_json(&mut scratch), completion().to_json());
             assert!(join_completion(&mut merged, &completion().to_json()));
             assert_eq!(merged, whole.to_json());
             let mut back: Event = serde_json::from_str(&merged).unwrap();

@@ -168,8 +168,6 @@ struct Health {
     failing: AtomicBool,
     error: Mutex<Option<String>>,
     written: AtomicU64,
-    /// Events sent and not yet taken by the writer.
-    queued: AtomicU64,
     /// Events kept for a retry while the store fails.
     retrying: AtomicU64,
     /// Statements sessions refused while the store was failing.
@@ -443,12 +441,11 @@ impl Auditor {
         envelope: &Arc<Envelope>,
         seq: u64,
         completion: Completion,
-        scratch: &mut Vec<u8>,
+        scratch: &mut String,
         standalone: impl FnOnce(Completion) -> Event,
     ) {
-        if let Some(ticket) = ticket
-            && let Some(fields) = completion.write_json(scratch)
-        {
+        if let Some(ticket) = ticket {
+            let fields = completion.write_json(scratch);
             let shared = &self.handle.shared;
             let mut queue = shared.queue();
             let queue = &mut *queue;
@@ -482,7 +479,6 @@ impl Auditor {
 
     fn send(&self, record: Record, write_ahead: bool) -> (Durable, Ticket) {
         let shared = &self.handle.shared;
-        shared.health.queued.fetch_add(1, Ordering::Relaxed);
         let mut queue = shared.queue();
         let queue = &mut *queue;
         let journal = shared.journal.as_ref().and_then(|journal| {
@@ -565,7 +561,10 @@ impl Auditor {
                 health.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
             },
             written: health.written.load(Ordering::Relaxed),
-            queued: health.queued.load(Ordering::Relaxed) + health.retrying.load(Ordering::Relaxed),
+            // Events sent and not yet taken by the writer, counted here
+            // rather than by each event: the sessions' hot path touches
+            // nothing of the writer's but the queue.
+            queued: self.handle.shared.queue().events.len() as u64 + health.retrying.load(Ordering::Relaxed),
         }
     }
 }
@@ -833,7 +832,6 @@ impl Writer {
         }
         std::mem::swap(events, &mut queue.events);
         controls.append(&mut queue.controls);
-        shared.health.queued.fetch_sub(events.len() as u64, Ordering::Relaxed);
         queue.closed
     }
 
@@ -1340,7 +1338,7 @@ mod tests {
                 decision,
                 rule: rule.as_deref(),
                 refusal: refusal.as_deref(),
-                statements,
+                statements: &crate::audit::StatementRecords::new(statements.clone()),
             },
         );
         assert_eq!(record.json, event.to_json());
@@ -1349,7 +1347,7 @@ mod tests {
 
     /// Records how statement `seq` of `session` ended, as a session does.
     fn complete(auditor: &Auditor, ticket: Option<Ticket>, session: &str, seq: u64) {
-        let mut scratch = Vec::new();
+        let mut scratch = String::new();
         auditor.complete(ticket, &envelope(session), seq, completion(seq), &mut scratch, |c| {
             Event::now(c.into_done(seq)).in_session(session).by("alice", "shop")
         });

@@ -37,7 +37,7 @@ use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
-use crate::audit::{self, Auditor, Durable, StatementRecord};
+use crate::audit::{self, Auditor, Durable, StatementRecord, StatementRecords};
 use crate::gate::{
     Allowance, GateSession, Refusal, RowLimit, StatementContext, StatementGate, StatementSource, Verdict,
 };
@@ -273,7 +273,7 @@ struct Held {
     /// approved, it is sent on and its portal runs.
     bind: bool,
     text: String,
-    statements: Vec<StatementRecord>,
+    statements: Arc<StatementRecords>,
     rule: String,
     sensitive: bool,
     /// It changes search_path: once it runs, the gate must know.
@@ -362,7 +362,7 @@ pub(crate) struct Proxy<'a> {
     /// The session, identity and target its statement events share.
     audit_envelope: Arc<audit::Envelope>,
     /// Where completions are serialized, reused.
-    audit_scratch: Vec<u8>,
+    audit_scratch: String,
     /// The trail's records of the classifications the session saw last.
     audit_records: AuditRecords,
     /// While a write-ahead event is not yet durable: how many bytes at the
@@ -408,7 +408,7 @@ pub(crate) struct Proxy<'a> {
 #[derive(Debug)]
 struct AuditText {
     text: String,
-    statements: Arc<[StatementRecord]>,
+    statements: Arc<StatementRecords>,
 }
 
 /// Classifications a session saw last and their statements as the trail
@@ -417,7 +417,7 @@ struct AuditText {
 /// each, so most statements find theirs here rather than allocate them.
 #[derive(Debug, Default)]
 struct AuditRecords {
-    recent: Vec<(Arc<crate::policy::Classification>, Arc<[StatementRecord]>)>,
+    recent: Vec<(Arc<crate::policy::Classification>, Arc<StatementRecords>)>,
 }
 
 impl AuditRecords {
@@ -429,9 +429,9 @@ impl AuditRecords {
         &mut self,
         classification: Option<&Arc<crate::policy::Classification>>,
         tags: &[crate::config::TagRule],
-    ) -> Arc<[StatementRecord]> {
+    ) -> Arc<StatementRecords> {
         let Some(classification) = classification else {
-            return Arc::from([]);
+            return StatementRecords::none();
         };
         if let Some(at) = self
             .recent
@@ -442,7 +442,7 @@ impl AuditRecords {
             self.recent[..=at].rotate_right(1);
             return self.recent[0].1.clone();
         }
-        let records: Arc<[StatementRecord]> = audit_records(Some(classification), tags).into();
+        let records = Arc::new(StatementRecords::new(audit_records(Some(classification), tags)));
         self.recent.truncate(Self::KEPT - 1);
         self.recent.insert(0, (classification.clone(), records.clone()));
         records
@@ -585,7 +585,7 @@ impl<'a> Proxy<'a> {
             counters: Counters::default(),
             audit_seq: 0,
             audit_envelope,
-            audit_scratch: Vec::new(),
+            audit_scratch: String::new(),
             audit_records: AuditRecords::default(),
             audit_hold: None,
             audit_wait: None,
@@ -1704,11 +1704,11 @@ impl<'a> Proxy<'a> {
         text: String,
         source: StatementSource<'_>,
         outcome: &Outcome,
-        statements: Option<Arc<[StatementRecord]>>,
+        statements: Option<Arc<StatementRecords>>,
         decision: &'static str,
         rule: Option<String>,
     ) -> Option<Mark> {
-        let statements = statements.unwrap_or_default();
+        let statements = statements.unwrap_or_else(StatementRecords::none);
         let source = match source {
             StatementSource::SimpleQuery => "query",
             StatementSource::Parse { .. } => "parse",
@@ -1721,7 +1721,7 @@ impl<'a> Proxy<'a> {
         &mut self,
         source: &str,
         text: &str,
-        statements: &[StatementRecord],
+        statements: &StatementRecords,
         outcome: &Outcome,
         decision: &'static str,
         rule: Option<&str>,
@@ -1776,7 +1776,7 @@ impl<'a> Proxy<'a> {
         &mut self,
         source: &str,
         text: &str,
-        statements: &[StatementRecord],
+        statements: &StatementRecords,
         decision: &str,
         rule: Option<&str>,
         refusal: Option<&str>,
@@ -1819,7 +1819,7 @@ impl<'a> Proxy<'a> {
             // the record.
             Some(PortalAudit::Unknown) | None => Arc::new(AuditText {
                 text: format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
-                statements: Arc::from([]),
+                statements: StatementRecords::none(),
             }),
         };
         if let Some(refusal) = self.audit_unavailable() {
@@ -1857,7 +1857,7 @@ impl<'a> Proxy<'a> {
                 Some(text) => text.clone(),
                 None => Arc::new(AuditText {
                     text: format!("(prepared statement \"{statement}\")"),
-                    statements: Arc::from([]),
+                    statements: StatementRecords::none(),
                 }),
             };
             let (portal, batch) = (portal.to_string(), self.pending.batch());
@@ -1903,7 +1903,10 @@ impl<'a> Proxy<'a> {
     fn hold(&mut self, hold: ToHold, message: &[u8], bind: bool) {
         let ToHold { request, approval } = hold;
         let text = std::mem::take(&mut self.checked_text);
-        let statements = audit_records(request.classification.as_deref(), self.ctx.audit_tags);
+        let statements = Arc::new(StatementRecords::new(audit_records(
+            request.classification.as_deref(),
+            self.ctx.audit_tags,
+        )));
         let (view, decision) = self.ctx.approvals.open(crate::approvals::NewRequest {
             requester: self.ctx.identity.clone(),
             target: self.ctx.target.to_string(),
@@ -1916,7 +1919,7 @@ impl<'a> Proxy<'a> {
             timeout: approval.timeout,
             retry: None,
             access: None,
-            statements: statements.clone(),
+            statements: statements.records().to_vec(),
             approve_via: approval.approve_via.clone(),
         });
         tracing::info!(request = view.id, rule = %request.rule, "statement held for approval");
@@ -2220,7 +2223,7 @@ impl<'a> Proxy<'a> {
         // One large completion (long sampled values, many columns) does not
         // keep its buffer for the rest of the session.
         if self.audit_scratch.capacity() > SCRATCH_KEPT {
-            self.audit_scratch = Vec::new();
+            self.audit_scratch = String::new();
         }
     }
 
@@ -3348,9 +3351,9 @@ mod tests {
         let mut records = AuditRecords::default();
         let read = classified("SELECT * FROM accounts");
         let first = records.of(Some(&read), &[]);
-        assert_eq!(first.len(), 1);
-        assert_eq!(first[0].command, "SELECT");
-        assert_eq!(first[0].relations, ["accounts (read)"]);
+        assert_eq!(first.records().len(), 1);
+        assert_eq!(first.records()[0].command, "SELECT");
+        assert_eq!(first.records()[0].relations, ["accounts (read)"]);
         // The same classification (the policy cache's) finds them again.
         assert!(Arc::ptr_eq(&records.of(Some(&read), &[]), &first));
         // Another, even of the same text, has its own.
@@ -3360,7 +3363,7 @@ mod tests {
         assert_eq!(other, first);
         let delete = records.of(Some(&classified("DELETE FROM accounts; SELECT 1")), &[]);
         assert_eq!(
-            delete.iter().map(|r| r.command.as_str()).collect::<Vec<_>>(),
+            delete.records().iter().map(|r| r.command.as_str()).collect::<Vec<_>>(),
             ["DELETE", "SELECT"]
         );
         // Only the most recent are kept, the last one used among them.
@@ -3378,7 +3381,7 @@ mod tests {
         );
         let _ = records.of(Some(&classified("SELECT 99")), &[]);
         assert!(!records.recent.iter().any(|(seen, _)| Arc::ptr_eq(seen, &again)));
-        assert!(records.of(None, &[]).is_empty());
+        assert!(records.of(None, &[]).records().is_empty());
     }
 
     fn data_row(values: &[Option<&[u8]>]) -> Vec<u8> {
