@@ -14,7 +14,11 @@
 #   three paths one after the other (interleaved, starting order rotated every
 #   round) so that drift on the machine hits all three alike. It then prints
 #   the MEDIAN of the rounds: TPS of each path, sluice/direct and
-#   sluice/pgbouncer TPS ratios, and latency in ms of each path.
+#   sluice/pgbouncer TPS ratios, and latency in ms of each path. With the
+#   noaudit path it also prints sluice/noaudit within each round and the
+#   median of those: the two ran in the same round (back to back in three
+#   rounds of four), so this paired figure is steadier than the ratio of
+#   the two medians when the machine's throughput drifts between rounds.
 #
 #   Every run is:  pgbench -n -S -c CLIENTS -j 2 -T DURATION -M MODE
 #   The database is initialised once with `pgbench -i -s SCALE` (direct).
@@ -499,13 +503,14 @@ from statistics import median
 rows = {}
 order = []
 for line in open(sys.argv[1]):
-    clients, label, path, _round, tps, lat, conn = line.rstrip("\n").split("\t")
+    clients, label, path, round_, tps, lat, conn = line.rstrip("\n").split("\t")
     key = (int(clients), label)
     if key not in rows:
         rows[key] = {}
         order.append(key)
-    r = rows[key].setdefault(path, {"tps": [], "lat": [], "conn": []})
+    r = rows[key].setdefault(path, {"tps": [], "lat": [], "conn": [], "by_round": {}})
     r["tps"].append(float(tps))
+    r["by_round"][round_] = float(tps)
     r["lat"].append(float(lat))
     if conn != "-":
         r["conn"].append(float(conn))
@@ -538,6 +543,15 @@ print(fmt(head))
 print(fmt(["-" * w for w in widths]))
 for r in table:
     print(fmt(r))
+
+if noaudit:
+    print()
+    print("sluice/noaudit within each round (the trail's cost, paired), and their median:")
+    for key in order:
+        on, off = (rows[key].get(x, {}).get("by_round", {}) for x in ("sluice", "noaudit"))
+        ratios = [on[r] / off[r] for r in sorted(on, key=int) if r in off and off[r] > 0]
+        if ratios:
+            print(f"  -c {key[0]} {key[1]}: {' '.join(f'{x:.3f}' for x in ratios)}  median {median(ratios):.3f}")
 
 for key in order:
     conn = [med(key, x, "conn") for x in ("direct", "pgbouncer", "sluice")]
