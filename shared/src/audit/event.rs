@@ -588,11 +588,9 @@ fn push_at(out: &mut String, at: &DateTime<Utc>) {
             out.push_str(text);
             out.push('"');
         }
-        // Outside the years 0 to 9999, or a leap second: chrono's form.
-        None => match serde_json::to_string(at) {
-            Ok(text) => out.push_str(&text),
-            Err(_) => push_json_str(out, &at.to_rfc3339()),
-        },
+        // Outside the years 0 to 9999, or a leap second: chrono's form
+        // (its serializer writes this text).
+        None => push_json_str(out, &at.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
     }
 }
 
@@ -939,7 +937,9 @@ impl Record {
     /// same event, without building it (a dozen allocations, freed on the
     /// writer's thread) or running serde over it (its classification is
     /// serialized already, [`StatementRecords`]). Sessions record one per
-    /// statement.
+    /// statement. It writes [`Detail::Statement`]'s fields in their serde
+    /// order: a field added there must be added here (the test that
+    /// compares the two builds every field, so it stops compiling).
     pub fn statement(at: DateTime<Utc>, envelope: &Arc<Envelope>, view: StatementView<'_>) -> Record {
         let fields = [
             (",\"session\":", envelope.session.as_deref()),
@@ -1258,7 +1258,14 @@ mod tests {
 
     #[test]
     fn a_statement_serialized_from_its_parts_is_its_events_stored_form() {
-        let envelope = Envelope::of_session("s\"1", "a\"type\":\"statement\",", "shop\u{7f}");
+        let envelopes = [
+            Envelope::of_session("s\"1", "a\"type\":\"statement\",", "shop\u{7f}"),
+            Arc::new(Envelope {
+                session: None,
+                identity: Some("alice".into()),
+                target: None,
+            }),
+        ];
         let statements = [
             StatementRecord {
                 kind: "read".into(),
@@ -1289,11 +1296,18 @@ mod tests {
                 .unwrap()
                 .and_utc(),
         ];
+        let optional = [
+            (None, None),
+            (Some("reads \"all\""), None),
+            (None, Some("refused: \u{0}")),
+            (Some("r"), Some("refused")),
+        ];
         for (n, text) in texts.into_iter().enumerate() {
             let records = StatementRecords::new(statements[..n % 3].to_vec());
-            for (rule, refusal) in [(None, None), (Some("reads \"all\""), Some("refused: \u{0}"))] {
+            let envelope = &envelopes[n % 2];
+            for (rule, refusal) in optional {
                 let view = StatementView {
-                    seq: n as u64 + 1,
+                    seq: [1, 9, 1 << 40, u64::MAX][n],
                     source: "query",
                     text,
                     decision: "deny",
@@ -1302,7 +1316,7 @@ mod tests {
                     statements: &records,
                 };
                 for at in times {
-                    let record = Record::statement(at, &envelope, view);
+                    let record = Record::statement(at, envelope, view);
                     let event = Event {
                         at,
                         session: envelope.session.clone(),
@@ -1321,7 +1335,7 @@ mod tests {
                     };
                     assert_eq!(record.json, event.to_json());
                     assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
-                    assert!(Arc::ptr_eq(&record.envelope, &envelope));
+                    assert!(Arc::ptr_eq(&record.envelope, envelope));
                     // Room for its completion to join it without growing it
                     // (a refused statement has none).
                     let room = if refusal.is_none() { COMPLETION_ROOM } else { 0 };
@@ -1357,6 +1371,8 @@ mod tests {
                 columns: vec![
                     column("a\"b", Some("public.t.\\c"), &["pii", "fin\u{1}ance"]),
                     column("", None, &[]),
+                    column("o", Some("public.t.o"), &[]),
+                    column("t", None, &["pii"]),
                 ],
                 sample: vec![vec![None, Some("\n".into())], vec![], vec![Some("é😀".into())]],
             },

@@ -1490,9 +1490,13 @@ mod tests {
         // A ticket that does not point at this completion's statement (another
         // number) joins nothing.
         complete(&auditor, Some(b), "s2", 7);
+        // The health endpoint's queue depth: the two statements (one with
+        // its completion) and the completion of its own wait.
+        assert_eq!(auditor.health().queued, 3);
         release.send(()).unwrap();
         flushed.await.unwrap();
         auditor.flush().await;
+        assert_eq!(auditor.health().queued, 0);
         // Taken by the writer already: the completion is a row of its own.
         let (durable, c) = auditor.write_ahead_statement(stored(statement("s1", 2)));
         durable.await.unwrap();
