@@ -1490,8 +1490,9 @@ mod tests {
         // A ticket that does not point at this completion's statement (another
         // number) joins nothing.
         complete(&auditor, Some(b), "s2", 7);
-        // The health endpoint's queue depth: the two statements (one with
-        // its completion) and the completion of its own wait.
+        // The health endpoint's queue depth: the two statements (the first
+        // with its completion joined) and the completion that joined
+        // nothing.
         assert_eq!(auditor.health().queued, 3);
         release.send(()).unwrap();
         flushed.await.unwrap();

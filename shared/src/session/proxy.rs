@@ -361,7 +361,7 @@ pub(crate) struct Proxy<'a> {
     audit_seq: u64,
     /// The session, identity and target its statement events share.
     audit_envelope: Arc<audit::Envelope>,
-    /// Where completions are serialized, reused.
+    /// Where completions are written, reused.
     audit_scratch: String,
     /// The trail's records of the classifications the session saw last.
     audit_records: AuditRecords,
