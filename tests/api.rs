@@ -55,19 +55,7 @@ async fn callers_are_authenticated_and_held_to_their_role() {
     assert!(metrics.contains("sluice_audit_available 1"), "{metrics}");
 }
 
-/// How many `pg_sleep(600)`s run on the server.
-async fn runaway(direct: &tokio_postgres::Client) -> i64 {
-    direct
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND state = 'active' \
-             AND query = 'SELECT pg_sleep(600) AS runaway'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
+const RUNAWAY: &str = "SELECT pg_sleep(600) AS runaway";
 
 /// PostgreSQL does not notice a closed connection while a statement runs:
 /// ending a session must cancel what it left running on the server, or a
@@ -79,9 +67,11 @@ async fn ending_a_session_cancels_the_statement_it_left_running() {
     let direct = crate::harness::superuser(&gw.db).await;
     let mut bob = RawClient::connect(gw.addr).await;
     bob.login(&gw.db, BOB).await;
-    bob.send(&raw::msg(b'Q', &raw::cstr("SELECT pg_sleep(600) AS runaway")))
-        .await;
-    crate::harness::eventually("the statement to run", || async { runaway(&direct).await == 1 }).await;
+    bob.send(&raw::msg(b'Q', &raw::cstr(RUNAWAY))).await;
+    crate::harness::eventually("the statement to run", || async {
+        crate::harness::running(&direct, RUNAWAY).await == 1
+    })
+    .await;
 
     let session = admin.sessions().await.unwrap().remove(0);
     admin.kill(&session.id).await.unwrap();
@@ -89,7 +79,7 @@ async fn ending_a_session_cancels_the_statement_it_left_running() {
     let fatal = raw::first_error(&closing);
     assert!(fatal[&'M'].contains("ended by an administrator (bob)"), "{fatal:?}");
     crate::harness::eventually("the server to stop the statement", || async {
-        runaway(&direct).await == 0
+        crate::harness::running(&direct, RUNAWAY).await == 0
     })
     .await;
 }

@@ -192,17 +192,7 @@ async fn shutdown_deadline_cancels_running_statements() {
     };
     let mut gw = TestGateway::start("deadline_running", spec).await;
     let admin = harness::superuser(&gw.db).await;
-    let sleeping = || async {
-        admin
-            .query(
-                "SELECT 1 FROM pg_stat_activity \
-                 WHERE datname = current_database() AND query = 'SELECT pg_sleep(600)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .len()
-    };
+    let sleeping = || harness::running(&admin, "SELECT pg_sleep(600)");
     let mut busy = RawClient::connect(gw.addr).await;
     busy.login(&gw.db, ALICE).await;
     busy.send(&raw::query("SELECT pg_sleep(600)")).await;

@@ -159,6 +159,20 @@ pub async fn count_rows(db: &str, table: &str) -> i64 {
         .get(0)
 }
 
+/// How many backends of `direct`'s database are running exactly `query`
+/// (asked over `direct`, a connection straight to PostgreSQL).
+pub async fn running(direct: &tokio_postgres::Client, query: &str) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'active' AND query = $1",
+            &[&query],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A superuser connection straight to PostgreSQL, for setup and checks.
 pub async fn superuser(db: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&cluster().dev.superuser_url(db), tokio_postgres::NoTls)

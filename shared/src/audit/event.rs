@@ -266,10 +266,7 @@ impl Completion {
         }
         buf.push_str("\"duration_us\":");
         buf.push_str(number.format(*duration_us));
-        if let Some(sqlstate) = sqlstate {
-            buf.push_str(",\"sqlstate\":");
-            push_json_str(buf, sqlstate);
-        }
+        push_json_field(buf, ",\"sqlstate\":", sqlstate.as_deref());
         if *skipped {
             buf.push_str(",\"skipped\":true");
         }
@@ -287,10 +284,7 @@ impl Completion {
                 }
                 buf.push_str("{\"name\":");
                 push_json_str(buf, name);
-                if let Some(origin) = origin {
-                    buf.push_str(",\"origin\":");
-                    push_json_str(buf, origin);
-                }
+                push_json_field(buf, ",\"origin\":", origin.as_deref());
                 buf.push_str(",\"masking\":");
                 push_json_str(buf, masking);
                 if !tags.is_empty() {
@@ -562,6 +556,14 @@ fn push_json_str(out: &mut String, value: &str) {
     }
     out.push_str(&value[start..]);
     out.push('"');
+}
+
+/// Appends `name` (`,"name":`) and `value` to `out`, when there is a value.
+fn push_json_field(out: &mut String, name: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        out.push_str(name);
+        push_json_str(out, value);
+    }
 }
 
 /// Appends `values` to `out` as a JSON array of strings and nulls.
@@ -960,10 +962,7 @@ impl Record {
         json.push_str("{\"at\":");
         push_at(&mut json, &at);
         for (name, value) in fields {
-            if let Some(value) = value {
-                json.push_str(name);
-                push_json_str(&mut json, value);
-            }
+            push_json_field(&mut json, name, value);
         }
         json.push_str(",\"type\":\"statement\",\"seq\":");
         json.push_str(itoa::Buffer::new().format(view.seq));
@@ -974,10 +973,7 @@ impl Record {
         json.push_str(",\"decision\":");
         push_json_str(&mut json, view.decision);
         for (name, value) in optional {
-            if let Some(value) = value {
-                json.push_str(name);
-                push_json_str(&mut json, value);
-            }
+            push_json_field(&mut json, name, value);
         }
         json.push_str(",\"statements\":");
         json.push_str(&view.statements.json);

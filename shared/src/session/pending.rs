@@ -156,19 +156,22 @@ pub struct PendingQueue {
 
 impl PendingQueue {
     pub fn push(&mut self, expect: Expect) {
+        self.push_entry(expect, None, None);
+    }
+
+    /// Every push: the entry, its mark and its confirmation side by side,
+    /// and the batch count.
+    fn push_entry(&mut self, expect: Expect, mark: Option<Mark>, confirm: Option<Confirm>) {
         self.batches_pushed += u64::from(expect.ends_batch());
         self.queue.push_back(expect);
-        self.marks.push_back(None);
-        self.confirms.push_back(None);
+        self.marks.push_back(mark.map(Box::new));
+        self.confirms.push_back(confirm);
     }
 
     /// Pushes a Parse or Close whose success (ParseComplete, CloseComplete)
     /// is reported through [`PendingQueue::take_confirmed`].
     pub fn push_confirmed(&mut self, expect: Expect, confirm: Confirm) {
-        self.batches_pushed += u64::from(expect.ends_batch());
-        self.queue.push_back(expect);
-        self.marks.push_back(None);
-        self.confirms.push_back(Some(confirm));
+        self.push_entry(expect, None, Some(confirm));
     }
 
     /// The batch a message sent now belongs to: the batch that the
@@ -193,10 +196,7 @@ impl PendingQueue {
 
     /// Pushes the entry of a statement the audit trail follows.
     pub fn push_marked(&mut self, expect: Expect, mark: Option<Mark>) {
-        self.batches_pushed += u64::from(expect.ends_batch());
-        self.queue.push_back(expect);
-        self.marks.push_back(mark.map(Box::new));
-        self.confirms.push_back(None);
+        self.push_entry(expect, mark, None);
     }
 
     /// The statements that ended since the last call.
