@@ -47,6 +47,7 @@ fn start(dir: &std::path::Path, sync: SyncMode) -> Auditor {
             retention: None,
             journal: sluice_core::audit::journal_path(&dir.join("audit.db")),
             sync,
+            gather: sluice_core::audit::GATHER,
         },
     )
     .unwrap();

@@ -187,6 +187,7 @@ fn start_audit(config: &Config) -> Result<Option<crate::audit::Auditor>, Gateway
         retention: audit.retention,
         journal: crate::audit::journal_path(&audit.path),
         sync: audit.sync,
+        gather: crate::audit::GATHER,
     };
     let (auditor, _writer) = Auditor::start(Box::new(store), signer, options).map_err(GatewayError::Audit)?;
     Ok(Some(auditor))

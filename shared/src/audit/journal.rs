@@ -283,6 +283,15 @@ impl Journal {
         next - ingested > CAPACITY / 2
     }
 
+    /// Whether a quarter of the ring waits for the writer: enough for one
+    /// batch, so the writer stops letting events gather and takes them,
+    /// long before the ring is crowded. (Waiting out the gathering time
+    /// instead would stall every session once a fast enough load crowds
+    /// the ring within it.)
+    pub fn batch_ready(next: u64, ingested: u64) -> bool {
+        next - ingested >= CAPACITY / 4
+    }
+
     /// Maps the pages after `next` writable now, from the writer thread,
     /// so that the session that copies an event there does not fault;
     /// `done` is how far that was done already (it only grows).

@@ -32,7 +32,7 @@ pub use event::{
 pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};
 pub use sqlite::{Broken, EventFilter, OpenGrant, OpenRequest, SessionSummary, SqliteStore, StoredEvent, Verification};
-pub use writer::{Auditor, Durable, HealthSnapshot, Ticket, Unavailable, WriterOptions};
+pub use writer::{Auditor, Durable, GATHER, HealthSnapshot, Ticket, Unavailable, WriterOptions};
 
 /// How hard a commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 //! - `normal`: the session copies the event into the write-ahead journal
 //!   (`journal.rs`) as it queues it, and the event is durable at once: the
 //!   statement goes upstream with no wait and no thread switch. The writer
-//!   wakes at most once per [`GATHER`] under load and moves what gathered
-//!   into SQLite in one transaction.
+//!   wakes once per [`GATHER`] under load, or sooner once a quarter of the
+//!   journal waits, and moves what gathered into SQLite in one transaction.
 //! - `full` (and events too large for the journal): the session waits for
 //!   the event's SQLite commit (group commit: one transaction and one fsync
 //!   for everything that arrived while the previous batch was written), and
@@ -57,7 +57,10 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// per statement at pgbench -c 10 and from 1.98 to 1.33 µs at -c 50, and
 /// its writes down by a quarter. It is also how late the live event stream
 /// (and the console) can be; the API flushes before it reads the trail.
-const GATHER: Duration = Duration::from_millis(100);
+/// The writer also stops gathering once the journal holds a batch
+/// (`Journal::batch_ready`), so a load fast enough to fill the ring within
+/// this time never finds it crowded while the writer sleeps.
+pub const GATHER: Duration = Duration::from_millis(100);
 
 /// How the writer signs and where it keeps the signed head.
 #[derive(Debug, Clone)]
@@ -79,6 +82,9 @@ pub struct WriterOptions {
     /// `Normal`: write-ahead events are durable once in the journal.
     /// `Full`: each waits for its SQLite commit (and fsync); no journal.
     pub sync: SyncMode,
+    /// How long journal events gather before the writer takes them:
+    /// [`GATHER`] (tests use longer).
+    pub gather: Duration,
 }
 
 /// A statement joined by its completion up to this size goes into the
@@ -504,11 +510,13 @@ impl Auditor {
             index: queue.events.len(),
         };
         queue.events.push(Queued { record, ack, journal });
-        self.wake(queue, urgent);
+        let batch_ready = journal.is_some() && Journal::batch_ready(queue.next.offset, queue.ingested);
+        self.wake(queue, urgent || batch_ready);
         (durable, ticket)
     }
 
-    /// Wakes the writer if it sleeps and this is what it waits for.
+    /// Wakes the writer if it sleeps and this is what it waits for:
+    /// `urgent` when someone waits, or the journal holds a batch.
     fn wake(&self, queue: &mut Queue, urgent: bool) {
         let wake = match queue.sleep {
             Sleep::Awake => false,
@@ -808,8 +816,8 @@ impl Writer {
                 .0;
         }
         if shared.journal.is_some() && !queue.events.is_empty() {
-            let deadline = Instant::now() + GATHER;
-            while queue.urgent == 0 && !queue.closed {
+            let deadline = Instant::now() + self.options.gather;
+            while queue.urgent == 0 && !queue.closed && !Journal::batch_ready(queue.next.offset, queue.ingested) {
                 let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     break;
                 };
@@ -1067,6 +1075,7 @@ mod tests {
                 retention: None,
                 journal: crate::audit::journal_path(&dir.join("audit.db")),
                 sync: SyncMode::Normal,
+                gather: GATHER,
             },
         )
         .unwrap();
@@ -1159,6 +1168,7 @@ mod tests {
                 retention: None,
                 journal: crate::audit::journal_path(&dir.join("audit.db")),
                 sync: SyncMode::Full,
+                gather: GATHER,
             },
         )
         .unwrap();
@@ -1217,6 +1227,7 @@ mod tests {
             retention: None,
             journal: crate::audit::journal_path(&dir.join("audit.db")),
             sync: SyncMode::Normal,
+            gather: GATHER,
         };
         let store = flaky(&dir.join("audit.db"), &broken);
         let (auditor, handle) = Auditor::start(store, Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
@@ -1265,6 +1276,58 @@ mod tests {
             })
             .collect();
         assert_eq!(grants, ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A load that fills the journal faster than the writer's gathering
+    /// time ends the gathering: the writer takes a batch once a quarter of
+    /// the ring waits, and no session stalls at a crowded ring while the
+    /// writer sleeps. (Here the gathering time is an hour: without that,
+    /// the event past half the ring would wait for it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_filling_faster_than_the_gathering_time_is_taken_in_batches() {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-batch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("audit.key");
+        let signer = Signer::load_or_create(&key).unwrap();
+        let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let (auditor, handle) = Auditor::start(
+            Box::new(store),
+            Signer::load_or_create(&key).unwrap(),
+            WriterOptions {
+                sign_every: 1000,
+                sign_interval: Duration::from_secs(3600),
+                head_file: dir.join("audit.head"),
+                retention: None,
+                journal: crate::audit::journal_path(&dir.join("audit.db")),
+                sync: SyncMode::Normal,
+                gather: Duration::from_secs(3600),
+            },
+        )
+        .unwrap();
+        // Three quarters of the ring, in events of 32 KiB.
+        let events = (crate::audit::journal::CAPACITY * 3 / 4 / (32 << 10)) as usize;
+        let wide = |n: usize| {
+            Event::now(Detail::UnmaskGrantUsed {
+                grant: format!("{n:032}").repeat(1024),
+            })
+        };
+        let written = tokio::time::timeout(Duration::from_secs(120), async {
+            for n in 0..events {
+                auditor.write_ahead(wide(n)).await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            written.is_ok(),
+            "a session stalled at a crowded journal while the writer slept"
+        );
+        auditor.flush().await;
+        assert_eq!(auditor.health().written, events as u64);
+        drop(auditor);
+        handle.join().unwrap();
+        verified(&dir, &signer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
