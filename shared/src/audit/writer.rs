@@ -510,7 +510,9 @@ impl Auditor {
             index: queue.events.len(),
         };
         queue.events.push(Queued { record, ack, journal });
-        let batch_ready = journal.is_some() && Journal::batch_ready(queue.next.offset, queue.ingested);
+        let batch_ready = journal.is_some()
+            && Journal::batch_ready(queue.next.offset, queue.ingested)
+            && !shared.health.failing.load(Ordering::Acquire);
         self.wake(queue, urgent || batch_ready);
         (durable, ticket)
     }
@@ -817,7 +819,12 @@ impl Writer {
         }
         if shared.journal.is_some() && !queue.events.is_empty() {
             let deadline = Instant::now() + self.options.gather;
-            while queue.urgent == 0 && !queue.closed && !Journal::batch_ready(queue.next.offset, queue.ingested) {
+            // While the store fails the journal cannot drain: a full one
+            // is no reason to try again sooner.
+            while queue.urgent == 0
+                && !queue.closed
+                && (self.failing() || !Journal::batch_ready(queue.next.offset, queue.ingested))
+            {
                 let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     break;
                 };
