@@ -1077,16 +1077,25 @@ mod tests {
             Signer::load_or_create(&key).unwrap(),
             WriterOptions {
                 sign_every: 100,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Normal,
-                gather: GATHER,
+                ..options(dir, SyncMode::Normal)
             },
         )
         .unwrap();
         (auditor, handle, signer)
+    }
+
+    /// The options for a trail in `dir`: signing every 1000 rows or at
+    /// the end, no retention, the gateway's gathering time.
+    fn options(dir: &std::path::Path, sync: SyncMode) -> WriterOptions {
+        WriterOptions {
+            sign_every: 1000,
+            sign_interval: Duration::from_secs(3600),
+            head_file: dir.join("audit.head"),
+            retention: None,
+            journal: crate::audit::journal_path(&dir.join("audit.db")),
+            sync,
+            gather: GATHER,
+        }
     }
 
     fn grant(n: usize) -> Event {
@@ -1168,15 +1177,7 @@ mod tests {
         let (auditor, handle) = Auditor::start(
             store,
             Signer::load_or_create(&key).unwrap(),
-            WriterOptions {
-                sign_every: 1000,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Full,
-                gather: GATHER,
-            },
+            options(&dir, SyncMode::Full),
         )
         .unwrap();
         auditor.write_ahead(grant(1)).await.unwrap();
@@ -1227,15 +1228,7 @@ mod tests {
         let broken = Arc::new(AtomicBool::new(false));
         let key = dir.join("audit.key");
         let signer = Signer::load_or_create(&key).unwrap();
-        let options = WriterOptions {
-            sign_every: 1000,
-            sign_interval: Duration::from_secs(3600),
-            head_file: dir.join("audit.head"),
-            retention: None,
-            journal: crate::audit::journal_path(&dir.join("audit.db")),
-            sync: SyncMode::Normal,
-            gather: GATHER,
-        };
+        let options = options(&dir, SyncMode::Normal);
         let store = flaky(&dir.join("audit.db"), &broken);
         let (auditor, handle) = Auditor::start(store, Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
         auditor.write_ahead(grant(1)).await.unwrap();
@@ -1303,13 +1296,8 @@ mod tests {
             Box::new(store),
             Signer::load_or_create(&key).unwrap(),
             WriterOptions {
-                sign_every: 1000,
-                sign_interval: Duration::from_secs(3600),
-                head_file: dir.join("audit.head"),
-                retention: None,
-                journal: crate::audit::journal_path(&dir.join("audit.db")),
-                sync: SyncMode::Normal,
                 gather: Duration::from_secs(3600),
+                ..options(&dir, SyncMode::Normal)
             },
         )
         .unwrap();
