@@ -9,7 +9,8 @@
 //!   (`journal.rs`) as it queues it, and the event is durable at once: the
 //!   statement goes upstream with no wait and no thread switch. The writer
 //!   wakes once per [`GATHER`] under load, or sooner once a quarter of the
-//!   journal waits, and moves what gathered into SQLite in one transaction.
+//!   journal waits (while the store works), and moves what gathered into
+//!   SQLite in one transaction.
 //! - `full` (and events too large for the journal): the session waits for
 //!   the event's SQLite commit (group commit: one transaction and one fsync
 //!   for everything that arrived while the previous batch was written), and
@@ -128,8 +129,8 @@ enum Sleep {
     Awake,
     /// Nothing to do: the next event wakes it.
     Idle,
-    /// Letting journal events gather: only a waiting session or a control
-    /// wakes it.
+    /// Letting journal events gather: a waiting session, a control or a
+    /// batch in the journal wakes it ([`Queue::gathering`]).
     Gathering,
 }
 
@@ -152,6 +153,21 @@ struct Queue {
     closed: bool,
     /// Sessions waiting for a crowded journal to drain.
     crowded: Vec<Waker>,
+}
+
+impl Queue {
+    /// Whether a batch waits in the journal: a quarter of the ring
+    /// (`Journal::batch_ready`). Not while the store fails: nothing drains
+    /// the journal then, and retrying sooner would not help.
+    fn batch_ready(&self, health: &Health) -> bool {
+        Journal::batch_ready(self.next.offset, self.ingested) && !health.failing.load(Ordering::Acquire)
+    }
+
+    /// Whether the writer goes on letting journal events gather: until
+    /// someone waits, every [`Auditor`] is gone, or a batch is ready.
+    fn gathering(&self, health: &Health) -> bool {
+        self.urgent == 0 && !self.closed && !self.batch_ready(health)
+    }
 }
 
 /// What the sessions and the writer thread share.
@@ -477,6 +493,8 @@ impl Auditor {
                         journal.append(&mut queue.next, queue.ingested, done.as_bytes());
                     }
                 }
+                let batch_ready = queue.batch_ready(&shared.health);
+                self.wake(queue, batch_ready);
                 return;
             }
         }
@@ -510,9 +528,7 @@ impl Auditor {
             index: queue.events.len(),
         };
         queue.events.push(Queued { record, ack, journal });
-        let batch_ready = journal.is_some()
-            && Journal::batch_ready(queue.next.offset, queue.ingested)
-            && !shared.health.failing.load(Ordering::Acquire);
+        let batch_ready = queue.batch_ready(&shared.health);
         self.wake(queue, urgent || batch_ready);
         (durable, ticket)
     }
@@ -819,12 +835,7 @@ impl Writer {
         }
         if shared.journal.is_some() && !queue.events.is_empty() {
             let deadline = Instant::now() + self.options.gather;
-            // While the store fails the journal cannot drain: a full one
-            // is no reason to try again sooner.
-            while queue.urgent == 0
-                && !queue.closed
-                && (self.failing() || !Journal::batch_ready(queue.next.offset, queue.ingested))
-            {
+            while queue.gathering(&shared.health) {
                 let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     break;
                 };
@@ -1277,6 +1288,44 @@ mod tests {
             .collect();
         assert_eq!(grants, ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The writer gathers until someone waits, the auditors are gone or a
+    /// quarter of the ring waits; a ring that waits because the store
+    /// fails does not end the gathering (the store would only be retried
+    /// once per event).
+    #[test]
+    fn the_writer_gathers_until_a_batch_waits_in_a_working_journal() {
+        let health = Health::default();
+        let mut queue = Queue {
+            events: Vec::new(),
+            round: 0,
+            controls: Vec::new(),
+            urgent: 0,
+            next: Mark::default(),
+            ingested: 0,
+            sleep: Sleep::Gathering,
+            closed: false,
+            crowded: Vec::new(),
+        };
+        let quarter = crate::audit::journal::CAPACITY / 4;
+        assert!(queue.gathering(&health), "nothing waits");
+        queue.next.offset = quarter - 1;
+        assert!(queue.gathering(&health), "less than a batch waits");
+        queue.next.offset = quarter;
+        assert!(queue.batch_ready(&health));
+        assert!(!queue.gathering(&health), "a batch waits");
+        queue.ingested = 1;
+        assert!(queue.gathering(&health), "measured from what SQLite has");
+        queue.ingested = 0;
+        health.failing.store(true, Ordering::Release);
+        assert!(!queue.batch_ready(&health));
+        assert!(queue.gathering(&health), "the store fails: nothing drains");
+        queue.urgent = 1;
+        assert!(!queue.gathering(&health), "someone waits");
+        queue.urgent = 0;
+        queue.closed = true;
+        assert!(!queue.gathering(&health), "every auditor is gone");
     }
 
     /// A load that fills the journal faster than the writer's gathering
