@@ -161,6 +161,14 @@ async fn psql_waits_for_an_approval_then_gets_its_result() {
         )),
         "{stderr}"
     );
+    // The detail names the rule once, with its reason.
+    assert!(
+        stderr.contains(
+            "DETAIL:  statement needs approval under rule \"two-eyes-for-orders\": \
+             orders change only with a second pair of eyes\n"
+        ),
+        "{stderr}"
+    );
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 3);
     // Deciding again is a conflict that says how it ended.
     let err = api(&gw, AGENT).decide(request.id, false, None).await.unwrap_err();

@@ -1935,7 +1935,14 @@ impl<'a> Proxy<'a> {
                 if approval.approvals == 1 { "" } else { "s" }
             ),
         );
-        notice.detail = Some(format!("rule \"{}\": {}", request.rule, request.refusal.message));
+        // The policy's message names its rule ("needs approval under rule
+        // ..."); should one not, the detail does.
+        let why = &request.refusal.message;
+        notice.detail = Some(if why.contains(&format!("rule \"{}\"", request.rule)) {
+            why.clone()
+        } else {
+            format!("rule \"{}\": {why}", request.rule)
+        });
         notice.hint = Some(format!(
             "the statement runs once approved; ctrl-c cancels it (approvers: POST /v1/approvals/{}/approve)",
             view.id
