@@ -52,6 +52,14 @@ approvers = ["engineering"]
 timeout = "1s"
 
 [[policy.rules]]
+name = "unreadable-is-reviewed"
+decision = "require_approval"
+groups = ["oncall"]
+kinds = ["unknown"]
+approvers = ["engineering"]
+reason = "the gateway cannot read it"
+
+[[policy.rules]]
 name = "ledger-is-read-only"
 decision = "deny"
 kinds = ["write"]
@@ -252,6 +260,43 @@ async fn denials_expiry_and_cancellation_refuse_with_the_reason() {
     let view = api(&gw, BOB).approval(request.id).await.unwrap();
     assert_eq!(view.state, RequestState::Cancelled);
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
+}
+
+/// `unknown = "require_approval"` (the default) holds what the gateway
+/// cannot read only under a rule that names approvers; without one it is
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_statement_is_held_under_a_rule_that_names_approvers() {
+    let gw = start("approval_unreadable").await;
+    let conn = gw.conn_str("bob", BOB, "");
+    let psql = tokio::spawn(async move { harness::psql(&conn, &["-c", "SELEC 1"], None).await });
+    let request = pending(&gw).await;
+    assert_eq!(request.rule, "unreadable-is-reviewed");
+    assert_eq!(request.statement, "SELEC 1");
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    // Approved, it reaches PostgreSQL, which has its own say.
+    let out = psql.await.unwrap();
+    let stderr = harness::stderr(&out);
+    assert!(
+        stderr.contains(
+            "DETAIL:  statement needs approval under rule \"unreadable-is-reviewed\": the gateway cannot read it\n"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ERROR:  syntax error at or near \"SELEC\""), "{stderr}");
+
+    // alice has no such rule: refused, and told why.
+    let alice = gw.connect(ALICE).await.unwrap();
+    let err = alice.simple_query("SELEC 1").await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert!(
+        db.message()
+            .ends_with("and no policy rule names approvers for statements it cannot classify"),
+        "{}",
+        db.message()
+    );
+    assert_eq!(api(&gw, ALICE).approvals().await.unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

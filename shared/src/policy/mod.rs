@@ -328,13 +328,21 @@ impl Policy {
                 continue;
             }
             matched.push(index);
-            if would_be.is_none_or(|(d, _)| rule.decision > d) {
+            // A stricter rule decides. So does the first rule for unknown
+            // statements (`kinds = ["unknown"]`) as strict as the `unknown`
+            // decision a statement it cannot read starts at, which has no
+            // rule: the rule's approvers can then decide it. (Other rules
+            // match such a statement only as one that may touch anything.)
+            let decides = |(d, r): (DecisionKind, Option<usize>)| {
+                rule.decision > d || (r.is_none() && rule.decision == d && rule.kinds.contains(&Kind::Unknown))
+            };
+            if would_be.is_none_or(decides) {
                 would_be = Some((rule.decision, Some(index)));
             }
             if rule.monitor {
                 continue;
             }
-            if enforced.is_none_or(|(d, _)| rule.decision > d) {
+            if enforced.is_none_or(decides) {
                 enforced = Some((rule.decision, Some(index)));
             }
             if rule.decision == DecisionKind::Allow
@@ -449,12 +457,18 @@ impl Policy {
             }
             None if statement.kind == Kind::Unknown => {
                 let note = statement.note.clone().unwrap_or_default();
-                let verb = match verdict.decision {
-                    DecisionKind::RequireApproval => "needs approval",
-                    _ => "refused",
-                };
-                let _ = write!(message, "statement {verb}: Sluice cannot classify it ({note})");
-                Some("rewrite it in a form the gateway understands, or ask an approver to run it".into())
+                let _ = write!(message, "statement refused: Sluice cannot classify it ({note})");
+                if verdict.decision == DecisionKind::RequireApproval {
+                    // Held only under a rule, whose approvers decide.
+                    message.push_str(", and no policy rule names approvers for statements it cannot classify");
+                    Some(
+                        "rewrite it in a form the gateway understands; to have such statements held for approval, \
+                         an admin adds a policy rule with kinds = [\"unknown\"] and approvers"
+                            .into(),
+                    )
+                } else {
+                    Some("rewrite it in a form the gateway understands, or ask an approver to run it".into())
+                }
             }
             None => {
                 let reason = format!(
@@ -805,8 +819,11 @@ impl StatementGate for PolicyGate {
 mod tests {
     use super::*;
 
-    fn gate() -> PolicyGate {
-        let text = r#"
+    /// A gate for the token "ci" (group "deploy") on target "shop", with
+    /// `policy` (its `[policy]` section and rules).
+    fn gate_with(policy: &str) -> PolicyGate {
+        let text = format!(
+            r#"
 [server]
 allow_plaintext = true
 
@@ -823,7 +840,14 @@ host = "127.0.0.1"
 groups = ["deploy"]
 role = "app"
 password = "pw"
+{policy}"#
+        );
+        PolicyGate::new(&Config::from_toml(&text, std::path::Path::new("/etc/sluice/sluice.toml")).unwrap())
+    }
 
+    fn gate() -> PolicyGate {
+        gate_with(
+            r#"
 [policy]
 default = "allow"
 
@@ -832,24 +856,12 @@ name = "no-unbounded-writes"
 decision = "deny"
 groups = ["*"]
 features = ["no_where"]
-"#;
-        PolicyGate::new(&Config::from_toml(text, std::path::Path::new("/etc/sluice/sluice.toml")).unwrap())
+"#,
+        )
     }
 
     fn decide(gate: &PolicyGate, sql: &str) -> DecisionKind {
-        let groups = vec!["deploy".to_string()];
-        let labels = BTreeMap::new();
-        let subject = Subject {
-            name: "ci",
-            subject: "ci",
-            email: None,
-            groups: &groups,
-            labels: &labels,
-            target: "shop",
-            search_path_changed: false,
-            granted: &[],
-        };
-        gate.policy().decide(&subject, gate.classify(sql, true)).decision()
+        decided(gate, sql).0
     }
 
     fn grants_gate() -> PolicyGate {
@@ -1022,5 +1034,132 @@ approvers = ["leads"]
             let fresh = classify(sql, &gate.options);
             assert_eq!(*gate.classify(sql, true), fresh, "{sql}");
         }
+    }
+
+    /// A gate whose policy requires approval for what it cannot read,
+    /// with `rules` after it.
+    fn unknown_gate(rules: &str) -> PolicyGate {
+        gate_with(&format!(
+            "[policy]\ndefault = \"allow\"\nunknown = \"require_approval\"\n{rules}"
+        ))
+    }
+
+    /// The decision for `sql`, the name of the rule that made it, and the
+    /// refusal a client would see.
+    fn decided(gate: &PolicyGate, sql: &str) -> (DecisionKind, Option<String>, Refusal) {
+        let groups = vec!["deploy".to_string()];
+        let labels = BTreeMap::new();
+        let subject = Subject {
+            name: "ci",
+            subject: "ci",
+            email: None,
+            groups: &groups,
+            labels: &labels,
+            target: "shop",
+            search_path_changed: false,
+            granted: &[],
+        };
+        let policy = gate.policy();
+        let decision = policy.decide(&subject, gate.classify(sql, true));
+        let rule = decision
+            .deciding
+            .and_then(|i| decision.statements[i].rule)
+            .map(|r| policy.rule(r).name.clone());
+        let refusal = policy.refusal(&decision, &subject);
+        (decision.decision(), rule, refusal)
+    }
+
+    const HOLD_UNKNOWN: &str = r#"
+[[policy.rules]]
+name = "unreadable-is-reviewed"
+decision = "require_approval"
+groups = ["*"]
+kinds = ["unknown"]
+approvers = ["leads"]
+
+[[policy.rules]]
+name = "also-unreadable"
+decision = "require_approval"
+groups = ["deploy"]
+kinds = ["unknown"]
+approvers = ["deploy"]
+"#;
+
+    /// `unknown = "require_approval"` names no approvers: without a rule
+    /// the statement is refused, and the message says so rather than
+    /// promise an approval nobody can give.
+    #[test]
+    fn an_unreadable_statement_without_a_rule_is_refused_and_says_how_to_hold_it() {
+        let gate = unknown_gate("");
+        let (decision, rule, refusal) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!((decision, rule), (DecisionKind::RequireApproval, None));
+        assert!(
+            refusal
+                .message
+                .starts_with("statement refused: Sluice cannot classify it (")
+                && refusal
+                    .message
+                    .ends_with("), and no policy rule names approvers for statements it cannot classify"),
+            "{}",
+            refusal.message
+        );
+        assert!(
+            refusal
+                .hint
+                .as_deref()
+                .unwrap_or("")
+                .contains(r#"kinds = ["unknown"] and approvers"#),
+            "{:?}",
+            refusal.hint
+        );
+    }
+
+    /// A rule for unknown statements as strict as `unknown` takes them
+    /// over, so that its approvers decide (the first such rule, as among
+    /// any equally strict rules); a stricter rule still wins, and a rule
+    /// that matches them only as opaque (by relation) does not.
+    #[test]
+    fn a_rule_as_strict_as_unknown_decides_an_unreadable_statement() {
+        let gate = unknown_gate(HOLD_UNKNOWN);
+        let (decision, rule, refusal) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!(
+            (decision, rule.as_deref()),
+            (DecisionKind::RequireApproval, Some("unreadable-is-reviewed"))
+        );
+        assert!(
+            refusal
+                .message
+                .starts_with(r#"statement needs approval under rule "unreadable-is-reviewed": "#),
+            "{}",
+            refusal.message
+        );
+        // What it can read is not touched by the rule.
+        assert_eq!(decided(&gate, "SELECT * FROM orders").0, DecisionKind::Allow);
+
+        let deny = format!(
+            "{HOLD_UNKNOWN}\n[[policy.rules]]\nname = \"no-unreadable\"\ndecision = \"deny\"\ngroups = [\"*\"]\nkinds = [\"unknown\"]\n"
+        );
+        let gate = unknown_gate(&deny);
+        let (decision, rule, _) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!((decision, rule.as_deref()), (DecisionKind::Deny, Some("no-unreadable")));
+
+        // A rule about a relation, which an opaque statement may touch,
+        // is not a rule for what the gateway cannot read.
+        let relation = "[[policy.rules]]\nname = \"keys-are-reviewed\"\ndecision = \"require_approval\"\n\
+                        groups = [\"*\"]\nrelations = [\"api_keys\"]\napprovers = [\"leads\"]\n";
+        let gate = unknown_gate(relation);
+        let (decision, rule, _) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!((decision, rule), (DecisionKind::RequireApproval, None));
+        let (decision, rule, _) = decided(&gate, "SELECT * FROM api_keys");
+        assert_eq!(
+            (decision, rule.as_deref()),
+            (DecisionKind::RequireApproval, Some("keys-are-reviewed"))
+        );
+
+        // A rule less strict than `unknown` does not lift it.
+        let allow = "[[policy.rules]]\nname = \"anything\"\ndecision = \"allow\"\ngroups = [\"*\"]\n";
+        let gate = unknown_gate(allow);
+        let (decision, rule, _) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!((decision, rule), (DecisionKind::RequireApproval, None));
     }
 }
