@@ -54,7 +54,7 @@ timeout = "1s"
 [[policy.rules]]
 name = "unreadable-is-reviewed"
 decision = "require_approval"
-groups = ["oncall"]
+groups = ["analytics"]
 kinds = ["unknown"]
 approvers = ["engineering"]
 reason = "the gateway cannot read it"
@@ -268,7 +268,7 @@ async fn denials_expiry_and_cancellation_refuse_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_statement_is_held_under_a_rule_that_names_approvers() {
     let gw = start("approval_unreadable").await;
-    let conn = gw.conn_str("bob", BOB, "");
+    let conn = gw.conn_str("agent", AGENT, "");
     let psql = tokio::spawn(async move { harness::psql(&conn, &["-c", "SELEC 1"], None).await });
     let request = pending(&gw).await;
     assert_eq!(request.rule, "unreadable-is-reviewed");
@@ -285,14 +285,14 @@ async fn an_unreadable_statement_is_held_under_a_rule_that_names_approvers() {
     );
     assert!(stderr.contains("ERROR:  syntax error at or near \"SELEC\""), "{stderr}");
 
-    // alice has no such rule: refused, and told why.
-    let alice = gw.connect(ALICE).await.unwrap();
-    let err = alice.simple_query("SELEC 1").await.unwrap_err();
+    // No such rule applies to bob: refused, and told why.
+    let bob = gw.connect(BOB).await.unwrap();
+    let err = bob.simple_query("SELEC 1").await.unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "42501");
     assert!(
         db.message()
-            .ends_with("and no policy rule names approvers for statements it cannot classify"),
+            .ends_with("and no policy rule that applies to you holds such statements for approval"),
         "{}",
         db.message()
     );

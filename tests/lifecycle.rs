@@ -342,7 +342,10 @@ async fn function_call_is_refused_by_default() {
     assert_eq!(tags(&messages), "EZ");
     let error = String::from_utf8_lossy(&messages[0].1);
     assert!(
-        error.contains("42501") && error.contains("FunctionCall (fastpath)"),
+        error.contains("42501")
+            && error.contains("FunctionCall (fastpath)")
+            && error.contains("cannot be held for approval")
+            && error.contains("call the function from SQL instead (SELECT f(...))"),
         "{error}"
     );
     assert_eq!(client.simple("SELECT 7").await[0][0].as_deref(), Some("7"));

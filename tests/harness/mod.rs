@@ -196,7 +196,8 @@ pub struct Spec {
     /// Further TOML appended as is (more targets).
     pub extra: String,
     /// A `[policy]` section (inline rules); none means the permissive
-    /// default (allow what is understood, unknown needs approval).
+    /// default (allow what is understood, refuse what is not: `unknown`
+    /// requires approval, and no rule names approvers).
     pub policy: Option<String>,
     /// A statement gate to use instead of the configured policy.
     pub gate: Option<Arc<dyn StatementGate>>,

@@ -298,7 +298,8 @@ impl RuleConfig {
 
 impl PolicyConfig {
     /// The policy of a configuration without `[policy]`: everything the
-    /// classifier understands is allowed; what it cannot read needs approval.
+    /// classifier understands is allowed; what it cannot read requires
+    /// approval, which without a rule for it (there are none) is a refusal.
     pub fn permissive(source: PathBuf) -> PolicyConfig {
         PolicyConfig {
             source,

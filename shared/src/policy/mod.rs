@@ -329,7 +329,7 @@ impl Policy {
             }
             matched.push(index);
             // A stricter rule decides. So does the first rule for unknown
-            // statements (`kinds = ["unknown"]`) as strict as the `unknown`
+            // statements (its kinds include "unknown") as strict as the `unknown`
             // decision a statement it cannot read starts at, which has no
             // rule: the rule's approvers can then decide it. (Other rules
             // match such a statement only as one that may touch anything.)
@@ -408,7 +408,11 @@ impl Policy {
         }
         let hint = match verdict.rule.map(|i| self.rule(i)) {
             Some(rule) => {
-                let reason = rule.reason.clone().unwrap_or_else(|| describe(statement));
+                let reason = rule.reason.clone().unwrap_or_else(|| match &statement.note {
+                    // What approvers (and the client) need to know about it.
+                    Some(note) if statement.kind == Kind::Unknown => format!("Sluice cannot classify it ({note})"),
+                    _ => describe(statement),
+                });
                 let verb = match verdict.decision {
                     DecisionKind::RequireApproval => "needs approval under",
                     _ => "refused by",
@@ -460,14 +464,14 @@ impl Policy {
                 let _ = write!(message, "statement refused: Sluice cannot classify it ({note})");
                 if verdict.decision == DecisionKind::RequireApproval {
                     // Held only under a rule, whose approvers decide.
-                    message.push_str(", and no policy rule names approvers for statements it cannot classify");
+                    message.push_str(", and no policy rule that applies to you holds such statements for approval");
                     Some(
                         "rewrite it in a form the gateway understands; to have such statements held for approval, \
                          an admin adds a policy rule with kinds = [\"unknown\"] and approvers"
                             .into(),
                     )
                 } else {
-                    Some("rewrite it in a form the gateway understands, or ask an approver to run it".into())
+                    Some("rewrite it in a form the gateway understands".into())
                 }
             }
             None => {
@@ -1099,7 +1103,7 @@ approvers = ["deploy"]
                 .starts_with("statement refused: Sluice cannot classify it (")
                 && refusal
                     .message
-                    .ends_with("), and no policy rule names approvers for statements it cannot classify"),
+                    .ends_with("), and no policy rule that applies to you holds such statements for approval"),
             "{}",
             refusal.message
         );
@@ -1126,10 +1130,11 @@ approvers = ["deploy"]
             (decision, rule.as_deref()),
             (DecisionKind::RequireApproval, Some("unreadable-is-reviewed"))
         );
+        // The rule gives no reason: approvers read why it is unknown.
         assert!(
-            refusal
-                .message
-                .starts_with(r#"statement needs approval under rule "unreadable-is-reviewed": "#),
+            refusal.message.starts_with(
+                r#"statement needs approval under rule "unreadable-is-reviewed": Sluice cannot classify it (sql parser error"#
+            ),
             "{}",
             refusal.message
         );
@@ -1155,6 +1160,12 @@ approvers = ["deploy"]
             (decision, rule.as_deref()),
             (DecisionKind::RequireApproval, Some("keys-are-reviewed"))
         );
+
+        // A rule in monitor mode only says what it would do.
+        let monitor = HOLD_UNKNOWN.replace("kinds = [\"unknown\"]\n", "kinds = [\"unknown\"]\nmonitor = true\n");
+        let gate = unknown_gate(&monitor);
+        let (decision, rule, _) = decided(&gate, "SELEKT * FROM orders");
+        assert_eq!((decision, rule), (DecisionKind::RequireApproval, None));
 
         // A rule less strict than `unknown` does not lift it.
         let allow = "[[policy.rules]]\nname = \"anything\"\ndecision = \"allow\"\ngroups = [\"*\"]\n";

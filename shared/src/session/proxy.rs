@@ -2392,7 +2392,25 @@ impl<'a> Proxy<'a> {
             }
             // Held (`hold` rules, a simple Query or a Parse), refused with
             // a request to retry (`refuse_and_retry`), or refused saying
-            // approval is what it needs (a FunctionCall).
+            // why it cannot be either.
+            Verdict::RequireApproval(request) if matches!(source, StatementSource::FunctionCall) => {
+                // It names its function by number, with binary arguments:
+                // there is no SQL for approvers to read, nor to retry.
+                decided.decision = "require_approval";
+                decided.rule = Some(request.rule.clone());
+                Refusal {
+                    code: "42501",
+                    message: "statement refused: a FunctionCall (fastpath) message calls a function by number, which \
+                              the gateway cannot see, and it cannot be held for approval: approvers would have no SQL \
+                              to read"
+                        .into(),
+                    hint: Some(
+                        "call the function from SQL instead (SELECT f(...)): the gateway reads that, and holds it for \
+                         approval where the policy asks"
+                            .into(),
+                    ),
+                }
+            }
             Verdict::RequireApproval(request)
                 if decided.classification.as_deref().is_some_and(|c| {
                     c.statements
