@@ -329,10 +329,11 @@ impl Policy {
             }
             matched.push(index);
             // A stricter rule decides. So does the first rule for unknown
-            // statements (its kinds include "unknown") as strict as the `unknown`
-            // decision a statement it cannot read starts at, which has no
-            // rule: the rule's approvers can then decide it. (Other rules
-            // match such a statement only as one that may touch anything.)
+            // statements (its kinds include "unknown") as strict as the
+            // `unknown` decision a statement it cannot read starts at, which
+            // has no rule: the rule's approvers can then decide it. (Other
+            // rules match such a statement only as one that may touch
+            // anything.)
             let decides = |(d, r): (DecisionKind, Option<usize>)| {
                 rule.decision > d || (r.is_none() && rule.decision == d && rule.kinds.contains(&Kind::Unknown))
             };
@@ -1049,8 +1050,8 @@ approvers = ["leads"]
     }
 
     /// The decision for `sql`, the name of the rule that made it, and the
-    /// refusal a client would see.
-    fn decided(gate: &PolicyGate, sql: &str) -> (DecisionKind, Option<String>, Refusal) {
+    /// refusal a client would see (for an allowed text, none).
+    fn decided(gate: &PolicyGate, sql: &str) -> (DecisionKind, Option<String>, Option<Refusal>) {
         let groups = vec!["deploy".to_string()];
         let labels = BTreeMap::new();
         let subject = Subject {
@@ -1069,7 +1070,7 @@ approvers = ["leads"]
             .deciding
             .and_then(|i| decision.statements[i].rule)
             .map(|r| policy.rule(r).name.clone());
-        let refusal = policy.refusal(&decision, &subject);
+        let refusal = (decision.decision() != DecisionKind::Allow).then(|| policy.refusal(&decision, &subject));
         (decision.decision(), rule, refusal)
     }
 
@@ -1096,6 +1097,7 @@ approvers = ["deploy"]
     fn an_unreadable_statement_without_a_rule_is_refused_and_says_how_to_hold_it() {
         let gate = unknown_gate("");
         let (decision, rule, refusal) = decided(&gate, "SELEKT * FROM orders");
+        let refusal = refusal.unwrap();
         assert_eq!((decision, rule), (DecisionKind::RequireApproval, None));
         assert!(
             refusal
@@ -1126,6 +1128,7 @@ approvers = ["deploy"]
     fn a_rule_as_strict_as_unknown_decides_an_unreadable_statement() {
         let gate = unknown_gate(HOLD_UNKNOWN);
         let (decision, rule, refusal) = decided(&gate, "SELEKT * FROM orders");
+        let refusal = refusal.unwrap();
         assert_eq!(
             (decision, rule.as_deref()),
             (DecisionKind::RequireApproval, Some("unreadable-is-reviewed"))
