@@ -1935,14 +1935,9 @@ impl<'a> Proxy<'a> {
                 if approval.approvals == 1 { "" } else { "s" }
             ),
         );
-        // The policy's message names its rule ("needs approval under rule
-        // ..."); should one not, the detail does.
-        let why = &request.refusal.message;
-        notice.detail = Some(if why.contains(&format!("rule \"{}\"", request.rule)) {
-            why.clone()
-        } else {
-            format!("rule \"{}\": {why}", request.rule)
-        });
+        // Only a rule holds a statement, and the policy's message names it
+        // ("needs approval under rule ...").
+        notice.detail = Some(request.refusal.message.clone());
         notice.hint = Some(format!(
             "the statement runs once approved; ctrl-c cancels it (approvers: POST /v1/approvals/{}/approve)",
             view.id
