@@ -12,9 +12,9 @@ use crate::harness::{AGENT, ALICE, BOB, Spec, TestGateway};
 async fn next(
     stream: &mut sluice_core::api::client::EventStream,
 ) -> Option<Result<sluice_core::audit::StoredEvent, sluice_core::api::client::ClientError>> {
-    tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+    tokio::time::timeout(crate::harness::PATIENCE, stream.next())
         .await
-        .expect("no event within 30 s")
+        .expect("no event in time")
 }
 
 fn client(gw: &TestGateway, token: Option<&str>) -> ApiClient {

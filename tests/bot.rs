@@ -576,7 +576,7 @@ fn viewer(gw: &TestGateway) -> ApiClient {
 
 async fn pending(gw: &TestGateway, rule: &str) -> RequestView {
     let api = viewer(gw);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
     loop {
         let found = api
             .approvals()

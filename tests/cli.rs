@@ -23,7 +23,7 @@ fn signal(child: &Child, signal: i32) {
 }
 
 async fn exit_status(child: &mut Child) -> std::process::ExitStatus {
-    tokio::time::timeout(Duration::from_secs(60), child.wait())
+    tokio::time::timeout(harness::PATIENCE, child.wait())
         .await
         .expect("sluice did not exit")
         .expect("wait")

@@ -237,7 +237,7 @@ async fn listen_notify_carries_the_real_backend_pid() {
     let sender_pid: i32 = sender.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     sender.batch_execute("NOTIFY orders, 'order 42 shipped'").await.unwrap();
 
-    let message = tokio::time::timeout(Duration::from_secs(30), async {
+    let message = tokio::time::timeout(harness::PATIENCE, async {
         loop {
             match notifications.recv().await {
                 Some(AsyncMessage::Notification(n)) => break n,

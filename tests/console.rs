@@ -150,9 +150,9 @@ impl Console {
             if let Some(answer) = self.answers.pop_front() {
                 return answer;
             }
-            let action = tokio::time::timeout(Duration::from_secs(20), self.rx.recv())
+            let action = tokio::time::timeout(harness::PATIENCE, self.rx.recv())
                 .await
-                .expect("an answer within 20 s")
+                .expect("an answer in time")
                 .expect("the runner is alive");
             if matches!(action, Action::QueryNotice(_) | Action::QueryDone(_)) {
                 self.answers.push_back(action.clone());
@@ -516,9 +516,9 @@ async fn follow_until(
     mut done: impl FnMut(&Console) -> bool,
 ) {
     while !done(console) {
-        let action = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        let action = tokio::time::timeout(harness::PATIENCE, rx.recv())
             .await
-            .unwrap_or_else(|_| panic!("the stream moves within 30 s: {seen:?} {links:?}"))
+            .unwrap_or_else(|_| panic!("the stream did not move: {seen:?} {links:?}"))
             .expect("the stream task is alive");
         match &action {
             Action::Event(event) => seen.push((event.id, event.event.detail.kind())),
@@ -669,7 +669,7 @@ impl Tmux {
     }
 
     pub(crate) async fn shows(&self, what: &str) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + harness::PATIENCE;
         loop {
             let screen = self.screen();
             if screen.contains(what) {

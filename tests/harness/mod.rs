@@ -24,6 +24,13 @@ pub const ALICE: &str = "alice-test-token";
 pub const BOB: &str = "bob-test-token";
 pub const AGENT: &str = "agent-test-token";
 
+/// How long a test waits for something that takes well under a second on
+/// an idle machine (a process to start, an event to arrive) before calling
+/// it hung. Generous on purpose: CI machines share two cores among the
+/// tests running in parallel, and a test that fails for the machine's load
+/// says nothing about the gateway.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
 /// Upstream roles the test cluster has, each behind a different pg_hba method.
 pub const APP_ROLE: &str = "sluice_app"; // scram-sha-256
 pub const APP_PASSWORD: &str = "app-pw";
@@ -129,7 +136,7 @@ pub async fn serve_binary_with_api(
     let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped stderr")).lines();
     let mut api = None;
     let port = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
             .await
             .expect("startup log")
             .expect("reading the log")
@@ -391,7 +398,7 @@ impl TestGateway {
     /// Waits for the gateway's run loop to finish (after `shutdown`).
     pub async fn finished(&mut self) {
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(60), task)
+            tokio::time::timeout(PATIENCE, task)
                 .await
                 .expect("gateway did not stop")
                 .expect("gateway task panicked");
@@ -459,7 +466,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     while !check().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;

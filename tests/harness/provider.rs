@@ -88,6 +88,10 @@ impl Provider {
 }
 
 async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::process::Child, String) {
+    // The provider's warnings and errors, kept to explain a failed start.
+    let log_file = key_file.with_extension("log");
+    let log = std::fs::File::create(&log_file).expect("the OpenID provider's log");
+    let started_at = std::time::Instant::now();
     let mut child = tokio::process::Command::new("node")
         .arg("provider.mjs")
         .current_dir(oidc_dir())
@@ -96,16 +100,26 @@ async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::proce
         .env("KEY_ID", kid)
         .env("ID_TOKEN_TTL", ttl.to_string())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("node is needed for the OpenID provider");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the OpenID provider did not start")
-        .unwrap()
-        .expect("the OpenID provider exited");
+    let line = match tokio::time::timeout(super::PATIENCE, lines.next_line()).await {
+        Ok(Ok(Some(line))) => line,
+        outcome => {
+            let state = match (outcome, child.try_wait()) {
+                (_, Ok(Some(status))) => format!("it exited ({status})"),
+                (Err(_), _) => format!("it printed nothing in {:?}", started_at.elapsed()),
+                (Ok(read), _) => format!("its output ended ({read:?})"),
+            };
+            panic!(
+                "the OpenID provider did not start: {state}; its log ({}):\n{}",
+                log_file.display(),
+                std::fs::read_to_string(&log_file).unwrap_or_default()
+            );
+        }
+    };
     // The provider logs to stdout as it works: keep reading, or it dies of
     // a broken pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

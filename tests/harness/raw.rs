@@ -3,7 +3,6 @@
 //! hand-built pipelines and fastpath calls.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,7 +188,7 @@ impl RawClient {
                     return Some((tag, body));
                 }
             }
-            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read_buf(&mut self.buf))
+            let n = tokio::time::timeout(super::PATIENCE, self.stream.read_buf(&mut self.buf))
                 .await
                 .expect("timed out waiting for the gateway")
                 .unwrap_or(0);
