@@ -4,9 +4,11 @@
 //! free port, and is watched by a small guardian shell whose standard input is
 //! a pipe from this process: when this process exits, however it exits, the
 //! pipe closes and the guardian stops PostgreSQL and removes the directory.
-//! As root, PostgreSQL refuses to run, so everything runs as `postgres` through
-//! `runuser`. This is the only module of the core that spawns processes, and
-//! nothing on the gateway's own path uses it.
+//! As root, PostgreSQL refuses to run, so the server and its setup run as
+//! `postgres` (through `runuser` and `setpriv`), while the guardian stays root:
+//! it must remove what root put in the directory too (the tests keep token
+//! caches and console state there). This is the only module of the core that
+//! spawns processes, and nothing on the gateway's own path uses it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -197,10 +199,15 @@ impl DevCluster {
     fn launch(dir: &Path, bin: &Path, port: u16, as_postgres: bool) -> Result<(Child, ChildStdin), ClusterError> {
         let log = dir.join("postgres.log");
         // The guardian ignores the terminal's signals: it stops the server
-        // only when this process's end of the pipe closes.
+        // only when this process's end of the pipe closes. It runs as this
+        // process's user, so that it can remove everything in the directory;
+        // as root, the server runs as postgres through setpriv, which execs
+        // (unlike runuser, which forks and stays as the parent), so `$!` is
+        // the server's pid and the INT reaches the server itself: a fast
+        // shutdown.
         let script = r#"
 trap '' INT TERM HUP
-"$PGBIN/postgres" -D "$PGDIR/data" -p "$PGPORT" >"$PGDIR/postgres.log" 2>&1 &
+$PGAS "$PGBIN/postgres" -D "$PGDIR/data" -p "$PGPORT" >"$PGDIR/postgres.log" 2>&1 &
 pg=$!
 echo "$pg"
 read _ignored
@@ -208,9 +215,17 @@ kill -INT "$pg" 2>/dev/null
 wait "$pg"
 rm -rf "$PGDIR"
 "#;
-        let mut guardian = command(as_postgres, Path::new("sh"));
+        let mut guardian = Command::new("sh");
         guardian
             .args(["-c", script])
+            .env(
+                "PGAS",
+                if as_postgres {
+                    "setpriv --reuid=postgres --regid=postgres --init-groups --"
+                } else {
+                    ""
+                },
+            )
             .env("PGBIN", bin)
             .env("PGDIR", dir)
             .env("PGPORT", port.to_string())
@@ -452,5 +467,44 @@ impl DevPki {
         std::fs::write(&key, &self.server_key)?;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
         Ok((ca, cert, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// The server runs as postgres when we are root, and stopping the
+    /// cluster removes its directory with whatever this process put there,
+    /// even a private directory of root's that postgres cannot enter.
+    #[test]
+    fn the_server_runs_as_postgres_and_stop_removes_everything() {
+        let cluster = DevCluster::start(&ClusterOptions::default()).expect("starting PostgreSQL");
+        let dir = cluster.dir().to_path_buf();
+        let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid")).expect("postmaster.pid");
+        let pid = pid_file.lines().next().unwrap().trim();
+        let server_uid = std::fs::metadata(format!("/proc/{pid}"))
+            .expect("the server's process")
+            .uid();
+        let expected = if running_as_root() {
+            id_of("-u").unwrap()
+        } else {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() }
+        };
+        assert_eq!(server_uid, expected, "the server's user");
+        assert_eq!(
+            cluster.psql("postgres", "SELECT 42").unwrap().trim(),
+            "42",
+            "the server answers"
+        );
+
+        let private = dir.join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::write(private.join("token"), "secret").unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        cluster.stop();
+        assert!(!dir.exists(), "{} is left behind", dir.display());
     }
 }
