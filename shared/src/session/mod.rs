@@ -515,7 +515,7 @@ async fn target_catalog(
     if let Some(query) = &origins_query {
         queries.push(query.as_str());
     }
-    let loaded = catalog_rows(conn, &queries, shared.config.server.max_message_size)
+    let loaded = catalog_lookup(conn, &queries, shared.config.server.max_message_size)
         .await
         .and_then(|mut results| {
             let origins = match origins_query {
@@ -564,13 +564,67 @@ async fn target_catalog(
     }
 }
 
-/// Runs catalog queries in one read-only transaction on an idle upstream
-/// connection; the rows of each query, as text (NULL as empty).
-async fn catalog_rows(
+/// How many times the catalog lookup is tried while the server cancels it.
+const CATALOG_ATTEMPTS: usize = 10;
+
+/// [`catalog_rows`], tried again while the server cancels it (SQLSTATE
+/// 57014). The session's own statement_timeout (from its startup packet,
+/// as small as 1 ms) is in force until the lookup's `SET LOCAL` lifts it:
+/// it can fire on the lookup's first statements on a busy server, or late,
+/// on a later one. The client cannot make the lookup fail this way, only
+/// slower; a lookup cancelled every time refuses the session, as any
+/// failed lookup does.
+async fn catalog_lookup(
     conn: &mut Connection,
     queries: &[&str],
     max_message_size: usize,
 ) -> Result<Vec<Vec<Vec<String>>>, String> {
+    let mut attempt = 1;
+    loop {
+        match catalog_rows(conn, queries, max_message_size).await {
+            Ok(rows) => return Ok(rows),
+            Err(failure) if failure.cancelled && attempt < CATALOG_ATTEMPTS => {
+                tracing::debug!(attempt, error = %failure.reason, "the catalog lookup was cancelled; trying again");
+                attempt += 1;
+            }
+            Err(failure) if failure.cancelled => {
+                return Err(format!(
+                    "{} (cancelled {attempt} times: the session's statement_timeout may be too short for the lookup)",
+                    failure.reason
+                ));
+            }
+            Err(failure) => return Err(failure.reason),
+        }
+    }
+}
+
+/// Why [`catalog_rows`] failed.
+#[derive(Debug)]
+struct LookupFailure {
+    reason: String,
+    /// The server cancelled a statement of the lookup (57014), and the
+    /// connection is idle again: the lookup can be tried again.
+    cancelled: bool,
+}
+
+impl From<String> for LookupFailure {
+    fn from(reason: String) -> LookupFailure {
+        LookupFailure {
+            reason,
+            cancelled: false,
+        }
+    }
+}
+
+/// Runs catalog queries in one read-only transaction on an idle upstream
+/// connection; the rows of each query, as text (NULL as empty). If a query
+/// fails, the transaction is rolled back, so that the connection is idle
+/// again.
+async fn catalog_rows(
+    conn: &mut Connection,
+    queries: &[&str],
+    max_message_size: usize,
+) -> Result<Vec<Vec<Vec<String>>>, LookupFailure> {
     use crate::protocol::backend::tag;
     let mut out = BytesMut::new();
     // The session's own settings (from its startup packet) must not change
@@ -587,7 +641,8 @@ async fn catalog_rows(
     // Each query's rows start with its RowDescription.
     let mut results: Vec<Vec<Vec<String>>> = Vec::new();
     let mut error = None;
-    loop {
+    let mut cancelled = false;
+    let idle = loop {
         let message = conn
             .read_message(max_message_size)
             .await
@@ -596,7 +651,7 @@ async fn catalog_rows(
             tag::ROW_DESCRIPTION => results.push(Vec::new()),
             tag::DATA_ROW => {
                 let Some(rows) = results.last_mut() else {
-                    return Err("a catalog row before its description".into());
+                    return Err("a catalog row before its description".to_string().into());
                 };
                 let mut cur = crate::protocol::Cursor::new(&message.body);
                 let count = cur.count16("field count").map_err(|e| e.to_string())?;
@@ -611,29 +666,178 @@ async fn catalog_rows(
                 rows.push(fields);
             }
             tag::ERROR_RESPONSE => {
-                let received = crate::protocol::backend::ReceivedError::decode(&message.body)
-                    .map(|e| format!("{} {}", e.code, e.message))
-                    .unwrap_or_else(|e| e.to_string());
-                error = Some(received);
+                let received = crate::protocol::backend::ReceivedError::decode(&message.body);
+                cancelled = matches!(&received, Ok(e) if e.code == "57014");
+                error = Some(
+                    received
+                        .map(|e| format!("{} {}", e.code, e.message))
+                        .unwrap_or_else(|e| e.to_string()),
+                );
             }
-            tag::READY_FOR_QUERY => {
-                if message.body.first() != Some(&b'I') && error.is_none() {
-                    error = Some("the catalog lookup left a transaction open".into());
-                }
-                break;
-            }
+            tag::READY_FOR_QUERY => break message.body.first() == Some(&b'I'),
             _ => {}
         }
-    }
-    if let Some(error) = error {
-        return Err(format!("the catalog query failed: {error}"));
+    };
+    // A failed statement leaves the transaction aborted (the rest of the
+    // query string, COMMIT included, is skipped): end it.
+    let idle = idle || rolled_back(conn, max_message_size).await;
+    match error {
+        Some(error) => {
+            return Err(LookupFailure {
+                reason: format!("the catalog query failed: {error}"),
+                cancelled: cancelled && idle,
+            });
+        }
+        None if !idle => return Err("the catalog lookup left a transaction open".to_string().into()),
+        None => {}
     }
     if results.len() != queries.len() {
         return Err(format!(
             "the catalog lookup answered {} queries of {}",
             results.len(),
             queries.len()
-        ));
+        )
+        .into());
     }
     Ok(results)
+}
+
+/// Sends ROLLBACK on a connection in a transaction; whether it is idle
+/// afterwards.
+async fn rolled_back(conn: &mut Connection, max_message_size: usize) -> bool {
+    let mut out = BytesMut::new();
+    crate::protocol::frontend::Query::encode("ROLLBACK", &mut out);
+    if conn.send(&out).await.is_err() {
+        return false;
+    }
+    loop {
+        match conn.read_message(max_message_size).await {
+            Ok(message) if message.tag == crate::protocol::backend::tag::READY_FOR_QUERY => {
+                return message.body.first() == Some(&b'I');
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TxStatus;
+    use crate::protocol::backend::{encode_ready_for_query, tag};
+    use crate::protocol::codec::MessageBuilder;
+
+    /// How the scripted server answers a query.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// One row of one column, the lookup's single query.
+        Row(&'static str),
+        /// An error with this SQLSTATE, in this transaction state.
+        Error(&'static str, TxStatus),
+        /// ROLLBACK's answer.
+        RolledBack,
+    }
+
+    /// Runs `catalog_lookup` of one query against a server that answers in
+    /// the order of `answers`; the lookup's result and the queries the
+    /// server received.
+    async fn lookup(answers: &[Answer]) -> (Result<Vec<Vec<Vec<String>>>, String>, Vec<String>) {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let answers = answers.to_vec();
+        let server = tokio::spawn(async move {
+            let mut server = Connection::new(Stream::Unix(theirs));
+            let mut received = Vec::new();
+            for answer in answers {
+                let Ok(query) = server.read_message(1 << 20).await else {
+                    break;
+                };
+                assert_eq!(query.tag, b'Q');
+                received.push(String::from_utf8_lossy(&query.body).trim_end_matches('\0').to_string());
+                let mut out = BytesMut::new();
+                let status = match answer {
+                    Answer::Row(value) => {
+                        MessageBuilder::new(&mut out, tag::ROW_DESCRIPTION)
+                            .i16(1)
+                            .cstr("c")
+                            .i32(0)
+                            .i16(0)
+                            .i32(25)
+                            .i16(-1)
+                            .i32(-1)
+                            .i16(0)
+                            .finish();
+                        MessageBuilder::new(&mut out, tag::DATA_ROW)
+                            .i16(1)
+                            .i32(value.len() as i32)
+                            .bytes(value.as_bytes())
+                            .finish();
+                        MessageBuilder::new(&mut out, tag::COMMAND_COMPLETE)
+                            .cstr("SELECT 1")
+                            .finish();
+                        TxStatus::Idle
+                    }
+                    Answer::Error(code, status) => {
+                        ErrorFields::new(Severity::Error, code, "scripted error").encode(&mut out);
+                        status
+                    }
+                    Answer::RolledBack => {
+                        MessageBuilder::new(&mut out, tag::COMMAND_COMPLETE)
+                            .cstr("ROLLBACK")
+                            .finish();
+                        TxStatus::Idle
+                    }
+                };
+                encode_ready_for_query(status, &mut out);
+                server.send(&out).await.unwrap();
+            }
+            received
+        });
+        let mut conn = Connection::new(Stream::Unix(ours));
+        let result = catalog_lookup(&mut conn, &["SELECT c FROM scripted"], 1 << 20).await;
+        drop(conn);
+        (result, server.await.unwrap())
+    }
+
+    fn is_lookup(query: &str) -> bool {
+        query.starts_with("BEGIN READ ONLY;") && query.contains("SELECT c FROM scripted")
+    }
+
+    #[tokio::test]
+    async fn a_lookup_cancelled_before_its_transaction_is_tried_again() {
+        use Answer::*;
+        let (result, received) = lookup(&[Error("57014", TxStatus::Idle), Row("a")]).await;
+        assert_eq!(result.unwrap(), vec![vec![vec!["a".to_string()]]]);
+        assert_eq!(received.len(), 2);
+        assert!(received.iter().all(|q| is_lookup(q)), "{received:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lookup_cancelled_inside_its_transaction_is_rolled_back_and_tried_again() {
+        use Answer::*;
+        let (result, received) = lookup(&[Error("57014", TxStatus::Failed), RolledBack, Row("a")]).await;
+        assert_eq!(result.unwrap(), vec![vec![vec!["a".to_string()]]]);
+        assert!(is_lookup(&received[0]) && is_lookup(&received[2]), "{received:?}");
+        assert_eq!(received[1], "ROLLBACK");
+    }
+
+    #[tokio::test]
+    async fn other_failures_are_not_tried_again() {
+        use Answer::*;
+        let (result, received) = lookup(&[Error("42501", TxStatus::Failed), RolledBack, Row("a")]).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("42501 scripted error"), "{err}");
+        assert_eq!(received.len(), 2, "{received:?}");
+        assert_eq!(received[1], "ROLLBACK");
+    }
+
+    #[tokio::test]
+    async fn a_lookup_cancelled_every_time_fails_and_says_why() {
+        let answers = vec![Answer::Error("57014", TxStatus::Idle); CATALOG_ATTEMPTS + 1];
+        let (result, received) = lookup(&answers).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("57014"), "{err}");
+        assert!(err.contains("statement_timeout"), "{err}");
+        assert_eq!(received.len(), CATALOG_ATTEMPTS);
+    }
 }
