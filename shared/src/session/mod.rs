@@ -565,15 +565,21 @@ async fn target_catalog(
 }
 
 /// How many times the catalog lookup is tried while the server cancels it.
-const CATALOG_ATTEMPTS: usize = 10;
+const CATALOG_ATTEMPTS: u32 = 10;
+
+/// The catalog lookup's transaction and settings: the session's own
+/// settings (from its startup packet) must not change the lookup, so no
+/// timeout to trip, and names resolved in pg_catalog only.
+const CATALOG_SETUP: &str = "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+                             SET LOCAL search_path = pg_catalog, pg_temp";
 
 /// [`catalog_rows`], tried again while the server cancels it (SQLSTATE
 /// 57014). The session's own statement_timeout (from its startup packet,
-/// as small as 1 ms) is in force until the lookup's `SET LOCAL` lifts it:
-/// it can fire on the lookup's first statements on a busy server, or late,
-/// on a later one. The client cannot make the lookup fail this way, only
-/// slower; a lookup cancelled every time refuses the session, as any
-/// failed lookup does.
+/// as small as 1 ms) is in force until [`CATALOG_SETUP`] lifts it: it can
+/// fire on those first statements on a busy server, or late, on a later
+/// one. The client cannot make the lookup fail this way, only slower; a
+/// lookup cancelled every time refuses the session, as any failed lookup
+/// does.
 async fn catalog_lookup(
     conn: &mut Connection,
     queries: &[&str],
@@ -585,6 +591,8 @@ async fn catalog_lookup(
             Ok(rows) => return Ok(rows),
             Err(failure) if failure.cancelled && attempt < CATALOG_ATTEMPTS => {
                 tracing::debug!(attempt, error = %failure.reason, "the catalog lookup was cancelled; trying again");
+                // A moment for whatever held the server up to pass.
+                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
                 attempt += 1;
             }
             Err(failure) if failure.cancelled => {
@@ -617,32 +625,74 @@ impl From<String> for LookupFailure {
 }
 
 /// Runs catalog queries in one read-only transaction on an idle upstream
-/// connection; the rows of each query, as text (NULL as empty). If a query
-/// fails, the transaction is rolled back, so that the connection is idle
-/// again.
+/// connection; the rows of each query, as text (NULL as empty). The
+/// transaction and its settings ([`CATALOG_SETUP`]) go first, in a query of
+/// their own: the session's timeout, in force until they have run, then
+/// covers the parse of a short text, not of the whole lookup. The lookup
+/// follows once they are in force, never pipelined with them: run under
+/// the session's search_path, it could read other tables than the
+/// catalog's. If the server reports an error, the transaction is rolled
+/// back, so that the connection is idle again.
 async fn catalog_rows(
     conn: &mut Connection,
     queries: &[&str],
     max_message_size: usize,
 ) -> Result<Vec<Vec<Vec<String>>>, LookupFailure> {
+    let setup = exchange(conn, CATALOG_SETUP, max_message_size).await?;
+    let answer = if setup.error.is_none() && setup.status == b'T' {
+        let lookup = format!("{}; COMMIT", queries.join("; "));
+        exchange(conn, &lookup, max_message_size).await?
+    } else {
+        setup
+    };
+    // A failed statement leaves the transaction aborted (the rest of the
+    // query string, COMMIT included, is skipped): end it.
+    let idle = answer.status == b'I' || rolled_back(conn, max_message_size).await;
+    match answer.error {
+        Some(error) => Err(LookupFailure {
+            reason: format!("the catalog query failed: {}", error.text),
+            cancelled: error.cancelled && idle,
+        }),
+        None if !idle => Err("the catalog lookup left a transaction open".to_string().into()),
+        None if answer.results.len() != queries.len() => Err(format!(
+            "the catalog lookup answered {} queries of {}",
+            answer.results.len(),
+            queries.len()
+        )
+        .into()),
+        None => Ok(answer.results),
+    }
+}
+
+/// The server's answer to one simple query.
+struct Answered {
+    /// The rows of each statement that returned rows, as text.
+    results: Vec<Vec<Vec<String>>>,
+    /// The error that ended it, if one did.
+    error: Option<ServerError>,
+    /// ReadyForQuery's transaction status: `I`, `T` or `E`.
+    status: u8,
+}
+
+struct ServerError {
+    text: String,
+    /// SQLSTATE 57014: a timeout or a cancel request.
+    cancelled: bool,
+}
+
+/// Sends `sql` as one simple query and reads the answer up to
+/// ReadyForQuery. `Err` when the connection cannot be used any more.
+async fn exchange(conn: &mut Connection, sql: &str, max_message_size: usize) -> Result<Answered, String> {
     use crate::protocol::backend::tag;
     let mut out = BytesMut::new();
-    // The session's own settings (from its startup packet) must not change
-    // the lookup: no timeout to trip, and names resolved in pg_catalog only.
-    let query = format!(
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
-         SET LOCAL search_path = pg_catalog, pg_temp; {}; COMMIT",
-        queries.join("; ")
-    );
-    crate::protocol::frontend::Query::encode(&query, &mut out);
+    crate::protocol::frontend::Query::encode(sql, &mut out);
     conn.send(&out)
         .await
         .map_err(|e| format!("sending the catalog query: {e}"))?;
-    // Each query's rows start with its RowDescription.
+    // Each statement's rows start with its RowDescription.
     let mut results: Vec<Vec<Vec<String>>> = Vec::new();
     let mut error = None;
-    let mut cancelled = false;
-    let idle = loop {
+    loop {
         let message = conn
             .read_message(max_message_size)
             .await
@@ -651,7 +701,7 @@ async fn catalog_rows(
             tag::ROW_DESCRIPTION => results.push(Vec::new()),
             tag::DATA_ROW => {
                 let Some(rows) = results.last_mut() else {
-                    return Err("a catalog row before its description".to_string().into());
+                    return Err("a catalog row before its description".into());
                 };
                 let mut cur = crate::protocol::Cursor::new(&message.body);
                 let count = cur.count16("field count").map_err(|e| e.to_string())?;
@@ -667,58 +717,39 @@ async fn catalog_rows(
             }
             tag::ERROR_RESPONSE => {
                 let received = crate::protocol::backend::ReceivedError::decode(&message.body);
-                cancelled = matches!(&received, Ok(e) if e.code == "57014");
-                error = Some(
-                    received
+                error = Some(ServerError {
+                    cancelled: matches!(&received, Ok(e) if e.code == "57014"),
+                    text: received
                         .map(|e| format!("{} {}", e.code, e.message))
                         .unwrap_or_else(|e| e.to_string()),
-                );
+                });
             }
-            tag::READY_FOR_QUERY => break message.body.first() == Some(&b'I'),
+            tag::READY_FOR_QUERY => {
+                return Ok(Answered {
+                    results,
+                    error,
+                    status: message.body.first().copied().unwrap_or(0),
+                });
+            }
             _ => {}
         }
-    };
-    // A failed statement leaves the transaction aborted (the rest of the
-    // query string, COMMIT included, is skipped): end it.
-    let idle = idle || rolled_back(conn, max_message_size).await;
-    match error {
-        Some(error) => {
-            return Err(LookupFailure {
-                reason: format!("the catalog query failed: {error}"),
-                cancelled: cancelled && idle,
-            });
-        }
-        None if !idle => return Err("the catalog lookup left a transaction open".to_string().into()),
-        None => {}
     }
-    if results.len() != queries.len() {
-        return Err(format!(
-            "the catalog lookup answered {} queries of {}",
-            results.len(),
-            queries.len()
-        )
-        .into());
-    }
-    Ok(results)
 }
 
-/// Sends ROLLBACK on a connection in a transaction; whether it is idle
-/// afterwards.
+/// Sends ROLLBACK on a connection in a transaction, again while the
+/// session's timeout cancels it; whether it is idle afterwards.
 async fn rolled_back(conn: &mut Connection, max_message_size: usize) -> bool {
-    let mut out = BytesMut::new();
-    crate::protocol::frontend::Query::encode("ROLLBACK", &mut out);
-    if conn.send(&out).await.is_err() {
-        return false;
-    }
-    loop {
-        match conn.read_message(max_message_size).await {
-            Ok(message) if message.tag == crate::protocol::backend::tag::READY_FOR_QUERY => {
-                return message.body.first() == Some(&b'I');
-            }
-            Ok(_) => {}
-            Err(_) => return false,
+    for _ in 0..CATALOG_ATTEMPTS {
+        match exchange(conn, "ROLLBACK", max_message_size).await {
+            Ok(answer) if answer.status == b'I' => return true,
+            Ok(Answered {
+                error: Some(ServerError { cancelled: true, .. }),
+                ..
+            }) => {}
+            _ => return false,
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -731,11 +762,13 @@ mod tests {
     /// How the scripted server answers a query.
     #[derive(Clone, Copy)]
     enum Answer {
-        /// One row of one column, the lookup's single query.
+        /// [`CATALOG_SETUP`]'s: a transaction is open.
+        Began,
+        /// The lookup's (of one query): one row of one column, committed.
         Row(&'static str),
         /// An error with this SQLSTATE, in this transaction state.
         Error(&'static str, TxStatus),
-        /// ROLLBACK's answer.
+        /// ROLLBACK's.
         RolledBack,
     }
 
@@ -755,7 +788,16 @@ mod tests {
                 assert_eq!(query.tag, b'Q');
                 received.push(String::from_utf8_lossy(&query.body).trim_end_matches('\0').to_string());
                 let mut out = BytesMut::new();
+                let complete = |out: &mut BytesMut, tag: &str| {
+                    MessageBuilder::new(out, tag::COMMAND_COMPLETE).cstr(tag).finish();
+                };
                 let status = match answer {
+                    Answer::Began => {
+                        for done in ["BEGIN", "SET", "SET", "SET"] {
+                            complete(&mut out, done);
+                        }
+                        TxStatus::InTransaction
+                    }
                     Answer::Row(value) => {
                         MessageBuilder::new(&mut out, tag::ROW_DESCRIPTION)
                             .i16(1)
@@ -772,9 +814,8 @@ mod tests {
                             .i32(value.len() as i32)
                             .bytes(value.as_bytes())
                             .finish();
-                        MessageBuilder::new(&mut out, tag::COMMAND_COMPLETE)
-                            .cstr("SELECT 1")
-                            .finish();
+                        complete(&mut out, "SELECT 1");
+                        complete(&mut out, "COMMIT");
                         TxStatus::Idle
                     }
                     Answer::Error(code, status) => {
@@ -782,9 +823,7 @@ mod tests {
                         status
                     }
                     Answer::RolledBack => {
-                        MessageBuilder::new(&mut out, tag::COMMAND_COMPLETE)
-                            .cstr("ROLLBACK")
-                            .finish();
+                        complete(&mut out, "ROLLBACK");
                         TxStatus::Idle
                     }
                 };
@@ -799,45 +838,67 @@ mod tests {
         (result, server.await.unwrap())
     }
 
-    fn is_lookup(query: &str) -> bool {
-        query.starts_with("BEGIN READ ONLY;") && query.contains("SELECT c FROM scripted")
+    const LOOKUP: &str = "SELECT c FROM scripted; COMMIT";
+
+    fn found(result: Result<Vec<Vec<Vec<String>>>, String>) -> Vec<Vec<Vec<String>>> {
+        result.unwrap_or_else(|err| panic!("the lookup failed: {err}"))
+    }
+
+    #[tokio::test]
+    async fn the_lookup_runs_only_once_its_settings_are_in_force() {
+        use Answer::*;
+        let (result, received) = lookup(&[Began, Row("a")]).await;
+        assert_eq!(found(result), vec![vec![vec!["a".to_string()]]]);
+        assert_eq!(received, [CATALOG_SETUP, LOOKUP]);
+
+        // Settings that failed: the lookup is not sent after them.
+        let (result, received) = lookup(&[Error("42501", TxStatus::Failed), RolledBack, Row("a")]).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("42501 scripted error"), "{err}");
+        assert_eq!(received, [CATALOG_SETUP, "ROLLBACK"]);
     }
 
     #[tokio::test]
     async fn a_lookup_cancelled_before_its_transaction_is_tried_again() {
         use Answer::*;
-        let (result, received) = lookup(&[Error("57014", TxStatus::Idle), Row("a")]).await;
-        assert_eq!(result.unwrap(), vec![vec![vec!["a".to_string()]]]);
-        assert_eq!(received.len(), 2);
-        assert!(received.iter().all(|q| is_lookup(q)), "{received:?}");
+        let (result, received) = lookup(&[Error("57014", TxStatus::Idle), Began, Row("a")]).await;
+        assert_eq!(found(result), vec![vec![vec!["a".to_string()]]]);
+        assert_eq!(received, [CATALOG_SETUP, CATALOG_SETUP, LOOKUP]);
     }
 
     #[tokio::test]
     async fn a_lookup_cancelled_inside_its_transaction_is_rolled_back_and_tried_again() {
         use Answer::*;
-        let (result, received) = lookup(&[Error("57014", TxStatus::Failed), RolledBack, Row("a")]).await;
-        assert_eq!(result.unwrap(), vec![vec![vec!["a".to_string()]]]);
-        assert!(is_lookup(&received[0]) && is_lookup(&received[2]), "{received:?}");
-        assert_eq!(received[1], "ROLLBACK");
+        let (result, received) = lookup(&[Began, Error("57014", TxStatus::Failed), RolledBack, Began, Row("a")]).await;
+        assert_eq!(found(result), vec![vec![vec!["a".to_string()]]]);
+        assert_eq!(received, [CATALOG_SETUP, LOOKUP, "ROLLBACK", CATALOG_SETUP, LOOKUP]);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_rollback_is_sent_again() {
+        use Answer::*;
+        let cancelled = Error("57014", TxStatus::Failed);
+        let (result, received) = lookup(&[cancelled, cancelled, RolledBack, Began, Row("a")]).await;
+        assert_eq!(found(result), vec![vec![vec!["a".to_string()]]]);
+        assert_eq!(received, [CATALOG_SETUP, "ROLLBACK", "ROLLBACK", CATALOG_SETUP, LOOKUP]);
     }
 
     #[tokio::test]
     async fn other_failures_are_not_tried_again() {
         use Answer::*;
-        let (result, received) = lookup(&[Error("42501", TxStatus::Failed), RolledBack, Row("a")]).await;
+        let (result, received) = lookup(&[Began, Error("42501", TxStatus::Failed), RolledBack, Began, Row("a")]).await;
         let err = result.unwrap_err();
         assert!(err.contains("42501 scripted error"), "{err}");
-        assert_eq!(received.len(), 2, "{received:?}");
-        assert_eq!(received[1], "ROLLBACK");
+        assert_eq!(received, [CATALOG_SETUP, LOOKUP, "ROLLBACK"]);
     }
 
     #[tokio::test]
     async fn a_lookup_cancelled_every_time_fails_and_says_why() {
-        let answers = vec![Answer::Error("57014", TxStatus::Idle); CATALOG_ATTEMPTS + 1];
+        let answers = vec![Answer::Error("57014", TxStatus::Idle); CATALOG_ATTEMPTS as usize + 1];
         let (result, received) = lookup(&answers).await;
         let err = result.unwrap_err();
         assert!(err.contains("57014"), "{err}");
         assert!(err.contains("statement_timeout"), "{err}");
-        assert_eq!(received.len(), CATALOG_ATTEMPTS);
+        assert_eq!(received.len(), CATALOG_ATTEMPTS as usize);
     }
 }
