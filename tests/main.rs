@@ -1,6 +1,7 @@
 //! End-to-end tests: the gateway in front of a real PostgreSQL, driven by real
 //! clients (psql, pgbench, tokio-postgres) and by a raw protocol client for
-//! what real drivers never send. One binary, one cluster, a database per test.
+//! what real drivers never send. One binary, one cluster, a database per test
+//! (`cluster` starts one more: how a cluster stops is what it tests).
 
 mod harness;
 
@@ -11,6 +12,7 @@ mod bad_input;
 mod bot;
 mod cli;
 mod clients;
+mod cluster;
 mod console;
 mod identity;
 mod lifecycle;
