@@ -219,10 +219,13 @@ impl FakeChat {
     }
 
     /// Waits for a call to `method` (or a path under it) whose body
-    /// contains `needle`.
+    /// contains `needle`: for less than the bot's periodic reconciliation,
+    /// so that only following the event stream (or the reconciliation at
+    /// its start) passes, never the next reconciliation.
     async fn wait_for(&self, method: &str, needle: &str) -> Value {
+        let bound = sluice_bot::engine::RECONCILE_EVERY - Duration::from_secs(5);
         let mut found = None;
-        harness::eventually(&format!("{method} with {needle:?}"), || {
+        harness::eventually_within(&format!("{method} with {needle:?}"), bound, || {
             found = self
                 .calls(method)
                 .into_iter()

@@ -459,14 +459,25 @@ pub fn db_error(err: &tokio_postgres::Error) -> (String, String) {
     }
 }
 
-/// Polls `check` until it returns true or 30 s pass. For waiting on effects in
-/// other processes (a query becoming active), where no event can be awaited.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Polls `check` until it returns true or [`PATIENCE`] passes. For waiting
+/// on effects in other processes (a query becoming active), where no event
+/// can be awaited.
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    eventually_within(what, PATIENCE, check).await
+}
+
+/// [`eventually`] with a bound of its own, for a test whose point is that
+/// it happens sooner than something else would make it happen.
+pub async fn eventually_within<F, Fut>(what: &str, bound: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
     while !check().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -107,24 +107,37 @@ async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::proce
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = match tokio::time::timeout(super::PATIENCE, lines.next_line()).await {
         Ok(Ok(Some(line))) => line,
-        outcome => {
-            let state = match (outcome, child.try_wait()) {
-                (_, Ok(Some(status))) => format!("it exited ({status})"),
-                (Err(_), _) => format!("it printed nothing in {:?}", started_at.elapsed()),
-                (Ok(read), _) => format!("its output ended ({read:?})"),
-            };
-            panic!(
-                "the OpenID provider did not start: {state}; its log ({}):\n{}",
-                log_file.display(),
-                std::fs::read_to_string(&log_file).unwrap_or_default()
-            );
+        Err(_) => failed_start(&log_file, format!("it printed nothing in {:?}", started_at.elapsed())),
+        Ok(read) => {
+            // Its output ends as it exits: wait for the status a moment.
+            let exited = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+            failed_start(
+                &log_file,
+                match exited {
+                    Ok(Ok(status)) => format!("it exited ({status})"),
+                    _ => format!("its output ended ({read:?})"),
+                },
+            )
         }
     };
     // The provider logs to stdout as it works: keep reading, or it dies of
     // a broken pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let started: serde_json::Value = serde_json::from_str(&line).unwrap();
-    (child, started["issuer"].as_str().unwrap().to_string())
+    let issuer = serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|started| Some(started["issuer"].as_str()?.to_string()))
+        .unwrap_or_else(|| failed_start(&log_file, format!("its first line is not {{\"issuer\": ...}}: {line}")));
+    (child, issuer)
+}
+
+/// Fails the test: the provider did not start, `state` says how, and its
+/// log may say why.
+fn failed_start(log_file: &Path, state: String) -> ! {
+    panic!(
+        "the OpenID provider did not start: {state}; its log ({}):\n{}",
+        log_file.display(),
+        std::fs::read_to_string(log_file).unwrap_or_default()
+    )
 }
 
 /// Plays the person at the browser: follows the provider's redirects and
