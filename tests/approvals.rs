@@ -1053,6 +1053,21 @@ async fn a_cancel_reaches_what_runs_before_a_held_statement() {
         )
         .await;
     pending(&gw).await;
+    // The DELETE is held as soon as the gateway reads it, which can be
+    // before the server starts the sleep; a cancel that reaches a server
+    // still reading the pipeline is ignored, by PostgreSQL itself.
+    let admin = harness::superuser(&gw.db).await;
+    harness::eventually("the sleep to run", || async {
+        !admin
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
     let mut cancel = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let mut packet = 16i32.to_be_bytes().to_vec();
     packet.extend_from_slice(&80877102i32.to_be_bytes());
