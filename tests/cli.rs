@@ -31,13 +31,16 @@ async fn exit_status(child: &mut Child) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_connection_strings_that_work() {
+    // What the demo says on stderr, to explain a failure.
+    let log_file = harness::cluster().dev.dir().join("demo-stderr.log");
     let mut child = sluice()
         .args(["demo", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
         .spawn()
         .expect("sluice demo");
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut banner = Vec::new();
     while let Some(line) = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
@@ -55,7 +58,7 @@ async fn demo_prints_connection_strings_that_work() {
         .iter()
         .filter(|l| l.trim_start().starts_with("PGPASSWORD="))
         .collect();
-    assert_eq!(commands.len(), 5, "{banner:#?}");
+    assert_eq!(commands.len(), 5, "{banner:#?}\n{}", log());
     // Paste each printed command, as a user would.
     for command in commands {
         let script = format!("{} -X -A -t -c 'SELECT count(*) FROM customers'", command.trim());
