@@ -135,6 +135,9 @@ struct Fake {
     to_socket: tokio::sync::broadcast::Sender<String>,
     /// Message edits fail (Discord answers 404 Unknown Message).
     fail_edits: std::sync::atomic::AtomicBool,
+    /// Discord answers a new message this long after it has it (and shows
+    /// it: recorded), in ms.
+    post_answer_delay: std::sync::atomic::AtomicU64,
 }
 
 impl Fake {
@@ -153,6 +156,7 @@ impl FakeChat {
             addr: Mutex::new(None),
             to_socket: tokio::sync::broadcast::channel(16).0,
             fail_edits: std::sync::atomic::AtomicBool::new(false),
+            post_answer_delay: std::sync::atomic::AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -356,6 +360,10 @@ async fn discord_api(State(fake): State<Arc<Fake>>, method: Method, uri: Uri, bo
         None => (5000 + fake.calls.lock().unwrap().len()).to_string(),
     };
     fake.record(&format!("{method} {path}"), body.clone());
+    if method == Method::POST {
+        let delay = fake.post_answer_delay.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     axum::Json(message_json(&id, &body["content"])).into_response()
 }
 
@@ -882,6 +890,13 @@ async fn discord_buttons_and_the_reason_modal() {
     .await;
     assert_eq!(forged.status(), 401);
 
+    // Discord shows the message before the bot has its answer: a click
+    // there waits for the bot to know its message, rather than being
+    // taken for a click on an older one.
+    discord
+        .state
+        .post_answer_delay
+        .store(200, std::sync::atomic::Ordering::Relaxed);
     let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 1");
     let request = pending(&gw, "orders-need-a-lead").await;
     let approve = format!("sluice:approve:{}", request.id);
@@ -907,6 +922,10 @@ async fn discord_buttons_and_the_reason_modal() {
             .contains("does not know who Discord user"),
         "{answer}"
     );
+    discord
+        .state
+        .post_answer_delay
+        .store(0, std::sync::atomic::Ordering::Relaxed);
 
     let clicked = discord_interaction(
         bot.addr,

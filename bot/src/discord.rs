@@ -342,7 +342,7 @@ async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
             let Some(id) = approving.or(denying) else {
                 return deferred;
             };
-            if !engine.is_message_of(Platform::Discord, id, &message) {
+            if !engine.is_message_of(Platform::Discord, id, &message).await {
                 return ephemeral(&not_current(id));
             }
             let Some(person) = discord.identity_of(&user) else {
@@ -381,7 +381,7 @@ async fn respond(engine: &Engine, discord: &Discord, act: Act) -> Value {
             else {
                 return deferred;
             };
-            if !engine.is_message_of(Platform::Discord, id, message) {
+            if !engine.is_message_of(Platform::Discord, id, message).await {
                 return ephemeral(&not_current(id));
             }
             let Some(person) = discord.identity_of(&user) else {

@@ -168,10 +168,17 @@ pub struct Engine {
     slack: Option<Slack>,
     discord: Option<Discord>,
     state: Mutex<State>,
+    /// Told whenever a request's messages are kept ([`Engine::store`]).
+    kept: tokio::sync::Notify,
     state_path: PathBuf,
     full_text_url: String,
     refresh: mpsc::Sender<u64>,
 }
+
+/// How long a click on a request whose message the bot has not kept yet
+/// waits for it. A platform shows a message as it answers the bot's post,
+/// so a quick click can arrive before the bot has read that answer.
+const KEEP_WAIT: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub fn new(
@@ -195,6 +202,7 @@ impl Engine {
             slack,
             discord,
             state: Mutex::new(state),
+            kept: tokio::sync::Notify::new(),
             state_path,
             full_text_url,
             refresh,
@@ -223,18 +231,30 @@ impl Engine {
     /// Whether `message` (a Slack ts, a Discord message id) is the message
     /// the bot posted for request `id` on `platform`. A click on any other
     /// (an older trail's request with the same id, a message from before
-    /// the state was lost) decides nothing.
-    pub fn is_message_of(&self, platform: Platform, id: u64, message: &str) -> bool {
+    /// the state was lost) decides nothing. While the bot has no message
+    /// for the request on `platform`, it waits up to [`KEEP_WAIT`] for one:
+    /// a post in flight.
+    pub async fn is_message_of(&self, platform: Platform, id: u64, message: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + KEEP_WAIT;
+        loop {
+            // Made before the look, so that a message kept in between wakes it.
+            let kept = self.kept.notified();
+            if let Some(ours) = self.message_kept(platform, id) {
+                return ours == message;
+            }
+            if tokio::time::timeout_at(deadline, kept).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The message the bot keeps for request `id` on `platform`, if any.
+    fn message_kept(&self, platform: Platform, id: u64) -> Option<String> {
         let state = self.lock();
-        let Some(tracked) = state.requests.get(&id) else {
-            return false;
-        };
+        let tracked = state.requests.get(&id)?;
         match platform {
-            Platform::Slack => tracked.slack.as_ref().is_some_and(|p| p.at.ts == message),
-            Platform::Discord => tracked
-                .discord
-                .as_ref()
-                .is_some_and(|p| p.at.message.to_string() == message),
+            Platform::Slack => tracked.slack.as_ref().map(|p| p.at.ts.clone()),
+            Platform::Discord => tracked.discord.as_ref().map(|p| p.at.message.to_string()),
         }
     }
 
@@ -473,6 +493,7 @@ impl Engine {
             state.prune();
             self.save(&state);
         }
+        self.kept.notify_waiters();
     }
 }
 

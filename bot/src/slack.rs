@@ -424,7 +424,7 @@ async fn click(engine: &Engine, slack: &Slack, payload: &Value) {
     ) else {
         return;
     };
-    if !engine.is_message_of(Platform::Slack, id, message) {
+    if !engine.is_message_of(Platform::Slack, id, message).await {
         slack.tell(channel, user, &not_current(id)).await;
         return;
     }
@@ -466,7 +466,7 @@ async fn submit(engine: &Engine, slack: &Slack, payload: &Value) -> Option<Value
         .as_str()
         .map(str::trim)
         .filter(|r| !r.is_empty());
-    let outcome = if !engine.is_message_of(Platform::Slack, id, message) {
+    let outcome = if !engine.is_message_of(Platform::Slack, id, message).await {
         Err(not_current(id))
     } else {
         match slack.identity_of(user).await {
