@@ -896,7 +896,7 @@ async fn discord_buttons_and_the_reason_modal() {
     discord
         .state
         .post_answer_delay
-        .store(200, std::sync::atomic::Ordering::Relaxed);
+        .store(100, std::sync::atomic::Ordering::Relaxed);
     let psql = bob_runs(&gw, "DELETE FROM orders WHERE id = 1");
     let request = pending(&gw, "orders-need-a-lead").await;
     let approve = format!("sluice:approve:{}", request.id);

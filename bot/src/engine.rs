@@ -37,8 +37,9 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 const CHAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a click waits for the gateway's answer: the platforms give an
-/// interaction three seconds.
-const DECIDE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// interaction three seconds, in which a click may also have waited
+/// [`KEEP_WAIT`] for its message.
+const DECIDE_TIMEOUT: Duration = Duration::from_millis(2200);
 
 /// Edits of one message that may fail in a row before the bot stops trying
 /// (a deleted message, a channel the bot left).
@@ -178,7 +179,7 @@ pub struct Engine {
 /// How long a click on a request whose message the bot has not kept yet
 /// waits for it. A platform shows a message as it answers the bot's post,
 /// so a quick click can arrive before the bot has read that answer.
-const KEEP_WAIT: Duration = Duration::from_secs(1);
+const KEEP_WAIT: Duration = Duration::from_millis(500);
 
 impl Engine {
     pub fn new(
