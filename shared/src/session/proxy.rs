@@ -1907,6 +1907,12 @@ impl<'a> Proxy<'a> {
             request.classification.as_deref(),
             self.ctx.audit_tags,
         )));
+        // Held before the request exists: a cancel that comes once approvers
+        // can see it must reach the hold, not be forgotten with the ones
+        // before it (nor go upstream, where nothing runs).
+        self.ctx.live.clear_cancel();
+        self.ctx.live.set_upstream_busy(!self.pending.is_empty());
+        self.ctx.live.set_state(SessionState::Held);
         let (view, decision) = self.ctx.approvals.open(crate::approvals::NewRequest {
             requester: self.ctx.identity.clone(),
             target: self.ctx.target.to_string(),
@@ -1954,9 +1960,6 @@ impl<'a> Proxy<'a> {
                 .get_or_insert_with(BytesMut::new)
                 .extend_from_slice(&encoded);
         }
-        self.ctx.live.clear_cancel();
-        self.ctx.live.set_upstream_busy(!self.pending.is_empty());
-        self.ctx.live.set_state(SessionState::Held);
         self.held = Some(Held {
             id: view.id,
             decision,
