@@ -19,6 +19,9 @@
 #   median of those: the two ran in the same round (back to back in three
 #   rounds of four), so this paired figure is steadier than the ratio of
 #   the two medians when the machine's throughput drifts between rounds.
+#   Last, a table of CPU time per transaction: the whole machine's, the
+#   gateway's and its audit writer thread's (clock ticks from /proc around
+#   each run), and the machine's context switches per transaction.
 #
 #   Every run is:  pgbench -n -S -c CLIENTS -j 2 -T DURATION -M MODE
 #   The database is initialised once with `pgbench -i -s SCALE` (direct).
@@ -394,12 +397,61 @@ path_password() {
     if [[ $1 == sluice || $1 == noaudit ]]; then echo "$TOKEN"; else echo "$PG_PASSWORD"; fi
 }
 
+# The gateway process serving PATH, if any.
+path_pid() {
+    case $1 in
+    sluice) echo "$SLUICE_PID" ;;
+    noaudit) echo "$NOAUDIT_PID" ;;
+    esac
+}
+
+# cpu_ticks: busy clock ticks of the whole machine (every state but idle and
+# iowait, guests excluded as they are counted in user), and context switches,
+# from /proc/stat.
+cpu_ticks() {
+    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 } $1 == "ctxt" { print $2 }' /proc/stat | paste -sd ' '
+}
+
+# proc_ticks PID: user + system clock ticks of a process (all its threads).
+proc_ticks() {
+    if [[ -n $1 && -r /proc/$1/stat ]]; then
+        # The command name (field 2) may hold spaces; count from its ")".
+        sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+    else
+        echo 0
+    fi
+}
+
+# writer_ticks PID: user + system clock ticks of the gateway's audit writer
+# thread ("sluice-audit"), 0 without one.
+writer_ticks() {
+    local task
+    if [[ -n $1 ]]; then
+        for task in /proc/"$1"/task/*; do
+            if [[ $(cat "$task/comm" 2>/dev/null) == sluice-audit ]]; then
+                sed 's/.*) //' "$task/stat" | awk '{ print $12 + $13 }'
+                return
+            fi
+        done
+    fi
+    echo 0
+}
+
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
 # run_pgbench PATH CLIENTS MODE SECONDS [extra pgbench args...]
-# Sets TPS, LAT (ms) and CONN (ms, average connection time with -C, else "-").
+# Sets TPS, LAT (ms) and CONN (ms, average connection time with -C, else "-"),
+# MACHINE_US, GATEWAY_US and WRITER_US (CPU microseconds per transaction: the
+# whole machine's, the gateway's and its audit writer thread's, "-" on paths
+# without a gateway) and CTXT (the machine's context switches per transaction).
 run_pgbench() {
     local path=$1 clients=$2 mode=$3 seconds=$4
     shift 4
-    local out=$TMP/run.out err=$TMP/run.err failed
+    local out=$TMP/run.out err=$TMP/run.err failed pid before after gw_before gw_after wr_before wr_after txns
+    pid=$(path_pid "$path")
+    before=$(cpu_ticks)
+    gw_before=$(proc_ticks "$pid")
+    wr_before=$(writer_ticks "$pid")
     if ! PGPASSWORD=$(path_password "$path") pgbench -n -S -c "$clients" -j "$THREADS" -T "$seconds" \
         -M "$mode" "$@" -h 127.0.0.1 -p "$(path_port "$path")" -U "$PG_USER" "$DB" >"$out" 2>"$err"; then
         echo "pgbench failed on the $path path (-c $clients -M $mode $*):" >&2
@@ -419,6 +471,20 @@ run_pgbench() {
         exit 1
     fi
     CONN=${CONN:--}
+    after=$(cpu_ticks)
+    gw_after=$(proc_ticks "$pid")
+    wr_after=$(writer_ticks "$pid")
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    read -r MACHINE_US CTXT GATEWAY_US WRITER_US < <(
+        awk -v b="$before" -v a="$after" -v gb="$gw_before" -v ga="$gw_after" -v wb="$wr_before" \
+            -v wa="$wr_after" -v n="${txns:-0}" -v tick="$TICK_US" -v gw="${pid:+1}" 'BEGIN {
+            split(b, x, " "); split(a, y, " ")
+            if (n <= 0) { print "- - - -"; exit }
+            printf "%.2f %.2f %s %s\n", (y[1] - x[1]) * tick / n, (y[2] - x[2]) / n,
+                gw ? sprintf("%.2f", (ga - gb) * tick / n) : "-",
+                gw ? sprintf("%.2f", (wa - wb) * tick / n) : "-"
+        }'
+    )
 }
 
 RESULTS=$TMP/results.tsv
@@ -432,10 +498,12 @@ measure() {
         for ((i = 0; i < ${#PATHS[@]}; i++)); do
             path=${PATHS[(i + round - 1) % ${#PATHS[@]}]}
             run_pgbench "$path" "$clients" "$mode" "$DURATION" "$@"
-            printf '  c=%-3s %-10s round %d/%d  %-9s  tps %11.1f  latency %8.3f ms%s\n' \
-                "$clients" "$label" "$round" "$ROUNDS" "$path" "$TPS" "$LAT" \
+            printf '  c=%-3s %-10s round %d/%d  %-9s  tps %11.1f  latency %8.3f ms  cpu/tx %6s us%s%s\n' \
+                "$clients" "$label" "$round" "$ROUNDS" "$path" "$TPS" "$LAT" "$MACHINE_US" \
+                "$([[ $GATEWAY_US != - ]] && echo " (gateway $GATEWAY_US)")" \
                 "$([[ $CONN != - ]] && echo "  connect $CONN ms")"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$label" "$path" "$round" "$TPS" "$LAT" "$CONN" >>"$RESULTS"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$label" "$path" "$round" "$TPS" "$LAT" "$CONN" \
+                "$MACHINE_US" "$GATEWAY_US" "$WRITER_US" "$CTXT" >>"$RESULTS"
         done
     done
 }
@@ -503,17 +571,24 @@ from statistics import median
 rows = {}
 order = []
 for line in open(sys.argv[1]):
-    clients, label, path, round_, tps, lat, conn = line.rstrip("\n").split("\t")
+    clients, label, path, round_, tps, lat, conn, machine, gateway, writer, ctxt = line.rstrip("\n").split("\t")
     key = (int(clients), label)
     if key not in rows:
         rows[key] = {}
         order.append(key)
-    r = rows[key].setdefault(path, {"tps": [], "lat": [], "conn": [], "by_round": {}})
+    r = rows[key].setdefault(path, {"tps": [], "lat": [], "conn": [], "by_round": {},
+                                    "machine": [], "gateway": [], "writer": [], "ctxt": []})
     r["tps"].append(float(tps))
     r["by_round"][round_] = float(tps)
     r["lat"].append(float(lat))
     if conn != "-":
         r["conn"].append(float(conn))
+    if machine != "-":
+        r["machine"].append(float(machine))
+        r["ctxt"].append(float(ctxt))
+    if gateway != "-":
+        r["gateway"].append(float(gateway))
+        r["writer"].append(float(writer))
 
 def med(key, path, what):
     values = rows[key].get(path, {}).get(what, [])
@@ -552,6 +627,24 @@ if noaudit:
         ratios = [on[r] / off[r] for r in sorted(on, key=int) if r in off and off[r] > 0]
         if ratios:
             print(f"  -c {key[0]} {key[1]}: {' '.join(f'{x:.3f}' for x in ratios)}  median {median(ratios):.3f}")
+
+print()
+print("CPU per transaction, medians in us: the whole machine's (pgbench and PostgreSQL")
+print("included), the gateway's, and of that its audit writer thread's; and the")
+print("machine's context switches per transaction:")
+cpu_head = ["clients", "mode", "path", "machine us", "gateway us", "writer us", "switches"]
+cpu_rows = []
+for key in order:
+    for x in paths:
+        m, g, w, c = (med(key, x, what) for what in ("machine", "gateway", "writer", "ctxt"))
+        if m is None:
+            continue
+        show = lambda v, f: "-" if v is None else format(v, f)
+        cpu_rows.append([str(key[0]), key[1], x, f"{m:.1f}", show(g, ".2f"), show(w, ".2f"), f"{c:.2f}"])
+if cpu_rows:
+    widths = [max(len(h), *(len(r[i]) for r in cpu_rows)) for i, h in enumerate(cpu_head)]
+    for cells in [cpu_head, ["-" * w for w in widths]] + cpu_rows:
+        print("  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
 
 for key in order:
     conn = [med(key, x, "conn") for x in ("direct", "pgbouncer", "sluice")]
