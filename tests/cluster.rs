@@ -7,11 +7,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use sluice_core::devcluster::{ClusterOptions, DevCluster};
 
 /// The server runs as postgres when we are root, in a session of its own
-/// (no way to our terminal), and stopping the cluster removes its
-/// directory with whatever we put there, even a private directory of ours
-/// that postgres cannot enter.
+/// (no way to our terminal); its superuser needs the cluster's password
+/// over loopback and the socket alike; and stopping the cluster removes
+/// its directory with whatever we put there, even a private directory of
+/// ours that postgres cannot enter.
 #[test]
-fn the_server_runs_apart_and_stop_removes_everything() {
+fn the_server_runs_apart_locked_and_stop_removes_everything() {
     let cluster = DevCluster::start(&ClusterOptions::default()).expect("starting PostgreSQL");
     let dir = cluster.dir().to_path_buf();
     let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid")).expect("postmaster.pid");
@@ -42,6 +43,62 @@ fn the_server_runs_apart_and_stop_removes_everything() {
     assert_ne!(server_session, our_session, "the server shares our session");
 
     assert_eq!(cluster.psql("postgres", "SELECT 42").unwrap().trim(), "42");
+
+    // Any local user can reach the port: without the password, or with
+    // another, the superuser is refused, over TCP and over the socket.
+    let psql = match cluster.bin_dir().join("psql") {
+        local if local.is_file() => local,
+        _ => "psql".into(),
+    };
+    let port = cluster.port().to_string();
+    let socket = cluster.socket_dir();
+    for (host, password) in [
+        ("127.0.0.1", None),
+        ("127.0.0.1", Some("postgres")),
+        (socket.to_str().unwrap(), None),
+    ] {
+        let mut command = std::process::Command::new(&psql);
+        command
+            .args([
+                "-X", "-w", "-h", host, "-p", &port, "-U", "postgres", "-d", "postgres", "-c", "SELECT 1",
+            ])
+            .env_remove("PGPASSWORD")
+            .env("PGPASSFILE", "/dev/null");
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
+        let out = command.output().expect("running psql");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{host} with {password:?} let the superuser in");
+        assert!(
+            said.contains("no password supplied") || said.contains("password authentication failed"),
+            "{host} with {password:?}: {said}"
+        );
+    }
+    // Other local users cannot even open the socket.
+    if we == 0 {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&psql)
+            .args([
+                "-X",
+                "-w",
+                "-h",
+                socket.to_str().unwrap(),
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-c",
+                "SELECT 1",
+            ])
+            .env_remove("PGPASSWORD")
+            .output()
+            .expect("running psql as nobody");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "nobody connected through the socket");
+        assert!(said.contains("Permission denied"), "{said}");
+    }
 
     let private = dir.join("private");
     std::fs::create_dir(&private).unwrap();

@@ -50,8 +50,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
 /// How to set a cluster up.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
-    /// pg_hba.conf lines, checked in order before the defaults (trust for the
-    /// `postgres` superuser over the socket and loopback).
+    /// pg_hba.conf lines, checked in order before the defaults (SCRAM for
+    /// every role over loopback and, for the `postgres` superuser, over the
+    /// socket too).
     pub hba: Vec<String>,
     /// Extra postgresql.conf settings.
     pub settings: Vec<(String, String)>,
@@ -65,6 +66,10 @@ pub struct DevCluster {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+    /// The `postgres` superuser's password, random per cluster: any local
+    /// user can reach the port, and a superuser can run code as the
+    /// server's user.
+    superuser_password: String,
     /// Closing this tells the guardian to stop the server.
     guardian_stdin: Option<ChildStdin>,
     guardian: Child,
@@ -138,25 +143,36 @@ impl DevCluster {
                 "chown socket dir",
             )?;
         }
+        let superuser_password = format!("{:032x}", rand::random::<u128>());
+        let password_file = dir.join("superuser-password");
+        write_private_as(server_ids, &password_file, &superuser_password)?;
         let mut initdb = command(as_postgres, &bin.join("initdb"));
-        initdb.args(["-D"]).arg(&data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        ]);
-        run(&mut initdb, "initdb")?;
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", password_file.display()));
+        let initialized = run(&mut initdb, "initdb");
+        std::fs::remove_file(&password_file).map_err(io(format!("removing {}", password_file.display())))?;
+        initialized?;
 
+        // No trust anywhere: the demo runs on shared machines too.
         let mut hba = options.hba.join("\n");
         hba.push_str(
-            "\nlocal all postgres trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            "\nlocal all postgres scram-sha-256\nhost all postgres 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n",
         );
         write_as(as_postgres, &data.join("pg_hba.conf"), &hba)?;
         let mut conf = String::from(
             "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n\
-             listen_addresses = '127.0.0.1'\nlogging_collector = off\nlog_min_messages = warning\n",
+             listen_addresses = '127.0.0.1'\nunix_socket_permissions = 0700\nlogging_collector = off\n\
+             log_min_messages = warning\n",
         );
         conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.join("sock").display()));
         for (name, value) in &options.settings {
@@ -190,6 +206,7 @@ impl DevCluster {
                         dir,
                         bin,
                         port,
+                        superuser_password,
                         guardian_stdin: Some(stdin),
                         guardian,
                     });
@@ -313,8 +330,19 @@ rm -rf "$PGDIR"
         &self.bin
     }
 
-    /// A libpq connection string for the superuser on `database`.
+    /// A libpq connection string for the superuser on `database`, its
+    /// password included: for a driver in this process, never for a
+    /// command line (which every local user can read in /proc).
     pub fn superuser_url(&self, database: &str) -> String {
+        format!(
+            "{} password={}",
+            self.superuser_address(database),
+            self.superuser_password
+        )
+    }
+
+    /// [`DevCluster::superuser_url`] without the password.
+    fn superuser_address(&self, database: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
     }
 
@@ -322,8 +350,10 @@ rm -rf "$PGDIR"
     /// tuples only). Stops at the first error.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let mut cmd = Command::new(self.psql_path());
-        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(self.superuser_url(database))
+        // The password in the environment, which only we and root can read.
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-w", "-d"])
+            .arg(self.superuser_address(database))
+            .env("PGPASSWORD", &self.superuser_password)
             .stdin(Stdio::piped());
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -414,6 +444,24 @@ fn write_as(as_postgres: bool, path: &Path, contents: &str) -> Result<(), Cluste
     std::fs::write(path, contents).map_err(io(format!("writing {}", path.display())))?;
     if as_postgres {
         run(Command::new("chown").arg("postgres:postgres").arg(path), "chown")?;
+    }
+    Ok(())
+}
+
+/// Writes a file only its owner may read, owned by the server's user
+/// (`server_ids`) when that is not us.
+fn write_private_as(server_ids: Option<(u32, u32)>, path: &Path, contents: &str) -> Result<(), ClusterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("writing {}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(what()))?;
+    file.write_all(contents.as_bytes()).map_err(io(what()))?;
+    if let Some((uid, gid)) = server_ids {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(what()))?;
     }
     Ok(())
 }
