@@ -40,6 +40,7 @@ use crate::conn::Connection;
 use crate::gate::StatementGate;
 use crate::identity::{Identity, Verifier};
 use crate::net::Stream;
+use crate::protocol::TxStatus;
 use crate::protocol::backend::{ErrorFields, Severity};
 use crate::shutdown::{Shutdown, ShutdownListener};
 use crate::tls::UpstreamTlsConnector;
@@ -569,8 +570,11 @@ const CATALOG_ATTEMPTS: u32 = 10;
 
 /// The catalog lookup's transaction and settings: the session's own
 /// settings (from its startup packet) must not change the lookup, so no
-/// timeout to trip, and names resolved in pg_catalog only.
+/// timeout to trip (an idle-in-transaction timeout would otherwise end the
+/// session between this query and the lookup), and names resolved in
+/// pg_catalog only.
 const CATALOG_SETUP: &str = "BEGIN READ ONLY; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+                             SET LOCAL idle_in_transaction_session_timeout = 0; \
                              SET LOCAL search_path = pg_catalog, pg_temp";
 
 /// [`catalog_rows`], tried again while the server cancels it (SQLSTATE
@@ -639,7 +643,7 @@ async fn catalog_rows(
     max_message_size: usize,
 ) -> Result<Vec<Vec<Vec<String>>>, LookupFailure> {
     let setup = exchange(conn, CATALOG_SETUP, max_message_size).await?;
-    let answer = if setup.error.is_none() && setup.status == b'T' {
+    let answer = if setup.error.is_none() && setup.status == TxStatus::InTransaction {
         let lookup = format!("{}; COMMIT", queries.join("; "));
         exchange(conn, &lookup, max_message_size).await?
     } else {
@@ -647,7 +651,7 @@ async fn catalog_rows(
     };
     // A failed statement leaves the transaction aborted (the rest of the
     // query string, COMMIT included, is skipped): end it.
-    let idle = answer.status == b'I' || rolled_back(conn, max_message_size).await;
+    let idle = answer.status == TxStatus::Idle || rolled_back(conn, max_message_size).await;
     match answer.error {
         Some(error) => Err(LookupFailure {
             reason: format!("the catalog query failed: {}", error.text),
@@ -670,8 +674,8 @@ struct Answered {
     results: Vec<Vec<Vec<String>>>,
     /// The error that ended it, if one did.
     error: Option<ServerError>,
-    /// ReadyForQuery's transaction status: `I`, `T` or `E`.
-    status: u8,
+    /// ReadyForQuery's transaction status.
+    status: TxStatus,
 }
 
 struct ServerError {
@@ -725,11 +729,9 @@ async fn exchange(conn: &mut Connection, sql: &str, max_message_size: usize) -> 
                 });
             }
             tag::READY_FOR_QUERY => {
-                return Ok(Answered {
-                    results,
-                    error,
-                    status: message.body.first().copied().unwrap_or(0),
-                });
+                let status = crate::protocol::backend::decode_ready_for_query(&message.body)
+                    .map_err(|e| format!("reading the catalog: {e}"))?;
+                return Ok(Answered { results, error, status });
             }
             _ => {}
         }
@@ -741,7 +743,7 @@ async fn exchange(conn: &mut Connection, sql: &str, max_message_size: usize) -> 
 async fn rolled_back(conn: &mut Connection, max_message_size: usize) -> bool {
     for _ in 0..CATALOG_ATTEMPTS {
         match exchange(conn, "ROLLBACK", max_message_size).await {
-            Ok(answer) if answer.status == b'I' => return true,
+            Ok(answer) if answer.status == TxStatus::Idle => return true,
             Ok(Answered {
                 error: Some(ServerError { cancelled: true, .. }),
                 ..
@@ -755,7 +757,6 @@ async fn rolled_back(conn: &mut Connection, max_message_size: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::TxStatus;
     use crate::protocol::backend::{encode_ready_for_query, tag};
     use crate::protocol::codec::MessageBuilder;
 
@@ -856,6 +857,23 @@ mod tests {
         let err = result.unwrap_err();
         assert!(err.contains("42501 scripted error"), "{err}");
         assert_eq!(received, [CATALOG_SETUP, "ROLLBACK"]);
+    }
+
+    /// A client may set timeouts at startup; each that could end or cancel
+    /// the lookup inside its transaction is lifted for it. (An
+    /// `idle_session_timeout` applies only outside a transaction, where
+    /// the lookup never waits.)
+    #[test]
+    fn the_lookup_lifts_every_timeout_a_client_may_set() {
+        let timeouts: Vec<&str> = startup::ALLOWED_PARAMETERS
+            .iter()
+            .copied()
+            .filter(|name| name.ends_with("_timeout") && *name != "idle_session_timeout")
+            .collect();
+        assert!(timeouts.len() >= 3, "{timeouts:?}");
+        for name in timeouts {
+            assert!(CATALOG_SETUP.contains(&format!("SET LOCAL {name} = 0;")), "{name}");
+        }
     }
 
     #[tokio::test]

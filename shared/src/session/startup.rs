@@ -190,7 +190,7 @@ pub(crate) struct StartupParams {
 /// Run-time parameters a client may set at startup. They cannot change who
 /// the session is or how statements are read; anything else a client could
 /// set here would escape the statement gate, so it is refused.
-const ALLOWED_PARAMETERS: &[&str] = &[
+pub(super) const ALLOWED_PARAMETERS: &[&str] = &[
     "application_name",
     "bytea_output",
     "client_encoding",
