@@ -499,8 +499,14 @@ fn function_features(name: &str, args: &[FunctionArg]) -> Features {
             features.insert(Feature::ServerAdmin)
         }
         // These run SQL given as a string, or dump whole tables, schemas or
-        // the database: what they read is invisible to the gateway.
-        "query_to_xml"
+        // the database: what they read is invisible to the gateway. Text
+        // search has two: ts_stat(query) and ts_rewrite(tsquery, query)
+        // (its other form takes no query, but the name alone cannot tell);
+        // the tablefunc extension's crosstab and connectby run theirs too.
+        name if name.starts_with("crosstab") || name == "connectby" => features.insert(Feature::DynamicSql),
+        "ts_stat"
+        | "ts_rewrite"
+        | "query_to_xml"
         | "query_to_xmlschema"
         | "query_to_xml_and_xmlschema"
         | "cursor_to_xml"
