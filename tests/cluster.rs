@@ -7,7 +7,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use sluice_core::devcluster::{ClusterOptions, DevCluster};
 
 /// The server runs as postgres when we are root, in a session of its own
-/// (no way to our terminal); its superuser needs the cluster's password
+/// (no way to our terminal), and its files are its own; its superuser
+/// needs the cluster's password
 /// over loopback and the socket alike; and stopping the cluster removes
 /// its directory with whatever we put there, even a private directory of
 /// ours that postgres cannot enter.
@@ -33,6 +34,12 @@ fn the_server_runs_apart_locked_and_stop_removes_everything() {
         .expect("the server's process")
         .uid();
     assert_eq!(server_uid, expected, "the server's user");
+    // The directory is the server's user's: what is in it is written by
+    // that user too (as root, a write of ours there could be redirected).
+    for file in ["postgres.log", "data/pg_hba.conf", "data/postgresql.conf"] {
+        let owner = std::fs::symlink_metadata(dir.join(file)).expect(file).uid();
+        assert_eq!(owner, expected, "{file} belongs to another user");
+    }
 
     // /proc/PID/stat: "pid (comm) state ppid pgrp session ...".
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -126,26 +126,27 @@ impl DevCluster {
             dir: dir.clone(),
             armed: true,
         };
-        // The server's user and group, when it must not run as us.
+        let sock = dir.join("sock");
+        std::fs::create_dir(&sock).map_err(io(format!("creating {}", sock.display())))?;
+        // The server's user and group, when it must not run as us. The
+        // socket directory is handed over while the directory is still
+        // ours; from then on, files there are written as the server's user
+        // (`write_as`).
         let server_ids = if as_postgres {
             let uid = id_of("-u")?;
             let gid = id_of("-g")?;
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(io(format!("chown {}", dir.display())))?;
+            for path in [&sock, &dir] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .map_err(io(format!("chown {}", path.display())))?;
+            }
             Some((uid, gid))
         } else {
             None
         };
         let data = dir.join("data");
-        std::fs::create_dir_all(dir.join("sock")).ok();
-        if as_postgres {
-            run(
-                Command::new("chown").arg("postgres:postgres").arg(dir.join("sock")),
-                "chown socket dir",
-            )?;
-        }
         let superuser_password = format!("{:032x}", rand::random::<u128>());
         let password_file = dir.join("superuser-password");
-        write_private_as(server_ids, &password_file, &superuser_password)?;
+        write_as(as_postgres, &password_file, &superuser_password, FileWrite::Private)?;
         let mut initdb = command(as_postgres, &bin.join("initdb"));
         initdb
             .args(["-D"])
@@ -163,14 +164,18 @@ impl DevCluster {
         std::fs::remove_file(&password_file).map_err(io(format!("removing {}", password_file.display())))?;
         initialized?;
 
-        // No trust anywhere: the demo runs on shared machines too.
-        let mut hba = options.hba.join("\n");
-        hba.push_str(
-            "\nlocal all postgres scram-sha-256\nhost all postgres 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        );
-        write_as(as_postgres, &data.join("pg_hba.conf"), &hba)?;
+        // No trust for the superuser anywhere (its lines come first, so that
+        // no line of the options can open it), as the demo runs on shared
+        // machines too.
+        let mut hba = String::from("local all postgres scram-sha-256\nhost all postgres 127.0.0.1/32 scram-sha-256\n");
+        for line in &options.hba {
+            hba.push_str(line);
+            hba.push('\n');
+        }
+        hba.push_str("host all all 127.0.0.1/32 scram-sha-256\n");
+        write_as(as_postgres, &data.join("pg_hba.conf"), &hba, FileWrite::Replace)?;
         let mut conf = String::from(
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n\
+            "\n# Added by sluice devcluster\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n\
              listen_addresses = '127.0.0.1'\nunix_socket_permissions = 0700\nlogging_collector = off\n\
              log_min_messages = warning\n",
         );
@@ -179,21 +184,11 @@ impl DevCluster {
             conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }
         if let Some((cert, key)) = &options.tls {
-            write_as(as_postgres, &data.join("server.crt"), cert)?;
-            write_as(as_postgres, &data.join("server.key"), key)?;
-            run(
-                command(as_postgres, Path::new("chmod"))
-                    .arg("600")
-                    .arg(data.join("server.key")),
-                "chmod server.key",
-            )?;
+            write_as(as_postgres, &data.join("server.crt"), cert, FileWrite::Replace)?;
+            write_as(as_postgres, &data.join("server.key"), key, FileWrite::Private)?;
             conf.push_str("ssl = on\n");
         }
-        let conf_path = data.join("postgresql.conf");
-        let mut full = std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
-        full.push_str("\n# Added by sluice devcluster\n");
-        full.push_str(&conf);
-        write_as(as_postgres, &conf_path, &full)?;
+        write_as(as_postgres, &data.join("postgresql.conf"), &conf, FileWrite::Append)?;
 
         let mut last_error = None;
         for _ in 0..5 {
@@ -228,12 +223,14 @@ impl DevCluster {
         // only when this process's end of the pipe closes. It runs as this
         // process's user, so that it can remove everything in the directory;
         // as root, the server runs as postgres through setpriv, which execs
-        // (unlike runuser, which forks and stays as the parent), so `$!` is
-        // the server's pid and the INT reaches the server itself: a fast
-        // shutdown.
+        // (unlike runuser, which forks and stays as the parent), and the
+        // shell it runs execs the server, so `$!` is the server's pid and
+        // the INT reaches the server itself: a fast shutdown. That shell
+        // opens the log as the server's user: in the server's directory,
+        // root writes nothing.
         let script = r#"
 trap '' INT TERM HUP
-$PGAS "$PGBIN/postgres" -D "$PGDIR/data" -p "$PGPORT" >"$PGDIR/postgres.log" 2>&1 &
+$PGAS sh -c 'exec "$1" -D "$2" -p "$3" >"$4" 2>&1' sh "$PGBIN/postgres" "$PGDIR/data" "$PGPORT" "$PGDIR/postgres.log" &
 pg=$!
 echo "$pg"
 read _ignored
@@ -439,31 +436,61 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), ClusterError> {
     }
 }
 
-/// Writes a file the server must own.
-fn write_as(as_postgres: bool, path: &Path, contents: &str) -> Result<(), ClusterError> {
-    std::fs::write(path, contents).map_err(io(format!("writing {}", path.display())))?;
-    if as_postgres {
-        run(Command::new("chown").arg("postgres:postgres").arg(path), "chown")?;
-    }
-    Ok(())
+/// How [`write_as`] writes a file.
+#[derive(Debug, Clone, Copy)]
+enum FileWrite {
+    /// Creates it or replaces what it holds.
+    Replace,
+    /// Adds to its end.
+    Append,
+    /// Creates it (it must not exist), readable by its owner only.
+    Private,
 }
 
-/// Writes a file only its owner may read, owned by the server's user
-/// (`server_ids`) when that is not us.
-fn write_private_as(server_ids: Option<(u32, u32)>, path: &Path, contents: &str) -> Result<(), ClusterError> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Writes a file of the cluster. As root, the server's user does: the
+/// directory is the server's by then, and a write of ours there could be
+/// turned onto any file of the machine by a symlink put in the file's
+/// place. The contents go through a pipe, never a command line.
+fn write_as(as_postgres: bool, path: &Path, contents: &str, how: FileWrite) -> Result<(), ClusterError> {
     let what = || format!("writing {}", path.display());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(what()))?;
-    file.write_all(contents.as_bytes()).map_err(io(what()))?;
-    if let Some((uid, gid)) = server_ids {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(what()))?;
+    if as_postgres {
+        let script = match how {
+            FileWrite::Replace => r#"cat > "$1""#,
+            FileWrite::Append => r#"cat >> "$1""#,
+            FileWrite::Private => r#"set -C; umask 077; cat > "$1""#,
+        };
+        let mut child = command(true, Path::new("sh"))
+            .args(["-c", script, "sh"])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(what()))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(contents.as_bytes()))
+            .unwrap_or(Ok(()));
+        let output = child.wait_with_output().map_err(io(what()))?;
+        if !output.status.success() {
+            return Err(ClusterError::Command {
+                command: what(),
+                status: output.status.to_string(),
+                output: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        return written.map_err(io(what()));
     }
-    Ok(())
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    match how {
+        FileWrite::Replace => options.write(true).create(true).truncate(true),
+        FileWrite::Append => options.append(true),
+        FileWrite::Private => options.write(true).create_new(true).mode(0o600),
+    };
+    let mut file = options.open(path).map_err(io(what()))?;
+    file.write_all(contents.as_bytes()).map_err(io(what()))
 }
 
 fn id_of(flag: &str) -> Result<u32, ClusterError> {
@@ -481,8 +508,19 @@ fn id_of(flag: &str) -> Result<u32, ClusterError> {
         })
 }
 
+/// The end of the server's log (read without following a symlink: the
+/// directory is the server's user's).
 fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+    {
+        let _ = file.read_to_string(&mut text);
+    }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
