@@ -254,7 +254,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 start >/de
     { cat "$TMP/postgres.log" >&2; die "PostgreSQL did not start"; }
 
 psql -X -q -v ON_ERROR_STOP=1 -h "$TMP/sock" -p "$PG_PORT" -U postgres -d postgres >/dev/null <<EOF
-CREATE ROLE $PG_USER LOGIN SUPERUSER PASSWORD '$PG_PASSWORD';
+CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD';
 CREATE DATABASE $DB OWNER $PG_USER;
 EOF
 PG_VERSION=$(psql -X -At -h "$TMP/sock" -p "$PG_PORT" -U postgres -d postgres -c 'SELECT version()')
@@ -405,55 +405,72 @@ path_pid() {
     esac
 }
 
-# cpu_ticks: busy clock ticks of the whole machine (every state but idle and
-# iowait, guests excluded as they are counted in user), and context switches,
-# from /proc/stat.
+# cpu_ticks: busy clock ticks of the whole machine (user, nice, system, irq
+# and softirq: not idle, iowait or the time the hypervisor took, and guests
+# are counted in user already), and context switches, from /proc/stat.
 cpu_ticks() {
-    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 } $1 == "ctxt" { print $2 }' /proc/stat | paste -sd ' '
+    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 } $1 == "ctxt" { print $2 }' /proc/stat | paste -sd ' '
 }
 
-# proc_ticks PID: user + system clock ticks of a process (all its threads).
-proc_ticks() {
-    if [[ -n $1 && -r /proc/$1/stat ]]; then
-        # The command name (field 2) may hold spaces; count from its ")".
-        sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+# stat_ticks FILE: user + system clock ticks in a /proc stat file (a process,
+# all its threads, or one thread); 0 if it is gone.
+stat_ticks() {
+    local stat
+    if stat=$(cat "$1" 2>/dev/null); then
+        # The command name (field 2) may hold spaces: count from its ")".
+        awk '{ print $12 + $13 }' <<<"${stat##*) }"
     else
         echo 0
     fi
 }
 
-# writer_ticks PID: user + system clock ticks of the gateway's audit writer
-# thread ("sluice-audit"), 0 without one.
+# proc_ticks PID: the CPU ticks of a process, 0 without one.
+proc_ticks() {
+    if [[ -n $1 ]]; then stat_ticks "/proc/$1/stat"; else echo 0; fi
+}
+
+# writer_ticks PID: the CPU ticks of the gateway's audit writer thread
+# ("sluice-audit"), "-" without one (the audit off).
 writer_ticks() {
-    local task
+    local task comm
     if [[ -n $1 ]]; then
         for task in /proc/"$1"/task/*; do
-            if [[ $(cat "$task/comm" 2>/dev/null) == sluice-audit ]]; then
-                sed 's/.*) //' "$task/stat" | awk '{ print $12 + $13 }'
+            comm=$(cat "$task/comm" 2>/dev/null) || continue
+            if [[ $comm == sluice-audit ]]; then
+                stat_ticks "$task/stat"
                 return
             fi
         done
     fi
-    echo 0
+    echo -
 }
 
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
+CLK_TCK=$(getconf CLK_TCK)
 
 # run_pgbench PATH CLIENTS MODE SECONDS [extra pgbench args...]
 # Sets TPS, LAT (ms) and CONN (ms, average connection time with -C, else "-"),
 # MACHINE_US, GATEWAY_US and WRITER_US (CPU microseconds per transaction: the
 # whole machine's, the gateway's and its audit writer thread's, "-" on paths
-# without a gateway) and CTXT (the machine's context switches per transaction).
+# without one) and CTXT (the machine's context switches per transaction).
 run_pgbench() {
     local path=$1 clients=$2 mode=$3 seconds=$4
     shift 4
-    local out=$TMP/run.out err=$TMP/run.err failed pid before after gw_before gw_after wr_before wr_after txns
+    local out=$TMP/run.out err=$TMP/run.err failed pid password port ran=0
+    local before after gw_before gw_after wr_before wr_after txns
     pid=$(path_pid "$path")
-    before=$(cpu_ticks)
+    password=$(path_password "$path")
+    port=$(path_port "$path")
+    # The machine's ticks are read last before the run and first after it,
+    # so that the reads' own processes stay outside its window.
     gw_before=$(proc_ticks "$pid")
     wr_before=$(writer_ticks "$pid")
-    if ! PGPASSWORD=$(path_password "$path") pgbench -n -S -c "$clients" -j "$THREADS" -T "$seconds" \
-        -M "$mode" "$@" -h 127.0.0.1 -p "$(path_port "$path")" -U "$PG_USER" "$DB" >"$out" 2>"$err"; then
+    before=$(cpu_ticks)
+    PGPASSWORD=$password pgbench -n -S -c "$clients" -j "$THREADS" -T "$seconds" \
+        -M "$mode" "$@" -h 127.0.0.1 -p "$port" -U "$PG_USER" "$DB" >"$out" 2>"$err" && ran=1
+    after=$(cpu_ticks)
+    gw_after=$(proc_ticks "$pid")
+    wr_after=$(writer_ticks "$pid")
+    if ((ran == 0)); then
         echo "pgbench failed on the $path path (-c $clients -M $mode $*):" >&2
         cat "$err" "$out" >&2
         [[ $path == sluice ]] && { echo "--- sluice log (tail)" >&2; tail -n 20 "$TMP/sluice.log" >&2; }
@@ -471,18 +488,16 @@ run_pgbench() {
         exit 1
     fi
     CONN=${CONN:--}
-    after=$(cpu_ticks)
-    gw_after=$(proc_ticks "$pid")
-    wr_after=$(writer_ticks "$pid")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
     read -r MACHINE_US CTXT GATEWAY_US WRITER_US < <(
         awk -v b="$before" -v a="$after" -v gb="$gw_before" -v ga="$gw_after" -v wb="$wr_before" \
-            -v wa="$wr_after" -v n="${txns:-0}" -v tick="$TICK_US" -v gw="${pid:+1}" 'BEGIN {
+            -v wa="$wr_after" -v n="${txns:-0}" -v hz="$CLK_TCK" -v gw="${pid:+1}" 'BEGIN {
             split(b, x, " "); split(a, y, " ")
+            tick = 1000000 / hz
             if (n <= 0) { print "- - - -"; exit }
             printf "%.2f %.2f %s %s\n", (y[1] - x[1]) * tick / n, (y[2] - x[2]) / n,
                 gw ? sprintf("%.2f", (ga - gb) * tick / n) : "-",
-                gw ? sprintf("%.2f", (wa - wb) * tick / n) : "-"
+                gw && wa != "-" && wb != "-" ? sprintf("%.2f", (wa - wb) * tick / n) : "-"
         }'
     )
 }
@@ -588,6 +603,7 @@ for line in open(sys.argv[1]):
         r["ctxt"].append(float(ctxt))
     if gateway != "-":
         r["gateway"].append(float(gateway))
+    if writer != "-":
         r["writer"].append(float(writer))
 
 def med(key, path, what):
