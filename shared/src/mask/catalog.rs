@@ -46,6 +46,16 @@ pub struct Catalog {
     pub loaded: Instant,
 }
 
+/// The catalog's views and tables of the planner's statistics, which show
+/// column values.
+const STATISTICS: &[&str] = &[
+    "pg_stats",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic",
+    "pg_statistic_ext_data",
+];
+
 /// What one identity's session masks by rule.
 #[derive(Debug, Default, Clone)]
 pub struct ColumnRules {
@@ -69,11 +79,20 @@ impl ColumnRules {
 
     /// Whether a relation as a statement names it (schema if written) has a
     /// masked column. An unqualified name matches in any schema, since the
-    /// session's search_path decides which one it is.
+    /// session's search_path decides which one it is. The planner's
+    /// statistics count too, while anything is masked: they hold sample
+    /// values (most common values, histogram bounds) of every column the
+    /// reader may read, masked ones included.
     pub fn masks_table(&self, schema: Option<&str>, name: &str) -> bool {
-        self.tables
-            .iter()
-            .any(|(s, t)| t.eq_ignore_ascii_case(name) && schema.is_none_or(|schema| s.eq_ignore_ascii_case(schema)))
+        if self.tables.is_empty() {
+            return false;
+        }
+        let statistics = STATISTICS.iter().any(|s| s.eq_ignore_ascii_case(name))
+            && schema.is_none_or(|schema| schema.eq_ignore_ascii_case("pg_catalog"));
+        statistics
+            || self.tables.iter().any(|(s, t)| {
+                t.eq_ignore_ascii_case(name) && schema.is_none_or(|schema| s.eq_ignore_ascii_case(schema))
+            })
     }
 
     /// Whether a column name (as a statement reads it) may be a masked
@@ -440,6 +459,10 @@ mod tests {
         assert!(others.rowtypes.contains(&16386) && others.rowtypes.contains(&16385));
         assert!(others.masks_table(None, "Customers") && others.masks_table(Some("public"), "customers"));
         assert!(!others.masks_table(Some("audit"), "customers") && !others.masks_table(None, "orders"));
+        // The statistics show sample values of every column.
+        assert!(others.masks_table(None, "pg_stats") && others.masks_table(Some("PG_CATALOG"), "PG_STATS_EXT"));
+        assert!(others.masks_table(None, "pg_statistic") && !others.masks_table(Some("public"), "pg_stats"));
+        assert!(!ColumnRules::default().masks_table(None, "pg_stats"));
         assert!(others.user_function("get_secret") && others.user_function("GET_SECRET"));
         assert!(others.user_function("report") && !others.user_function("upper"));
         assert!(from_rows([["x", "1", "1", "1", "0", "s", "t", "c"]], []).is_err());
