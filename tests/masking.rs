@@ -516,6 +516,39 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
             .unwrap(),
     );
     assert_eq!(fetched, ["[masked:expression]"]);
+    // A portal bound over the protocol is a cursor to SQL as well: what
+    // FETCH reads from it is as sensitive as the statement it runs.
+    {
+        use crate::harness::raw;
+        let mut raw_bob = raw::RawClient::connect(gw.addr).await;
+        raw_bob.login(&gw.db, BOB).await;
+        raw_bob.simple("BEGIN").await;
+        raw_bob
+            .send(
+                &[
+                    raw::parse("s", "SELECT upper(secret) FROM api_keys ORDER BY id"),
+                    raw::bind("p1", "s"),
+                    raw::execute("p1", 1),
+                    raw::sync(),
+                ]
+                .concat(),
+            )
+            .await;
+        let first: Vec<_> = raw_bob
+            .until_ready()
+            .await
+            .into_iter()
+            .filter(|(tag, _)| *tag == b'D')
+            .map(|(_, body)| raw::data_row(&body))
+            .collect();
+        assert_eq!(first, [vec![Some("[masked:expression]".to_string())]]);
+        let rest = raw_bob.simple("FETCH ALL FROM p1").await;
+        assert!(rest.len() >= 2, "{rest:?}");
+        for row in rest {
+            assert_eq!(row, [Some("[masked:expression]".to_string())]);
+        }
+        raw_bob.simple("COMMIT").await;
+    }
     // Numbers can carry a value out too, one character at a time.
     let codes = texts(
         bob.simple_query("SELECT ascii(substr(secret, 1, 1)) FROM api_keys WHERE service = 'internal'")

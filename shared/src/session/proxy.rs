@@ -345,8 +345,9 @@ pub(crate) struct Proxy<'a> {
     /// The same, per prepared statement and per bound portal.
     statement_sensitive: HashMap<String, bool>,
     portal_sensitive: Portals<bool>,
-    /// A cursor was declared over a table with masked columns: FETCH and
-    /// MOVE are sensitive from then on.
+    /// A cursor was declared over a table with masked columns, or a
+    /// sensitive statement bound to a named portal (which SQL can FETCH
+    /// from as well): FETCH and MOVE are sensitive from then on.
     cursors_sensitive: bool,
     seam: ResultSeam,
     tx_status: TxStatus,
@@ -1180,6 +1181,11 @@ impl<'a> Proxy<'a> {
                     // A statement the gateway never saw parsed is sensitive.
                     let sensitive = self.statement_sensitive.get(statement).copied().unwrap_or(true);
                     self.portal_sensitive.bind(portal, self.pending.batch(), sensitive);
+                    // SQL's FETCH and MOVE read a named portal too, as a
+                    // cursor (inside a transaction block).
+                    if sensitive && !portal.is_empty() {
+                        self.cursors_sensitive = true;
+                    }
                 }
                 if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
                     let (portal, statement) = bind_names(body)?;
