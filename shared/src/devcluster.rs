@@ -50,9 +50,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
 /// How to set a cluster up.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
-    /// pg_hba.conf lines, checked in order before the defaults (SCRAM for
-    /// every role over loopback and, for the `postgres` superuser, over the
-    /// socket too).
+    /// pg_hba.conf lines, checked in order after the `postgres` superuser's
+    /// (SCRAM over the socket and loopback, which no line here can open)
+    /// and before the default (SCRAM for every role over loopback).
     pub hba: Vec<String>,
     /// Extra postgresql.conf settings.
     pub settings: Vec<(String, String)>,
