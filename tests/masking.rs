@@ -590,6 +590,47 @@ async fn column_rules_follow_the_column_through_aliases_formats_and_whole_rows()
             .contains("set_config in a statement"),
         "{err}"
     );
+    // Nor may it leave a value in the server for a later statement that
+    // reads no masked column: advisory lock keys (pg_locks), a sequence
+    // (currval), a large object.
+    harness::setup(
+        &gw.db,
+        "CREATE SEQUENCE leak_seq; GRANT ALL ON SEQUENCE leak_seq TO PUBLIC",
+    )
+    .await;
+    for (statement, named) in [
+        (
+            "SELECT pg_advisory_lock(i, ascii(substr(secret, i, 1))) FROM api_keys, generate_series(1, 3) AS i",
+            "pg_advisory_lock",
+        ),
+        (
+            "SELECT PG_TRY_ADVISORY_XACT_LOCK(length(secret)) FROM api_keys",
+            "pg_try_advisory_xact_lock",
+        ),
+        (
+            // (With a literal name, the write to leak_seq is refused
+            // already; a computed one names no relation.)
+            "SELECT setval(('leak' || '_seq')::regclass, ascii(secret)) FROM api_keys LIMIT 1",
+            "setval",
+        ),
+        (
+            "SELECT lo_from_bytea(0, convert_to(secret, 'UTF8')) FROM api_keys LIMIT 1",
+            "large object",
+        ),
+    ] {
+        let err = bob.simple_query(statement).await.unwrap_err();
+        let message = err.as_db_error().unwrap().message().to_lowercase();
+        assert!(
+            message.contains(named) && message.contains("masked for you"),
+            "{statement}: {err}"
+        );
+    }
+    let locks = texts(
+        bob.simple_query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(locks, ["0"]);
     // A statement that reads no masked table is left alone.
     assert_eq!(texts(bob.simple_query("SELECT upper('x')").await.unwrap()), ["X"]);
 

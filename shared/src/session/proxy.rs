@@ -1596,6 +1596,26 @@ impl<'a> Proxy<'a> {
                     "a setting can be read back unmasked; set it from a statement that reads no masked column".into(),
                 );
             }
+            // Advisory locks, sequences and large objects keep a value in
+            // the server, where a later statement that reads no masked
+            // column finds it (pg_locks, currval, lo_get).
+            let keeps = statements.iter().find_map(|s| {
+                s.functions
+                    .iter()
+                    .find(|f| keeps_a_value(f))
+                    .map(String::as_str)
+                    .or_else(|| {
+                        s.features
+                            .contains(Feature::LargeObject)
+                            .then_some("a large object function")
+                    })
+            });
+            if let Some(function) = keeps {
+                return refused(
+                    format!("{function} in a statement over columns that are masked for you"),
+                    "it keeps a value in the server that a later statement could read back unmasked; call it from a statement that reads no masked column".into(),
+                );
+            }
         }
         let copies = statements.iter().filter(|s| s.kind == Kind::CopyOut);
         if copies.clone().any(|s| s.features.contains(Feature::CopyCustomFormat)) {
@@ -3268,6 +3288,13 @@ const SAMPLE_VALUE_MAX: usize = 200;
 /// the trail: the detectors run on each value again, whatever the session's
 /// masking (the trail's readers may not hold the unmask grant), binary
 /// values are described, long ones cut. `None` if it does not read.
+/// Functions that keep a value in the server for later statements to read:
+/// advisory locks (their keys show in pg_locks) and setval (currval).
+fn keeps_a_value(function: &str) -> bool {
+    let function = function.to_ascii_lowercase();
+    function.starts_with("pg_advisory") || function.starts_with("pg_try_advisory") || function == "setval"
+}
+
 fn sample_row(body: &[u8]) -> Option<Vec<Option<String>>> {
     let mut cur = Cursor::new(body);
     let count = cur.count16("field count").ok()?;
