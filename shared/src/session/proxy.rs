@@ -3284,10 +3284,6 @@ const SCRATCH_KEPT: usize = 16 << 10;
 /// Sampled values longer than this are cut.
 const SAMPLE_VALUE_MAX: usize = 200;
 
-/// A DataRow body (as the client received it, masked) as text values for
-/// the trail: the detectors run on each value again, whatever the session's
-/// masking (the trail's readers may not hold the unmask grant), binary
-/// values are described, long ones cut. `None` if it does not read.
 /// Functions that keep a value in the server for later statements to read:
 /// advisory locks (their keys show in pg_locks) and setval (currval).
 fn keeps_a_value(function: &str) -> bool {
@@ -3295,6 +3291,10 @@ fn keeps_a_value(function: &str) -> bool {
     function.starts_with("pg_advisory") || function.starts_with("pg_try_advisory") || function == "setval"
 }
 
+/// A DataRow body (as the client received it, masked) as text values for
+/// the trail: the detectors run on each value again, whatever the session's
+/// masking (the trail's readers may not hold the unmask grant), binary
+/// values are described, long ones cut. `None` if it does not read.
 fn sample_row(body: &[u8]) -> Option<Vec<Option<String>>> {
     let mut cur = Cursor::new(body);
     let count = cur.count16("field count").ok()?;
