@@ -1058,14 +1058,7 @@ async fn a_cancel_reaches_what_runs_before_a_held_statement() {
     // still reading the pipeline is ignored, by PostgreSQL itself.
     let admin = harness::superuser(&gw.db).await;
     harness::eventually("the sleep to run", || async {
-        !admin
-            .query(
-                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .is_empty()
+        harness::running(&admin, "SELECT pg_sleep(30)").await > 0
     })
     .await;
     let mut cancel = tokio::net::TcpStream::connect(gw.addr).await.unwrap();

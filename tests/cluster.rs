@@ -53,10 +53,7 @@ fn the_server_runs_apart_locked_and_stop_removes_everything() {
 
     // Any local user can reach the port: without the password, or with
     // another, the superuser is refused, over TCP and over the socket.
-    let psql = match cluster.bin_dir().join("psql") {
-        local if local.is_file() => local,
-        _ => "psql".into(),
-    };
+    let psql = cluster.psql_path();
     let port = cluster.port().to_string();
     let socket = cluster.socket_dir();
     for (host, password) in [

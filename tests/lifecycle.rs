@@ -14,14 +14,7 @@ async fn cancel_request_reaches_the_backend() {
     let admin = harness::superuser(&gw.db).await;
     let sleeper = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(60)").await });
     harness::eventually("the sleep to run", || async {
-        !admin
-            .query(
-                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .is_empty()
+        harness::running(&admin, "SELECT pg_sleep(60)").await > 0
     })
     .await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();

@@ -371,7 +371,8 @@ rm -rf "$PGDIR"
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    fn psql_path(&self) -> PathBuf {
+    /// The psql beside the server's binaries, or the one on `$PATH`.
+    pub fn psql_path(&self) -> PathBuf {
         let local = self.bin.join("psql");
         if local.is_file() { local } else { PathBuf::from("psql") }
     }
