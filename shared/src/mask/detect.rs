@@ -570,8 +570,8 @@ fn numeric_start_ok(v: &[u8], i: usize) -> bool {
         None => true,
         Some(b) if is_word(b) => false,
         // A comma between numbers separates fields (CSV, records, arrays,
-        // JSON) unless what follows reads as a thousands group.
-        Some(b',') => !(prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()) && thousands_group(v, i)),
+        // JSON) unless it is a thousands separator.
+        Some(b',') => !thousands_comma(v, i - 1),
         Some(b) if joins_numbers(b) => !prev(v, i - 1).is_some_and(|b| b.is_ascii_digit()),
         Some(_) => true,
     }
@@ -639,11 +639,60 @@ fn number_run(v: &[u8], i: usize) -> NumberRun {
     }
 }
 
-/// Whether the digits at `at` are a thousands group (`1,234`): exactly three
-/// digits, then something that does not continue a number.
-fn thousands_group(v: &[u8], at: usize) -> bool {
-    v.get(at..at + 3).is_some_and(|d| d.iter().all(u8::is_ascii_digit))
-        && !v.get(at + 3).is_some_and(|&b| b.is_ascii_digit() || b == b'-')
+/// Whether the comma at `comma` is a thousands separator: the number around
+/// it is written `1,234,567` (one to three digits, groups of exactly three
+/// after each comma, perhaps a decimal part) and is not joined to more
+/// digits on either side. Anything else is a comma between fields: a
+/// record, an array or a CSV line prints `(5555555555554444,100)` and
+/// `(937-11-7919,100)`, and whoever writes the query chooses the field
+/// that follows a sensitive number.
+fn thousands_comma(v: &[u8], comma: usize) -> bool {
+    let digits_before = |end: usize| v[..end].iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    // Back: groups of three after commas, then a leading group of one to
+    // three digits that does not end another number (`+33 1 23 45 67 89`).
+    let mut end = comma;
+    loop {
+        let n = digits_before(end);
+        if n == 0 || n > 3 {
+            return false;
+        }
+        let start = end - n;
+        if start >= 2 && v[start - 1] == b',' && v[start - 2].is_ascii_digit() {
+            if n != 3 {
+                return false;
+            }
+            end = start - 1;
+            continue;
+        }
+        if start >= 2 && separates_groups(v[start - 1]) && v[start - 2].is_ascii_digit() {
+            return false;
+        }
+        break;
+    }
+    // Forward: groups of exactly three after each comma, then perhaps a
+    // decimal part, and no more digits joined on.
+    let mut at = comma;
+    while v.get(at) == Some(&b',') && v.get(at + 1).is_some_and(u8::is_ascii_digit) {
+        if !v.get(at + 1..at + 4).is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+            || v.get(at + 4).is_some_and(u8::is_ascii_digit)
+        {
+            return false;
+        }
+        at += 4;
+    }
+    if v.get(at) == Some(&b'.') && v.get(at + 1).is_some_and(u8::is_ascii_digit) {
+        at += 1;
+        while v.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+    }
+    !(v.get(at).is_some_and(|&b| separates_groups(b)) && v.get(at + 1).is_some_and(u8::is_ascii_digit))
+}
+
+/// What may stand between the digit groups of one number: [`joins_numbers`]
+/// punctuation, a space, or the parentheses around an area code.
+fn separates_groups(b: u8) -> bool {
+    joins_numbers(b) || matches!(b, b' ' | b'(' | b')')
 }
 
 /// Whether a number may end at `end`: not inside a word, and not followed by
@@ -653,7 +702,7 @@ fn numeric_end_ok(v: &[u8], end: usize) -> bool {
     match v.get(end) {
         None => true,
         Some(&b) if is_word(b) => false,
-        Some(b',') => !thousands_group(v, end + 1),
+        Some(b',') => !thousands_comma(v, end),
         Some(&b) if joins_numbers(b) => !v.get(end + 1).is_some_and(u8::is_ascii_digit),
         Some(_) => true,
     }
@@ -1619,6 +1668,26 @@ mod tests {
         assert_eq!(found("{5555555555554444,078-05-1120}").len(), 2);
         // A thousands separator still joins: 1,234 is one number.
         assert!(found("total 4,111,111,111,111,111 units").is_empty());
+        assert!(found("1,234,567.89 and 12,345").is_empty());
+    }
+
+    #[test]
+    fn a_field_after_a_number_is_not_a_thousands_group() {
+        // Whoever writes the query picks the field after a sensitive value:
+        // `(card_number, 100)` prints `(5555555555554444,100)`.
+        for (value, detector, number) in [
+            ("(5555555555554444,100)", Detector::Card, "5555555555554444"),
+            ("(937-11-7919,100)", Detector::Ssn, "937-11-7919"),
+            ("{5555555555554444,100,200}", Detector::Card, "5555555555554444"),
+            ("(4111 1111 1111 1111,256.40)", Detector::Card, "4111 1111 1111 1111"),
+            ("(+1-415-555-0101,100)", Detector::Phone, "+1-415-555-0101"),
+            ("(+33 1 23 45 67 89,100)", Detector::Phone, "+33 1 23 45 67 89"),
+            ("(100,937-11-7919)", Detector::Ssn, "937-11-7919"),
+            ("(100,415 555 0101)", Detector::Phone, "415 555 0101"),
+            ("(1,234,415-555-0101)", Detector::Phone, "415-555-0101"),
+        ] {
+            assert_eq!(found(value), [(detector, number)], "{value}");
+        }
     }
 
     #[test]
