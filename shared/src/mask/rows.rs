@@ -38,10 +38,39 @@ const TEXT_LIKE: [u32; 7] = [
 ];
 /// jsonb's binary form: a version byte (1), then the text.
 const JSONB: u32 = 3802;
-/// Number types wide enough to hold a card number, whose binary form the
-/// masker reads back into digits for the detectors.
+/// Number types whose binary form the masker reads back into the decimal
+/// digits their text form would show, for the detectors.
+const INT2: u32 = 21;
+const INT4: u32 = 23;
 const INT8: u32 = 20;
+const OID: u32 = 26;
+const XID: u32 = 28;
+const CID: u32 = 29;
+const XID8: u32 = 5069;
+const FLOAT4: u32 = 700;
+const FLOAT8: u32 = 701;
 const NUMERIC: u32 = 1700;
+
+/// Ranges and multiranges of numbers, by their element type, and whether a
+/// multirange. (Ranges of other types are scanned as bytes.)
+fn range_of(type_oid: u32) -> Option<(u32, bool)> {
+    match type_oid {
+        3904 => Some((INT4, false)),
+        3926 => Some((INT8, false)),
+        3906 => Some((NUMERIC, false)),
+        4451 => Some((INT4, true)),
+        4536 => Some((INT8, true)),
+        4532 => Some((NUMERIC, true)),
+        _ => None,
+    }
+}
+
+/// No type: a binary COPY field's (the COPY does not say).
+const UNKNOWN_TYPE: u32 = 0;
+
+/// How deep the masker reads into arrays of records of arrays...; a value
+/// nested deeper is judged to have a finding (fail closed).
+const MAX_NESTING: usize = 8;
 
 /// How a column's values travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,11 +79,9 @@ enum Wire {
     Text,
     /// jsonb in binary: a version byte, then text.
     JsonbBinary,
-    /// int8 or numeric in binary: read as decimal digits; NULL when
-    /// something is found (a card number stored as a number).
-    BinaryNumber { numeric: bool },
-    /// Any other binary form: NULL when something is found.
-    Binary,
+    /// Any other binary form, of this type: read as its text would show it
+    /// ([`RowMasker::binary_finds`]), NULL when something is found.
+    Binary { type_oid: u32 },
 }
 
 /// What a column rule does to a result column.
@@ -217,9 +244,7 @@ impl RowMasker {
                 0 => Wire::Text,
                 _ if TEXT_LIKE.contains(&type_oid) => Wire::Text,
                 _ if type_oid == JSONB => Wire::JsonbBinary,
-                _ if type_oid == INT8 => Wire::BinaryNumber { numeric: false },
-                _ if type_oid == NUMERIC => Wire::BinaryNumber { numeric: true },
-                _ => Wire::Binary,
+                _ => Wire::Binary { type_oid },
             });
         }
         cur.finish().map_err(decode("RowDescription"))?;
@@ -276,16 +301,61 @@ impl RowMasker {
     fn field_finds(&self, wire: Wire, value: &[u8]) -> bool {
         match wire {
             Wire::JsonbBinary => self.finds(value.get(1..).unwrap_or_default()),
-            Wire::BinaryNumber { numeric } => {
-                let mut digits = [0u8; 64];
-                match binary_digits(value, numeric, &mut digits) {
-                    Some(len) => self.finds(&digits[..len]),
-                    // Unreadable: judge the raw bytes.
-                    None => self.finds(value),
-                }
-            }
-            Wire::Text | Wire::Binary => self.finds(value),
+            Wire::Binary { type_oid } => self.binary_finds(type_oid, value, 0),
+            Wire::Text => self.finds(value),
         }
+    }
+
+    /// Whether a binary value of type `type_oid` has a finding, judged as
+    /// its text form would be: text on its own, numbers as their decimal
+    /// digits (a card number cast to int8, xid8 or numeric), arrays,
+    /// records and ranges element by element. Each element is scanned
+    /// alone: in the bytes as they are, the length before a text element
+    /// can read as a letter or digit joined to it (`a937-11-7919`, from an
+    /// element 97 bytes long), which hides it from the detectors. A value
+    /// of any other type is scanned as bytes, and also read as an array or
+    /// a record when it is one (user types and arrays of them).
+    fn binary_finds(&self, type_oid: u32, value: &[u8], depth: usize) -> bool {
+        if depth > MAX_NESTING {
+            return true;
+        }
+        match type_oid {
+            _ if TEXT_LIKE.contains(&type_oid) => return self.finds(value),
+            JSONB => return self.finds(value.get(1..).unwrap_or_default()),
+            INT2 | INT4 | INT8 | OID | XID | CID | XID8 | FLOAT4 | FLOAT8 | NUMERIC => {
+                let mut digits = [0u8; 64];
+                return match binary_digits(type_oid, value, &mut digits) {
+                    Some(len) => self.finds(&digits[..len]),
+                    // Unreadable or not a whole number: judge the bytes.
+                    None => self.finds(value),
+                };
+            }
+            _ => {}
+        }
+        let mut found = false;
+        if let Some((element, multirange)) = range_of(type_oid) {
+            let mut visit = |bound: &[u8]| {
+                found |= self.binary_finds(element, bound, depth + 1);
+                found
+            };
+            let read = if multirange {
+                each_multirange_bound(value, &mut visit)
+            } else {
+                each_range_bound(value, &mut visit)
+            };
+            return found || read.is_none() && self.finds(value);
+        }
+        if self.finds(value) {
+            return true;
+        }
+        let mut visit = |oid: u32, element: &[u8]| {
+            found |= self.binary_finds(oid, element, depth + 1);
+            found
+        };
+        if each_array_element(value, &mut visit).is_none() {
+            each_record_field(value, &mut visit);
+        }
+        found
     }
 
     /// Appends a DataRow (whole message), masked, to `out`.
@@ -320,7 +390,7 @@ impl RowMasker {
                     prescrubbed = scrub_into(text, self.detectors, &mut self.scratch);
                     prescrubbed
                 }
-                Wire::Binary | Wire::BinaryNumber { .. } => self.field_finds(wire, value),
+                Wire::Binary { .. } => self.field_finds(wire, value),
             };
             if found {
                 dirty = Some((index, offset));
@@ -361,7 +431,7 @@ impl RowMasker {
                 }
                 continue;
             }
-            if let Wire::BinaryNumber { .. } = wire {
+            if let Wire::Binary { .. } = wire {
                 if self.field_finds(wire, value) {
                     self.masked += 1;
                     out.put_i32(-1);
@@ -386,7 +456,7 @@ impl RowMasker {
             }
             self.masked += 1;
             match wire {
-                Wire::Binary | Wire::BinaryNumber { .. } => out.put_i32(-1),
+                Wire::Binary { .. } => out.put_i32(-1),
                 Wire::Text | Wire::JsonbBinary => {
                     out.put_i32((prefix.len() + self.scratch.len()) as i32);
                     out.put_slice(prefix);
@@ -450,8 +520,10 @@ impl RowMasker {
     }
 
     /// Binary COPY: the server sends the header with the first row and one
-    /// row per CopyData; each field with a finding becomes NULL (its type is
-    /// not known here).
+    /// row per CopyData; each field with a finding becomes NULL. Its type is
+    /// not known here: its bytes are scanned, and read as an array or record
+    /// when they are one. (Sessions that mask refuse binary COPY before it
+    /// runs, since a number's bytes say nothing; this is the second line.)
     fn binary_copy_data(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
         const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
         let body = &message[5..];
@@ -476,7 +548,7 @@ impl RowMasker {
             }
             for _ in 0..count.max(0) {
                 if let Some(value) = scan.nullable_value("field").map_err(|_| MaskError::BinaryCopy)?
-                    && self.finds(value)
+                    && self.binary_finds(UNKNOWN_TYPE, value, 0)
                 {
                     dirty = true;
                 }
@@ -496,7 +568,7 @@ impl RowMasker {
             out.put_i16(count);
             for _ in 0..count.max(0) {
                 match cur.nullable_value("field").map_err(|_| MaskError::BinaryCopy)? {
-                    Some(value) if self.finds(value) => {
+                    Some(value) if self.binary_finds(UNKNOWN_TYPE, value, 0) => {
                         self.masked += 1;
                         out.put_i32(-1);
                     }
@@ -675,26 +747,144 @@ fn finish(out: &mut BytesMut, start: usize) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// The decimal digits of a binary int8 or numeric (its integer part), written
-/// into `buf` without allocating; `None` if the value is not one or does not
-/// fit. Only the digits matter: detectors look for card numbers.
-fn binary_digits(value: &[u8], numeric: bool, buf: &mut [u8; 64]) -> Option<usize> {
-    if !numeric {
-        let n = i64::from_be_bytes(value.try_into().ok()?);
-        let mut n = n.unsigned_abs();
-        let mut at = buf.len();
-        loop {
-            at -= 1;
-            buf[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
+/// The decimal digits of a binary integer, float or numeric of type
+/// `type_oid` (its integer part; a float only when it is a whole number),
+/// written into `buf` without allocating; `None` if the value is not one or
+/// does not fit. Only the digits matter: detectors look for card numbers.
+fn binary_digits(type_oid: u32, value: &[u8], buf: &mut [u8; 64]) -> Option<usize> {
+    let whole = |f: f64| (f.is_finite() && f.fract() == 0.0 && f.abs() < 1e19).then(|| f.abs() as u64);
+    let n = match type_oid {
+        INT2 => u64::from(i16::from_be_bytes(value.try_into().ok()?).unsigned_abs()),
+        INT4 => u64::from(i32::from_be_bytes(value.try_into().ok()?).unsigned_abs()),
+        OID | XID | CID => u64::from(u32::from_be_bytes(value.try_into().ok()?)),
+        INT8 => i64::from_be_bytes(value.try_into().ok()?).unsigned_abs(),
+        XID8 => u64::from_be_bytes(value.try_into().ok()?),
+        FLOAT4 => whole(f64::from(f32::from_be_bytes(value.try_into().ok()?)))?,
+        FLOAT8 => whole(f64::from_be_bytes(value.try_into().ok()?))?,
+        NUMERIC => return numeric_digits(value, buf),
+        _ => return None,
+    };
+    let mut n = n;
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.copy_within(at.., 0);
+    Some(buf.len() - at)
+}
+
+/// Reads a 4-byte big-endian length or count: `None` past the end, `Some(None)` for -1
+/// (a NULL element), and `None` for any other negative value.
+fn read_len(value: &[u8], at: &mut usize) -> Option<Option<usize>> {
+    let bytes = value.get(*at..*at + 4)?;
+    *at += 4;
+    match i32::from_be_bytes(bytes.try_into().ok()?) {
+        -1 => Some(None),
+        n => usize::try_from(n).ok().map(Some),
+    }
+}
+
+/// The next element (length, then bytes) at `at`: `Some(None)` for NULL.
+fn read_element<'v>(value: &'v [u8], at: &mut usize) -> Option<Option<&'v [u8]>> {
+    let Some(len) = read_len(value, at)? else {
+        return Some(None);
+    };
+    let element = value.get(*at..at.checked_add(len)?)?;
+    *at += len;
+    Some(Some(element))
+}
+
+/// Calls `visit(element type, element)` on each non-NULL element of a
+/// binary array, until it returns true; `None` if `value` is not exactly
+/// one binary array (elements seen before that were still visited).
+fn each_array_element(value: &[u8], visit: &mut dyn FnMut(u32, &[u8]) -> bool) -> Option<()> {
+    let mut at = 0;
+    let dims = read_len(value, &mut at)??;
+    let flags = read_len(value, &mut at)??;
+    let element = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
+    at = 12;
+    if dims > 6 || flags > 1 {
+        return None;
+    }
+    let mut count: usize = usize::from(dims > 0);
+    for _ in 0..dims {
+        let size = read_len(value, &mut at)??;
+        read_len(value, &mut at)?;
+        count = count.checked_mul(size)?;
+    }
+    if count > value.len() / 4 {
+        return None;
+    }
+    for _ in 0..count {
+        if let Some(bytes) = read_element(value, &mut at)?
+            && visit(element, bytes)
+        {
+            return Some(());
+        }
+    }
+    (at == value.len()).then_some(())
+}
+
+/// Calls `visit(field type, field)` on each non-NULL field of a binary
+/// record, until it returns true; `None` if `value` is not exactly one.
+fn each_record_field(value: &[u8], visit: &mut dyn FnMut(u32, &[u8]) -> bool) -> Option<()> {
+    let mut at = 0;
+    let count = read_len(value, &mut at)??;
+    if count > value.len() / 8 {
+        return None;
+    }
+    for _ in 0..count {
+        let oid = u32::from_be_bytes(value.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if let Some(bytes) = read_element(value, &mut at)?
+            && visit(oid, bytes)
+        {
+            return Some(());
+        }
+    }
+    (at == value.len()).then_some(())
+}
+
+/// Calls `visit` on each bound of a binary range, until it returns true;
+/// `None` if `value` is not exactly one.
+fn each_range_bound(value: &[u8], visit: &mut dyn FnMut(&[u8]) -> bool) -> Option<()> {
+    const EMPTY: u8 = 0x01;
+    const LOWER_INFINITE: u8 = 0x08;
+    const UPPER_INFINITE: u8 = 0x10;
+    let flags = *value.first()?;
+    let mut at = 1;
+    if flags & EMPTY == 0 {
+        for infinite in [LOWER_INFINITE, UPPER_INFINITE] {
+            if flags & infinite == 0
+                && let Some(bound) = read_element(value, &mut at)?
+                && visit(bound)
+            {
+                return Some(());
             }
         }
-        buf.copy_within(at.., 0);
-        return Some(buf.len() - at);
     }
-    // numeric: ndigits, weight, sign, dscale (i16 each), then base-10000 digits.
+    (at == value.len()).then_some(())
+}
+
+/// [`each_range_bound`] over every range of a binary multirange.
+fn each_multirange_bound(value: &[u8], visit: &mut dyn FnMut(&[u8]) -> bool) -> Option<()> {
+    let mut at = 0;
+    let count = read_len(value, &mut at)??;
+    for _ in 0..count {
+        let range = read_element(value, &mut at)??;
+        each_range_bound(range, visit)?;
+    }
+    (at == value.len()).then_some(())
+}
+
+/// [`binary_digits`] of a numeric: ndigits, weight, sign, dscale (i16
+/// each), then base-10000 digits.
+fn numeric_digits(value: &[u8], buf: &mut [u8; 64]) -> Option<usize> {
     let header = value.get(..8)?;
     let ndigits = i16::from_be_bytes([header[0], header[1]]);
     let weight = i16::from_be_bytes([header[2], header[3]]);
@@ -910,18 +1100,107 @@ mod tests {
         assert_eq!(&out[5..], b"\0\0\0\x07ch\0****@example.com\0");
     }
 
+    /// A one-dimensional binary array of `element` values.
+    fn binary_array(element: u32, values: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for word in [1i32, 0, element as i32, values.len() as i32, 1] {
+            out.extend_from_slice(&word.to_be_bytes());
+        }
+        for value in values {
+            out.extend_from_slice(&(value.len() as i32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out
+    }
+
+    fn binary_record(fields: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut out = (fields.len() as i32).to_be_bytes().to_vec();
+        for (oid, value) in fields {
+            out.extend_from_slice(&oid.to_be_bytes());
+            out.extend_from_slice(&(value.len() as i32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out
+    }
+
+    #[test]
+    fn binary_arrays_records_ranges_and_numbers_are_read_as_their_text() {
+        // What a probe used: values whose bytes hid them from the detectors.
+        let card: i64 = 5555555555554444;
+        // A bpchar(97) element: its length, 97, reads as an `a` joined to it.
+        let mut ssn = b"937-11-7919".to_vec();
+        ssn.resize(97, b' ');
+        let mut phone = b"+1-415-555-0101".to_vec();
+        phone.resize(48, b' ');
+        let mut numeric = Vec::new();
+        for part in [4i16, 3, 0, 0, 5555, 5555, 5555, 4444] {
+            numeric.extend_from_slice(&part.to_be_bytes());
+        }
+        let mut range = vec![0x02u8]; // lower inclusive, both bounds present
+        for bound in [card, card + 1] {
+            range.extend_from_slice(&8i32.to_be_bytes());
+            range.extend_from_slice(&bound.to_be_bytes());
+        }
+        let mut multirange = 1i32.to_be_bytes().to_vec();
+        multirange.extend_from_slice(&(range.len() as i32).to_be_bytes());
+        multirange.extend_from_slice(&range);
+        let nested = binary_array(2249, &[&binary_record(&[(1042, &ssn)])]);
+        let cases: [(&str, u32, Vec<u8>); 10] = [
+            ("xid8", XID8, card.to_be_bytes().to_vec()),
+            ("float8", FLOAT8, (card as f64).to_be_bytes().to_vec()),
+            ("int8[]", 1016, binary_array(INT8, &[&card.to_be_bytes()])),
+            ("numeric[]", 1231, binary_array(NUMERIC, &[&numeric])),
+            ("bpchar[] of an ssn", 1014, binary_array(1042, &[&ssn])),
+            ("bpchar[] of a phone", 1014, binary_array(1042, &[&phone])),
+            (
+                "record",
+                2249,
+                binary_record(&[(INT8, &card.to_be_bytes()), (23, &100i32.to_be_bytes())]),
+            ),
+            ("record[] of bpchar", 2287, nested),
+            ("int8range", 3926, range),
+            ("int8multirange", 4536, multirange),
+        ];
+        let masker = RowMasker::new(DetectorSet::ALL, ColumnRules::default());
+        for (name, oid, value) in &cases {
+            assert!(masker.binary_finds(*oid, value, 0), "{name}");
+            // Arrays and records under a type the masker does not know (a
+            // user type, an array of one) are read as what they are.
+            if [1016, 1231, 1014, 2249, 2287].contains(oid) {
+                assert!(masker.binary_finds(90000, value, 0), "{name} as a user type");
+            }
+        }
+        // Ordinary values pass: numbers, text, and the same shapes without
+        // a sensitive value.
+        for (oid, value) in [
+            (INT4, 4155550i32.to_be_bytes().to_vec()),
+            (FLOAT8, 1.5f64.to_be_bytes().to_vec()),
+            (1016, binary_array(INT8, &[&42i64.to_be_bytes(), &7i64.to_be_bytes()])),
+            (1014, binary_array(1042, &[&[b'x'; 97]])),
+            (2249, binary_record(&[(25, b"hello"), (23, &100i32.to_be_bytes())])),
+        ] {
+            assert!(!masker.binary_finds(oid, &value, 0), "{oid}");
+        }
+        // Too deep to read: judged found.
+        let mut deep = binary_record(&[(25, b"x")]);
+        for _ in 0..=MAX_NESTING {
+            deep = binary_record(&[(2249, &deep)]);
+        }
+        assert!(masker.binary_finds(2249, &deep, 0));
+    }
+
     #[test]
     fn binary_digits_read_int8_and_numeric() {
         let mut buf = [0u8; 64];
-        let n = binary_digits(&(-1234567890123i64).to_be_bytes(), false, &mut buf).unwrap();
+        let n = binary_digits(INT8, &(-1234567890123i64).to_be_bytes(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b"1234567890123");
         let mut numeric = Vec::new();
         for part in [2i16, 1, 0, 2, 12, 3400] {
             numeric.extend_from_slice(&part.to_be_bytes());
         }
         // 12 3400 with weight 1: 123400
-        let n = binary_digits(&numeric, true, &mut buf).unwrap();
+        let n = binary_digits(NUMERIC, &numeric, &mut buf).unwrap();
         assert_eq!(&buf[..n], b"123400");
-        assert_eq!(binary_digits(b"\x00\x01", true, &mut buf), None);
+        assert_eq!(binary_digits(NUMERIC, b"\x00\x01", &mut buf), None);
     }
 }

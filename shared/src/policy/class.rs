@@ -164,6 +164,7 @@ features! {
     SearchPath = 21, "search_path", "changes search_path, which decides what unqualified names refer to";
     ServerAdmin = 22, "server_admin", "functions that administer the server or other sessions (pg_terminate_backend, pg_reload_conf...)";
     CopyCustomFormat = 23, "copy_custom_format", "COPY with its own delimiter, quote or escape character";
+    CopyBinary = 24, "copy_binary", "COPY in binary format, whose values carry no type the gateway could read them by";
 }
 
 impl Feature {

@@ -874,6 +874,15 @@ impl Walker {
                 if custom {
                     self.features.insert(Feature::CopyCustomFormat);
                 }
+                let binary = options
+                    .iter()
+                    .any(|o| matches!(o, ast::CopyOption::Format(f) if f.value.eq_ignore_ascii_case("binary")))
+                    || legacy_options
+                        .iter()
+                        .any(|o| matches!(o, ast::CopyLegacyOption::Binary));
+                if binary {
+                    self.features.insert(Feature::CopyBinary);
+                }
                 match target {
                     CopyTarget::Program { .. } => self.features.insert(Feature::CopyProgram),
                     CopyTarget::File { .. } => self.features.insert(Feature::CopyFile),
