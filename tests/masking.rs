@@ -126,6 +126,9 @@ const CORPUS: &[&str] = &[
     "SELECT email::date FROM customers",
     "DO $$ BEGIN RAISE NOTICE 'found %', (SELECT email FROM customers LIMIT 1); END $$",
     "DO $$ BEGIN RAISE EXCEPTION 'leak %', (SELECT ssn FROM customers LIMIT 1); END $$",
+    // A value that begins a field, right after its code letter.
+    "DO $$ BEGIN RAISE EXCEPTION USING MESSAGE = (SELECT ssn FROM customers LIMIT 1), DETAIL = (SELECT card_number FROM customers LIMIT 1); END $$",
+    "DO $$ BEGIN RAISE NOTICE USING MESSAGE = (SELECT phone FROM customers LIMIT 1); END $$",
     "SELECT pg_notify('leaks', email) FROM customers",
     "BEGIN; DECLARE cur CURSOR FOR SELECT * FROM customers; FETCH 2 FROM cur; FETCH ALL FROM cur; COMMIT",
     "BEGIN; DECLARE bcur BINARY CURSOR FOR SELECT email, card_number FROM customers; FETCH ALL FROM bcur; COMMIT",

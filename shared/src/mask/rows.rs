@@ -589,7 +589,21 @@ impl RowMasker {
         if std::mem::take(&mut self.withhold) {
             return self.withheld(message_tag, body, out);
         }
-        if !self.finds(body) {
+        // Field by field: in the body as it is, a value that begins a
+        // field has the field's code letter joined to it (`M937-11-7919`),
+        // which hides it from the detectors.
+        let mut fields = Cursor::new(body);
+        let mut dirty = false;
+        loop {
+            if fields.u8("field type").map_err(decode("ErrorResponse"))? == 0 {
+                break;
+            }
+            if self.finds(fields.cstr_bytes("field").map_err(decode("ErrorResponse"))?) {
+                dirty = true;
+                break;
+            }
+        }
+        if !dirty {
             out.extend_from_slice(message);
             return Ok(());
         }
@@ -649,14 +663,16 @@ impl RowMasker {
     /// and payload.
     pub fn notification(&mut self, message: &[u8], out: &mut BytesMut) -> Result<(), MaskError> {
         let body = &message[5..];
-        if !self.finds(body) {
-            out.extend_from_slice(message);
-            return Ok(());
-        }
         let mut cur = Cursor::new(body);
         let pid = cur.i32("process id").map_err(decode("NotificationResponse"))?;
         let channel = cur.cstr_bytes("channel").map_err(decode("NotificationResponse"))?;
         let payload = cur.cstr_bytes("payload").map_err(decode("NotificationResponse"))?;
+        // Each on its own: the process id's last byte, joined to the
+        // channel, can read as a letter or digit (pg_notify(ssn, '')).
+        if !self.finds(channel) && !self.finds(payload) {
+            out.extend_from_slice(message);
+            return Ok(());
+        }
         out.put_u8(tag::NOTIFICATION_RESPONSE);
         let start = out.len();
         out.put_i32(0);
@@ -1098,6 +1114,27 @@ mod tests {
         out.clear();
         masker.notification(&note, &mut out).unwrap();
         assert_eq!(&out[5..], b"\0\0\0\x07ch\0****@example.com\0");
+
+        // A value at the start of a field follows the field's code letter
+        // (RAISE EXCEPTION USING MESSAGE = ssn sends `M123-45-6789`).
+        let mut error = BytesMut::new();
+        crate::protocol::backend::ErrorFields::new(crate::protocol::backend::Severity::Error, "P0001", "123-45-6789")
+            .encode(&mut error);
+        out.clear();
+        masker.error_or_notice(tag::ERROR_RESPONSE, &error, &mut out).unwrap();
+        let got = crate::protocol::backend::ReceivedError::decode(&out[5..]).unwrap();
+        assert_eq!(got.message, "[masked:ssn]");
+
+        // A channel follows the process id, whose last byte may be a digit
+        // (pg_notify(ssn, '')).
+        let mut note = vec![tag::NOTIFICATION_RESPONSE, 0, 0, 0, 0];
+        note.extend_from_slice(&0x34i32.to_be_bytes());
+        note.extend_from_slice(b"123-45-6789\0\0");
+        let len = (note.len() - 1) as i32;
+        note[1..5].copy_from_slice(&len.to_be_bytes());
+        out.clear();
+        masker.notification(&note, &mut out).unwrap();
+        assert_eq!(&out[5..], b"\0\0\04[masked:ssn]\0\0");
     }
 
     /// A one-dimensional binary array of `element` values.
