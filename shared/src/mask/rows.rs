@@ -1134,7 +1134,7 @@ mod tests {
         note[1..5].copy_from_slice(&len.to_be_bytes());
         out.clear();
         masker.notification(&note, &mut out).unwrap();
-        assert_eq!(&out[5..], b"\0\0\04[masked:ssn]\0\0");
+        assert_eq!(&out[5..], b"\0\0\0\x34[masked:ssn]\0\0");
     }
 
     /// A one-dimensional binary array of `element` values.
