@@ -438,6 +438,113 @@ async fn row_limit_on_copy_and_sql_prepared_statements() {
     assert_eq!(count(&gw.db).await, 4);
 }
 
+/// A Parse of a name that is taken fails on the server, so it must not
+/// change what the gateway knows of the statement: a probe parsed `s1` as
+/// a big INSERT, then `s1` again as a harmless SELECT (rejected: "already
+/// exists"), bound `s1` and inserted past the row limit, recorded as the
+/// SELECT. A statement prepared by SQL and bound over the protocol keeps
+/// its limit too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_holds_when_a_prepared_name_is_reused_or_prepared_by_sql() {
+    let mut gw = TestGateway::start("limit_reuse", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.send(&[raw::parse("s1", "DELETE FROM t WHERE id > 2"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.send(&[raw::parse("s1", "SELECT 'harmless'"), raw::sync()].concat())
+        .await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    assert_eq!(first_error(&messages)[&'C'], "42P05");
+    raw.send(&[raw::bind("", "s1"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "2EZ", "the DELETE of 8 rows ran");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+    assert_eq!(count(&gw.db).await, 10);
+
+    // SQL's PREPARE, bound over the protocol; and a protocol name freed by
+    // DEALLOCATE and prepared again by SQL.
+    raw.send(&[raw::parse("s2", "SELECT 'harmless'"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    for sql in [
+        "PREPARE big AS DELETE FROM t WHERE id > 1",
+        "DEALLOCATE s2",
+        "PREPARE s2 AS UPDATE t SET note = 'x'",
+    ] {
+        raw.send(&raw::query(sql)).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "CZ", "{sql}: {:?}", first_error(&messages));
+    }
+    for statement in ["big", "s2"] {
+        raw.send(&[raw::bind("", statement), raw::execute("", 0), raw::sync()].concat())
+            .await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "2EZ", "{statement} ran past its limit");
+        assert!(
+            first_error(&messages)[&'M'].contains("over the limit of 3"),
+            "{statement}"
+        );
+    }
+    assert_eq!(count(&gw.db).await, 10);
+    let admin = harness::superuser(&gw.db).await;
+    let changed: i64 = admin
+        .query_one("SELECT count(*) FROM t WHERE note = 'x'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, 0);
+    drop(raw);
+
+    // The trail names what ran, not the rejected text.
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = sluice_core::audit::SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    // A completion joins its statement's event, or follows as its own
+    // (once the writer took the statement).
+    let mut executions: Vec<(u64, String, Option<String>)> = Vec::new();
+    let mut ended: std::collections::HashMap<u64, Option<String>> = std::collections::HashMap::new();
+    for event in store.events(&sluice_core::audit::EventFilter::default()).unwrap() {
+        match event.event.detail {
+            sluice_core::audit::Detail::Statement {
+                seq,
+                source,
+                text,
+                done,
+                ..
+            } if source == "execute" => executions.push((seq, text, done.and_then(|d| d.sqlstate))),
+            sluice_core::audit::Detail::StatementDone { seq, sqlstate, .. } => {
+                ended.insert(seq, sqlstate);
+            }
+            _ => {}
+        }
+    }
+    for execution in &mut executions {
+        if let Some(sqlstate) = ended.remove(&execution.0) {
+            execution.2 = sqlstate;
+        }
+    }
+    assert_eq!(executions.len(), 3, "{executions:?}");
+    assert!(
+        executions[0].1.starts_with("DELETE FROM t WHERE id > 2"),
+        "{executions:?}"
+    );
+    assert!(
+        !executions.iter().any(|(_, t, _)| t.contains("harmless")),
+        "{executions:?}"
+    );
+    // Each was rolled back: the trail says so, not "ok".
+    assert!(
+        executions
+            .iter()
+            .all(|(_, _, sqlstate)| sqlstate.as_deref() == Some("42501")),
+        "{executions:?}"
+    );
+}
+
 async fn table_with_rows_more(db: &str) {
     harness::setup(db, "INSERT INTO t SELECT g, 'more' FROM generate_series(3, 6) g").await;
 }

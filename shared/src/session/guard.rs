@@ -36,6 +36,10 @@ pub(crate) enum GuardPhase {
     Finishing { payload: BytesMut, commit: bool },
 }
 
+/// The SQLSTATE of a write refused over its row limit (and of its
+/// completion in the trail): insufficient privilege, as other refusals.
+pub(crate) const ROW_LIMIT_SQLSTATE: &str = "42501";
+
 /// A write under a row limit.
 #[derive(Debug)]
 pub(crate) struct Guard {
@@ -106,7 +110,7 @@ impl Guard {
                 self.limit.rule
             )
         };
-        ErrorFields::new(Severity::Error, "42501", message)
+        ErrorFields::new(Severity::Error, ROW_LIMIT_SQLSTATE, message)
             .with_hint("narrow the statement's WHERE clause, or ask for approval to run it as it is")
     }
 }

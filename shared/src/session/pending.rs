@@ -242,6 +242,17 @@ impl PendingQueue {
         }
     }
 
+    /// The statement that ended last (its completion not taken yet) was
+    /// undone by the gateway after the server completed it (a write over
+    /// its row limit, rolled back): it ends with the gateway's `sqlstate`,
+    /// whatever the server said. Its row count stays: what it would have
+    /// changed.
+    pub fn refuse_last_finished(&mut self, sqlstate: &str) {
+        if let Some(mark) = self.finished.last_mut() {
+            mark.sqlstate = Some(sqlstate.to_string());
+        }
+    }
+
     /// Notes the SQLSTATE of an error on the statement it ends.
     pub fn note_error(&mut self, sqlstate: &str) {
         self.front();

@@ -32,7 +32,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, command_count};
+use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, ROW_LIMIT_SQLSTATE, command_count};
 use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
 use super::results::ResultSeam;
@@ -1061,21 +1061,26 @@ impl<'a> Proxy<'a> {
                 if prepared && !self.last_granted.is_empty() {
                     self.grant_bound.add(name, seq, std::mem::take(&mut self.last_granted));
                 }
+                // A Parse of a named statement fails on the server while
+                // the name is taken (until Close or DEALLOCATE), so it may
+                // not lift a row limit the name has: a limit only tightens
+                // until then. The unnamed statement is replaced by each Parse.
+                if name.is_empty() {
+                    self.statement_limits.remove(name);
+                }
                 let refusal = match outcome {
                     Outcome::Forward => {
-                        self.statement_limits.remove(name);
                         self.to_server.extend_from_slice(message);
                         None
                     }
                     Outcome::Guard(limit) => {
-                        self.statement_limits.insert(name.to_string(), limit);
+                        tighten(&mut self.statement_limits, name, limit);
                         self.to_server.extend_from_slice(message);
                         None
                     }
                     // Prepared now; each execution waits for approvers at
                     // its Bind, where its parameters are known.
                     Outcome::Hold(hold) => {
-                        self.statement_limits.remove(name);
                         let text = std::mem::take(&mut self.checked_text);
                         self.needs_approval
                             .add(name, seq, Arc::new(NeedsApproval { hold: *hold, text }));
@@ -1083,7 +1088,6 @@ impl<'a> Proxy<'a> {
                         None
                     }
                     Outcome::Refuse(_) => {
-                        self.statement_limits.remove(name);
                         Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
                         Some(outcome.into_refusal())
                     }
@@ -1187,9 +1191,22 @@ impl<'a> Proxy<'a> {
                         self.cursors_sensitive = true;
                     }
                 }
-                if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
+                if !self.statement_limits.is_empty()
+                    || !self.portal_limits.is_empty()
+                    || !self.gate_session.prepared_limits.is_empty()
+                {
                     let (portal, statement) = bind_names(body)?;
-                    match self.statement_limits.get(statement) {
+                    // SQL's PREPARE shares the protocol's names: a statement
+                    // prepared by SQL and bound here keeps its limit, and of
+                    // two, the tighter one holds.
+                    let limit = [
+                        self.statement_limits.get(statement),
+                        self.gate_session.prepared_limits.get(statement),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min_by_key(|limit| limit.rows);
+                    match limit {
                         Some(limit) => {
                             self.portal_limits.insert(portal.to_string(), (limit.clone(), 0));
                         }
@@ -1684,6 +1701,26 @@ impl<'a> Proxy<'a> {
         if matches!(outcome, Outcome::Hold(_)) {
             self.checked_text = text.clone();
         }
+        if !self.statement_texts.is_empty()
+            && !matches!(outcome, Outcome::Refuse(_))
+            && let Some(classification) = &decided.classification
+        {
+            // SQL's PREPARE and DEALLOCATE share the protocol's names: what
+            // the trail knows of a statement of that name may no longer be
+            // what runs. (Its row limit stays: a DEALLOCATE may be skipped,
+            // when an earlier statement of its string fails.)
+            for statement in &classification.statements {
+                match &statement.prepared {
+                    Some(
+                        crate::policy::PreparedRef::Prepare(name) | crate::policy::PreparedRef::Deallocate(Some(name)),
+                    ) => {
+                        self.statement_texts.remove(name.as_str());
+                    }
+                    Some(crate::policy::PreparedRef::Deallocate(None)) => self.statement_texts.clear(),
+                    Some(crate::policy::PreparedRef::Execute(_)) | None => {}
+                }
+            }
+        }
         if self.ctx.auditor.is_some() {
             let statements = self
                 .audit_records
@@ -1699,6 +1736,10 @@ impl<'a> Proxy<'a> {
                         }
                         self.record_statement(text, source, &outcome, Some(statements), decided.decision, decided.rule);
                     }
+                    // A named statement that has a text keeps it: the server
+                    // rejects a Parse of a name that is taken (Close and
+                    // DEALLOCATE free it).
+                    _ if !statement.is_empty() && self.statement_texts.contains_key(statement) => {}
                     _ => {
                         self.statement_texts
                             .insert(statement.to_string(), Arc::new(AuditText { text, statements }));
@@ -2621,6 +2662,7 @@ impl<'a> Proxy<'a> {
             // Sync (or aborts the transaction it is in).
             self.portal_limits.remove(portal);
             self.counters.refused += 1;
+            self.pending.refuse_last_finished(ROW_LIMIT_SQLSTATE);
             tracing::info!(rows = guard.rows, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; rolled back");
             Parse::encode(GUARD_STATEMENT, REFUSED_STATEMENT, &mut self.to_server);
             frontend::encode_flush(&mut self.to_server);
@@ -2656,6 +2698,7 @@ impl<'a> Proxy<'a> {
                 };
                 if over {
                     self.counters.refused += 1;
+                    self.pending.refuse_last_finished(ROW_LIMIT_SQLSTATE);
                     tracing::info!(rows = ?guard.completed, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; rolled back");
                 }
                 Query::encode(if commit { "COMMIT" } else { "ROLLBACK" }, &mut self.to_server);
@@ -2672,6 +2715,7 @@ impl<'a> Proxy<'a> {
                     // Abort the transaction, as after any failed statement:
                     // the write can then never be committed.
                     self.counters.refused += 1;
+                    self.pending.refuse_last_finished(ROW_LIMIT_SQLSTATE);
                     tracing::info!(rows = ?guard.completed, limit = guard.limit.rows, rule = %guard.limit.rule, "write over its row limit; transaction aborted");
                     self.refuse_query(Box::new(guard.refusal()));
                 } else {
@@ -3357,6 +3401,13 @@ fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
         .as_bytes()
         .windows(needle.len())
         .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// Sets `name`'s row limit to `limit`, unless it has a tighter one.
+fn tighten(limits: &mut HashMap<String, RowLimit>, name: &str, limit: RowLimit) {
+    if limits.get(name).is_none_or(|held| limit.rows < held.rows) {
+        limits.insert(name.to_string(), limit);
+    }
 }
 
 fn bind_names(body: &[u8]) -> Result<(&str, &str), Stop> {
