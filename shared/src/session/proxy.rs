@@ -3286,9 +3286,20 @@ fn bind_parameters(body: &[u8]) -> String {
             values.push(cur.nullable_value("parameter")?.map(|value| {
                 // A binary value that reads as text (text types are sent as
                 // their UTF-8 bytes) is shown, and masked, as text; short
-                // others (integers, timestamps, uuids) in hex.
+                // others (integers, timestamps, uuids) in hex. Eight bytes
+                // or fewer are shown in hex whatever they read as: an int8
+                // 0x3030303030303035 reads as '00000005' but is about 3.5e18
+                // to the server, and approvers must not be told 5. (No
+                // value the detectors flag is that short.)
                 let printable = std::str::from_utf8(value)
                     .is_ok_and(|t| !t.is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace()));
+                if binary && value.len() <= 8 {
+                    let hex = hex::encode(value);
+                    return match std::str::from_utf8(value) {
+                        Ok(text) if printable => format!("(binary 0x{hex}, as text '{}')", text.replace('\'', "''")),
+                        _ => format!("(binary 0x{hex})"),
+                    };
+                }
                 if binary && !printable {
                     return if value.len() <= 16 {
                         format!("(binary 0x{})", hex::encode(value))
@@ -3436,6 +3447,42 @@ pub(crate) fn encode_greeting(greeting: &[u8], key: backend::BackendKeyData, sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Bind body of unnamed portal and statement, with these parameter
+    /// formats and values.
+    fn bind_body(formats: &[i16], values: &[&[u8]]) -> Vec<u8> {
+        let mut body = b"\0\0".to_vec();
+        body.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+        for format in formats {
+            body.extend_from_slice(&format.to_be_bytes());
+        }
+        body.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for value in values {
+            body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body
+    }
+
+    #[test]
+    fn approvers_see_short_binary_parameters_as_bytes_whatever_they_read_as() {
+        // A probe bound an int8 as the bytes of "00000005": the server reads
+        // about 3.5e18, and the request said '00000005'.
+        assert_eq!(
+            bind_parameters(&bind_body(&[1], &[b"00000005"])),
+            "\n-- parameters: $1 = (binary 0x3030303030303035, as text '00000005')"
+        );
+        assert_eq!(
+            bind_parameters(&bind_body(&[1], &[&5i64.to_be_bytes()])),
+            "\n-- parameters: $1 = (binary 0x0000000000000005)"
+        );
+        // Text format, and longer binary text, read as text (and masked).
+        assert_eq!(
+            bind_parameters(&bind_body(&[0, 1], &[b"5", b"card 4111111111111111"])),
+            "\n-- parameters: $1 = '5', $2 = 'card ************1111'"
+        );
+    }
 
     #[test]
     fn portals_are_forgotten_with_the_transaction_they_were_bound_in() {
