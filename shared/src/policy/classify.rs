@@ -1424,6 +1424,9 @@ impl Visitor for ValueReads {
             }
         }
         self.wildcard |= takes_all(&query.body);
+        for name in table_commands(&query.body) {
+            self.tables.push(last_part(&name));
+        }
         ControlFlow::Continue(())
     }
 
@@ -1436,6 +1439,34 @@ impl Visitor for ValueReads {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// The tables a query's body reads with the `TABLE name` command, as an
+/// operand of UNION, EXCEPT or INTERSECT (`SELECT ... UNION ALL TABLE
+/// keys`): no table factor names them, so the visitor's table hook never
+/// sees them. (A parenthesised query is a query of its own, visited apart.)
+fn table_commands(body: &SetExpr) -> Vec<ObjectName> {
+    let mut names = Vec::new();
+    let mut stack = vec![body];
+    while let Some(body) = stack.pop() {
+        match body {
+            SetExpr::Table(table) => {
+                let Some(name) = &table.table_name else { continue };
+                let parts = table.schema_name.iter().chain(std::iter::once(name));
+                names.push(ObjectName(
+                    parts
+                        .map(|part| ObjectNamePart::Identifier(ast::Ident::new(part.as_str())))
+                        .collect(),
+                ));
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                stack.push(left);
+                stack.push(right);
+            }
+            _ => {}
+        }
+    }
+    names
 }
 
 /// The table a table factor names (resolving `ONLY name`), if it is one.
@@ -1532,6 +1563,10 @@ impl Visitor for Walker {
             .as_ref()
             .is_some_and(|with| with.cte_tables.iter().any(|cte| !constant_rows(&cte.query)));
         self.scopes.push(Scope { visible, with });
+        // `... UNION TABLE keys`: a table read with no table factor.
+        for name in table_commands(&query.body) {
+            self.table_reference(&name);
+        }
         ControlFlow::Continue(())
     }
 
