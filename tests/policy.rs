@@ -545,6 +545,61 @@ async fn row_limit_holds_when_a_prepared_name_is_reused_or_prepared_by_sql() {
     );
 }
 
+/// Two writes whose row counts the guard cannot see are refused under a
+/// limit rather than run: a write inside WITH (the command tag is the
+/// outer SELECT's) and a write executed a few rows at a time (it runs
+/// whole at the first Execute; the guard saw one RETURNING row of 2,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_refuses_writes_it_cannot_count() {
+    let gw = TestGateway::start("limit_uncounted", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let client = gw.connect(BOB).await.unwrap();
+    let err = client
+        .simple_query("WITH d AS (DELETE FROM t WHERE id > 2 RETURNING 1) SELECT count(*) FROM d")
+        .await
+        .unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501");
+    assert!(
+        message.contains("cannot count the rows a write inside WITH changes"),
+        "{message}"
+    );
+    assert_eq!(count(&gw.db).await, 10);
+    // Within the limit as a statement of its own, it runs.
+    client.simple_query("DELETE FROM t WHERE id = 10").await.unwrap();
+
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    let mut batch = Vec::new();
+    batch.extend(raw::parse("", "DELETE FROM t WHERE id > 2 RETURNING id"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 1));
+    batch.extend(raw::sync());
+    raw.send(&batch).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "12EZ");
+    let error = first_error(&messages);
+    assert_eq!(error[&'C'], "42501");
+    assert!(
+        error[&'M'].contains("checks only when it is executed whole"),
+        "{error:?}"
+    );
+    assert_eq!(count(&gw.db).await, 9);
+    // Executed whole, the same write is counted (and refused: ids 3 to 9).
+    let mut batch = Vec::new();
+    batch.extend(raw::parse("", "DELETE FROM t WHERE id > 2 RETURNING id"));
+    batch.extend(raw::bind("", ""));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    raw.send(&batch).await;
+    let messages = raw.until_ready().await;
+    assert!(
+        first_error(&messages)[&'M'].contains("would have deleted 7 rows"),
+        "{messages:?}"
+    );
+    assert_eq!(count(&gw.db).await, 9);
+}
+
 async fn table_with_rows_more(db: &str) {
     harness::setup(db, "INSERT INTO t SELECT g, 'more' FROM generate_series(3, 6) g").await;
 }

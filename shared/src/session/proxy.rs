@@ -1249,6 +1249,31 @@ impl<'a> Proxy<'a> {
                 self.record_execute(body)?;
                 if !self.portal_limits.is_empty() {
                     let portal = first_name(body, "portal name")?;
+                    // A write runs whole at its first Execute, whatever the
+                    // row count asked for (the rest of its RETURNING rows
+                    // wait in the portal): fetched a few rows at a time, the
+                    // guard would see only those.
+                    let fetch = body
+                        .get(portal.len() + 1..)
+                        .and_then(|n| n.get(..4))
+                        .map(|n| i32::from_be_bytes(n.try_into().unwrap_or_default()));
+                    if self.portal_limits.contains_key(portal) && fetch.is_some_and(|n| n > 0) {
+                        let limit = self.portal_limits.get(portal).map(|(l, _)| l.clone());
+                        self.portal_limits.remove(portal);
+                        let (rule, rows) = limit.map(|l| (l.rule, l.rows)).unwrap_or_default();
+                        self.counters.refused += 1;
+                        self.fail_in_place(
+                            REFUSED_NAME,
+                            refusal_error(Refusal {
+                                code: ROW_LIMIT_SQLSTATE,
+                                message: format!(
+                                    "statement refused: rule \"{rule}\" limits this write to {rows} rows, which the gateway checks only when it is executed whole"
+                                ),
+                                hint: Some("execute it with no row count (Execute with 0 rows)".into()),
+                            }),
+                        );
+                        return Ok(Consumed::Yes);
+                    }
                     if let Some((limit, rows)) = self.portal_limits.get(portal) {
                         let mut guard = Guard::new(
                             limit.clone(),
@@ -2458,6 +2483,28 @@ impl<'a> Proxy<'a> {
                 refusal
             }
             Verdict::Allow(Allowance { max_rows: None, .. }) => return (Outcome::Forward, decided),
+            // A write inside WITH reports no row count of its own (the
+            // command tag is the outer statement's): its limit could not be
+            // checked.
+            Verdict::Allow(Allowance {
+                max_rows: Some(limit), ..
+            }) if decided.classification.as_ref().is_some_and(|c| {
+                c.statements
+                    .iter()
+                    .any(|s| s.features.contains(crate::policy::Feature::DataModifyingCte))
+            }) =>
+            {
+                decided.decision = "deny";
+                decided.rule = Some(limit.rule.to_string());
+                Refusal {
+                    code: ROW_LIMIT_SQLSTATE,
+                    message: format!(
+                        "statement refused: rule \"{}\" limits this write to {} rows, and the gateway cannot count the rows a write inside WITH changes",
+                        limit.rule, limit.rows
+                    ),
+                    hint: Some("run the write as a statement of its own".into()),
+                }
+            }
             Verdict::Allow(Allowance {
                 max_rows: Some(limit), ..
             }) => {
