@@ -377,6 +377,17 @@ fn main() {
     if !matches!(cli.command, Command::Console { .. } | Command::Demo { .. }) {
         init_logging();
     }
+    // Commands that print listings end quietly when their reader goes
+    // away (`sluice audit sessions | head`), as other Unix tools do, rather
+    // than panic on the closed pipe. (Rust ignores SIGPIPE; the gateway
+    // needs that, and keeps it.)
+    if matches!(cli.command, Command::Audit { .. } | Command::Policy { .. }) {
+        // SAFETY: restores the default disposition before any thread
+        // starts; nothing else handles SIGPIPE in these commands.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(err) = run(cli) {
         eprintln!("sluice: {err:#}");
         std::process::exit(1);
