@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::raw::{self, RawClient, first_error, msg, tags};
-use crate::harness::{self, ALICE, Spec, TestGateway, db_error};
+use crate::harness::{self, ALICE, BOB, Spec, TestGateway, db_error};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_request_reaches_the_backend() {
@@ -108,6 +108,45 @@ async fn connection_limit() {
         )
     );
     second.batch_execute("SELECT 1").await.unwrap();
+    drop(second);
+    // The slot frees once the gateway has seen the client leave.
+    let mut attempts = 0;
+    let third = loop {
+        match gw.connect(ALICE).await {
+            Ok(client) => break client,
+            Err(_) if attempts < 500 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("slot never freed: {err}"),
+        }
+    };
+    third.batch_execute("SELECT 1").await.unwrap();
+    first.batch_execute("SELECT 1").await.unwrap();
+}
+
+/// One identity cannot take every upstream connection from the others: a
+/// probe held 296 idle sessions as alice, and everyone else got "could not
+/// connect to target".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_identity_are_limited() {
+    let spec = Spec {
+        max_sessions_per_identity: Some(2),
+        ..Spec::default()
+    };
+    let gw = TestGateway::start("identity_limit", spec).await;
+    let first = gw.connect(ALICE).await.unwrap();
+    let second = gw.connect(ALICE).await.unwrap();
+    let err = gw.connect(ALICE).await.unwrap_err();
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "53300");
+    assert_eq!(
+        message,
+        "alice has 2 sessions through the gateway already, the most one identity may have"
+    );
+    // Others are not held back by alice's sessions.
+    let bob = gw.connect(BOB).await.unwrap();
+    bob.batch_execute("SELECT 1").await.unwrap();
     drop(second);
     // The slot frees once the gateway has seen the client leave.
     let mut attempts = 0;

@@ -942,7 +942,12 @@ async fn masked_columns_cannot_be_routed_around_the_masker() {
         })
         .collect();
     assert_eq!(values.len(), 3, "{values:?}");
-    assert!(values.iter().all(|v| !v.contains(clear) && v.contains("[masked:expression]")), "{values:?}");
+    assert!(
+        values
+            .iter()
+            .all(|v| !v.contains(clear) && v.contains("[masked:expression]")),
+        "{values:?}"
+    );
     // The planner's statistics hold sample values of every column, and
     // pg_stats shows them to whoever may read the table.
     harness::setup(&gw.db, "ANALYZE api_keys").await;

@@ -188,6 +188,49 @@ pub struct LiveSummary {
     pub last_statement: String,
 }
 
+/// How many sessions each identity has, from before its upstream connection
+/// opens to the session's end ([`IdentitySlots::take`]).
+#[derive(Debug, Default)]
+pub struct IdentitySlots {
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// One session's slot; given back when dropped.
+#[derive(Debug)]
+pub struct IdentitySlot<'a> {
+    slots: &'a IdentitySlots,
+    identity: String,
+}
+
+impl IdentitySlots {
+    /// A slot for a session of `identity`, unless it has `limit` already
+    /// (`limit` 0: no limit).
+    pub fn take(&self, identity: &str, limit: usize) -> Option<IdentitySlot<'_>> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(identity.to_string()).or_default();
+        if limit > 0 && *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(IdentitySlot {
+            slots: self,
+            identity: identity.to_string(),
+        })
+    }
+}
+
+impl Drop for IdentitySlot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.identity);
+            }
+        }
+    }
+}
+
 /// Every running session of the gateway.
 #[derive(Debug, Default)]
 pub struct LiveSessions {
@@ -287,6 +330,22 @@ impl LiveSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_gets_slots_up_to_its_limit_and_they_come_back() {
+        let slots = IdentitySlots::default();
+        let a = slots.take("alice", 2).unwrap();
+        let b = slots.take("alice", 2).unwrap();
+        assert!(slots.take("alice", 2).is_none());
+        // Others are not counted against alice.
+        let _bob = slots.take("bob", 2).unwrap();
+        drop(a);
+        let _c = slots.take("alice", 2).unwrap();
+        assert!(slots.take("alice", 2).is_none());
+        drop(b);
+        assert!(slots.take("alice", 0).is_some(), "0 is no limit");
+        assert_eq!(slots.held.lock().unwrap()["alice"], 1);
+    }
 
     fn info(id: &str) -> SessionInfo {
         SessionInfo {

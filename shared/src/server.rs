@@ -266,6 +266,7 @@ impl Gateway {
             catalogs: std::sync::Mutex::default(),
             auditor,
             live: crate::live::LiveSessions::default(),
+            identity_slots: crate::live::IdentitySlots::default(),
             approvals,
             metrics: crate::metrics::Metrics::default(),
             api_stopping: CancellationToken::new(),

@@ -194,6 +194,7 @@ pub struct Spec {
     pub tls: bool,
     pub allow_plaintext: bool,
     pub max_connections: Option<usize>,
+    pub max_sessions_per_identity: Option<usize>,
     pub max_message_size: Option<&'static str>,
     pub shutdown_grace: &'static str,
     /// An `[identity.oidc]` section.
@@ -216,6 +217,7 @@ impl Default for Spec {
             tls: true,
             allow_plaintext: true,
             max_connections: None,
+            max_sessions_per_identity: None,
             max_message_size: None,
             shutdown_grace: "30s",
             oidc: None,
@@ -255,6 +257,9 @@ pub fn config_text(spec: &Spec, db: &str) -> String {
     let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
     text.push_str(&format!("allow_plaintext = {}\n", spec.allow_plaintext));
     text.push_str(&format!("shutdown_grace = \"{}\"\n", spec.shutdown_grace));
+    if let Some(max) = spec.max_sessions_per_identity {
+        text.push_str(&format!("max_sessions_per_identity = {max}\n"));
+    }
     if let Some(max) = spec.max_connections {
         text.push_str(&format!("max_connections = {max}\n"));
     }

@@ -313,6 +313,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Sessions served at once; further clients get SQLSTATE 53300.
     pub max_connections: usize,
+    /// Sessions one identity may have at once (0: no limit); further ones
+    /// get SQLSTATE 53300, so that one identity cannot take every upstream
+    /// connection from the others.
+    pub max_sessions_per_identity: usize,
     /// Largest frontend message accepted; a larger one ends the session.
     pub max_message_size: usize,
     /// How long sessions may run on after a shutdown signal.
@@ -1101,6 +1105,20 @@ impl Validator<'_> {
                 1
             }
         };
+        let max_sessions_per_identity = match &raw.max_sessions_per_identity {
+            None => 64,
+            Some(value) if *value.get_ref() >= 0 => *value.get_ref() as usize,
+            Some(value) => {
+                self.at(
+                    value,
+                    format!(
+                        "server.max_sessions_per_identity = {} must be 0 (no limit) or more",
+                        value.get_ref()
+                    ),
+                );
+                0
+            }
+        };
         let max_message_size = match &raw.max_message_size {
             None => 64 << 20,
             Some(value) => match units::parse_size(value.get_ref()) {
@@ -1153,6 +1171,7 @@ impl Validator<'_> {
         Some(ServerConfig {
             listen,
             max_connections,
+            max_sessions_per_identity,
             max_message_size,
             shutdown_grace,
             auth_timeout,
@@ -1597,6 +1616,7 @@ password = "pw"
         assert_eq!(config.server.listen, "127.0.0.1:7432".parse().unwrap());
         assert_eq!(config.server.max_message_size, 64 << 20);
         assert_eq!(config.server.max_connections, 1000);
+        assert_eq!(config.server.max_sessions_per_identity, 64);
         let target = config.target("shop").unwrap();
         assert_eq!(target.database, "shop");
         assert_eq!(target.tls, UpstreamTls::Disable);

@@ -208,6 +208,7 @@ pub struct RawRule {
 pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_sessions_per_identity: Option<Spanned<i64>>,
     pub max_message_size: Option<Spanned<RawSize>>,
     pub shutdown_grace: Option<Spanned<RawDuration>>,
     pub auth_timeout: Option<Spanned<RawDuration>>,

@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub auditor: Option<crate::audit::Auditor>,
     /// The sessions running now.
     pub live: crate::live::LiveSessions,
+    /// Sessions per identity (`server.max_sessions_per_identity`).
+    pub identity_slots: crate::live::IdentitySlots,
     /// Statements held for approval.
     pub approvals: crate::approvals::Approvals,
     /// Counters for `/metrics`.
@@ -282,6 +284,20 @@ async fn run_session(
             format!("{} may not use target \"{}\"", identity.name(), target.name),
         )
         .with_hint("ask an administrator for access (a [[targets.access]] entry for you or your group)");
+        return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
+    };
+    // Before the upstream connection opens: each session holds one, and
+    // one identity must not take all the target has.
+    let limit = shared.config.server.max_sessions_per_identity;
+    let Some(_slot) = shared.identity_slots.take(identity.name(), limit) else {
+        let error = refuse(
+            "53300",
+            format!(
+                "{} has {limit} sessions through the gateway already, the most one identity may have",
+                identity.name()
+            ),
+        )
+        .with_hint("close one of them, or ask the gateway's operator (server.max_sessions_per_identity)");
         return report(shared, &who, Failure::Refuse(error), Some(conn)).await;
     };
     let tls = shared.upstream_tls.get(&target.name).and_then(Option::as_ref);
