@@ -90,6 +90,22 @@ async fn client_sees_the_real_pid_and_only_the_gateway_key_cancels() {
     assert_eq!(first_error(&messages)[&'C'], "57014");
 }
 
+/// Connects as alice once the gateway has seen a client of hers leave and
+/// freed its slot.
+async fn connect_once_freed(gw: &TestGateway) -> tokio_postgres::Client {
+    let mut attempts = 0;
+    loop {
+        match gw.connect(ALICE).await {
+            Ok(client) => return client,
+            Err(_) if attempts < 500 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("slot never freed: {err}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit() {
     let spec = Spec {
@@ -109,18 +125,7 @@ async fn connection_limit() {
     );
     second.batch_execute("SELECT 1").await.unwrap();
     drop(second);
-    // The slot frees once the gateway has seen the client leave.
-    let mut attempts = 0;
-    let third = loop {
-        match gw.connect(ALICE).await {
-            Ok(client) => break client,
-            Err(_) if attempts < 500 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(err) => panic!("slot never freed: {err}"),
-        }
-    };
+    let third = connect_once_freed(&gw).await;
     third.batch_execute("SELECT 1").await.unwrap();
     first.batch_execute("SELECT 1").await.unwrap();
 }
@@ -148,18 +153,7 @@ async fn sessions_per_identity_are_limited() {
     let bob = gw.connect(BOB).await.unwrap();
     bob.batch_execute("SELECT 1").await.unwrap();
     drop(second);
-    // The slot frees once the gateway has seen the client leave.
-    let mut attempts = 0;
-    let third = loop {
-        match gw.connect(ALICE).await {
-            Ok(client) => break client,
-            Err(_) if attempts < 500 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(err) => panic!("slot never freed: {err}"),
-        }
-    };
+    let third = connect_once_freed(&gw).await;
     third.batch_execute("SELECT 1").await.unwrap();
     first.batch_execute("SELECT 1").await.unwrap();
 }
