@@ -3336,15 +3336,26 @@ fn bind_parameters(body: &[u8]) -> String {
                 // others (integers, timestamps, uuids) in hex. Eight bytes
                 // or fewer are shown in hex whatever they read as: an int8
                 // 0x3030303030303035 reads as '00000005' but is about 3.5e18
-                // to the server, and approvers must not be told 5. (No
-                // value the detectors flag is that short.)
+                // to the server, and approvers must not be told 5. (A short
+                // value the detectors flag, such as an email, is shown
+                // masked and without its bytes.)
                 let printable = std::str::from_utf8(value)
                     .is_ok_and(|t| !t.is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace()));
                 if binary && value.len() <= 8 {
-                    let hex = hex::encode(value);
-                    return match std::str::from_utf8(value) {
-                        Ok(text) if printable => format!("(binary 0x{hex}, as text '{}')", text.replace('\'', "''")),
-                        _ => format!("(binary 0x{hex})"),
+                    if !printable {
+                        return format!("(binary 0x{})", hex::encode(value));
+                    }
+                    return match crate::mask::scrub(value, crate::mask::DetectorSet::ALL) {
+                        Some(masked) => format!(
+                            "(binary, {} bytes, as text '{}')",
+                            value.len(),
+                            String::from_utf8_lossy(&masked).replace('\'', "''")
+                        ),
+                        None => format!(
+                            "(binary 0x{}, as text '{}')",
+                            hex::encode(value),
+                            String::from_utf8_lossy(value).replace('\'', "''")
+                        ),
                     };
                 }
                 if binary && !printable {
@@ -3523,6 +3534,11 @@ mod tests {
         assert_eq!(
             bind_parameters(&bind_body(&[1], &[&5i64.to_be_bytes()])),
             "\n-- parameters: $1 = (binary 0x0000000000000005)"
+        );
+        // A short value a detector flags keeps neither its text nor its bytes.
+        assert_eq!(
+            bind_parameters(&bind_body(&[1], &[b"x@ab.io"])),
+            "\n-- parameters: $1 = (binary, 7 bytes, as text '****@ab.io')"
         );
         // Text format, and longer binary text, read as text (and masked).
         assert_eq!(
