@@ -185,6 +185,70 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     );
 }
 
+/// An error at a Bind is the error of the statement its portal runs: the
+/// trail says it failed with that SQLSTATE, not that it was skipped. (The
+/// unnamed statement is planned at its Bind, so a constant 1/0 fails
+/// there.) What the server really skipped after it still says skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_at_bind_is_its_statements() {
+    let mut gw = TestGateway::start("audit_bind_error", Spec::default()).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client
+        .send(
+            &[
+                raw::parse("", "SELECT 1/0"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::parse("", "SELECT 2"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let answer = client.until_ready().await;
+    assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let mut done = std::collections::HashMap::new();
+    for event in &events {
+        if let Detail::StatementDone {
+            seq, sqlstate, skipped, ..
+        } = &event.event.detail
+        {
+            done.insert(*seq, (sqlstate.clone(), *skipped));
+        }
+    }
+    let ended: Vec<(String, Option<String>, bool)> = events
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::Statement {
+                seq,
+                text,
+                done: joined,
+                ..
+            } if text.starts_with("SELECT") => {
+                let (sqlstate, skipped) = match joined {
+                    Some(d) => (d.sqlstate.clone(), d.skipped),
+                    None => done.get(seq).cloned().unwrap_or_default(),
+                };
+                Some((text.clone(), sqlstate, skipped))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            ("SELECT 1/0".to_string(), Some("22012".to_string()), false),
+            ("SELECT 2".to_string(), None, true),
+        ]
+    );
+}
+
 /// The server forgets a portal when the transaction it was bound in ends:
 /// an Execute of it afterwards runs nothing, and the trail must not say
 /// the portal's old statement ran. A portal bound behind a batch the

@@ -253,10 +253,21 @@ impl PendingQueue {
         }
     }
 
-    /// Notes the SQLSTATE of an error on the statement it ends.
+    /// Notes the SQLSTATE of an error on the statement it ends. An error
+    /// at a Bind (a parameter the server cannot read, a constant folded
+    /// into a division by zero) is the statement's that the Bind's portal
+    /// runs: the next Execute of the batch, which the server then skips.
     pub fn note_error(&mut self, sqlstate: &str) {
         self.front();
-        if let Some(Some(mark)) = self.marks.front_mut() {
+        let at = match self.queue.front() {
+            Some(Expect::Bind) => self
+                .queue
+                .iter()
+                .take_while(|e| **e != Expect::Sync)
+                .position(|e| matches!(e, Expect::Execute { .. })),
+            _ => Some(0),
+        };
+        if let Some(Some(mark)) = at.and_then(|at| self.marks.get_mut(at)) {
             mark.sqlstate.get_or_insert_with(|| sqlstate.to_string());
         }
     }
@@ -264,7 +275,8 @@ impl PendingQueue {
     fn pop_front_entry(&mut self, skipped: bool) -> Option<Expect> {
         self.confirms.pop_front();
         if let Some(Some(mut mark)) = self.marks.pop_front() {
-            mark.skipped = skipped;
+            // One that failed at its Bind did run, as far as it got.
+            mark.skipped = skipped && mark.sqlstate.is_none();
             self.finished.push(*mark);
         }
         self.queue.pop_front()
