@@ -238,11 +238,23 @@ fn describe(stored: &StoredEvent) -> String {
     format!("{:>8}  {at}  {what}", stored.id)
 }
 
-/// Control characters would let a statement text rewrite the terminal.
+/// Control characters would let a statement text rewrite the terminal: they
+/// become spaces. Other characters that are not seen but change what is
+/// (bidirectional overrides, zero-width spaces) are shown escaped, as the
+/// console shows them: `\u{202e}`.
 fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() && c != ' ' { ' ' } else { c })
-        .collect()
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() => out.push(' '),
+            c if sluice_core::text::is_invisible(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `--since` / `--until`: an RFC 3339 time, a date (UTC midnight), or an
@@ -482,5 +494,7 @@ mod tests {
             line.ends_with("request 3 denied by carol (via api): no [2J ]0;owned "),
             "{line:?}"
         );
+        // A bidirectional override would show the text reversed.
+        assert_eq!(printable("SELECT 1 -- \u{202e}etadpu"), "SELECT 1 -- \\u{202e}etadpu");
     }
 }
