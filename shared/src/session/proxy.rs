@@ -1257,10 +1257,9 @@ impl<'a> Proxy<'a> {
                         .get(portal.len() + 1..)
                         .and_then(|n| n.get(..4))
                         .map(|n| i32::from_be_bytes(n.try_into().unwrap_or_default()));
-                    if self.portal_limits.contains_key(portal) && fetch.is_some_and(|n| n > 0) {
-                        let limit = self.portal_limits.get(portal).map(|(l, _)| l.clone());
-                        self.portal_limits.remove(portal);
-                        let (rule, rows) = limit.map(|l| (l.rule, l.rows)).unwrap_or_default();
+                    if fetch.is_some_and(|n| n > 0)
+                        && let Some((RowLimit { rule, rows }, _)) = self.portal_limits.remove(portal)
+                    {
                         self.counters.refused += 1;
                         self.fail_in_place(
                             REFUSED_NAME,
