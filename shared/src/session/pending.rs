@@ -199,9 +199,11 @@ impl PendingQueue {
         self.push_entry(expect, mark, None);
     }
 
-    /// The statements that ended since the last call.
-    pub fn take_finished(&mut self) -> std::vec::Drain<'_, Mark> {
-        self.finished.drain(..)
+    /// The statements that ended since the last call, into `into` (empty),
+    /// which gives its buffer in exchange.
+    pub fn take_finished(&mut self, into: &mut Vec<Mark>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.finished, into);
     }
 
     /// Adds a CommandComplete's row count to the statement it ends.

@@ -364,6 +364,9 @@ pub(crate) struct Proxy<'a> {
     audit_envelope: Arc<audit::Envelope>,
     /// Where completions are written, reused.
     audit_scratch: String,
+    /// The statements that ended, taken from `pending` (both buffers are
+    /// kept: one statement ends per response under load).
+    audit_finished: Vec<Mark>,
     /// The trail's records of the classifications the session saw last.
     audit_records: AuditRecords,
     /// While a write-ahead event is not yet durable: how many bytes at the
@@ -587,6 +590,7 @@ impl<'a> Proxy<'a> {
             audit_seq: 0,
             audit_envelope,
             audit_scratch: String::new(),
+            audit_finished: Vec::new(),
             audit_records: AuditRecords::default(),
             audit_hold: None,
             audit_wait: None,
@@ -2292,10 +2296,12 @@ impl<'a> Proxy<'a> {
         if self.ctx.auditor.is_none() {
             return;
         }
-        let finished: Vec<Mark> = self.pending.take_finished().collect();
-        for mark in finished {
+        let mut finished = std::mem::take(&mut self.audit_finished);
+        self.pending.take_finished(&mut finished);
+        for mark in finished.drain(..) {
             self.record_done(mark);
         }
+        self.audit_finished = finished;
     }
 
     fn record_done(&mut self, mark: Mark) {
