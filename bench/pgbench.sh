@@ -407,9 +407,11 @@ path_pid() {
 
 # cpu_ticks: busy clock ticks of the whole machine (user, nice, system, irq
 # and softirq: not idle, iowait or the time the hypervisor took, and guests
-# are counted in user already), and context switches, from /proc/stat.
+# are counted in user already), the ticks the hypervisor took (steal), all
+# ticks, and context switches, from /proc/stat.
 cpu_ticks() {
-    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 } $1 == "ctxt" { print $2 }' /proc/stat | paste -sd ' '
+    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8, $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }
+        $1 == "ctxt" { print $2 }' /proc/stat | paste -sd ' '
 }
 
 # stat_ticks FILE: user + system clock ticks in a /proc stat file (a process,
@@ -489,15 +491,16 @@ run_pgbench() {
     fi
     CONN=${CONN:--}
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
-    read -r MACHINE_US CTXT GATEWAY_US WRITER_US < <(
+    read -r MACHINE_US CTXT GATEWAY_US WRITER_US STEAL < <(
         awk -v b="$before" -v a="$after" -v gb="$gw_before" -v ga="$gw_after" -v wb="$wr_before" \
             -v wa="$wr_after" -v n="${txns:-0}" -v hz="$CLK_TCK" -v gw="${pid:+1}" 'BEGIN {
             split(b, x, " "); split(a, y, " ")
             tick = 1000000 / hz
-            if (n <= 0) { print "- - - -"; exit }
-            printf "%.2f %.2f %s %s\n", (y[1] - x[1]) * tick / n, (y[2] - x[2]) / n,
+            if (n <= 0) { print "- - - - -"; exit }
+            printf "%.2f %.2f %s %s %s\n", (y[1] - x[1]) * tick / n, (y[4] - x[4]) / n,
                 gw ? sprintf("%.2f", (ga - gb) * tick / n) : "-",
-                gw && wa != "-" && wb != "-" ? sprintf("%.2f", (wa - wb) * tick / n) : "-"
+                gw && wa != "-" && wb != "-" ? sprintf("%.2f", (wa - wb) * tick / n) : "-",
+                (y[3] > x[3]) ? sprintf("%.1f", 100 * (y[2] - x[2]) / (y[3] - x[3])) : "-"
         }'
     )
 }
@@ -513,12 +516,12 @@ measure() {
         for ((i = 0; i < ${#PATHS[@]}; i++)); do
             path=${PATHS[(i + round - 1) % ${#PATHS[@]}]}
             run_pgbench "$path" "$clients" "$mode" "$DURATION" "$@"
-            printf '  c=%-3s %-10s round %d/%d  %-9s  tps %11.1f  latency %8.3f ms  cpu/tx %6s us%s%s\n' \
+            printf '  c=%-3s %-10s round %d/%d  %-9s  tps %11.1f  latency %8.3f ms  cpu/tx %6s us%s%s  steal %s%%\n' \
                 "$clients" "$label" "$round" "$ROUNDS" "$path" "$TPS" "$LAT" "$MACHINE_US" \
                 "$([[ $GATEWAY_US != - ]] && echo " (gateway $GATEWAY_US)")" \
-                "$([[ $CONN != - ]] && echo "  connect $CONN ms")"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$label" "$path" "$round" "$TPS" "$LAT" "$CONN" \
-                "$MACHINE_US" "$GATEWAY_US" "$WRITER_US" "$CTXT" >>"$RESULTS"
+                "$([[ $CONN != - ]] && echo "  connect $CONN ms")" "$STEAL"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$clients" "$label" "$path" "$round" "$TPS" "$LAT" "$CONN" \
+                "$MACHINE_US" "$GATEWAY_US" "$WRITER_US" "$CTXT" "$STEAL" >>"$RESULTS"
         done
     done
 }
@@ -586,13 +589,13 @@ from statistics import median
 rows = {}
 order = []
 for line in open(sys.argv[1]):
-    clients, label, path, round_, tps, lat, conn, machine, gateway, writer, ctxt = line.rstrip("\n").split("\t")
+    clients, label, path, round_, tps, lat, conn, machine, gateway, writer, ctxt, steal = line.rstrip("\n").split("\t")
     key = (int(clients), label)
     if key not in rows:
         rows[key] = {}
         order.append(key)
     r = rows[key].setdefault(path, {"tps": [], "lat": [], "conn": [], "by_round": {},
-                                    "machine": [], "gateway": [], "writer": [], "ctxt": []})
+                                    "machine": [], "gateway": [], "writer": [], "ctxt": [], "steal": []})
     r["tps"].append(float(tps))
     r["by_round"][round_] = float(tps)
     r["lat"].append(float(lat))
@@ -605,6 +608,8 @@ for line in open(sys.argv[1]):
         r["gateway"].append(float(gateway))
     if writer != "-":
         r["writer"].append(float(writer))
+    if steal != "-":
+        r["steal"].append(float(steal))
 
 def med(key, path, what):
     values = rows[key].get(path, {}).get(what, [])
@@ -647,16 +652,17 @@ if noaudit:
 print()
 print("CPU per transaction, medians in us: the whole machine's (pgbench and PostgreSQL")
 print("included), the gateway's, and of that its audit writer thread's; and the")
-print("machine's context switches per transaction:")
-cpu_head = ["clients", "mode", "path", "machine us", "gateway us", "writer us", "switches"]
+print("machine's context switches per transaction; and the share of the machine's")
+print("time the hypervisor took (steal; rounds where it is high are the noisy ones):")
+cpu_head = ["clients", "mode", "path", "machine us", "gateway us", "writer us", "switches", "steal %"]
 cpu_rows = []
 for key in order:
     for x in paths:
-        m, g, w, c = (med(key, x, what) for what in ("machine", "gateway", "writer", "ctxt"))
+        m, g, w, c, st = (med(key, x, what) for what in ("machine", "gateway", "writer", "ctxt", "steal"))
         if m is None:
             continue
         show = lambda v, f: "-" if v is None else format(v, f)
-        cpu_rows.append([str(key[0]), key[1], x, f"{m:.1f}", show(g, ".2f"), show(w, ".2f"), f"{c:.2f}"])
+        cpu_rows.append([str(key[0]), key[1], x, f"{m:.1f}", show(g, ".2f"), show(w, ".2f"), f"{c:.2f}", show(st, ".1f")])
 if cpu_rows:
     widths = [max(len(h), *(len(r[i]) for r in cpu_rows)) for i, h in enumerate(cpu_head)]
     for cells in [cpu_head, ["-" * w for w in widths]] + cpu_rows:
