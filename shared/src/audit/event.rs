@@ -531,31 +531,61 @@ impl StatementRecords {
 fn push_json_str(out: &mut String, value: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
+    let bytes = value.as_bytes();
     let mut start = 0;
-    for (at, &byte) in value.as_bytes().iter().enumerate() {
-        if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+    let mut at = 0;
+    while at < bytes.len() {
+        // Eight bytes at a time while none of them needs escaping: most
+        // text has nothing to escape, and a session writes a statement's
+        // text, source and decision this way for every statement.
+        if let Some(word) = bytes.get(at..at + 8).and_then(|w| <[u8; 8]>::try_from(w).ok())
+            && !needs_escape(u64::from_le_bytes(word))
+        {
+            at += 8;
             continue;
         }
-        // An ASCII byte: `at` is a character boundary.
-        out.push_str(&value[start..at]);
-        start = at + 1;
-        match byte {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            b'\n' => out.push_str("\\n"),
-            b'\r' => out.push_str("\\r"),
-            b'\t' => out.push_str("\\t"),
-            0x08 => out.push_str("\\b"),
-            0x0c => out.push_str("\\f"),
-            _ => {
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(byte >> 4)]));
-                out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        let chunk = &bytes[at..(at + 8).min(bytes.len())];
+        for (at, &byte) in (at..).zip(chunk) {
+            if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+                continue;
+            }
+            // An ASCII byte: `at` is a character boundary.
+            out.push_str(&value[start..at]);
+            start = at + 1;
+            match byte {
+                b'"' => out.push_str("\\\""),
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\r' => out.push_str("\\r"),
+                b'\t' => out.push_str("\\t"),
+                0x08 => out.push_str("\\b"),
+                0x0c => out.push_str("\\f"),
+                _ => {
+                    out.push_str("\\u00");
+                    out.push(char::from(HEX[usize::from(byte >> 4)]));
+                    out.push(char::from(HEX[usize::from(byte & 0xf)]));
+                }
             }
         }
+        at += 8;
     }
     out.push_str(&value[start..]);
     out.push('"');
+}
+
+/// Whether any of the eight bytes in `word` is one JSON escapes: a control
+/// character (below 0x20), a quote or a backslash. Exact: the usual
+/// "has a byte less than n" and "has a zero byte" tests can only go wrong
+/// in bytes above one that really matches. Bytes of multi-byte UTF-8
+/// characters (0x80 and up) never match.
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    (control | quote | backslash) != 0
 }
 
 /// Appends `name` (`,"name":`) and `value` to `out`, when there is a value.
@@ -1037,6 +1067,37 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_does_at_every_position() {
+        // Each byte JSON escapes, a multi-byte character and plain text,
+        // at every offset within and across the eight-byte words.
+        let specials = [
+            "\"", "\\", "\n", "\r", "\t", "\u{8}", "\u{c}", "\u{0}", "\u{1f}", "\u{7f}", "é", "€", "😀", " ", "a",
+        ];
+        for len in 0..=20 {
+            for special in specials {
+                for at in 0..=len {
+                    let value = format!("{}{special}{}", "x".repeat(at), "y".repeat(len - at));
+                    let mut out = String::new();
+                    push_json_str(&mut out, &value);
+                    assert_eq!(out, serde_json::to_string(&value).unwrap(), "{value:?}");
+                }
+            }
+        }
+        let mixed = "SELECT \"ssn\" FROM t WHERE note = 'a\\b\tc\n' -- ünïcode \u{1}";
+        let mut out = String::new();
+        push_json_str(&mut out, mixed);
+        assert_eq!(out, serde_json::to_string(mixed).unwrap());
+        for byte in 0u8..=0x7f {
+            let word = u64::from_le_bytes([b'a', b'b', byte, b'c', b'd', b'e', b'f', b'g']);
+            let escaped = byte < 0x20 || byte == b'"' || byte == b'\\';
+            assert_eq!(needs_escape(word), escaped, "byte {byte:#x}");
+        }
+        assert!(!needs_escape(u64::from_le_bytes(
+            *"ab\u{e9}\u{20ac}c".as_bytes().first_chunk().unwrap()
+        )));
+    }
 
     #[test]
     fn events_round_trip_through_their_stored_form() {
