@@ -145,6 +145,8 @@ struct Queue {
     urgent: usize,
     /// Where the next journal record goes.
     next: Mark,
+    /// The journal's ring size (0 without one).
+    capacity: u64,
     /// The oldest journal position the writer still needs: everything
     /// before it is in SQLite.
     ingested: u64,
@@ -160,7 +162,9 @@ impl Queue {
     /// (`Journal::batch_ready`). Not while the store fails: nothing drains
     /// the journal then, and retrying sooner would not help.
     fn batch_ready(&self, health: &Health) -> bool {
-        Journal::batch_ready(self.next.offset, self.ingested) && !health.failing.load(Ordering::Acquire)
+        self.capacity > 0
+            && Journal::batch_ready(self.capacity, self.next.offset, self.ingested)
+            && !health.failing.load(Ordering::Acquire)
     }
 
     /// Whether the writer goes on letting journal events gather: until
@@ -276,7 +280,8 @@ impl Future for Durable {
                 let mut queue = shared.queue();
                 // While the store fails the journal cannot drain; the event
                 // is on the record, and the session refuses what comes next.
-                if !Journal::crowded(queue.next.offset, queue.ingested) || shared.health.failing.load(Ordering::Acquire)
+                if !Journal::crowded(queue.capacity, queue.next.offset, queue.ingested)
+                    || shared.health.failing.load(Ordering::Acquire)
                 {
                     Poll::Ready(Ok(()))
                 } else {
@@ -358,6 +363,17 @@ impl Auditor {
                 let _ = std::fs::remove_file(&options.journal);
                 None
             }
+            (Some(journal), SyncMode::Normal) if journal.capacity() != super::journal::CAPACITY => {
+                // Recovered: one an earlier version made, with a ring of
+                // another size, is made anew at this version's (numbering
+                // goes on from the mark; the new ring holds nothing older).
+                drop(journal);
+                std::fs::remove_file(&options.journal).map_err(|err| AuditError::Setup {
+                    path: options.journal.clone(),
+                    reason: format!("cannot replace the audit journal of an earlier version: {err}"),
+                })?;
+                Some(Journal::open(&options.journal)?)
+            }
             (journal, _) => journal,
         };
         let mut prefaulted = 0;
@@ -371,6 +387,7 @@ impl Auditor {
                 controls: Vec::new(),
                 urgent: 0,
                 next,
+                capacity: journal.as_ref().map_or(0, Journal::capacity),
                 ingested: next.offset,
                 sleep: Sleep::Awake,
                 closed: false,
@@ -512,7 +529,7 @@ impl Auditor {
         });
         let (ack, durable) = match (write_ahead, journal) {
             (false, _) => (None, Durable(Wait::Ready(None))),
-            (true, Some(_)) if Journal::crowded(queue.next.offset, queue.ingested) => {
+            (true, Some(_)) if Journal::crowded(queue.capacity, queue.next.offset, queue.ingested) => {
                 (None, Durable(Wait::Crowded(shared.clone())))
             }
             (true, Some(_)) => (None, Durable(Wait::Ready(None))),
@@ -1290,6 +1307,81 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A journal an earlier version made with a larger ring (16 MiB) is
+    /// recovered at its own size, then made anew at this version's; the
+    /// numbering goes on, so a crash after that is recovered too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_of_another_size_is_recovered_then_replaced() {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-resize-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("audit.key");
+        let signer = Signer::load_or_create(&key).unwrap();
+        let options = options(&dir, SyncMode::Normal);
+        let old = 16u64 << 20;
+        {
+            // What the earlier version left after a crash: its header, its
+            // ring, two events the trail never got.
+            let file = std::fs::File::create(&options.journal).unwrap();
+            let mut header = b"sluice-journal-1".to_vec();
+            header.extend_from_slice(&old.to_le_bytes());
+            std::os::unix::fs::FileExt::write_all_at(&file, &header, 0).unwrap();
+            file.set_len(4096 + old).unwrap();
+            drop(file);
+            let journal = Journal::open(&options.journal).unwrap();
+            assert_eq!(journal.capacity(), old);
+            let mut next = Mark::default();
+            for n in 1..3 {
+                journal
+                    .append(&mut next, 0, Record::new(grant(n)).json.as_bytes())
+                    .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let (auditor, handle) =
+            Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options.clone()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&options.journal).unwrap().len(),
+            4096 + crate::audit::journal::CAPACITY,
+            "made anew at this version's size"
+        );
+        auditor.write_ahead(grant(3)).await.unwrap();
+        auditor.flush().await;
+        drop(auditor);
+        handle.join().unwrap();
+        {
+            // A crash in the new ring: an event the trail never got.
+            let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+            let journal = Journal::open(&options.journal).unwrap();
+            let mut next = store.journal_mark();
+            assert_eq!(next.seq, 3, "numbering goes on across the new ring");
+            journal
+                .append(
+                    &mut next,
+                    store.journal_mark().offset,
+                    Record::new(grant(4)).json.as_bytes(),
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&dir.join("audit.db"), SyncMode::Normal).unwrap();
+        let (auditor, handle) =
+            Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options).unwrap();
+        drop(auditor);
+        handle.join().unwrap();
+        let store = verified(&dir, &signer);
+        let grants: Vec<String> = store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event.detail {
+                Detail::UnmaskGrantUsed { grant } => Some(grant),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants, ["g1", "g2", "g3", "g4"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The writer gathers until someone waits, the auditors are gone or a
     /// quarter of the ring waits; a ring that waits because the store
     /// fails does not end the gathering (the store would only be retried
@@ -1303,6 +1395,7 @@ mod tests {
             controls: Vec::new(),
             urgent: 0,
             next: Mark::default(),
+            capacity: crate::audit::journal::CAPACITY,
             ingested: 0,
             sleep: Sleep::Gathering,
             closed: false,
