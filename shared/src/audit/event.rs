@@ -365,6 +365,31 @@ pub fn join_completion(statement: &mut String, completion: &str) -> bool {
     true
 }
 
+/// Writes into `into` the stored form of statement `seq`'s completion as
+/// an event of its own ([`Detail::StatementDone`]) with only `at` and
+/// `session` in its envelope, from `fields` ([`Completion::write_json`]):
+/// exactly what serde gives for that event (tested). What
+/// `Auditor::complete` journals for a completion that joined its
+/// statement in the queue: recovery joins it to the statement again, by
+/// session and number. False, and `into` left as it was, when `fields` is
+/// not a completion's stored form.
+pub fn write_done(into: &mut String, at: &DateTime<Utc>, session: Option<&str>, seq: u64, fields: &str) -> bool {
+    let Some(rest) = fields.strip_prefix('{').filter(|rest| rest.ends_with('}')) else {
+        return false;
+    };
+    into.clear();
+    into.push_str("{\"at\":");
+    push_at(into, at);
+    push_json_field(into, ",\"session\":", session);
+    into.push_str(",\"type\":\"statement_done\",\"seq\":");
+    into.push_str(itoa::Buffer::new().format(seq));
+    if rest != "}" {
+        into.push(',');
+    }
+    into.push_str(rest);
+    true
+}
+
 /// Where a statement event's stored form has its `type` tag, after its
 /// envelope (`at`, `session`, `identity`, `target`): inside a JSON string
 /// every quote is escaped, so the first such tag is the real one.
@@ -1067,6 +1092,32 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_completion_of_its_own_is_written_as_serde_writes_it() {
+        let completion = Completion {
+            rows: Some(3),
+            duration_us: 250,
+            sqlstate: Some("22012".into()),
+            skipped: false,
+            columns: vec![ColumnRecord {
+                name: "e\"mail".into(),
+                origin: Some("public.customers.email".into()),
+                masking: "rule".into(),
+                tags: vec!["pii".into()],
+            }],
+            sample: vec![vec![Some("****@example.com".into()), None]],
+        };
+        let event = Event::now(completion.clone().into_done(7)).in_session("s1");
+        let mut scratch = String::new();
+        let fields = completion.write_json(&mut scratch).to_string();
+        let mut done = String::from("left over");
+        assert!(write_done(&mut done, &event.at, Some("s1"), 7, &fields));
+        assert_eq!(done, event.to_json());
+        assert_eq!(serde_json::from_str::<Event>(&done).unwrap(), event);
+        assert!(!write_done(&mut done, &event.at, Some("s1"), 7, "not a completion"));
+        assert_eq!(done, event.to_json(), "left as it was");
+    }
 
     #[test]
     fn strings_are_escaped_as_serde_does_at_every_position() {
