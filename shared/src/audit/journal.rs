@@ -30,14 +30,14 @@ use super::AuditError;
 /// Sessions are slowed down once half of it waits for the writer
 /// (`Journal::crowded`), so this bounds how far SQLite may lag behind and
 /// how long an outage of the SQLite file is absorbed. Small, because the
-/// ring goes through the cache with everything else on the machine: at
-/// pgbench -S the sessions write about a kilobyte into it per transaction,
-/// and with 16 MiB (the size before) every statement's bytes were cold by
-/// the time the ring came round, evicting PostgreSQL's and pgbench's. Side
-/// by side in one run (two audit-on gateways, six paired rounds), 4 MiB
-/// took the audit-on/audit-off TPS ratio from 0.925 to 0.983 at -c 10 and
-/// from 0.909 to 0.922 at -c 50, better in ten of the twelve rounds. A
-/// quarter of it (one batch) still holds 50 ms of that load.
+/// ring goes through the cache with everything else on the machine: with
+/// 16 MiB (the size before) every record was cold by the time the ring
+/// came round, and writing it evicted PostgreSQL's and pgbench's lines.
+/// Side by side in one `bench/pgbench.sh` run (two audit-on gateways, six
+/// paired rounds at each of -c 10 and -c 50), 4 MiB did better in ten of
+/// the twelve rounds; separate runs on a shared host vary by more than
+/// that difference. A quarter of it (one batch) holds about 100 ms of
+/// pgbench -S at 15,000 TPS (some 650 bytes per transaction).
 pub const CAPACITY: u64 = 4 << 20;
 
 /// The sizes a journal's header may give: what `open` accepts.
