@@ -1297,17 +1297,10 @@ mod tests {
         drop(auditor);
         handle.join().unwrap();
 
-        let store = verified(&dir, &signer);
-        let grants: Vec<String> = store
-            .events(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e.event.detail {
-                Detail::UnmaskGrantUsed { grant } => Some(grant),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(grants, ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]);
+        assert_eq!(
+            grants(&verified(&dir, &signer)),
+            ["g1", "g2", "g3", "g4", "g5", "g6", "g7"]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1372,17 +1365,7 @@ mod tests {
             Auditor::start(Box::new(store), Signer::load_or_create(&key).unwrap(), options).unwrap();
         drop(auditor);
         handle.join().unwrap();
-        let store = verified(&dir, &signer);
-        let grants: Vec<String> = store
-            .events(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e.event.detail {
-                Detail::UnmaskGrantUsed { grant } => Some(grant),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(grants, ["g1", "g2", "g3", "g4"]);
+        assert_eq!(grants(&verified(&dir, &signer)), ["g1", "g2", "g3", "g4"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1617,6 +1600,19 @@ mod tests {
 
     /// The stopped writer's trail in `dir`, which verifies against its
     /// head file.
+    /// The grants of the unmask-grant events in `store`, in order.
+    fn grants(store: &SqliteStore) -> Vec<String> {
+        store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event.detail {
+                Detail::UnmaskGrantUsed { grant } => Some(grant),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn verified(dir: &std::path::Path, signer: &Signer) -> SqliteStore {
         let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
         let head = crate::audit::read_head_file(&dir.join("audit.head")).unwrap();
