@@ -46,6 +46,9 @@
 #                          the audit off (path "noaudit"), to show the
 #                          trail's cost side by side; 0 skips it
 #   SLUICE_BIN=target/release/sluice   gateway binary (built if missing)
+#   ALT_BIN=path           another gateway binary (a build of another commit,
+#                          say), run beside sluice with the same config as
+#                          path "alt": two builds compared within each round
 #   SLUICE_PG_BIN=...      PostgreSQL bin dir (default: highest version under
 #                          /usr/lib/postgresql/*/bin, else pg_config --bindir)
 #
@@ -84,6 +87,8 @@ full | normal) ((NOAUDIT_PATH == 1)) && PATHS+=(noaudit) ;;
 off) ;;
 *) echo "AUDIT=$AUDIT: write full, normal or off" >&2; exit 2 ;;
 esac
+ALT_BIN=${ALT_BIN:-}
+[[ -n $ALT_BIN ]] && PATHS+=(alt)
 
 PG_USER=bench
 PG_PASSWORD=bench-pw
@@ -182,6 +187,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 [[ $EUID -eq 0 ]] && chown postgres:postgres "$TMP"
 SLUICE_PID=
 NOAUDIT_PID=
+ALT_PID=
 PGB_PIDFILE=$TMP/pgbouncer.pid
 
 cleanup() {
@@ -189,7 +195,7 @@ cleanup() {
     trap - EXIT INT TERM
     set +e
     local gw
-    for gw in "$SLUICE_PID" "$NOAUDIT_PID"; do
+    for gw in "$SLUICE_PID" "$NOAUDIT_PID" "$ALT_PID"; do
         if [[ -n $gw ]] && kill -0 "$gw" 2>/dev/null; then
             kill -TERM "$gw" 2>/dev/null
             for _ in $(seq 50); do kill -0 "$gw" 2>/dev/null || break; sleep 0.1; done
@@ -215,10 +221,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Four distinct free TCP ports on 127.0.0.1.
-read -r PG_PORT PGB_PORT GW_PORT NOAUDIT_PORT < <(python3 -c '
+# Five distinct free TCP ports on 127.0.0.1.
+read -r PG_PORT PGB_PORT GW_PORT NOAUDIT_PORT ALT_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -382,6 +388,18 @@ if [[ " ${PATHS[*]} " == *" noaudit "* ]]; then
     # shellcheck disable=SC2016 # evaluated later by wait_for
     wait_for noaudit "$NOAUDIT_PORT" "$TOKEN" 'kill -0 "$NOAUDIT_PID" 2>/dev/null' "$TMP/sluice-noaudit.log"
 fi
+if [[ -n $ALT_BIN ]]; then
+    [[ -x $ALT_BIN ]] || die "ALT_BIN=$ALT_BIN is not an executable"
+    # The same config as sluice's, with a trail of its own.
+    sed -e "s/^listen = .*/listen = \"127.0.0.1:$ALT_PORT\"/" -e "s|$TMP/audit.db|$TMP/audit-alt.db|" \
+        "$TMP/sluice.toml" >"$TMP/sluice-alt.toml"
+    echo "starting the other build ($ALT_BIN, path alt) on 127.0.0.1:$ALT_PORT"
+    SLUICE_LOG=${SLUICE_LOG:-warn} "${SETSID[@]}" "$ALT_BIN" serve --config "$TMP/sluice-alt.toml" \
+        >"$TMP/sluice-alt.log" 2>&1 &
+    ALT_PID=$!
+    # shellcheck disable=SC2016 # evaluated later by wait_for
+    wait_for alt "$ALT_PORT" "$TOKEN" 'kill -0 "$ALT_PID" 2>/dev/null' "$TMP/sluice-alt.log"
+fi
 
 # --- running pgbench ---------------------------------------------------------
 
@@ -391,10 +409,11 @@ path_port() {
     pgbouncer) echo "$PGB_PORT" ;;
     sluice) echo "$GW_PORT" ;;
     noaudit) echo "$NOAUDIT_PORT" ;;
+    alt) echo "$ALT_PORT" ;;
     esac
 }
 path_password() {
-    if [[ $1 == sluice || $1 == noaudit ]]; then echo "$TOKEN"; else echo "$PG_PASSWORD"; fi
+    if [[ $1 == sluice || $1 == noaudit || $1 == alt ]]; then echo "$TOKEN"; else echo "$PG_PASSWORD"; fi
 }
 
 # The gateway process serving PATH, if any.
@@ -402,6 +421,7 @@ path_pid() {
     case $1 in
     sluice) echo "$SLUICE_PID" ;;
     noaudit) echo "$NOAUDIT_PID" ;;
+    alt) echo "$ALT_PID" ;;
     esac
 }
 
@@ -578,6 +598,7 @@ echo "audit:      sluice: $AUDIT$([[ " ${PATHS[*]} " == *" noaudit "* ]] && echo
 echo "paths:      direct    -p $PG_PORT  PGPASSWORD=$PG_PASSWORD (SCRAM)"
 echo "            pgbouncer -p $PGB_PORT  PGPASSWORD=$PG_PASSWORD (cleartext to pgbouncer, SCRAM upstream)"
 echo "            sluice    -p $GW_PORT  PGPASSWORD=$TOKEN (token, SCRAM upstream)"
+[[ -n $ALT_BIN ]] && echo "            alt       -p $ALT_PORT  as sluice, the other build: $ALT_BIN"
 echo "            all with PGSSLMODE=disable over TCP on 127.0.0.1; pgbench runs on the same machine"
 echo "rounds:     $ROUNDS x ${DURATION}s per path per row, paths interleaved in rotating order"
 echo
@@ -640,14 +661,21 @@ print(fmt(["-" * w for w in widths]))
 for r in table:
     print(fmt(r))
 
-if noaudit:
+def paired(a, b, what):
     print()
-    print("sluice/noaudit within each round (the trail's cost, paired), and their median:")
+    print(f"{a}/{b} within each round ({what}, paired), and their median:")
     for key in order:
-        on, off = (rows[key].get(x, {}).get("by_round", {}) for x in ("sluice", "noaudit"))
+        on, off = (rows[key].get(x, {}).get("by_round", {}) for x in (a, b))
         ratios = [on[r] / off[r] for r in sorted(on, key=int) if r in off and off[r] > 0]
         if ratios:
             print(f"  -c {key[0]} {key[1]}: {' '.join(f'{x:.3f}' for x in ratios)}  median {median(ratios):.3f}")
+
+if noaudit:
+    paired("sluice", "noaudit", "the trail's cost")
+if "alt" in paths:
+    paired("alt", "sluice", "the other build against this one")
+    if noaudit:
+        paired("alt", "noaudit", "the other build's trail cost")
 
 print()
 print("CPU per transaction, medians in us: the whole machine's (pgbench and PostgreSQL")
