@@ -396,34 +396,23 @@ fn write_record(record: &mut [u8], seq: u64, json: &[u8]) {
     header[8..16].copy_from_slice(&seq.to_le_bytes());
 }
 
-const CHECK_K: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn check_start(seq: u64, len: usize) -> u64 {
-    seq ^ CHECK_K ^ (len as u64).rotate_left(32)
-}
-
-fn check_word(h: u64, word: u64) -> u64 {
-    (h ^ word).wrapping_mul(CHECK_K).rotate_left(31)
-}
-
-/// `last`: the JSON's final partial word, padded with zeros (0 if none).
-fn check_end(h: u64, last: u64) -> u32 {
-    let h = (h ^ last).wrapping_mul(CHECK_K);
-    (h ^ (h >> 32)) as u32
-}
-
 /// A cheap check over a record: enough to tell a whole record from one a
 /// crash cut short or from old bytes (it is not what makes the trail
-/// tamper-evident: the hash chain is).
+/// tamper-evident: the hash chain is). The last partial word counts padded
+/// with zeros.
 fn check(seq: u64, bytes: &[u8]) -> u32 {
-    let mut h = check_start(seq, bytes.len());
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seq ^ K ^ (bytes.len() as u64).rotate_left(32);
     let mut words = bytes.chunks_exact(8);
     for word in words.by_ref() {
-        h = check_word(h, u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        h = (h ^ u64::from_le_bytes(word.try_into().unwrap_or_default()))
+            .wrapping_mul(K)
+            .rotate_left(31);
     }
     let mut last = [0u8; 8];
     last[..words.remainder().len()].copy_from_slice(words.remainder());
-    check_end(h, u64::from_le_bytes(last))
+    let h = (h ^ u64::from_le_bytes(last)).wrapping_mul(K);
+    (h ^ (h >> 32)) as u32
 }
 
 #[cfg(test)]
