@@ -88,6 +88,33 @@ impl Provider {
 }
 
 async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::process::Child, String) {
+    // node starts the provider in about a second. Once in CI it printed
+    // nothing at all for two minutes after loading the package (a hang we
+    // could not reproduce): a start that stalls this long is abandoned and
+    // made once more, with the first attempt's log kept beside the second.
+    const STALLED: std::time::Duration = std::time::Duration::from_secs(30);
+    match attempt(port, key_file, kid, ttl, STALLED, "").await {
+        Ok(started) => started,
+        Err(first) => {
+            eprintln!("the OpenID provider stalled; starting it once more. Its log:\n{first}");
+            attempt(port, key_file, kid, ttl, super::PATIENCE, &first)
+                .await
+                .unwrap_or_else(|_| unreachable!("the last attempt fails the test itself"))
+        }
+    }
+}
+
+/// Starts the provider once. A start that prints nothing within `patience`
+/// is killed and its log returned when `earlier` is empty (there is another
+/// attempt); any other failure fails the test.
+async fn attempt(
+    port: u16,
+    key_file: &Path,
+    kid: &str,
+    ttl: u64,
+    patience: std::time::Duration,
+    earlier: &str,
+) -> Result<(tokio::process::Child, String), String> {
     // The provider's warnings and errors, kept to explain a failed start.
     let log_file = key_file.with_extension("log");
     let log = std::fs::File::create(&log_file).expect("the OpenID provider's log");
@@ -104,20 +131,30 @@ async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::proce
         .kill_on_drop(true)
         .spawn()
         .expect("node is needed for the OpenID provider");
+    let failed = |state: String| -> ! {
+        let earlier = if earlier.is_empty() {
+            String::new()
+        } else {
+            format!("\nan earlier attempt stalled too; its log:\n{earlier}")
+        };
+        failed_start(&log_file, format!("{state}{earlier}"))
+    };
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = match tokio::time::timeout(super::PATIENCE, lines.next_line()).await {
+    let line = match tokio::time::timeout(patience, lines.next_line()).await {
         Ok(Ok(Some(line))) => line,
-        Err(_) => failed_start(&log_file, format!("it printed nothing in {:?}", started_at.elapsed())),
+        Err(_) if earlier.is_empty() => {
+            let _ = child.kill().await;
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            return Err(format!("(printed nothing in {:?})\n{log}", started_at.elapsed()));
+        }
+        Err(_) => failed(format!("it printed nothing in {:?}", started_at.elapsed())),
         Ok(read) => {
             // Its output ends as it exits: wait for the status a moment.
             let exited = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
-            failed_start(
-                &log_file,
-                match exited {
-                    Ok(Ok(status)) => format!("it exited ({status})"),
-                    _ => format!("its output ended ({read:?})"),
-                },
-            )
+            failed(match exited {
+                Ok(Ok(status)) => format!("it exited ({status})"),
+                _ => format!("its output ended ({read:?})"),
+            })
         }
     };
     // The provider logs to stdout as it works: keep reading, or it dies of
@@ -126,8 +163,8 @@ async fn spawn(port: u16, key_file: &Path, kid: &str, ttl: u64) -> (tokio::proce
     let issuer = serde_json::from_str::<serde_json::Value>(&line)
         .ok()
         .and_then(|started| Some(started["issuer"].as_str()?.to_string()))
-        .unwrap_or_else(|| failed_start(&log_file, format!("its first line is not {{\"issuer\": ...}}: {line}")));
-    (child, issuer)
+        .unwrap_or_else(|| failed(format!("its first line is not {{\"issuer\": ...}}: {line}")));
+    Ok((child, issuer))
 }
 
 /// Fails the test: the provider did not start, `state` says how, and its
