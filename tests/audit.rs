@@ -325,6 +325,107 @@ async fn a_portal_is_forgotten_with_the_transaction_it_was_bound_in() {
     );
 }
 
+/// A portal fetched in pieces (Execute with a row count, answered with
+/// PortalSuspended until the last) is one statement in the trail: its rows
+/// are those of every piece, its sample goes on across pieces, and it ends
+/// with its last piece, or when the portal goes (bound anew, or its
+/// transaction ends) before the client fetched everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_fetched_in_pieces_is_one_statement_with_all_its_rows() {
+    let mut gw = TestGateway::start("audit_portal_pieces", Spec::default()).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client.send(&raw::query("BEGIN")).await;
+    client.until_ready().await;
+    client
+        .send(
+            &[
+                raw::parse("s", "SELECT g FROM generate_series(1, 10) g"),
+                // Fetched to the end: two rows, two more, then the rest.
+                raw::bind("whole", "s"),
+                raw::execute("whole", 2),
+                raw::execute("whole", 2),
+                raw::execute("whole", 0),
+                // The unnamed portal, bound again after its first piece.
+                raw::bind("", "s"),
+                raw::execute("", 3),
+                raw::bind("", "s"),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let answer = client.until_ready().await;
+    assert_eq!(raw::tags(&answer).matches('s').count(), 3, "{answer:?}");
+    // Suspended in a later batch; the transaction ends before the rest.
+    client
+        .send(&[raw::bind("left", "s"), raw::execute("left", 4), raw::sync()].concat())
+        .await;
+    client.until_ready().await;
+    client.send(&raw::query("COMMIT")).await;
+    client.until_ready().await;
+    // Fails in its third piece, after four rows.
+    client
+        .send(
+            &[
+                raw::parse("t", "SELECT 1 / (5 - g) AS q FROM generate_series(1, 10) g"),
+                raw::bind("fails", "t"),
+                raw::execute("fails", 2),
+                raw::execute("fails", 2),
+                raw::execute("fails", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let answer = client.until_ready().await;
+    assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let mut expanded = Vec::new();
+    for event in events {
+        event.expand(&mut expanded);
+    }
+    type Ended = (Option<u64>, Vec<String>, Vec<String>, Option<String>);
+    let ended: Vec<Ended> = expanded
+        .into_iter()
+        .filter_map(|e| match e.event.detail {
+            Detail::StatementDone {
+                rows,
+                columns,
+                sample,
+                sqlstate,
+                ..
+            } if !columns.is_empty() => Some((
+                rows,
+                columns.into_iter().map(|c| c.name).collect(),
+                sample.into_iter().flatten().flatten().collect(),
+                sqlstate,
+            )),
+            _ => None,
+        })
+        .collect();
+    let strings = |values: &[&str]| values.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    let first = strings(&["1", "2", "3"]);
+    assert_eq!(
+        ended,
+        [
+            (Some(10), strings(&["g"]), first.clone(), None),
+            (Some(3), strings(&["g"]), first.clone(), None),
+            (Some(10), strings(&["g"]), first.clone(), None),
+            (Some(4), strings(&["g"]), first, None),
+            (
+                Some(4),
+                strings(&["q"]),
+                strings(&["0", "0", "0"]),
+                Some("22012".into())
+            ),
+        ]
+    );
+}
+
 /// What happens when the trail's SQLite file cannot be written (with
 /// `sync = "normal"`): statements already in the write-ahead journal are on
 /// the record and run; once the writer finds it cannot commit, the trail is

@@ -119,6 +119,36 @@ pub struct Mark {
     pub results: u32,
     /// Its first result rows, for the trail.
     pub sample: Vec<Vec<Option<String>>>,
+    /// The portal an Execute ran (`None` for other statements).
+    pub portal: Option<Box<str>>,
+    /// A portal fetched in pieces: an Execute with a row count stopped at
+    /// it (PortalSuspended). The proxy keeps the mark until the portal's
+    /// last piece: its later Executes count their rows to it
+    /// ([`Mark::continues`]); its columns are those of the first piece.
+    pub suspended: bool,
+    /// The mark of a later Execute of a portal that ran before: no event of
+    /// its own; what it fetched counts to the portal's suspended statement.
+    pub continues: bool,
+}
+
+impl Mark {
+    /// The mark of a later Execute of `portal` ([`Mark::continues`]).
+    pub fn continuing(portal: &str) -> Mark {
+        Mark {
+            seq: 0,
+            ticket: None,
+            started: Instant::now(),
+            rows: None,
+            sqlstate: None,
+            skipped: false,
+            columns: Vec::new(),
+            results: 0,
+            sample: Vec::new(),
+            portal: Some(portal.into()),
+            suspended: false,
+            continues: true,
+        }
+    }
 }
 
 /// A Parse or Close of a prepared statement, identified by the order in
@@ -204,6 +234,14 @@ impl PendingQueue {
     pub fn take_finished(&mut self, into: &mut Vec<Mark>) {
         debug_assert!(into.is_empty());
         std::mem::swap(&mut self.finished, into);
+    }
+
+    /// The mark of the Execute in front, which its portal suspended at the
+    /// row count asked for (PortalSuspended arrived): taken out, so that the
+    /// statement does not end with this piece.
+    pub fn suspend_front(&mut self) -> Option<Mark> {
+        self.front();
+        self.marks.front_mut()?.take().map(|mark| *mark)
     }
 
     /// Adds a CommandComplete's row count to the statement it ends.

@@ -367,6 +367,15 @@ pub(crate) struct Proxy<'a> {
     /// The statements that ended, taken from `pending` (both buffers are
     /// kept: one statement ends per response under load).
     audit_finished: Vec<Mark>,
+    /// Portals fetched in pieces (see [`Mark::suspended`]) between their
+    /// Executes: each portal's statement ends when its last piece does, or
+    /// when the portal goes (its transaction ends, it is closed or bound
+    /// anew, the session ends). Rarely more than one.
+    suspended_portals: Vec<Mark>,
+    /// DataRows the server sent since its last CommandComplete,
+    /// PortalSuspended, ErrorResponse or ReadyForQuery: the rows of a piece
+    /// of a portal, which PortalSuspended does not count.
+    piece_rows: u64,
     /// The trail's records of the classifications the session saw last.
     audit_records: AuditRecords,
     /// While a write-ahead event is not yet durable: how many bytes at the
@@ -591,6 +600,8 @@ impl<'a> Proxy<'a> {
             audit_envelope,
             audit_scratch: String::new(),
             audit_finished: Vec::new(),
+            suspended_portals: Vec::new(),
+            piece_rows: 0,
             audit_records: AuditRecords::default(),
             audit_hold: None,
             audit_wait: None,
@@ -1183,6 +1194,8 @@ impl<'a> Proxy<'a> {
                         None => PortalAudit::Unknown,
                     };
                     self.portal_texts.bind(portal, self.pending.batch(), audit);
+                    // Binding the name again replaces the portal.
+                    self.end_suspended(Some(portal));
                 }
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
@@ -1310,6 +1323,7 @@ impl<'a> Proxy<'a> {
                         }
                         _ => {
                             self.portal_texts.remove(name);
+                            self.end_suspended(Some(name));
                         }
                     }
                 }
@@ -1872,6 +1886,9 @@ impl<'a> Proxy<'a> {
             columns: Vec::new(),
             results: 0,
             sample: Vec::new(),
+            portal: None,
+            suspended: false,
+            continues: false,
         })
     }
 
@@ -1912,7 +1929,12 @@ impl<'a> Proxy<'a> {
         let batch = self.pending.batch();
         let audit = self.portal_texts.replace(portal, batch, PortalAudit::Executed);
         let bound = match audit {
-            Some(PortalAudit::Executed) => return Ok(()),
+            Some(PortalAudit::Executed) => {
+                // The next piece of a portal fetched in pieces: no event of
+                // its own, its rows count to the portal's statement.
+                self.pending_mark = Some(Mark::continuing(portal));
+                return Ok(());
+            }
             Some(PortalAudit::Refused) => {
                 self.portal_texts.replace(portal, batch, PortalAudit::Refused);
                 return Ok(());
@@ -1937,7 +1959,66 @@ impl<'a> Proxy<'a> {
             "allow",
             None,
         );
+        if let Some(mark) = &mut self.pending_mark {
+            mark.portal = Some(portal.into());
+        }
         Ok(())
+    }
+
+    /// Keeps the mark of a portal its server suspended until its next
+    /// piece (or its end). A mark kept for a portal of that name before is
+    /// of a portal that is gone (the name was bound again): it ends now.
+    fn suspend(&mut self, mark: Mark) {
+        if mark.portal.is_none() {
+            self.record_done(mark);
+            return;
+        }
+        self.end_suspended(mark.portal.as_deref());
+        self.suspended_portals.push(mark);
+    }
+
+    /// Counts a later piece of a portal (`piece`, [`Mark::continues`]) to
+    /// the portal's suspended statement, which ends with it when the
+    /// portal was run to its end or failed (`ended`). A piece the server
+    /// skipped ran nothing; one of a portal without a suspended statement
+    /// (run to its end before, or gone) has nothing to count to.
+    fn continue_portal(&mut self, piece: Mark, ended: bool) {
+        if piece.skipped {
+            return;
+        }
+        let Some(at) = self.suspended_portals.iter().position(|m| m.portal == piece.portal) else {
+            return;
+        };
+        let mark = &mut self.suspended_portals[at];
+        if let Some(rows) = piece.rows {
+            *mark.rows.get_or_insert(0) += rows;
+        }
+        let room = self.ctx.audit_sample_rows.saturating_sub(mark.sample.len());
+        mark.sample.extend(piece.sample.into_iter().take(room));
+        if piece.sqlstate.is_some() {
+            mark.sqlstate = piece.sqlstate;
+        }
+        if ended || mark.sqlstate.is_some() {
+            let mark = self.suspended_portals.swap_remove(at);
+            self.record_done(mark);
+        }
+    }
+
+    /// Ends the statements of suspended portals that are gone: the one of
+    /// that name, or every one (`None`: the transaction or session ended).
+    fn end_suspended(&mut self, portal: Option<&str>) {
+        if self.suspended_portals.is_empty() {
+            return;
+        }
+        // Pieces that ended in what the server sent before count first.
+        self.record_finished();
+        for mark in std::mem::take(&mut self.suspended_portals) {
+            if portal.is_some_and(|name| mark.portal.as_deref() != Some(name)) {
+                self.suspended_portals.push(mark);
+            } else {
+                self.record_done(mark);
+            }
+        }
     }
 
     /// Refuses an extended-protocol message: in its place a Parse (of
@@ -1995,6 +2076,8 @@ impl<'a> Proxy<'a> {
     /// Ends a held statement's request when the session ends without it
     /// having been decided (the client left, an administrator ended it).
     pub(crate) fn release(&mut self, why: &str) {
+        // Portals still suspended end with the session.
+        self.end_suspended(None);
         if let Some(held) = self.held.take() {
             self.ctx
                 .approvals
@@ -2305,8 +2388,14 @@ impl<'a> Proxy<'a> {
     }
 
     fn record_done(&mut self, mark: Mark) {
+        if mark.continues {
+            self.continue_portal(mark, true);
+            return;
+        }
         let took = mark.started.elapsed();
-        if !mark.skipped {
+        // A portal fetched in pieces took as long as its client went on
+        // fetching: not a statement's latency.
+        if !mark.skipped && !mark.suspended {
             self.ctx.metrics.took(took);
         }
         let Some(auditor) = self.ctx.auditor else { return };
@@ -2948,18 +3037,32 @@ impl<'a> Proxy<'a> {
         if self.ctx.auditor.is_some() {
             match message_tag {
                 backend::tag::COMMAND_COMPLETE => {
+                    self.piece_rows = 0;
                     self.pending.note_result(std::mem::take(&mut self.result_columns));
                     if let Some((_, rows)) = command_count(body) {
                         self.pending.note_rows(rows);
                     }
                 }
+                backend::tag::DATA_ROW => self.piece_rows += 1,
                 backend::tag::PORTAL_SUSPENDED => {
-                    // Later Executes of the portal get no RowDescription:
-                    // the columns stay for them.
-                    self.pending.note_result(self.result_columns.clone());
+                    let rows = std::mem::take(&mut self.piece_rows);
+                    if let Some(mut mark) = self.pending.suspend_front() {
+                        *mark.rows.get_or_insert(0) += rows;
+                        if mark.continues {
+                            self.continue_portal(mark, false);
+                        } else {
+                            // Later Executes of the portal get no
+                            // RowDescription: the first piece's columns are
+                            // the statement's.
+                            mark.columns = std::mem::take(&mut self.result_columns);
+                            mark.suspended = true;
+                            self.suspend(mark);
+                        }
+                    }
                 }
                 backend::tag::NO_DATA => self.result_columns.clear(),
                 backend::tag::ERROR_RESPONSE => {
+                    self.piece_rows = 0;
                     // Rows it returned before failing left the gateway.
                     self.pending.note_result(std::mem::take(&mut self.result_columns));
                     if let Ok(error) = ReceivedError::decode(body) {
@@ -2968,7 +3071,10 @@ impl<'a> Proxy<'a> {
                 }
                 // What a Describe without an Execute described goes no
                 // further than its batch.
-                backend::tag::READY_FOR_QUERY => self.result_columns.clear(),
+                backend::tag::READY_FOR_QUERY => {
+                    self.piece_rows = 0;
+                    self.result_columns.clear();
+                }
                 _ => {}
             }
         }
@@ -2980,6 +3086,8 @@ impl<'a> Proxy<'a> {
                 self.tx_status = backend::decode_ready_for_query(body)
                     .map_err(|err| Stop::Server(format!("invalid ReadyForQuery from upstream: {err}")))?;
                 if self.tx_status == TxStatus::Idle {
+                    // No transaction: no portal either.
+                    self.end_suspended(None);
                     let answered = self.pending.batches_answered();
                     self.portal_texts.transaction_ended(answered);
                     self.portal_sensitive.transaction_ended(answered);
