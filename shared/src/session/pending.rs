@@ -132,11 +132,11 @@ pub struct Mark {
 }
 
 impl Mark {
-    /// The mark of a later Execute of `portal` ([`Mark::continues`]).
-    pub fn continuing(portal: &str) -> Mark {
+    /// The mark of statement `seq`, starting now.
+    pub fn new(seq: u64, ticket: Option<crate::audit::Ticket>) -> Mark {
         Mark {
-            seq: 0,
-            ticket: None,
+            seq,
+            ticket,
             started: Instant::now(),
             rows: None,
             sqlstate: None,
@@ -144,9 +144,18 @@ impl Mark {
             columns: Vec::new(),
             results: 0,
             sample: Vec::new(),
-            portal: Some(portal.into()),
+            portal: None,
             suspended: false,
+            continues: false,
+        }
+    }
+
+    /// The mark of a later Execute of `portal` ([`Mark::continues`]).
+    pub fn continuing(portal: &str) -> Mark {
+        Mark {
+            portal: Some(portal.into()),
             continues: true,
+            ..Mark::new(0, None)
         }
     }
 }

@@ -1876,20 +1876,7 @@ impl<'a> Proxy<'a> {
             self.audit_hold.get_or_insert(self.to_server.len());
             Some(ticket)
         };
-        Some(Mark {
-            seq: self.audit_seq,
-            ticket,
-            started: std::time::Instant::now(),
-            rows: None,
-            sqlstate: None,
-            skipped: false,
-            columns: Vec::new(),
-            results: 0,
-            sample: Vec::new(),
-            portal: None,
-            suspended: false,
-            continues: false,
-        })
+        Some(Mark::new(self.audit_seq, ticket))
     }
 
     /// The next statement event of the session, in its stored form.
