@@ -75,12 +75,18 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     let out = harness::psql(&conn, &["-v", "ON_ERROR_STOP=0", "-f", "-"], Some(script)).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is dropped here"));
 
-    // tokio-postgres: one prepared statement, executed three times.
+    // tokio-postgres: one prepared statement, executed three times; one
+    // whose parameter is an email (a text value; tokio-postgres sends every
+    // parameter in binary format).
     let client = gw.connect(BOB).await.unwrap();
     let lookup = client.prepare("SELECT email FROM people WHERE id = $1").await.unwrap();
     for id in [1i32, 2, 3] {
         client.query(&lookup, &[&id]).await.unwrap();
     }
+    client
+        .query("SELECT id FROM people WHERE email = $1", &[&"ada.lovelace@example.com"])
+        .await
+        .unwrap();
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
@@ -116,8 +122,18 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     assert!(!events.iter().any(|e| e.event.to_json().contains("ada.lovelace@")));
     assert_eq!(recorded[2].3, "deny");
     let executes: Vec<_> = recorded.iter().filter(|s| s.1 == "execute").collect();
-    assert_eq!(executes.len(), 3, "one event per execution: {recorded:#?}");
-    assert!(executes.iter().all(|s| s.2 == "SELECT email FROM people WHERE id = $1"));
+    // Each with its parameters, as approvers see them: the email masked.
+    let texts: Vec<&str> = executes.iter().map(|s| s.2.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "SELECT email FROM people WHERE id = $1\n-- parameters: $1 = (binary 0x00000001)",
+            "SELECT email FROM people WHERE id = $1\n-- parameters: $1 = (binary 0x00000002)",
+            "SELECT email FROM people WHERE id = $1\n-- parameters: $1 = (binary 0x00000003)",
+            "SELECT id FROM people WHERE email = $1\n-- parameters: $1 = '****@example.com'",
+        ],
+        "one event per execution: {recorded:#?}"
+    );
 
     // Each statement that ran has its outcome, after it.
     let done = |session: &str, seq: u64| {

@@ -1190,7 +1190,7 @@ impl<'a> Proxy<'a> {
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
                     let audit = match self.statement_texts.get(statement) {
-                        Some(text) => PortalAudit::Bound(text.clone()),
+                        Some(text) => PortalAudit::Bound(bound_text(text, body)),
                         None => PortalAudit::Unknown,
                     };
                     self.portal_texts.bind(portal, self.pending.batch(), audit);
@@ -2026,9 +2026,9 @@ impl<'a> Proxy<'a> {
         if let Some(auditor) = self.ctx.auditor {
             let (portal, statement) = bind_names(bind_body)?;
             let bound = match self.statement_texts.get(statement) {
-                Some(text) => text.clone(),
+                Some(text) => bound_text(text, bind_body),
                 None => Arc::new(AuditText {
-                    text: format!("(prepared statement \"{statement}\")"),
+                    text: format!("(prepared statement \"{statement}\"){}", bind_parameters(bind_body)),
                     statements: StatementRecords::none(),
                 }),
             };
@@ -3405,6 +3405,22 @@ fn changes_search_path(classification: Option<&crate::policy::Classification>) -
         c.statements
             .iter()
             .any(|s| s.features.contains(crate::policy::Feature::SearchPath))
+    })
+}
+
+/// The trail's text of a portal a Bind (`bind_body`) binds to a statement
+/// (`text`): the statement's text and, when the Bind has any, its parameter
+/// values as approvers see them ([`bind_parameters`]: what the detectors
+/// find masked, long values cut, binary ones described), so that the trail
+/// says what ran as it does for a simple Query's literals.
+fn bound_text(text: &Arc<AuditText>, bind_body: &[u8]) -> Arc<AuditText> {
+    let parameters = bind_parameters(bind_body);
+    if parameters.is_empty() {
+        return text.clone();
+    }
+    Arc::new(AuditText {
+        text: format!("{}{parameters}", text.text),
+        statements: text.statements.clone(),
     })
 }
 
