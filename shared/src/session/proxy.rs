@@ -3414,12 +3414,13 @@ fn changes_search_path(classification: Option<&crate::policy::Classification>) -
 /// find masked, long values cut, binary ones described), so that the trail
 /// says what ran as it does for a simple Query's literals.
 fn bound_text(text: &Arc<AuditText>, bind_body: &[u8]) -> Arc<AuditText> {
-    let parameters = bind_parameters(bind_body);
-    if parameters.is_empty() {
+    let mut bound = String::with_capacity(text.text.len() + 64);
+    bound.push_str(&text.text);
+    if !push_bind_parameters(bind_body, &mut bound) {
         return text.clone();
     }
     Arc::new(AuditText {
-        text: format!("{}{parameters}", text.text),
+        text: bound,
         statements: text.statements.clone(),
     })
 }
@@ -3428,91 +3429,127 @@ fn bound_text(text: &Arc<AuditText>, bind_body: &[u8]) -> Arc<AuditText> {
 /// values with the content detectors' findings masked and long ones cut,
 /// binary ones described. Empty without parameters.
 fn bind_parameters(body: &[u8]) -> String {
+    let mut out = String::new();
+    push_bind_parameters(body, &mut out);
+    out
+}
+
+/// [`bind_parameters`], appended to `out`; false, and nothing appended,
+/// without parameters. Written straight into `out`: the trail makes one
+/// per Execute of a statement with parameters.
+fn push_bind_parameters(body: &[u8], out: &mut String) -> bool {
+    let start = out.len();
+    match write_bind_parameters(body, out) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(_) => {
+            out.truncate(start);
+            out.push_str("\n-- parameters: (unreadable)");
+            true
+        }
+    }
+}
+
+fn write_bind_parameters(body: &[u8], out: &mut String) -> Result<usize, DecodeError> {
     use std::fmt::Write as _;
-    let read = || -> Result<Vec<Option<String>>, DecodeError> {
-        let mut cur = Cursor::new(body);
-        cur.cstr("portal name")?;
-        cur.cstr("statement name")?;
-        let formats = cur.count16("format count")?;
-        let mut codes = Vec::with_capacity(formats);
-        for _ in 0..formats {
-            codes.push(cur.i16("format code")?);
-        }
-        let count = cur.count16("parameter count")?;
-        let mut values = Vec::with_capacity(count);
-        for index in 0..count {
-            let binary = match codes.len() {
-                0 => false,
-                1 => codes[0] == 1,
-                _ => codes.get(index).is_some_and(|c| *c == 1),
-            };
-            values.push(cur.nullable_value("parameter")?.map(|value| {
-                // A binary value that reads as text (text types are sent as
-                // their UTF-8 bytes) is shown, and masked, as text; short
-                // others (integers, timestamps, uuids) in hex. Eight bytes
-                // or fewer are shown in hex whatever they read as: an int8
-                // 0x3030303030303035 reads as '00000005' but is about 3.5e18
-                // to the server, and approvers must not be told 5. (A short
-                // value the detectors flag, such as an email, is shown
-                // masked and without its bytes.)
-                let printable = std::str::from_utf8(value)
-                    .is_ok_and(|t| !t.is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace()));
-                if binary && value.len() <= 8 {
-                    if !printable {
-                        return format!("(binary 0x{})", hex::encode(value));
-                    }
-                    return match crate::mask::scrub(value, crate::mask::DetectorSet::ALL) {
-                        Some(masked) => format!(
-                            "(binary, {} bytes, as text '{}')",
-                            value.len(),
-                            String::from_utf8_lossy(&masked).replace('\'', "''")
-                        ),
-                        None => format!(
-                            "(binary 0x{}, as text '{}')",
-                            hex::encode(value),
-                            String::from_utf8_lossy(value).replace('\'', "''")
-                        ),
-                    };
-                }
-                if binary && !printable {
-                    return if value.len() <= 16 {
-                        format!("(binary 0x{})", hex::encode(value))
-                    } else {
-                        format!("(binary, {} bytes)", value.len())
-                    };
-                }
-                let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
-                let text = String::from_utf8_lossy(scrubbed.as_deref().unwrap_or(value)).into_owned();
-                let cut = if text.len() > SAMPLE_VALUE_MAX {
-                    let end = (0..=SAMPLE_VALUE_MAX)
-                        .rev()
-                        .find(|i| text.is_char_boundary(*i))
-                        .unwrap_or(0);
-                    format!("{}... ({} bytes)", &text[..end], text.len())
-                } else {
-                    text
-                };
-                format!("'{}'", cut.replace('\'', "''"))
-            }));
-        }
-        Ok(values)
+    let mut cur = Cursor::new(body);
+    cur.cstr("portal name")?;
+    cur.cstr("statement name")?;
+    let formats = cur.count16("format count")?;
+    let codes = cur.bytes(2 * formats, "format codes")?;
+    let code = |index: usize| {
+        codes
+            .get(2 * index..2 * index + 2)
+            .map(|c| i16::from_be_bytes([c[0], c[1]]))
     };
-    match read() {
-        Ok(values) if values.is_empty() => String::new(),
-        Ok(values) => {
-            let mut out = String::from("\n-- parameters:");
-            for (index, value) in values.iter().enumerate() {
-                let _ = write!(
-                    out,
-                    "{} ${} = {}",
-                    if index == 0 { "" } else { "," },
-                    index + 1,
-                    value.as_deref().unwrap_or("NULL")
-                );
-            }
-            out
+    let count = cur.count16("parameter count")?;
+    if count > 0 {
+        out.push_str("\n-- parameters:");
+    }
+    for index in 0..count {
+        let binary = match formats {
+            0 => false,
+            1 => code(0) == Some(1),
+            _ => code(index) == Some(1),
+        };
+        let value = cur.nullable_value("parameter")?;
+        let _ = write!(out, "{} ${} = ", if index == 0 { "" } else { "," }, index + 1);
+        match value {
+            None => out.push_str("NULL"),
+            Some(value) => push_parameter(value, binary, out),
         }
-        Err(_) => "\n-- parameters: (unreadable)".into(),
+    }
+    Ok(count)
+}
+
+/// One parameter value as approvers and the trail see it. A binary value
+/// that reads as text (text types are sent as their UTF-8 bytes) is shown,
+/// and masked, as text; short others (integers, timestamps, uuids) in hex.
+/// Eight bytes or fewer are shown in hex whatever they read as: an int8
+/// 0x3030303030303035 reads as '00000005' but is about 3.5e18 to the
+/// server, and approvers must not be told 5. (A short value the detectors
+/// flag, such as an email, is shown masked and without its bytes.)
+fn push_parameter(value: &[u8], binary: bool, out: &mut String) {
+    use std::fmt::Write as _;
+    let push_hex = |out: &mut String| {
+        for byte in value {
+            let _ = write!(out, "{byte:02x}");
+        }
+    };
+    let push_quoted = |out: &mut String, text: &str| {
+        out.push('\'');
+        for (n, part) in text.split('\'').enumerate() {
+            if n > 0 {
+                out.push_str("''");
+            }
+            out.push_str(part);
+        }
+        out.push('\'');
+    };
+    let printable = std::str::from_utf8(value)
+        .is_ok_and(|t| !t.is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace()));
+    if binary && value.len() <= 8 {
+        if !printable {
+            out.push_str("(binary 0x");
+            push_hex(out);
+            out.push(')');
+            return;
+        }
+        match crate::mask::scrub(value, crate::mask::DetectorSet::ALL) {
+            Some(masked) => {
+                let _ = write!(out, "(binary, {} bytes, as text ", value.len());
+                push_quoted(out, &String::from_utf8_lossy(&masked));
+            }
+            None => {
+                out.push_str("(binary 0x");
+                push_hex(out);
+                out.push_str(", as text ");
+                push_quoted(out, &String::from_utf8_lossy(value));
+            }
+        }
+        out.push(')');
+        return;
+    }
+    if binary && !printable {
+        if value.len() <= 16 {
+            out.push_str("(binary 0x");
+            push_hex(out);
+            out.push(')');
+        } else {
+            let _ = write!(out, "(binary, {} bytes)", value.len());
+        }
+        return;
+    }
+    let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
+    let text = String::from_utf8_lossy(scrubbed.as_deref().unwrap_or(value));
+    if text.len() > SAMPLE_VALUE_MAX {
+        let end = (0..=SAMPLE_VALUE_MAX)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        push_quoted(out, &format!("{}... ({} bytes)", &text[..end], text.len()));
+    } else {
+        push_quoted(out, &text);
     }
 }
 
@@ -3661,6 +3698,35 @@ mod tests {
             bind_parameters(&bind_body(&[0, 1], &[b"5", b"card 4111111111111111"])),
             "\n-- parameters: $1 = '5', $2 = 'card ************1111'"
         );
+    }
+
+    #[test]
+    fn parameters_are_described_whatever_their_shape() {
+        let long = "x".repeat(SAMPLE_VALUE_MAX + 10);
+        let mut body = bind_body(
+            &[1, 0, 1, 1, 0],
+            &[&[0xff; 12], b"it's", &[0u8; 17], &[0xfe; 9], long.as_bytes()],
+        );
+        // A sixth value, NULL: length -1 and no bytes, before the result
+        // formats; the value count says six.
+        let at = body.len() - 2;
+        body.splice(at..at, (-1i32).to_be_bytes());
+        body[2 + 2 + 2 * 5..2 + 2 + 2 * 5 + 2].copy_from_slice(&6i16.to_be_bytes());
+        assert_eq!(
+            bind_parameters(&body),
+            format!(
+                "\n-- parameters: $1 = (binary 0xffffffffffffffffffffffff), $2 = 'it''s', $3 = (binary, 17 bytes), \
+                 $4 = (binary 0xfefefefefefefefefe), $5 = '{}... ({} bytes)', $6 = NULL",
+                &long[..SAMPLE_VALUE_MAX],
+                long.len()
+            )
+        );
+        // None: nothing; cut short: unreadable, and nothing half-written.
+        assert_eq!(bind_parameters(&bind_body(&[], &[])), "");
+        let mut text = "SELECT $1".to_string();
+        let short = bind_body(&[0], &[b"abc"]);
+        assert!(push_bind_parameters(&short[..short.len() - 4], &mut text));
+        assert_eq!(text, "SELECT $1\n-- parameters: (unreadable)");
     }
 
     #[test]
