@@ -303,8 +303,16 @@ async fn an_open_transaction_may_finish_after_the_token_expires() {
     );
     commit.expect("the open transaction may commit");
     let err = insert.expect_err("nothing runs after the transaction");
-    let (_, message) = db_error(&err);
-    assert!(message.contains("the session ended after its transaction"), "{message}");
+    // The FATAL is the INSERT's answer when tokio-postgres had sent the
+    // INSERT before it arrived. Its connection task runs on another thread:
+    // on a loaded machine the COMMIT's answer and the FATAL can come before
+    // it took the INSERT from its queue, and then the FATAL ends the
+    // connection and the INSERT fails as closed. (psql's FATAL, below,
+    // checks the message whatever the timing.)
+    if err.as_db_error().is_some() || !err.is_closed() {
+        let (_, message) = db_error(&err);
+        assert!(message.contains("the session ended after its transaction"), "{message}");
+    }
     assert_eq!(harness::count_rows(&gw.db, "expiry_pipelined").await, 0);
     let out = String::from_utf8_lossy(&finished.stdout);
     let err = harness::stderr(&finished);
