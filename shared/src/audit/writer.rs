@@ -1598,8 +1598,6 @@ mod tests {
         );
     }
 
-    /// The stopped writer's trail in `dir`, which verifies against its
-    /// head file.
     /// The grants of the unmask-grant events in `store`, in order.
     fn grants(store: &SqliteStore) -> Vec<String> {
         store
@@ -1613,6 +1611,8 @@ mod tests {
             .collect()
     }
 
+    /// The stopped writer's trail in `dir`, which verifies against its
+    /// head file.
     fn verified(dir: &std::path::Path, signer: &Signer) -> SqliteStore {
         let store = SqliteStore::open_read_only(&dir.join("audit.db")).unwrap();
         let head = crate::audit::read_head_file(&dir.join("audit.head")).unwrap();

@@ -1985,7 +1985,7 @@ impl<'a> Proxy<'a> {
         if piece.sqlstate.is_some() {
             mark.sqlstate = piece.sqlstate;
         }
-        if ended || mark.sqlstate.is_some() {
+        if ended {
             let mark = self.suspended_portals.swap_remove(at);
             self.record_done(mark);
         }
