@@ -124,6 +124,27 @@ async fn sessions_are_listed_followed_and_ended_by_an_admin() {
         assert!(metrics.contains(expected), "{expected}: {metrics}");
     }
 
+    // A statement prepared once and executed twice is two statements, and
+    // the last one shown is what ran.
+    bob.send(
+        &[
+            raw::parse("", "SELECT 2 AS two"),
+            raw::bind("", ""),
+            raw::execute("", 0),
+            raw::bind("", ""),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    bob.until_ready().await;
+    let live = viewer.sessions().await.unwrap();
+    assert_eq!(
+        (live[0].statements, live[0].last_statement.as_str()),
+        (3, "SELECT 2 AS two")
+    );
+
     let killed = admin.kill(&session.id).await.unwrap();
     assert_eq!(killed.by, "bob");
     let closing = bob.until_closed().await;
@@ -147,7 +168,7 @@ async fn sessions_are_listed_followed_and_ended_by_an_admin() {
     // session leaves the live list: wait for it rather than race it.
     let mut timeline = viewer.timeline(&session.id).await.unwrap();
     for _ in 0..200 {
-        if timeline.len() >= 4 {
+        if timeline.len() >= 8 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -156,12 +177,26 @@ async fn sessions_are_listed_followed_and_ended_by_an_admin() {
     let kinds: Vec<&str> = timeline.iter().map(|e| e.event.detail.kind()).collect();
     assert_eq!(
         kinds,
-        ["session_opened", "statement", "statement_done", "session_closed"],
+        [
+            "session_opened",
+            "statement",
+            "statement_done",
+            "statement",
+            "statement_done",
+            "statement",
+            "statement_done",
+            "session_closed"
+        ],
         "{timeline:#?}"
     );
-    match &timeline[3].event.detail {
-        Detail::SessionClosed { reason, detail, .. } => {
-            assert_eq!((reason.as_str(), detail.as_str()), ("killed", "bob"));
+    match &timeline[7].event.detail {
+        Detail::SessionClosed {
+            reason,
+            detail,
+            statements,
+            ..
+        } => {
+            assert_eq!((reason.as_str(), detail.as_str(), *statements), ("killed", "bob", 3));
         }
         other => panic!("{other:?}"),
     }

@@ -52,6 +52,35 @@ fn statements(events: &[StoredEvent]) -> Vec<(u64, String, String, String)> {
         .collect()
 }
 
+/// Asserts that each session's closing event counts as many statements as
+/// the trail holds for it (what the log line and the live view count too):
+/// each Query, each portal's Execute (not each piece of it), each refusal.
+fn assert_closing_counts(events: &[StoredEvent]) {
+    let mut expanded = Vec::new();
+    for event in events {
+        event.clone().expand(&mut expanded);
+    }
+    let recorded = |session: &Option<String>| {
+        expanded
+            .iter()
+            .filter(|e| matches!(e.event.detail, Detail::Statement { .. }) && &e.event.session == session)
+            .count() as u64
+    };
+    let mut closed = 0;
+    for e in &expanded {
+        if let Detail::SessionClosed { statements, .. } = e.event.detail {
+            assert_eq!(
+                statements,
+                recorded(&e.event.session),
+                "{:?}: {expanded:#?}",
+                e.event.session
+            );
+            closed += 1;
+        }
+    }
+    assert!(closed > 0, "no session closed: {expanded:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     let spec = Spec {
@@ -188,6 +217,8 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
         })
         .count();
     assert_eq!(closed, 1, "{events:#?}");
+    // The prepared statement executed three times is three statements.
+    assert_closing_counts(&events);
 
     // A failed login is on the record too.
     let mut gw = TestGateway::start_for(gw.db.clone(), Spec::default()).await;
@@ -400,6 +431,8 @@ async fn a_portal_fetched_in_pieces_is_one_statement_with_all_its_rows() {
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
+    // A portal fetched in pieces is one statement.
+    assert_closing_counts(&events);
     let mut expanded = Vec::new();
     for event in events {
         event.expand(&mut expanded);

@@ -93,11 +93,25 @@ impl KillSwitch {
 }
 
 impl LiveSession {
+    /// Counts a statement the session ran or was refused, and shows its
+    /// text as the session's last.
     pub fn note_statement(&self, text: &str, refused: bool) {
+        self.count_statement(refused);
+        self.note_text(text);
+    }
+
+    /// Counts a statement whose text is shown already (an Execute of a
+    /// statement prepared before: its Parse showed it).
+    pub fn count_statement(&self, refused: bool) {
         self.statements.fetch_add(1, Ordering::Relaxed);
         if refused {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Shows `text` as the session's last statement without counting it
+    /// (a Parse: what runs, and is counted, is each Execute of it).
+    pub fn note_text(&self, text: &str) {
         let mut end = text.len().min(LAST_MAX);
         while !text.is_char_boundary(end) {
             end -= 1;

@@ -1046,7 +1046,6 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::PARSE => {
-                self.counters.statements += 1;
                 let (name, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
@@ -1054,6 +1053,11 @@ impl<'a> Proxy<'a> {
                     ),
                     Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
+                // What runs, and counts, is each Execute of a statement
+                // prepared; one refused here is a statement refused.
+                if matches!(outcome, Outcome::Refuse(_)) {
+                    self.counters.statements += 1;
+                }
                 self.message_seq += 1;
                 let seq = self.message_seq;
                 let prepared = matches!(outcome, Outcome::Forward | Outcome::Guard(_) | Outcome::Hold(_));
@@ -1070,6 +1074,7 @@ impl<'a> Proxy<'a> {
                         ),
                         hint: Some("close it, or prepare under a new name".into()),
                     });
+                    self.count_refused_statement();
                     self.fail_in_place(name, refusal);
                     return Ok(Consumed::Yes);
                 }
@@ -1259,6 +1264,7 @@ impl<'a> Proxy<'a> {
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
+                        self.count_refused_statement();
                         self.fail_in_place(REFUSED_NAME, refusal_error(refusal));
                         return Ok(Consumed::Yes);
                     }
@@ -1737,9 +1743,13 @@ impl<'a> Proxy<'a> {
             "require_approval" => crate::metrics::Decision::RequireApproval,
             _ => crate::metrics::Decision::Deny,
         });
-        self.ctx
-            .live
-            .note_statement(&text, matches!(outcome, Outcome::Refuse(_)));
+        let refused = matches!(outcome, Outcome::Refuse(_));
+        if refused || !matches!(source, StatementSource::Parse { .. }) {
+            self.ctx.live.note_statement(&text, refused);
+        } else {
+            // Counted at each Execute ([`Proxy::record_execute`]).
+            self.ctx.live.note_text(&text);
+        }
         if matches!(outcome, Outcome::Hold(_)) {
             self.checked_text = text.clone();
         }
@@ -1905,11 +1915,23 @@ impl<'a> Proxy<'a> {
         )
     }
 
-    /// Records an Execute of a bound portal (its first: later ones fetch
-    /// more rows of the same statement).
+    /// A statement refused in place of an extended-protocol message (a
+    /// Bind, an Execute, a Parse after policy allowed it), counted as the
+    /// trail records it.
+    fn count_refused_statement(&mut self) {
+        self.counters.statements += 1;
+        self.ctx.live.count_statement(true);
+    }
+
+    /// Records and counts an Execute of a bound portal (its first: later
+    /// ones fetch more rows of the same statement).
     fn record_execute(&mut self, execute_body: &[u8]) -> Result<(), Stop> {
         self.pending_mark = None;
         if self.ctx.auditor.is_none() {
+            // Portals are followed for the trail only: without it, each
+            // Execute counts, a portal fetched in pieces once a piece.
+            self.counters.statements += 1;
+            self.ctx.live.count_statement(false);
             return Ok(());
         }
         let portal = first_name(execute_body, "portal name")?;
@@ -1935,6 +1957,8 @@ impl<'a> Proxy<'a> {
                 statements: StatementRecords::none(),
             }),
         };
+        self.counters.statements += 1;
+        self.ctx.live.note_statement(&bound.text, false);
         if let Some(refusal) = self.audit_unavailable() {
             return Err(Stop::Audit(refusal.message));
         }
@@ -2023,6 +2047,7 @@ impl<'a> Proxy<'a> {
     /// the record as refused, and the portal's Execute, which the server
     /// skips, is not recorded as run.
     fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
+        self.count_refused_statement();
         if let Some(auditor) = self.ctx.auditor {
             let (portal, statement) = bind_names(bind_body)?;
             let bound = match self.statement_texts.get(statement) {
