@@ -129,6 +129,10 @@ pub struct Mark {
     /// The mark of a later Execute of a portal that ran before: no event of
     /// its own; what it fetched counts to the portal's suspended statement.
     pub continues: bool,
+    /// For an Execute of the unnamed portal: how many times the client had
+    /// bound that portal when it sent it. A piece sent before the portal
+    /// was bound again is its portal's last one in flight.
+    pub unnamed_binds: u64,
 }
 
 impl Mark {
@@ -145,6 +149,7 @@ impl Mark {
             results: 0,
             sample: Vec::new(),
             portal: None,
+            unnamed_binds: 0,
             suspended: false,
             continues: false,
         }
@@ -251,6 +256,15 @@ impl PendingQueue {
     pub fn suspend_front(&mut self) -> Option<Mark> {
         self.front();
         self.marks.front_mut()?.take().map(|mark| *mark)
+    }
+
+    /// Whether a later piece of the unnamed portal, sent while the client
+    /// had bound it `binds` times, waits for its answer.
+    pub fn unnamed_piece_in_flight(&self, binds: u64) -> bool {
+        self.marks
+            .iter()
+            .flatten()
+            .any(|mark| mark.continues && mark.unnamed_binds == binds && mark.portal.as_deref() == Some(""))
     }
 
     /// Adds a CommandComplete's row count to the statement it ends.

@@ -372,6 +372,10 @@ pub(crate) struct Proxy<'a> {
     /// when the portal goes (its transaction ends, it is closed or bound
     /// anew, the session ends). Rarely more than one.
     suspended_portals: Vec<Mark>,
+    /// Binds of the unnamed portal the client sent (with the trail on):
+    /// a suspended piece sent before the last of them is the last piece of
+    /// its portal ([`Proxy::portal_replaced`]).
+    unnamed_binds: u64,
     /// DataRows the server sent since its last CommandComplete,
     /// PortalSuspended, ErrorResponse or ReadyForQuery: the rows of a piece
     /// of a portal, which PortalSuspended does not count.
@@ -601,6 +605,7 @@ impl<'a> Proxy<'a> {
             audit_scratch: String::new(),
             audit_finished: Vec::new(),
             suspended_portals: Vec::new(),
+            unnamed_binds: 0,
             piece_rows: 0,
             audit_records: AuditRecords::default(),
             audit_hold: None,
@@ -1201,6 +1206,9 @@ impl<'a> Proxy<'a> {
                     self.portal_texts.bind(portal, self.pending.batch(), audit);
                     // Binding the name again replaces the portal.
                     self.end_suspended(Some(portal));
+                    if portal.is_empty() {
+                        self.unnamed_binds += 1;
+                    }
                 }
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
@@ -1941,7 +1949,10 @@ impl<'a> Proxy<'a> {
             Some(PortalAudit::Executed) => {
                 // The next piece of a portal fetched in pieces: no event of
                 // its own, its rows count to the portal's statement.
-                self.pending_mark = Some(Mark::continuing(portal));
+                self.pending_mark = Some(Mark {
+                    unnamed_binds: self.unnamed_binds,
+                    ..Mark::continuing(portal)
+                });
                 return Ok(());
             }
             Some(PortalAudit::Refused) => {
@@ -1972,6 +1983,7 @@ impl<'a> Proxy<'a> {
         );
         if let Some(mark) = &mut self.pending_mark {
             mark.portal = Some(portal.into());
+            mark.unnamed_binds = self.unnamed_binds;
         }
         Ok(())
     }
@@ -1985,7 +1997,22 @@ impl<'a> Proxy<'a> {
             return;
         }
         self.end_suspended(mark.portal.as_deref());
-        self.suspended_portals.push(mark);
+        if self.portal_replaced(&mark) {
+            self.record_done(mark);
+        } else {
+            self.suspended_portals.push(mark);
+        }
+    }
+
+    /// Whether `piece`, suspended, was the last piece of its portal the
+    /// client will fetch: the unnamed portal, bound again after the piece
+    /// was sent, with no later piece of it in flight. (Pipelined, the Bind
+    /// goes out before the piece's PortalSuspended comes back; the server
+    /// replaces the portal when it gets to the Bind.)
+    fn portal_replaced(&self, piece: &Mark) -> bool {
+        piece.portal.as_deref() == Some("")
+            && piece.unnamed_binds != self.unnamed_binds
+            && !self.pending.unnamed_piece_in_flight(piece.unnamed_binds)
     }
 
     /// Counts a later piece of a portal (`piece`, [`Mark::continues`]) to
@@ -1997,6 +2024,7 @@ impl<'a> Proxy<'a> {
         if piece.skipped {
             return;
         }
+        let ended = ended || self.portal_replaced(&piece);
         let Some(at) = self.suspended_portals.iter().position(|m| m.portal == piece.portal) else {
             return;
         };
