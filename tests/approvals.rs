@@ -654,6 +654,41 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
             "ledger-writer expired"
         ]
     );
+    // So is the Execute of the portal bound under it, refused at its end.
+    let refused_executes = || {
+        let path = gw.audit.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = SqliteStore::open_read_only(&path).unwrap();
+            let mut events = Vec::new();
+            for event in store.events(&EventFilter::default()).unwrap() {
+                event.expand(&mut events);
+            }
+            events
+                .into_iter()
+                .filter_map(|e| match e.event.detail {
+                    Detail::Statement {
+                        source,
+                        text,
+                        decision,
+                        refusal,
+                        ..
+                    } if source == "execute" && decision == "deny" => Some((text, refusal.unwrap_or_default())),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut refused = refused_executes().await.unwrap();
+    for _ in 0..200 {
+        if !refused.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        refused = refused_executes().await.unwrap();
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "DELETE FROM ledger WHERE id = 3");
+    assert!(refused[0].1.contains("which has ended"), "{refused:?}");
 }
 
 /// An approved grant survives a restart of the gateway; one appended to the
@@ -952,6 +987,69 @@ async fn rejected_parses_and_skipped_closes_do_not_wipe_what_a_statement_needs()
     let error = raw::first_error(&answer);
     assert!(error[&'M'].contains("was denied by alice"), "{error:?}");
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
+}
+
+/// A client that prepares the name of a statement that needs approval over
+/// and over (the server rejects each Parse after the first: the name is
+/// taken) is refused after a while, and the refusal is on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_prepared_over_and_over_is_refused_on_the_record() {
+    use crate::harness::raw::{self, RawClient};
+    let mut gw = start("approval_parse_flood").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let mut refused = None;
+    for attempt in 1..=20 {
+        client
+            .send(&[raw::parse("s", "DELETE FROM orders WHERE id = 1"), raw::sync()].concat())
+            .await;
+        let answer = client.until_ready().await;
+        if attempt > 1 {
+            let message = raw::first_error(&answer)[&'M'].clone();
+            if message.contains("prepared too many times") {
+                refused = Some(attempt);
+                break;
+            }
+            assert!(message.contains("already exists"), "{message}");
+        }
+    }
+    assert_eq!(refused, Some(17));
+    drop(client);
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let mut events = Vec::new();
+    for event in store.events(&EventFilter::default()).unwrap() {
+        event.expand(&mut events);
+    }
+    let recorded: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::Statement {
+                source,
+                text,
+                decision,
+                refusal,
+                ..
+            } => Some((source.as_str(), text.as_str(), decision.as_str(), refusal.as_deref())),
+            Detail::SessionClosed {
+                statements, refused, ..
+            } => {
+                assert_eq!((*statements, *refused), (1, 1), "{events:#?}");
+                None
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        recorded,
+        [(
+            "parse",
+            "DELETE FROM orders WHERE id = 1",
+            "deny",
+            Some("statement refused: prepared statement \"s\" was prepared too many times without being closed")
+        )]
+    );
 }
 
 /// Statement after statement through the unnamed statement (what JDBC,

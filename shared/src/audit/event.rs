@@ -77,7 +77,8 @@ pub enum Detail {
         /// [`Detail::StatementDone`] carries the same number.
         seq: u64,
         /// How it arrived: "query", "execute" (of a prepared statement),
-        /// "parse" (refused when prepared) or "function_call".
+        /// "parse" (refused when prepared), "bind" (refused, or held for
+        /// approval, at its Bind) or "function_call".
         source: String,
         text: String,
         /// "allow", "deny" or "require_approval".

@@ -1080,6 +1080,15 @@ impl<'a> Proxy<'a> {
                         hint: Some("close it, or prepare under a new name".into()),
                     });
                     self.count_refused_statement();
+                    if self.ctx.auditor.is_some() {
+                        // Allowed by policy, so not on the record yet.
+                        let text = Parse::decode(body)
+                            .map(|parse| audit_text(parse.sql))
+                            .unwrap_or_default();
+                        let source = StatementSource::Parse { statement: name };
+                        let outcome = Outcome::Refuse(refusal.clone());
+                        self.record_statement(text, source, &outcome, None, "deny", None);
+                    }
                     self.fail_in_place(name, refusal);
                     return Ok(Consumed::Yes);
                 }
@@ -1272,8 +1281,7 @@ impl<'a> Proxy<'a> {
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
-                        self.count_refused_statement();
-                        self.fail_in_place(REFUSED_NAME, refusal_error(refusal));
+                        self.refuse_execute(portal, refusal_error(refusal));
                         return Ok(Consumed::Yes);
                     }
                 }
@@ -2068,6 +2076,40 @@ impl<'a> Proxy<'a> {
         self.counters.refused += 1;
         Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
         self.pending.push(Expect::Parse { refusal: Some(refusal) });
+    }
+
+    /// Refuses an Execute of `portal` (see [`Proxy::fail_in_place`]): on
+    /// the record as its statement refused; the server skips the rest of
+    /// the batch.
+    fn refuse_execute(&mut self, portal: &str, refusal: Box<ErrorFields>) {
+        self.count_refused_statement();
+        if let Some(auditor) = self.ctx.auditor {
+            let text = |text: String| {
+                Arc::new(AuditText {
+                    text,
+                    statements: StatementRecords::none(),
+                })
+            };
+            let bound = match self.portal_texts.get(portal) {
+                Some(PortalAudit::Bound(bound)) => bound.clone(),
+                Some(PortalAudit::Executed) => text(format!(
+                    "(a later piece of portal \"{portal}\", whose statement is on the record before)"
+                )),
+                _ => text(format!(
+                    "(portal \"{portal}\" of a prepared statement the gateway has no text for)"
+                )),
+            };
+            let event = self.statement_event(
+                "execute",
+                &bound.text,
+                &bound.statements,
+                "deny",
+                None,
+                Some(&refusal.message),
+            );
+            auditor.record_stored(event);
+        }
+        self.fail_in_place(REFUSED_NAME, refusal);
     }
 
     /// Refuses a Bind (see [`Proxy::fail_in_place`]; the failing Parse is
