@@ -1014,6 +1014,16 @@ async fn a_name_prepared_over_and_over_is_refused_on_the_record() {
         }
     }
     assert_eq!(refused, Some(17));
+    // A Parse of the name that policy refuses adds nothing to remember: it
+    // is refused for what it is.
+    client
+        .send(&[raw::parse("s", "DELETE FROM ledger WHERE id = 1"), raw::sync()].concat())
+        .await;
+    let answer = client.until_ready().await;
+    assert!(
+        raw::first_error(&answer)[&'M'].contains("the ledger is read-only"),
+        "{answer:?}"
+    );
     drop(client);
     gw.shutdown.cancel();
     gw.finished().await;
@@ -1035,20 +1045,25 @@ async fn a_name_prepared_over_and_over_is_refused_on_the_record() {
             Detail::SessionClosed {
                 statements, refused, ..
             } => {
-                assert_eq!((*statements, *refused), (1, 1), "{events:#?}");
+                assert_eq!((*statements, *refused), (2, 2), "{events:#?}");
                 None
             }
             _ => None,
         })
         .collect();
+    assert_eq!(recorded.len(), 2, "{recorded:#?}");
     assert_eq!(
-        recorded,
-        [(
+        recorded[0],
+        (
             "parse",
             "DELETE FROM orders WHERE id = 1",
             "deny",
             Some("statement refused: prepared statement \"s\" was prepared too many times without being closed")
-        )]
+        )
+    );
+    assert_eq!(
+        (recorded[1].0, recorded[1].1, recorded[1].2),
+        ("parse", "DELETE FROM ledger WHERE id = 1", "deny")
     );
 }
 

@@ -1070,8 +1070,9 @@ impl<'a> Proxy<'a> {
                     self.batch_parses.insert(name.to_string(), seq);
                 }
                 // A client repeating a Parse the server rejects would grow
-                // what is remembered of the name without end.
-                if self.grant_bound.count(name) + self.needs_approval.count(name) >= MAX_FACTS_PER_NAME {
+                // what is remembered of the name without end. (One refused
+                // by policy adds nothing, and is refused as such.)
+                if prepared && self.grant_bound.count(name) + self.needs_approval.count(name) >= MAX_FACTS_PER_NAME {
                     let refusal = refusal_error(Refusal {
                         code: "42501",
                         message: format!(
@@ -1081,7 +1082,8 @@ impl<'a> Proxy<'a> {
                     });
                     self.count_refused_statement();
                     if self.ctx.auditor.is_some() {
-                        // Allowed by policy, so not on the record yet.
+                        // Allowed by policy (it decoded), so not on the
+                        // record yet.
                         let text = Parse::decode(body)
                             .map(|parse| audit_text(parse.sql))
                             .unwrap_or_default();
