@@ -55,6 +55,8 @@ fn statements(events: &[StoredEvent]) -> Vec<(u64, String, String, String)> {
 /// Asserts that each session's closing event counts as many statements as
 /// the trail holds for it (what the log line and the live view count too):
 /// each Query, each portal's Execute (not each piece of it), each refusal.
+/// For sessions without approvals: a Bind approved is on the record as a
+/// `bind` event besides its Execute.
 fn assert_closing_counts(events: &[StoredEvent]) {
     let mut expanded = Vec::new();
     for event in events {
