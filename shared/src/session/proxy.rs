@@ -428,6 +428,24 @@ struct AuditText {
     statements: Arc<StatementRecords>,
 }
 
+impl AuditText {
+    /// A text the gateway has no classification for.
+    fn unclassified(text: String) -> Arc<AuditText> {
+        Arc::new(AuditText {
+            text,
+            statements: StatementRecords::none(),
+        })
+    }
+
+    /// The text of a portal bound to a statement the gateway has no text
+    /// for.
+    fn unknown_portal(portal: &str) -> Arc<AuditText> {
+        AuditText::unclassified(format!(
+            "(portal \"{portal}\" of a prepared statement the gateway has no text for)"
+        ))
+    }
+}
+
 /// Classifications a session saw last and their statements as the trail
 /// records them: a session runs the same few statement shapes over and
 /// over, and the policy's cache hands back the same classification for
@@ -1051,12 +1069,13 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::PARSE => {
-                let (name, outcome) = match Parse::decode(body) {
+                let (name, sql, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
+                        parse.sql,
                         self.check(parse.sql, StatementSource::Parse { statement: parse.name }),
                     ),
-                    Err(err) => ("", Outcome::Refuse(self.undecodable(err, "Parse")?)),
+                    Err(err) => ("", "", Outcome::Refuse(self.undecodable(err, "Parse")?)),
                 };
                 // What runs, and counts, is each Execute of a statement
                 // prepared; one refused here is a statement refused.
@@ -1081,16 +1100,10 @@ impl<'a> Proxy<'a> {
                         hint: Some("close it, or prepare under a new name".into()),
                     });
                     self.count_refused_statement();
-                    if self.ctx.auditor.is_some() {
-                        // Allowed by policy (it decoded), so not on the
-                        // record yet.
-                        let text = Parse::decode(body)
-                            .map(|parse| audit_text(parse.sql))
-                            .unwrap_or_default();
-                        let source = StatementSource::Parse { statement: name };
-                        let outcome = Outcome::Refuse(refusal.clone());
-                        self.record_statement(text, source, &outcome, None, "deny", None);
-                    }
+                    // Allowed by policy, so not on the record yet.
+                    let source = StatementSource::Parse { statement: name };
+                    let outcome = Outcome::Refuse(refusal.clone());
+                    self.record_statement(audit_text(sql), source, &outcome, None, "deny", None);
                     self.fail_in_place(name, refusal);
                     return Ok(Consumed::Yes);
                 }
@@ -1973,10 +1986,7 @@ impl<'a> Proxy<'a> {
             // A portal bound to a statement the gateway has no text for
             // (or bound in a batch the server discarded): it still runs on
             // the record.
-            Some(PortalAudit::Unknown) | None => Arc::new(AuditText {
-                text: format!("(portal \"{portal}\" of a prepared statement the gateway has no text for)"),
-                statements: StatementRecords::none(),
-            }),
+            Some(PortalAudit::Unknown) | None => AuditText::unknown_portal(portal),
         };
         self.counters.statements += 1;
         self.ctx.live.note_statement(&bound.text, false);
@@ -2085,33 +2095,33 @@ impl<'a> Proxy<'a> {
     /// the batch.
     fn refuse_execute(&mut self, portal: &str, refusal: Box<ErrorFields>) {
         self.count_refused_statement();
-        if let Some(auditor) = self.ctx.auditor {
-            let text = |text: String| {
-                Arc::new(AuditText {
-                    text,
-                    statements: StatementRecords::none(),
-                })
-            };
+        if self.ctx.auditor.is_some() {
             let bound = match self.portal_texts.get(portal) {
                 Some(PortalAudit::Bound(bound)) => bound.clone(),
-                Some(PortalAudit::Executed) => text(format!(
+                Some(PortalAudit::Executed) => AuditText::unclassified(format!(
                     "(a later piece of portal \"{portal}\", whose statement is on the record before)"
                 )),
-                _ => text(format!(
-                    "(portal \"{portal}\" of a prepared statement the gateway has no text for)"
-                )),
+                _ => AuditText::unknown_portal(portal),
             };
-            let event = self.statement_event(
-                "execute",
-                &bound.text,
-                &bound.statements,
-                "deny",
-                None,
-                Some(&refusal.message),
-            );
-            auditor.record_stored(event);
+            self.record_refused("execute", &bound, &refusal);
         }
         self.fail_in_place(REFUSED_NAME, refusal);
+    }
+
+    /// Records an extended-protocol message refused in place
+    /// ([`Proxy::fail_in_place`]) as its statement, denied, with what the
+    /// client was told.
+    fn record_refused(&mut self, source: &str, bound: &AuditText, refusal: &ErrorFields) {
+        let Some(auditor) = self.ctx.auditor else { return };
+        let event = self.statement_event(
+            source,
+            &bound.text,
+            &bound.statements,
+            "deny",
+            None,
+            Some(&refusal.message),
+        );
+        auditor.record_stored(event);
     }
 
     /// Refuses a Bind (see [`Proxy::fail_in_place`]; the failing Parse is
@@ -2120,25 +2130,17 @@ impl<'a> Proxy<'a> {
     /// skips, is not recorded as run.
     fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
         self.count_refused_statement();
-        if let Some(auditor) = self.ctx.auditor {
+        if self.ctx.auditor.is_some() {
             let (portal, statement) = bind_names(bind_body)?;
             let bound = match self.statement_texts.get(statement) {
                 Some(text) => bound_text(text, bind_body),
-                None => Arc::new(AuditText {
-                    text: format!("(prepared statement \"{statement}\"){}", bind_parameters(bind_body)),
-                    statements: StatementRecords::none(),
-                }),
+                None => AuditText::unclassified(format!(
+                    "(prepared statement \"{statement}\"){}",
+                    bind_parameters(bind_body)
+                )),
             };
             let (portal, batch) = (portal.to_string(), self.pending.batch());
-            let event = self.statement_event(
-                "bind",
-                &bound.text,
-                &bound.statements,
-                "deny",
-                None,
-                Some(&refusal.message),
-            );
-            auditor.record_stored(event);
+            self.record_refused("bind", &bound, &refusal);
             self.portal_texts.bind(&portal, batch, PortalAudit::Refused);
         }
         self.fail_in_place(REFUSED_NAME, refusal);
