@@ -598,6 +598,28 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
         let error = raw::first_error(&answer);
         assert!(error[&'M'].contains("which has ended"), "{error:?}");
         raw_bob.simple("ROLLBACK").await;
+        // A Bind refused in place leaves the portal of its name as it was:
+        // run after a savepoint rolled back, that portal is on the record.
+        raw_bob.simple("BEGIN").await;
+        raw_bob
+            .send(
+                &[
+                    raw::parse("c", "SELECT count(*) AS kept FROM ledger"),
+                    raw::bind("k", "c"),
+                    raw::sync(),
+                ]
+                .concat(),
+            )
+            .await;
+        assert_eq!(raw::tags(&raw_bob.until_ready().await), "12Z");
+        raw_bob.simple("SAVEPOINT s").await;
+        raw_bob.send(&[raw::bind("k", "d"), raw::sync()].concat()).await;
+        let error = raw::first_error(&raw_bob.until_ready().await);
+        assert!(error[&'M'].contains("which has ended"), "{error:?}");
+        raw_bob.simple("ROLLBACK TO s").await;
+        raw_bob.send(&[raw::execute("k", 0), raw::sync()].concat()).await;
+        assert_eq!(raw::tags(&raw_bob.until_ready().await), "DCZ");
+        raw_bob.simple("ROLLBACK").await;
         // The two levels share one namespace: neither runs the other's
         // statement past its grant.
         raw_bob
@@ -689,6 +711,38 @@ async fn an_access_grant_lifts_a_rule_until_it_expires() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, "DELETE FROM ledger WHERE id = 3");
     assert!(refused[0].1.contains("which has ended"), "{refused:?}");
+    // The portal kept past the refused Bind ran on the record.
+    let kept_executes = || {
+        let path = gw.audit.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = SqliteStore::open_read_only(&path).unwrap();
+            let mut events = Vec::new();
+            for event in store.events(&EventFilter::default()).unwrap() {
+                event.expand(&mut events);
+            }
+            events
+                .into_iter()
+                .filter_map(|e| match e.event.detail {
+                    Detail::Statement {
+                        source, text, decision, ..
+                    } if source == "execute" && text.contains("AS kept") => Some((text, decision)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut kept = kept_executes().await.unwrap();
+    for _ in 0..200 {
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        kept = kept_executes().await.unwrap();
+    }
+    assert_eq!(
+        kept,
+        [("SELECT count(*) AS kept FROM ledger".to_string(), "allow".to_string())]
+    );
 }
 
 /// An approved grant survives a restart of the gateway; one appended to the
@@ -958,11 +1012,7 @@ async fn rejected_parses_and_skipped_closes_do_not_wipe_what_a_statement_needs()
     let gw = start("approval_remembered").await;
     let mut client = RawClient::connect(gw.addr).await;
     client.login(&gw.db, BOB).await;
-    let close = |name: &str| {
-        let mut body = vec![b'S'];
-        body.extend_from_slice(&raw::cstr(name));
-        raw::msg(b'C', &body)
-    };
+    let close = |name: &str| raw::close(b'S', name);
     client
         .send(&[raw::parse("s", "DELETE FROM orders WHERE id = 1"), raw::sync()].concat())
         .await;

@@ -545,6 +545,188 @@ async fn row_limit_holds_when_a_prepared_name_is_reused_or_prepared_by_sql() {
     );
 }
 
+/// A portal keeps its row limit through messages about its name that the
+/// server rejects or skips. Inside a transaction a portal outlives a
+/// savepoint rolled back after it was bound, so the client can go on to
+/// execute it after a Bind of the name failed (a named portal that
+/// exists; the unnamed one with the wrong parameter count) or a Close of it
+/// was skipped (after an error earlier in its batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_holds_when_a_portal_name_is_bound_again_or_closed_in_vain() {
+    let mut gw = TestGateway::start("limit_portal_reuse", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    let refused = |messages: &[raw::Msg], what: &str| {
+        assert_eq!(tags(messages), "EZ", "{what}: the DELETE of 8 rows ran");
+        let message = &first_error(messages)[&'M'];
+        assert!(message.contains("would have deleted 8 rows"), "{what}: {message}");
+    };
+
+    raw.simple("BEGIN").await;
+    raw.send(
+        &[
+            raw::parse("w", "DELETE FROM t WHERE id > 2"),
+            raw::bind("p", "w"),
+            raw::bind("q", "w"),
+            raw::bind("r", "w"),
+            raw::parse("h", "SELECT 'harmless'"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&raw.until_ready().await), "12221Z");
+    raw.simple("SAVEPOINT a").await;
+    raw.send(&[raw::bind("p", "h"), raw::sync()].concat()).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    assert_eq!(first_error(&messages)[&'C'], "42P03", "portal \"p\" exists");
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(&[raw::parse("", "SELEC 1"), raw::close(b'P', "q"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "EZ", "the Close is skipped");
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(&[raw::execute("p", 0), raw::sync()].concat()).await;
+    refused(&raw.until_ready().await, "portal bound again");
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(&[raw::execute("q", 0), raw::sync()].concat()).await;
+    refused(&raw.until_ready().await, "portal closed in vain");
+    // All in one go: the Execute cannot know yet that the Bind failed.
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(
+        &[
+            raw::bind("r", "h"),
+            raw::sync(),
+            raw::query("ROLLBACK TO a"),
+            raw::execute("r", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&raw.until_ready().await), "EZ");
+    assert_eq!(tags(&raw.until_ready().await), "CZ");
+    refused(&raw.until_ready().await, "portal bound again, pipelined");
+    raw.simple("ROLLBACK").await;
+    assert_eq!(count(&gw.db).await, 10);
+
+    // The unnamed portal: a simple Query would drop it, so the savepoint
+    // is made and rolled back through named portals.
+    let through_portal = |name: &str, sql: &str| {
+        [
+            raw::parse(name, sql),
+            raw::bind(name, name),
+            raw::execute(name, 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    raw.simple("BEGIN").await;
+    raw.send(
+        &[
+            raw::parse("", "DELETE FROM t WHERE id > 2"),
+            raw::bind("", ""),
+            raw::parse("one", "SELECT $1::int"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&raw.until_ready().await), "121Z");
+    raw.send(&through_portal("sp", "SAVEPOINT b")).await;
+    assert_eq!(tags(&raw.until_ready().await), "12CZ");
+    raw.send(&[raw::bind("", "one"), raw::sync()].concat()).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    assert_eq!(first_error(&messages)[&'C'], "08P01", "no parameter given");
+    raw.send(&through_portal("rb", "ROLLBACK TO b")).await;
+    assert_eq!(tags(&raw.until_ready().await), "12CZ");
+    raw.send(&[raw::execute("", 0), raw::sync()].concat()).await;
+    refused(&raw.until_ready().await, "unnamed portal");
+    raw.simple("ROLLBACK").await;
+    assert_eq!(count(&gw.db).await, 10);
+    drop(raw);
+
+    // The trail names what ran: the DELETE, not the text the failed Binds
+    // would have put in its place.
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = sluice_core::audit::SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let executions: Vec<String> = store
+        .events(&sluice_core::audit::EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event.event.detail {
+            sluice_core::audit::Detail::Statement { source, text, .. } if source == "execute" => Some(text),
+            _ => None,
+        })
+        .filter(|text| !text.starts_with("SAVEPOINT") && !text.starts_with("ROLLBACK"))
+        .collect();
+    assert_eq!(executions.len(), 4, "{executions:?}");
+    assert!(
+        executions
+            .iter()
+            .all(|text| text.starts_with("DELETE FROM t WHERE id > 2")),
+        "{executions:?}"
+    );
+}
+
+/// A statement keeps its row limit through a Close the server skips, and
+/// a statement prepared by SQL through a PREPARE of its name that fails
+/// and a DEALLOCATE that is skipped; a statement prepared under the name
+/// after a Close the server carried out has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
+    let gw = TestGateway::start("limit_statement_vain", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.send(&[raw::parse("w", "DELETE FROM t WHERE id > 2"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.send(&[raw::parse("", "SELEC 1"), raw::close(b'S', "w"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "EZ", "the Close is skipped");
+    raw.send(&[raw::bind("", "w"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "2EZ", "the DELETE of 8 rows ran");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+    // Closed for real and prepared again in the same batch: the new
+    // statement runs under no limit, and goes on doing so.
+    let select = [raw::bind("", "w"), raw::execute("", 0), raw::sync()].concat();
+    raw.send(
+        &[
+            raw::close(b'S', "w"),
+            raw::parse("w", "SELECT id FROM t"),
+            select.clone(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&raw.until_ready().await), format!("312{}CZ", "D".repeat(10)));
+    raw.send(&select).await;
+    assert_eq!(tags(&raw.until_ready().await), format!("2{}CZ", "D".repeat(10)));
+
+    // SQL's PREPARE: a second PREPARE of the name fails, a DEALLOCATE
+    // after an error in its string is skipped.
+    raw.simple("PREPARE big AS DELETE FROM t WHERE id > 2").await;
+    for sql in ["PREPARE big AS SELECT 1", "SELECT 1/0; DEALLOCATE big"] {
+        raw.send(&raw::query(sql)).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "EZ", "{sql}");
+        raw.send(&raw::query("EXECUTE big")).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "EZ", "after {sql}: the DELETE of 8 rows ran");
+        assert!(
+            first_error(&messages)[&'M'].contains("would have deleted 8 rows"),
+            "{sql}"
+        );
+    }
+    assert_eq!(count(&gw.db).await, 10);
+}
+
 /// Two writes whose row counts the guard cannot see are refused under a
 /// limit rather than run: a write inside WITH (the command tag is the
 /// outer SELECT's) and a write executed a few rows at a time (it runs

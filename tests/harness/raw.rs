@@ -51,6 +51,13 @@ pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
     msg(b'E', &body)
 }
 
+/// Close of a prepared statement (`b'S'`) or a portal (`b'P'`).
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    let mut body = vec![kind];
+    body.extend(cstr(name));
+    msg(b'C', &body)
+}
+
 pub fn sync() -> Vec<u8> {
     msg(b'S', &[])
 }

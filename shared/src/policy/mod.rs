@@ -570,19 +570,22 @@ fn remember_prepared(
     for statement in &classification.statements {
         match &statement.prepared {
             Some(PreparedRef::Prepare(name)) => {
-                match &allowance.max_rows {
-                    Some(limit) => {
-                        session.prepared_limits.insert(name.clone(), limit.clone());
-                    }
-                    None => {
-                        session.prepared_limits.remove(name);
-                    }
+                // Limits and grants are only ever added to: a PREPARE of a
+                // name in use fails, and a DEALLOCATE (or DISCARD) may be
+                // skipped (an earlier statement of its string failed, or
+                // the transaction had), so neither may lift a limit or wipe
+                // what a prepared statement was allowed under. A name
+                // keeps the tightest limit it was prepared with for the
+                // session, and one reused after its grant ended is refused;
+                // a new name is decided afresh.
+                if let Some(limit) = &allowance.max_rows
+                    && session
+                        .prepared_limits
+                        .get(name)
+                        .is_none_or(|held| limit.rows < held.rows)
+                {
+                    session.prepared_limits.insert(name.clone(), limit.clone());
                 }
-                // Only ever added to: a PREPARE of a name in use fails, and
-                // a DEALLOCATE may be skipped (an earlier statement of its
-                // string failed), so neither may wipe what a prepared
-                // statement was allowed under. A name reused after its grant
-                // ended is refused; a new name works.
                 if !granted.is_empty() {
                     let held = session.prepared_grants.entry(name.clone()).or_default();
                     for grant in granted {
@@ -592,13 +595,7 @@ fn remember_prepared(
                     }
                 }
             }
-            Some(PreparedRef::Deallocate(Some(name))) => {
-                session.prepared_limits.remove(name);
-            }
-            Some(PreparedRef::Deallocate(None)) => {
-                session.prepared_limits.clear();
-            }
-            Some(PreparedRef::Execute(_)) | None => {}
+            Some(PreparedRef::Deallocate(_)) | Some(PreparedRef::Execute(_)) | None => {}
         }
     }
 }

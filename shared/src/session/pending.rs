@@ -165,9 +165,10 @@ impl Mark {
     }
 }
 
-/// A Parse or Close of a prepared statement, identified by the order in
-/// which the client sent it: once the server confirms it, what the gateway
-/// remembered about earlier statements of that name can go.
+/// A Parse, Bind or Close of a name, identified by the order in which the
+/// client sent it: once the server confirms it, what the gateway remembered
+/// about earlier statements (or portals) of that name can go; once the
+/// server rejected or skipped it, what it meant to replace stays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirm {
     /// The statement's (or, with `portal`, the portal's) name.
@@ -188,8 +189,9 @@ pub struct PendingQueue {
     /// Beside each entry of `queue`: for a Parse or Close, the statement it
     /// replaces or closes, reported once the server confirms it.
     confirms: VecDeque<Option<Confirm>>,
-    /// Parses and Closes the server confirmed since the last call.
-    confirmed: Vec<Confirm>,
+    /// Messages with a [`Confirm`] the server answered since the last
+    /// call, in order: confirmed (true), or rejected or skipped (false).
+    resolved: Vec<(Confirm, bool)>,
     /// Whether the server is in COPY FROM STDIN mode.
     copy_in: bool,
     /// Entries that end a batch (see [`PendingQueue::batch`]) pushed so
@@ -212,8 +214,9 @@ impl PendingQueue {
         self.confirms.push_back(confirm);
     }
 
-    /// Pushes a Parse or Close whose success (ParseComplete, CloseComplete)
-    /// is reported through [`PendingQueue::take_confirmed`].
+    /// Pushes a Parse, Bind or Close whose success (ParseComplete,
+    /// BindComplete, CloseComplete) or failure is reported through
+    /// [`PendingQueue::take_resolved`].
     pub fn push_confirmed(&mut self, expect: Expect, confirm: Confirm) {
         self.push_entry(expect, None, Some(confirm));
     }
@@ -233,9 +236,12 @@ impl PendingQueue {
         self.batches_answered
     }
 
-    /// The Parses and Closes the server confirmed since the last call.
-    pub fn take_confirmed(&mut self) -> std::vec::Drain<'_, Confirm> {
-        self.confirmed.drain(..)
+    /// What the server made of the messages pushed with a [`Confirm`]
+    /// since the last call, in order, into `into` (empty), which gives its
+    /// buffer in exchange.
+    pub fn take_resolved(&mut self, into: &mut Vec<(Confirm, bool)>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.resolved, into);
     }
 
     /// Pushes the entry of a statement the audit trail follows.
@@ -336,7 +342,11 @@ impl PendingQueue {
     }
 
     fn pop_front_entry(&mut self, skipped: bool) -> Option<Expect> {
-        self.confirms.pop_front();
+        // Still there: the server did not confirm the message (an error,
+        // or skipped after one).
+        if let Some(Some(confirm)) = self.confirms.pop_front() {
+            self.resolved.push((confirm, false));
+        }
         if let Some(Some(mut mark)) = self.marks.pop_front() {
             // One that failed at its Bind did run, as far as it got.
             mark.skipped = skipped && mark.sqlstate.is_none();
@@ -452,7 +462,7 @@ impl PendingQueue {
                     tag::PARSE_COMPLETE | tag::BIND_COMPLETE | tag::CLOSE_COMPLETE
                 ) && let Some(confirm) = self.confirms.front_mut().and_then(Option::take)
                 {
-                    self.confirmed.push(confirm);
+                    self.resolved.push((confirm, true));
                 }
                 self.pop();
                 owner

@@ -313,8 +313,11 @@ pub(crate) struct Proxy<'a> {
     /// The verdict for the Query at the front of `client_in`, which waits
     /// for the answers still owed before it can run under a guard.
     deferred: Option<Outcome>,
-    /// Row limits of prepared statements (extended protocol), by name.
-    statement_limits: HashMap<String, RowLimit>,
+    /// Row limits of prepared statements (extended protocol), by name:
+    /// a Parse the server rejects (the name is taken) or a Close it skips
+    /// must not lift one, so each stays until the server confirms a later
+    /// Parse or Close of its name; of several, the tightest holds.
+    statement_limits: Remembered<RowLimit>,
     /// Prepared statements allowed while the session held requested
     /// grants, with those grants: a Bind after one of them ended is refused
     /// (the statement must be prepared, and decided, again).
@@ -338,6 +341,12 @@ pub(crate) struct Proxy<'a> {
     bind_approved: Option<u64>,
     /// Row limits of bound portals, with the rows they returned so far.
     portal_limits: HashMap<String, (RowLimit, u64)>,
+    /// Binds and Closes of portal names the gateway knew a portal by,
+    /// until the server answers them: what they replaced comes back if the
+    /// server rejects or skips them ([`Proxy::rebind`]).
+    rebinds: Vec<Rebind>,
+    /// What the server made of messages pushed with a [`Confirm`]; reused.
+    resolved: Vec<(Confirm, bool)>,
     /// Whether the last statement the gate allowed reads a table with
     /// columns masked by rule (or cannot be seen into): its expression
     /// columns are then masked too. See [`Proxy::sensitivity`].
@@ -485,7 +494,7 @@ impl AuditRecords {
 }
 
 /// Where a bound portal is, for the audit trail.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum PortalAudit {
     /// Bound to a statement whose text the gateway saw parsed.
     Bound(Arc<AuditText>),
@@ -496,6 +505,27 @@ enum PortalAudit {
     Executed,
     /// Its Bind was refused: the server skips its Execute.
     Refused,
+}
+
+/// A Bind (or Close) of a portal name the gateway knew a portal by, not
+/// answered yet, with what the gateway knew before it. The server rejects a
+/// Bind of a named portal that exists, and may reject a Bind of the unnamed
+/// one before replacing it (a statement that does not exist, the wrong
+/// number of parameters); after an error it skips the rest of the batch,
+/// Closes included. Inside a transaction the old portal can then be
+/// executed again (after a savepoint is rolled back), and it must run with
+/// its own row limit and go on the record with its own text.
+#[derive(Debug)]
+struct Rebind {
+    portal: String,
+    /// The message's [`Confirm::seq`].
+    seq: u64,
+    /// The batch it was sent in: an Execute of the name in a later batch
+    /// waits until the server has answered it.
+    batch: u64,
+    /// The portal's text for the trail, and its row limit, before.
+    text: Option<(u64, PortalAudit)>,
+    limit: Option<(RowLimit, u64)>,
 }
 
 /// What the gateway keeps about each bound portal, by name, until the
@@ -543,6 +573,27 @@ impl<T> Portals<T> {
 
     fn remove(&mut self, name: &str) -> Option<T> {
         self.by_name.remove(name).map(|(_, value)| value)
+    }
+
+    /// A portal's value with the batch it was bound in, as
+    /// [`Portals::restore`] takes it back.
+    fn entry(&self, name: &str) -> Option<(u64, T)>
+    where
+        T: Clone,
+    {
+        self.by_name.get(name).cloned()
+    }
+
+    /// Puts back what [`Portals::entry`] gave (nothing: no portal).
+    fn restore(&mut self, name: &str, entry: Option<(u64, T)>) {
+        match entry {
+            Some(entry) => {
+                self.by_name.insert(name.to_string(), entry);
+            }
+            None => {
+                self.by_name.remove(name);
+            }
+        }
     }
 
     fn clear(&mut self) {
@@ -599,7 +650,7 @@ impl<'a> Proxy<'a> {
             gate_session: GateSession::default(),
             guard: None,
             deferred: None,
-            statement_limits: HashMap::new(),
+            statement_limits: Remembered::default(),
             grant_bound: Remembered::default(),
             portal_grants: Remembered::default(),
             last_granted: Vec::new(),
@@ -608,6 +659,8 @@ impl<'a> Proxy<'a> {
             batch_parses: HashMap::new(),
             bind_approved: None,
             portal_limits: HashMap::new(),
+            rebinds: Vec::new(),
+            resolved: Vec::new(),
             last_sensitive: false,
             statement_sensitive: HashMap::new(),
             portal_sensitive: Portals::default(),
@@ -1085,13 +1138,22 @@ impl<'a> Proxy<'a> {
                 self.message_seq += 1;
                 let seq = self.message_seq;
                 let prepared = matches!(outcome, Outcome::Forward | Outcome::Guard(_) | Outcome::Hold(_));
-                if !self.grant_bound.is_empty() || !self.needs_approval.is_empty() || !self.batch_parses.is_empty() {
+                if !self.grant_bound.is_empty()
+                    || !self.needs_approval.is_empty()
+                    || !self.statement_limits.is_empty()
+                    || !self.batch_parses.is_empty()
+                {
                     self.batch_parses.insert(name.to_string(), seq);
                 }
                 // A client repeating a Parse the server rejects would grow
                 // what is remembered of the name without end. (One refused
                 // by policy adds nothing, and is refused as such.)
-                if prepared && self.grant_bound.count(name) + self.needs_approval.count(name) >= MAX_FACTS_PER_NAME {
+                if prepared
+                    && self.grant_bound.count(name)
+                        + self.needs_approval.count(name)
+                        + self.statement_limits.count(name)
+                        >= MAX_FACTS_PER_NAME
+                {
                     let refusal = refusal_error(Refusal {
                         code: "42501",
                         message: format!(
@@ -1112,10 +1174,11 @@ impl<'a> Proxy<'a> {
                 }
                 // A Parse of a named statement fails on the server while
                 // the name is taken (until Close or DEALLOCATE), so it may
-                // not lift a row limit the name has: a limit only tightens
-                // until then. The unnamed statement is replaced by each Parse.
+                // not lift a row limit the name has: the limit stays until
+                // the server confirms the Parse (see `statement_limits`).
+                // The unnamed statement is replaced by each Parse.
                 if name.is_empty() {
-                    self.statement_limits.remove(name);
+                    self.statement_limits.forget(name);
                 }
                 let refusal = match outcome {
                     Outcome::Forward => {
@@ -1123,7 +1186,7 @@ impl<'a> Proxy<'a> {
                         None
                     }
                     Outcome::Guard(limit) => {
-                        tighten(&mut self.statement_limits, name, limit);
+                        self.statement_limits.add(name, seq, limit);
                         self.to_server.extend_from_slice(message);
                         None
                     }
@@ -1153,7 +1216,8 @@ impl<'a> Proxy<'a> {
                         *self.statement_sensitive.entry(name.to_string()).or_default() |= sensitive;
                     }
                 }
-                if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty()) {
+                let limited = !name.is_empty() && self.statement_limits.count(name) > 0;
+                if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty() || limited) {
                     self.pending.push_confirmed(
                         Expect::Parse { refusal },
                         Confirm {
@@ -1169,7 +1233,7 @@ impl<'a> Proxy<'a> {
             }
             fe::BIND => {
                 let approved = self.bind_approved.take();
-                let (portal, statement) = if self.grant_bound.is_empty()
+                let (_, statement) = if self.grant_bound.is_empty()
                     && self.needs_approval.is_empty()
                     && self.gate_session.prepared_grants.is_empty()
                 {
@@ -1221,6 +1285,13 @@ impl<'a> Proxy<'a> {
                     self.refuse_bind(body, refusal_error(refusal))?;
                     return Ok(Consumed::Yes);
                 }
+                // Before this Bind changes what the gateway knows of its
+                // portal name, in case the server does not carry it out.
+                let rebind = if self.knows_portals() || !self.rebinds.is_empty() {
+                    self.rebind(bind_names(body)?.0)
+                } else {
+                    None
+                };
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
                     let audit = match self.statement_texts.get(statement) {
@@ -1250,16 +1321,20 @@ impl<'a> Proxy<'a> {
                     || !self.gate_session.prepared_limits.is_empty()
                 {
                     let (portal, statement) = bind_names(body)?;
+                    // What a Parse in this batch prepared (had it failed, the
+                    // server would skip this Bind); otherwise the tightest
+                    // limit any Parse of the name not yet replaced set.
+                    let own = match self.batch_parses.get(statement) {
+                        Some(&seq) => self.statement_limits.get_exact(statement, seq).min_by_key(|l| l.rows),
+                        None => self.statement_limits.get(statement).min_by_key(|l| l.rows),
+                    };
                     // SQL's PREPARE shares the protocol's names: a statement
                     // prepared by SQL and bound here keeps its limit, and of
                     // two, the tighter one holds.
-                    let limit = [
-                        self.statement_limits.get(statement),
-                        self.gate_session.prepared_limits.get(statement),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .min_by_key(|limit| limit.rows);
+                    let limit = [own, self.gate_session.prepared_limits.get(statement)]
+                        .into_iter()
+                        .flatten()
+                        .min_by_key(|limit| limit.rows);
                     match limit {
                         Some(limit) => {
                             self.portal_limits.insert(portal.to_string(), (limit.clone(), 0));
@@ -1273,9 +1348,12 @@ impl<'a> Proxy<'a> {
                     tracing::info!(request = id, "approved Bind sent on");
                 }
                 let bound: Vec<Arc<str>> = self.grant_bound.get(statement).flatten().cloned().collect();
-                if !bound.is_empty() || !self.portal_grants.is_empty() {
-                    self.message_seq += 1;
-                    let seq = self.message_seq;
+                if !bound.is_empty() || !self.portal_grants.is_empty() || rebind.is_some() {
+                    let (portal, _) = bind_names(body)?;
+                    let seq = rebind.unwrap_or_else(|| {
+                        self.message_seq += 1;
+                        self.message_seq
+                    });
                     if !bound.is_empty() {
                         self.portal_grants.add(portal, seq, bound);
                     }
@@ -1293,6 +1371,24 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Bind)
             }
             fe::EXECUTE => {
+                if !self.rebinds.is_empty() {
+                    // Which portal runs, and so its row limit and its text on
+                    // the record, depends on whether the server carried out a
+                    // Bind or Close of its name sent in an earlier batch: the
+                    // Execute waits for that answer. (In the same batch it
+                    // runs only if the Bind was carried out.)
+                    let portal = first_name(body, "portal name")?;
+                    let batch = self.pending.batch();
+                    if self
+                        .rebinds
+                        .iter()
+                        .rev()
+                        .find(|r| r.portal == portal)
+                        .is_some_and(|last| last.batch < batch)
+                    {
+                        return Ok(Consumed::Wait);
+                    }
+                }
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
@@ -1351,6 +1447,14 @@ impl<'a> Proxy<'a> {
                 Some(Expect::Execute { guarded: false })
             }
             fe::CLOSE => {
+                let closes_portal = body.first() != Some(&b'S');
+                // A Close the server skips (after an error earlier in its
+                // batch) closes nothing.
+                let rebind = if closes_portal && (self.knows_portals() || !self.rebinds.is_empty()) {
+                    self.rebind(first_name(body.get(1..).unwrap_or(&[]), "close name")?)
+                } else {
+                    None
+                };
                 if self.ctx.auditor.is_some() {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
@@ -1372,25 +1476,30 @@ impl<'a> Proxy<'a> {
                         _ => self.portal_sensitive.remove(name),
                     };
                 }
-                if !self.statement_limits.is_empty() || !self.portal_limits.is_empty() {
-                    let kind = body.first().copied();
+                if closes_portal && !self.portal_limits.is_empty() {
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
-                    match kind {
-                        Some(b'S') => self.statement_limits.remove(name),
-                        _ => self.portal_limits.remove(name).map(|(limit, _)| limit),
-                    };
+                    self.portal_limits.remove(name);
                 }
-                if !self.grant_bound.is_empty() || !self.needs_approval.is_empty() || !self.portal_grants.is_empty() {
-                    // Forgotten once the server confirms the Close.
+                if rebind.is_some()
+                    || !self.grant_bound.is_empty()
+                    || !self.needs_approval.is_empty()
+                    || !self.portal_grants.is_empty()
+                    || (!closes_portal && !self.statement_limits.is_empty())
+                {
+                    // Forgotten once the server confirms the Close (a
+                    // statement's row limit too).
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
-                    self.message_seq += 1;
+                    let seq = rebind.unwrap_or_else(|| {
+                        self.message_seq += 1;
+                        self.message_seq
+                    });
                     self.to_server.extend_from_slice(message);
                     self.pending.push_confirmed(
                         Expect::Close,
                         Confirm {
                             statement: name.to_string(),
-                            seq: self.message_seq,
-                            portal: body.first() != Some(&b'S'),
+                            seq,
+                            portal: closes_portal,
                         },
                     );
                     return Ok(Consumed::Yes);
@@ -2085,9 +2194,19 @@ impl<'a> Proxy<'a> {
     /// the server skips the rest of the batch up to Sync as it would after
     /// the message itself failed.
     fn fail_in_place(&mut self, name: &str, refusal: Box<ErrorFields>) {
+        self.fail_in_place_confirmed(name, refusal, None);
+    }
+
+    /// [`Proxy::fail_in_place`], reporting the failure as that of the
+    /// message `confirm` stands for (which never reaches the server).
+    fn fail_in_place_confirmed(&mut self, name: &str, refusal: Box<ErrorFields>, confirm: Option<Confirm>) {
         self.counters.refused += 1;
         Parse::encode(name, REFUSED_STATEMENT, &mut self.to_server);
-        self.pending.push(Expect::Parse { refusal: Some(refusal) });
+        let expect = Expect::Parse { refusal: Some(refusal) };
+        match confirm {
+            Some(confirm) => self.pending.push_confirmed(expect, confirm),
+            None => self.pending.push(expect),
+        }
     }
 
     /// Refuses an Execute of `portal` (see [`Proxy::fail_in_place`]): on
@@ -2130,6 +2249,7 @@ impl<'a> Proxy<'a> {
     /// skips, is not recorded as run.
     fn refuse_bind(&mut self, bind_body: &[u8], refusal: Box<ErrorFields>) -> Result<(), Stop> {
         self.count_refused_statement();
+        let mut confirm = None;
         if self.ctx.auditor.is_some() {
             let (portal, statement) = bind_names(bind_body)?;
             let bound = match self.statement_texts.get(statement) {
@@ -2141,9 +2261,17 @@ impl<'a> Proxy<'a> {
             };
             let (portal, batch) = (portal.to_string(), self.pending.batch());
             self.record_refused("bind", &bound, &refusal);
+            // The server never sees the Bind: a portal of that name stays
+            // as it was once the refusal is answered.
+            let rebind = self.rebind(&portal);
             self.portal_texts.bind(&portal, batch, PortalAudit::Refused);
+            confirm = rebind.map(|seq| Confirm {
+                statement: portal,
+                seq,
+                portal: true,
+            });
         }
-        self.fail_in_place(REFUSED_NAME, refusal);
+        self.fail_in_place_confirmed(REFUSED_NAME, refusal, confirm);
         Ok(())
     }
 
@@ -3082,19 +3210,91 @@ impl<'a> Proxy<'a> {
         }
         self.server_in = buf;
         self.record_finished();
-        self.apply_confirmed();
+        self.apply_resolved();
         result
     }
 
-    /// What the server confirmed (Parse, Bind, Close): what was remembered
-    /// about earlier statements and portals of those names goes.
-    fn apply_confirmed(&mut self) {
-        for confirm in self.pending.take_confirmed() {
+    /// What the server made of Parses, Binds and Closes the gateway
+    /// follows: once it confirmed one, what was remembered about earlier
+    /// statements and portals of that name goes; one it rejected or skipped
+    /// leaves its portal name as it was ([`Proxy::rebind`]).
+    fn apply_resolved(&mut self) {
+        let mut resolved = std::mem::take(&mut self.resolved);
+        self.pending.take_resolved(&mut resolved);
+        for (confirm, done) in resolved.drain(..) {
             if confirm.portal {
-                self.portal_grants.confirmed(&confirm.statement, confirm.seq);
-            } else {
+                if done {
+                    self.portal_grants.confirmed(&confirm.statement, confirm.seq);
+                }
+                if !self.rebinds.is_empty() {
+                    self.resolve_rebind(&confirm, done);
+                }
+            } else if done {
                 self.grant_bound.confirmed(&confirm.statement, confirm.seq);
                 self.needs_approval.confirmed(&confirm.statement, confirm.seq);
+                self.statement_limits.confirmed(&confirm.statement, confirm.seq);
+            }
+        }
+        self.resolved = resolved;
+    }
+
+    /// Whether the gateway knows a portal by name (for the trail, or by its
+    /// row limit): a Bind or Close of one of them is a [`Rebind`].
+    fn knows_portals(&self) -> bool {
+        !self.portal_texts.by_name.is_empty() || !self.portal_limits.is_empty()
+    }
+
+    /// Before a Bind or Close of `portal` changes what the gateway knows
+    /// of a portal of that name: keeps what it knew until the server
+    /// answers, and numbers the message for that answer ([`Confirm`]).
+    /// `None` when it knew nothing of the name, and no earlier message
+    /// about it waits for its answer (the last [`Rebind`] of a name is
+    /// always its last Bind or Close).
+    fn rebind(&mut self, portal: &str) -> Option<u64> {
+        let text = self.portal_texts.entry(portal);
+        let limit = self.portal_limits.get(portal).cloned();
+        if text.is_none() && limit.is_none() && !self.rebinds.iter().any(|r| r.portal == portal) {
+            return None;
+        }
+        self.message_seq += 1;
+        self.rebinds.push(Rebind {
+            portal: portal.to_string(),
+            seq: self.message_seq,
+            batch: self.pending.batch(),
+            text,
+            limit,
+        });
+        Some(self.message_seq)
+    }
+
+    /// The server answered a [`Rebind`]'s message: carried out (`done`),
+    /// what it put in place stands; rejected or skipped, the portal of
+    /// that name is the one before it, unless a later Bind of the name,
+    /// still unanswered, replaced what this one put in place: then that one
+    /// replaced the portal before.
+    fn resolve_rebind(&mut self, confirm: &Confirm, done: bool) {
+        let Some(at) = self.rebinds.iter().position(|r| r.seq == confirm.seq) else {
+            return;
+        };
+        let rebind = self.rebinds.remove(at);
+        if done {
+            return;
+        }
+        match self.rebinds[at..].iter_mut().find(|r| r.portal == rebind.portal) {
+            Some(later) => {
+                later.text = rebind.text;
+                later.limit = rebind.limit;
+            }
+            None => {
+                self.portal_texts.restore(&rebind.portal, rebind.text);
+                match rebind.limit {
+                    Some(limit) => {
+                        self.portal_limits.insert(rebind.portal, limit);
+                    }
+                    None => {
+                        self.portal_limits.remove(&rebind.portal);
+                    }
+                }
             }
         }
     }
@@ -3177,6 +3377,9 @@ impl<'a> Proxy<'a> {
                     let answered = self.pending.batches_answered();
                     self.portal_texts.transaction_ended(answered);
                     self.portal_sensitive.transaction_ended(answered);
+                    if !self.rebinds.is_empty() {
+                        self.rebinds.retain(|r| r.batch >= answered);
+                    }
                 }
             }
             backend::tag::ERROR_RESPONSE => {
@@ -3725,12 +3928,6 @@ fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
 }
 
 /// Sets `name`'s row limit to `limit`, unless it has a tighter one.
-fn tighten(limits: &mut HashMap<String, RowLimit>, name: &str, limit: RowLimit) {
-    if limits.get(name).is_none_or(|held| limit.rows < held.rows) {
-        limits.insert(name.to_string(), limit);
-    }
-}
-
 fn bind_names(body: &[u8]) -> Result<(&str, &str), Stop> {
     let mut cursor = Cursor::new(body);
     let malformed = |err: DecodeError| {

@@ -63,6 +63,12 @@ impl<T> Remembered<T> {
         self.by_name.get(name).map_or(0, Vec::len)
     }
 
+    /// Forgets every fact about `name` (the unnamed statement, which each
+    /// Parse replaces, even one that fails).
+    pub fn forget(&mut self, name: &str) {
+        self.by_name.remove(name);
+    }
+
     /// The server confirmed the message numbered `seq` about `name`: what
     /// earlier messages recorded no longer applies.
     pub fn confirmed(&mut self, name: &str, seq: u64) {
