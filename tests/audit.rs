@@ -374,6 +374,70 @@ async fn a_portal_is_forgotten_with_the_transaction_it_was_bound_in() {
     );
 }
 
+/// The trail names the prepared statement that ran, also when the client's
+/// messages about its name were not carried out: a Close the server
+/// skipped (an error earlier in its batch), a Parse it rejected (the name
+/// is taken), a DEALLOCATE skipped after an error in its string. A name
+/// freed for real and prepared again is named by its new text, in the
+/// batch that prepares it and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trail_names_the_prepared_statement_that_ran() {
+    let spec = Spec {
+        policy: Some(POLICY.into()),
+        ..Spec::default()
+    };
+    let mut gw = TestGateway::start("audit_names", spec).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let run = [raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat();
+    let steps: [(Vec<u8>, &str); 10] = [
+        ([raw::parse("s", "SELECT 1 AS first"), raw::sync()].concat(), "1Z"),
+        (
+            [raw::parse("", "SELEC 1"), raw::close(b'S', "s"), raw::sync()].concat(),
+            "EZ",
+        ),
+        ([raw::parse("s", "SELECT 2 AS second"), raw::sync()].concat(), "EZ"),
+        (run.clone(), "2DCZ"),
+        (raw::query("SELECT 1/0; DEALLOCATE s"), "EZ"),
+        ([raw::parse("s", "SELECT 3 AS third"), run.clone()].concat(), "EZ"),
+        (run.clone(), "2DCZ"),
+        (raw::query("DEALLOCATE s"), "CZ"),
+        ([raw::parse("s", "SELECT 4 AS fourth"), run.clone()].concat(), "12DCZ"),
+        (
+            [raw::close(b'S', "s"), raw::parse("s", "SELECT 5 AS fifth"), run.clone()].concat(),
+            "312DCZ",
+        ),
+    ];
+    for (n, (messages, expected)) in steps.iter().enumerate() {
+        client.send(messages).await;
+        let answer = client.until_ready().await;
+        assert_eq!(raw::tags(&answer), *expected, "step {n}: {answer:?}");
+    }
+    client.send(&run).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "2DCZ");
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let executed: Vec<String> = statements(&events)
+        .into_iter()
+        .filter(|(_, source, _, _)| source == "execute")
+        .map(|(_, _, text, _)| text)
+        .collect();
+    assert_eq!(
+        executed,
+        [
+            "SELECT 1 AS first",
+            // Skipped with the Parse before it, which failed: on the record
+            // as what the client asked for.
+            "SELECT 3 AS third",
+            "SELECT 1 AS first",
+            "SELECT 4 AS fourth",
+            "SELECT 5 AS fifth",
+            "SELECT 5 AS fifth",
+        ]
+    );
+}
+
 /// A portal fetched in pieces (Execute with a row count, answered with
 /// PortalSuspended until the last) is one statement in the trail: its rows
 /// are those of every piece, its sample goes on across pieces, and it ends

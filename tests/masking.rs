@@ -870,6 +870,22 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
     assert!(!text.contains(clear), "{text}");
     assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+
+    // C: a Close after an error in its batch is skipped, so "s" is still
+    // the sensitive statement, and a Parse of the name fails as in A.
+    client
+        .send(&[raw::parse("", "SELEC 1"), raw::close(b'S', "s"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "EZ");
+    client.send(&[raw::parse("s", "SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "EZ");
+    client
+        .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let got = client.until_ready().await;
+    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+    assert!(!text.contains(clear), "{text}");
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 }
 
 /// The first value of each row of a simple query, NULL as "NULL".

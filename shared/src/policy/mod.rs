@@ -789,7 +789,12 @@ impl StatementGate for PolicyGate {
                     .iter()
                     .all(|s| matches!(s.prepared, Some(PreparedRef::Prepare(_))));
                 if prepares && !decision.classification.is_empty() {
-                    Verdict::allow()
+                    // Still classified: the session learns from it that the
+                    // name now means another statement.
+                    Verdict::Allow(Allowance {
+                        max_rows: None,
+                        ..allowance
+                    })
                 } else {
                     Verdict::Allow(allowance)
                 }

@@ -352,7 +352,10 @@ pub(crate) struct Proxy<'a> {
     /// columns are then masked too. See [`Proxy::sensitivity`].
     last_sensitive: bool,
     /// The same, per prepared statement and per bound portal.
-    statement_sensitive: HashMap<String, bool>,
+    /// (A Remembered, for the reasons `statement_limits` is: a statement
+    /// is sensitive if any Parse of its name not yet replaced said so, or
+    /// if the gateway knows nothing of it.)
+    statement_sensitive: Remembered<bool>,
     portal_sensitive: Portals<bool>,
     /// A cursor was declared over a table with masked columns, or a
     /// sensitive statement bound to a named portal (which SQL can FETCH
@@ -406,7 +409,7 @@ pub(crate) struct Proxy<'a> {
     /// What the trail says about prepared statements and bound portals, by
     /// name: their text, for the event of each execution. A portal's entry
     /// is taken by its first Execute (later ones fetch more of its rows).
-    statement_texts: HashMap<String, Arc<AuditText>>,
+    statement_texts: HashMap<String, StatementText>,
     portal_texts: Portals<PortalAudit>,
     /// The columns of the last RowDescription, for the trail: they go to
     /// the statement whose result they describe when it ends.
@@ -452,6 +455,50 @@ impl AuditText {
         AuditText::unclassified(format!(
             "(portal \"{portal}\" of a prepared statement the gateway has no text for)"
         ))
+    }
+}
+
+/// What the trail knows of a prepared statement of some name: the text
+/// of the Parse that prepared it, kept until the server confirms a later
+/// Close or Parse of the name (a Close it skips, a Parse it rejects because
+/// the name is taken, or a DEALLOCATE that may not have run leave the
+/// statement as it was).
+#[derive(Debug)]
+struct StatementText {
+    /// The Parse's [`Confirm::seq`].
+    seq: u64,
+    text: Arc<AuditText>,
+    /// A later Parse of the name, with its number and batch: it prepares
+    /// its statement only if the name was free by then (a Close or
+    /// DEALLOCATE before it ran).
+    replacing: Option<(u64, u64, Arc<AuditText>)>,
+}
+
+impl StatementText {
+    /// The text a Bind sent in `batch` binds: the replacing Parse's when
+    /// it is in the same batch (had it failed, the server would skip the
+    /// Bind).
+    fn bound_in(&self, batch: u64) -> &Arc<AuditText> {
+        match &self.replacing {
+            Some((_, at, text)) if *at == batch => text,
+            _ => &self.text,
+        }
+    }
+
+    /// The server confirmed the Parse or Close of its name numbered
+    /// `seq`; false when no statement of the name is known any more.
+    fn confirmed(&mut self, seq: u64) -> bool {
+        if self.seq >= seq {
+            return true;
+        }
+        match self.replacing.take() {
+            Some((at, _, text)) if at >= seq => {
+                self.seq = at;
+                self.text = text;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -662,7 +709,7 @@ impl<'a> Proxy<'a> {
             rebinds: Vec::new(),
             resolved: Vec::new(),
             last_sensitive: false,
-            statement_sensitive: HashMap::new(),
+            statement_sensitive: Remembered::default(),
             portal_sensitive: Portals::default(),
             cursors_sensitive: false,
             seam,
@@ -1122,6 +1169,10 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::PARSE => {
+                // Numbered before the check, which records the statement's
+                // text under this number.
+                self.message_seq += 1;
+                let seq = self.message_seq;
                 let (name, sql, outcome) = match Parse::decode(body) {
                     Ok(parse) => (
                         parse.name,
@@ -1135,8 +1186,6 @@ impl<'a> Proxy<'a> {
                 if matches!(outcome, Outcome::Refuse(_)) {
                     self.counters.statements += 1;
                 }
-                self.message_seq += 1;
-                let seq = self.message_seq;
                 let prepared = matches!(outcome, Outcome::Forward | Outcome::Guard(_) | Outcome::Hold(_));
                 if !self.grant_bound.is_empty()
                     || !self.needs_approval.is_empty()
@@ -1152,6 +1201,7 @@ impl<'a> Proxy<'a> {
                     && self.grant_bound.count(name)
                         + self.needs_approval.count(name)
                         + self.statement_limits.count(name)
+                        + self.statement_sensitive.count(name)
                         >= MAX_FACTS_PER_NAME
                 {
                     let refusal = refusal_error(Refusal {
@@ -1206,18 +1256,23 @@ impl<'a> Proxy<'a> {
                 };
                 if self.seam.has_rules() {
                     // A Parse the server rejects (the name is taken) must not
-                    // make a sensitive statement look harmless: a named
-                    // statement's flag only grows until Close. The unnamed
-                    // one is replaced by each Parse; errors reset it below.
-                    let sensitive = self.last_sensitive;
+                    // make a sensitive statement look harmless, nor a Close
+                    // it skips: a named statement's flag only grows until
+                    // the server confirms a Close (or a later Parse). The
+                    // unnamed one is replaced by each Parse; errors reset it
+                    // below.
                     if name.is_empty() {
-                        self.statement_sensitive.insert(String::new(), sensitive);
-                    } else {
-                        *self.statement_sensitive.entry(name.to_string()).or_default() |= sensitive;
+                        self.statement_sensitive.forget(name);
                     }
+                    self.statement_sensitive.add(name, seq, self.last_sensitive);
                 }
-                let limited = !name.is_empty() && self.statement_limits.count(name) > 0;
-                if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty() || limited) {
+                // A named statement with facts from earlier Parses: they go
+                // once the server confirms this one (the name was free).
+                let earlier = !name.is_empty()
+                    && (self.statement_limits.count(name) > 0
+                        || self.statement_sensitive.count(name) > 1
+                        || self.statement_texts.get(name).is_some_and(|known| known.seq < seq));
+                if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty() || earlier) {
                     self.pending.push_confirmed(
                         Expect::Parse { refusal },
                         Confirm {
@@ -1295,7 +1350,7 @@ impl<'a> Proxy<'a> {
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
                     let audit = match self.statement_texts.get(statement) {
-                        Some(text) => PortalAudit::Bound(bound_text(text, body)),
+                        Some(known) => PortalAudit::Bound(bound_text(known.bound_in(self.pending.batch()), body)),
                         None => PortalAudit::Unknown,
                     };
                     self.portal_texts.bind(portal, self.pending.batch(), audit);
@@ -1308,7 +1363,7 @@ impl<'a> Proxy<'a> {
                 if self.seam.has_rules() {
                     let (portal, statement) = bind_names(body)?;
                     // A statement the gateway never saw parsed is sensitive.
-                    let sensitive = self.statement_sensitive.get(statement).copied().unwrap_or(true);
+                    let sensitive = self.statement_is_sensitive(statement);
                     self.portal_sensitive.bind(portal, self.pending.batch(), sensitive);
                     // SQL's FETCH and MOVE read a named portal too, as a
                     // cursor (inside a transaction block).
@@ -1459,9 +1514,9 @@ impl<'a> Proxy<'a> {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
                     match kind {
-                        Some(b'S') => {
-                            self.statement_texts.remove(name);
-                        }
+                        // A statement's text goes once the server confirms
+                        // the Close.
+                        Some(b'S') => {}
                         _ => {
                             self.portal_texts.remove(name);
                             self.end_suspended(Some(name));
@@ -1471,10 +1526,11 @@ impl<'a> Proxy<'a> {
                 if self.seam.has_rules() {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
-                    match kind {
-                        Some(b'S') => self.statement_sensitive.remove(name),
-                        _ => self.portal_sensitive.remove(name),
-                    };
+                    // A statement's flag goes once the server confirms the
+                    // Close; a portal unknown is sensitive.
+                    if kind != Some(b'S') {
+                        self.portal_sensitive.remove(name);
+                    }
                 }
                 if closes_portal && !self.portal_limits.is_empty() {
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
@@ -1484,10 +1540,13 @@ impl<'a> Proxy<'a> {
                     || !self.grant_bound.is_empty()
                     || !self.needs_approval.is_empty()
                     || !self.portal_grants.is_empty()
-                    || (!closes_portal && !self.statement_limits.is_empty())
+                    || (!closes_portal
+                        && (!self.statement_limits.is_empty()
+                            || self.seam.has_rules()
+                            || !self.statement_texts.is_empty()))
                 {
                     // Forgotten once the server confirms the Close (a
-                    // statement's row limit too).
+                    // statement's row limit, masking flag and text too).
                     let name = first_name(body.get(1..).unwrap_or(&[]), "close name")?;
                     let seq = rebind.unwrap_or_else(|| {
                         self.message_seq += 1;
@@ -1510,11 +1569,10 @@ impl<'a> Proxy<'a> {
                 let sensitive = self.seam.has_rules() && {
                     let kind = body.first().copied();
                     let name = first_name(body.get(1..).unwrap_or(&[]), "describe name")?;
-                    let known = match kind {
-                        Some(b'S') => self.statement_sensitive.get(name),
-                        _ => self.portal_sensitive.get(name),
-                    };
-                    known.copied().unwrap_or(true)
+                    match kind {
+                        Some(b'S') => self.statement_is_sensitive(name),
+                        _ => self.portal_sensitive.get(name).copied().unwrap_or(true),
+                    }
                 };
                 Some(Expect::Describe { sensitive })
             }
@@ -1897,19 +1955,16 @@ impl<'a> Proxy<'a> {
             && !matches!(outcome, Outcome::Refuse(_))
             && let Some(classification) = &decided.classification
         {
-            // SQL's PREPARE and DEALLOCATE share the protocol's names: what
-            // the trail knows of a statement of that name may no longer be
-            // what runs. (Its row limit stays: a DEALLOCATE may be skipped,
-            // when an earlier statement of its string fails.)
+            // SQL's PREPARE shares the protocol's names: one that succeeds
+            // prepares a statement the trail has no text for. (One that
+            // fails, because the name is taken, leaves the statement
+            // unnamed in the trail: less said, nothing false.) A DEALLOCATE
+            // may be skipped, when an earlier statement of its string
+            // fails: the text stays until the server confirms a Parse of
+            // the name (`StatementText::replacing`).
             for statement in &classification.statements {
-                match &statement.prepared {
-                    Some(
-                        crate::policy::PreparedRef::Prepare(name) | crate::policy::PreparedRef::Deallocate(Some(name)),
-                    ) => {
-                        self.statement_texts.remove(name.as_str());
-                    }
-                    Some(crate::policy::PreparedRef::Deallocate(None)) => self.statement_texts.clear(),
-                    Some(crate::policy::PreparedRef::Execute(_)) | None => {}
+                if let Some(crate::policy::PreparedRef::Prepare(name)) = &statement.prepared {
+                    self.statement_texts.remove(name.as_str());
                 }
             }
         }
@@ -1928,13 +1983,25 @@ impl<'a> Proxy<'a> {
                         }
                         self.record_statement(text, source, &outcome, Some(statements), decided.decision, decided.rule);
                     }
-                    // A named statement that has a text keeps it: the server
-                    // rejects a Parse of a name that is taken (Close and
-                    // DEALLOCATE free it).
-                    _ if !statement.is_empty() && self.statement_texts.contains_key(statement) => {}
                     _ => {
-                        self.statement_texts
-                            .insert(statement.to_string(), Arc::new(AuditText { text, statements }));
+                        let text = Arc::new(AuditText { text, statements });
+                        let (seq, batch) = (self.message_seq, self.pending.batch());
+                        match self.statement_texts.get_mut(statement) {
+                            // A named statement that has a text keeps it
+                            // until the server confirms this Parse: it
+                            // rejects a Parse of a name that is taken.
+                            Some(known) if !statement.is_empty() => known.replacing = Some((seq, batch, text)),
+                            _ => {
+                                self.statement_texts.insert(
+                                    statement.to_string(),
+                                    StatementText {
+                                        seq,
+                                        text,
+                                        replacing: None,
+                                    },
+                                );
+                            }
+                        }
                     }
                 },
                 _ => {
@@ -2253,7 +2320,7 @@ impl<'a> Proxy<'a> {
         if self.ctx.auditor.is_some() {
             let (portal, statement) = bind_names(bind_body)?;
             let bound = match self.statement_texts.get(statement) {
-                Some(text) => bound_text(text, bind_body),
+                Some(known) => bound_text(known.bound_in(self.pending.batch()), bind_body),
                 None => AuditText::unclassified(format!(
                     "(prepared statement \"{statement}\"){}",
                     bind_parameters(bind_body)
@@ -3233,9 +3300,23 @@ impl<'a> Proxy<'a> {
                 self.grant_bound.confirmed(&confirm.statement, confirm.seq);
                 self.needs_approval.confirmed(&confirm.statement, confirm.seq);
                 self.statement_limits.confirmed(&confirm.statement, confirm.seq);
+                self.statement_sensitive.confirmed(&confirm.statement, confirm.seq);
+                if let Some(known) = self.statement_texts.get_mut(&confirm.statement)
+                    && !known.confirmed(confirm.seq)
+                {
+                    self.statement_texts.remove(&confirm.statement);
+                }
             }
         }
         self.resolved = resolved;
+    }
+
+    /// Whether a prepared statement may show values masked by rule in its
+    /// expression columns: any Parse of its name not yet replaced said so,
+    /// or the gateway knows nothing of it.
+    fn statement_is_sensitive(&self, name: &str) -> bool {
+        let mut facts = self.statement_sensitive.get(name).peekable();
+        facts.peek().is_none() || facts.any(|&sensitive| sensitive)
     }
 
     /// Whether the gateway knows a portal by name (for the trail, or by its
@@ -3387,7 +3468,8 @@ impl<'a> Proxy<'a> {
                     // Parses and Binds after an error were discarded: the
                     // unnamed statement and the portals may be older ones
                     // than the flags say. Assume the worst until re-bound.
-                    self.statement_sensitive.insert(String::new(), true);
+                    self.statement_sensitive.forget("");
+                    self.statement_sensitive.add("", self.message_seq, true);
                     self.portal_sensitive.clear();
                     self.pending.mark_sensitive();
                 }
