@@ -390,7 +390,7 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
     let mut client = RawClient::connect(gw.addr).await;
     client.login(&gw.db, BOB).await;
     let run = [raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat();
-    let steps: [(Vec<u8>, &str); 10] = [
+    let steps: [(Vec<u8>, &str); 13] = [
         ([raw::parse("s", "SELECT 1 AS first"), raw::sync()].concat(), "1Z"),
         (
             [raw::parse("", "SELEC 1"), raw::close(b'S', "s"), raw::sync()].concat(),
@@ -407,6 +407,18 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
             [raw::close(b'S', "s"), raw::parse("s", "SELECT 5 AS fifth"), run.clone()].concat(),
             "312DCZ",
         ),
+        // The unnamed statement, and a Parse of it skipped after an error.
+        ([raw::parse("", "SELECT 6 AS sixth"), raw::sync()].concat(), "1Z"),
+        (
+            [
+                raw::parse("x", "SELEC 1"),
+                raw::parse("", "SELECT 7 AS seventh"),
+                raw::sync(),
+            ]
+            .concat(),
+            "EZ",
+        ),
+        ([raw::bind("", ""), raw::execute("", 0), raw::sync()].concat(), "2DCZ"),
     ];
     for (n, (messages, expected)) in steps.iter().enumerate() {
         client.send(messages).await;
@@ -433,6 +445,7 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
             "SELECT 1 AS first",
             "SELECT 4 AS fourth",
             "SELECT 5 AS fifth",
+            "SELECT 6 AS sixth",
             "SELECT 5 AS fifth",
         ]
     );

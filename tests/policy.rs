@@ -709,6 +709,20 @@ async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
     raw.send(&select).await;
     assert_eq!(tags(&raw.until_ready().await), format!("2{}CZ", "D".repeat(10)));
 
+    // The unnamed statement: a Parse of it skipped after an error in its
+    // batch leaves it as it was.
+    raw.send(&[raw::parse("", "DELETE FROM t WHERE id > 2"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.send(&[raw::parse("x", "SELEC 1"), raw::parse("", "SELECT 1"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "EZ", "the second Parse is skipped");
+    raw.send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "2EZ", "the unnamed DELETE of 8 rows ran");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+
     // SQL's PREPARE: a second PREPARE of the name fails, a DEALLOCATE
     // after an error in its string is skipped.
     raw.simple("PREPARE big AS DELETE FROM t WHERE id > 2").await;

@@ -1223,13 +1223,11 @@ impl<'a> Proxy<'a> {
                     self.grant_bound.add(name, seq, std::mem::take(&mut self.last_granted));
                 }
                 // A Parse of a named statement fails on the server while
-                // the name is taken (until Close or DEALLOCATE), so it may
-                // not lift a row limit the name has: the limit stays until
-                // the server confirms the Parse (see `statement_limits`).
-                // The unnamed statement is replaced by each Parse.
-                if name.is_empty() {
-                    self.statement_limits.forget(name);
-                }
+                // the name is taken (until Close or DEALLOCATE), and one of
+                // the unnamed statement may be skipped after an error in
+                // its batch, so it may not lift a row limit the name has:
+                // the limit stays until the server confirms the Parse (see
+                // `statement_limits`).
                 let refusal = match outcome {
                     Outcome::Forward => {
                         self.to_server.extend_from_slice(message);
@@ -1268,10 +1266,9 @@ impl<'a> Proxy<'a> {
                 }
                 // A named statement with facts from earlier Parses: they go
                 // once the server confirms this one (the name was free).
-                let earlier = !name.is_empty()
-                    && (self.statement_limits.count(name) > 0
-                        || self.statement_sensitive.count(name) > 1
-                        || self.statement_texts.get(name).is_some_and(|known| known.seq < seq));
+                let earlier = self.statement_limits.count(name) > 0
+                    || self.statement_texts.get(name).is_some_and(|known| known.seq < seq)
+                    || (!name.is_empty() && self.statement_sensitive.count(name) > 1);
                 if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty() || earlier) {
                     self.pending.push_confirmed(
                         Expect::Parse { refusal },
@@ -1987,11 +1984,13 @@ impl<'a> Proxy<'a> {
                         let text = Arc::new(AuditText { text, statements });
                         let (seq, batch) = (self.message_seq, self.pending.batch());
                         match self.statement_texts.get_mut(statement) {
-                            // A named statement that has a text keeps it
-                            // until the server confirms this Parse: it
-                            // rejects a Parse of a name that is taken.
-                            Some(known) if !statement.is_empty() => known.replacing = Some((seq, batch, text)),
-                            _ => {
+                            // A statement that has a text keeps it until
+                            // the server confirms this Parse: it rejects a
+                            // Parse of a name that is taken, and skips one
+                            // (of the unnamed statement too) after an error
+                            // in its batch.
+                            Some(known) => known.replacing = Some((seq, batch, text)),
+                            None => {
                                 self.statement_texts.insert(
                                     statement.to_string(),
                                     StatementText {
