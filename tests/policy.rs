@@ -723,6 +723,20 @@ async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
     assert_eq!(tags(&messages), "2EZ", "the unnamed DELETE of 8 rows ran");
     assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
 
+    // SQL's EXECUTE runs what the protocol prepared, under its limit, and
+    // on its own.
+    raw.send(&[raw::parse("p1", "DELETE FROM t WHERE id > 2"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.send(&raw::query("EXECUTE p1")).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ", "EXECUTE: the DELETE of 8 rows ran");
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+    raw.send(&raw::query("SELECT 1; EXECUTE p1")).await;
+    let messages = raw.until_ready().await;
+    assert_eq!(tags(&messages), "EZ");
+    assert!(first_error(&messages)[&'M'].contains("must be sent on its own"));
+
     // SQL's PREPARE: a second PREPARE of the name fails, a DEALLOCATE
     // after an error in its string is skipped.
     raw.simple("PREPARE big AS DELETE FROM t WHERE id > 2").await;

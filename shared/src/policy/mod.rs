@@ -524,6 +524,19 @@ pub fn describe(statement: &StatementClass) -> String {
     out
 }
 
+/// The refusal of a write with a row limit sent in a string of several
+/// statements: the limit is checked on one statement's count, and in a
+/// string of several it could not be told apart.
+pub fn limited_write_among_others() -> Refusal {
+    Refusal {
+        code: "42501",
+        message:
+            "statement refused: a write with a row limit must be sent on its own, not in a string of several statements"
+                .into(),
+        hint: Some("send the limited write as a statement of its own".into()),
+    }
+}
+
 /// The row limit of an `EXECUTE name` whose PREPARE set one.
 fn executed_limit(classification: &Classification, session: &GateSession) -> Option<RowLimit> {
     classification.statements.iter().find_map(|s| match &s.prepared {
@@ -745,13 +758,7 @@ impl StatementGate for PolicyGate {
                     });
                 let max_rows = max_rows.or_else(|| executed_limit(&decision.classification, session));
                 if max_rows.is_some() && !single {
-                    // A row limit is checked on one statement's count; in a
-                    // string of several it could not be told apart.
-                    Verdict::Deny(Refusal {
-                        code: "42501",
-                        message: "statement refused: a write with a row limit must be sent on its own, not in a string of several statements".into(),
-                        hint: Some("send the limited write as a statement of its own".into()),
-                    })
+                    Verdict::Deny(limited_write_among_others())
                 } else {
                     Verdict::Allow(Allowance {
                         max_rows,

@@ -1264,8 +1264,9 @@ impl<'a> Proxy<'a> {
                     }
                     self.statement_sensitive.add(name, seq, self.last_sensitive);
                 }
-                // A named statement with facts from earlier Parses: they go
-                // once the server confirms this one (the name was free).
+                // A statement with facts from earlier Parses of its name:
+                // they go once the server confirms this one (the name was
+                // free, or the unnamed statement replaced).
                 let earlier = self.statement_limits.count(name) > 0
                     || self.statement_texts.get(name).is_some_and(|known| known.seq < seq)
                     || (!name.is_empty() && self.statement_sensitive.count(name) > 1);
@@ -2806,6 +2807,42 @@ impl<'a> Proxy<'a> {
         }
     }
 
+    /// SQL EXECUTE shares the protocol's namespace: an EXECUTE of a
+    /// statement the protocol prepared under a row limit runs under it (the
+    /// gate knows only the limits of SQL's PREPAREs), and, like any limited
+    /// write, on its own.
+    fn limit_sql_execute(&self, verdict: Verdict) -> Verdict {
+        let Verdict::Allow(mut allowance) = verdict else {
+            return verdict;
+        };
+        if self.statement_limits.is_empty() {
+            return Verdict::Allow(allowance);
+        }
+        let Some(classification) = allowance.classification.as_deref() else {
+            return Verdict::Allow(allowance);
+        };
+        let limit = classification
+            .statements
+            .iter()
+            .filter_map(|s| match &s.prepared {
+                Some(crate::policy::PreparedRef::Execute(name)) => {
+                    self.statement_limits.get(name).min_by_key(|l| l.rows)
+                }
+                _ => None,
+            })
+            .chain(allowance.max_rows.as_ref())
+            .min_by_key(|l| l.rows)
+            .cloned();
+        let Some(limit) = limit else {
+            return Verdict::Allow(allowance);
+        };
+        if classification.statements.len() > 1 {
+            return Verdict::Deny(crate::policy::limited_write_among_others());
+        }
+        allowance.max_rows = Some(limit);
+        Verdict::Allow(allowance)
+    }
+
     /// The gate's decision on a statement.
     fn decide(&mut self, sql: &str, source: StatementSource<'_>) -> (Outcome, Decided) {
         // Looked up for every statement, so that a grant applies from the
@@ -2820,6 +2857,7 @@ impl<'a> Proxy<'a> {
             granted: &granted,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
+        let verdict = self.limit_sql_execute(verdict);
         // What a prepared statement must remember: the grants it needed.
         match &verdict {
             Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
