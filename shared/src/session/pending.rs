@@ -186,8 +186,9 @@ pub struct PendingQueue {
     marks: VecDeque<Option<Box<Mark>>>,
     /// Marks of statements that ended, for the proxy to record.
     finished: Vec<Mark>,
-    /// Beside each entry of `queue`: for a Parse or Close, the statement it
-    /// replaces or closes, reported once the server confirms it.
+    /// Beside each entry of `queue`: for a Parse, Bind or Close the
+    /// gateway follows, the name it replaces or closes, reported once the
+    /// server answers it.
     confirms: VecDeque<Option<Confirm>>,
     /// Messages with a [`Confirm`] the server answered since the last
     /// call, in order: confirmed (true), or rejected or skipped (false).
@@ -635,6 +636,40 @@ mod tests {
         feed(&mut q, b"TDCZ");
         assert_eq!(q.batches_answered(), 3);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn confirmed_rejected_and_skipped_messages_are_reported_in_order() {
+        let confirm = |name: &str, seq: u64| Confirm {
+            statement: name.to_string(),
+            seq,
+            portal: true,
+        };
+        let mut q = PendingQueue::default();
+        q.push_confirmed(Expect::Bind, confirm("a", 1));
+        q.push(Expect::Sync);
+        // The Bind fails; the Close behind it is skipped.
+        q.push_confirmed(Expect::Bind, confirm("b", 2));
+        q.push_confirmed(Expect::Close, confirm("a", 3));
+        q.push(Expect::Sync);
+        q.push_confirmed(Expect::Close, confirm("b", 4));
+        q.push(Expect::Sync);
+        feed(&mut q, b"2ZEZ3Z");
+        assert!(q.is_empty());
+        let mut resolved = Vec::new();
+        q.take_resolved(&mut resolved);
+        assert_eq!(
+            resolved,
+            [
+                (confirm("a", 1), true),
+                (confirm("b", 2), false),
+                (confirm("a", 3), false),
+                (confirm("b", 4), true),
+            ]
+        );
+        let mut again = Vec::new();
+        q.take_resolved(&mut again);
+        assert!(again.is_empty());
     }
 
     #[test]

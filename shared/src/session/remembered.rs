@@ -63,8 +63,9 @@ impl<T> Remembered<T> {
         self.by_name.get(name).map_or(0, Vec::len)
     }
 
-    /// Forgets every fact about `name` (the unnamed statement, which each
-    /// Parse replaces, even one that fails).
+    /// Forgets every fact about `name` (the unnamed statement's masking
+    /// flag, which each Parse of it sets anew: a Parse the server skips
+    /// follows an error, which sets the flag to sensitive again).
     pub fn forget(&mut self, name: &str) {
         self.by_name.remove(name);
     }
