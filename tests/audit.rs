@@ -427,6 +427,30 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
     }
     client.send(&run).await;
     assert_eq!(raw::tags(&client.until_ready().await), "2DCZ");
+    // Pipelined: a Bind behind a Parse of its statement in an earlier batch
+    // binds what that Parse prepared if the server carried it out, and what
+    // was there before if it skipped it.
+    client
+        .send(
+            &[
+                raw::parse("", "SELECT 8 AS eighth"),
+                raw::sync(),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+                raw::parse("x", "SELEC 1"),
+                raw::parse("", "SELECT 9 AS ninth"),
+                raw::sync(),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    for expected in ["1Z", "2DCZ", "EZ", "2DCZ"] {
+        assert_eq!(raw::tags(&client.until_ready().await), expected);
+    }
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
@@ -447,6 +471,8 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
             "SELECT 5 AS fifth",
             "SELECT 6 AS sixth",
             "SELECT 5 AS fifth",
+            "SELECT 8 AS eighth",
+            "SELECT 8 AS eighth",
         ]
     );
 }

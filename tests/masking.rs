@@ -871,6 +871,20 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     assert!(!text.contains(clear), "{text}");
     assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 
+    // D: a name the protocol prepared harmless, freed by SQL's DEALLOCATE
+    // and taken by SQL's PREPARE for a sensitive statement.
+    client.send(&[raw::parse("d", "SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "1Z");
+    client.simple("DEALLOCATE d").await;
+    client.simple(&format!("PREPARE d AS {sensitive}")).await;
+    client
+        .send(&[raw::bind("", "d"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let got = client.until_ready().await;
+    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+    assert!(!text.contains(clear), "{text}");
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+
     // C: a Close after an error in its batch is skipped, so "s" is still
     // the sensitive statement, and a Parse of the name fails as in A.
     client

@@ -570,13 +570,14 @@ async fn row_limit_holds_when_a_portal_name_is_bound_again_or_closed_in_vain() {
             raw::bind("p", "w"),
             raw::bind("q", "w"),
             raw::bind("r", "w"),
+            raw::bind("f", "w"),
             raw::parse("h", "SELECT 'harmless'"),
             raw::sync(),
         ]
         .concat(),
     )
     .await;
-    assert_eq!(tags(&raw.until_ready().await), "12221Z");
+    assert_eq!(tags(&raw.until_ready().await), "122221Z");
     raw.simple("SAVEPOINT a").await;
     raw.send(&[raw::bind("p", "h"), raw::sync()].concat()).await;
     let messages = raw.until_ready().await;
@@ -608,6 +609,15 @@ async fn row_limit_holds_when_a_portal_name_is_bound_again_or_closed_in_vain() {
     assert_eq!(tags(&raw.until_ready().await), "EZ");
     assert_eq!(tags(&raw.until_ready().await), "CZ");
     refused(&raw.until_ready().await, "portal bound again, pipelined");
+    // An Execute refused for asking for a few rows leaves the portal (and
+    // its limit) as it was.
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(&[raw::execute("f", 1), raw::sync()].concat()).await;
+    let messages = raw.until_ready().await;
+    assert!(first_error(&messages)[&'M'].contains("executed whole"), "{messages:?}");
+    raw.simple("ROLLBACK TO a").await;
+    raw.send(&[raw::execute("f", 0), raw::sync()].concat()).await;
+    refused(&raw.until_ready().await, "portal refused a few rows");
     raw.simple("ROLLBACK").await;
     assert_eq!(count(&gw.db).await, 10);
 
@@ -663,7 +673,7 @@ async fn row_limit_holds_when_a_portal_name_is_bound_again_or_closed_in_vain() {
         })
         .filter(|text| !text.starts_with("SAVEPOINT") && !text.starts_with("ROLLBACK"))
         .collect();
-    assert_eq!(executions.len(), 4, "{executions:?}");
+    assert_eq!(executions.len(), 6, "{executions:?}");
     assert!(
         executions
             .iter()

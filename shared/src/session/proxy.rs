@@ -347,6 +347,11 @@ pub(crate) struct Proxy<'a> {
     rebinds: Vec<Rebind>,
     /// What the server made of messages pushed with a [`Confirm`]; reused.
     resolved: Vec<(Confirm, bool)>,
+    /// The Bind or Execute at the front of `client_in` waits for the
+    /// server's answer to an earlier Parse, Bind or Close of its name (see
+    /// [`StatementText::undecided_before`], [`Rebind`]); the client is not
+    /// read further meanwhile.
+    waits_for_answer: bool,
     /// Whether the last statement the gate allowed reads a table with
     /// columns masked by rule (or cannot be seen into): its expression
     /// columns are then masked too. See [`Proxy::sensitivity`].
@@ -462,43 +467,51 @@ impl AuditText {
 /// of the Parse that prepared it, kept until the server confirms a later
 /// Close or Parse of the name (a Close it skips, a Parse it rejects because
 /// the name is taken, or a DEALLOCATE that may not have run leave the
-/// statement as it was).
+/// statement as it was), and the Parses of the name it has not answered.
 #[derive(Debug)]
 struct StatementText {
-    /// The Parse's [`Confirm::seq`].
-    seq: u64,
-    text: Arc<AuditText>,
-    /// A later Parse of the name, with its number and batch: it prepares
-    /// its statement only if the name was free by then (a Close or
-    /// DEALLOCATE before it ran).
-    replacing: Option<(u64, u64, Arc<AuditText>)>,
+    /// The statement the server has: its Parse's [`Confirm::seq`] and
+    /// text (`None` after a Close the server confirmed).
+    current: Option<(u64, Arc<AuditText>)>,
+    /// Later Parses of the name, oldest first, with their number and
+    /// batch: each prepares its statement only if the name was free by
+    /// then (the unnamed statement: if the server did not skip it).
+    pending: Vec<(u64, u64, Arc<AuditText>)>,
 }
 
 impl StatementText {
-    /// The text a Bind sent in `batch` binds: the replacing Parse's when
-    /// it is in the same batch (had it failed, the server would skip the
-    /// Bind).
-    fn bound_in(&self, batch: u64) -> &Arc<AuditText> {
-        match &self.replacing {
-            Some((_, at, text)) if *at == batch => text,
-            _ => &self.text,
+    /// The text a Bind sent in `batch` binds: the last Parse's when it is
+    /// in the same batch (had it failed, the server would skip the Bind).
+    fn bound_in(&self, batch: u64) -> Option<&Arc<AuditText>> {
+        match self.pending.last() {
+            Some((_, at, text)) if *at == batch => Some(text),
+            _ => self.current.as_ref().map(|(_, text)| text),
         }
     }
 
-    /// The server confirmed the Parse or Close of its name numbered
-    /// `seq`; false when no statement of the name is known any more.
-    fn confirmed(&mut self, seq: u64) -> bool {
-        if self.seq >= seq {
-            return true;
-        }
-        match self.replacing.take() {
-            Some((at, _, text)) if at >= seq => {
-                self.seq = at;
-                self.text = text;
-                true
+    /// Whether a Parse of the name sent before `batch` is unanswered: a
+    /// Bind sent now cannot tell which statement it binds.
+    fn undecided_before(&self, batch: u64) -> bool {
+        self.pending.iter().any(|(_, at, _)| *at < batch)
+    }
+
+    /// The server answered the Parse or Close of the name numbered `seq`
+    /// (`done`: carried it out); false once nothing is known of the name.
+    fn resolved(&mut self, seq: u64, done: bool) -> bool {
+        match self.pending.iter().position(|(at, _, _)| *at == seq) {
+            Some(index) if done => {
+                let (at, _, text) = self.pending.remove(index);
+                self.pending.drain(..index);
+                self.current = Some((at, text));
             }
-            _ => false,
+            Some(index) => {
+                self.pending.remove(index);
+            }
+            // A Close (or a Parse the trail did not follow) carried out.
+            None if done && self.current.as_ref().is_some_and(|(at, _)| *at < seq) => self.current = None,
+            None => {}
         }
+        self.current.is_some() || !self.pending.is_empty()
     }
 }
 
@@ -708,6 +721,7 @@ impl<'a> Proxy<'a> {
             portal_limits: HashMap::new(),
             rebinds: Vec::new(),
             resolved: Vec::new(),
+            waits_for_answer: false,
             last_sensitive: false,
             statement_sensitive: Remembered::default(),
             portal_sensitive: Portals::default(),
@@ -1092,7 +1106,10 @@ impl<'a> Proxy<'a> {
     /// Whether the client's messages must wait: a guard runs, or a guarded
     /// statement waits for the answers still owed.
     fn client_blocked(&self) -> bool {
-        self.guard.is_some() || self.held.is_some() || (self.deferred.is_some() && !self.pending.is_empty())
+        self.guard.is_some()
+            || self.held.is_some()
+            || (self.deferred.is_some() && !self.pending.is_empty())
+            || (self.waits_for_answer && !self.pending.is_empty())
     }
 
     /// With masking or auditing on, every Execute is preceded by a Describe
@@ -1256,19 +1273,24 @@ impl<'a> Proxy<'a> {
                     // A Parse the server rejects (the name is taken) must not
                     // make a sensitive statement look harmless, nor a Close
                     // it skips: a named statement's flag only grows until
-                    // the server confirms a Close (or a later Parse). The
-                    // unnamed one is replaced by each Parse; errors reset it
-                    // below.
+                    // the server confirms a Close (or a later Parse); one
+                    // refused here prepares nothing. The unnamed one is
+                    // replaced by each Parse; errors reset it below.
                     if name.is_empty() {
                         self.statement_sensitive.forget(name);
+                        self.statement_sensitive.add(name, seq, self.last_sensitive);
+                    } else if prepared {
+                        self.statement_sensitive.add(name, seq, self.last_sensitive);
                     }
-                    self.statement_sensitive.add(name, seq, self.last_sensitive);
                 }
                 // A statement with facts from earlier Parses of its name:
                 // they go once the server confirms this one (the name was
                 // free, or the unnamed statement replaced).
                 let earlier = self.statement_limits.count(name) > 0
-                    || self.statement_texts.get(name).is_some_and(|known| known.seq < seq)
+                    || self
+                        .statement_texts
+                        .get(name)
+                        .is_some_and(|known| known.pending.iter().any(|(at, _, _)| *at == seq))
                     || (!name.is_empty() && self.statement_sensitive.count(name) > 1);
                 if prepared && (!self.grant_bound.is_empty() || !self.needs_approval.is_empty() || earlier) {
                     self.pending.push_confirmed(
@@ -1285,6 +1307,22 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
+                if self.ctx.auditor.is_some() && !self.statement_texts.is_empty() {
+                    // Which statement the name means, for the trail, depends
+                    // on the server's answer to a Parse of it sent in an
+                    // earlier batch: the Bind waits for that answer.
+                    let (_, statement) = bind_names(body)?;
+                    let batch = self.pending.batch();
+                    if self
+                        .statement_texts
+                        .get(statement)
+                        .is_some_and(|known| known.undecided_before(batch))
+                    {
+                        self.waits_for_answer = true;
+                        return Ok(Consumed::Wait);
+                    }
+                }
+                self.waits_for_answer = false;
                 let approved = self.bind_approved.take();
                 let (_, statement) = if self.grant_bound.is_empty()
                     && self.needs_approval.is_empty()
@@ -1347,8 +1385,13 @@ impl<'a> Proxy<'a> {
                 };
                 if self.ctx.auditor.is_some() {
                     let (portal, statement) = bind_names(body)?;
-                    let audit = match self.statement_texts.get(statement) {
-                        Some(known) => PortalAudit::Bound(bound_text(known.bound_in(self.pending.batch()), body)),
+                    let batch = self.pending.batch();
+                    let audit = match self
+                        .statement_texts
+                        .get(statement)
+                        .and_then(|known| known.bound_in(batch))
+                    {
+                        Some(text) => PortalAudit::Bound(bound_text(text, body)),
                         None => PortalAudit::Unknown,
                     };
                     self.portal_texts.bind(portal, self.pending.batch(), audit);
@@ -1439,9 +1482,11 @@ impl<'a> Proxy<'a> {
                         .find(|r| r.portal == portal)
                         .is_some_and(|last| last.batch < batch)
                     {
+                        self.waits_for_answer = true;
                         return Ok(Consumed::Wait);
                     }
                 }
+                self.waits_for_answer = false;
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
@@ -1449,33 +1494,35 @@ impl<'a> Proxy<'a> {
                         return Ok(Consumed::Yes);
                     }
                 }
-                self.record_execute(body)?;
                 if !self.portal_limits.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     // A write runs whole at its first Execute, whatever the
                     // row count asked for (the rest of its RETURNING rows
                     // wait in the portal): fetched a few rows at a time, the
-                    // guard would see only those.
+                    // guard would see only those. Refused, on the record as
+                    // such, and the portal stays as it was, limit and all
+                    // (it can run after a savepoint is rolled back).
                     let fetch = body
                         .get(portal.len() + 1..)
                         .and_then(|n| n.get(..4))
                         .map(|n| i32::from_be_bytes(n.try_into().unwrap_or_default()));
                     if fetch.is_some_and(|n| n > 0)
-                        && let Some((RowLimit { rule, rows }, _)) = self.portal_limits.remove(portal)
+                        && let Some((RowLimit { rule, rows }, _)) = self.portal_limits.get(portal).cloned()
                     {
-                        self.counters.refused += 1;
-                        self.fail_in_place(
-                            REFUSED_NAME,
-                            refusal_error(Refusal {
-                                code: ROW_LIMIT_SQLSTATE,
-                                message: format!(
-                                    "statement refused: rule \"{rule}\" limits this write to {rows} rows, which the gateway checks only when it is executed whole"
-                                ),
-                                hint: Some("execute it with no row count (Execute with 0 rows)".into()),
-                            }),
-                        );
+                        let refusal = refusal_error(Refusal {
+                            code: ROW_LIMIT_SQLSTATE,
+                            message: format!(
+                                "statement refused: rule \"{rule}\" limits this write to {rows} rows, which the gateway checks only when it is executed whole"
+                            ),
+                            hint: Some("execute it with no row count (Execute with 0 rows)".into()),
+                        });
+                        self.refuse_execute(portal, refusal);
                         return Ok(Consumed::Yes);
                     }
+                }
+                self.record_execute(body)?;
+                if !self.portal_limits.is_empty() {
+                    let portal = first_name(body, "portal name")?;
                     if let Some((limit, rows)) = self.portal_limits.get(portal) {
                         let mut guard = Guard::new(
                             limit.clone(),
@@ -1949,7 +1996,7 @@ impl<'a> Proxy<'a> {
         if matches!(outcome, Outcome::Hold(_)) {
             self.checked_text = text.clone();
         }
-        if !self.statement_texts.is_empty()
+        if (!self.statement_texts.is_empty() || self.seam.has_rules())
             && !matches!(outcome, Outcome::Refuse(_))
             && let Some(classification) = &decided.classification
         {
@@ -1960,9 +2007,15 @@ impl<'a> Proxy<'a> {
             // may be skipped, when an earlier statement of its string
             // fails: the text stays until the server confirms a Parse of
             // the name (`StatementText::replacing`).
+            // Masking reads a name an SQL PREPARE took as unknown, so
+            // sensitive: what the protocol knew of it may be of a statement
+            // a DEALLOCATE freed.
             for statement in &classification.statements {
                 if let Some(crate::policy::PreparedRef::Prepare(name)) = &statement.prepared {
                     self.statement_texts.remove(name.as_str());
+                    if self.seam.has_rules() {
+                        self.statement_sensitive.add(name, self.message_seq, true);
+                    }
                 }
             }
         }
@@ -1990,14 +2043,13 @@ impl<'a> Proxy<'a> {
                             // Parse of a name that is taken, and skips one
                             // (of the unnamed statement too) after an error
                             // in its batch.
-                            Some(known) => known.replacing = Some((seq, batch, text)),
+                            Some(known) => known.pending.push((seq, batch, text)),
                             None => {
                                 self.statement_texts.insert(
                                     statement.to_string(),
                                     StatementText {
-                                        seq,
-                                        text,
-                                        replacing: None,
+                                        current: Some((seq, text)),
+                                        pending: Vec::new(),
                                     },
                                 );
                             }
@@ -2319,8 +2371,13 @@ impl<'a> Proxy<'a> {
         let mut confirm = None;
         if self.ctx.auditor.is_some() {
             let (portal, statement) = bind_names(bind_body)?;
-            let bound = match self.statement_texts.get(statement) {
-                Some(known) => bound_text(known.bound_in(self.pending.batch()), bind_body),
+            let batch = self.pending.batch();
+            let bound = match self
+                .statement_texts
+                .get(statement)
+                .and_then(|known| known.bound_in(batch))
+            {
+                Some(text) => bound_text(text, bind_body),
                 None => AuditText::unclassified(format!(
                     "(prepared statement \"{statement}\"){}",
                     bind_parameters(bind_body)
@@ -3333,13 +3390,15 @@ impl<'a> Proxy<'a> {
                 if !self.rebinds.is_empty() {
                     self.resolve_rebind(&confirm, done);
                 }
-            } else if done {
-                self.grant_bound.confirmed(&confirm.statement, confirm.seq);
-                self.needs_approval.confirmed(&confirm.statement, confirm.seq);
-                self.statement_limits.confirmed(&confirm.statement, confirm.seq);
-                self.statement_sensitive.confirmed(&confirm.statement, confirm.seq);
+            } else {
+                if done {
+                    self.grant_bound.confirmed(&confirm.statement, confirm.seq);
+                    self.needs_approval.confirmed(&confirm.statement, confirm.seq);
+                    self.statement_limits.confirmed(&confirm.statement, confirm.seq);
+                    self.statement_sensitive.confirmed(&confirm.statement, confirm.seq);
+                }
                 if let Some(known) = self.statement_texts.get_mut(&confirm.statement)
-                    && !known.confirmed(confirm.seq)
+                    && !known.resolved(confirm.seq, done)
                 {
                     self.statement_texts.remove(&confirm.statement);
                 }
