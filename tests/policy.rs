@@ -742,10 +742,15 @@ async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
     let messages = raw.until_ready().await;
     assert_eq!(tags(&messages), "EZ", "EXECUTE: the DELETE of 8 rows ran");
     assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
-    raw.send(&raw::query("SELECT 1; EXECUTE p1")).await;
-    let messages = raw.until_ready().await;
-    assert_eq!(tags(&messages), "EZ");
-    assert!(first_error(&messages)[&'M'].contains("must be sent on its own"));
+    for sql in ["SELECT 1; EXECUTE p1", "EXPLAIN ANALYZE EXECUTE p1"] {
+        raw.send(&raw::query(sql)).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "EZ", "{sql}: the DELETE ran");
+        assert!(
+            first_error(&messages)[&'M'].contains("runs only as EXECUTE name"),
+            "{sql}"
+        );
+    }
 
     // SQL's PREPARE: a second PREPARE of the name fails, a DEALLOCATE
     // after an error in its string is skipped.

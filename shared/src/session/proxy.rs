@@ -2867,17 +2867,32 @@ impl<'a> Proxy<'a> {
     /// SQL EXECUTE shares the protocol's namespace: an EXECUTE of a
     /// statement the protocol prepared under a row limit runs under it (the
     /// gate knows only the limits of SQL's PREPAREs), and, like any limited
-    /// write, on its own.
-    fn limit_sql_execute(&self, verdict: Verdict) -> Verdict {
+    /// write, on its own. An EXECUTE inside another statement
+    /// (`EXPLAIN ANALYZE EXECUTE`, `CREATE TABLE ... AS EXECUTE`) runs its
+    /// statement where no limit can be checked: while the session has a
+    /// limited prepared statement, a statement that mentions EXECUTE other
+    /// than as a plain `EXECUTE name` is refused.
+    fn limit_sql_execute(&self, sql: &str, verdict: Verdict) -> Verdict {
         let Verdict::Allow(mut allowance) = verdict else {
             return verdict;
         };
-        if self.statement_limits.is_empty() {
+        if self.statement_limits.is_empty() && self.gate_session.prepared_limits.is_empty() {
             return Verdict::Allow(allowance);
         }
         let Some(classification) = allowance.classification.as_deref() else {
             return Verdict::Allow(allowance);
         };
+        let plain = classification
+            .statements
+            .iter()
+            .all(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Execute(_))));
+        if !plain && contains_ignore_case(sql, "execute") {
+            return Verdict::Deny(Refusal {
+                code: "42501",
+                message: "statement refused: a prepared statement with a row limit runs only as EXECUTE name, on its own; this statement may execute one where its rows cannot be counted".into(),
+                hint: Some("send EXECUTE name as a statement of its own".into()),
+            });
+        }
         let limit = classification
             .statements
             .iter()
@@ -2914,7 +2929,7 @@ impl<'a> Proxy<'a> {
             granted: &granted,
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
-        let verdict = self.limit_sql_execute(verdict);
+        let verdict = self.limit_sql_execute(sql, verdict);
         // What a prepared statement must remember: the grants it needed.
         match &verdict {
             Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
