@@ -885,6 +885,22 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     assert!(!text.contains(clear), "{text}");
     assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 
+    // E: after an error the client reads before it sends its Sync (with
+    // Flush), what it sends next is skipped too, and changes nothing.
+    client.send(&[raw::parse("", sensitive), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "1Z");
+    client.send(&[raw::parse("x", "SELEC 1"), raw::flush()].concat()).await;
+    assert_eq!(client.recv().await.map(|(tag, _)| tag), Some(b'E'));
+    client.send(&[raw::parse("", "SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "Z", "the Parse is skipped");
+    client
+        .send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let got = client.until_ready().await;
+    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+    assert!(!text.contains(clear), "{text}");
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+
     // C: a Close after an error in its batch is skipped, so "s" is still
     // the sensitive statement, and a Parse of the name fails as in A.
     client

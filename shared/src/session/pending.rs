@@ -356,6 +356,25 @@ impl PendingQueue {
         self.queue.pop_front()
     }
 
+    /// Whether an ErrorResponse arriving now makes the server skip the
+    /// client's messages up to a Sync the client has not sent yet: the
+    /// answer in front is to an extended-protocol message, and no Sync is
+    /// owed an answer.
+    pub fn error_skips_to_unsent_sync(&self) -> bool {
+        let extended = matches!(
+            self.queue.iter().find(|e| **e != Expect::CopyEnd),
+            Some(
+                Expect::Parse { .. }
+                    | Expect::Bind
+                    | Expect::Describe { .. }
+                    | Expect::InternalDescribe { .. }
+                    | Expect::Execute { .. }
+                    | Expect::Close
+            )
+        );
+        extended && !self.queue.contains(&Expect::Sync)
+    }
+
     /// Nothing owed: the session is between requests.
     pub fn is_empty(&self) -> bool {
         self.queue.iter().all(|e| *e == Expect::CopyEnd)
@@ -670,6 +689,20 @@ mod tests {
         let mut again = Vec::new();
         q.take_resolved(&mut again);
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn an_error_before_the_sync_is_sent_skips_what_follows_until_it() {
+        let mut q = PendingQueue::default();
+        q.push(Expect::Parse { refusal: None });
+        q.push(Expect::Bind);
+        assert!(q.error_skips_to_unsent_sync());
+        q.push(Expect::Sync);
+        assert!(!q.error_skips_to_unsent_sync(), "the Sync is sent");
+        let mut q = PendingQueue::default();
+        q.push(Expect::query(false));
+        assert!(!q.error_skips_to_unsent_sync(), "a simple Query's error ends with it");
+        assert!(!PendingQueue::default().error_skips_to_unsent_sync());
     }
 
     #[test]

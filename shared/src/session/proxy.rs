@@ -347,6 +347,11 @@ pub(crate) struct Proxy<'a> {
     rebinds: Vec<Rebind>,
     /// What the server made of messages pushed with a [`Confirm`]; reused.
     resolved: Vec<(Confirm, bool)>,
+    /// An error in the extended protocol arrived before the client sent
+    /// its batch's Sync: the server skips what the client sends until then,
+    /// so the gateway passes it on without acting on it (a Parse or Bind it
+    /// skips must not change what the gateway knows of a name).
+    discarding: bool,
     /// The Bind or Execute at the front of `client_in` waits for the
     /// server's answer to an earlier Parse, Bind or Close of its name (see
     /// [`StatementText::undecided_before`], [`Rebind`]); the client is not
@@ -722,6 +727,7 @@ impl<'a> Proxy<'a> {
             rebinds: Vec::new(),
             resolved: Vec::new(),
             waits_for_answer: false,
+            discarding: false,
             last_sensitive: false,
             statement_sensitive: Remembered::default(),
             portal_sensitive: Portals::default(),
@@ -1153,6 +1159,27 @@ impl<'a> Proxy<'a> {
     /// One complete frontend message (header included).
     fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
+        if self.discarding {
+            // Skipped by the server: passed on, answered by nothing, acted
+            // on by nobody.
+            let skipped = match message_tag {
+                fe::PARSE => Some(Expect::Parse { refusal: None }),
+                fe::BIND => Some(Expect::Bind),
+                fe::DESCRIBE => Some(Expect::Describe { sensitive: true }),
+                fe::EXECUTE => Some(Expect::Execute { guarded: false }),
+                fe::CLOSE => Some(Expect::Close),
+                fe::SYNC => {
+                    self.discarding = false;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(expect) = skipped {
+                self.to_server.extend_from_slice(message);
+                self.pending.push(expect);
+                return Ok(Consumed::Yes);
+            }
+        }
         let expect = match message_tag {
             fe::QUERY => {
                 let outcome = match self.deferred.take() {
@@ -3555,6 +3582,9 @@ impl<'a> Proxy<'a> {
                 }
                 _ => {}
             }
+        }
+        if message_tag == backend::tag::ERROR_RESPONSE && self.pending.error_skips_to_unsent_sync() {
+            self.discarding = true;
         }
         let owner = self.pending.on_backend(message_tag);
         // What the gateway tracks whoever the message is for.
