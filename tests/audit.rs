@@ -451,6 +451,33 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
     for expected in ["1Z", "2DCZ", "EZ", "2DCZ"] {
         assert_eq!(raw::tags(&client.until_ready().await), expected);
     }
+    // A Bind that waits for the answer to a Parse of its statement, and
+    // an error before the Sync of its own batch: nothing hangs, nothing of
+    // the skipped batch is on the record.
+    client
+        .send(
+            &[
+                raw::parse("s", "SELECT 11 AS taken"),
+                raw::sync(),
+                raw::parse("x", "SELEC 1"),
+                run.clone(),
+            ]
+            .concat(),
+        )
+        .await;
+    for expected in ["EZ", "EZ"] {
+        assert_eq!(raw::tags(&client.until_ready().await), expected);
+    }
+    // A name SQL prepared, which a protocol Parse cannot take.
+    client.simple("PREPARE t7 AS SELECT 70 AS seventy").await;
+    client
+        .send(&[raw::parse("t7", "SELECT 71 AS not_it"), raw::sync()].concat())
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "EZ");
+    client
+        .send(&[raw::bind("", "t7"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "2DCZ");
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
@@ -473,6 +500,7 @@ async fn the_trail_names_the_prepared_statement_that_ran() {
             "SELECT 5 AS fifth",
             "SELECT 8 AS eighth",
             "SELECT 8 AS eighth",
+            "(portal \"\" of a prepared statement the gateway has no text for)",
         ]
     );
 }

@@ -901,6 +901,20 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     assert!(!text.contains(clear), "{text}");
     assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
 
+    // F: a Query sent in that window is skipped as well, and the answers
+    // to what follows still line up with their statements.
+    client.send(&[raw::parse("x", "SELEC 1"), raw::flush()].concat()).await;
+    assert_eq!(client.recv().await.map(|(tag, _)| tag), Some(b'E'));
+    client.send(&[raw::query("SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "Z", "the Query is skipped");
+    client.send(&raw::query("SELECT 1")).await;
+    assert_eq!(tags(&client.until_ready().await), "TDCZ");
+    client.send(&raw::query(sensitive)).await;
+    let got = client.until_ready().await;
+    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+    assert!(!text.contains(clear), "{text}");
+    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+
     // C: a Close after an error in its batch is skipped, so "s" is still
     // the sensitive statement, and a Parse of the name fails as in A.
     client

@@ -1160,14 +1160,21 @@ impl<'a> Proxy<'a> {
     fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
         if self.discarding {
-            // Skipped by the server: passed on, answered by nothing, acted
-            // on by nobody.
+            // Skipped by the server, every message but Sync (a Query too):
+            // passed on, answered by nothing, acted on by nobody. A Bind or
+            // Execute that waited for an answer waits no more, and a Bind
+            // approved meanwhile used its approval up.
             let skipped = match message_tag {
-                fe::PARSE => Some(Expect::Parse { refusal: None }),
-                fe::BIND => Some(Expect::Bind),
-                fe::DESCRIBE => Some(Expect::Describe { sensitive: true }),
-                fe::EXECUTE => Some(Expect::Execute { guarded: false }),
-                fe::CLOSE => Some(Expect::Close),
+                fe::PARSE => Some(Some(Expect::Parse { refusal: None })),
+                fe::BIND => {
+                    self.bind_approved = None;
+                    Some(Some(Expect::Bind))
+                }
+                fe::DESCRIBE => Some(Some(Expect::Describe { sensitive: true })),
+                fe::EXECUTE => Some(Some(Expect::Execute { guarded: false })),
+                fe::CLOSE => Some(Some(Expect::Close)),
+                // No answer at all: nothing for the queue.
+                fe::QUERY | fe::FUNCTION_CALL => Some(None),
                 fe::SYNC => {
                     self.discarding = false;
                     None
@@ -1175,8 +1182,11 @@ impl<'a> Proxy<'a> {
                 _ => None,
             };
             if let Some(expect) = skipped {
+                self.waits_for_answer = false;
                 self.to_server.extend_from_slice(message);
-                self.pending.push(expect);
+                if let Some(expect) = expect {
+                    self.pending.push(expect);
+                }
                 return Ok(Consumed::Yes);
             }
         }
@@ -1260,7 +1270,14 @@ impl<'a> Proxy<'a> {
                     let source = StatementSource::Parse { statement: name };
                     let outcome = Outcome::Refuse(refusal.clone());
                     self.record_statement(audit_text(sql), source, &outcome, None, "deny", None);
-                    self.fail_in_place(name, refusal);
+                    // Its text, which the check kept for the name, goes
+                    // with the refusal's answer.
+                    let confirm = Confirm {
+                        statement: name.to_string(),
+                        seq,
+                        portal: false,
+                    };
+                    self.fail_in_place_confirmed(name, refusal, Some(confirm));
                     return Ok(Consumed::Yes);
                 }
                 if prepared && !self.last_granted.is_empty() {
@@ -1340,10 +1357,11 @@ impl<'a> Proxy<'a> {
                     // earlier batch: the Bind waits for that answer.
                     let (_, statement) = bind_names(body)?;
                     let batch = self.pending.batch();
-                    if self
-                        .statement_texts
-                        .get(statement)
-                        .is_some_and(|known| known.undecided_before(batch))
+                    if !self.pending.is_empty()
+                        && self
+                            .statement_texts
+                            .get(statement)
+                            .is_some_and(|known| known.undecided_before(batch))
                     {
                         self.waits_for_answer = true;
                         return Ok(Consumed::Wait);
@@ -1502,12 +1520,13 @@ impl<'a> Proxy<'a> {
                     // runs only if the Bind was carried out.)
                     let portal = first_name(body, "portal name")?;
                     let batch = self.pending.batch();
-                    if self
-                        .rebinds
-                        .iter()
-                        .rev()
-                        .find(|r| r.portal == portal)
-                        .is_some_and(|last| last.batch < batch)
+                    if !self.pending.is_empty()
+                        && self
+                            .rebinds
+                            .iter()
+                            .rev()
+                            .find(|r| r.portal == portal)
+                            .is_some_and(|last| last.batch < batch)
                     {
                         self.waits_for_answer = true;
                         return Ok(Consumed::Wait);
@@ -2071,6 +2090,18 @@ impl<'a> Proxy<'a> {
                             // (of the unnamed statement too) after an error
                             // in its batch.
                             Some(known) => known.pending.push((seq, batch, text)),
+                            // A named one the gateway knows no text for may
+                            // still be taken (an SQL PREPARE of it): its text
+                            // waits for the server's answer too.
+                            None if !statement.is_empty() => {
+                                self.statement_texts.insert(
+                                    statement.to_string(),
+                                    StatementText {
+                                        current: None,
+                                        pending: vec![(seq, batch, text)],
+                                    },
+                                );
+                            }
                             None => {
                                 self.statement_texts.insert(
                                     statement.to_string(),
