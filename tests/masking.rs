@@ -842,6 +842,12 @@ async fn rejected_parses_and_binds_do_not_unmask() {
             .collect()
     };
     let clear = "NOT-A-REAL-SECRET-BUT-TREAT-IT-LIKE-ONE";
+    // The sensitive statement's one row, masked, and the value nowhere.
+    let masked = |got: &[raw::Msg]| {
+        let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
+        assert!(!text.contains(clear), "{text}");
+        assert_eq!(rows(got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    };
 
     // A: the name is taken, so the second Parse fails; "s" is still the
     // sensitive statement.
@@ -852,8 +858,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client
         .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let got = client.until_ready().await;
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 
     // B: after an error, the batch's Parse of the unnamed statement is
     // discarded; the unnamed statement is still the sensitive one.
@@ -866,10 +871,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client
         .send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let got = client.until_ready().await;
-    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
-    assert!(!text.contains(clear), "{text}");
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 
     // D: a name the protocol prepared harmless, freed by SQL's DEALLOCATE
     // and taken by SQL's PREPARE for a sensitive statement.
@@ -880,10 +882,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client
         .send(&[raw::bind("", "d"), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let got = client.until_ready().await;
-    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
-    assert!(!text.contains(clear), "{text}");
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 
     // E: after an error the client reads before it sends its Sync (with
     // Flush), what it sends next is skipped too, and changes nothing.
@@ -896,10 +895,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client
         .send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let got = client.until_ready().await;
-    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
-    assert!(!text.contains(clear), "{text}");
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 
     // F: a Query sent in that window is skipped as well, and the answers
     // to what follows still line up with their statements.
@@ -910,10 +906,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client.send(&raw::query("SELECT 1")).await;
     assert_eq!(tags(&client.until_ready().await), "TDCZ");
     client.send(&raw::query(sensitive)).await;
-    let got = client.until_ready().await;
-    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
-    assert!(!text.contains(clear), "{text}");
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 
     // C: a Close after an error in its batch is skipped, so "s" is still
     // the sensitive statement, and a Parse of the name fails as in A.
@@ -926,10 +919,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client
         .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let got = client.until_ready().await;
-    let text: String = got.iter().map(|(_, body)| String::from_utf8_lossy(body)).collect();
-    assert!(!text.contains(clear), "{text}");
-    assert_eq!(rows(&got), [[Some("[masked:expression]".to_string())]], "{got:?}");
+    masked(&client.until_ready().await);
 }
 
 /// The first value of each row of a simple query, NULL as "NULL".
