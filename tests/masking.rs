@@ -908,6 +908,36 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client.send(&raw::query(sensitive)).await;
     masked(&client.until_ready().await);
 
+    // G: the same window after a COPY FROM STDIN the client fails (the Sync
+    // sent with its Execute is one the server ignores).
+    client.simple("CREATE TEMP TABLE scratch (v text)").await;
+    client.send(&[raw::parse("", sensitive), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "1Z");
+    client
+        .send(
+            &[
+                raw::parse("c", "COPY scratch FROM STDIN"),
+                raw::bind("p", "c"),
+                raw::execute("p", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    for expected in [b'1', b'2', b'G'] {
+        assert_eq!(client.recv().await.map(|(tag, _)| tag), Some(expected));
+    }
+    client
+        .send(&[raw::msg(b'f', &raw::cstr("changed my mind")), raw::flush()].concat())
+        .await;
+    assert_eq!(client.recv().await.map(|(tag, _)| tag), Some(b'E'));
+    client.send(&[raw::parse("", "SELECT 1"), raw::sync()].concat()).await;
+    assert_eq!(tags(&client.until_ready().await), "Z", "the Parse is skipped");
+    client
+        .send(&[raw::bind("", ""), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    masked(&client.until_ready().await);
+
     // C: a Close after an error in its batch is skipped, so "s" is still
     // the sensitive statement, and a Parse of the name fails as in A.
     client

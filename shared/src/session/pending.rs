@@ -372,7 +372,14 @@ impl PendingQueue {
                     | Expect::Close
             )
         );
-        extended && !self.queue.contains(&Expect::Sync)
+        // While a COPY FROM STDIN runs, the Syncs before its end are ones
+        // the server ignores (`end_copy_in`): none of them is owed.
+        let mut owed = self.queue.iter().skip(1);
+        if self.copy_in {
+            extended && !owed.skip_while(|e| **e != Expect::CopyEnd).any(|e| *e == Expect::Sync)
+        } else {
+            extended && !owed.any(|e| *e == Expect::Sync)
+        }
     }
 
     /// Nothing owed: the session is between requests.
