@@ -640,6 +640,10 @@ impl<T> Portals<T> {
         self.by_name.remove(name).map(|(_, value)| value)
     }
 
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
     /// A portal's value with the batch it was bound in, as
     /// [`Portals::restore`] takes it back.
     fn entry(&self, name: &str) -> Option<(u64, T)>
@@ -1351,17 +1355,18 @@ impl<'a> Proxy<'a> {
                 return Ok(Consumed::Yes);
             }
             fe::BIND => {
-                if self.ctx.auditor.is_some() && !self.statement_texts.is_empty() {
+                // Nothing owed (a driver that waits for each answer): nothing
+                // to wait for, and nothing to look up.
+                if self.ctx.auditor.is_some() && !self.statement_texts.is_empty() && !self.pending.is_empty() {
                     // Which statement the name means, for the trail, depends
                     // on the server's answer to a Parse of it sent in an
                     // earlier batch: the Bind waits for that answer.
                     let (_, statement) = bind_names(body)?;
                     let batch = self.pending.batch();
-                    if !self.pending.is_empty()
-                        && self
-                            .statement_texts
-                            .get(statement)
-                            .is_some_and(|known| known.undecided_before(batch))
+                    if self
+                        .statement_texts
+                        .get(statement)
+                        .is_some_and(|known| known.undecided_before(batch))
                     {
                         self.waits_for_answer = true;
                         return Ok(Consumed::Wait);
@@ -2052,7 +2057,7 @@ impl<'a> Proxy<'a> {
             // unnamed in the trail: less said, nothing false.) A DEALLOCATE
             // may be skipped, when an earlier statement of its string
             // fails: the text stays until the server confirms a Parse of
-            // the name (`StatementText::replacing`).
+            // the name (`StatementText::pending`).
             // Masking reads a name an SQL PREPARE took as unknown, so
             // sensitive: what the protocol knew of it may be of a statement
             // a DEALLOCATE freed.
@@ -3491,7 +3496,7 @@ impl<'a> Proxy<'a> {
     /// Whether the gateway knows a portal by name (for the trail, or by its
     /// row limit): a Bind or Close of one of them is a [`Rebind`].
     fn knows_portals(&self) -> bool {
-        !self.portal_texts.by_name.is_empty() || !self.portal_limits.is_empty()
+        !self.portal_texts.is_empty() || !self.portal_limits.is_empty()
     }
 
     /// Before a Bind or Close of `portal` changes what the gateway knows
