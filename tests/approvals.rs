@@ -1138,6 +1138,76 @@ async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it(
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 }
 
+/// A statement the protocol prepares can run another through SQL EXECUTE
+/// at each of its Binds, where nothing is decided: it may not run one that
+/// needs approval or a grant, whichever of the two was prepared first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
+    use crate::harness::raw::{self, RawClient};
+    use sluice_core::api::AccessRequestBody;
+    let gw = start("approval_execute_order").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    let prepare = |name: &str, sql: &str| [raw::parse(name, sql), raw::sync()].concat();
+    let run = |name: &str| [raw::bind("", name), raw::execute("", 0), raw::sync()].concat();
+
+    // `EXECUTE s` first, then `s` as a statement that needs approval.
+    client.send(&prepare("x", "EXECUTE s")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client.send(&prepare("s", "DELETE FROM orders WHERE id > 3")).await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert_eq!(error[&'C'], "42501", "{error:?}");
+    assert!(error[&'M'].contains("runs it through EXECUTE"), "{error:?}");
+    client.send(&run("x")).await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert_eq!(error[&'C'], "26000", "s was never prepared: {error:?}");
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
+
+    // Under a grant: `EXECUTE g` prepared after `g` binds g's grants, by
+    // SQL's PREPARE or the protocol's Parse; one prepared before `k` keeps
+    // `k` from being prepared under a grant (EXECUTE inside EXPLAIN may
+    // run any name).
+    let asked = api(&gw, BOB)
+        .request_access(&AccessRequestBody {
+            target: gw.db.clone(),
+            grant: "ledger-writer".into(),
+            duration: "1h".into(),
+            reason: "ledger fix".into(),
+        })
+        .await
+        .unwrap();
+    api(&gw, ALICE).decide(asked.id, true, None).await.unwrap();
+    client
+        .send(&raw::query("PREPARE g AS DELETE FROM ledger WHERE id = 1"))
+        .await;
+    assert_eq!(raw::tags(&client.until_ready().await), "CZ");
+    client.send(&prepare("h", "DELETE FROM ledger WHERE id = 2")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client.send(&prepare("xg", "EXECUTE g")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client.send(&prepare("xh", "EXPLAIN ANALYZE EXECUTE h")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client.send(&prepare("early", "EXPLAIN ANALYZE EXECUTE k")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client
+        .send(&raw::query("PREPARE k AS DELETE FROM ledger WHERE id = 3"))
+        .await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert!(error[&'M'].contains("runs it through EXECUTE"), "{error:?}");
+    api(&gw, BOB).revoke_grant(asked.id, None).await.unwrap();
+    for name in ["xg", "xh"] {
+        client.send(&run(name)).await;
+        let error = raw::first_error(&client.until_ready().await);
+        assert!(error[&'M'].contains("which has ended"), "{name}: {error:?}");
+    }
+    // Prepared while the grant was held, it may have run what was
+    // prepared under it.
+    client.send(&run("early")).await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert!(error[&'M'].contains("which has ended"), "{error:?}");
+    assert_eq!(harness::count_rows(&gw.db, "ledger").await, 3);
+}
+
 /// A grant that turns a refusal into "needs approval" binds what was
 /// prepared under it too: once it ends, an execution is refused, not held
 /// (found in review).

@@ -770,6 +770,59 @@ async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
     assert_eq!(count(&gw.db).await, 10);
 }
 
+/// A statement the protocol prepared to run another through SQL EXECUTE
+/// runs it at each Bind, where the other's limit is not looked at: a
+/// limited write may not be prepared under a name such a statement runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
+    let gw = TestGateway::start("limit_execute_first", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let prepare = |name: &str, sql: &str| [raw::parse(name, sql), raw::sync()].concat();
+    let run = |name: &str| [raw::bind("", name), raw::execute("", 0), raw::sync()].concat();
+    let cases = [
+        ("x1", "EXPLAIN ANALYZE EXECUTE p1", None),
+        ("x2", "EXECUTE p2", None),
+        ("x3", "explain (analyze, costs off) execute p3", Some("p3")),
+        ("x4", "EXECUTE p4", Some("p4")),
+    ];
+    for (runner, sql, by_protocol) in cases {
+        let mut raw = RawClient::connect(gw.addr).await;
+        raw.login(&gw.db, BOB).await;
+        raw.send(&prepare(runner, sql)).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "1Z", "{sql}: {messages:?}");
+        let name = sql.rsplit(' ').next().unwrap();
+        let write = "DELETE FROM t WHERE id > 2";
+        match by_protocol {
+            Some(name) => raw.send(&prepare(name, write)).await,
+            None => raw.send(&raw::query(&format!("PREPARE {name} AS {write}"))).await,
+        }
+        let messages = raw.until_ready().await;
+        assert_eq!(tags(&messages), "EZ", "{sql}: {name} was prepared");
+        assert!(
+            first_error(&messages)[&'M'].contains("runs it through EXECUTE"),
+            "{sql}: {messages:?}"
+        );
+        raw.send(&run(runner)).await;
+        let messages = raw.until_ready().await;
+        assert_eq!(first_error(&messages)[&'C'], "26000", "{sql}: {messages:?}");
+        assert_eq!(count(&gw.db).await, 10, "{sql}");
+    }
+    // A statement that only names a column like the keyword runs no
+    // EXECUTE: a limited write prepared after it is allowed.
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.send(&prepare("y", "SELECT 1 AS executed_at")).await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.simple("PREPARE p5 AS DELETE FROM t WHERE id > 2").await;
+    raw.send(&raw::query("EXECUTE p5")).await;
+    let messages = raw.until_ready().await;
+    assert!(first_error(&messages)[&'M'].contains("would have deleted 8 rows"));
+    assert_eq!(count(&gw.db).await, 10);
+    // With a limited statement prepared, only EXECUTE the keyword counts.
+    assert_eq!(raw.simple("SELECT 1 AS executed_at").await, [[Some("1".to_string())]]);
+}
+
 /// Two writes whose row counts the guard cannot see are refused under a
 /// limit rather than run: a write inside WITH (the command tag is the
 /// outer SELECT's) and a write executed a few rows at a time (it runs

@@ -47,21 +47,14 @@ fn is_word(token: Option<&Tok<'_>>, word: &str) -> bool {
 /// everywhere, strings and comments included: a false alarm only makes the
 /// decision stricter.
 pub fn mentions_execute(code: &str) -> bool {
+    const WORD: &[u8] = b"execute";
     let bytes = code.as_bytes();
     let word_char = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
-    let lower = code.to_ascii_lowercase();
-    let mut from = 0;
-    while let Some(found) = lower[from..].find("execute") {
-        let start = from + found;
-        let end = start + "execute".len();
-        let before = start == 0 || !word_char(bytes[start - 1]);
-        let after = end >= bytes.len() || !word_char(bytes[end]);
-        if before && after {
-            return true;
-        }
-        from = end;
-    }
-    false
+    bytes.windows(WORD.len()).enumerate().any(|(start, window)| {
+        window.eq_ignore_ascii_case(WORD)
+            && (start == 0 || !word_char(bytes[start - 1]))
+            && bytes.get(start + WORD.len()).is_none_or(|&b| !word_char(b))
+    })
 }
 
 fn class(kind: Kind, command: &str, opaque: bool) -> StatementClass {
@@ -513,5 +506,8 @@ mod tests {
         assert!(classify("FROBNICATE everything").is_none());
         assert!(mentions_execute("x; EXECUTE y"));
         assert!(!mentions_execute("executes execute_me"));
+        assert!(mentions_execute("EXPLAIN ANALYZE/**/eXeCuTe p1"));
+        assert!(mentions_execute("CREATE TABLE c AS EXECUTE"));
+        assert!(!mentions_execute("SELECT 1 AS executed_at, préexecute"));
     }
 }

@@ -20,6 +20,7 @@ pub use class::{
     Access, Assigned, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass, WrittenValues,
 };
 pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
+pub(crate) use fallback::mentions_execute;
 
 use crate::config::{
     Config, DecisionKind, GrantConfig, GrantKind, GrantRequestConfig, Holders, PolicyConfig, PolicyMode,

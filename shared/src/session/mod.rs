@@ -16,6 +16,7 @@
 //! Steps 1 and 2 must finish within `server.auth_timeout`. Every failure before
 //! step 4 ends with a FATAL ErrorResponse that says what was wrong.
 
+mod executes;
 mod guard;
 mod pending;
 mod proxy;

@@ -32,6 +32,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
+use super::executes::SqlExecutes;
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, ROW_LIMIT_SQLSTATE, command_count};
 use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
@@ -330,6 +331,9 @@ pub(crate) struct Proxy<'a> {
     /// Prepared statements that need approval: each Bind of one is held
     /// until approvers decide, with its parameters on the request.
     needs_approval: Remembered<Arc<NeedsApproval>>,
+    /// The names statements the protocol prepared run through SQL
+    /// EXECUTE: none may be prepared again with a restriction.
+    sql_executes: SqlExecutes,
     /// Numbers Parse, Bind and Close messages for [`Remembered`].
     message_seq: u64,
     /// Parses sent since the client's last Sync, by name: a Bind in the
@@ -724,6 +728,7 @@ impl<'a> Proxy<'a> {
             portal_grants: Remembered::default(),
             last_granted: Vec::new(),
             needs_approval: Remembered::default(),
+            sql_executes: SqlExecutes::default(),
             message_seq: 0,
             batch_parses: HashMap::new(),
             bind_approved: None,
@@ -2896,7 +2901,7 @@ impl<'a> Proxy<'a> {
     ) -> Option<Refusal> {
         // Without a classification the gate refused it already.
         let classification = classification?;
-        if !contains_ignore_case(sql, "execute") {
+        if !crate::policy::mentions_execute(sql) {
             return None;
         }
         let names: Vec<&str> = classification
@@ -2927,6 +2932,102 @@ impl<'a> Proxy<'a> {
         }
     }
 
+    /// A statement the protocol prepared runs the name a PREPARE or Parse
+    /// prepares now through SQL EXECUTE ([`SqlExecutes`]), where nothing
+    /// is checked at each run: if this one would be restricted (a row
+    /// limit, approval, a grant it needs), it is refused.
+    fn executed_elsewhere(&self, source: StatementSource<'_>, verdict: Verdict) -> Verdict {
+        if self.sql_executes.is_empty() {
+            return verdict;
+        }
+        let (restriction, classification) = match &verdict {
+            Verdict::Allow(allowance) if allowance.max_rows.is_some() => {
+                (Some("a row limit"), &allowance.classification)
+            }
+            Verdict::Allow(allowance) if !allowance.granted_by.is_empty() => {
+                (Some("a grant"), &allowance.classification)
+            }
+            Verdict::Allow(allowance) => (None, &allowance.classification),
+            Verdict::RequireApproval(request) => (Some("approval"), &request.classification),
+            Verdict::Deny(_) => return verdict,
+        };
+        let parsed = match source {
+            StatementSource::Parse { statement } if !statement.is_empty() => Some((statement, restriction)),
+            _ => None,
+        };
+        // The gate keeps an SQL PREPARE's limit for its EXECUTEs, not on
+        // the PREPARE's allowance.
+        let prepared = classification
+            .iter()
+            .flat_map(|c| c.statements.iter())
+            .filter_map(|s| match &s.prepared {
+                Some(crate::policy::PreparedRef::Prepare(name)) => Some((
+                    name.as_str(),
+                    (self.gate_session.prepared_limits.contains_key(name))
+                        .then_some("a row limit")
+                        .or(restriction),
+                )),
+                _ => None,
+            });
+        let Some((name, restriction)) = parsed.into_iter().chain(prepared).find_map(|(name, restriction)| {
+            Some((name, restriction?)).filter(|(name, _)| self.sql_executes.runs(name))
+        }) else {
+            return verdict;
+        };
+        Verdict::Deny(Refusal {
+            code: "42501",
+            message: format!(
+                "statement refused: \"{name}\" would need {restriction}, and a statement this session prepared earlier runs it through EXECUTE, where that cannot be checked"
+            ),
+            hint: Some("prepare it under another name, or in a new session".into()),
+        })
+    }
+
+    /// A Parse of `EXECUTE name` runs `name` at each Bind: it is bound to
+    /// the grants `name` was prepared under (by either protocol), so that a
+    /// Bind after one ended is refused, as a Bind of `name` itself is. One
+    /// that runs EXECUTE inside another statement is bound to every grant
+    /// the session's prepared statements hold.
+    fn inherit_executed_grants(&mut self, sql: &str, classification: &crate::policy::Classification) {
+        if (self.grant_bound.is_empty() && self.gate_session.prepared_grants.is_empty())
+            || !crate::policy::mentions_execute(sql)
+        {
+            return;
+        }
+        let names: Vec<&str> = classification
+            .statements
+            .iter()
+            .filter_map(|s| match &s.prepared {
+                Some(crate::policy::PreparedRef::Execute(name)) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let grants: Vec<Arc<str>> = if names.len() == classification.statements.len() {
+            names
+                .iter()
+                .flat_map(|name| {
+                    self.grant_bound
+                        .get(name)
+                        .flatten()
+                        .chain(self.gate_session.prepared_grants.get(*name).into_iter().flatten())
+                })
+                .cloned()
+                .collect()
+        } else {
+            self.grant_bound
+                .all()
+                .flatten()
+                .chain(self.gate_session.prepared_grants.values().flatten())
+                .cloned()
+                .collect()
+        };
+        for grant in grants {
+            if !self.last_granted.contains(&grant) {
+                self.last_granted.push(grant);
+            }
+        }
+    }
+
     /// SQL EXECUTE shares the protocol's namespace: an EXECUTE of a
     /// statement the protocol prepared under a row limit runs under it (the
     /// gate knows only the limits of SQL's PREPAREs), and, like any limited
@@ -2949,7 +3050,7 @@ impl<'a> Proxy<'a> {
             .statements
             .iter()
             .all(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Execute(_))));
-        if !plain && contains_ignore_case(sql, "execute") {
+        if !plain && crate::policy::mentions_execute(sql) {
             return Verdict::Deny(Refusal {
                 code: "42501",
                 message: "statement refused: a prepared statement with a row limit runs only as EXECUTE name, on its own; this statement may execute one where its rows cannot be counted".into(),
@@ -2993,6 +3094,7 @@ impl<'a> Proxy<'a> {
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
         let verdict = self.limit_sql_execute(sql, verdict);
+        let verdict = self.executed_elsewhere(source, verdict);
         // What a prepared statement must remember: the grants it needed.
         match &verdict {
             Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
@@ -3006,6 +3108,12 @@ impl<'a> Proxy<'a> {
             Verdict::RequireApproval(request) => request.classification.clone(),
             Verdict::Deny(_) => None,
         };
+        if let StatementSource::Parse { .. } = source
+            && let Some(classification) = classification.as_deref()
+        {
+            self.sql_executes.note(sql, classification);
+            self.inherit_executed_grants(sql, classification);
+        }
         self.last_sensitive = self.sensitivity(classification.as_deref());
         let masking_refusal = classification.as_deref().and_then(|c| self.masking_refusal(sql, c));
         let mut decided = Decided {

@@ -1,0 +1,106 @@
+//! Which prepared statements a session's protocol-prepared statements run
+//! through SQL EXECUTE.
+//!
+//! A Parse can prepare `EXECUTE p1`, or `EXPLAIN ANALYZE EXECUTE p1`, and
+//! the client can run it at each Bind, long after its Parse was decided.
+//! What the gateway knows of `p1` (its row limit, that each run needs
+//! approval, the grants it was allowed under) is applied to such a
+//! statement when its Parse is decided. A `p1` prepared later would run
+//! through it unchecked. So the session remembers the names such
+//! statements run, and a later PREPARE or Parse that would give one of
+//! them a restriction is refused (`Proxy::decide`).
+//!
+//! Names are only ever added: a statement stays prepared until the server
+//! confirms its Close, and one that runs EXECUTE inside another statement
+//! (EXPLAIN, CREATE TABLE AS) or names too many is taken to run any name.
+
+use std::collections::HashSet;
+
+use crate::policy::{Classification, PreparedRef};
+
+/// Names kept before the session is taken to run any name: a client
+/// preparing `EXECUTE <new name>` over and over would grow the set without
+/// end.
+const MAX_NAMES: usize = 64;
+
+#[derive(Debug, Default)]
+pub(crate) struct SqlExecutes {
+    /// Run as a plain `EXECUTE name`.
+    names: HashSet<Box<str>>,
+    /// Some statement runs a name the gateway does not follow.
+    any: bool,
+}
+
+impl SqlExecutes {
+    pub fn is_empty(&self) -> bool {
+        !self.any && self.names.is_empty()
+    }
+
+    /// Whether a statement the session prepared may run `name`.
+    pub fn runs(&self, name: &str) -> bool {
+        self.any || self.names.contains(name)
+    }
+
+    /// Notes a statement a Parse prepares (`sql`, as the gate classified
+    /// it).
+    pub fn note(&mut self, sql: &str, classification: &Classification) {
+        if self.any || !crate::policy::mentions_execute(sql) {
+            return;
+        }
+        let plain = classification
+            .statements
+            .iter()
+            .all(|s| matches!(s.prepared, Some(PreparedRef::Execute(_))));
+        if !plain || self.names.len() + classification.statements.len() > MAX_NAMES {
+            self.any = true;
+            self.names = HashSet::new();
+            return;
+        }
+        for statement in &classification.statements {
+            if let Some(PreparedRef::Execute(name)) = &statement.prepared
+                && !self.names.contains(name.as_str())
+            {
+                self.names.insert(name.as_str().into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noted(sqls: &[&str]) -> SqlExecutes {
+        let mut executes = SqlExecutes::default();
+        for sql in sqls {
+            let classification = crate::policy::classify(sql, &crate::policy::ClassifyOptions::default());
+            executes.note(sql, &classification);
+        }
+        executes
+    }
+
+    #[test]
+    fn plain_executes_name_their_statement_others_any() {
+        let executes = noted(&["SELECT 1 AS executed_at", "execute p1", "EXECUTE \"P 2\""]);
+        assert!(executes.runs("p1") && executes.runs("P 2"));
+        assert!(!executes.runs("p3") && !executes.runs("P1"));
+        for other in [
+            "EXPLAIN ANALYZE EXECUTE p1",
+            "CREATE TABLE c AS EXECUTE p1",
+            "SELECT 'execute'",
+        ] {
+            let executes = noted(&["EXECUTE p1", other]);
+            assert!(executes.runs("p3"), "{other}");
+        }
+        assert!(noted(&["SELECT 1", "SELECT executed FROM t"]).is_empty());
+    }
+
+    #[test]
+    fn too_many_names_run_any() {
+        let sqls: Vec<String> = (0..=MAX_NAMES).map(|n| format!("EXECUTE p{n}")).collect();
+        let sqls: Vec<&str> = sqls.iter().map(String::as_str).collect();
+        let executes = noted(&sqls[..MAX_NAMES]);
+        assert!(executes.runs("p0") && !executes.runs("other"));
+        assert!(noted(&sqls).runs("other"));
+    }
+}
