@@ -1157,16 +1157,23 @@ async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
     client.send(&prepare("s", "DELETE FROM orders WHERE id > 3")).await;
     let error = raw::first_error(&client.until_ready().await);
     assert_eq!(error[&'C'], "42501", "{error:?}");
-    assert!(error[&'M'].contains("runs it through EXECUTE"), "{error:?}");
+    assert!(error[&'M'].contains("this session prepared earlier"), "{error:?}");
     client.send(&run("x")).await;
     let error = raw::first_error(&client.until_ready().await);
     assert_eq!(error[&'C'], "26000", "s was never prepared: {error:?}");
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 
-    // Under a grant: `EXECUTE g` prepared after `g` binds g's grants, by
-    // SQL's PREPARE or the protocol's Parse; one prepared before `k` keeps
-    // `k` from being prepared under a grant (EXECUTE inside EXPLAIN may
-    // run any name).
+    // Under a grant: `EXECUTE g` prepared after `g` is bound to g's
+    // grants, whether SQL's PREPARE or the protocol's Parse prepared g;
+    // one prepared before (`y` runs `x2`, a second session's `early` runs
+    // EXECUTE inside EXPLAIN, of any name) keeps what it runs from being
+    // prepared under a grant.
+    client.send(&prepare("y", "EXECUTE x2")).await;
+    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    let mut second = RawClient::connect(gw.addr).await;
+    second.login(&gw.db, BOB).await;
+    second.send(&prepare("early", "EXPLAIN ANALYZE EXECUTE k")).await;
+    assert_eq!(raw::tags(&second.until_ready().await), "1Z");
     let asked = api(&gw, BOB)
         .request_access(&AccessRequestBody {
             target: gw.db.clone(),
@@ -1185,26 +1192,28 @@ async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
     assert_eq!(raw::tags(&client.until_ready().await), "1Z");
     client.send(&prepare("xg", "EXECUTE g")).await;
     assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    client.send(&prepare("x2", "EXECUTE g")).await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert!(error[&'M'].contains("\"x2\" would need a grant"), "{error:?}");
     client.send(&prepare("xh", "EXPLAIN ANALYZE EXECUTE h")).await;
     assert_eq!(raw::tags(&client.until_ready().await), "1Z");
-    client.send(&prepare("early", "EXPLAIN ANALYZE EXECUTE k")).await;
-    assert_eq!(raw::tags(&client.until_ready().await), "1Z");
-    client
+    second
         .send(&raw::query("PREPARE k AS DELETE FROM ledger WHERE id = 3"))
         .await;
-    let error = raw::first_error(&client.until_ready().await);
-    assert!(error[&'M'].contains("runs it through EXECUTE"), "{error:?}");
+    let error = raw::first_error(&second.until_ready().await);
+    assert!(error[&'M'].contains("does not name"), "{error:?}");
     api(&gw, BOB).revoke_grant(asked.id, None).await.unwrap();
     for name in ["xg", "xh"] {
         client.send(&run(name)).await;
         let error = raw::first_error(&client.until_ready().await);
         assert!(error[&'M'].contains("which has ended"), "{name}: {error:?}");
     }
-    // Prepared while the grant was held, it may have run what was
-    // prepared under it.
-    client.send(&run("early")).await;
+    client.send(&run("y")).await;
     let error = raw::first_error(&client.until_ready().await);
-    assert!(error[&'M'].contains("which has ended"), "{error:?}");
+    assert_eq!(error[&'C'], "26000", "x2 was never prepared: {error:?}");
+    second.send(&run("early")).await;
+    let error = raw::first_error(&second.until_ready().await);
+    assert_eq!(error[&'C'], "26000", "k was never prepared: {error:?}");
     assert_eq!(harness::count_rows(&gw.db, "ledger").await, 3);
 }
 

@@ -800,7 +800,7 @@ async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
         let messages = raw.until_ready().await;
         assert_eq!(tags(&messages), "EZ", "{sql}: {name} was prepared");
         assert!(
-            first_error(&messages)[&'M'].contains("runs it through EXECUTE"),
+            first_error(&messages)[&'M'].contains("this session prepared earlier"),
             "{sql}: {messages:?}"
         );
         raw.send(&run(runner)).await;
@@ -808,12 +808,20 @@ async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
         assert_eq!(first_error(&messages)[&'C'], "26000", "{sql}: {messages:?}");
         assert_eq!(count(&gw.db).await, 10, "{sql}");
     }
-    // A statement that only names a column like the keyword runs no
-    // EXECUTE: a limited write prepared after it is allowed.
+    // Statements that only have the word in a name, a string or a
+    // comment run no EXECUTE, and one that runs `p9` keeps no other name
+    // from a limit: limited writes prepared after them are allowed.
     let mut raw = RawClient::connect(gw.addr).await;
     raw.login(&gw.db, BOB).await;
-    raw.send(&prepare("y", "SELECT 1 AS executed_at")).await;
-    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    for (name, sql) in [
+        ("y", "SELECT 1 AS executed_at"),
+        ("z", "SELECT 'EXECUTE p5' -- EXECUTE p5"),
+        ("w", "EXECUTE p9"),
+        ("p6", "DELETE FROM t WHERE id > 2"),
+    ] {
+        raw.send(&prepare(name, sql)).await;
+        assert_eq!(tags(&raw.until_ready().await), "1Z", "{sql}");
+    }
     raw.simple("PREPARE p5 AS DELETE FROM t WHERE id > 2").await;
     raw.send(&raw::query("EXECUTE p5")).await;
     let messages = raw.until_ready().await;
@@ -821,6 +829,63 @@ async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
     assert_eq!(count(&gw.db).await, 10);
     // With a limited statement prepared, only EXECUTE the keyword counts.
     assert_eq!(raw.simple("SELECT 1 AS executed_at").await, [[Some("1".to_string())]]);
+}
+
+/// PostgreSQL tells prepared statements and portals apart by their first
+/// 63 bytes: two longer names that share them would be one statement to
+/// the server and two to the gateway (a limited DELETE prepared as one and
+/// bound as the other ran unguarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_postgresql_would_shorten_are_refused() {
+    let gw = TestGateway::start("limit_long_names", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let long = "a".repeat(63);
+    let write = "DELETE FROM t WHERE id > 2";
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    for sql in [
+        format!("PREPARE {long}b AS {write}"),
+        format!("EXECUTE {long}c"),
+        format!("DEALLOCATE {long}d"),
+    ] {
+        raw.send(&raw::query(&sql)).await;
+        let error = first_error(&raw.until_ready().await);
+        assert_eq!(error[&'C'], "42622", "{sql}: {error:?}");
+    }
+    // 63 bytes is a name like any other.
+    raw.simple(&format!("PREPARE {long} AS {write}")).await;
+    raw.send(&raw::query(&format!("EXECUTE {long}"))).await;
+    assert!(first_error(&raw.until_ready().await)[&'M'].contains("would have deleted 8 rows"));
+
+    // Through the protocol, a name too long ends the session.
+    let run =
+        |statement: &str, portal: &str| [raw::bind(portal, statement), raw::execute(portal, 0), raw::sync()].concat();
+    let cases = [
+        [raw::parse(&format!("{long}c"), write), run(&format!("{long}d"), "")].concat(),
+        [raw::parse("s", write), run("s", &format!("{long}p"))].concat(),
+        [
+            raw::parse("s", write),
+            raw::bind("", "s"),
+            raw::execute(&format!("{long}p"), 0),
+        ]
+        .concat(),
+        [raw::close(b'S', &format!("{long}s")), raw::sync()].concat(),
+        [raw::close(b'P', &format!("{long}p")), raw::sync()].concat(),
+    ];
+    for case in cases {
+        let mut raw = RawClient::connect(gw.addr).await;
+        raw.login(&gw.db, BOB).await;
+        raw.send(&case).await;
+        let messages = raw.until_closed().await;
+        let error = first_error(&messages);
+        assert_eq!(
+            (error[&'S'].as_str(), error[&'C'].as_str()),
+            ("FATAL", "42622"),
+            "{messages:?}"
+        );
+        assert!(error[&'M'].contains("name longer than 63 bytes"), "{error:?}");
+    }
+    assert_eq!(count(&gw.db).await, 10);
 }
 
 /// Two writes whose row counts the guard cannot see are refused under a

@@ -57,6 +57,36 @@ pub fn mentions_execute(code: &str) -> bool {
     })
 }
 
+/// Whether `sql` has EXECUTE as a keyword that may run a prepared
+/// statement: outside string constants and comments (as the server reads
+/// them, with its `standard_conforming_strings`), and not as the privilege
+/// in `GRANT EXECUTE ON` (ON is reserved: no statement is named by it).
+/// Text the scanner cannot read counts.
+pub fn executes_keyword(sql: &str, standard_conforming_strings: bool) -> bool {
+    let options = ScanOptions {
+        standard_conforming_strings,
+    };
+    let mut after_execute = false;
+    for token in Scanner::new(sql, options) {
+        let Ok(token) = token else {
+            return true;
+        };
+        match token.kind {
+            TokenKind::Comment => {}
+            TokenKind::Word => {
+                let word = &sql[token.span.clone()];
+                if after_execute && !word.eq_ignore_ascii_case("on") {
+                    return true;
+                }
+                after_execute = word.eq_ignore_ascii_case("execute");
+            }
+            _ if after_execute => return true,
+            _ => {}
+        }
+    }
+    after_execute
+}
+
 fn class(kind: Kind, command: &str, opaque: bool) -> StatementClass {
     StatementClass {
         kind,
@@ -509,5 +539,25 @@ mod tests {
         assert!(mentions_execute("EXPLAIN ANALYZE/**/eXeCuTe p1"));
         assert!(mentions_execute("CREATE TABLE c AS EXECUTE"));
         assert!(!mentions_execute("SELECT 1 AS executed_at, préexecute"));
+        for sql in [
+            "EXPLAIN ANALYZE EXECUTE p1",
+            "explain (analyze) /* x */ execute\"P\"",
+            "SELECT 'a' EXECUTE",
+            "SELECT 'unterminated EXECUTE",
+        ] {
+            assert!(executes_keyword(sql, true), "{sql}");
+        }
+        for sql in [
+            "SELECT 'execute p1' -- EXECUTE p1",
+            "GRANT EXECUTE ON FUNCTION f() TO r",
+            "SELECT $$EXECUTE p1$$",
+        ] {
+            assert!(!executes_keyword(sql, true), "{sql}");
+        }
+        // Read as the server reads it: without standard strings the
+        // backslash escapes the quote, and the EXECUTE is in the string.
+        let sql = "SELECT 'a\\' EXECUTE p1 '";
+        assert!(executes_keyword(sql, true));
+        assert!(!executes_keyword(sql, false));
     }
 }

@@ -20,7 +20,7 @@ pub use class::{
     Access, Assigned, Classification, Feature, Features, Kind, PreparedRef, Relation, StatementClass, WrittenValues,
 };
 pub use classify::{ClassifyOptions, classify, classify_with_shape, shape_key};
-pub(crate) use fallback::mentions_execute;
+pub(crate) use fallback::{executes_keyword, mentions_execute};
 
 use crate::config::{
     Config, DecisionKind, GrantConfig, GrantKind, GrantRequestConfig, Holders, PolicyConfig, PolicyMode,
@@ -710,6 +710,24 @@ impl StatementGate for PolicyGate {
             }),
             _ => self.classify(sql, session.standard_conforming_strings),
         };
+        // PostgreSQL would shorten the name, and two that differ only past
+        // its 63rd byte would be one statement to it and two to the gate.
+        if classification.statements.iter().any(|s| {
+            matches!(
+                &s.prepared,
+                Some(PreparedRef::Prepare(name) | PreparedRef::Execute(name) | PreparedRef::Deallocate(Some(name)))
+                    if name.len() > crate::protocol::frontend::MAX_NAME_BYTES
+            )
+        }) {
+            return Verdict::Deny(Refusal {
+                code: "42622",
+                message: format!(
+                    "statement refused: a prepared statement name longer than {} bytes, which PostgreSQL would shorten",
+                    crate::protocol::frontend::MAX_NAME_BYTES
+                ),
+                hint: Some("use a shorter name".into()),
+            });
+        }
         let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed).with_granted(ctx.granted);
         let decision = self.policy.decide(&subject, classification);
         // Whether the grants held made a difference to this statement.

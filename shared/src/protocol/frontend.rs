@@ -7,6 +7,11 @@ use super::codec::MessageBuilder;
 use super::cursor::{Cursor, DecodeError};
 use super::{CANCEL_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
 
+/// The longest prepared statement or portal name PostgreSQL tells apart
+/// (NAMEDATALEN - 1): it keys both by their first 63 bytes, and shortens
+/// longer SQL identifiers to as many whole characters.
+pub const MAX_NAME_BYTES: usize = 63;
+
 /// Message type bytes sent by clients.
 pub mod tag {
     pub const QUERY: u8 = b'Q';

@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 
-use crate::policy::{Classification, PreparedRef};
+use crate::policy::{Classification, Feature, Kind, PreparedRef};
 
 /// Names kept before the session is taken to run any name: a client
 /// preparing `EXECUTE <new name>` over and over would grow the set without
@@ -36,14 +36,20 @@ impl SqlExecutes {
         !self.any && self.names.is_empty()
     }
 
+    /// Whether a statement the session prepared runs EXECUTE of a name
+    /// not known.
+    pub fn runs_any(&self) -> bool {
+        self.any
+    }
+
     /// Whether a statement the session prepared may run `name`.
     pub fn runs(&self, name: &str) -> bool {
         self.any || self.names.contains(name)
     }
 
     /// Notes a statement a Parse prepares (`sql`, as the gate classified
-    /// it).
-    pub fn note(&mut self, sql: &str, classification: &Classification) {
+    /// it; `standard_conforming_strings` as the server reads it).
+    pub fn note(&mut self, sql: &str, classification: &Classification, standard_conforming_strings: bool) {
         if self.any || !crate::policy::mentions_execute(sql) {
             return;
         }
@@ -51,17 +57,29 @@ impl SqlExecutes {
             .statements
             .iter()
             .all(|s| matches!(s.prepared, Some(PreparedRef::Execute(_))));
-        if !plain || self.names.len() + classification.statements.len() > MAX_NAMES {
-            self.any = true;
-            self.names = HashSet::new();
+        if plain && self.names.len() + classification.statements.len() <= MAX_NAMES {
+            for statement in &classification.statements {
+                if let Some(PreparedRef::Execute(name)) = &statement.prepared
+                    && !self.names.contains(name.as_str())
+                {
+                    self.names.insert(name.as_str().into());
+                }
+            }
             return;
         }
-        for statement in &classification.statements {
-            if let Some(PreparedRef::Execute(name)) = &statement.prepared
-                && !self.names.contains(name.as_str())
-            {
-                self.names.insert(name.as_str().into());
-            }
+        // EXECUTE inside another statement (EXPLAIN, CREATE TABLE AS), in
+        // a function or DO body it creates or runs, or in text the gate
+        // could not read: which name it runs is not known. The word in a
+        // string constant, a comment or `GRANT EXECUTE ON` runs nothing.
+        let runs_any = plain
+            || classification
+                .statements
+                .iter()
+                .any(|s| s.kind == Kind::Unknown || s.features.contains(Feature::DynamicSql))
+            || crate::policy::executes_keyword(sql, standard_conforming_strings);
+        if runs_any {
+            self.any = true;
+            self.names = HashSet::new();
         }
     }
 }
@@ -74,7 +92,7 @@ mod tests {
         let mut executes = SqlExecutes::default();
         for sql in sqls {
             let classification = crate::policy::classify(sql, &crate::policy::ClassifyOptions::default());
-            executes.note(sql, &classification);
+            executes.note(sql, &classification, true);
         }
         executes
     }
@@ -87,12 +105,19 @@ mod tests {
         for other in [
             "EXPLAIN ANALYZE EXECUTE p1",
             "CREATE TABLE c AS EXECUTE p1",
-            "SELECT 'execute'",
+            "DO $$ BEGIN EXECUTE 'EXECUTE p1'; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'EXECUTE p1'; END $$",
         ] {
             let executes = noted(&["EXECUTE p1", other]);
-            assert!(executes.runs("p3"), "{other}");
+            assert!(executes.runs("p3") && executes.runs_any(), "{other}");
         }
-        assert!(noted(&["SELECT 1", "SELECT executed FROM t"]).is_empty());
+        let harmless = [
+            "SELECT 1",
+            "SELECT executed FROM t",
+            "SELECT 'execute' -- execute p1",
+            "GRANT EXECUTE ON FUNCTION f() TO bob",
+        ];
+        assert!(noted(&harmless).is_empty());
     }
 
     #[test]

@@ -1168,6 +1168,16 @@ impl<'a> Proxy<'a> {
     /// One complete frontend message (header included).
     fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
+        if let Some(what) = overlong_name(message_tag, body) {
+            return Err(Stop::Client(ErrorFields::new(
+                Severity::Fatal,
+                "42622",
+                format!(
+                    "{what} name longer than {} bytes: PostgreSQL would take it for any other name that starts with the same bytes",
+                    frontend::MAX_NAME_BYTES
+                ),
+            )));
+        }
         if self.discarding {
             // Skipped by the server, every message but Sync (a Query too):
             // passed on, answered by nothing, acted on by nobody. A Bind or
@@ -2951,8 +2961,12 @@ impl<'a> Proxy<'a> {
             Verdict::RequireApproval(request) => (Some("approval"), &request.classification),
             Verdict::Deny(_) => return verdict,
         };
+        // A Parse needs the grants of what it runs, too (`last_granted`).
         let parsed = match source {
-            StatementSource::Parse { statement } if !statement.is_empty() => Some((statement, restriction)),
+            StatementSource::Parse { statement } if !statement.is_empty() => Some((
+                statement,
+                restriction.or((!self.last_granted.is_empty()).then_some("a grant")),
+            )),
             _ => None,
         };
         // The gate keeps an SQL PREPARE's limit for its EXECUTEs, not on
@@ -2974,12 +2988,23 @@ impl<'a> Proxy<'a> {
         }) else {
             return verdict;
         };
+        let (runs, hint) = if self.sql_executes.runs_any() {
+            (
+                "runs EXECUTE of a statement it does not name (inside EXPLAIN or CREATE TABLE AS, or in a function or DO body)",
+                "prepare it in a new session",
+            )
+        } else {
+            (
+                "runs it through EXECUTE",
+                "prepare it under another name, or in a new session",
+            )
+        };
         Verdict::Deny(Refusal {
             code: "42501",
             message: format!(
-                "statement refused: \"{name}\" would need {restriction}, and a statement this session prepared earlier runs it through EXECUTE, where that cannot be checked"
+                "statement refused: \"{name}\" would need {restriction}, and a statement this session prepared earlier {runs}, where that cannot be checked"
             ),
-            hint: Some("prepare it under another name, or in a new session".into()),
+            hint: Some(hint.into()),
         })
     }
 
@@ -3094,25 +3119,39 @@ impl<'a> Proxy<'a> {
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
         let verdict = self.limit_sql_execute(sql, verdict);
-        let verdict = self.executed_elsewhere(source, verdict);
-        // What a prepared statement must remember: the grants it needed.
-        match &verdict {
-            Verdict::Allow(allowance) => self.last_granted.clone_from(&allowance.granted_by),
-            Verdict::RequireApproval(request) => self.last_granted.clone_from(&request.granted_by),
-            Verdict::Deny(_) => self.last_granted.clear(),
+        // What a prepared statement must remember: the grants it needed,
+        // and those of what it runs through EXECUTE.
+        let classification = match &verdict {
+            Verdict::Allow(allowance) => {
+                self.last_granted.clone_from(&allowance.granted_by);
+                allowance.classification.clone()
+            }
+            Verdict::RequireApproval(request) => {
+                self.last_granted.clone_from(&request.granted_by);
+                request.classification.clone()
+            }
+            Verdict::Deny(_) => {
+                self.last_granted.clear();
+                None
+            }
+        };
+        let parse = matches!(source, StatementSource::Parse { .. });
+        if parse && let Some(classification) = classification.as_deref() {
+            self.inherit_executed_grants(sql, classification);
         }
+        let verdict = self.executed_elsewhere(source, verdict);
         // A statement that needs approval may run once approved: it gets
         // the same masking checks now as one allowed outright.
         let classification = match &verdict {
-            Verdict::Allow(allowance) => allowance.classification.clone(),
-            Verdict::RequireApproval(request) => request.classification.clone(),
-            Verdict::Deny(_) => None,
+            Verdict::Deny(_) => {
+                self.last_granted.clear();
+                None
+            }
+            _ => classification,
         };
-        if let StatementSource::Parse { .. } = source
-            && let Some(classification) = classification.as_deref()
-        {
-            self.sql_executes.note(sql, classification);
-            self.inherit_executed_grants(sql, classification);
+        if parse && let Some(classification) = classification.as_deref() {
+            self.sql_executes
+                .note(sql, classification, self.gate_session.standard_conforming_strings);
         }
         self.last_sensitive = self.sensitivity(classification.as_deref());
         let masking_refusal = classification.as_deref().and_then(|c| self.masking_refusal(sql, c));
@@ -4287,6 +4326,31 @@ fn first_name<'m>(body: &'m [u8], field: &'static str) -> Result<&'m str, Stop> 
 
 /// The portal and statement names of a Bind body.
 /// Whether `haystack` contains `needle` (ASCII, any case).
+/// A statement or portal name in an extended-protocol message that is
+/// longer than PostgreSQL tells names apart by ([`frontend::MAX_NAME_BYTES`]),
+/// and what it names. Two such names that share their first 63 bytes are
+/// one statement (or portal) to the server and two to the gateway, which
+/// follows names for row limits, approvals, grants and masking; no driver
+/// makes one. A name without its terminator is left to the decoder.
+fn overlong_name(message_tag: u8, body: &[u8]) -> Option<&'static str> {
+    let name_len = |from: usize| body.get(from..)?.iter().position(|&b| b == 0);
+    let (first, what) = match message_tag {
+        fe::PARSE => (0, "prepared statement"),
+        fe::BIND | fe::EXECUTE => (0, "portal"),
+        fe::CLOSE | fe::DESCRIBE if body.first() == Some(&b'P') => (1, "portal"),
+        fe::CLOSE | fe::DESCRIBE => (1, "prepared statement"),
+        _ => return None,
+    };
+    let len = name_len(first)?;
+    if len > frontend::MAX_NAME_BYTES {
+        return Some(what);
+    }
+    if message_tag == fe::BIND && name_len(first + len + 1)? > frontend::MAX_NAME_BYTES {
+        return Some("prepared statement");
+    }
+    None
+}
+
 fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
