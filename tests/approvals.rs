@@ -1192,6 +1192,10 @@ async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
     assert_eq!(raw::tags(&client.until_ready().await), "1Z");
     client.send(&prepare("xg", "EXECUTE g")).await;
     assert_eq!(raw::tags(&client.until_ready().await), "1Z");
+    // A session with only SQL's PREPARE under the grant.
+    let mut third = RawClient::connect(gw.addr).await;
+    third.login(&gw.db, BOB).await;
+    third.simple("PREPARE g AS DELETE FROM ledger WHERE id = 1").await;
     client.send(&prepare("x2", "EXECUTE g")).await;
     let error = raw::first_error(&client.until_ready().await);
     assert!(error[&'M'].contains("\"x2\" would need a grant"), "{error:?}");
@@ -1207,6 +1211,12 @@ async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
         client.send(&run(name)).await;
         let error = raw::first_error(&client.until_ready().await);
         assert!(error[&'M'].contains("which has ended"), "{name}: {error:?}");
+    }
+    // SQL's own EXECUTE, plain or inside EXPLAIN, of what SQL prepared.
+    for sql in ["EXECUTE g", "EXPLAIN ANALYZE EXECUTE g"] {
+        third.send(&raw::query(sql)).await;
+        let error = raw::first_error(&third.until_ready().await);
+        assert!(error[&'M'].contains("which has ended"), "{sql}: {error:?}");
     }
     client.send(&run("y")).await;
     let error = raw::first_error(&client.until_ready().await);

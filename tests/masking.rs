@@ -950,6 +950,19 @@ async fn rejected_parses_and_binds_do_not_unmask() {
         .send(&[raw::bind("", "s"), raw::execute("", 0), raw::sync()].concat())
         .await;
     masked(&client.until_ready().await);
+
+    // H: SQL's CLOSE and DECLARE give a harmless portal's name to a cursor
+    // over the sensitive statement, which the protocol then executes.
+    client.simple("BEGIN").await;
+    client
+        .send(&[raw::parse("h", "SELECT 'harmless'"), raw::bind("c", "h"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&client.until_ready().await), "12Z");
+    client.simple("CLOSE c").await;
+    client.simple(&format!("DECLARE c CURSOR FOR {sensitive}")).await;
+    client.send(&[raw::execute("c", 0), raw::sync()].concat()).await;
+    masked(&client.until_ready().await);
+    client.simple("COMMIT").await;
 }
 
 /// The first value of each row of a simple query, NULL as "NULL".

@@ -847,6 +847,7 @@ async fn names_postgresql_would_shorten_are_refused() {
         format!("PREPARE {long}b AS {write}"),
         format!("EXECUTE {long}c"),
         format!("DEALLOCATE {long}d"),
+        format!("PREPARE é AS {write}"),
     ] {
         raw.send(&raw::query(&sql)).await;
         let error = first_error(&raw.until_ready().await);
@@ -869,8 +870,14 @@ async fn names_postgresql_would_shorten_are_refused() {
             raw::execute(&format!("{long}p"), 0),
         ]
         .concat(),
+        [raw::parse("s", write), run(&format!("{long}s"), "")].concat(),
         [raw::close(b'S', &format!("{long}s")), raw::sync()].concat(),
         [raw::close(b'P', &format!("{long}p")), raw::sync()].concat(),
+        [raw::msg(b'D', format!("S{long}s\0").as_bytes()), raw::sync()].concat(),
+        // Outside ASCII, a name may grow past 63 bytes in the server's
+        // encoding, or fold otherwise.
+        [raw::parse("é", write), run("é", "")].concat(),
+        [raw::parse("s", write), run("s", "Ä")].concat(),
     ];
     for case in cases {
         let mut raw = RawClient::connect(gw.addr).await;
@@ -883,8 +890,52 @@ async fn names_postgresql_would_shorten_are_refused() {
             ("FATAL", "42622"),
             "{messages:?}"
         );
-        assert!(error[&'M'].contains("name longer than 63 bytes"), "{error:?}");
+        assert!(
+            error[&'M'].contains("PostgreSQL could take it for another name"),
+            "{error:?}"
+        );
     }
+    assert_eq!(count(&gw.db).await, 10);
+}
+
+/// SQL's FETCH and MOVE run a portal the protocol bound, and run a write
+/// that returns rows to its end at once, where its rows are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
+    let gw = TestGateway::start("limit_fetch", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    // A FETCH prepared before the portal exists is checked when it runs.
+    raw.send(&[raw::parse("f", "FETCH ALL FROM c"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    raw.simple("BEGIN").await;
+    let write = "DELETE FROM t WHERE id > 2 RETURNING id";
+    raw.send(&[raw::parse("w", write), raw::bind("c", "w"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "12Z");
+    for sql in ["FETCH ALL FROM c", "fetch forward 1 from c", "MOVE ALL IN c"] {
+        raw.send(&raw::query(sql)).await;
+        let error = first_error(&raw.until_ready().await);
+        assert_eq!(error[&'C'], "42501", "{sql}: {error:?}");
+        assert!(error[&'M'].contains("FETCH or MOVE would run it"), "{sql}: {error:?}");
+    }
+    raw.send(&[raw::bind("", "f"), raw::execute("", 0), raw::sync()].concat())
+        .await;
+    let error = first_error(&raw.until_ready().await);
+    assert!(error[&'M'].contains("FETCH or MOVE would run it"), "{error:?}");
+    raw.simple("ROLLBACK").await;
+    // The protocol's Execute of the portal is counted as ever.
+    raw.simple("BEGIN").await;
+    raw.send(&[raw::bind("c", "w"), raw::execute("c", 0), raw::sync()].concat())
+        .await;
+    let messages = raw.until_ready().await;
+    assert!(
+        first_error(&messages)[&'M'].contains("would have deleted 8 rows"),
+        "{messages:?}"
+    );
+    raw.simple("ROLLBACK").await;
     assert_eq!(count(&gw.db).await, 10);
 }
 

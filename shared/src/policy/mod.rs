@@ -710,22 +710,21 @@ impl StatementGate for PolicyGate {
             }),
             _ => self.classify(sql, session.standard_conforming_strings),
         };
-        // PostgreSQL would shorten the name, and two that differ only past
-        // its 63rd byte would be one statement to it and two to the gate.
+        // PostgreSQL shortens a name past 63 bytes, and folds one outside
+        // ASCII by its own encoding: two names could be one statement to it
+        // and two to the gate.
         if classification.statements.iter().any(|s| {
             matches!(
                 &s.prepared,
                 Some(PreparedRef::Prepare(name) | PreparedRef::Execute(name) | PreparedRef::Deallocate(Some(name)))
-                    if name.len() > crate::protocol::frontend::MAX_NAME_BYTES
+                    if name.len() > crate::protocol::frontend::MAX_NAME_BYTES || !name.is_ascii()
             )
         }) {
             return Verdict::Deny(Refusal {
                 code: "42622",
-                message: format!(
-                    "statement refused: a prepared statement name longer than {} bytes, which PostgreSQL would shorten",
-                    crate::protocol::frontend::MAX_NAME_BYTES
-                ),
-                hint: Some("use a shorter name".into()),
+                message: "statement refused: a prepared statement name longer than 63 bytes or not ASCII, which PostgreSQL may shorten or fold otherwise than the gateway"
+                    .into(),
+                hint: Some("use names of ASCII characters, at most 63".into()),
             });
         }
         let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed).with_granted(ctx.granted);

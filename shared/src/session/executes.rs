@@ -67,16 +67,19 @@ impl SqlExecutes {
             }
             return;
         }
-        // EXECUTE inside another statement (EXPLAIN, CREATE TABLE AS), in
-        // a function or DO body it creates or runs, or in text the gate
-        // could not read: which name it runs is not known. The word in a
-        // string constant, a comment or `GRANT EXECUTE ON` runs nothing.
+        // Only EXPLAIN and CREATE TABLE AS (which the parser does not
+        // read: unknown) hold an EXECUTE, besides dynamic SQL in a function
+        // or DO body; and text the gate could not read may be anything.
+        // Which name those run is not known. The word elsewhere (a string,
+        // a comment, `GRANT EXECUTE ON`, `EXECUTE FUNCTION` in a trigger)
+        // runs no prepared statement.
         let runs_any = plain
-            || classification
-                .statements
-                .iter()
-                .any(|s| s.kind == Kind::Unknown || s.features.contains(Feature::DynamicSql))
-            || crate::policy::executes_keyword(sql, standard_conforming_strings);
+            || classification.statements.iter().any(|s| {
+                s.kind == Kind::Unknown
+                    || s.features.contains(Feature::DynamicSql)
+                    || (s.command.starts_with("EXPLAIN")
+                        && crate::policy::executes_keyword(sql, standard_conforming_strings))
+            });
         if runs_any {
             self.any = true;
             self.names = HashSet::new();
@@ -116,6 +119,9 @@ mod tests {
             "SELECT executed FROM t",
             "SELECT 'execute' -- execute p1",
             "GRANT EXECUTE ON FUNCTION f() TO bob",
+            "GRANT EXECUTE, USAGE ON SCHEMA s TO bob",
+            "CREATE TRIGGER t BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+            "EXPLAIN SELECT 'EXECUTE p1'",
         ];
         assert!(noted(&harmless).is_empty());
     }

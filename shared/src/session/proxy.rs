@@ -334,6 +334,14 @@ pub(crate) struct Proxy<'a> {
     /// The names statements the protocol prepared run through SQL
     /// EXECUTE: none may be prepared again with a restriction.
     sql_executes: SqlExecutes,
+    /// Statements the protocol prepared as SQL FETCH or MOVE, by name: a
+    /// Bind of one while a named portal runs a limited write is refused
+    /// (FETCH runs a `DELETE ... RETURNING` portal to its end, uncounted).
+    fetch_statements: std::collections::HashSet<String>,
+    /// The session declared or closed a cursor in SQL, which shares the
+    /// portals' names: what the gateway knew of a portal by name no longer
+    /// says whether it reads masked columns.
+    sql_cursors: bool,
     /// Numbers Parse, Bind and Close messages for [`Remembered`].
     message_seq: u64,
     /// Parses sent since the client's last Sync, by name: a Bind in the
@@ -729,6 +737,8 @@ impl<'a> Proxy<'a> {
             last_granted: Vec::new(),
             needs_approval: Remembered::default(),
             sql_executes: SqlExecutes::default(),
+            fetch_statements: std::collections::HashSet::new(),
+            sql_cursors: false,
             message_seq: 0,
             batch_parses: HashMap::new(),
             bind_approved: None,
@@ -1138,7 +1148,7 @@ impl<'a> Proxy<'a> {
         }
         let portal = first_name(execute_body, "portal name")?;
         frontend::encode_describe(b'P', portal, &mut self.to_server);
-        let sensitive = self.seam.has_rules() && self.portal_sensitive.get(portal).copied().unwrap_or(true);
+        let sensitive = self.seam.has_rules() && self.portal_is_sensitive(portal);
         self.pending.push(Expect::InternalDescribe { sensitive });
         Ok(())
     }
@@ -1168,15 +1178,14 @@ impl<'a> Proxy<'a> {
     /// One complete frontend message (header included).
     fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
-        if let Some(what) = overlong_name(message_tag, body) {
+        if let Some((what, why)) = unfollowable_name(message_tag, body) {
             return Err(Stop::Client(ErrorFields::new(
                 Severity::Fatal,
                 "42622",
                 format!(
-                    "{what} name longer than {} bytes: PostgreSQL would take it for any other name that starts with the same bytes",
-                    frontend::MAX_NAME_BYTES
+                    "the {what} name {why}: PostgreSQL could take it for another name (it tells names apart by their first 63 bytes, in its own encoding), so the gateway cannot follow it; the session ends"
                 ),
-            )));
+            ).with_hint("use names of ASCII characters, at most 63")));
         }
         if self.discarding {
             // Skipped by the server, every message but Sync (a Query too):
@@ -1408,6 +1417,13 @@ impl<'a> Proxy<'a> {
                     // SQL-level PREPAREs share the namespace.
                     .or_else(|| self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter()))
                 };
+                if refused.is_none()
+                    && !self.fetch_statements.is_empty()
+                    && !self.portal_limits.is_empty()
+                    && self.fetch_statements.contains(bind_names(body)?.1)
+                {
+                    refused = self.limited_portal_fetched();
+                }
                 if refused.is_none() && self.grant_bound.is_empty() && !self.gate_session.prepared_grants.is_empty() {
                     refused = self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter());
                 }
@@ -1682,7 +1698,7 @@ impl<'a> Proxy<'a> {
                     let name = first_name(body.get(1..).unwrap_or(&[]), "describe name")?;
                     match kind {
                         Some(b'S') => self.statement_is_sensitive(name),
-                        _ => self.portal_sensitive.get(name).copied().unwrap_or(true),
+                        _ => self.portal_is_sensitive(name),
                     }
                 };
                 Some(Expect::Describe { sensitive })
@@ -1752,6 +1768,7 @@ impl<'a> Proxy<'a> {
         for statement in &classification.statements {
             let command = statement.command.as_str();
             declares |= command.starts_with("DECLARE");
+            self.sql_cursors |= command.starts_with("DECLARE") || command.starts_with("CLOSE");
             sensitive |= self.reads_masked(statement)
                 || (self.cursors_sensitive && (command.starts_with("FETCH") || command.starts_with("MOVE")));
         }
@@ -2935,11 +2952,57 @@ impl<'a> Proxy<'a> {
                 hint: Some("execute it through your driver (Bind/Execute): each execution is held for approval".into()),
             });
         }
+        // The gate checks a plain EXECUTE of what SQL prepared; one inside
+        // another statement (EXPLAIN ANALYZE EXECUTE) may run any of them.
         if plain {
             names.iter().find_map(|n| self.grant_ended(self.grant_bound.get(n)))
         } else {
             self.grant_ended(self.grant_bound.all())
+                .or_else(|| self.grant_ended(self.gate_session.prepared_grants.values()))
         }
+    }
+
+    /// SQL's FETCH and MOVE run a portal the protocol bound, and run a
+    /// `DELETE ... RETURNING` (any write that returns rows) to its end at
+    /// the first row, where its rows are not counted: while a named portal
+    /// runs a limited write, they are refused. One prepared for later is
+    /// remembered, and checked again at its Bind
+    /// ([`Proxy::limited_portal_fetched`]).
+    fn limit_sql_fetch(&mut self, source: StatementSource<'_>, verdict: Verdict) -> Verdict {
+        let classification = match &verdict {
+            Verdict::Allow(allowance) => allowance.classification.as_deref(),
+            Verdict::RequireApproval(request) => request.classification.as_deref(),
+            Verdict::Deny(_) => return verdict,
+        };
+        let fetches = classification.is_some_and(|c| {
+            c.statements
+                .iter()
+                .any(|s| s.command.starts_with("FETCH") || s.command.starts_with("MOVE"))
+        });
+        if !fetches {
+            return verdict;
+        }
+        if let StatementSource::Parse { statement } = source {
+            self.fetch_statements.insert(statement.to_string());
+        }
+        match self.limited_portal_fetched() {
+            Some(refusal) => Verdict::Deny(refusal),
+            None => verdict,
+        }
+    }
+
+    /// The refusal of a FETCH or MOVE while a named portal runs a limited
+    /// write.
+    fn limited_portal_fetched(&self) -> Option<Refusal> {
+        let (portal, (limit, _)) = self.portal_limits.iter().find(|(portal, _)| !portal.is_empty())?;
+        Some(Refusal {
+            code: ROW_LIMIT_SQLSTATE,
+            message: format!(
+                "statement refused: portal \"{portal}\" runs a write that rule \"{}\" limits to {} rows, and FETCH or MOVE would run it where its rows cannot be counted",
+                limit.rule, limit.rows
+            ),
+            hint: Some("execute the portal through the protocol (Execute), or close it first".into()),
+        })
     }
 
     /// A statement the protocol prepared runs the name a PREPARE or Parse
@@ -3119,6 +3182,7 @@ impl<'a> Proxy<'a> {
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
         let verdict = self.limit_sql_execute(sql, verdict);
+        let verdict = self.limit_sql_fetch(source, verdict);
         // What a prepared statement must remember: the grants it needed,
         // and those of what it runs through EXECUTE.
         let classification = match &verdict {
@@ -3162,7 +3226,10 @@ impl<'a> Proxy<'a> {
         };
         // SQL EXECUTE shares the protocol's namespace: what the protocol
         // prepared under a grant or for approval is not run that way.
-        let execute_refusal = if self.grant_bound.is_empty() && self.needs_approval.is_empty() {
+        let execute_refusal = if self.grant_bound.is_empty()
+            && self.needs_approval.is_empty()
+            && self.gate_session.prepared_grants.is_empty()
+        {
             None
         } else {
             self.sql_execute_refusal(sql, decided.classification.as_deref())
@@ -3635,6 +3702,13 @@ impl<'a> Proxy<'a> {
     /// Whether a prepared statement may show values masked by rule in its
     /// expression columns: any Parse of its name not yet replaced said so,
     /// or the gateway knows nothing of it.
+    /// Whether a portal may return values of masked columns: as bound,
+    /// unless SQL declared or closed a cursor since (it may have replaced
+    /// the portal under the same name), or if it is not known.
+    fn portal_is_sensitive(&self, name: &str) -> bool {
+        self.sql_cursors || self.portal_sensitive.get(name).copied().unwrap_or(true)
+    }
+
     fn statement_is_sensitive(&self, name: &str) -> bool {
         let mut facts = self.statement_sensitive.get(name).peekable();
         facts.peek().is_none() || facts.any(|&sensitive| sensitive)
@@ -4326,14 +4400,20 @@ fn first_name<'m>(body: &'m [u8], field: &'static str) -> Result<&'m str, Stop> 
 
 /// The portal and statement names of a Bind body.
 /// Whether `haystack` contains `needle` (ASCII, any case).
-/// A statement or portal name in an extended-protocol message that is
-/// longer than PostgreSQL tells names apart by ([`frontend::MAX_NAME_BYTES`]),
-/// and what it names. Two such names that share their first 63 bytes are
+/// A statement or portal name in an extended-protocol message that the
+/// gateway cannot follow as the server does, what it names and why.
+/// PostgreSQL keys both by their first 63 bytes
+/// ([`frontend::MAX_NAME_BYTES`]), so two longer names that share them are
 /// one statement (or portal) to the server and two to the gateway, which
-/// follows names for row limits, approvals, grants and masking; no driver
-/// makes one. A name without its terminator is left to the decoder.
-fn overlong_name(message_tag: u8, body: &[u8]) -> Option<&'static str> {
-    let name_len = |from: usize| body.get(from..)?.iter().position(|&b| b == 0);
+/// follows names for row limits, approvals, grants and masking; and it
+/// converts a name to the server's encoding, where one outside ASCII may
+/// grow past them. No driver makes such a name. One without its terminator
+/// is left to the decoder.
+fn unfollowable_name(message_tag: u8, body: &[u8]) -> Option<(&'static str, &'static str)> {
+    let name = |from: usize| {
+        let rest = body.get(from..)?;
+        rest.iter().position(|&b| b == 0).map(|len| &rest[..len])
+    };
     let (first, what) = match message_tag {
         fe::PARSE => (0, "prepared statement"),
         fe::BIND | fe::EXECUTE => (0, "portal"),
@@ -4341,16 +4421,26 @@ fn overlong_name(message_tag: u8, body: &[u8]) -> Option<&'static str> {
         fe::CLOSE | fe::DESCRIBE => (1, "prepared statement"),
         _ => return None,
     };
-    let len = name_len(first)?;
-    if len > frontend::MAX_NAME_BYTES {
-        return Some(what);
+    let why = |name: &[u8]| {
+        if name.len() > frontend::MAX_NAME_BYTES {
+            Some("is longer than 63 bytes")
+        } else if !name.is_ascii() {
+            Some("is not ASCII")
+        } else {
+            None
+        }
+    };
+    let portal = name(first)?;
+    if let Some(why) = why(portal) {
+        return Some((what, why));
     }
-    if message_tag == fe::BIND && name_len(first + len + 1)? > frontend::MAX_NAME_BYTES {
-        return Some("prepared statement");
+    if message_tag == fe::BIND {
+        return why(name(first + portal.len() + 1)?).map(|why| ("prepared statement", why));
     }
     None
 }
 
+/// Whether `haystack` holds `needle`, ASCII case aside.
 fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
