@@ -915,16 +915,70 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     raw.send(&[raw::parse("w", write), raw::bind("c", "w"), raw::sync()].concat())
         .await;
     assert_eq!(tags(&raw.until_ready().await), "12Z");
-    for sql in ["FETCH ALL FROM c", "fetch forward 1 from c", "MOVE ALL IN c"] {
+    let refused = |messages: &[raw::Msg], what: &str| {
+        let error = first_error(messages);
+        assert_eq!(error[&'C'], "42501", "{what}: {error:?}");
+        assert!(
+            error[&'M'].contains("where its rows cannot be counted"),
+            "{what}: {error:?}"
+        );
+    };
+    for sql in [
+        "FETCH ALL FROM c",
+        "fetch forward 1 from c",
+        "FETCH c",
+        "MOVE ALL IN c",
+        "EXECUTE f",
+        "SELECT cursor_to_xml('c', 100, false, false, '')",
+    ] {
         raw.send(&raw::query(sql)).await;
-        let error = first_error(&raw.until_ready().await);
-        assert_eq!(error[&'C'], "42501", "{sql}: {error:?}");
-        assert!(error[&'M'].contains("FETCH or MOVE would run it"), "{sql}: {error:?}");
+        refused(&raw.until_ready().await, sql);
     }
     raw.send(&[raw::bind("", "f"), raw::execute("", 0), raw::sync()].concat())
         .await;
-    let error = first_error(&raw.until_ready().await);
-    assert!(error[&'M'].contains("FETCH or MOVE would run it"), "{error:?}");
+    refused(&raw.until_ready().await, "Bind of f");
+    raw.send(&[raw::parse("x", "EXECUTE f"), raw::sync()].concat()).await;
+    refused(&raw.until_ready().await, "Parse of EXECUTE f");
+    raw.simple("ROLLBACK").await;
+
+    // A portal bound to a MOVE before the write's portal exists is checked
+    // when it runs. (A new session: the gateway does not know that ROLLBACK
+    // dropped the portal bound above, so it would refuse the Bind at once.)
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.simple("BEGIN").await;
+    raw.send(
+        &[
+            raw::parse("m", "MOVE ALL IN c"),
+            raw::bind("p", "m"),
+            raw::parse("w", write),
+            raw::bind("c", "w"),
+            raw::execute("p", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    refused(&raw.until_ready().await, "Execute of a MOVE portal");
+    raw.simple("ROLLBACK").await;
+
+    // cursor_to_xml reaches the unnamed portal too.
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.simple("BEGIN").await;
+    raw.send(
+        &[
+            raw::parse("w", write),
+            raw::bind("", "w"),
+            raw::parse("u", "SELECT cursor_to_xml('', 100, false, false, '')"),
+            raw::bind("q", "u"),
+            raw::execute("q", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    refused(&raw.until_ready().await, "cursor_to_xml of the unnamed portal");
     raw.simple("ROLLBACK").await;
     // The protocol's Execute of the portal is counted as ever.
     raw.simple("BEGIN").await;

@@ -237,6 +237,8 @@ pub fn classify(text: &str) -> Option<StatementClass> {
             Some(class)
         }
         "MOVE" => Some(class(Kind::Read, "MOVE", false)),
+        // Forms the parser does not read (`FETCH c`, `FETCH NEXT c`).
+        "FETCH" => Some(class(Kind::Read, "FETCH", false)),
         "COPY" => copy(text, &tokens, &spans),
         "PREPARE" if is_word(second, "TRANSACTION") => Some(class(Kind::Transaction, "PREPARE TRANSACTION", false)),
         "COMMIT" | "ROLLBACK" if is_word(second, "PREPARED") => {

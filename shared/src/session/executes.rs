@@ -87,6 +87,37 @@ impl SqlExecutes {
     }
 }
 
+/// Names of prepared statements (or portals) that may run another portal
+/// (SQL FETCH or MOVE, or dynamic SQL), kept for the session; past
+/// [`MAX_NAMES`], every name counts.
+#[derive(Debug, Default)]
+pub(crate) struct Fetchers {
+    names: HashSet<Box<str>>,
+    all: bool,
+}
+
+impl Fetchers {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.names.is_empty()
+    }
+
+    pub fn add(&mut self, name: &str) {
+        if self.all || self.names.contains(name) {
+            return;
+        }
+        if self.names.len() == MAX_NAMES {
+            self.all = true;
+            self.names = HashSet::new();
+        } else {
+            self.names.insert(name.into());
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.all || self.names.contains(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +155,18 @@ mod tests {
             "EXPLAIN SELECT 'EXECUTE p1'",
         ];
         assert!(noted(&harmless).is_empty());
+    }
+
+    #[test]
+    fn fetchers_past_the_cap_are_every_name() {
+        let mut fetchers = Fetchers::default();
+        assert!(fetchers.is_empty());
+        for n in 0..MAX_NAMES {
+            fetchers.add(&format!("f{n}"));
+        }
+        assert!(fetchers.contains("f0") && !fetchers.contains("other"));
+        fetchers.add("one more");
+        assert!(fetchers.contains("other"));
     }
 
     #[test]

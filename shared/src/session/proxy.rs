@@ -32,7 +32,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::executes::SqlExecutes;
+use super::executes::{Fetchers, SqlExecutes};
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, ROW_LIMIT_SQLSTATE, command_count};
 use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
@@ -334,10 +334,13 @@ pub(crate) struct Proxy<'a> {
     /// The names statements the protocol prepared run through SQL
     /// EXECUTE: none may be prepared again with a restriction.
     sql_executes: SqlExecutes,
-    /// Statements the protocol prepared as SQL FETCH or MOVE, by name: a
-    /// Bind of one while a named portal runs a limited write is refused
-    /// (FETCH runs a `DELETE ... RETURNING` portal to its end, uncounted).
-    fetch_statements: std::collections::HashSet<String>,
+    /// Statements the protocol prepared that may run a portal (SQL FETCH
+    /// or MOVE, dynamic SQL, an EXECUTE of one of these), and the portals
+    /// bound to them: a Bind or Execute of one while a portal runs a
+    /// limited write is refused (FETCH runs a `DELETE ... RETURNING`
+    /// portal to its end, uncounted).
+    fetch_statements: Fetchers,
+    fetch_portals: Fetchers,
     /// The session declared or closed a cursor in SQL, which shares the
     /// portals' names: what the gateway knew of a portal by name no longer
     /// says whether it reads masked columns.
@@ -737,7 +740,8 @@ impl<'a> Proxy<'a> {
             last_granted: Vec::new(),
             needs_approval: Remembered::default(),
             sql_executes: SqlExecutes::default(),
-            fetch_statements: std::collections::HashSet::new(),
+            fetch_statements: Fetchers::default(),
+            fetch_portals: Fetchers::default(),
             sql_cursors: false,
             message_seq: 0,
             batch_parses: HashMap::new(),
@@ -1417,12 +1421,12 @@ impl<'a> Proxy<'a> {
                     // SQL-level PREPAREs share the namespace.
                     .or_else(|| self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter()))
                 };
-                if refused.is_none()
-                    && !self.fetch_statements.is_empty()
-                    && !self.portal_limits.is_empty()
-                    && self.fetch_statements.contains(bind_names(body)?.1)
-                {
-                    refused = self.limited_portal_fetched();
+                if refused.is_none() && !self.fetch_statements.is_empty() {
+                    let (portal, statement) = bind_names(body)?;
+                    if self.fetch_statements.contains(statement) {
+                        self.fetch_portals.add(portal);
+                        refused = self.limited_portal_fetched();
+                    }
                 }
                 if refused.is_none() && self.grant_bound.is_empty() && !self.gate_session.prepared_grants.is_empty() {
                     refused = self.grant_ended(self.gate_session.prepared_grants.get(statement).into_iter());
@@ -1572,6 +1576,15 @@ impl<'a> Proxy<'a> {
                 if !self.portal_grants.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if let Some(refusal) = self.grant_ended(self.portal_grants.get(portal)) {
+                        self.refuse_execute(portal, refusal_error(refusal));
+                        return Ok(Consumed::Yes);
+                    }
+                }
+                if !self.fetch_portals.is_empty() && !self.portal_limits.is_empty() {
+                    let portal = first_name(body, "portal name")?;
+                    if self.fetch_portals.contains(portal)
+                        && let Some(refusal) = self.limited_portal_fetched()
+                    {
                         self.refuse_execute(portal, refusal_error(refusal));
                         return Ok(Consumed::Yes);
                     }
@@ -2964,26 +2977,36 @@ impl<'a> Proxy<'a> {
 
     /// SQL's FETCH and MOVE run a portal the protocol bound, and run a
     /// `DELETE ... RETURNING` (any write that returns rows) to its end at
-    /// the first row, where its rows are not counted: while a named portal
-    /// runs a limited write, they are refused. One prepared for later is
-    /// remembered, and checked again at its Bind
-    /// ([`Proxy::limited_portal_fetched`]).
-    fn limit_sql_fetch(&mut self, source: StatementSource<'_>, verdict: Verdict) -> Verdict {
+    /// the first row, where its rows are not counted; so does dynamic SQL
+    /// (`cursor_to_xml` takes a portal's name, the unnamed one's too), and
+    /// an EXECUTE of a statement that does either. While a portal runs a
+    /// limited write, such a statement is refused. One the protocol
+    /// prepares is remembered, and checked again at its Bind and its
+    /// portal's Execute ([`Proxy::limited_portal_fetched`]).
+    fn limit_sql_fetch(&mut self, sql: &str, source: StatementSource<'_>, verdict: Verdict) -> Verdict {
         let classification = match &verdict {
             Verdict::Allow(allowance) => allowance.classification.as_deref(),
             Verdict::RequireApproval(request) => request.classification.as_deref(),
             Verdict::Deny(_) => return verdict,
         };
-        let fetches = classification.is_some_and(|c| {
-            c.statements
-                .iter()
-                .any(|s| s.command.starts_with("FETCH") || s.command.starts_with("MOVE"))
-        });
+        let Some(classification) = classification else {
+            return verdict;
+        };
+        let plain_execute = classification
+            .statements
+            .iter()
+            .all(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Execute(_))));
+        let fetches = classification.statements.iter().any(|s| {
+            s.command.starts_with("FETCH")
+                || s.command.starts_with("MOVE")
+                || s.features.contains(crate::policy::Feature::DynamicSql)
+                || matches!(&s.prepared, Some(crate::policy::PreparedRef::Execute(name)) if self.fetch_statements.contains(name))
+        }) || (!plain_execute && !self.fetch_statements.is_empty() && crate::policy::mentions_execute(sql));
         if !fetches {
             return verdict;
         }
         if let StatementSource::Parse { statement } = source {
-            self.fetch_statements.insert(statement.to_string());
+            self.fetch_statements.add(statement);
         }
         match self.limited_portal_fetched() {
             Some(refusal) => Verdict::Deny(refusal),
@@ -2991,14 +3014,19 @@ impl<'a> Proxy<'a> {
         }
     }
 
-    /// The refusal of a FETCH or MOVE while a named portal runs a limited
-    /// write.
+    /// The refusal of a statement that may run a portal while one runs a
+    /// limited write.
     fn limited_portal_fetched(&self) -> Option<Refusal> {
-        let (portal, (limit, _)) = self.portal_limits.iter().find(|(portal, _)| !portal.is_empty())?;
+        let (portal, (limit, _)) = self.portal_limits.iter().next()?;
+        let portal = if portal.is_empty() {
+            "unnamed portal".to_string()
+        } else {
+            format!("portal \"{portal}\"")
+        };
         Some(Refusal {
             code: ROW_LIMIT_SQLSTATE,
             message: format!(
-                "statement refused: portal \"{portal}\" runs a write that rule \"{}\" limits to {} rows, and FETCH or MOVE would run it where its rows cannot be counted",
+                "statement refused: the {portal} runs a write that rule \"{}\" limits to {} rows, and this statement may run it (FETCH, MOVE, dynamic SQL) where its rows cannot be counted",
                 limit.rule, limit.rows
             ),
             hint: Some("execute the portal through the protocol (Execute), or close it first".into()),
@@ -3182,7 +3210,7 @@ impl<'a> Proxy<'a> {
         };
         let verdict = self.ctx.gate.check(&ctx, &mut self.gate_session, sql);
         let verdict = self.limit_sql_execute(sql, verdict);
-        let verdict = self.limit_sql_fetch(source, verdict);
+        let verdict = self.limit_sql_fetch(sql, source, verdict);
         // What a prepared statement must remember: the grants it needed,
         // and those of what it runs through EXECUTE.
         let classification = match &verdict {
@@ -3699,9 +3727,6 @@ impl<'a> Proxy<'a> {
         self.resolved = resolved;
     }
 
-    /// Whether a prepared statement may show values masked by rule in its
-    /// expression columns: any Parse of its name not yet replaced said so,
-    /// or the gateway knows nothing of it.
     /// Whether a portal may return values of masked columns: as bound,
     /// unless SQL declared or closed a cursor since (it may have replaced
     /// the portal under the same name), or if it is not known.
@@ -3709,6 +3734,9 @@ impl<'a> Proxy<'a> {
         self.sql_cursors || self.portal_sensitive.get(name).copied().unwrap_or(true)
     }
 
+    /// Whether a prepared statement may show values masked by rule in its
+    /// expression columns: any Parse of its name not yet replaced said so,
+    /// or the gateway knows nothing of it.
     fn statement_is_sensitive(&self, name: &str) -> bool {
         let mut facts = self.statement_sensitive.get(name).peekable();
         facts.peek().is_none() || facts.any(|&sensitive| sensitive)
@@ -4398,8 +4426,6 @@ fn first_name<'m>(body: &'m [u8], field: &'static str) -> Result<&'m str, Stop> 
     })
 }
 
-/// The portal and statement names of a Bind body.
-/// Whether `haystack` contains `needle` (ASCII, any case).
 /// A statement or portal name in an extended-protocol message that the
 /// gateway cannot follow as the server does, what it names and why.
 /// PostgreSQL keys both by their first 63 bytes
@@ -4440,7 +4466,7 @@ fn unfollowable_name(message_tag: u8, body: &[u8]) -> Option<(&'static str, &'st
     None
 }
 
-/// Whether `haystack` holds `needle`, ASCII case aside.
+/// Whether `haystack` contains `needle` (ASCII, any case).
 fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
@@ -4448,7 +4474,7 @@ fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
-/// Sets `name`'s row limit to `limit`, unless it has a tighter one.
+/// The portal and statement names of a Bind body.
 fn bind_names(body: &[u8]) -> Result<(&str, &str), Stop> {
     let mut cursor = Cursor::new(body);
     let malformed = |err: DecodeError| {
