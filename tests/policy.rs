@@ -991,6 +991,36 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     );
     raw.simple("ROLLBACK").await;
     assert_eq!(count(&gw.db).await, 10);
+
+    // What SQL's PREPARE makes a fetcher is one too.
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.simple("PREPARE f2 AS SELECT cursor_to_xml('c', 100, false, false, '')")
+        .await;
+    raw.simple("BEGIN").await;
+    raw.send(&[raw::parse("w", write), raw::bind("c", "w"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "12Z");
+    raw.send(&raw::query("EXECUTE f2")).await;
+    refused(&raw.until_ready().await, "EXECUTE of a prepared cursor_to_xml");
+    raw.simple("ROLLBACK").await;
+
+    // The unnamed statement, once a FETCH, does not make a limited write
+    // through the unnamed portal a fetch of itself: it runs, counted.
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    let unnamed = |sql: &str| [raw::parse("", sql), raw::bind("", ""), raw::execute("", 0), raw::sync()].concat();
+    raw.send(&unnamed("FETCH ALL FROM nothing")).await;
+    assert_eq!(first_error(&raw.until_ready().await)[&'C'], "34000");
+    raw.send(&unnamed("DELETE FROM t WHERE id > 2")).await;
+    let messages = raw.until_ready().await;
+    assert!(
+        first_error(&messages)[&'M'].contains("would have deleted 8 rows"),
+        "{messages:?}"
+    );
+    raw.send(&unnamed("DELETE FROM t WHERE id = 1")).await;
+    assert_eq!(tags(&raw.until_ready().await), "12CZ");
+    assert_eq!(count(&gw.db).await, 9);
 }
 
 /// Two writes whose row counts the guard cannot see are refused under a

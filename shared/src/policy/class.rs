@@ -316,4 +316,20 @@ impl Classification {
     pub fn is_empty(&self) -> bool {
         self.statements.is_empty()
     }
+
+    /// The prepared statements its plain `EXECUTE name` statements run.
+    pub fn executed(&self) -> impl Iterator<Item = &str> {
+        self.statements.iter().filter_map(|s| match &s.prepared {
+            Some(PreparedRef::Execute(name)) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether every statement is a plain `EXECUTE name`: what it runs is
+    /// named ([`Classification::executed`]).
+    pub fn only_executes(&self) -> bool {
+        self.statements
+            .iter()
+            .all(|s| matches!(s.prepared, Some(PreparedRef::Execute(_))))
+    }
 }

@@ -538,6 +538,28 @@ pub fn limited_write_among_others() -> Refusal {
     }
 }
 
+/// The refusal of an SQL prepared statement name the gate could not follow
+/// as PostgreSQL does: longer than it keeps, or outside ASCII.
+fn unfollowable_name(name: &str) -> Option<Refusal> {
+    let max = crate::protocol::frontend::MAX_NAME_BYTES;
+    let why = if name.len() > max {
+        format!("is longer than {max} bytes, and PostgreSQL would shorten it")
+    } else if !name.is_ascii() {
+        "is not ASCII, and PostgreSQL folds such names by the database's encoding".to_string()
+    } else {
+        return None;
+    };
+    let shown: String = name.chars().take(max).collect();
+    let more = if shown.len() < name.len() { "..." } else { "" };
+    Some(Refusal {
+        code: "42622",
+        message: format!(
+            "statement refused: prepared statement name \"{shown}{more}\" {why}: it could name another statement than the one the gateway follows"
+        ),
+        hint: Some("use names of ASCII characters, at most 63".into()),
+    })
+}
+
 /// The row limit of an `EXECUTE name` whose PREPARE set one.
 fn executed_limit(classification: &Classification, session: &GateSession) -> Option<RowLimit> {
     classification.statements.iter().find_map(|s| match &s.prepared {
@@ -713,19 +735,13 @@ impl StatementGate for PolicyGate {
         // PostgreSQL shortens a name past 63 bytes, and folds one outside
         // ASCII by its own encoding: two names could be one statement to it
         // and two to the gate.
-        if classification.statements.iter().any(|s| {
-            matches!(
-                &s.prepared,
-                Some(PreparedRef::Prepare(name) | PreparedRef::Execute(name) | PreparedRef::Deallocate(Some(name)))
-                    if name.len() > crate::protocol::frontend::MAX_NAME_BYTES || !name.is_ascii()
-            )
+        if let Some(refusal) = classification.statements.iter().find_map(|s| match &s.prepared {
+            Some(PreparedRef::Prepare(name) | PreparedRef::Execute(name) | PreparedRef::Deallocate(Some(name))) => {
+                unfollowable_name(name)
+            }
+            _ => None,
         }) {
-            return Verdict::Deny(Refusal {
-                code: "42622",
-                message: "statement refused: a prepared statement name longer than 63 bytes or not ASCII, which PostgreSQL may shorten or fold otherwise than the gateway"
-                    .into(),
-                hint: Some("use names of ASCII characters, at most 63".into()),
-            });
+            return Verdict::Deny(refusal);
         }
         let subject = Subject::of(ctx.identity, ctx.target, session.search_path_changed).with_granted(ctx.granted);
         let decision = self.policy.decide(&subject, classification);

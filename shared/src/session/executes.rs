@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 
-use crate::policy::{Classification, Feature, Kind, PreparedRef};
+use crate::policy::{Classification, Feature, Kind};
 
 /// Names kept before the session is taken to run any name: a client
 /// preparing `EXECUTE <new name>` over and over would grow the set without
@@ -53,16 +53,11 @@ impl SqlExecutes {
         if self.any || !crate::policy::mentions_execute(sql) {
             return;
         }
-        let plain = classification
-            .statements
-            .iter()
-            .all(|s| matches!(s.prepared, Some(PreparedRef::Execute(_))));
+        let plain = classification.only_executes();
         if plain && self.names.len() + classification.statements.len() <= MAX_NAMES {
-            for statement in &classification.statements {
-                if let Some(PreparedRef::Execute(name)) = &statement.prepared
-                    && !self.names.contains(name.as_str())
-                {
-                    self.names.insert(name.as_str().into());
+            for name in classification.executed() {
+                if !self.names.contains(name) {
+                    self.names.insert(name.into());
                 }
             }
             return;

@@ -1425,7 +1425,8 @@ impl<'a> Proxy<'a> {
                     let (portal, statement) = bind_names(body)?;
                     if self.fetch_statements.contains(statement) {
                         self.fetch_portals.add(portal);
-                        refused = self.limited_portal_fetched();
+                        // Bound, it replaces a portal of its own name.
+                        refused = self.fetch_refusal(Some(portal));
                     }
                 }
                 if refused.is_none() && self.grant_bound.is_empty() && !self.gate_session.prepared_grants.is_empty() {
@@ -1583,7 +1584,7 @@ impl<'a> Proxy<'a> {
                 if !self.fetch_portals.is_empty() && !self.portal_limits.is_empty() {
                     let portal = first_name(body, "portal name")?;
                     if self.fetch_portals.contains(portal)
-                        && let Some(refusal) = self.limited_portal_fetched()
+                        && let Some(refusal) = self.fetch_refusal(Some(portal))
                     {
                         self.refuse_execute(portal, refusal_error(refusal));
                         return Ok(Consumed::Yes);
@@ -2944,15 +2945,8 @@ impl<'a> Proxy<'a> {
         if !crate::policy::mentions_execute(sql) {
             return None;
         }
-        let names: Vec<&str> = classification
-            .statements
-            .iter()
-            .filter_map(|s| match &s.prepared {
-                Some(crate::policy::PreparedRef::Execute(name)) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        let plain = classification.statements.len() == names.len();
+        let names: Vec<&str> = classification.executed().collect();
+        let plain = classification.only_executes();
         let approval = if plain {
             names.iter().any(|n| self.needs_approval.count(n) > 0)
         } else {
@@ -2978,11 +2972,12 @@ impl<'a> Proxy<'a> {
     /// SQL's FETCH and MOVE run a portal the protocol bound, and run a
     /// `DELETE ... RETURNING` (any write that returns rows) to its end at
     /// the first row, where its rows are not counted; so does dynamic SQL
-    /// (`cursor_to_xml` takes a portal's name, the unnamed one's too), and
-    /// an EXECUTE of a statement that does either. While a portal runs a
-    /// limited write, such a statement is refused. One the protocol
-    /// prepares is remembered, and checked again at its Bind and its
-    /// portal's Execute ([`Proxy::limited_portal_fetched`]).
+    /// (`cursor_to_xml` takes a portal's name, the unnamed one's too), text
+    /// the gate could not read, and an EXECUTE of a statement that does
+    /// any of these. While a portal runs a limited write, such a statement
+    /// is refused. One prepared (by the protocol or SQL's PREPARE) is
+    /// remembered, and checked again at its Bind and its portal's Execute
+    /// ([`Proxy::fetch_refusal`]).
     fn limit_sql_fetch(&mut self, sql: &str, source: StatementSource<'_>, verdict: Verdict) -> Verdict {
         let classification = match &verdict {
             Verdict::Allow(allowance) => allowance.classification.as_deref(),
@@ -2992,32 +2987,44 @@ impl<'a> Proxy<'a> {
         let Some(classification) = classification else {
             return verdict;
         };
-        let plain_execute = classification
-            .statements
-            .iter()
-            .all(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Execute(_))));
+        let scs = self.gate_session.standard_conforming_strings;
         let fetches = classification.statements.iter().any(|s| {
             s.command.starts_with("FETCH")
                 || s.command.starts_with("MOVE")
+                || s.kind == crate::policy::Kind::Unknown
                 || s.features.contains(crate::policy::Feature::DynamicSql)
                 || matches!(&s.prepared, Some(crate::policy::PreparedRef::Execute(name)) if self.fetch_statements.contains(name))
-        }) || (!plain_execute && !self.fetch_statements.is_empty() && crate::policy::mentions_execute(sql));
+                || (!self.fetch_statements.is_empty()
+                    && s.command.starts_with("EXPLAIN")
+                    && crate::policy::executes_keyword(sql, scs))
+        });
         if !fetches {
             return verdict;
         }
         if let StatementSource::Parse { statement } = source {
             self.fetch_statements.add(statement);
         }
-        match self.limited_portal_fetched() {
+        // SQL's PREPARE of one (`PREPARE f AS SELECT cursor_to_xml(...)`).
+        for name in classification.statements.iter().filter_map(|s| match &s.prepared {
+            Some(crate::policy::PreparedRef::Prepare(name)) => Some(name),
+            _ => None,
+        }) {
+            self.fetch_statements.add(name);
+        }
+        match self.fetch_refusal(None) {
             Some(refusal) => Verdict::Deny(refusal),
             None => verdict,
         }
     }
 
-    /// The refusal of a statement that may run a portal while one runs a
-    /// limited write.
-    fn limited_portal_fetched(&self) -> Option<Refusal> {
-        let (portal, (limit, _)) = self.portal_limits.iter().next()?;
+    /// The refusal of a statement that may run a portal while a portal
+    /// other than `except` (its own, which a Bind replaces and an Execute
+    /// runs under its limit) runs a limited write.
+    fn fetch_refusal(&self, except: Option<&str>) -> Option<Refusal> {
+        let (portal, (limit, _)) = self
+            .portal_limits
+            .iter()
+            .find(|(portal, _)| Some(portal.as_str()) != except)?;
         let portal = if portal.is_empty() {
             "unnamed portal".to_string()
         } else {
@@ -3110,22 +3117,14 @@ impl<'a> Proxy<'a> {
         {
             return;
         }
-        let names: Vec<&str> = classification
-            .statements
-            .iter()
-            .filter_map(|s| match &s.prepared {
-                Some(crate::policy::PreparedRef::Execute(name)) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        let grants: Vec<Arc<str>> = if names.len() == classification.statements.len() {
-            names
-                .iter()
+        let grants: Vec<Arc<str>> = if classification.only_executes() {
+            classification
+                .executed()
                 .flat_map(|name| {
                     self.grant_bound
                         .get(name)
                         .flatten()
-                        .chain(self.gate_session.prepared_grants.get(*name).into_iter().flatten())
+                        .chain(self.gate_session.prepared_grants.get(name).into_iter().flatten())
                 })
                 .cloned()
                 .collect()
@@ -3162,11 +3161,7 @@ impl<'a> Proxy<'a> {
         let Some(classification) = allowance.classification.as_deref() else {
             return Verdict::Allow(allowance);
         };
-        let plain = classification
-            .statements
-            .iter()
-            .all(|s| matches!(s.prepared, Some(crate::policy::PreparedRef::Execute(_))));
-        if !plain && crate::policy::mentions_execute(sql) {
+        if !classification.only_executes() && crate::policy::mentions_execute(sql) {
             return Verdict::Deny(Refusal {
                 code: "42501",
                 message: "statement refused: a prepared statement with a row limit runs only as EXECUTE name, on its own; this statement may execute one where its rows cannot be counted".into(),
@@ -3462,8 +3457,12 @@ impl<'a> Proxy<'a> {
             }
             backend::tag::ERROR_RESPONSE => {
                 if extended {
-                    // The Execute failed: nothing to undo, the server does.
+                    // The Execute failed: nothing to undo, the server does,
+                    // and the portal cannot run again.
                     let guard = self.guard.take().expect("guard present");
+                    if let GuardKind::Extended { portal } = &guard.kind {
+                        self.portal_limits.remove(portal);
+                    }
                     self.to_client.extend_from_slice(&guard.held);
                     self.seam.forward(message_tag, message, &mut self.to_client);
                 } else {
