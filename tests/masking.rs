@@ -963,6 +963,20 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client.send(&[raw::execute("c", 0), raw::sync()].concat()).await;
     masked(&client.until_ready().await);
     client.simple("COMMIT").await;
+    // No cursor takes the unnamed portal: what runs there is not masked
+    // for the cursor's sake.
+    client
+        .send(
+            &[
+                raw::parse("", "SELECT 1 + 1"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    assert_eq!(rows(&client.until_ready().await), [[Some("2".to_string())]]);
 }
 
 /// The first value of each row of a simple query, NULL as "NULL".

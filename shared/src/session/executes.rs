@@ -1,5 +1,6 @@
-//! Which prepared statements a session's protocol-prepared statements run
-//! through SQL EXECUTE.
+//! What a session's prepared statements may run besides themselves: other
+//! prepared statements, through SQL EXECUTE ([`SqlExecutes`]), and portals,
+//! through FETCH, MOVE or dynamic SQL ([`Fetchers`]).
 //!
 //! A Parse can prepare `EXECUTE p1`, or `EXPLAIN ANALYZE EXECUTE p1`, and
 //! the client can run it at each Bind, long after its Parse was decided.
@@ -8,11 +9,12 @@
 //! statement when its Parse is decided. A `p1` prepared later would run
 //! through it unchecked. So the session remembers the names such
 //! statements run, and a later PREPARE or Parse that would give one of
-//! them a restriction is refused (`Proxy::decide`).
+//! them a restriction is refused (`Proxy::executed_elsewhere`).
 //!
-//! Names are only ever added: a statement stays prepared until the server
-//! confirms its Close, and one that runs EXECUTE inside another statement
-//! (EXPLAIN, CREATE TABLE AS) or names too many is taken to run any name.
+//! Names are only ever added, for the session (a Close or DEALLOCATE may
+//! be skipped after an error: fail closed), and a statement that runs
+//! EXECUTE inside another (EXPLAIN, CREATE TABLE AS), or of a name in
+//! dynamic SQL, or that names too many, is taken to run any name.
 
 use std::collections::HashSet;
 
@@ -22,6 +24,14 @@ use crate::policy::{Classification, Feature, Kind};
 /// preparing `EXECUTE <new name>` over and over would grow the set without
 /// end.
 const MAX_NAMES: usize = 64;
+
+/// Whether a statement's command defines a function or procedure, whose
+/// body runs only when called.
+fn defines_routine(command: &str) -> bool {
+    let rest = command.strip_prefix("CREATE ").unwrap_or("");
+    let rest = rest.strip_prefix("OR REPLACE ").unwrap_or(rest);
+    rest.starts_with("FUNCTION") || rest.starts_with("PROCEDURE")
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct SqlExecutes {
@@ -63,15 +73,17 @@ impl SqlExecutes {
             return;
         }
         // Only EXPLAIN and CREATE TABLE AS (which the parser does not
-        // read: unknown) hold an EXECUTE, besides dynamic SQL in a function
-        // or DO body; and text the gate could not read may be anything.
-        // Which name those run is not known. The word elsewhere (a string,
-        // a comment, `GRANT EXECUTE ON`, `EXECUTE FUNCTION` in a trigger)
-        // runs no prepared statement.
+        // read: unknown) hold an EXECUTE, besides dynamic SQL run now (a DO
+        // body, query_to_xml); and text the gate could not read may be
+        // anything. Which name those run is not known. The word elsewhere
+        // (a string, a comment, `GRANT EXECUTE ON`, `EXECUTE FUNCTION` in a
+        // trigger) runs no prepared statement, nor does a function's body
+        // until it is called, where the gateway does not see (a documented
+        // limit of statement policy).
         let runs_any = plain
             || classification.statements.iter().any(|s| {
                 s.kind == Kind::Unknown
-                    || s.features.contains(Feature::DynamicSql)
+                    || (s.features.contains(Feature::DynamicSql) && !defines_routine(&s.command))
                     || (s.command.starts_with("EXPLAIN")
                         && crate::policy::executes_keyword(sql, standard_conforming_strings))
             });
@@ -135,7 +147,7 @@ mod tests {
             "EXPLAIN ANALYZE EXECUTE p1",
             "CREATE TABLE c AS EXECUTE p1",
             "DO $$ BEGIN EXECUTE 'EXECUTE p1'; END $$",
-            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'EXECUTE p1'; END $$",
+            "SELECT query_to_xml('EXECUTE p1', true, false, '')",
         ] {
             let executes = noted(&["EXECUTE p1", other]);
             assert!(executes.runs("p3") && executes.runs_any(), "{other}");
@@ -148,6 +160,8 @@ mod tests {
             "GRANT EXECUTE, USAGE ON SCHEMA s TO bob",
             "CREATE TRIGGER t BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
             "EXPLAIN SELECT 'EXECUTE p1'",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'EXECUTE p1'; END $$",
+            "CREATE OR REPLACE PROCEDURE p() LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'x'; END $$",
         ];
         assert!(noted(&harmless).is_empty());
     }

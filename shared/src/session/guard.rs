@@ -56,6 +56,9 @@ pub(crate) struct Guard {
     pub error: Option<Vec<u8>>,
     /// Held output outgrew [`HOLD_CAP`].
     pub overflowed: bool,
+    /// The Execute asked for a few rows, and the write returned more (its
+    /// portal was suspended): it ran whole, but its count never came.
+    pub suspended: bool,
     /// The statement is a COPY FROM STDIN that the server started: the
     /// client's copy data flows until its CopyDone or CopyFail (`copy_ended`).
     pub copy_in: bool,
@@ -73,14 +76,17 @@ impl Guard {
             completed: None,
             error: None,
             overflowed: false,
+            suspended: false,
             copy_in: false,
             copy_ended: false,
         }
     }
 
-    /// Whether the write touched (or returned) more rows than allowed.
+    /// Whether the write touched (or returned) more rows than allowed, or
+    /// may have and cannot be counted.
     pub fn over(&self) -> bool {
         self.overflowed
+            || self.suspended
             || self.rows > self.limit.rows
             || self
                 .completed
@@ -91,7 +97,13 @@ impl Guard {
     /// The refusal for a write over its limit.
     pub fn refusal(&self) -> ErrorFields {
         let limit = group_thousands(self.limit.rows);
-        let message = if self.overflowed {
+        let message = if self.suspended && !self.overflowed && self.rows <= self.limit.rows {
+            format!(
+                "statement refused: it was executed for a few of the rows it returns, so the gateway could not \
+                 count the rows it touched (row limit {limit}, rule \"{}\"); it was rolled back",
+                self.limit.rule
+            )
+        } else if self.overflowed {
             format!(
                 "the rows this write returned exceed what the gateway holds while it counts them ({} MiB); \
                  the write was rolled back (row limit {limit}, rule \"{}\")",

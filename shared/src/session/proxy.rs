@@ -334,9 +334,9 @@ pub(crate) struct Proxy<'a> {
     /// The names statements the protocol prepared run through SQL
     /// EXECUTE: none may be prepared again with a restriction.
     sql_executes: SqlExecutes,
-    /// Statements the protocol prepared that may run a portal (SQL FETCH
-    /// or MOVE, dynamic SQL, an EXECUTE of one of these), and the portals
-    /// bound to them: a Bind or Execute of one while a portal runs a
+    /// Prepared statements (by the protocol or SQL's PREPARE) that may run
+    /// a portal (SQL FETCH or MOVE, dynamic SQL, unreadable text, an
+    /// EXECUTE of one of these), and the portals bound to them: a Bind or Execute of one while a portal runs a
     /// limited write is refused (FETCH runs a `DELETE ... RETURNING`
     /// portal to its end, uncounted).
     fetch_statements: Fetchers,
@@ -1587,32 +1587,6 @@ impl<'a> Proxy<'a> {
                         && let Some(refusal) = self.fetch_refusal(Some(portal))
                     {
                         self.refuse_execute(portal, refusal_error(refusal));
-                        return Ok(Consumed::Yes);
-                    }
-                }
-                if !self.portal_limits.is_empty() {
-                    let portal = first_name(body, "portal name")?;
-                    // A write runs whole at its first Execute, whatever the
-                    // row count asked for (the rest of its RETURNING rows
-                    // wait in the portal): fetched a few rows at a time, the
-                    // guard would see only those. Refused, on the record as
-                    // such, and the portal stays as it was, limit and all
-                    // (it can run after a savepoint is rolled back).
-                    let fetch = body
-                        .get(portal.len() + 1..)
-                        .and_then(|n| n.get(..4))
-                        .map(|n| i32::from_be_bytes(n.try_into().unwrap_or_default()));
-                    if fetch.is_some_and(|n| n > 0)
-                        && let Some((RowLimit { rule, rows }, _)) = self.portal_limits.get(portal).cloned()
-                    {
-                        let refusal = refusal_error(Refusal {
-                            code: ROW_LIMIT_SQLSTATE,
-                            message: format!(
-                                "statement refused: rule \"{rule}\" limits this write to {rows} rows, which the gateway checks only when it is executed whole"
-                            ),
-                            hint: Some("execute it with no row count (Execute with 0 rows)".into()),
-                        });
-                        self.refuse_execute(portal, refusal);
                         return Ok(Consumed::Yes);
                     }
                 }
@@ -3452,6 +3426,12 @@ impl<'a> Proxy<'a> {
                 }
             }
             backend::tag::PORTAL_SUSPENDED => {
+                // A write runs whole at its first Execute, whatever the
+                // row count asked for (JDBC asks for 1 when it wants no
+                // results): one that returns no rows completes with its
+                // count. One suspended returned rows, and the rest wait in
+                // the portal with its count: refused and rolled back.
+                guard.suspended = true;
                 self.seam.forward(message_tag, message, &mut guard.held);
                 self.finish_extended_guard();
             }
@@ -3729,8 +3709,9 @@ impl<'a> Proxy<'a> {
     /// Whether a portal may return values of masked columns: as bound,
     /// unless SQL declared or closed a cursor since (it may have replaced
     /// the portal under the same name), or if it is not known.
+    /// (SQL cannot name the unnamed portal: a cursor never takes it.)
     fn portal_is_sensitive(&self, name: &str) -> bool {
-        self.sql_cursors || self.portal_sensitive.get(name).copied().unwrap_or(true)
+        (self.sql_cursors && !name.is_empty()) || self.portal_sensitive.get(name).copied().unwrap_or(true)
     }
 
     /// Whether a prepared statement may show values masked by rule in its
