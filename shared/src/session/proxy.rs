@@ -3062,7 +3062,7 @@ impl<'a> Proxy<'a> {
         };
         let (runs, hint) = if self.sql_executes.runs_any() {
             (
-                "runs EXECUTE of a statement it does not name (inside EXPLAIN or CREATE TABLE AS, or in a function or DO body)",
+                "runs EXECUTE of a statement it does not name (inside EXPLAIN or CREATE TABLE AS, or in dynamic SQL such as a DO block)",
                 "prepare it in a new session",
             )
         } else {
