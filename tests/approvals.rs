@@ -1107,7 +1107,7 @@ async fn the_unnamed_statement_is_held_each_time_and_sql_execute_cannot_skip_it(
     let gw = start("approval_unnamed").await;
     let mut client = RawClient::connect(gw.addr).await;
     client.login(&gw.db, BOB).await;
-    let run = |sql: &str| [raw::parse("", sql), raw::bind("", ""), raw::execute("", 0), raw::sync()].concat();
+    let run = |sql: &str| raw::unnamed(sql, 0);
     client.send(&run("DELETE FROM orders WHERE id = 1")).await;
     let request = pending(&gw).await;
     assert_eq!(request.statement, "DELETE FROM orders WHERE id = 1");
@@ -1148,8 +1148,8 @@ async fn sql_execute_prepared_by_the_protocol_skips_no_approval_or_grant() {
     let gw = start("approval_execute_order").await;
     let mut client = RawClient::connect(gw.addr).await;
     client.login(&gw.db, BOB).await;
-    let prepare = |name: &str, sql: &str| [raw::parse(name, sql), raw::sync()].concat();
-    let run = |name: &str| [raw::bind("", name), raw::execute("", 0), raw::sync()].concat();
+    let prepare = raw::prepare;
+    let run = |name: &str| raw::run(name, 0);
 
     // `EXECUTE s` first, then `s` as a statement that needs approval.
     client.send(&prepare("x", "EXECUTE s")).await;

@@ -965,17 +965,7 @@ async fn rejected_parses_and_binds_do_not_unmask() {
     client.simple("COMMIT").await;
     // No cursor takes the unnamed portal: what runs there is not masked
     // for the cursor's sake.
-    client
-        .send(
-            &[
-                raw::parse("", "SELECT 1 + 1"),
-                raw::bind("", ""),
-                raw::execute("", 0),
-                raw::sync(),
-            ]
-            .concat(),
-        )
-        .await;
+    client.send(&raw::unnamed("SELECT 1 + 1", 0)).await;
     assert_eq!(rows(&client.until_ready().await), [[Some("2".to_string())]]);
 }
 

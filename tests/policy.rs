@@ -774,8 +774,8 @@ async fn row_limit_holds_when_a_statement_is_closed_or_prepared_in_vain() {
 async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
     let gw = TestGateway::start("limit_execute_first", limited(3)).await;
     table_with_rows(&gw.db, 10).await;
-    let prepare = |name: &str, sql: &str| [raw::parse(name, sql), raw::sync()].concat();
-    let run = |name: &str| [raw::bind("", name), raw::execute("", 0), raw::sync()].concat();
+    let prepare = raw::prepare;
+    let run = |name: &str| raw::run(name, 0);
     let cases = [
         ("x1", "EXPLAIN ANALYZE EXECUTE p1", None),
         ("x2", "EXECUTE p2", None),
@@ -1006,7 +1006,7 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     // through the unnamed portal a fetch of itself: it runs, counted.
     let mut raw = RawClient::connect(gw.addr).await;
     raw.login(&gw.db, BOB).await;
-    let unnamed = |sql: &str| [raw::parse("", sql), raw::bind("", ""), raw::execute("", 0), raw::sync()].concat();
+    let unnamed = |sql: &str| raw::unnamed(sql, 0);
     raw.send(&unnamed("FETCH ALL FROM nothing")).await;
     assert_eq!(first_error(&raw.until_ready().await)[&'C'], "34000");
     raw.send(&unnamed("DELETE FROM t WHERE id > 2")).await;
@@ -1075,7 +1075,7 @@ async fn row_limit_refuses_writes_it_cannot_count() {
     assert_eq!(count(&gw.db).await, 9);
     // JDBC's executeUpdate asks for 1 row: a write that returns none runs
     // whole and is counted, within the limit and over it.
-    let jdbc = |sql: &str| [raw::parse("", sql), raw::bind("", ""), raw::execute("", 1), raw::sync()].concat();
+    let jdbc = |sql: &str| raw::unnamed(sql, 1);
     raw.send(&jdbc("DELETE FROM t WHERE id > 7")).await;
     assert_eq!(tags(&raw.until_ready().await), "12CZ");
     assert_eq!(count(&gw.db).await, 7);

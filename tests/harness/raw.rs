@@ -62,6 +62,23 @@ pub fn sync() -> Vec<u8> {
     msg(b'S', &[])
 }
 
+/// A Parse of `name`, then Sync: a statement prepared on its own.
+pub fn prepare(name: &str, sql: &str) -> Vec<u8> {
+    [parse(name, sql), sync()].concat()
+}
+
+/// Statement `name` bound to the unnamed portal and executed for up to
+/// `max_rows` rows (0: all), then Sync.
+pub fn run(name: &str, max_rows: i32) -> Vec<u8> {
+    [bind("", name), execute("", max_rows), sync()].concat()
+}
+
+/// `sql` through the unnamed statement and portal, then Sync: one
+/// statement as drivers send it (JDBC asks for 1 row when it wants none).
+pub fn unnamed(sql: &str, max_rows: i32) -> Vec<u8> {
+    [parse("", sql), run("", max_rows)].concat()
+}
+
 pub fn flush() -> Vec<u8> {
     msg(b'H', &[])
 }

@@ -1,6 +1,6 @@
 //! What a session's prepared statements may run besides themselves: other
 //! prepared statements, through SQL EXECUTE ([`SqlExecutes`]), and portals,
-//! through FETCH, MOVE or dynamic SQL ([`Fetchers`]).
+//! through FETCH, MOVE or dynamic SQL ([`Names`], in the proxy).
 //!
 //! A Parse can prepare `EXECUTE p1`, or `EXPLAIN ANALYZE EXECUTE p1`, and
 //! the client can run it at each Bind, long after its Parse was decided.
@@ -35,40 +35,36 @@ fn defines_routine(command: &str) -> bool {
 
 #[derive(Debug, Default)]
 pub(crate) struct SqlExecutes {
-    /// Run as a plain `EXECUTE name`.
-    names: HashSet<Box<str>>,
-    /// Some statement runs a name the gateway does not follow.
-    any: bool,
+    /// Run as a plain `EXECUTE name`; all of them once some statement runs
+    /// a name the gateway does not follow.
+    names: Names,
 }
 
 impl SqlExecutes {
     pub fn is_empty(&self) -> bool {
-        !self.any && self.names.is_empty()
+        self.names.is_empty()
     }
 
     /// Whether a statement the session prepared runs EXECUTE of a name
     /// not known.
     pub fn runs_any(&self) -> bool {
-        self.any
+        self.names.is_all()
     }
 
     /// Whether a statement the session prepared may run `name`.
     pub fn runs(&self, name: &str) -> bool {
-        self.any || self.names.contains(name)
+        self.names.contains(name)
     }
 
     /// Notes a statement a Parse prepares (`sql`, as the gate classified
     /// it; `standard_conforming_strings` as the server reads it).
     pub fn note(&mut self, sql: &str, classification: &Classification, standard_conforming_strings: bool) {
-        if self.any || !crate::policy::mentions_execute(sql) {
+        if self.names.is_all() || !crate::policy::mentions_execute(sql) {
             return;
         }
-        let plain = classification.only_executes();
-        if plain && self.names.len() + classification.statements.len() <= MAX_NAMES {
+        if classification.only_executes() {
             for name in classification.executed() {
-                if !self.names.contains(name) {
-                    self.names.insert(name.into());
-                }
+                self.names.add(name);
             }
             return;
         }
@@ -80,30 +76,29 @@ impl SqlExecutes {
         // trigger) runs no prepared statement, nor does a function's body
         // until it is called, where the gateway does not see (a documented
         // limit of statement policy).
-        let runs_any = plain
-            || classification.statements.iter().any(|s| {
-                s.kind == Kind::Unknown
-                    || (s.features.contains(Feature::DynamicSql) && !defines_routine(&s.command))
-                    || (s.command.starts_with("EXPLAIN")
-                        && crate::policy::executes_keyword(sql, standard_conforming_strings))
-            });
+        let runs_any = classification.statements.iter().any(|s| {
+            s.kind == Kind::Unknown
+                || (s.features.contains(Feature::DynamicSql) && !defines_routine(&s.command))
+                || (s.command.starts_with("EXPLAIN")
+                    && crate::policy::executes_keyword(sql, standard_conforming_strings))
+        });
         if runs_any {
-            self.any = true;
-            self.names = HashSet::new();
+            self.names.add_all();
         }
     }
 }
 
-/// Names of prepared statements (or portals) that may run another portal
-/// (SQL FETCH or MOVE, or dynamic SQL), kept for the session; past
-/// [`MAX_NAMES`], every name counts.
+/// Names of prepared statements or portals, kept for the session; past
+/// [`MAX_NAMES`], or once told so, every name counts. The proxy keeps
+/// those that may run another portal (SQL FETCH or MOVE, dynamic SQL) in
+/// two of these.
 #[derive(Debug, Default)]
-pub(crate) struct Fetchers {
+pub(crate) struct Names {
     names: HashSet<Box<str>>,
     all: bool,
 }
 
-impl Fetchers {
+impl Names {
     pub fn is_empty(&self) -> bool {
         !self.all && self.names.is_empty()
     }
@@ -113,11 +108,20 @@ impl Fetchers {
             return;
         }
         if self.names.len() == MAX_NAMES {
-            self.all = true;
-            self.names = HashSet::new();
+            self.add_all();
         } else {
             self.names.insert(name.into());
         }
+    }
+
+    /// Every name counts from now on.
+    pub fn add_all(&mut self) {
+        self.all = true;
+        self.names = HashSet::new();
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.all
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -167,8 +171,8 @@ mod tests {
     }
 
     #[test]
-    fn fetchers_past_the_cap_are_every_name() {
-        let mut fetchers = Fetchers::default();
+    fn names_past_the_cap_are_every_name() {
+        let mut fetchers = Names::default();
         assert!(fetchers.is_empty());
         for n in 0..MAX_NAMES {
             fetchers.add(&format!("f{n}"));

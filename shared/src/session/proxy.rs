@@ -32,7 +32,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::executes::{Fetchers, SqlExecutes};
+use super::executes::{Names, SqlExecutes};
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, ROW_LIMIT_SQLSTATE, command_count};
 use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
@@ -339,8 +339,8 @@ pub(crate) struct Proxy<'a> {
     /// EXECUTE of one of these), and the portals bound to them: a Bind or Execute of one while a portal runs a
     /// limited write is refused (FETCH runs a `DELETE ... RETURNING`
     /// portal to its end, uncounted).
-    fetch_statements: Fetchers,
-    fetch_portals: Fetchers,
+    fetch_statements: Names,
+    fetch_portals: Names,
     /// The session declared or closed a cursor in SQL, which shares the
     /// portals' names: what the gateway knew of a portal by name no longer
     /// says whether it reads masked columns.
@@ -740,8 +740,8 @@ impl<'a> Proxy<'a> {
             last_granted: Vec::new(),
             needs_approval: Remembered::default(),
             sql_executes: SqlExecutes::default(),
-            fetch_statements: Fetchers::default(),
-            fetch_portals: Fetchers::default(),
+            fetch_statements: Names::default(),
+            fetch_portals: Names::default(),
             sql_cursors: false,
             message_seq: 0,
             batch_parses: HashMap::new(),
