@@ -234,6 +234,38 @@ async fn sessions_and_statements_are_recorded_in_a_verifiable_trail() {
     );
 }
 
+/// How each statement whose text starts with `prefix` ended, in order:
+/// its text, its SQLSTATE, and whether the server skipped it.
+fn endings(events: &[StoredEvent], prefix: &str) -> Vec<(String, Option<String>, bool)> {
+    let mut done = std::collections::HashMap::new();
+    for event in events {
+        if let Detail::StatementDone {
+            seq, sqlstate, skipped, ..
+        } = &event.event.detail
+        {
+            done.insert(*seq, (sqlstate.clone(), *skipped));
+        }
+    }
+    events
+        .iter()
+        .filter_map(|e| match &e.event.detail {
+            Detail::Statement {
+                seq,
+                text,
+                done: joined,
+                ..
+            } if text.starts_with(prefix) => {
+                let (sqlstate, skipped) = match joined {
+                    Some(d) => (d.sqlstate.clone(), d.skipped),
+                    None => done.get(seq).cloned().unwrap_or_default(),
+                };
+                Some((text.clone(), sqlstate, skipped))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// An error at a Bind is the error of the statement its portal runs: the
 /// trail says it failed with that SQLSTATE, not that it was skipped. (The
 /// unnamed statement is planned at its Bind, so a constant 1/0 fails
@@ -262,38 +294,58 @@ async fn an_error_at_bind_is_its_statements() {
     drop(client);
 
     let events = stop_and_read(&mut gw).await;
-    let mut done = std::collections::HashMap::new();
-    for event in &events {
-        if let Detail::StatementDone {
-            seq, sqlstate, skipped, ..
-        } = &event.event.detail
-        {
-            done.insert(*seq, (sqlstate.clone(), *skipped));
-        }
-    }
-    let ended: Vec<(String, Option<String>, bool)> = events
-        .iter()
-        .filter_map(|e| match &e.event.detail {
-            Detail::Statement {
-                seq,
-                text,
-                done: joined,
-                ..
-            } if text.starts_with("SELECT") => {
-                let (sqlstate, skipped) = match joined {
-                    Some(d) => (d.sqlstate.clone(), d.skipped),
-                    None => done.get(seq).cloned().unwrap_or_default(),
-                };
-                Some((text.clone(), sqlstate, skipped))
-            }
-            _ => None,
-        })
-        .collect();
+    let ended = endings(&events, "SELECT");
     assert_eq!(
         ended,
         [
             ("SELECT 1/0".to_string(), Some("22012".to_string()), false),
             ("SELECT 2".to_string(), None, true),
+        ]
+    );
+}
+
+/// A row-limited statement behind an error in its batch was skipped, the
+/// simple Query the gateway would have opened a transaction for too (it
+/// never went upstream): the trail says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_limited_statement_skipped_after_an_error_is_recorded_skipped() {
+    let spec = Spec {
+        policy: Some(
+            "[policy]\ndefault = \"allow\"\n\n[[policy.rules]]\nname = \"small-writes\"\ndecision = \"allow\"\ngroups = [\"*\"]\nkinds = [\"write\"]\nmax_rows = 3\n"
+                .into(),
+        ),
+        ..Spec::default()
+    };
+    let mut gw = TestGateway::start("audit_limit_skipped", spec).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client.simple("CREATE TABLE t (id int)").await;
+    let failing = [raw::parse("", "SELECT 1/0"), raw::bind("", ""), raw::execute("", 0)].concat();
+    for skipped in [
+        [
+            raw::parse("w", "DELETE FROM t RETURNING id"),
+            raw::bind("c", "w"),
+            raw::execute("c", 0),
+        ]
+        .concat(),
+        raw::query("DELETE FROM t WHERE id > 2"),
+    ] {
+        client.send(&[failing.clone(), skipped, raw::sync()].concat()).await;
+        let answer = client.until_ready().await;
+        assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
+    }
+    drop(client);
+
+    let events = stop_and_read(&mut gw).await;
+    let mut ended = endings(&events, "SELECT");
+    ended.extend(endings(&events, "DELETE"));
+    assert_eq!(
+        ended,
+        [
+            ("SELECT 1/0".to_string(), Some("22012".to_string()), false),
+            ("SELECT 1/0".to_string(), Some("22012".to_string()), false),
+            ("DELETE FROM t RETURNING id".to_string(), None, true),
+            ("DELETE FROM t WHERE id > 2".to_string(), None, true),
         ]
     );
 }

@@ -895,6 +895,51 @@ async fn names_postgresql_would_shorten_are_refused() {
     assert_eq!(count(&gw.db).await, 10);
 }
 
+/// A row-limited statement the server skips (an error earlier in its
+/// batch) never runs, and its batch still ends: the gateway, which holds
+/// the client's Sync back until a guarded statement's verdict, does not
+/// wait for one that gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_limited_statement_skipped_after_an_error_ends_its_batch() {
+    let mut spec = limited(3);
+    if let Some(policy) = &mut spec.policy {
+        policy.push_str(
+            "\n[[policy.rules]]\nname = \"no-drop\"\ndecision = \"deny\"\ngroups = [\"*\"]\nfeatures = [\"drop\"]\n",
+        );
+    }
+    let gw = TestGateway::start("limit_skipped", spec).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    raw.send(&[raw::parse("w", "DELETE FROM t WHERE id > 2 RETURNING id"), raw::sync()].concat())
+        .await;
+    assert_eq!(tags(&raw.until_ready().await), "1Z");
+    let failing = [raw::parse("", "SELECT 1/0"), raw::bind("", ""), raw::execute("", 0)].concat();
+    // A portal's Execute, and a simple Query the gateway would first open a
+    // transaction for (the server skips a Query before Sync too).
+    for skipped in [
+        [raw::bind("c", "w"), raw::execute("c", 0)].concat(),
+        raw::query("DELETE FROM t WHERE id > 2"),
+    ] {
+        raw.send(&[failing.clone(), skipped, raw::sync()].concat()).await;
+        let answer = raw.until_ready().await;
+        // (A constant 1/0 fails at the Bind, where it is planned.)
+        assert_eq!(tags(&answer), "1EZ", "{answer:?}");
+        assert_eq!(first_error(&answer)[&'C'], "22012", "{answer:?}");
+    }
+    assert_eq!(count(&gw.db).await, 10);
+    // The skipped Query's verdict went with it: the next statement gets
+    // its own.
+    raw.send(&raw::query("DROP TABLE t")).await;
+    assert_eq!(first_error(&raw.until_ready().await)[&'C'], "42501");
+    // The limit still holds on the session, and what it allows runs.
+    raw.send(&raw::query("DELETE FROM t WHERE id > 2")).await;
+    assert_eq!(first_error(&raw.until_ready().await)[&'C'], "42501");
+    raw.send(&raw::query("DELETE FROM t WHERE id > 8")).await;
+    assert_eq!(tags(&raw.until_ready().await), "CZ");
+    assert_eq!(count(&gw.db).await, 8);
+}
+
 /// SQL's FETCH and MOVE run a portal the protocol bound, and run a write
 /// that returns rows to its end at once, where its rows are not counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -938,17 +983,40 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     refused(&raw.until_ready().await, "Parse of EXECUTE f");
     raw.simple("ROLLBACK").await;
 
+    // The ROLLBACK ended the portal: a cursor's FETCH runs again.
+    async fn fetch_two(raw: &mut RawClient) -> usize {
+        raw.simple("BEGIN").await;
+        raw.simple("DECLARE k CURSOR FOR SELECT id FROM t ORDER BY id").await;
+        let rows = raw.simple("FETCH 2 FROM k").await;
+        raw.simple("COMMIT").await;
+        rows.len()
+    }
+    assert_eq!(fetch_two(&mut raw).await, 2);
+    // So does one after a batch whose limited portal never ran (an earlier
+    // message failed, and the server skipped the rest up to Sync).
+    raw.send(
+        &[
+            raw::parse("", "SELECT 1/0"),
+            raw::bind("", ""),
+            raw::execute("", 0),
+            raw::bind("c", "w"),
+            raw::execute("c", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(first_error(&raw.until_ready().await)[&'C'], "22012");
+    assert_eq!(fetch_two(&mut raw).await, 2);
+    assert_eq!(count(&gw.db).await, 10);
+
     // A portal bound to a MOVE before the write's portal exists is checked
-    // when it runs. (A new session: the gateway does not know that ROLLBACK
-    // dropped the portal bound above, so it would refuse the Bind at once.)
-    let mut raw = RawClient::connect(gw.addr).await;
-    raw.login(&gw.db, BOB).await;
+    // when it runs.
     raw.simple("BEGIN").await;
     raw.send(
         &[
             raw::parse("m", "MOVE ALL IN c"),
             raw::bind("p", "m"),
-            raw::parse("w", write),
             raw::bind("c", "w"),
             raw::execute("p", 0),
             raw::sync(),

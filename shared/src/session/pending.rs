@@ -391,6 +391,17 @@ impl PendingQueue {
         self.queue.len()
     }
 
+    /// Whether an answer owed is a row-limit guard's: its statement, or a
+    /// statement the gateway sent for it.
+    pub fn owes_guard(&self) -> bool {
+        self.queue.iter().any(|e| {
+            matches!(
+                e,
+                Expect::Query { guarded: true, .. } | Expect::Execute { guarded: true } | Expect::Internal
+            )
+        })
+    }
+
     /// Whether the server is reading a COPY FROM STDIN's data.
     pub fn copy_in(&self) -> bool {
         self.copy_in

@@ -354,8 +354,12 @@ pub(crate) struct Proxy<'a> {
     /// The Bind being sent again was approved (request id): it is not
     /// held a second time.
     bind_approved: Option<u64>,
-    /// Row limits of bound portals, with the rows they returned so far.
-    portal_limits: HashMap<String, (RowLimit, u64)>,
+    /// Row limits of bound portals, with the rows they returned so far,
+    /// until the portal is closed, runs to its end, or its transaction
+    /// ends (a portal bound and never executed, say because an earlier
+    /// message of its batch failed, would otherwise keep every later FETCH
+    /// refused as if it still ran).
+    portal_limits: Portals<(RowLimit, u64)>,
     /// Binds and Closes of portal names the gateway knew a portal by,
     /// until the server answers them: what they replaced comes back if the
     /// server rejects or skips them ([`Proxy::rebind`]).
@@ -605,7 +609,7 @@ struct Rebind {
     batch: u64,
     /// The portal's text for the trail, and its row limit, before.
     text: Option<(u64, PortalAudit)>,
-    limit: Option<(RowLimit, u64)>,
+    limit: Option<(u64, (RowLimit, u64))>,
 }
 
 /// What the gateway keeps about each bound portal, by name, until the
@@ -649,6 +653,14 @@ impl<T> Portals<T> {
 
     fn get(&self, name: &str) -> Option<&T> {
         self.by_name.get(name).map(|(_, value)| value)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut T> {
+        self.by_name.get_mut(name).map(|(_, value)| value)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.by_name.iter().map(|(name, (_, value))| (name.as_str(), value))
     }
 
     fn remove(&mut self, name: &str) -> Option<T> {
@@ -746,7 +758,7 @@ impl<'a> Proxy<'a> {
             message_seq: 0,
             batch_parses: HashMap::new(),
             bind_approved: None,
-            portal_limits: HashMap::new(),
+            portal_limits: Portals::default(),
             rebinds: Vec::new(),
             resolved: Vec::new(),
             waits_for_answer: false,
@@ -1206,7 +1218,19 @@ impl<'a> Proxy<'a> {
                 fe::EXECUTE => Some(Some(Expect::Execute { guarded: false })),
                 fe::CLOSE => Some(Some(Expect::Close)),
                 // No answer at all: nothing for the queue.
-                fe::QUERY | fe::FUNCTION_CALL => Some(None),
+                fe::QUERY | fe::FUNCTION_CALL => {
+                    // A Query checked (and recorded) before it waited for
+                    // the answers owed: its verdict goes with it, and is
+                    // never the next Query's.
+                    if message_tag == fe::QUERY
+                        && self.deferred.take().is_some()
+                        && let Some(mut mark) = self.pending_mark.take()
+                    {
+                        mark.skipped = true;
+                        self.record_done(mark);
+                    }
+                    Some(None)
+                }
                 fe::SYNC => {
                     self.discarding = false;
                     None
@@ -1519,7 +1543,8 @@ impl<'a> Proxy<'a> {
                         .min_by_key(|limit| limit.rows);
                     match limit {
                         Some(limit) => {
-                            self.portal_limits.insert(portal.to_string(), (limit.clone(), 0));
+                            self.portal_limits
+                                .bind(portal, self.pending.batch(), (limit.clone(), 0));
                         }
                         None => {
                             self.portal_limits.remove(portal);
@@ -2995,10 +3020,7 @@ impl<'a> Proxy<'a> {
     /// other than `except` (its own, which a Bind replaces and an Execute
     /// runs under its limit) runs a limited write.
     fn fetch_refusal(&self, except: Option<&str>) -> Option<Refusal> {
-        let (portal, (limit, _)) = self
-            .portal_limits
-            .iter()
-            .find(|(portal, _)| Some(portal.as_str()) != except)?;
+        let (portal, (limit, _)) = self.portal_limits.iter().find(|&(portal, _)| Some(portal) != except)?;
         let portal = if portal.is_empty() {
             "unnamed portal".to_string()
         } else {
@@ -3466,6 +3488,22 @@ impl<'a> Proxy<'a> {
         }
     }
 
+    /// An error earlier in the batch made the server skip everything up to
+    /// the client's Sync, the guarded statement (or the BEGIN sent for it)
+    /// too: it never ran, and the guard that would hold the client's Sync
+    /// back until its verdict has nothing to wait for.
+    fn guard_skipped(&mut self) {
+        let Some(guard) = self.guard.take() else { return };
+        tracing::debug!(rule = %guard.limit.rule, "row-limited statement skipped after an earlier error");
+        // In practice a portal's Execute (a guarded Query starts only once
+        // nothing is owed); a Query waiting for its BEGIN would never have
+        // gone upstream.
+        if let Some(mut mark) = self.guard_mark.take() {
+            mark.skipped = true;
+            self.record_done(mark);
+        }
+    }
+
     /// The guarded Execute finished (or was suspended at its row limit).
     fn finish_extended_guard(&mut self) {
         let Some(guard) = self.guard.take() else { return };
@@ -3736,7 +3774,7 @@ impl<'a> Proxy<'a> {
     /// always its last Bind or Close).
     fn rebind(&mut self, portal: &str) -> Option<u64> {
         let text = self.portal_texts.entry(portal);
-        let limit = self.portal_limits.get(portal).cloned();
+        let limit = self.portal_limits.entry(portal);
         if text.is_none() && limit.is_none() && !self.rebinds.iter().any(|r| r.portal == portal) {
             return None;
         }
@@ -3771,14 +3809,7 @@ impl<'a> Proxy<'a> {
             }
             None => {
                 self.portal_texts.restore(&rebind.portal, rebind.text);
-                match rebind.limit {
-                    Some(limit) => {
-                        self.portal_limits.insert(rebind.portal, limit);
-                    }
-                    None => {
-                        self.portal_limits.remove(&rebind.portal);
-                    }
-                }
+                self.portal_limits.restore(&rebind.portal, rebind.limit);
             }
         }
     }
@@ -3852,6 +3883,13 @@ impl<'a> Proxy<'a> {
             self.discarding = true;
         }
         let owner = self.pending.on_backend(message_tag);
+        if message_tag == backend::tag::ERROR_RESPONSE
+            && self.guard.is_some()
+            && !matches!(owner, Owner::Guard | Owner::Internal)
+            && !self.pending.owes_guard()
+        {
+            self.guard_skipped();
+        }
         // What the gateway tracks whoever the message is for.
         match message_tag {
             backend::tag::READY_FOR_QUERY => {
@@ -3864,6 +3902,7 @@ impl<'a> Proxy<'a> {
                     let answered = self.pending.batches_answered();
                     self.portal_texts.transaction_ended(answered);
                     self.portal_sensitive.transaction_ended(answered);
+                    self.portal_limits.transaction_ended(answered);
                     if !self.rebinds.is_empty() {
                         self.rebinds.retain(|r| r.batch >= answered);
                     }
