@@ -1308,3 +1308,47 @@ async fn a_cancel_reaches_what_runs_before_a_held_statement() {
     assert_eq!(error[&'C'], "57014", "{error:?}");
     assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
 }
+
+/// A held Query behind a failed message of its batch is skipped by the
+/// server, whatever approvers would decide: its request is withdrawn, the
+/// batch ends, and every later answer still belongs to its own statement
+/// (a refusal keeps the policy's message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_query_skipped_after_an_error_withdraws_its_request() {
+    use crate::harness::raw::{self, RawClient, tags};
+    let gw = start("approval_skipped").await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client
+        .send(
+            &[
+                raw::parse("", "SELECT 1/0"),
+                raw::bind("", ""),
+                raw::execute("", 0),
+                raw::query("DELETE FROM orders WHERE id = 1"),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let answer = client.until_ready().await;
+    // The notice that it is held, then the batch's error and its end.
+    assert_eq!(tags(&answer), "N1EZ", "{answer:?}");
+    assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
+    let requests = api(&gw, BOB).approvals().await.unwrap();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].state, RequestState::Cancelled, "{requests:?}");
+    let err = api(&gw, ALICE).decide(requests[0].id, true, None).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 5);
+
+    client.send(&raw::query("DELETE FROM ledger")).await;
+    let error = raw::first_error(&client.until_ready().await);
+    assert!(error[&'M'].contains("the ledger is read-only"), "{error:?}");
+    for (sql, value) in [("SELECT 1", b"1"), ("SELECT 2", b"2")] {
+        client.send(&raw::query(sql)).await;
+        let answer = client.until_ready().await;
+        assert_eq!(tags(&answer), "TDCZ", "{answer:?}");
+        assert!(answer[1].1.ends_with(value), "{sql}: {answer:?}");
+    }
+}

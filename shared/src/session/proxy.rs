@@ -2531,6 +2531,28 @@ impl<'a> Proxy<'a> {
         }
     }
 
+    /// An error earlier in the held statement's batch makes the server
+    /// skip it (a Query too) up to the client's Sync, which the hold keeps
+    /// back: the request is withdrawn, as the server would skip the
+    /// statement, and the client's messages go on to that Sync. (Run or
+    /// refused later, the gateway would wait for an answer the server never
+    /// sends, and match every later answer to the wrong statement.)
+    fn held_skipped(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let why = "an earlier message in the statement's batch failed, so the server skips the statement";
+        if self
+            .ctx
+            .approvals
+            .end(held.id, crate::approvals::RequestState::Cancelled, why)
+        {
+            tracing::info!(
+                request = held.id,
+                "held statement skipped after an earlier error; request cancelled"
+            );
+        }
+        self.ctx.live.set_state(SessionState::Running);
+    }
+
     /// Holds a simple Query until approvers decide: opens the request, tells
     /// the client at once, and stops reading its messages meanwhile.
     fn hold(&mut self, hold: ToHold, message: &[u8], bind: bool) {
@@ -3881,6 +3903,9 @@ impl<'a> Proxy<'a> {
         }
         if message_tag == backend::tag::ERROR_RESPONSE && self.pending.error_skips_to_unsent_sync() {
             self.discarding = true;
+            // A statement held now came after the failed message: the
+            // server would skip it whatever approvers decide.
+            self.held_skipped();
         }
         let owner = self.pending.on_backend(message_tag);
         if message_tag == backend::tag::ERROR_RESPONSE
