@@ -940,6 +940,31 @@ async fn a_row_limited_statement_skipped_after_an_error_ends_its_batch() {
     assert_eq!(count(&gw.db).await, 8);
 }
 
+/// A row-limited Query after extended messages with no Sync waits for
+/// their answers (it needs the transaction status they leave), which the
+/// server sends only once flushed; and its limit holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_limited_query_after_unsynced_messages_is_answered() {
+    let gw = TestGateway::start("limit_unsynced", limited(3)).await;
+    table_with_rows(&gw.db, 10).await;
+    let mut raw = RawClient::connect(gw.addr).await;
+    raw.login(&gw.db, BOB).await;
+    let before = [raw::parse("", "SELECT 1"), raw::bind("", ""), raw::execute("", 0)].concat();
+    raw.send(&[before.clone(), raw::query("DELETE FROM t WHERE id > 8"), raw::sync()].concat())
+        .await;
+    let answer = raw.until_ready().await;
+    assert_eq!(tags(&answer), "12DCCZ", "{answer:?}");
+    assert_eq!(tags(&raw.until_ready().await), "Z");
+    assert_eq!(count(&gw.db).await, 8);
+    raw.send(&[before, raw::query("DELETE FROM t WHERE id > 2"), raw::sync()].concat())
+        .await;
+    let answer = raw.until_ready().await;
+    assert_eq!(tags(&answer), "12DCEZ", "{answer:?}");
+    assert_eq!(first_error(&answer)[&'C'], "42501", "{answer:?}");
+    assert_eq!(tags(&raw.until_ready().await), "Z");
+    assert_eq!(count(&gw.db).await, 8);
+}
+
 /// SQL's FETCH and MOVE run a portal the protocol bound, and run a write
 /// that returns rows to its end at once, where its rows are not counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1008,6 +1033,30 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     .await;
     assert_eq!(first_error(&raw.until_ready().await)[&'C'], "22012");
     assert_eq!(fetch_two(&mut raw).await, 2);
+    assert_eq!(count(&gw.db).await, 10);
+
+    // A Close the server skips (an error earlier in its batch) leaves the
+    // portal to run after a savepoint is rolled back: until its answer, the
+    // limit counts.
+    raw.simple("BEGIN").await;
+    raw.send(&[raw::bind("c", "w"), raw::sync()].concat()).await;
+    assert_eq!(tags(&raw.until_ready().await), "2Z");
+    raw.simple("SAVEPOINT a").await;
+    raw.send(
+        &[
+            raw::parse("", "SELECT 1/0"),
+            raw::bind("", ""),
+            raw::execute("", 0),
+            raw::close(b'P', "c"),
+            raw::sync(),
+            raw::query("ROLLBACK TO SAVEPOINT a; FETCH ALL FROM c"),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(first_error(&raw.until_ready().await)[&'C'], "22012");
+    refused(&raw.until_ready().await, "FETCH while a Close is unanswered");
+    raw.simple("ROLLBACK").await;
     assert_eq!(count(&gw.db).await, 10);
 
     // A portal bound to a MOVE before the write's portal exists is checked

@@ -1248,6 +1248,7 @@ impl<'a> Proxy<'a> {
         }
         let expect = match message_tag {
             fe::QUERY => {
+                let waited = self.deferred.is_some();
                 let outcome = match self.deferred.take() {
                     Some(outcome) => outcome,
                     None => {
@@ -1269,6 +1270,11 @@ impl<'a> Proxy<'a> {
                         // The guard needs the transaction status as it will
                         // be when the statement runs: wait for what is owed.
                         if !self.pending.is_empty() {
+                            // Extended messages before it with no Sync are
+                            // answered only once flushed.
+                            if !waited && self.unsynced {
+                                frontend::encode_flush(&mut self.to_server);
+                            }
                             self.deferred = Some(Outcome::Guard(limit));
                             return Ok(Consumed::Wait);
                         }
@@ -1606,7 +1612,7 @@ impl<'a> Proxy<'a> {
                         return Ok(Consumed::Yes);
                     }
                 }
-                if !self.fetch_portals.is_empty() && !self.portal_limits.is_empty() {
+                if !self.fetch_portals.is_empty() && self.limits_portals() {
                     let portal = first_name(body, "portal name")?;
                     if self.fetch_portals.contains(portal)
                         && let Some(refusal) = self.fetch_refusal(Some(portal))
@@ -3038,11 +3044,28 @@ impl<'a> Proxy<'a> {
         }
     }
 
+    /// Whether a portal, or one a Close or Bind not answered yet may leave
+    /// in place, runs a row-limited write.
+    fn limits_portals(&self) -> bool {
+        !self.portal_limits.is_empty() || self.rebinds.iter().any(|r| r.limit.is_some())
+    }
+
     /// The refusal of a statement that may run a portal while a portal
     /// other than `except` (its own, which a Bind replaces and an Execute
     /// runs under its limit) runs a limited write.
+    /// A limit a Close or Bind not answered yet took away counts until the
+    /// answer: the server may skip that message (after an error earlier in
+    /// its batch), and the portal then runs on.
     fn fetch_refusal(&self, except: Option<&str>) -> Option<Refusal> {
-        let (portal, (limit, _)) = self.portal_limits.iter().find(|&(portal, _)| Some(portal) != except)?;
+        let saved = self
+            .rebinds
+            .iter()
+            .filter_map(|r| r.limit.as_ref().map(|(_, limit)| (r.portal.as_str(), limit)));
+        let (portal, (limit, _)) = self
+            .portal_limits
+            .iter()
+            .chain(saved)
+            .find(|&(portal, _)| Some(portal) != except)?;
         let portal = if portal.is_empty() {
             "unnamed portal".to_string()
         } else {
