@@ -1322,9 +1322,7 @@ async fn a_held_query_skipped_after_an_error_withdraws_its_request() {
     client
         .send(
             &[
-                raw::parse("", "SELECT 1/0"),
-                raw::bind("", ""),
-                raw::execute("", 0),
+                raw::failing(),
                 raw::query("DELETE FROM orders WHERE id = 1"),
                 raw::sync(),
             ]

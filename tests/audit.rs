@@ -278,9 +278,7 @@ async fn an_error_at_bind_is_its_statements() {
     client
         .send(
             &[
-                raw::parse("", "SELECT 1/0"),
-                raw::bind("", ""),
-                raw::execute("", 0),
+                raw::failing(),
                 raw::parse("", "SELECT 2"),
                 raw::bind("", ""),
                 raw::execute("", 0),
@@ -320,7 +318,6 @@ async fn a_row_limited_statement_skipped_after_an_error_is_recorded_skipped() {
     let mut client = RawClient::connect(gw.addr).await;
     client.login(&gw.db, BOB).await;
     client.simple("CREATE TABLE t (id int)").await;
-    let failing = [raw::parse("", "SELECT 1/0"), raw::bind("", ""), raw::execute("", 0)].concat();
     for skipped in [
         [
             raw::parse("w", "DELETE FROM t RETURNING id"),
@@ -330,7 +327,7 @@ async fn a_row_limited_statement_skipped_after_an_error_is_recorded_skipped() {
         .concat(),
         raw::query("DELETE FROM t WHERE id > 2"),
     ] {
-        client.send(&[failing.clone(), skipped, raw::sync()].concat()).await;
+        client.send(&[raw::failing(), skipped, raw::sync()].concat()).await;
         let answer = client.until_ready().await;
         assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
     }

@@ -914,14 +914,13 @@ async fn a_row_limited_statement_skipped_after_an_error_ends_its_batch() {
     raw.send(&[raw::parse("w", "DELETE FROM t WHERE id > 2 RETURNING id"), raw::sync()].concat())
         .await;
     assert_eq!(tags(&raw.until_ready().await), "1Z");
-    let failing = [raw::parse("", "SELECT 1/0"), raw::bind("", ""), raw::execute("", 0)].concat();
     // A portal's Execute, and a simple Query the gateway would first open a
     // transaction for (the server skips a Query before Sync too).
     for skipped in [
         [raw::bind("c", "w"), raw::execute("c", 0)].concat(),
         raw::query("DELETE FROM t WHERE id > 2"),
     ] {
-        raw.send(&[failing.clone(), skipped, raw::sync()].concat()).await;
+        raw.send(&[raw::failing(), skipped, raw::sync()].concat()).await;
         let answer = raw.until_ready().await;
         // (A constant 1/0 fails at the Bind, where it is planned.)
         assert_eq!(tags(&answer), "1EZ", "{answer:?}");
@@ -1019,18 +1018,8 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     assert_eq!(fetch_two(&mut raw).await, 2);
     // So does one after a batch whose limited portal never ran (an earlier
     // message failed, and the server skipped the rest up to Sync).
-    raw.send(
-        &[
-            raw::parse("", "SELECT 1/0"),
-            raw::bind("", ""),
-            raw::execute("", 0),
-            raw::bind("c", "w"),
-            raw::execute("c", 0),
-            raw::sync(),
-        ]
-        .concat(),
-    )
-    .await;
+    raw.send(&[raw::failing(), raw::bind("c", "w"), raw::execute("c", 0), raw::sync()].concat())
+        .await;
     assert_eq!(first_error(&raw.until_ready().await)[&'C'], "22012");
     assert_eq!(fetch_two(&mut raw).await, 2);
     assert_eq!(count(&gw.db).await, 10);
@@ -1044,9 +1033,7 @@ async fn row_limit_holds_when_sql_fetches_a_limited_portal() {
     raw.simple("SAVEPOINT a").await;
     raw.send(
         &[
-            raw::parse("", "SELECT 1/0"),
-            raw::bind("", ""),
-            raw::execute("", 0),
+            raw::failing(),
             raw::close(b'P', "c"),
             raw::sync(),
             raw::query("ROLLBACK TO SAVEPOINT a; FETCH ALL FROM c"),

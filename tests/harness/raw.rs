@@ -79,6 +79,14 @@ pub fn unnamed(sql: &str, max_rows: i32) -> Vec<u8> {
     [parse("", sql), run("", max_rows)].concat()
 }
 
+/// A statement that fails, without Sync: `SELECT 1/0` through the unnamed
+/// statement and portal. PostgreSQL fails it at the Bind (it folds the
+/// constant when planning) and then skips every message up to the next
+/// Sync, a Query's too.
+pub fn failing() -> Vec<u8> {
+    [parse("", "SELECT 1/0"), bind("", ""), execute("", 0)].concat()
+}
+
 pub fn flush() -> Vec<u8> {
     msg(b'H', &[])
 }
