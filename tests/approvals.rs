@@ -1349,4 +1349,25 @@ async fn a_held_query_skipped_after_an_error_withdraws_its_request() {
         assert_eq!(tags(&answer), "TDCZ", "{answer:?}");
         assert!(answer[1].1.ends_with(value), "{sql}: {answer:?}");
     }
+
+    // Behind the failed batch's Sync the server runs it: it stays held
+    // until approved, then runs.
+    client
+        .send(
+            &[
+                raw::failing(),
+                raw::sync(),
+                raw::query("DELETE FROM orders WHERE id = 1"),
+            ]
+            .concat(),
+        )
+        .await;
+    let mut seen = tags(&client.until_ready().await);
+    let request = pending(&gw).await;
+    assert_eq!(request.statement, "DELETE FROM orders WHERE id = 1");
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+    seen += &tags(&client.until_ready().await);
+    assert_eq!(seen.replace('N', ""), "1EZCZ", "{seen}");
+    assert!(seen.contains('N'), "{seen}");
+    assert_eq!(harness::count_rows(&gw.db, "orders").await, 4);
 }
