@@ -3053,6 +3053,7 @@ impl<'a> Proxy<'a> {
     /// The refusal of a statement that may run a portal while a portal
     /// other than `except` (its own, which a Bind replaces and an Execute
     /// runs under its limit) runs a limited write.
+    ///
     /// A limit a Close or Bind not answered yet took away counts until the
     /// answer: the server may skip that message (after an error earlier in
     /// its batch), and the portal then runs on.
@@ -3534,18 +3535,14 @@ impl<'a> Proxy<'a> {
     }
 
     /// An error earlier in the batch made the server skip everything up to
-    /// the client's Sync, the guarded statement (or the BEGIN sent for it)
-    /// too: it never ran, and the guard that would hold the client's Sync
-    /// back until its verdict has nothing to wait for.
+    /// the client's Sync, the guarded Execute too: it never ran (its record
+    /// says skipped, as its queue entry went), and the guard that would
+    /// hold the client's Sync back until its verdict has nothing to wait
+    /// for. Only an Execute can be skipped so: a guarded Query starts once
+    /// nothing is owed, and an error to its BEGIN is the guard's own.
     fn guard_skipped(&mut self) {
-        let Some(guard) = self.guard.take() else { return };
-        tracing::debug!(rule = %guard.limit.rule, "row-limited statement skipped after an earlier error");
-        // In practice a portal's Execute (a guarded Query starts only once
-        // nothing is owed); a Query waiting for its BEGIN would never have
-        // gone upstream.
-        if let Some(mut mark) = self.guard_mark.take() {
-            mark.skipped = true;
-            self.record_done(mark);
+        if let Some(guard) = self.guard.take() {
+            tracing::debug!(rule = %guard.limit.rule, "row-limited Execute skipped after an earlier error");
         }
     }
 
