@@ -364,6 +364,40 @@ async fn refuse_and_retry_runs_the_approved_statement_once() {
     assert_eq!(harness::count_rows(&gw.db, "reports").await, 2);
 }
 
+/// A `refuse_and_retry` statement the server skips (an earlier message of
+/// its batch failed) never ran: its approval is not used up, and the
+/// statement still runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_retry_the_server_skips_keeps_its_approval() {
+    use crate::harness::raw::{self, RawClient, tags};
+    let gw = start("approval_retry_skipped").await;
+    let statement = "DELETE FROM reports WHERE id = 1";
+    let mut client = RawClient::connect(gw.addr).await;
+    client.login(&gw.db, BOB).await;
+    client.send(&raw::query(statement)).await;
+    let refused = raw::first_error(&client.until_ready().await);
+    assert_eq!(refused[&'C'], "42501", "{refused:?}");
+    let request = pending(&gw).await;
+    api(&gw, ALICE).decide(request.id, true, None).await.unwrap();
+
+    client
+        .send(&[raw::failing(), raw::query(statement), raw::sync()].concat())
+        .await;
+    let answer = client.until_ready().await;
+    assert_eq!(tags(&answer), "1EZ", "{answer:?}");
+    assert_eq!(raw::first_error(&answer)[&'C'], "22012", "{answer:?}");
+    assert_eq!(harness::count_rows(&gw.db, "reports").await, 3);
+
+    client.send(&raw::query(statement)).await;
+    let ran = client.until_ready().await;
+    assert_eq!(tags(&ran), "CZ", "{ran:?}");
+    assert_eq!(harness::count_rows(&gw.db, "reports").await, 2);
+    // Once.
+    client.send(&raw::query(statement)).await;
+    let again = raw::first_error(&client.until_ready().await);
+    assert_eq!(again[&'C'], "42501", "{again:?}");
+}
+
 /// An approved statement changes what the gate knows of the session like an
 /// allowed one would: after an approved `SET search_path`, unqualified
 /// names no longer count as `public` for allow rules (found in review).

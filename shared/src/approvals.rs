@@ -175,6 +175,17 @@ pub struct NewRequest {
 /// Who may run which statement once, after an approval.
 type RetryKey = (String, String, [u8; 32]);
 
+/// A `refuse_and_retry` approval a statement is about to use
+/// ([`Approvals::take_retry`]), kept by its session until the statement
+/// has run, in case it never does ([`Approvals::give_back_retry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryUse {
+    key: RetryKey,
+    /// The request that approved it.
+    pub request: u64,
+    until: DateTime<Utc>,
+}
+
 /// Why a decision was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecideError {
@@ -707,13 +718,28 @@ impl Approvals {
 
     /// For `refuse_and_retry`: the approved request that lets this exact
     /// statement run now, used up by this call.
-    pub fn take_retry(&self, identity: &str, target: &str, sql_hash: [u8; 32]) -> Option<u64> {
+    pub fn take_retry(&self, identity: &str, target: &str, sql_hash: [u8; 32]) -> Option<RetryUse> {
         let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
         let now = Utc::now();
         retries.retain(|_, (_, until)| *until > now);
-        retries
-            .remove(&(identity.to_string(), target.to_string(), sql_hash))
-            .map(|(id, _)| id)
+        let key = (identity.to_string(), target.to_string(), sql_hash);
+        let (request, until) = retries.remove(&key)?;
+        Some(RetryUse { key, request, until })
+    }
+
+    /// Gives back an approval [`Approvals::take_retry`] handed out for a
+    /// statement that never ran (the server skipped it after an earlier
+    /// message of its batch failed): the same statement may still run
+    /// once, within the window it had.
+    pub fn give_back_retry(&self, used: RetryUse) {
+        if used.until <= Utc::now() {
+            return;
+        }
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(used.key)
+            .or_insert((used.request, used.until));
     }
 
     /// For `refuse_and_retry`: a pending request for this exact statement,
@@ -1016,6 +1042,31 @@ mod tests {
         let message = approvals.too_many_pending(&bob).unwrap();
         assert!(message.contains("bob has 20 approval requests waiting"), "{message}");
         assert!(approvals.too_many_pending(&person("carol", &["leads"])).is_none());
+    }
+
+    #[test]
+    fn a_retry_approval_given_back_runs_once_more_within_its_window() {
+        let approvals = Approvals::new(None, 1);
+        let hash = [7; 32];
+        let (view, _rx) = approvals.open(NewRequest {
+            retry: Some(hash),
+            ..request_for_tests()
+        });
+        assert!(approvals.take_retry("bob", "shop", hash).is_none(), "pending");
+        approvals
+            .decide(view.id, &person("carol", &["leads"]), true, None, "api")
+            .unwrap();
+        let used = approvals.take_retry("bob", "shop", hash).unwrap();
+        assert_eq!(used.request, view.id);
+        assert!(approvals.take_retry("bob", "shop", hash).is_none(), "used up");
+        approvals.give_back_retry(used.clone());
+        assert_eq!(approvals.take_retry("bob", "shop", hash), Some(used.clone()));
+        // Not past its window.
+        approvals.give_back_retry(RetryUse {
+            until: Utc::now() - chrono::Duration::seconds(1),
+            ..used
+        });
+        assert!(approvals.take_retry("bob", "shop", hash).is_none());
     }
 
     #[test]

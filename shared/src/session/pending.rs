@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use crate::approvals::RetryUse;
 use crate::protocol::backend::{ErrorFields, tag};
 
 /// A frontend message awaiting its answer.
@@ -27,6 +28,9 @@ pub enum Expect {
         guarded: bool,
         /// Its results may carry rule-masked values in expressions.
         sensitive: bool,
+        /// The `refuse_and_retry` approval it runs under: given back if
+        /// the server skips it ([`PendingQueue::take_unused_retries`]).
+        retry: Option<Box<RetryUse>>,
     },
     Parse {
         refusal: Option<Box<ErrorFields>>,
@@ -63,6 +67,7 @@ impl Expect {
             refusal: None,
             guarded: false,
             sensitive,
+            retry: None,
         }
     }
 
@@ -193,6 +198,8 @@ pub struct PendingQueue {
     /// Messages with a [`Confirm`] the server answered since the last
     /// call, in order: confirmed (true), or rejected or skipped (false).
     resolved: Vec<(Confirm, bool)>,
+    /// Approvals of Queries the server skipped, for the proxy to give back.
+    unused_retries: Vec<RetryUse>,
     /// Whether the server is in COPY FROM STDIN mode.
     copy_in: bool,
     /// Entries that end a batch (see [`PendingQueue::batch`]) pushed so
@@ -235,6 +242,13 @@ impl PendingQueue {
     /// batch numbered below this has ended.
     pub fn batches_answered(&self) -> u64 {
         self.batches_answered
+    }
+
+    /// The `refuse_and_retry` approvals of Queries the server skipped
+    /// since the last call (an earlier message of their batch failed):
+    /// their statements never ran.
+    pub fn take_unused_retries(&mut self) -> Vec<RetryUse> {
+        std::mem::take(&mut self.unused_retries)
     }
 
     /// What the server made of the messages pushed with a [`Confirm`]
@@ -353,7 +367,14 @@ impl PendingQueue {
             mark.skipped = skipped && mark.sqlstate.is_none();
             self.finished.push(*mark);
         }
-        self.queue.pop_front()
+        let mut expect = self.queue.pop_front();
+        if skipped
+            && let Some(Expect::Query { retry, .. }) = &mut expect
+            && let Some(retry) = retry.take()
+        {
+            self.unused_retries.push(*retry);
+        }
+        expect
     }
 
     /// Whether an ErrorResponse arriving now makes the server skip the
@@ -608,6 +629,7 @@ mod tests {
             refusal: refusal(),
             guarded: false,
             sensitive: false,
+            retry: None,
         }
     }
 
@@ -850,6 +872,7 @@ mod tests {
             refusal: None,
             guarded: true,
             sensitive: false,
+            retry: None,
         });
         assert_eq!(feed(&mut q, b"CZ"), vec![Owner::Internal, Owner::Internal]);
         assert_eq!(feed(&mut q, b"TDCZ"), vec![Owner::Guard; 4]);

@@ -430,6 +430,9 @@ pub(crate) struct Proxy<'a> {
     /// The write-ahead events of the statements held back, not yet all
     /// durable (combined with `Durable::and`).
     audit_wait: Option<Durable>,
+    /// The `refuse_and_retry` approval the Query being checked runs
+    /// under, until its answer is expected ([`Expect::Query`]'s `retry`).
+    retry_use: Option<crate::approvals::RetryUse>,
     /// The mark of the statement just checked, for its pending entry.
     pending_mark: Option<Mark>,
     /// The mark of a row-limited Query that waits for the BEGIN the
@@ -783,6 +786,7 @@ impl<'a> Proxy<'a> {
             audit_records: AuditRecords::default(),
             audit_hold: None,
             audit_wait: None,
+            retry_use: None,
             pending_mark: None,
             guard_mark: None,
             statement_texts: HashMap::new(),
@@ -1222,12 +1226,13 @@ impl<'a> Proxy<'a> {
                     // A Query checked (and recorded) before it waited for
                     // the answers owed: its verdict goes with it, and is
                     // never the next Query's.
-                    if message_tag == fe::QUERY
-                        && self.deferred.take().is_some()
-                        && let Some(mut mark) = self.pending_mark.take()
-                    {
-                        mark.skipped = true;
-                        self.record_done(mark);
+                    if message_tag == fe::QUERY && self.deferred.take().is_some() {
+                        if let Some(mut mark) = self.pending_mark.take() {
+                            mark.skipped = true;
+                            self.record_done(mark);
+                        }
+                        let used = self.retry_use.take();
+                        self.give_back_retry(used);
                     }
                     Some(None)
                 }
@@ -1263,9 +1268,19 @@ impl<'a> Proxy<'a> {
                     Outcome::Forward => {
                         self.to_server.extend_from_slice(message);
                         let mark = self.pending_mark.take();
-                        self.pending.push_marked(Expect::query(self.last_sensitive), mark);
+                        let mut expect = Expect::query(self.last_sensitive);
+                        if let Expect::Query { retry, .. } = &mut expect {
+                            *retry = self.retry_use.take().map(Box::new);
+                        }
+                        self.pending.push_marked(expect, mark);
                     }
-                    Outcome::Refuse(refusal) => self.refuse_query(refusal),
+                    Outcome::Refuse(refusal) => {
+                        // Refused after an approval let it through: it
+                        // does not run, and the approval is not used.
+                        let used = self.retry_use.take();
+                        self.give_back_retry(used);
+                        self.refuse_query(refusal);
+                    }
                     Outcome::Guard(limit) => {
                         // The guard needs the transaction status as it will
                         // be when the statement runs: wait for what is owed.
@@ -2075,6 +2090,7 @@ impl<'a> Proxy<'a> {
     /// allowed Parse not yet (each Execute of it is recorded).
     fn check(&mut self, sql: &str, source: StatementSource<'_>) -> Outcome {
         self.pending_mark = None;
+        self.retry_use = None;
         let text = audit_text(sql);
         if let Some(refusal) = self.audit_unavailable() {
             self.counters.refused += 1;
@@ -2522,6 +2538,7 @@ impl<'a> Proxy<'a> {
             refusal: Some(refusal),
             guarded: false,
             sensitive: false,
+            retry: None,
         });
     }
 
@@ -2655,6 +2672,20 @@ impl<'a> Proxy<'a> {
         None
     }
 
+    /// Gives back the `refuse_and_retry` approval of a statement that did
+    /// not run (the server skipped it after an earlier message of its
+    /// batch failed, or the gateway refused it for another reason): the
+    /// same statement may still run once within the approval's window.
+    fn give_back_retry(&self, used: Option<crate::approvals::RetryUse>) {
+        if let Some(used) = used {
+            tracing::info!(
+                request = used.request,
+                "an approved statement did not run; its approval stands"
+            );
+            self.ctx.approvals.give_back_retry(used);
+        }
+    }
+
     /// `refuse_and_retry`: `Ok(request)` when an approval lets this exact
     /// statement run now; otherwise the refusal that names the request
     /// (opened now, or the one already pending for the same statement).
@@ -2671,9 +2702,11 @@ impl<'a> Proxy<'a> {
         // Only a simple Query uses the approval: a prepared statement could
         // be executed any number of times.
         if matches!(source, StatementSource::SimpleQuery)
-            && let Some(id) = self.ctx.approvals.take_retry(identity, target, hash)
+            && let Some(used) = self.ctx.approvals.take_retry(identity, target, hash)
         {
+            let id = used.request;
             tracing::info!(request = id, "approved statement sent again; it runs once");
+            self.retry_use = Some(used);
             return Ok(id);
         }
         let id = match self.ctx.approvals.pending_retry(identity, target, hash) {
@@ -3442,6 +3475,7 @@ impl<'a> Proxy<'a> {
                         refusal: None,
                         guarded: true,
                         sensitive: self.last_sensitive,
+                        retry: self.retry_use.take().map(Box::new),
                     },
                     mark,
                 );
@@ -3452,6 +3486,9 @@ impl<'a> Proxy<'a> {
                 ));
             }
             TxStatus::Idle => {
+                // Sent later, inside the gateway's own transaction: a
+                // `refuse_and_retry` approval is used up now.
+                self.retry_use = None;
                 Query::encode("BEGIN", &mut self.to_server);
                 self.pending.push(Expect::Internal);
                 self.guard_mark = self.pending_mark.take();
@@ -3652,6 +3689,7 @@ impl<'a> Proxy<'a> {
                             refusal: None,
                             guarded: true,
                             sensitive: self.last_sensitive,
+                            retry: None,
                         },
                         mark,
                     );
@@ -3751,6 +3789,9 @@ impl<'a> Proxy<'a> {
         self.server_in = buf;
         self.record_finished();
         self.apply_resolved();
+        for used in self.pending.take_unused_retries() {
+            self.give_back_retry(Some(used));
+        }
         result
     }
 
