@@ -729,8 +729,9 @@ impl Approvals {
 
     /// Gives back an approval [`Approvals::take_retry`] handed out for a
     /// statement that never ran (the server skipped it after an earlier
-    /// message of its batch failed): the same statement may still run
-    /// once, within the window it had.
+    /// message of its batch failed, or the gateway refused it for another
+    /// reason): the same statement may still run once, within the window
+    /// it had, unless a newer approval of it is there already.
     pub fn give_back_retry(&self, used: RetryUse) {
         if used.until <= Utc::now() {
             return;
