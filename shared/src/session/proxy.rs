@@ -1268,10 +1268,12 @@ impl<'a> Proxy<'a> {
                     Outcome::Forward => {
                         self.to_server.extend_from_slice(message);
                         let mark = self.pending_mark.take();
-                        let mut expect = Expect::query(self.last_sensitive);
-                        if let Expect::Query { retry, .. } = &mut expect {
-                            *retry = self.retry_use.take().map(Box::new);
-                        }
+                        let expect = Expect::Query {
+                            refusal: None,
+                            guarded: false,
+                            sensitive: self.last_sensitive,
+                            retry: self.retry_use.take().map(Box::new),
+                        };
                         self.pending.push_marked(expect, mark);
                     }
                     Outcome::Refuse(refusal) => {
