@@ -928,10 +928,10 @@ fn stored_at<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; 30]) -> Option<&'b str> {
 /// whoever records it (a session, on its own thread), and the columns the
 /// trail is searched by. The rest of the event (statement text,
 /// classification, samples: a dozen allocations) is freed where it was
-/// made: memory allocated on one thread and freed on another is what
-/// glibc's allocator does worst, and this keeps that to the JSON and a
-/// reference to the envelope, which a session's statements share (other
-/// events have one of their own).
+/// made: memory allocated on one thread and freed on another costs any
+/// allocator more (glibc's much more: the binary uses mimalloc), and this
+/// keeps that to the JSON and a reference to the envelope, which a
+/// session's statements share (other events have one of their own).
 #[derive(Debug, Clone)]
 pub struct Record {
     /// [`Event::to_json`]: the bytes the chain hashes.
