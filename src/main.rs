@@ -379,8 +379,8 @@ enum ConfigAction {
 /// mimalloc pushes it onto its page's lock-free list, which the owning
 /// thread collects in one go. Side by side in `bench/pgbench.sh`
 /// (bench/README.md, "The allocator"), the gateway with its trail on takes
-/// less CPU per transaction with it; with the trail off, the same. The
-/// price is memory kept resident: 91 MB against 69 at `-c 50`.
+/// less CPU per transaction with it; with the trail off, no less and no
+/// more. The price is memory kept resident: 91 MB against 69 at `-c 50`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
