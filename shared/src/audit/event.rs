@@ -3,9 +3,10 @@
 //! serialization is part of the trail's format: fields are only ever added.
 //! One exception, before any release: the statements of a
 //! [`Detail::Statements`] row leave out the session, identity and target
-//! their row has, and only readers that fill them in ([`Event::expand`],
-//! from this version on) show them; a trail is read by the binary that
-//! wrote it, or a later one.
+//! their row has, and the classification and columns an earlier member of
+//! the row has; only readers that fill them in ([`Event::expand`], from
+//! this version on) show them. A trail is read by the binary that wrote
+//! it, or a later one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,7 +61,22 @@ pub enum Detail {
     /// (they are the row's; rows written by earlier versions repeat them). Readers
     /// see the statements themselves, with the row's envelope
     /// ([`StoredEvent::expand`](super::StoredEvent::expand)).
-    Statements { statements: Vec<Event> },
+    ///
+    /// A session runs the same few statement shapes over and over, so a
+    /// member may also leave out its classification (`statements`) or its
+    /// completion's `columns` when an earlier member of the row has the
+    /// same, byte for byte: `same_statements` and `same_columns` list
+    /// those members as `[member, earlier]` pairs (indexes into
+    /// `statements`, in increasing order of `member`), and readers copy
+    /// the part over ([`Event::expand`]). Rows written by earlier
+    /// versions have neither list and repeat every part.
+    Statements {
+        statements: Vec<Event>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        same_statements: Vec<[u32; 2]>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        same_columns: Vec<[u32; 2]>,
+    },
     /// A login or session start that did not succeed.
     SessionRefused {
         client: String,
@@ -247,6 +263,14 @@ impl Completion {
     /// without serde, as the text `join_completion` takes: a session
     /// writes one per statement.
     pub fn write_json<'b>(&self, buf: &'b mut String) -> &'b str {
+        self.write_fields(buf);
+        buf
+    }
+
+    /// [`Completion::write_json`], and where in `buf` it wrote
+    /// `,"columns":[…]` (none without columns): what [`Record::join`]
+    /// keeps for a row to share.
+    pub fn write_fields(&self, buf: &mut String) -> Option<std::ops::Range<usize>> {
         // Every field named: one added to the struct is an error here
         // until it is written.
         let Completion {
@@ -271,6 +295,7 @@ impl Completion {
         if *skipped {
             buf.push_str(",\"skipped\":true");
         }
+        let columns_at = buf.len();
         if !columns.is_empty() {
             buf.push_str(",\"columns\":[");
             for (n, column) in columns.iter().enumerate() {
@@ -296,6 +321,7 @@ impl Completion {
             }
             buf.push(']');
         }
+        let columns = (buf.len() > columns_at).then_some(columns_at..buf.len());
         if !sample.is_empty() {
             buf.push_str(",\"sample\":[");
             for (n, row) in sample.iter().enumerate() {
@@ -307,7 +333,7 @@ impl Completion {
             buf.push(']');
         }
         buf.push('}');
-        buf
+        columns
     }
 
     /// The completion of statement `seq` as an event of its own.
@@ -402,57 +428,168 @@ fn statement_tag(stored: &str) -> Option<usize> {
     TAG.find(stored.as_bytes())
 }
 
-/// Starts the stored form of a [`Detail::Statements`] row in `into` with
-/// `first`, the stored form of a statement event, whose envelope (`at`,
-/// `session`, `identity`, `target`) the row takes; false, and `into` left
-/// empty, when `first` is not one. Members follow with
-/// [`group_statement`], and [`end_statements`] closes the row: the result
-/// is exactly what serializing the row's `Event` gives, with its members'
-/// session, identity and target left out (None).
-pub fn start_statements(first: &str, into: &mut String) -> bool {
-    into.clear();
-    let Some(tag) = statement_tag(first) else {
-        return false;
-    };
-    into.push_str(&first[..tag]);
-    into.push_str("\"type\":\"statements\",\"statements\":[");
-    push_member(first, tag, into);
-    true
+/// How many of the different classifications (and column lists) a row
+/// has seen last a member's is compared with: a session's transaction of
+/// a few statement shapes, repeated, shares them all.
+const SHARED_KEPT: usize = 4;
+
+/// The stored form of a [`Detail::Statements`] row, built from the
+/// records of a session's statement events: the row takes the first
+/// one's envelope (`at`, `session`, `identity`, `target`) and its members
+/// leave theirs out; a member whose classification or columns one of the
+/// last few different ones of the row has, byte for byte, leaves them
+/// out too, and the row lists it (`same_statements`, `same_columns`).
+/// Without shared parts, what it builds is exactly what serializing the
+/// row's `Event` gives with its members' envelope left out; either way,
+/// [`Event::expand`] reads every member back whole (both tested).
+pub struct StatementsRow<'r> {
+    json: String,
+    members: u32,
+    statements: Recent<'r>,
+    columns: Recent<'r>,
+    same_statements: Vec<[u32; 2]>,
+    same_columns: Vec<[u32; 2]>,
 }
 
-/// Adds a statement event's stored form to a row [`start_statements`]
-/// began.
-pub fn group_statement(member: &str, into: &mut String) {
-    into.push(',');
-    match statement_tag(member) {
-        Some(tag) => push_member(member, tag, into),
-        // Not a statement's stored form: whole, as it is.
-        None => into.push_str(member),
-    }
-}
+/// The parts a row has seen last, each with the member that has it,
+/// most recent first.
+#[derive(Default)]
+struct Recent<'r>(Vec<(u32, &'r str)>);
 
-/// A statement's stored form (its tag at `tag`) as a row's member: its
-/// `at`, then what follows its envelope. `at` is the first field, a
-/// string without quotes or escapes in it.
-fn push_member(stored: &str, tag: usize, into: &mut String) {
-    const AT: &str = "{\"at\":\"";
-    let at_end = stored
-        .strip_prefix(AT)
-        .and_then(|rest| rest.find('"'))
-        .map(|end| AT.len() + end + 2)
-        .filter(|&end| end <= tag && stored.get(end - 2..end) == Some("\","));
-    match at_end {
-        Some(end) => {
-            into.push_str(&stored[..end]);
-            into.push_str(&stored[tag..]);
+impl<'r> Recent<'r> {
+    /// The earlier member with `part`; else `part` is kept as `member`'s.
+    fn earlier(&mut self, member: u32, part: &'r str) -> Option<u32> {
+        if let Some(at) = self.0.iter().position(|&(_, seen)| seen == part) {
+            self.0[..=at].rotate_right(1);
+            return Some(self.0[0].0);
         }
-        None => into.push_str(stored),
+        if self.0.len() == SHARED_KEPT {
+            self.0.pop();
+        }
+        self.0.insert(0, (member, part));
+        None
     }
 }
 
-/// Closes a row [`start_statements`] began.
-pub fn end_statements(into: &mut String) {
-    into.push_str("]}");
+impl<'r> StatementsRow<'r> {
+    /// A row that starts with `first`, with room for `capacity` bytes;
+    /// `None` when `first` is not the stored form of a statement event.
+    pub fn start(first: &'r Record, capacity: usize) -> Option<StatementsRow<'r>> {
+        let tag = member_tag(first)?;
+        let mut json = String::with_capacity(capacity);
+        json.push_str(&first.json[..tag]);
+        json.push_str("\"type\":\"statements\",\"statements\":[");
+        let mut row = StatementsRow {
+            json,
+            members: 0,
+            statements: Recent::default(),
+            columns: Recent::default(),
+            same_statements: Vec::new(),
+            same_columns: Vec::new(),
+        };
+        row.push_member(first, tag);
+        Some(row)
+    }
+
+    /// Adds a statement event of the row's session.
+    pub fn push(&mut self, member: &'r Record) {
+        self.json.push(',');
+        match member_tag(member) {
+            Some(tag) => self.push_member(member, tag),
+            // Not a statement's stored form: whole, as it is.
+            None => {
+                self.members += 1;
+                self.json.push_str(&member.json);
+            }
+        }
+    }
+
+    /// The row's stored form.
+    pub fn finish(mut self) -> String {
+        self.json.push(']');
+        for (name, pairs) in [
+            (",\"same_statements\":[", &self.same_statements),
+            (",\"same_columns\":[", &self.same_columns),
+        ] {
+            if pairs.is_empty() {
+                continue;
+            }
+            self.json.push_str(name);
+            let mut number = itoa::Buffer::new();
+            for (n, [member, earlier]) in pairs.iter().enumerate() {
+                if n > 0 {
+                    self.json.push(',');
+                }
+                self.json.push('[');
+                self.json.push_str(number.format(*member));
+                self.json.push(',');
+                self.json.push_str(number.format(*earlier));
+                self.json.push(']');
+            }
+            self.json.push(']');
+        }
+        self.json.push('}');
+        self.json
+    }
+
+    /// A statement's stored form (its tag at `tag`) as the row's member:
+    /// its `at`, then what follows its envelope, without the parts an
+    /// earlier member has.
+    fn push_member(&mut self, member: &'r Record, tag: usize) {
+        let n = self.members;
+        self.members += 1;
+        let stored = member.json.as_str();
+        let parts = member.parts;
+        let at = parts.at as usize;
+        if parts.tag as usize == tag && at > 0 && at < tag {
+            self.json.push_str(&stored[..at]);
+            self.json.push(',');
+        } else {
+            // Written by serde: `at` is the first field, a string without
+            // quotes or escapes in it.
+            const AT: &str = "{\"at\":\"";
+            let at_end = stored
+                .strip_prefix(AT)
+                .and_then(|rest| rest.find('"'))
+                .map(|end| AT.len() + end + 2)
+                .filter(|&end| end <= tag && stored.get(end - 2..end) == Some("\","));
+            match at_end {
+                Some(end) => self.json.push_str(&stored[..end]),
+                None => {
+                    self.json.push_str(stored);
+                    return;
+                }
+            }
+        }
+        let mut from = tag;
+        for (span, recent, same) in [
+            (parts.statements, &mut self.statements, &mut self.same_statements),
+            (parts.columns, &mut self.columns, &mut self.same_columns),
+        ] {
+            let Some(range) = span.range().filter(|range| range.start >= from) else {
+                continue;
+            };
+            let Some(part) = stored.get(range.clone()) else {
+                continue;
+            };
+            if let Some(earlier) = recent.earlier(n, part) {
+                self.json.push_str(&stored[from..range.start]);
+                from = range.end;
+                same.push([n, earlier]);
+            }
+        }
+        self.json.push_str(&stored[from..]);
+    }
+}
+
+/// Where a statement event's stored form has its `type` tag: where its
+/// writer put it, or found.
+fn member_tag(record: &Record) -> Option<usize> {
+    let tag = record.parts.tag as usize;
+    if tag > 0 && record.json.get(tag..)?.starts_with("\"type\":\"statement\",") {
+        return Some(tag);
+    }
+    statement_tag(&record.json)
 }
 
 /// One column of a statement's result.
@@ -652,6 +789,25 @@ fn push_at(out: &mut String, at: &DateTime<Utc>) {
     }
 }
 
+/// Fills in the part a row's member left out from the earlier member
+/// that has it (`pairs`: [`Detail::Statements`]'s `same_statements` or
+/// `same_columns`). A pair that does not point back to an earlier member,
+/// or at a member that has the part already, changes nothing.
+fn share<T: Clone>(members: &mut [Event], pairs: &[[u32; 2]], part: impl Fn(&mut Event) -> Option<&mut Vec<T>>) {
+    for &[member, earlier] in pairs {
+        let (member, earlier) = (member as usize, earlier as usize);
+        if earlier >= member || member >= members.len() {
+            continue;
+        }
+        let (before, after) = members.split_at_mut(member);
+        if let (Some(from), Some(to)) = (part(&mut before[earlier]), part(&mut after[0]))
+            && to.is_empty()
+        {
+            to.clone_from(from);
+        }
+    }
+}
+
 impl Event {
     pub fn now(detail: Detail) -> Event {
         Event {
@@ -680,8 +836,21 @@ impl Event {
     /// kept as one row, each of them so.
     pub fn expand(mut self, out: &mut Vec<Event>) {
         match &mut self.detail {
-            Detail::Statements { statements } => {
-                for mut statement in std::mem::take(statements) {
+            Detail::Statements {
+                statements,
+                same_statements,
+                same_columns,
+            } => {
+                let mut members = std::mem::take(statements);
+                share(&mut members, same_statements, |member| match &mut member.detail {
+                    Detail::Statement { statements, .. } => Some(statements),
+                    _ => None,
+                });
+                share(&mut members, same_columns, |member| match &mut member.detail {
+                    Detail::Statement { done: Some(done), .. } => Some(&mut done.columns),
+                    _ => None,
+                });
+                for mut statement in members {
                     for (theirs, row) in [
                         (&mut statement.session, &self.session),
                         (&mut statement.identity, &self.identity),
@@ -786,7 +955,7 @@ impl Event {
                 let rows = rows.map(|r| format!(", {r} rows")).unwrap_or_default();
                 format!("#{seq} done: {outcome}{rows}, {:.3} ms", *duration_us as f64 / 1000.0)
             }
-            Detail::Statements { statements } => format!("{} statements", statements.len()),
+            Detail::Statements { statements, .. } => format!("{} statements", statements.len()),
             Detail::UnmaskGrantUsed { grant } => format!("unmask grant {grant:?} used: this session sees clear values"),
             Detail::SessionClosed {
                 reason,
@@ -944,6 +1113,50 @@ pub struct Record {
     /// ([`Record::statement`]): nothing to copy, and one reference count
     /// to drop where the writer frees them.
     pub envelope: Arc<Envelope>,
+    /// Where a statement's stored form has what a row of statements
+    /// takes apart, when whoever wrote it knows.
+    pub parts: Parts,
+}
+
+/// Byte offsets into a statement's stored form ([`Record::json`]) of the
+/// pieces a [`Detail::Statements`] row takes apart: the member leaves out
+/// the envelope and, when an earlier member has the same, its
+/// classification and its columns ([`StatementsRow`]). Known for the
+/// statements sessions write ([`Record::statement`], [`Record::join`]):
+/// the writer then neither searches the text nor parses it. All zero
+/// (unknown) for other records; a row takes those whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// The end of `{"at":"…"`.
+    at: u32,
+    /// The start of `"type":"statement"`, after the envelope.
+    tag: u32,
+    /// `,"statements":[…]`.
+    statements: Span,
+    /// `,"columns":[…]` in the joined completion.
+    columns: Span,
+}
+
+/// A byte range; empty when not known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// `range`, if it has bytes and fits in a `u32` (a stored form over 4
+    /// GiB is far over the journal's and a row's limits anyway).
+    fn of(range: std::ops::Range<usize>) -> Span {
+        match (u32::try_from(range.start), u32::try_from(range.end)) {
+            (Ok(start), Ok(end)) if start < end => Span { start, end },
+            _ => Span::default(),
+        }
+    }
+
+    fn range(self) -> Option<std::ops::Range<usize>> {
+        (self.start < self.end).then_some(self.start as usize..self.end as usize)
+    }
 }
 
 /// An event's session, identity and target ([`Event`]'s fields).
@@ -1017,10 +1230,13 @@ impl Record {
         let mut json = String::with_capacity(256 + strings + view.statements.json.len() + room);
         json.push_str("{\"at\":");
         push_at(&mut json, &at);
+        let at_end = json.len();
         for (name, value) in fields {
             push_json_field(&mut json, name, value);
         }
-        json.push_str(",\"type\":\"statement\",\"seq\":");
+        json.push(',');
+        let tag = json.len();
+        json.push_str("\"type\":\"statement\",\"seq\":");
         json.push_str(itoa::Buffer::new().format(view.seq));
         json.push_str(",\"source\":");
         push_json_str(&mut json, view.source);
@@ -1031,8 +1247,15 @@ impl Record {
         for (name, value) in optional {
             push_json_field(&mut json, name, value);
         }
+        let statements = json.len();
         json.push_str(",\"statements\":");
         json.push_str(&view.statements.json);
+        let parts = Parts {
+            at: u32::try_from(at_end).unwrap_or(0),
+            tag: u32::try_from(tag).unwrap_or(0),
+            statements: Span::of(statements..json.len()),
+            columns: Span::default(),
+        };
         json.push('}');
         Record {
             json,
@@ -1040,6 +1263,7 @@ impl Record {
             kind: "statement",
             seq: view.seq,
             envelope: envelope.clone(),
+            parts,
         }
     }
 
@@ -1066,6 +1290,7 @@ impl Record {
                 identity,
                 target,
             }),
+            parts: Parts::default(),
         }
     }
 
@@ -1074,9 +1299,17 @@ impl Record {
     }
 
     /// Joins its completion ([`Completion::to_json`]) to this statement
-    /// ([`join_completion`]).
-    pub fn join(&mut self, completion: &str) -> bool {
-        join_completion(&mut self.json, completion)
+    /// ([`join_completion`]); `columns`, where the completion has its
+    /// `,"columns":[…]` ([`Completion::write_fields`]), if known.
+    pub fn join(&mut self, completion: &str, columns: Option<std::ops::Range<usize>>) -> bool {
+        // Where the completion goes: after `,"done":`, in place of the
+        // statement's closing brace.
+        let at = self.json.len().saturating_sub(1) + ",\"done\":".len();
+        if !join_completion(&mut self.json, completion) {
+            return false;
+        }
+        self.parts.columns = columns.map_or_else(Span::default, |c| Span::of(at + c.start..at + c.end));
+        true
     }
 
     /// The event back from its stored form (for the live stream).
@@ -1240,11 +1473,12 @@ mod tests {
         *done = Some(completion());
         let second = statement("}]");
         let third = statement("SELECT 3");
-        let mut json = String::new();
-        assert!(start_statements(&first.to_json(), &mut json));
-        group_statement(&second.to_json(), &mut json);
-        group_statement(&third.to_json(), &mut json);
-        end_statements(&mut json);
+        // Records serde wrote: the row finds where their parts are.
+        let records = [&first, &second, &third].map(|event| Record::new(event.clone()));
+        let mut row = StatementsRow::start(&records[0], 0).unwrap();
+        row.push(&records[1]);
+        row.push(&records[2]);
+        let json = row.finish();
         let row = Event {
             at: first.at,
             session: first.session.clone(),
@@ -1259,6 +1493,8 @@ mod tests {
                         ..member.clone()
                     })
                     .to_vec(),
+                same_statements: vec![],
+                same_columns: vec![],
             },
         };
         // Members are stored without the envelope the row has.
@@ -1277,6 +1513,8 @@ mod tests {
         let mut whole = row.clone();
         whole.detail = Detail::Statements {
             statements: vec![first.clone(), second, third],
+            same_statements: vec![],
+            same_columns: vec![],
         };
         let mut events = Vec::new();
         serde_json::from_str::<Event>(&whole.to_json())
@@ -1284,11 +1522,143 @@ mod tests {
             .expand(&mut events);
         assert_eq!(events, expected);
         // Only a statement's stored form starts a row.
-        assert!(!start_statements(
-            &Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }).to_json(),
-            &mut json
-        ));
-        assert!(json.is_empty());
+        let grant = Record::new(Event::now(Detail::UnmaskGrantUsed { grant: "g".into() }));
+        assert!(StatementsRow::start(&grant, 0).is_none());
+    }
+
+    #[test]
+    fn a_row_shares_its_members_classifications_and_columns_and_expands_them_back() {
+        let envelope = Envelope::of_session("s\"1", "alice", "shop");
+        let class = |relation: &str| {
+            StatementRecords::new(vec![StatementRecord {
+                kind: "read".into(),
+                command: "SELECT".into(),
+                relations: vec![format!("{relation} (read)")],
+                features: vec![],
+                tags: vec!["pii".into()],
+            }])
+        };
+        let (orders, customers) = (class("orders"), class("customers"));
+        let columns = |names: &[&str]| -> Vec<ColumnRecord> {
+            names
+                .iter()
+                .map(|name| ColumnRecord {
+                    name: name.to_string(),
+                    origin: Some(format!("public.orders.{name}")),
+                    masking: "detectors".into(),
+                    tags: vec!["finance".into()],
+                })
+                .collect()
+        };
+        // (classification, columns of its completion; None: not joined)
+        let members: [(&StatementRecords, Option<Vec<ColumnRecord>>); 7] = [
+            (&orders, Some(columns(&["id", "status"]))),
+            (&orders, Some(columns(&["id", "status"]))),
+            (&customers, Some(columns(&["email"]))),
+            (&orders, Some(columns(&["email"]))),
+            (&orders, None),
+            (&customers, Some(vec![])),
+            (&customers, Some(columns(&["id", "status"]))),
+        ];
+        let mut scratch = String::new();
+        let at = Utc::now();
+        let mut records = Vec::new();
+        let mut expected = Vec::new();
+        for (n, (statements, columns)) in members.iter().enumerate() {
+            let text = format!("SELECT {n}, '\"statements\":[],\"columns\":[]'");
+            let view = StatementView {
+                seq: n as u64 + 1,
+                source: "query",
+                text: &text,
+                decision: "allow",
+                rule: None,
+                refusal: None,
+                statements,
+            };
+            let mut record = Record::statement(at, &envelope, view);
+            let mut event: Event = serde_json::from_str(&record.json).unwrap();
+            if let Some(columns) = columns {
+                let completion = Completion {
+                    rows: Some(1),
+                    duration_us: 10 + n as u64,
+                    sqlstate: None,
+                    skipped: false,
+                    columns: columns.clone(),
+                    sample: vec![vec![Some(format!("value {n}"))]],
+                };
+                let at_columns = completion.write_fields(&mut scratch);
+                assert!(record.join(&scratch, at_columns));
+                let Detail::Statement { done, .. } = &mut event.detail else {
+                    unreachable!()
+                };
+                *done = Some(completion);
+            }
+            assert_eq!(record.json, event.to_json());
+            records.push(record);
+            event.expand(&mut expected);
+        }
+        let mut row = StatementsRow::start(&records[0], 0).unwrap();
+        for record in &records[1..] {
+            row.push(record);
+        }
+        let json = row.finish();
+        // Member 1 has member 0's classification and columns; 3 the
+        // classification of 0 and the columns of 2; 4 (no completion) the
+        // classification of 0; 5 (no columns) and 6 the classification of
+        // 2, and 6 the columns of 0.
+        assert!(
+            json.ends_with(
+                "],\"same_statements\":[[1,0],[3,0],[4,0],[5,2],[6,2]],\"same_columns\":[[1,0],[3,2],[6,0]]}"
+            ),
+            "{json}"
+        );
+        assert_eq!(json.matches("\"relations\":").count(), 2, "{json}");
+        assert_eq!(json.matches("\"columns\":").count(), 2, "{json}");
+        let whole: usize = records.iter().map(|r| r.json.len()).sum();
+        assert!(json.len() * 3 < whole * 2, "{} of {whole} bytes", json.len());
+        let back: Event = serde_json::from_str(&json).unwrap();
+        let mut events = Vec::new();
+        back.clone().expand(&mut events);
+        assert_eq!(events, expected);
+        // Serialized again (as the live stream sends a row), the same.
+        let mut events = Vec::new();
+        serde_json::from_str::<Event>(&back.to_json())
+            .unwrap()
+            .expand(&mut events);
+        assert_eq!(events, expected);
+        // A pair that does not point back to an earlier member, or at a
+        // member that has the part, changes nothing.
+        let Detail::Statements {
+            statements,
+            same_statements,
+            ..
+        } = &back.detail
+        else {
+            unreachable!()
+        };
+        let mut odd = back.clone();
+        odd.detail = Detail::Statements {
+            statements: statements.clone(),
+            same_statements: [[0, 0], [2, 0], [9, 0], [1, 3]]
+                .into_iter()
+                .chain(same_statements.iter().copied())
+                .collect(),
+            same_columns: vec![],
+        };
+        let mut events = Vec::new();
+        odd.expand(&mut events);
+        let relations = |events: &[Event]| -> Vec<Vec<String>> {
+            events
+                .iter()
+                .filter_map(|e| match &e.detail {
+                    Detail::Statement { statements, .. } => {
+                        Some(statements.iter().flat_map(|s| s.relations.clone()).collect())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(relations(&events), relations(&expected));
     }
 
     #[test]
@@ -1444,6 +1814,18 @@ mod tests {
                     };
                     assert_eq!(record.json, event.to_json());
                     assert_eq!((record.kind, record.seq, record.at), ("statement", view.seq, at));
+                    // Where a row takes it apart.
+                    let parts = record.parts;
+                    let mut at_text = String::new();
+                    push_at(&mut at_text, &at);
+                    assert_eq!(&record.json[..parts.at as usize], format!("{{\"at\":{at_text}"));
+                    assert!(record.json[parts.tag as usize..].starts_with("\"type\":\"statement\","));
+                    assert_eq!(member_tag(&record), statement_tag(&record.json));
+                    assert_eq!(
+                        &record.json[parts.statements.range().unwrap()],
+                        format!(",\"statements\":{}", records.json)
+                    );
+                    assert_eq!(parts.columns, Span::default());
                     assert!(Arc::ptr_eq(&record.envelope, envelope));
                     // Room for its completion to join it without growing it
                     // (a refused statement has none).
@@ -1490,6 +1872,11 @@ mod tests {
         for done in completions {
             assert_eq!(done.write_json(&mut scratch), serde_json::to_string(&done).unwrap());
             assert_eq!(serde_json::from_str::<Completion>(&scratch).unwrap(), done);
+            // Where a row finds its columns.
+            let columns = done.write_fields(&mut scratch);
+            let expected = (!done.columns.is_empty())
+                .then(|| format!(",\"columns\":{}", serde_json::to_string(&done.columns).unwrap()));
+            assert_eq!(columns.map(|c| scratch[c].to_string()), expected);
         }
     }
 

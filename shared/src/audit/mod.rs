@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{
-    AccessAsk, ColumnRecord, Completion, Detail, Envelope, Event, Record, StatementRecord, StatementRecords,
+    AccessAsk, ColumnRecord, Completion, Detail, Envelope, Event, Parts, Record, StatementRecord, StatementRecords,
     StatementView, join_completion,
 };
 pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};

@@ -485,7 +485,8 @@ impl Auditor {
         standalone: impl FnOnce(Completion) -> Event,
     ) {
         if let Some(ticket) = ticket {
-            let fields = completion.write_json(scratch);
+            let columns = completion.write_fields(scratch);
+            let fields = scratch.as_str();
             let shared = &self.handle.shared;
             let mut queue = shared.queue();
             let queue = &mut *queue;
@@ -494,7 +495,7 @@ impl Auditor {
                 && statement.record.kind == "statement"
                 && statement.record.seq == seq
                 && Arc::ptr_eq(&statement.record.envelope, envelope)
-                && statement.record.join(fields)
+                && statement.record.join(fields, columns)
             {
                 // Journaled like its statement (one the journal refused
                 // waits for its commit, and so does its completion).
@@ -647,7 +648,8 @@ enum Row {
 /// most [`ROW_SPAN`]. (A completion joined to its statement is stored at
 /// the statement's place.) Under load this is what makes the trail cheap: one
 /// row, hash and pair of index entries for a hundred statements rather
-/// than one each.
+/// than one each, and a statement shape's classification and columns
+/// stored once per row ([`StatementsRow`](super::event::StatementsRow)).
 fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
     enum Slot {
         Event(usize),
@@ -702,29 +704,26 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
             Slot::Members(group) => &members[group].0,
         };
         let first = &batch[group[0]].record;
-        let mut json = String::new();
-        if group.len() == 1 || !super::event::start_statements(&first.json, &mut json) {
+        // Room for every member whole (shared parts make it less).
+        let capacity = group.iter().map(|&n| batch[n].record.json.len() + 1).sum::<usize>() + 2;
+        let Some(mut row) = (group.len() > 1)
+            .then(|| super::event::StatementsRow::start(first, capacity))
+            .flatten()
+        else {
             rows.extend(group.iter().map(|&n| Row::Event(n)));
             continue;
-        }
-        json.reserve(
-            group[1..]
-                .iter()
-                .map(|&n| batch[n].record.json.len() + 1)
-                .sum::<usize>()
-                + 2,
-        );
+        };
         for &n in &group[1..] {
-            super::event::group_statement(&batch[n].record.json, &mut json);
+            row.push(&batch[n].record);
         }
-        super::event::end_statements(&mut json);
         rows.push(Row::Statements(groups.len()));
         groups.push(Record {
-            json,
+            json: row.finish(),
             at: first.at,
             kind: "statements",
             seq: 0,
             envelope: first.envelope.clone(),
+            parts: super::event::Parts::default(),
         });
     }
     rows
@@ -756,7 +755,7 @@ fn recover(journal: &Journal, store: &mut dyn AuditStore, from: Mark) -> Result<
                     let joined = open
                         .remove(&(event.session.clone(), seq))
                         .zip(Completion::of_done(event.detail.clone()))
-                        .is_some_and(|(at, (_, completion))| records[at].join(&completion.to_json()));
+                        .is_some_and(|(at, (_, completion))| records[at].join(&completion.to_json(), None));
                     if !joined {
                         records.push(Record::stored(event, json));
                     }
@@ -1773,6 +1772,81 @@ mod tests {
             *refusal = Some("statement refused".into());
         }
         event
+    }
+
+    /// A row's members leave out a classification and columns an earlier
+    /// member has; readers see each statement whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rows_members_share_a_classification_and_columns_and_read_back_whole() {
+        let (dir, auditor, handle, signer, release, flushed) = gated("shared-parts");
+        let classified = |relation: &str| crate::audit::StatementRecord {
+            kind: "read".into(),
+            command: "SELECT".into(),
+            relations: vec![format!("public.{relation} (read)")],
+            features: vec![],
+            tags: vec!["pii".into()],
+        };
+        let column = |name: &str| crate::audit::ColumnRecord {
+            name: name.into(),
+            origin: Some(format!("public.customers.{name}")),
+            masking: "rule".into(),
+            tags: vec!["pii".into()],
+        };
+        let mut expected = Vec::new();
+        auditor.record(opened("s1"));
+        // A transaction of two statement shapes, three times over.
+        for seq in 1..=6 {
+            let mut event = statement("s1", seq);
+            let relation = if seq % 2 == 1 { "customers" } else { "orders" };
+            if let Detail::Statement { statements, .. } = &mut event.detail {
+                *statements = vec![classified(relation)];
+            }
+            let (_, ticket) = auditor.write_ahead_statement(stored(event.clone()));
+            let done = Completion {
+                columns: if seq % 2 == 1 { vec![column("email")] } else { vec![] },
+                ..completion(seq)
+            };
+            let mut scratch = String::new();
+            auditor.complete(Some(ticket), &envelope("s1"), seq, done.clone(), &mut scratch, |_| {
+                unreachable!("the statement waits in the queue")
+            });
+            if let Detail::Statement { done: joined, .. } = &mut event.detail {
+                *joined = Some(done);
+            }
+            event.expand(&mut expected);
+        }
+        release.send(()).unwrap();
+        flushed.await.unwrap();
+        auditor.flush().await;
+        drop(auditor);
+        handle.join().unwrap();
+
+        let store = verified(&dir, &signer);
+        let rows = store.rows(&crate::audit::EventFilter::default()).unwrap();
+        let Some(Detail::Statements {
+            statements,
+            same_statements,
+            same_columns,
+        }) = rows
+            .iter()
+            .map(|row| &row.event.detail)
+            .find(|d| d.kind() == "statements")
+        else {
+            panic!("no statements row: {rows:?}")
+        };
+        assert_eq!(statements.len(), 6);
+        // The first of each shape is stored whole; the rest name it.
+        assert_eq!(*same_statements, [[2, 0], [3, 1], [4, 0], [5, 1]]);
+        assert_eq!(*same_columns, [[2, 0], [4, 0]]);
+        let events: Vec<Event> = store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .filter(|e| matches!(e.detail, Detail::Statement { .. } | Detail::StatementDone { .. }))
+            .collect();
+        assert_eq!(events, expected);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Statements of one session taken in one batch share a row, until the
