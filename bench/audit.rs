@@ -5,11 +5,19 @@
 //! (2) write-ahead: C tasks, each sending one event and waiting until it is
 //! durable before the next, as sessions do with statements (C = 1, 10, 50).
 //! Events are statement events of a realistic size (a pgbench SELECT).
+//! Then (3), with `sync = "normal"`, as sessions record statements: ten
+//! sessions, each statement written by hand from its parts
+//! (`Record::statement`), write-ahead, and its completion joined to it
+//! (`Auditor::complete`), with the bytes per statement the trail keeps.
 //! Prints the median of ROUNDS runs (env, default 3).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::audit::{Auditor, Detail, Event, Signer, SqliteStore, StatementRecord, SyncMode, WriterOptions};
+use sluice_core::audit::{
+    Auditor, ColumnRecord, Completion, Detail, Envelope, Event, Record, Signer, SqliteStore, StatementRecord,
+    StatementRecords, StatementView, SyncMode, WriterOptions,
+};
 
 fn event(n: u64) -> Event {
     Event::now(Detail::Statement {
@@ -19,17 +27,86 @@ fn event(n: u64) -> Event {
         decision: "allow".into(),
         rule: None,
         refusal: None,
-        statements: vec![StatementRecord {
-            kind: "read".into(),
-            command: "SELECT".into(),
-            relations: vec!["pgbench_accounts (read)".into()],
-            features: vec![],
-            tags: vec![],
-        }],
+        statements: pgbench_select(),
         done: None,
     })
     .in_session("01a226e8d0b877c19f28ebda52a3ceaa")
     .by("bench", "bench")
+}
+
+fn pgbench_select() -> Vec<StatementRecord> {
+    vec![StatementRecord {
+        kind: "read".into(),
+        command: "SELECT".into(),
+        relations: vec!["pgbench_accounts (read)".into()],
+        features: vec![],
+        tags: vec![],
+    }]
+}
+
+/// Statements recorded as ten sessions record them, `n` in all: each
+/// write-ahead (durable at once in the journal, `sync = "normal"`) with
+/// its completion joined, then one flush. Returns the
+/// statements per second and the bytes of stored events per statement.
+fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: SyncMode, n: u64) -> (f64, f64) {
+    let auditor = start(dir, sync);
+    let records = StatementRecords::new(pgbench_select());
+    let sessions: Vec<Arc<Envelope>> = (0..10)
+        .map(|s| Envelope::of_session(&format!("01a226e8d0b877c19f28ebda52a3ce{s:02}"), "bench", "bench"))
+        .collect();
+    let mut scratch = String::new();
+    let started = Instant::now();
+    runtime.block_on(async {
+        for i in 0..n {
+            let envelope = &sessions[(i % 10) as usize];
+            let seq = i / 10 + 1;
+            let text = format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                i * 7919 % 1_000_000
+            );
+            let view = StatementView {
+                seq,
+                source: "query",
+                text: &text,
+                decision: "allow",
+                rule: None,
+                refusal: None,
+                statements: &records,
+            };
+            let (durable, ticket) =
+                auditor.write_ahead_statement(Record::statement(chrono::Utc::now(), envelope, view));
+            durable.await.unwrap();
+            let completion = Completion {
+                rows: Some(1),
+                duration_us: 40 + i % 60,
+                sqlstate: None,
+                skipped: false,
+                columns: vec![ColumnRecord {
+                    name: "abalance".into(),
+                    origin: None,
+                    masking: "detectors".into(),
+                    tags: vec![],
+                }],
+                sample: vec![vec![Some((i % 5000).to_string())]],
+            };
+            auditor.complete(Some(ticket), envelope, seq, completion, &mut scratch, |c| {
+                Event::now(c.into_done(seq))
+            });
+        }
+        auditor.flush().await;
+    });
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(auditor);
+    let db = rusqlite::Connection::open_with_flags(dir.join("audit.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let bytes: f64 = db
+        .query_row(
+            "SELECT SUM(LENGTH(body)) FROM events WHERE kind IN ('statement', 'statements')",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    (rate, bytes / n as f64)
 }
 
 fn start(dir: &std::path::Path, sync: SyncMode) -> Auditor {
@@ -117,6 +194,22 @@ fn main() {
                 median(latencies)
             );
         }
+        // With sync = "full" each statement would wait for a commit of its
+        // own here (one task): that is the write-ahead figure above.
+        if sync == SyncMode::Full {
+            continue;
+        }
+        let (mut rates, mut bytes) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (rate, per_statement) = as_sessions(&runtime, &dir, sync, 200_000);
+            rates.push(rate);
+            bytes.push(per_statement);
+        }
+        println!(
+            "  sync={name:<6}  as 10 sessions record    {:>10.0} statements/s with their completions, {:>4.0} bytes each in the trail",
+            median(rates),
+            median(bytes)
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
