@@ -392,31 +392,6 @@ pub fn join_completion(statement: &mut String, completion: &str) -> bool {
     true
 }
 
-/// Writes into `into` the stored form of statement `seq`'s completion as
-/// an event of its own ([`Detail::StatementDone`]) with only `at` and
-/// `session` in its envelope, from `fields` ([`Completion::write_json`]):
-/// exactly what serde gives for that event (tested). What
-/// `Auditor::complete` journals for a completion that joined its
-/// statement in the queue: recovery joins it to the statement again, by
-/// session and number. False, and `into` left as it was, when `fields` is
-/// not a completion's stored form.
-pub fn write_done(into: &mut String, at: &DateTime<Utc>, session: Option<&str>, seq: u64, fields: &str) -> bool {
-    let Some(rest) = fields.strip_prefix('{').filter(|rest| rest.ends_with('}')) else {
-        return false;
-    };
-    into.clear();
-    into.push_str("{\"at\":");
-    push_at(into, at);
-    push_json_field(into, ",\"session\":", session);
-    into.push_str(",\"type\":\"statement_done\",\"seq\":");
-    into.push_str(itoa::Buffer::new().format(seq));
-    if rest != "}" {
-        into.push(',');
-    }
-    into.push_str(rest);
-    true
-}
-
 /// Where a statement event's stored form has its `type` tag, after its
 /// envelope (`at`, `session`, `identity`, `target`): inside a JSON string
 /// every quote is escaped, so the first such tag is the real one.
@@ -1312,6 +1287,38 @@ impl Record {
         true
     }
 
+    /// Writes into `into` the stored form of this statement's completion
+    /// as an event of its own ([`Detail::StatementDone`]) with only `at`
+    /// and `session` in its envelope, from `fields`
+    /// ([`Completion::write_json`]): exactly what serde gives for that
+    /// event (tested), its `at` copied from this stored form when
+    /// [`Parts`] says where. What `Auditor::complete` journals for a
+    /// completion that joined its statement in the queue: recovery joins
+    /// it to the statement again, by session and number. False, and
+    /// `into` left as it was, when `fields` is not a completion's stored
+    /// form.
+    pub fn write_done(&self, into: &mut String, fields: &str) -> bool {
+        let Some(rest) = fields.strip_prefix('{').filter(|rest| rest.ends_with('}')) else {
+            return false;
+        };
+        into.clear();
+        match self.json.get(..self.parts.at as usize) {
+            Some(at) if at.starts_with("{\"at\":\"") && at.ends_with('"') && at.len() > 8 => into.push_str(at),
+            _ => {
+                into.push_str("{\"at\":");
+                push_at(into, &self.at);
+            }
+        }
+        push_json_field(into, ",\"session\":", self.session());
+        into.push_str(",\"type\":\"statement_done\",\"seq\":");
+        into.push_str(itoa::Buffer::new().format(self.seq));
+        if rest != "}" {
+            into.push(',');
+        }
+        into.push_str(rest);
+        true
+    }
+
     /// The event back from its stored form (for the live stream).
     pub fn event(&self) -> Result<Event, serde_json::Error> {
         serde_json::from_str(&self.json)
@@ -1345,12 +1352,32 @@ mod tests {
         let event = Event::now(completion.clone().into_done(7)).in_session("s1");
         let mut scratch = String::new();
         let fields = completion.write_json(&mut scratch).to_string();
-        let mut done = String::from("left over");
-        assert!(write_done(&mut done, &event.at, Some("s1"), 7, &fields));
-        assert_eq!(done, event.to_json());
-        assert_eq!(serde_json::from_str::<Event>(&done).unwrap(), event);
-        assert!(!write_done(&mut done, &event.at, Some("s1"), 7, "not a completion"));
-        assert_eq!(done, event.to_json(), "left as it was");
+        // Its statement, as a session writes it (its `at` copied) and as
+        // serde does (formatted again), joined or not.
+        let envelope = Envelope::of_session("s1", "alice", "shop");
+        let records = StatementRecords::new(vec![]);
+        let view = StatementView {
+            seq: 7,
+            source: "query",
+            text: "SELECT 1",
+            decision: "allow",
+            rule: None,
+            refusal: None,
+            statements: &records,
+        };
+        let written = Record::statement(event.at, &envelope, view);
+        let mut joined = Record::statement(event.at, &envelope, view);
+        assert!(joined.join(&fields, None));
+        let serde = Record::new(serde_json::from_str(&written.json).unwrap());
+        assert_eq!(serde.parts, Parts::default());
+        for statement in [written, joined, serde] {
+            let mut done = String::from("left over");
+            assert!(statement.write_done(&mut done, &fields));
+            assert_eq!(done, event.to_json());
+            assert_eq!(serde_json::from_str::<Event>(&done).unwrap(), event);
+            assert!(!statement.write_done(&mut done, "not a completion"));
+            assert_eq!(done, event.to_json(), "left as it was");
+        }
     }
 
     #[test]

@@ -501,13 +501,7 @@ impl Auditor {
                 // waits for its commit, and so does its completion).
                 if statement.journal.is_some()
                     && let Some(journal) = &shared.journal
-                    && super::event::write_done(
-                        &mut queue.done,
-                        &statement.record.at,
-                        statement.record.session(),
-                        seq,
-                        fields,
-                    )
+                    && statement.record.write_done(&mut queue.done, fields)
                 {
                     journal.append(&mut queue.next, queue.ingested, queue.done.as_bytes());
                     if queue.done.capacity() > 64 << 10 {
