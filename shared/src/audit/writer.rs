@@ -1768,6 +1768,24 @@ mod tests {
         event
     }
 
+    /// Lets a [`gated`] writer go, waits until everything sent is stored,
+    /// stops the writer and opens the trail, verified.
+    async fn stored_all(
+        release: std::sync::mpsc::Sender<()>,
+        flushed: oneshot::Receiver<()>,
+        auditor: Auditor,
+        handle: std::thread::JoinHandle<()>,
+        dir: &std::path::Path,
+        signer: &Signer,
+    ) -> SqliteStore {
+        release.send(()).unwrap();
+        flushed.await.unwrap();
+        auditor.flush().await;
+        drop(auditor);
+        handle.join().unwrap();
+        verified(dir, signer)
+    }
+
     /// A row's members leave out a classification and columns an earlier
     /// member has; readers see each statement whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1809,13 +1827,7 @@ mod tests {
             }
             event.expand(&mut expected);
         }
-        release.send(()).unwrap();
-        flushed.await.unwrap();
-        auditor.flush().await;
-        drop(auditor);
-        handle.join().unwrap();
-
-        let store = verified(&dir, &signer);
+        let store = stored_all(release, flushed, auditor, handle, &dir, &signer).await;
         let rows = store.rows(&crate::audit::EventFilter::default()).unwrap();
         let Some(Detail::Statements {
             statements,
@@ -1872,13 +1884,7 @@ mod tests {
         let _ = auditor.write_ahead_statement(stored(large));
         let _ = auditor.write_ahead_statement(stored(statement("s1", 5)));
         let _ = auditor.write_ahead_statement(stored(statement("s1", 6)));
-        release.send(()).unwrap();
-        flushed.await.unwrap();
-        auditor.flush().await;
-        drop(auditor);
-        handle.join().unwrap();
-
-        let store = verified(&dir, &signer);
+        let store = stored_all(release, flushed, auditor, handle, &dir, &signer).await;
         let kinds: Vec<(u64, &str, Option<String>)> = store
             .rows(&crate::audit::EventFilter::default())
             .unwrap()
