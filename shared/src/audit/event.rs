@@ -514,9 +514,14 @@ impl<'r> StatementsRow<'r> {
         let n = self.members;
         self.members += 1;
         let stored = member.json.as_str();
-        let parts = member.parts;
-        let at = parts.at as usize;
-        if parts.tag as usize == tag && at > 0 && at < tag {
+        let at = member.parts.at as usize;
+        // Parts that do not match the stored form are not used at all.
+        let parts = if member.parts.tag as usize == tag && at > 0 && at < tag && stored.is_char_boundary(at) {
+            member.parts
+        } else {
+            Parts::default()
+        };
+        if parts != Parts::default() {
             self.json.push_str(&stored[..at]);
             self.json.push(',');
         } else {
@@ -537,14 +542,27 @@ impl<'r> StatementsRow<'r> {
             }
         }
         let mut from = tag;
-        for (span, recent, same) in [
-            (parts.statements, &mut self.statements, &mut self.same_statements),
-            (parts.columns, &mut self.columns, &mut self.same_columns),
+        for (span, name, recent, same) in [
+            (
+                parts.statements,
+                ",\"statements\":[",
+                &mut self.statements,
+                &mut self.same_statements,
+            ),
+            (
+                parts.columns,
+                ",\"columns\":[",
+                &mut self.columns,
+                &mut self.same_columns,
+            ),
         ] {
             let Some(range) = span.range().filter(|range| range.start >= from) else {
                 continue;
             };
-            let Some(part) = stored.get(range.clone()) else {
+            let Some(part) = stored
+                .get(range.clone())
+                .filter(|part| part.starts_with(name) && part.ends_with(']'))
+            else {
                 continue;
             };
             if let Some(earlier) = recent.earlier(n, part) {
@@ -1099,7 +1117,9 @@ pub struct Record {
 /// classification and its columns ([`StatementsRow`]). Known for the
 /// statements sessions write ([`Record::statement`], [`Record::join`]):
 /// the writer then neither searches the text nor parses it. All zero
-/// (unknown) for other records; a row takes those whole.
+/// (unknown) for other records; a row takes those whole. Nothing changes
+/// a record's `json` once built but [`Record::join`], which keeps these
+/// true; the row still checks that each lands on what it names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Parts {
     /// The end of `{"at":"…"`.
@@ -1624,6 +1644,18 @@ mod tests {
             records.push(record);
             event.expand(&mut expected);
         }
+        // Parts that no longer match what the record holds are not used:
+        // here member 1's, with a field more before its classification.
+        let mut shifted: Event = serde_json::from_str(&records[1].json).unwrap();
+        let Detail::Statement { rule, seq, .. } = &mut shifted.detail else {
+            unreachable!()
+        };
+        (*rule, *seq) = (Some("moved".into()), 8);
+        records.push(Record {
+            json: shifted.to_json(),
+            ..records[1].clone()
+        });
+        shifted.expand(&mut expected);
         let mut row = StatementsRow::start(&records[0], 0).unwrap();
         for record in &records[1..] {
             row.push(record);
@@ -1632,17 +1664,39 @@ mod tests {
         // Member 1 has member 0's classification and columns; 3 the
         // classification of 0 and the columns of 2; 4 (no completion) the
         // classification of 0; 5 (no columns) and 6 the classification of
-        // 2, and 6 the columns of 0.
+        // 2, and 6 the columns of 0; 7 shares nothing.
         assert!(
             json.ends_with(
                 "],\"same_statements\":[[1,0],[3,0],[4,0],[5,2],[6,2]],\"same_columns\":[[1,0],[3,2],[6,0]]}"
             ),
             "{json}"
         );
-        assert_eq!(json.matches("\"relations\":").count(), 2, "{json}");
-        assert_eq!(json.matches("\"columns\":").count(), 2, "{json}");
-        let whole: usize = records.iter().map(|r| r.json.len()).sum();
-        assert!(json.len() * 3 < whole * 2, "{} of {whole} bytes", json.len());
+        // Stored: the two classifications and column lists once each, and
+        // the last member whole.
+        assert_eq!(json.matches("\"relations\":").count(), 3, "{json}");
+        assert_eq!(json.matches("\"columns\":").count(), 3, "{json}");
+        // The same row with nothing shared is larger by what was left out.
+        let unshared: Vec<Record> = records
+            .iter()
+            .map(|r| Record {
+                parts: Parts::default(),
+                ..r.clone()
+            })
+            .collect();
+        let mut row = StatementsRow::start(&unshared[0], 0).unwrap();
+        for record in &unshared[1..] {
+            row.push(record);
+        }
+        let whole = row.finish();
+        // Members 1, 3, 4, 5 and 6 left out their classification, and those
+        // of them with columns their columns.
+        let length = |span: Span| span.range().map_or(0, |r| r.len());
+        let left_out: usize = [1, 3, 4, 5, 6]
+            .into_iter()
+            .map(|member| length(records[member].parts.statements) + length(records[member].parts.columns))
+            .sum();
+        let pairs = ",\"same_statements\":[[1,0],[3,0],[4,0],[5,2],[6,2]],\"same_columns\":[[1,0],[3,2],[6,0]]".len();
+        assert_eq!(json.len() + left_out, whole.len() + pairs);
         let back: Event = serde_json::from_str(&json).unwrap();
         let mut events = Vec::new();
         back.clone().expand(&mut events);
