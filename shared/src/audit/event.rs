@@ -579,7 +579,12 @@ impl<'r> StatementsRow<'r> {
 /// writer put it, or found.
 fn member_tag(record: &Record) -> Option<usize> {
     let tag = record.parts.tag as usize;
-    if tag > 0 && record.json.get(tag..)?.starts_with("\"type\":\"statement\",") {
+    if tag > 0
+        && record
+            .json
+            .get(tag..)
+            .is_some_and(|rest| rest.starts_with("\"type\":\"statement\","))
+    {
         return Some(tag);
     }
     statement_tag(&record.json)
