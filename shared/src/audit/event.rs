@@ -516,12 +516,9 @@ impl<'r> StatementsRow<'r> {
         let stored = member.json.as_str();
         let at = member.parts.at as usize;
         // Parts that do not match the stored form are not used at all.
-        let parts = if member.parts.tag as usize == tag && at > 0 && at < tag && stored.is_char_boundary(at) {
-            member.parts
-        } else {
-            Parts::default()
-        };
-        if parts != Parts::default() {
+        let trusted = member.parts.tag as usize == tag && at > 0 && at < tag && stored.is_char_boundary(at);
+        let parts = if trusted { member.parts } else { Parts::default() };
+        if trusted {
             self.json.push_str(&stored[..at]);
             self.json.push(',');
         } else {
