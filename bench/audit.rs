@@ -55,6 +55,8 @@ fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: S
         .map(|s| Envelope::of_session(&format!("01a226e8d0b877c19f28ebda52a3ce{s:02}"), "bench", "bench"))
         .collect();
     let mut scratch = String::new();
+    // Each session's buffer for its next statement event, as in a session.
+    let mut spares = vec![String::new(); sessions.len()];
     let started = Instant::now();
     runtime.block_on(async {
         for i in 0..n {
@@ -73,8 +75,9 @@ fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: S
                 refusal: None,
                 statements: &records,
             };
-            let (durable, ticket) =
-                auditor.write_ahead_statement(Record::statement(chrono::Utc::now(), envelope, view));
+            let spare = &mut spares[(i % 10) as usize];
+            let record = Record::statement(std::mem::take(spare), chrono::Utc::now(), envelope, view);
+            let (durable, ticket) = auditor.write_ahead_statement(record, spare);
             durable.await.unwrap();
             let completion = Completion {
                 rows: Some(1),

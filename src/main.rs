@@ -371,9 +371,10 @@ enum ConfigAction {
 }
 
 /// mimalloc, not glibc's malloc. A gateway's memory is made on one thread
-/// and freed on another all the time: a session's statement event is built
-/// on its runtime worker and freed by the audit writer thread in batches of
-/// thousands, and a task's buffers move between workers. Past a small
+/// and freed on another all the time: a session's events are built on its
+/// runtime worker and freed by the audit writer thread in batches of
+/// thousands (statement events' buffers mostly go back to the sessions
+/// for reuse instead), and a task's buffers move between workers. Past a small
 /// per-thread cache, glibc takes each such free back to the arena that made
 /// it, under that arena's lock, while the sessions allocate from it;
 /// mimalloc pushes it onto its page's lock-free list, which the owning

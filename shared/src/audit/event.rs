@@ -1207,8 +1207,12 @@ impl Record {
     /// serialized already, [`StatementRecords`]). Sessions record one per
     /// statement. It writes [`Detail::Statement`]'s fields in their serde
     /// order: a field added there must be added here (the test that
-    /// compares the two builds every field, so it stops compiling).
-    pub fn statement(at: DateTime<Utc>, envelope: &Arc<Envelope>, view: StatementView<'_>) -> Record {
+    /// compares the two builds every field, so it stops compiling). It is
+    /// written into `buffer` (emptied first): sessions pass one the writer
+    /// is done with ([`Auditor::write_ahead_statement`]).
+    ///
+    /// [`Auditor::write_ahead_statement`]: super::Auditor::write_ahead_statement
+    pub fn statement(buffer: String, at: DateTime<Utc>, envelope: &Arc<Envelope>, view: StatementView<'_>) -> Record {
         let fields = [
             (",\"session\":", envelope.session.as_deref()),
             (",\"identity\":", envelope.identity.as_deref()),
@@ -1224,7 +1228,9 @@ impl Record {
             .map(str::len)
             .sum::<usize>();
         let room = if view.refusal.is_none() { COMPLETION_ROOM } else { 0 };
-        let mut json = String::with_capacity(256 + strings + view.statements.json.len() + room);
+        let mut json = buffer;
+        json.clear();
+        json.reserve(256 + strings + view.statements.json.len() + room);
         json.push_str("{\"at\":");
         push_at(&mut json, &at);
         let at_end = json.len();
@@ -1387,8 +1393,8 @@ mod tests {
             refusal: None,
             statements: &records,
         };
-        let written = Record::statement(event.at, &envelope, view);
-        let mut joined = Record::statement(event.at, &envelope, view);
+        let written = Record::statement(String::new(), event.at, &envelope, view);
+        let mut joined = Record::statement(String::new(), event.at, &envelope, view);
         assert!(joined.join(&fields, None));
         let serde = Record::new(serde_json::from_str(&written.json).unwrap());
         assert_eq!(serde.parts, Parts::default());
@@ -1624,7 +1630,7 @@ mod tests {
                 refusal: None,
                 statements,
             };
-            let mut record = Record::statement(at, &envelope, view);
+            let mut record = Record::statement(String::new(), at, &envelope, view);
             let mut event: Event = serde_json::from_str(&record.json).unwrap();
             if let Some(columns) = columns {
                 let completion = Completion {
@@ -1878,7 +1884,7 @@ mod tests {
                     statements: &records,
                 };
                 for at in times {
-                    let record = Record::statement(at, envelope, view);
+                    let record = Record::statement(String::new(), at, envelope, view);
                     let event = Event {
                         at,
                         session: envelope.session.clone(),

@@ -405,6 +405,10 @@ pub(crate) struct Proxy<'a> {
     audit_envelope: Arc<audit::Envelope>,
     /// Where completions are written, reused.
     audit_scratch: String,
+    /// The buffer its next statement event is written into: one the
+    /// writer is done with, handed over with the last
+    /// ([`Auditor::write_ahead_statement`]); empty until it has one.
+    audit_buffer: String,
     /// The statements that ended, taken from `pending` (both buffers are
     /// kept: one statement ends per response under load).
     audit_finished: Vec<Mark>,
@@ -779,6 +783,7 @@ impl<'a> Proxy<'a> {
             audit_seq: 0,
             audit_envelope,
             audit_scratch: String::new(),
+            audit_buffer: String::new(),
             audit_finished: Vec::new(),
             suspended_portals: Vec::new(),
             unnamed_binds: 0,
@@ -2268,7 +2273,7 @@ impl<'a> Proxy<'a> {
             auditor.record_stored(event);
             None
         } else {
-            let (durable, ticket) = auditor.write_ahead_statement(event);
+            let (durable, ticket) = auditor.write_ahead_statement(event, &mut self.audit_buffer);
             // Everything held waits for every event it holds back.
             self.audit_wait = Some(match self.audit_wait.take() {
                 Some(earlier) => earlier.and(durable),
@@ -2292,6 +2297,7 @@ impl<'a> Proxy<'a> {
     ) -> audit::Record {
         self.audit_seq += 1;
         audit::Record::statement(
+            std::mem::take(&mut self.audit_buffer),
             chrono::Utc::now(),
             &self.audit_envelope,
             audit::StatementView {
