@@ -18,7 +18,8 @@
 #   noaudit path it also prints sluice/noaudit within each round and the
 #   median of those: the two ran in the same round (back to back in three
 #   rounds of four), so this paired figure is steadier than the ratio of
-#   the two medians when the machine's throughput drifts between rounds.
+#   the two medians when the machine's throughput drifts between rounds;
+#   from six rounds on, with a 95% interval for that median (sign test).
 #   Last, a table of CPU time per transaction: the whole machine's, the
 #   gateway's and its audit writer thread's (clock ticks from /proc around
 #   each run), and the machine's context switches per transaction.
@@ -605,6 +606,7 @@ echo
 
 python3 - "$RESULTS" "${PATHS[*]}" <<'PY'
 import sys
+from math import comb
 from statistics import median
 
 rows = {}
@@ -661,14 +663,32 @@ print(fmt(["-" * w for w in widths]))
 for r in table:
     print(fmt(r))
 
+def median_interval(xs, level=0.95):
+    """A distribution-free interval for the median (the sign test's): the
+    k-th smallest and k-th largest of the rounds, k as large as keeps the
+    chance that the true median lies outside below 1 - level. None with
+    fewer than six rounds, which cannot give 95%."""
+    n, best = len(xs), None
+    for k in range(1, n // 2 + 1):
+        tail = sum(comb(n, i) for i in range(k)) / 2**n
+        if 1 - 2 * tail < level:
+            break
+        best = k
+    if best is None:
+        return None
+    s = sorted(xs)
+    return s[best - 1], s[n - best]
+
 def paired(a, b, what):
     print()
-    print(f"{a}/{b} within each round ({what}, paired), and their median:")
+    print(f"{a}/{b} within each round ({what}, paired), their median and its 95% interval:")
     for key in order:
         on, off = (rows[key].get(x, {}).get("by_round", {}) for x in (a, b))
         ratios = [on[r] / off[r] for r in sorted(on, key=int) if r in off and off[r] > 0]
         if ratios:
-            print(f"  -c {key[0]} {key[1]}: {' '.join(f'{x:.3f}' for x in ratios)}  median {median(ratios):.3f}")
+            interval = median_interval(ratios)
+            shown = f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else " (6 rounds or more for an interval)"
+            print(f"  -c {key[0]} {key[1]}: {' '.join(f'{x:.3f}' for x in ratios)}  median {median(ratios):.3f}{shown}")
 
 if noaudit:
     paired("sluice", "noaudit", "the trail's cost")
