@@ -834,7 +834,7 @@ async fn row_limit_holds_when_execute_is_prepared_before_its_statement() {
 /// bound as the other ran unguarded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_postgresql_would_shorten_are_refused() {
-    let gw = TestGateway::start("limit_long_names", limited(3)).await;
+    let mut gw = TestGateway::start("limit_long_names", limited(3)).await;
     table_with_rows(&gw.db, 10).await;
     let long = "a".repeat(63);
     let write = "DELETE FROM t WHERE id > 2";
@@ -855,44 +855,121 @@ async fn names_postgresql_would_shorten_are_refused() {
     raw.send(&raw::query(&format!("EXECUTE {long}"))).await;
     assert!(first_error(&raw.until_ready().await)[&'M'].contains("would have deleted 8 rows"));
 
-    // Through the protocol, a name too long ends the session.
+    // Through the protocol, a message with such a name is refused in
+    // place: an error, the rest of its batch skipped, the session goes on.
     let run =
         |statement: &str, portal: &str| [raw::bind(portal, statement), raw::execute(portal, 0), raw::sync()].concat();
     let cases = [
-        [raw::parse(&format!("{long}c"), write), run(&format!("{long}d"), "")].concat(),
-        [raw::parse("s", write), run("s", &format!("{long}p"))].concat(),
-        [
-            raw::parse("s", write),
-            raw::bind("", "s"),
-            raw::execute(&format!("{long}p"), 0),
-        ]
-        .concat(),
-        [raw::parse("s", write), run(&format!("{long}s"), "")].concat(),
-        [raw::close(b'S', &format!("{long}s")), raw::sync()].concat(),
-        [raw::close(b'P', &format!("{long}p")), raw::sync()].concat(),
-        [raw::msg(b'D', format!("S{long}s\0").as_bytes()), raw::sync()].concat(),
+        (
+            [raw::parse(&format!("{long}c"), write), run(&format!("{long}d"), "")].concat(),
+            "EZ",
+        ),
+        ([raw::parse("s", write), run("s", &format!("{long}p"))].concat(), "1EZ"),
+        (
+            [
+                raw::parse("s", write),
+                raw::bind("", "s"),
+                raw::execute(&format!("{long}p"), 0),
+                raw::sync(),
+            ]
+            .concat(),
+            "12EZ",
+        ),
+        ([raw::parse("s", write), run(&format!("{long}s"), "")].concat(), "1EZ"),
+        ([raw::close(b'S', &format!("{long}s")), raw::sync()].concat(), "EZ"),
+        ([raw::close(b'P', &format!("{long}p")), raw::sync()].concat(), "EZ"),
+        (
+            [raw::msg(b'D', format!("S{long}s\0").as_bytes()), raw::sync()].concat(),
+            "EZ",
+        ),
         // Outside ASCII, a name may grow past 63 bytes in the server's
         // encoding, or fold otherwise.
-        [raw::parse("é", write), run("é", "")].concat(),
-        [raw::parse("s", write), run("s", "Ä")].concat(),
+        ([raw::parse("é", write), run("é", "")].concat(), "EZ"),
+        ([raw::parse("s", write), run("s", "Ä")].concat(), "1EZ"),
+        // Nor UTF-8 (the server would refuse it in its encoding).
+        ([raw::msg(b'E', b"\xff\0\0\0\0\0"), raw::sync()].concat(), "EZ"),
+        ([raw::msg(b'B', b"\xff\0s\0\0\0\0\0\0\0"), raw::sync()].concat(), "EZ"),
     ];
-    for case in cases {
+    for (case, expected) in cases {
         let mut raw = RawClient::connect(gw.addr).await;
         raw.login(&gw.db, BOB).await;
         raw.send(&case).await;
-        let messages = raw.until_closed().await;
-        let error = first_error(&messages);
+        let answer = raw.until_ready().await;
+        assert_eq!(tags(&answer), expected, "{answer:?}");
+        let error = first_error(&answer);
         assert_eq!(
             (error[&'S'].as_str(), error[&'C'].as_str()),
-            ("FATAL", "42622"),
-            "{messages:?}"
+            ("ERROR", "42622"),
+            "{answer:?}"
         );
         assert!(
             error[&'M'].contains("PostgreSQL could take it for another name"),
             "{error:?}"
         );
+        // The session goes on, its statements too.
+        raw.send(&[raw::parse("s2", "SELECT 2"), run("s2", "")].concat()).await;
+        assert_eq!(tags(&raw.until_ready().await), "12DCZ");
     }
+    // After an error the server skips such a message like any other: the
+    // client hears of the first error only.
+    raw.send(&[raw::failing(), raw::parse(&format!("{long}e"), write), run("", "")].concat())
+        .await;
+    let answer = raw.until_ready().await;
+    assert_eq!(tags(&answer), "1EZ", "{answer:?}");
+    assert_eq!(first_error(&answer)[&'C'], "22012", "{answer:?}");
+    // So too once the gateway knows the server skips (it heard of the
+    // error): passed on untouched, refused by nobody.
+    raw.send(&[raw::failing(), raw::flush()].concat()).await;
+    let mut answer = Vec::new();
+    while answer.last().map(|(tag, _)| *tag) != Some(b'E') {
+        answer.push(raw.recv().await.expect("the error"));
+    }
+    raw.send(
+        &[
+            raw::parse(&format!("{long}f"), write),
+            raw::close(b'P', "Ä"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    answer.extend(raw.until_ready().await);
+    assert_eq!(tags(&answer), "1EZ", "{answer:?}");
+    assert_eq!(first_error(&answer)[&'C'], "22012", "{answer:?}");
     assert_eq!(count(&gw.db).await, 10);
+
+    // On the record as statements refused, with what the client was told.
+    gw.shutdown.cancel();
+    gw.finished().await;
+    let store = sluice_core::audit::SqliteStore::open_read_only(&gw.audit.path).unwrap();
+    let refused: Vec<(String, String)> = store
+        .events(&sluice_core::audit::EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event.event.detail {
+            sluice_core::audit::Detail::Statement {
+                source,
+                text,
+                refusal: Some(refusal),
+                ..
+            } if refusal.contains("name refused") => Some((source, text)),
+            _ => None,
+        })
+        .collect();
+    let sources: Vec<&str> = refused.iter().map(|(source, _)| source.as_str()).collect();
+    // Every message refused, in order, those the server would have
+    // skipped after the first refusal of their batch too (the gateway
+    // refuses them before it hears of it); a Close or Describe runs no
+    // statement.
+    assert_eq!(
+        sources,
+        [
+            "parse", "bind", "bind", "execute", "execute", "bind", "parse", "bind", "bind", "execute", "execute",
+            "bind", "parse"
+        ],
+        "{refused:?}"
+    );
+    assert_eq!(refused[0].1, write, "{refused:?}");
 }
 
 /// A row-limited statement the server skips (an error earlier in its

@@ -1203,15 +1203,6 @@ impl<'a> Proxy<'a> {
     /// One complete frontend message (header included).
     fn on_frontend(&mut self, message_tag: u8, message: &[u8]) -> Result<Consumed, Stop> {
         let body = &message[HEADER_LEN..];
-        if let Some((what, why)) = unfollowable_name(message_tag, body) {
-            return Err(Stop::Client(ErrorFields::new(
-                Severity::Fatal,
-                "42622",
-                format!(
-                    "the {what} name {why}: PostgreSQL could take it for another name (it tells names apart by their first 63 bytes, in its own encoding), so the gateway cannot follow it; the session ends"
-                ),
-            ).with_hint("use names of ASCII characters, at most 63")));
-        }
         if self.discarding {
             // Skipped by the server, every message but Sync (a Query too):
             // passed on, answered by nothing, acted on by nobody. A Bind or
@@ -1255,6 +1246,12 @@ impl<'a> Proxy<'a> {
                 }
                 return Ok(Consumed::Yes);
             }
+        }
+        // Past the skipped messages: one the server skips is acted on by
+        // nobody, whatever its names.
+        if let Some((what, why)) = unfollowable_name(message_tag, body) {
+            self.refuse_unfollowable(message_tag, body, what, why)?;
+            return Ok(Consumed::Yes);
         }
         let expect = match message_tag {
             fe::QUERY => {
@@ -2498,6 +2495,52 @@ impl<'a> Proxy<'a> {
             Some(&refusal.message),
         );
         auditor.record_stored(event);
+    }
+
+    /// Refuses an extended-protocol message with a name the gateway cannot
+    /// follow ([`unfollowable_name`]) in place ([`Proxy::fail_in_place`]):
+    /// the client gets an error, the server skips the rest of the batch,
+    /// and the session goes on. The failing Parse is named
+    /// [`REFUSED_NAME`], so the server never sees the name, and nothing
+    /// the gateway knows of names changes. A Parse, Bind or Execute is on
+    /// the record as its statement refused; a Describe or Close runs no
+    /// statement and is counted as a refusal only.
+    fn refuse_unfollowable(&mut self, message_tag: u8, body: &[u8], what: &str, why: &str) -> Result<(), Stop> {
+        let refusal = Box::new(
+            ErrorFields::new(
+                Severity::Error,
+                "42622",
+                format!(
+                    "{what} name refused: the name {why}, and PostgreSQL could take it for another name (it tells names apart by their first 63 bytes, in its own encoding), so the gateway cannot follow it"
+                ),
+            )
+            .with_hint("use names of ASCII characters, at most 63 bytes long"),
+        );
+        // A name that is not UTF-8 is refused like one outside ASCII (the
+        // server would fail it too, on its encoding), and named in the
+        // record as well as it can be.
+        let text = match message_tag {
+            fe::BIND if bind_names(body).is_ok() => return self.refuse_bind(body, refusal),
+            fe::BIND => "(a Bind the gateway could not read)".to_string(),
+            fe::EXECUTE => {
+                let name = body.split(|&b| b == 0).next().unwrap_or_default();
+                self.refuse_execute(&String::from_utf8_lossy(name), refusal);
+                return Ok(());
+            }
+            fe::PARSE => match Parse::decode(body) {
+                Ok(parse) => audit_text(parse.sql),
+                Err(_) => "(a Parse the gateway could not read)".to_string(),
+            },
+            _ => {
+                self.fail_in_place(REFUSED_NAME, refusal);
+                return Ok(());
+            }
+        };
+        self.count_refused_statement();
+        let source = if message_tag == fe::PARSE { "parse" } else { "bind" };
+        self.record_refused(source, &AuditText::unclassified(text), &refusal);
+        self.fail_in_place(REFUSED_NAME, refusal);
+        Ok(())
     }
 
     /// Refuses a Bind (see [`Proxy::fail_in_place`]; the failing Parse is
