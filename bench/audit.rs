@@ -11,12 +11,13 @@
 //! (`Auditor::complete`), with the bytes per statement the trail keeps.
 //! Prints the median of ROUNDS runs (env, default 3).
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::audit::{
-    Auditor, ColumnRecord, Completion, Detail, Envelope, Event, Record, Signer, SqliteStore, StatementRecord,
-    StatementRecords, StatementView, SyncMode, WriterOptions,
+    Auditor, ColumnRecord, CompletionView, Detail, Envelope, Event, Record, SampleRows, Signer, SqliteStore,
+    StatementRecord, StatementRecords, StatementView, SyncMode, WriterOptions,
 };
 
 fn event(n: u64) -> Event {
@@ -57,6 +58,13 @@ fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: S
     let mut scratch = String::new();
     // Each session's buffer for its next statement event, as in a session.
     let mut spares = vec![String::new(); sessions.len()];
+    let columns = [ColumnRecord {
+        name: "abalance".into(),
+        origin: None,
+        masking: "detectors".into(),
+        tags: vec![],
+    }];
+    let (mut sample, mut value) = (SampleRows::default(), String::new());
     let started = Instant::now();
     runtime.block_on(async {
         for i in 0..n {
@@ -79,18 +87,21 @@ fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: S
             let record = Record::statement(std::mem::take(spare), chrono::Utc::now(), envelope, view);
             let (durable, ticket) = auditor.write_ahead_statement(record, spare);
             durable.await.unwrap();
-            let completion = Completion {
+            // As a session records it: the columns shared, the sample
+            // written into a reused buffer.
+            sample.clear();
+            value.clear();
+            write!(value, "{}", i % 5000).unwrap();
+            let mut row = sample.row();
+            row.value(Some(&value));
+            row.finish();
+            let completion = CompletionView {
                 rows: Some(1),
                 duration_us: 40 + i % 60,
                 sqlstate: None,
                 skipped: false,
-                columns: vec![ColumnRecord {
-                    name: "abalance".into(),
-                    origin: None,
-                    masking: "detectors".into(),
-                    tags: vec![],
-                }],
-                sample: vec![vec![Some((i % 5000).to_string())]],
+                columns: &columns,
+                sample: &sample,
             };
             auditor.complete(Some(ticket), envelope, seq, completion, &mut scratch, |c| {
                 Event::now(c.into_done(seq))

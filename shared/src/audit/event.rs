@@ -271,69 +271,32 @@ impl Completion {
     /// `,"columns":[…]` (none without columns): what [`Record::join`]
     /// keeps for a row to share.
     pub fn write_fields(&self, buf: &mut String) -> Option<std::ops::Range<usize>> {
-        // Every field named: one added to the struct is an error here
-        // until it is written.
-        let Completion {
-            rows,
-            duration_us,
-            sqlstate,
-            skipped,
-            columns,
+        self.view(&self.sample_rows()).write_fields(buf)
+    }
+
+    /// Its sample rows in their stored form.
+    pub fn sample_rows(&self) -> SampleRows {
+        let mut sample = SampleRows::default();
+        for row in &self.sample {
+            let mut writer = sample.row();
+            for value in row {
+                writer.value(value.as_deref());
+            }
+            writer.finish();
+        }
+        sample
+    }
+
+    /// This completion borrowed, with `sample`, its [`Completion::sample_rows`].
+    pub fn view<'a>(&'a self, sample: &'a SampleRows) -> CompletionView<'a> {
+        CompletionView {
+            rows: self.rows,
+            duration_us: self.duration_us,
+            sqlstate: self.sqlstate.as_deref(),
+            skipped: self.skipped,
+            columns: &self.columns,
             sample,
-        } = self;
-        let mut number = itoa::Buffer::new();
-        buf.clear();
-        buf.push('{');
-        if let Some(rows) = *rows {
-            buf.push_str("\"rows\":");
-            buf.push_str(number.format(rows));
-            buf.push(',');
         }
-        buf.push_str("\"duration_us\":");
-        buf.push_str(number.format(*duration_us));
-        push_json_field(buf, ",\"sqlstate\":", sqlstate.as_deref());
-        if *skipped {
-            buf.push_str(",\"skipped\":true");
-        }
-        let columns_at = buf.len();
-        if !columns.is_empty() {
-            buf.push_str(",\"columns\":[");
-            for (n, column) in columns.iter().enumerate() {
-                let ColumnRecord {
-                    name,
-                    origin,
-                    masking,
-                    tags,
-                } = column;
-                if n > 0 {
-                    buf.push(',');
-                }
-                buf.push_str("{\"name\":");
-                push_json_str(buf, name);
-                push_json_field(buf, ",\"origin\":", origin.as_deref());
-                buf.push_str(",\"masking\":");
-                push_json_str(buf, masking);
-                if !tags.is_empty() {
-                    buf.push_str(",\"tags\":");
-                    push_json_strs(buf, tags.iter().map(|tag| Some(tag.as_str())));
-                }
-                buf.push('}');
-            }
-            buf.push(']');
-        }
-        let columns = (buf.len() > columns_at).then_some(columns_at..buf.len());
-        if !sample.is_empty() {
-            buf.push_str(",\"sample\":[");
-            for (n, row) in sample.iter().enumerate() {
-                if n > 0 {
-                    buf.push(',');
-                }
-                push_json_strs(buf, row.iter().map(Option::as_deref));
-            }
-            buf.push(']');
-        }
-        buf.push('}');
-        columns
     }
 
     /// The completion of statement `seq` as an event of its own.
@@ -372,6 +335,238 @@ impl Completion {
                 },
             )),
             _ => None,
+        }
+    }
+}
+
+/// How a statement ended, as a session has it when it records that: a
+/// [`Completion`]'s fields borrowed, its columns shared with the
+/// session's other statements of the same shape and its sample rows in
+/// their stored form ([`SampleRows`]), so that recording a completion
+/// allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct CompletionView<'a> {
+    pub rows: Option<u64>,
+    pub duration_us: u64,
+    pub sqlstate: Option<&'a str>,
+    pub skipped: bool,
+    pub columns: &'a [ColumnRecord],
+    pub sample: &'a SampleRows,
+}
+
+impl CompletionView<'_> {
+    /// [`Completion::to_json`] of the completion this stands for, written
+    /// into `buf` (a session's, reused) without serde, as the text
+    /// [`join_completion`] takes; and where in `buf` it wrote
+    /// `,"columns":[…]` (none without columns): what [`Record::join`]
+    /// keeps for a row to share.
+    pub fn write_fields(&self, buf: &mut String) -> Option<std::ops::Range<usize>> {
+        // Every field named: one added to the struct is an error here
+        // until it is written.
+        let CompletionView {
+            rows,
+            duration_us,
+            sqlstate,
+            skipped,
+            columns,
+            sample,
+        } = *self;
+        let mut number = itoa::Buffer::new();
+        buf.clear();
+        buf.push('{');
+        if let Some(rows) = rows {
+            buf.push_str("\"rows\":");
+            buf.push_str(number.format(rows));
+            buf.push(',');
+        }
+        buf.push_str("\"duration_us\":");
+        buf.push_str(number.format(duration_us));
+        push_json_field(buf, ",\"sqlstate\":", sqlstate);
+        if skipped {
+            buf.push_str(",\"skipped\":true");
+        }
+        let columns_at = buf.len();
+        if !columns.is_empty() {
+            buf.push_str(",\"columns\":[");
+            for (n, column) in columns.iter().enumerate() {
+                let ColumnRecord {
+                    name,
+                    origin,
+                    masking,
+                    tags,
+                } = column;
+                if n > 0 {
+                    buf.push(',');
+                }
+                buf.push_str("{\"name\":");
+                push_json_str(buf, name);
+                push_json_field(buf, ",\"origin\":", origin.as_deref());
+                buf.push_str(",\"masking\":");
+                push_json_str(buf, masking);
+                if !tags.is_empty() {
+                    buf.push_str(",\"tags\":");
+                    push_json_strs(buf, tags.iter().map(|tag| Some(tag.as_str())));
+                }
+                buf.push('}');
+            }
+            buf.push(']');
+        }
+        let columns = (buf.len() > columns_at).then_some(columns_at..buf.len());
+        if !sample.is_empty() {
+            buf.push_str(",\"sample\":[");
+            buf.push_str(&sample.json);
+            buf.push(']');
+        }
+        buf.push('}');
+        columns
+    }
+
+    /// The completion this stands for, owned: for one recorded as an event
+    /// of its own.
+    pub fn to_completion(&self) -> Completion {
+        Completion {
+            rows: self.rows,
+            duration_us: self.duration_us,
+            sqlstate: self.sqlstate.map(str::to_string),
+            skipped: self.skipped,
+            columns: self.columns.to_vec(),
+            sample: self.sample.to_rows(),
+        }
+    }
+}
+
+/// A statement's sample rows ([`Completion`]'s `sample`) in their stored
+/// form as a session gathers them: each row a JSON array of strings and
+/// nulls, the rows separated by commas, without the brackets around them.
+/// One buffer for all of a statement's rows, which a session hands on to
+/// its next statement: sampling a row allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SampleRows {
+    json: String,
+    rows: usize,
+}
+
+impl SampleRows {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Bytes its buffer holds: whether it is worth keeping for reuse.
+    pub fn capacity(&self) -> usize {
+        self.json.capacity()
+    }
+
+    /// No rows; the buffer stays.
+    pub fn clear(&mut self) {
+        self.json.clear();
+        self.rows = 0;
+    }
+
+    /// Starts a row: its values follow ([`SampleRow::value`]), and it
+    /// counts once [`SampleRow::finish`]ed. A row dropped before that
+    /// (its message did not read) leaves nothing behind.
+    pub fn row(&mut self) -> SampleRow<'_> {
+        let start = self.json.len();
+        if self.rows > 0 {
+            self.json.push(',');
+        }
+        self.json.push('[');
+        SampleRow {
+            rows: self,
+            start,
+            values: 0,
+            finished: false,
+        }
+    }
+
+    /// Adds the first `n` rows of `other` (a portal's later pieces, to
+    /// its statement).
+    pub fn extend_from(&mut self, other: &SampleRows, n: usize) {
+        let n = n.min(other.rows);
+        if n == 0 {
+            return;
+        }
+        let end = row_ends(&other.json).nth(n - 1).unwrap_or(other.json.len());
+        if self.rows > 0 {
+            self.json.push(',');
+        }
+        self.json.push_str(&other.json[..end]);
+        self.rows += n;
+    }
+
+    /// The rows as values.
+    pub fn to_rows(&self) -> Vec<Vec<Option<String>>> {
+        // Written by `row`, so it reads (an empty list otherwise, which
+        // only loses the sample).
+        serde_json::from_str(&format!("[{}]", self.json)).unwrap_or_default()
+    }
+}
+
+/// Where each row of a [`SampleRows`]' text ends (after its `]`): at
+/// depth 0, outside strings.
+fn row_ends(json: &str) -> impl Iterator<Item = usize> + '_ {
+    let (mut in_string, mut escaped, mut depth) = (false, false, 0u32);
+    json.bytes().enumerate().filter_map(move |(at, byte)| {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            return None;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' => depth += 1,
+            b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return Some(at + 1);
+                }
+            }
+            _ => {}
+        }
+        None
+    })
+}
+
+/// A row being added to [`SampleRows`].
+pub struct SampleRow<'s> {
+    rows: &'s mut SampleRows,
+    start: usize,
+    values: usize,
+    finished: bool,
+}
+
+impl SampleRow<'_> {
+    /// Its next value (`None`: SQL NULL).
+    pub fn value(&mut self, value: Option<&str>) {
+        if self.values > 0 {
+            self.rows.json.push(',');
+        }
+        self.values += 1;
+        match value {
+            Some(value) => push_json_str(&mut self.rows.json, value),
+            None => self.rows.json.push_str("null"),
+        }
+    }
+
+    pub fn finish(mut self) {
+        self.rows.json.push(']');
+        self.rows.rows += 1;
+        self.finished = true;
+    }
+}
+
+impl Drop for SampleRow<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.rows.json.truncate(self.start);
         }
     }
 }
@@ -1967,6 +2162,47 @@ mod tests {
                 .then(|| format!(",\"columns\":{}", serde_json::to_string(&done.columns).unwrap()));
             assert_eq!(columns.map(|c| scratch[c].to_string()), expected);
         }
+    }
+
+    #[test]
+    fn sample_rows_are_their_stored_form_and_split_where_their_rows_end() {
+        // Values that look like the rows' own brackets and separators.
+        let rows: Vec<Vec<Option<String>>> = vec![
+            vec![Some("],[".into()), None],
+            vec![],
+            vec![Some("\\\"]".into()), Some("[\"x\"]".into())],
+            vec![None],
+        ];
+        let mut sample = SampleRows::default();
+        for row in &rows {
+            let mut writer = sample.row();
+            for value in row {
+                writer.value(value.as_deref());
+            }
+            writer.finish();
+        }
+        // A row dropped unfinished (its message did not read) leaves nothing.
+        let mut broken = sample.row();
+        broken.value(Some("half"));
+        drop(broken);
+        assert_eq!(sample.len(), 4);
+        assert_eq!(format!("[{}]", sample.json), serde_json::to_string(&rows).unwrap());
+        assert_eq!(sample.to_rows(), rows);
+        for n in 0..=5 {
+            let mut first = SampleRows::default();
+            first.row().finish();
+            first.extend_from(&sample, n);
+            let mut expected = vec![vec![]];
+            expected.extend(rows.iter().take(n).cloned());
+            assert_eq!(first.len(), expected.len(), "{n}");
+            assert_eq!(first.to_rows(), expected, "{n}");
+        }
+        let mut none = SampleRows::default();
+        none.extend_from(&sample, 2);
+        assert_eq!(none.to_rows(), rows[..2]);
+        sample.clear();
+        assert!(sample.is_empty() && sample.to_rows().is_empty());
+        assert!(sample.capacity() > 0, "the buffer stays");
     }
 
     #[test]

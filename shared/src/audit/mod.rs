@@ -26,8 +26,8 @@ use std::path::PathBuf;
 
 pub use chain::{Hash, PublicKey, SignedHead, Signer};
 pub use event::{
-    AccessAsk, ColumnRecord, Completion, Detail, Envelope, Event, Parts, Record, StatementRecord, StatementRecords,
-    StatementView, join_completion,
+    AccessAsk, ColumnRecord, Completion, CompletionView, Detail, Envelope, Event, Parts, Record, SampleRows,
+    StatementRecord, StatementRecords, StatementView, join_completion,
 };
 pub use journal::{Journal, Mark as JournalMark, path_for as journal_path};
 pub use lineage::{LineageQuery, LineageRow, lineage};

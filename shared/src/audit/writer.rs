@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::chain::{Signer, replace_file};
-use super::event::{Completion, Detail, Envelope, Event, Record};
+use super::event::{Completion, CompletionView, Detail, Envelope, Event, Record};
 use super::journal::{Journal, Mark};
 use super::sqlite::StoredEvent;
 use super::{AuditError, AuditStore, SyncMode};
@@ -500,7 +500,7 @@ impl Auditor {
         ticket: Option<Ticket>,
         envelope: &Arc<Envelope>,
         seq: u64,
-        completion: Completion,
+        completion: CompletionView<'_>,
         scratch: &mut String,
         standalone: impl FnOnce(Completion) -> Event,
     ) {
@@ -533,7 +533,7 @@ impl Auditor {
                 return;
             }
         }
-        self.record(standalone(completion));
+        self.record(standalone(completion.to_completion()));
     }
 
     fn send(&self, record: Record, write_ahead: bool, spare: Option<&mut String>) -> (Durable, Ticket) {
@@ -1586,9 +1586,15 @@ mod tests {
     /// Records how statement `seq` of `session` ended, as a session does.
     fn complete(auditor: &Auditor, ticket: Option<Ticket>, session: &str, seq: u64) {
         let mut scratch = String::new();
-        auditor.complete(ticket, &envelope(session), seq, completion(seq), &mut scratch, |c| {
-            Event::now(c.into_done(seq)).in_session(session).by("alice", "shop")
-        });
+        let done = completion(seq);
+        auditor.complete(
+            ticket,
+            &envelope(session),
+            seq,
+            done.view(&done.sample_rows()),
+            &mut scratch,
+            |c| Event::now(c.into_done(seq)).in_session(session).by("alice", "shop"),
+        );
     }
 
     /// The stored form of statement `seq` of `session` with its completion.
@@ -1919,9 +1925,14 @@ mod tests {
                 ..completion(seq)
             };
             let mut scratch = String::new();
-            auditor.complete(Some(ticket), &envelope("s1"), seq, done.clone(), &mut scratch, |_| {
-                unreachable!("the statement waits in the queue")
-            });
+            auditor.complete(
+                Some(ticket),
+                &envelope("s1"),
+                seq,
+                done.view(&done.sample_rows()),
+                &mut scratch,
+                |_| unreachable!("the statement waits in the queue"),
+            );
             if let Detail::Statement { done: joined, .. } = &mut event.detail {
                 *joined = Some(done);
             }

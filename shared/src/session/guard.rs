@@ -156,10 +156,10 @@ pub(crate) fn group_thousands(n: u64) -> String {
 
 /// The verb and row count of a CommandComplete body ("DELETE 5",
 /// "INSERT 0 5", "COPY 5"). Commands without a count give `None`.
-pub(crate) fn command_count(body: &[u8]) -> Option<(String, u64)> {
+pub(crate) fn command_count(body: &[u8]) -> Option<(&str, u64)> {
     let tag = Cursor::new(body).cstr("command tag").ok()?;
     let mut words = tag.split(' ');
-    let command = words.next()?.to_string();
+    let command = words.next()?;
     let count = words.next_back()?.parse().ok()?;
     Some((command, count))
 }
@@ -171,9 +171,9 @@ mod tests {
 
     #[test]
     fn counts_from_command_tags() {
-        assert_eq!(command_count(b"DELETE 5\0"), Some(("DELETE".into(), 5)));
-        assert_eq!(command_count(b"INSERT 0 1200\0"), Some(("INSERT".into(), 1200)));
-        assert_eq!(command_count(b"COPY 7\0"), Some(("COPY".into(), 7)));
+        assert_eq!(command_count(b"DELETE 5\0"), Some(("DELETE", 5)));
+        assert_eq!(command_count(b"INSERT 0 1200\0"), Some(("INSERT", 1200)));
+        assert_eq!(command_count(b"COPY 7\0"), Some(("COPY", 7)));
         assert_eq!(command_count(b"BEGIN\0"), None);
     }
 

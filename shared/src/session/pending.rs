@@ -102,6 +102,10 @@ pub enum Owner {
     Internal,
 }
 
+/// A result's columns as the trail records them, shared by the session's
+/// results of the same shape.
+pub type Columns = std::sync::Arc<[crate::audit::ColumnRecord]>;
+
 /// A statement the audit trail recorded, followed until it ends: what its
 /// completion event needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,12 +122,13 @@ pub struct Mark {
     pub sqlstate: Option<String>,
     /// It never ran: an earlier message of its batch failed.
     pub skipped: bool,
-    /// The columns of its results, in order.
-    pub columns: Vec<crate::audit::ColumnRecord>,
+    /// The columns of its results, in order (shared with the session's
+    /// other results of the same shape); `None` for none.
+    pub columns: Option<Columns>,
     /// Results that ended (their CommandComplete came).
     pub results: u32,
     /// Its first result rows, for the trail.
-    pub sample: Vec<Vec<Option<String>>>,
+    pub sample: crate::audit::SampleRows,
     /// The portal an Execute ran (`None` for other statements).
     pub portal: Option<Box<str>>,
     /// A portal fetched in pieces: an Execute with a row count stopped at
@@ -150,9 +155,9 @@ impl Mark {
             rows: None,
             sqlstate: None,
             skipped: false,
-            columns: Vec::new(),
+            columns: None,
             results: 0,
-            sample: Vec::new(),
+            sample: crate::audit::SampleRows::default(),
             portal: None,
             unnamed_binds: 0,
             suspended: false,
@@ -299,30 +304,26 @@ impl PendingQueue {
     /// Whether the statement whose rows arrive now wants more sample rows:
     /// rows of its first result only, so that they line up with the first
     /// columns.
-    pub fn wants_sample(&mut self, limit: usize) -> bool {
+    /// The sample rows of the statement whose rows arrive now, while it
+    /// takes more (its first result, fewer than `limit` rows so far).
+    pub fn sample(&mut self, limit: usize) -> Option<&mut crate::audit::SampleRows> {
         self.front();
-        matches!(self.marks.front(), Some(Some(mark)) if mark.results == 0 && mark.sample.len() < limit)
-    }
-
-    /// Adds a sample row to the statement whose rows arrive now.
-    pub fn sample_row(&mut self, row: Vec<Option<String>>) {
-        self.front();
-        if let Some(Some(mark)) = self.marks.front_mut() {
-            mark.sample.push(row);
+        match self.marks.front_mut() {
+            Some(Some(mark)) if mark.results == 0 && mark.sample.len() < limit => Some(&mut mark.sample),
+            _ => None,
         }
     }
 
-    /// A result of the statement in front ended, with these columns (empty
+    /// A result of the statement in front ended, with these columns (none
     /// for a command without rows).
-    pub fn note_result(&mut self, columns: Vec<crate::audit::ColumnRecord>) {
+    pub fn note_result(&mut self, columns: Option<Columns>) {
         self.front();
         if let Some(Some(mark)) = self.marks.front_mut() {
             mark.results += 1;
-            if mark.columns.is_empty() {
-                mark.columns = columns;
-            } else {
-                mark.columns.extend(columns);
-            }
+            mark.columns = match (mark.columns.take(), columns) {
+                (Some(have), Some(more)) => Some(have.iter().chain(more.iter()).cloned().collect()),
+                (have, more) => have.or(more),
+            };
         }
     }
 

@@ -34,7 +34,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::executes::{Names, SqlExecutes};
 use super::guard::{Guard, GuardKind, GuardPhase, HOLD_CAP, ROW_LIMIT_SQLSTATE, command_count};
-use super::pending::{Confirm, Expect, Mark, Owner, PendingQueue};
+use super::pending::{Columns, Confirm, Expect, Mark, Owner, PendingQueue};
 use super::remembered::Remembered;
 use super::results::ResultSeam;
 use super::startup::encoding_is_safe;
@@ -449,7 +449,14 @@ pub(crate) struct Proxy<'a> {
     portal_texts: Portals<PortalAudit>,
     /// The columns of the last RowDescription, for the trail: they go to
     /// the statement whose result they describe when it ends.
-    result_columns: Vec<crate::audit::ColumnRecord>,
+    result_columns: Option<Columns>,
+    /// The last RowDescription that had columns, and its columns as the
+    /// trail records them: the next one of the same shape (with the same
+    /// masking) shares them instead of building them again.
+    described: Option<(Vec<u8>, Columns)>,
+    /// An emptied buffer of sample rows, for the next statement that
+    /// samples its rows.
+    spare_sample: crate::audit::SampleRows,
     /// The statement waiting for approvers; the client's next messages wait
     /// behind it.
     held: Option<Held>,
@@ -796,7 +803,9 @@ impl<'a> Proxy<'a> {
             guard_mark: None,
             statement_texts: HashMap::new(),
             portal_texts: Portals::default(),
-            result_columns: Vec::new(),
+            result_columns: None,
+            described: None,
+            spare_sample: crate::audit::SampleRows::default(),
             held: None,
             held_notice: None,
             kill_waker: None,
@@ -2416,7 +2425,7 @@ impl<'a> Proxy<'a> {
             *mark.rows.get_or_insert(0) += rows;
         }
         let room = self.ctx.audit_sample_rows.saturating_sub(mark.sample.len());
-        mark.sample.extend(piece.sample.into_iter().take(room));
+        mark.sample.extend_from(&piece.sample, room);
         if piece.sqlstate.is_some() {
             mark.sqlstate = piece.sqlstate;
         }
@@ -2945,7 +2954,7 @@ impl<'a> Proxy<'a> {
         self.audit_finished = finished;
     }
 
-    fn record_done(&mut self, mark: Mark) {
+    fn record_done(&mut self, mut mark: Mark) {
         if mark.continues {
             self.continue_portal(mark, true);
             return;
@@ -2957,13 +2966,13 @@ impl<'a> Proxy<'a> {
             self.ctx.metrics.took(took);
         }
         let Some(auditor) = self.ctx.auditor else { return };
-        let completion = audit::Completion {
+        let completion = audit::CompletionView {
             rows: mark.rows,
             duration_us: took.as_micros() as u64,
-            sqlstate: mark.sqlstate,
+            sqlstate: mark.sqlstate.as_deref(),
             skipped: mark.skipped,
-            columns: mark.columns,
-            sample: mark.sample,
+            columns: mark.columns.as_deref().unwrap_or_default(),
+            sample: &mark.sample,
         };
         let (session, identity, target) = (self.ctx.session_id, self.ctx.identity.name(), self.ctx.target);
         auditor.complete(
@@ -2983,12 +2992,40 @@ impl<'a> Proxy<'a> {
         if self.audit_scratch.capacity() > SCRATCH_KEPT {
             self.audit_scratch = String::new();
         }
+        if mark.sample.capacity() > 0 && mark.sample.capacity() <= SCRATCH_KEPT {
+            mark.sample.clear();
+            self.spare_sample = mark.sample;
+        }
     }
 
     /// A RowDescription's columns as the trail records them: name, origin
     /// and tags when the target's catalog knows the column, and how its
-    /// values leave the gateway. Empty if it does not read (the masker then
-    /// ends the session).
+    /// values leave the gateway. `None` without columns, or if it does not
+    /// read (the masker then ends the session). The same description as
+    /// the last one, masked the same, shares its columns: a session runs a
+    /// few statement shapes over and over.
+    fn columns(&mut self, body: &[u8]) -> Option<Columns> {
+        if let Some((seen, columns)) = &self.described
+            && seen.as_slice() == body
+            && columns
+                .iter()
+                .enumerate()
+                .all(|(index, column)| column.masking == self.seam.column_masking(index))
+        {
+            return Some(columns.clone());
+        }
+        let columns: Columns = self.column_records(body).into();
+        if columns.is_empty() {
+            return None;
+        }
+        let (mut seen, _) = self.described.take().unwrap_or_default();
+        seen.clear();
+        seen.extend_from_slice(body);
+        self.described = Some((seen, columns.clone()));
+        Some(columns)
+    }
+
+    /// [`Proxy::columns`], built.
     fn column_records(&self, body: &[u8]) -> Vec<crate::audit::ColumnRecord> {
         let mut cur = Cursor::new(body);
         let Ok(count) = cur.count16("column count") else {
@@ -3575,7 +3612,8 @@ impl<'a> Proxy<'a> {
                 self.seam.forward(message_tag, message, &mut guard.held);
             }
             backend::tag::COMMAND_COMPLETE => {
-                guard.completed = command_count(&message[HEADER_LEN..]);
+                guard.completed =
+                    command_count(&message[HEADER_LEN..]).map(|(command, rows)| (command.to_string(), rows));
                 self.seam.forward(message_tag, message, &mut guard.held);
                 if extended {
                     self.finish_extended_guard();
@@ -3955,7 +3993,7 @@ impl<'a> Proxy<'a> {
             let sensitive = self.pending.front_sensitive();
             self.seam.describe(message, sensitive);
             if self.ctx.auditor.is_some() {
-                self.result_columns = self.column_records(body);
+                self.result_columns = self.columns(body);
             }
         }
         if matches!(
@@ -3995,7 +4033,7 @@ impl<'a> Proxy<'a> {
                         }
                     }
                 }
-                backend::tag::NO_DATA => self.result_columns.clear(),
+                backend::tag::NO_DATA => self.result_columns = None,
                 backend::tag::ERROR_RESPONSE => {
                     self.piece_rows = 0;
                     // Rows it returned before failing left the gateway.
@@ -4008,7 +4046,7 @@ impl<'a> Proxy<'a> {
                 // further than its batch.
                 backend::tag::READY_FOR_QUERY => {
                     self.piece_rows = 0;
-                    self.result_columns.clear();
+                    self.result_columns = None;
                 }
                 _ => {}
             }
@@ -4098,8 +4136,7 @@ impl<'a> Proxy<'a> {
             && owner == Owner::Client
             && self.seam.masking()
             && self.ctx.audit_sample_rows > 0
-            && self.ctx.auditor.is_some()
-            && self.pending.wants_sample(self.ctx.audit_sample_rows);
+            && self.ctx.auditor.is_some();
         let sample_from = self.to_client.len();
         match owner {
             Owner::Client => self.seam.forward(message_tag, message, &mut self.to_client),
@@ -4110,8 +4147,14 @@ impl<'a> Proxy<'a> {
         if message_tag == backend::tag::ERROR_RESPONSE {
             self.seam.observe(message_tag, message);
         }
-        if sample && let Some(row) = self.to_client.get(sample_from + HEADER_LEN..).and_then(sample_row) {
-            self.pending.sample_row(row);
+        if sample
+            && let Some(rows) = self.pending.sample(self.ctx.audit_sample_rows)
+            && let Some(body) = self.to_client.get(sample_from + HEADER_LEN..)
+        {
+            if rows.capacity() == 0 {
+                std::mem::swap(rows, &mut self.spare_sample);
+            }
+            sample_row(body, rows);
         }
         if let Some(err) = self.seam.take_failure() {
             // Fail closed: what cannot be read cannot be masked.
@@ -4535,30 +4578,34 @@ fn keeps_a_value(function: &str) -> bool {
 /// A DataRow body (as the client received it, masked) as text values for
 /// the trail: the detectors run on each value again, whatever the session's
 /// masking (the trail's readers may not hold the unmask grant), binary
-/// values are described, long ones cut. `None` if it does not read.
-fn sample_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+/// values are described, long ones cut. Added to `rows`; nothing added
+/// if it does not read.
+fn sample_row(body: &[u8], rows: &mut crate::audit::SampleRows) {
     let mut cur = Cursor::new(body);
-    let count = cur.count16("field count").ok()?;
-    let mut row = Vec::with_capacity(count);
+    let Ok(count) = cur.count16("field count") else { return };
+    let mut row = rows.row();
     for _ in 0..count {
-        let value = cur.nullable_value("field").ok()?;
-        row.push(value.map(|value| {
-            let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
-            let value = scrubbed.as_deref().unwrap_or(value);
-            match std::str::from_utf8(value) {
-                Ok(text) if text.len() > SAMPLE_VALUE_MAX => {
-                    let mut end = SAMPLE_VALUE_MAX;
-                    while !text.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    format!("{}... ({} bytes)", &text[..end], text.len())
+        // Dropped unfinished, the row leaves nothing.
+        let Ok(value) = cur.nullable_value("field") else { return };
+        let Some(value) = value else {
+            row.value(None);
+            continue;
+        };
+        let scrubbed = crate::mask::scrub(value, crate::mask::DetectorSet::ALL);
+        let value = scrubbed.as_deref().unwrap_or(value);
+        match std::str::from_utf8(value) {
+            Ok(text) if text.len() > SAMPLE_VALUE_MAX => {
+                let mut end = SAMPLE_VALUE_MAX;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
                 }
-                Ok(text) => text.to_string(),
-                Err(_) => format!("({} bytes of binary)", value.len()),
+                row.value(Some(&format!("{}... ({} bytes)", &text[..end], text.len())));
             }
-        }));
+            Ok(text) => row.value(Some(text)),
+            Err(_) => row.value(Some(&format!("({} bytes of binary)", value.len()))),
+        }
     }
-    Some(row)
+    row.finish();
 }
 
 /// Each statement of a classified text, as the trail records it.
@@ -4808,17 +4855,23 @@ mod tests {
     #[test]
     fn sampled_rows_pass_the_detectors_and_stay_short() {
         let long = "x".repeat(500);
-        let row = sample_row(&data_row(&[
-            Some(b"ada.lovelace@example.com"),
-            None,
-            Some(long.as_bytes()),
-            Some(&[0xff, 0x00, 0x01]),
-        ]))
-        .unwrap();
+        let mut rows = crate::audit::SampleRows::default();
+        sample_row(
+            &data_row(&[
+                Some(b"ada.lovelace@example.com"),
+                None,
+                Some(long.as_bytes()),
+                Some(&[0xff, 0x00, 0x01]),
+            ]),
+            &mut rows,
+        );
+        let row = &rows.to_rows()[0];
         assert_eq!(row[0].as_deref(), Some("****@example.com"));
         assert_eq!(row[1], None);
         assert!(row[2].as_deref().unwrap().ends_with("... (500 bytes)"));
         assert_eq!(row[3].as_deref(), Some("(3 bytes of binary)"));
-        assert_eq!(sample_row(&[0, 2, 0]), None, "a broken row is not sampled");
+        sample_row(&[0, 2, 0], &mut rows);
+        assert_eq!(rows.len(), 1, "a broken row is not sampled");
+        assert_eq!(rows.to_rows().len(), 1);
     }
 }
