@@ -658,15 +658,20 @@ enum Row {
 /// The rows `batch` is stored as, in order. Each event is a row of its
 /// own, except statement events: a session's are kept together, as one
 /// [`Detail::Statements`] row in `groups` at the place of its first, until
-/// anything but a statement is recorded (by any session, or none: an
-/// approval, a grant, a session's end), or the row reaches
+/// anything but a statement or a completion is recorded (by any session,
+/// or none: an approval, a grant, a session's end), the session's own
+/// completion of an earlier statement is, or the row reaches
 /// [`ROW_STATEMENTS`], [`ROW_BYTES`] or [`ROW_SPAN`]. So a statement keeps
-/// its place relative to every event that is not a statement, and a
-/// session's statements keep their order; only statements of sessions
-/// running side by side may be stored out of their order with each other
-/// (a later one of one session ahead of an earlier one of another), by at
-/// most [`ROW_SPAN`]. (A completion joined to its statement is stored at
-/// the statement's place.) Under load this is what makes the trail cheap: one
+/// its place relative to every event that is neither a statement nor a
+/// completion, and a session's statements and completions keep their
+/// order; only statements and completions of sessions running side by
+/// side may be stored out of their order with each other (a later one of
+/// one session ahead of an earlier one of another), by at most
+/// [`ROW_SPAN`]. (A completion joined to its statement is stored at the
+/// statement's place. One of its own is a statement the writer took before
+/// it ended: under load, one of every session at each round, and ending
+/// every session's row there would store several times as many rows.)
+/// Under load this is what makes the trail cheap: one
 /// row, hash and pair of index entries for a hundred statements rather
 /// than one each, and a statement shape's classification and columns
 /// stored once per row ([`StatementsRow`](super::event::StatementsRow)).
@@ -684,9 +689,9 @@ fn rows(batch: &[Queued], groups: &mut Vec<Record>) -> Vec<Row> {
         let size = record.json.len();
         let session = match record.session() {
             Some(session) if record.kind == "statement" && size <= ROW_MEMBER_BYTES => session,
-            Some(session) if record.kind == "statement" => {
-                // Too large to share a row: its own, and its session's
-                // statements after it start another.
+            Some(session) if record.kind == "statement" || record.kind == "statement_done" => {
+                // Too large to share a row, or a completion: its own, and
+                // its session's statements after it start another.
                 open.remove(session);
                 slots.push(Slot::Event(n));
                 continue;
@@ -2057,6 +2062,64 @@ mod tests {
             .map(|s| (s.session.as_str(), s.statements, s.refused))
             .collect();
         assert_eq!(counts, [("s2", 4, 1), ("s1", 6, 0)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A completion of its own (its statement was taken by the writer
+    /// before it ended: under load, one of every session at each round)
+    /// ends its session's row, and no other: the other sessions' rows go
+    /// on across it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completion_of_its_own_ends_only_its_sessions_row() {
+        let (dir, auditor, handle, signer, release, flushed) = gated("done-rows");
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 1)), &mut String::new());
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 1)), &mut String::new());
+        complete(&auditor, None, "s2", 1);
+        let _ = auditor.write_ahead_statement(stored(statement("s1", 2)), &mut String::new());
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 2)), &mut String::new());
+        let _ = auditor.write_ahead_statement(stored(statement("s2", 3)), &mut String::new());
+        let store = stored_all(release, flushed, auditor, handle, &dir, &signer).await;
+        let s = |s: &str| Some(s.to_string());
+        let kinds: Vec<(u64, &str, Option<String>)> = store
+            .rows(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|row| (row.id, row.event.detail.kind(), row.event.session))
+            .collect();
+        assert_eq!(
+            kinds[1..],
+            [
+                (2, "statements", s("s1")),
+                (3, "statement", s("s2")),
+                (4, "statement_done", s("s2")),
+                (5, "statements", s("s2")),
+            ]
+        );
+        let events: Vec<(u64, &str, Option<String>, u64)> = store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let seq = match e.event.detail {
+                    Detail::Statement { seq, .. } | Detail::StatementDone { seq, .. } => seq,
+                    _ => 0,
+                };
+                (e.id, e.event.detail.kind(), e.event.session, seq)
+            })
+            .collect();
+        // s1's second statement is stored ahead of s2's completion, which
+        // came before it; each session's own order holds.
+        assert_eq!(
+            events[1..],
+            [
+                (2, "statement", s("s1"), 1),
+                (2, "statement", s("s1"), 2),
+                (3, "statement", s("s2"), 1),
+                (4, "statement_done", s("s2"), 1),
+                (5, "statement", s("s2"), 2),
+                (5, "statement", s("s2"), 3),
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
