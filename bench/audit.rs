@@ -103,9 +103,7 @@ fn as_sessions(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, sync: S
                 columns: &columns,
                 sample: &sample,
             };
-            auditor.complete(Some(ticket), envelope, seq, completion, &mut scratch, |c| {
-                Event::now(c.into_done(seq))
-            });
+            auditor.complete(Some(ticket), envelope, seq, completion, &mut scratch);
         }
         auditor.flush().await;
     });

@@ -587,6 +587,23 @@ pub fn join_completion(statement: &mut String, completion: &str) -> bool {
     true
 }
 
+/// A completion's stored form ([`Completion::to_json`]) without its
+/// opening brace: what follows a `statement_done` event's `seq`.
+fn completion_rest(fields: &str) -> Option<&str> {
+    fields.strip_prefix('{').filter(|rest| rest.ends_with('}'))
+}
+
+/// Appends a `statement_done` event's tag, `seq` and the completion's
+/// fields (`rest`: [`completion_rest`]) after its envelope, closing it.
+fn push_done_fields(out: &mut String, seq: u64, rest: &str) {
+    out.push_str(",\"type\":\"statement_done\",\"seq\":");
+    out.push_str(itoa::Buffer::new().format(seq));
+    if rest != "}" {
+        out.push(',');
+    }
+    out.push_str(rest);
+}
+
 /// Where a statement event's stored form has its `type` tag, after its
 /// envelope (`at`, `session`, `identity`, `target`): inside a JSON string
 /// every quote is escaped, so the first such tag is the real one.
@@ -1521,7 +1538,7 @@ impl Record {
     /// `into` left as it was, when `fields` is not a completion's stored
     /// form.
     pub fn write_done(&self, into: &mut String, fields: &str) -> bool {
-        let Some(rest) = fields.strip_prefix('{').filter(|rest| rest.ends_with('}')) else {
+        let Some(rest) = completion_rest(fields) else {
             return false;
         };
         into.clear();
@@ -1533,13 +1550,35 @@ impl Record {
             }
         }
         push_json_field(into, ",\"session\":", self.session());
-        into.push_str(",\"type\":\"statement_done\",\"seq\":");
-        into.push_str(itoa::Buffer::new().format(self.seq));
-        if rest != "}" {
-            into.push(',');
-        }
-        into.push_str(rest);
+        push_done_fields(into, self.seq, rest);
         true
+    }
+
+    /// The completion of statement `seq` of the session `envelope` as an
+    /// event of its own ([`Detail::StatementDone`]) at `at`, from `fields`
+    /// ([`CompletionView::write_fields`]): what serializing that event
+    /// gives (tested), written by hand into `buffer` (emptied first). What
+    /// a session records for a completion whose statement the writer took
+    /// before it ended. `None` when `fields` is not a completion's stored
+    /// form.
+    pub fn done(buffer: String, at: DateTime<Utc>, envelope: &Arc<Envelope>, seq: u64, fields: &str) -> Option<Record> {
+        let rest = completion_rest(fields)?;
+        let mut json = buffer;
+        json.clear();
+        json.push_str("{\"at\":");
+        push_at(&mut json, &at);
+        push_json_field(&mut json, ",\"session\":", envelope.session.as_deref());
+        push_json_field(&mut json, ",\"identity\":", envelope.identity.as_deref());
+        push_json_field(&mut json, ",\"target\":", envelope.target.as_deref());
+        push_done_fields(&mut json, seq, rest);
+        Some(Record {
+            json,
+            at,
+            kind: "statement_done",
+            seq,
+            envelope: envelope.clone(),
+            parts: Parts::default(),
+        })
     }
 
     /// The event back from its stored form (for the live stream).
@@ -1593,6 +1632,27 @@ mod tests {
         assert!(joined.join(&fields, None));
         let serde = Record::new(serde_json::from_str(&written.json).unwrap());
         assert_eq!(serde.parts, Parts::default());
+        // As an event of its own, with the whole envelope, at any time.
+        let whole = event.clone().by("alice", "shop");
+        let own = Record::done("left over".into(), whole.at, &envelope, 7, &fields).unwrap();
+        assert_eq!(own.json, whole.to_json());
+        assert_eq!((own.kind, own.seq), ("statement_done", 7));
+        assert!(Record::done(String::new(), whole.at, &envelope, 7, "[]").is_none());
+        let bare = Completion {
+            rows: None,
+            duration_us: 1,
+            sqlstate: None,
+            skipped: false,
+            columns: vec![],
+            sample: vec![],
+        };
+        let at = DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z").unwrap().to_utc();
+        let own = Record::done(String::new(), at, &envelope, 8, &bare.to_json()).unwrap();
+        let expected = Event {
+            at,
+            ..Event::now(bare.into_done(8)).in_session("s1").by("alice", "shop")
+        };
+        assert_eq!(own.json, expected.to_json());
         for statement in [written, joined, serde] {
             let mut done = String::from("left over");
             assert!(statement.write_done(&mut done, &fields));

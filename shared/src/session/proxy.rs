@@ -2974,18 +2974,12 @@ impl<'a> Proxy<'a> {
             columns: mark.columns.as_deref().unwrap_or_default(),
             sample: &mark.sample,
         };
-        let (session, identity, target) = (self.ctx.session_id, self.ctx.identity.name(), self.ctx.target);
         auditor.complete(
             mark.ticket,
             &self.audit_envelope,
             mark.seq,
             completion,
             &mut self.audit_scratch,
-            |completion| {
-                audit::Event::now(completion.into_done(mark.seq))
-                    .in_session(session)
-                    .by(identity, target)
-            },
         );
         // One large completion (long sampled values, many columns) does not
         // keep its buffer for the rest of the session.
