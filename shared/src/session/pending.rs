@@ -301,11 +301,9 @@ impl PendingQueue {
         }
     }
 
-    /// Whether the statement whose rows arrive now wants more sample rows:
-    /// rows of its first result only, so that they line up with the first
-    /// columns.
     /// The sample rows of the statement whose rows arrive now, while it
-    /// takes more (its first result, fewer than `limit` rows so far).
+    /// takes more: fewer than `limit` so far, and rows of its first result
+    /// only, so that they line up with the first columns.
     pub fn sample(&mut self, limit: usize) -> Option<&mut crate::audit::SampleRows> {
         self.front();
         match self.marks.front_mut() {
