@@ -1982,6 +1982,33 @@ mod tests {
 
     /// Statements of one session taken in one batch share a row, until the
     /// session records something else; readers see each statement.
+    /// Each row of the trail: its id, kind and session.
+    fn row_kinds(store: &SqliteStore) -> Vec<(u64, &'static str, Option<String>)> {
+        store
+            .rows(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|row| (row.id, row.event.detail.kind(), row.event.session))
+            .collect()
+    }
+
+    /// Each event the trail's rows stand for: its row's id, its kind,
+    /// session and statement number (0 for other events).
+    fn event_seqs(store: &SqliteStore) -> Vec<(u64, &'static str, Option<String>, u64)> {
+        store
+            .events(&crate::audit::EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let seq = match e.event.detail {
+                    Detail::Statement { seq, .. } | Detail::StatementDone { seq, .. } => seq,
+                    _ => 0,
+                };
+                (e.id, e.event.detail.kind(), e.event.session, seq)
+            })
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sessions_statements_in_one_batch_share_a_row() {
         let (dir, auditor, handle, signer, release, flushed) = gated("rows");
@@ -2010,12 +2037,7 @@ mod tests {
         let _ = auditor.write_ahead_statement(stored(statement("s1", 5)), &mut String::new());
         let _ = auditor.write_ahead_statement(stored(statement("s1", 6)), &mut String::new());
         let store = stored_all(release, flushed, auditor, handle, &dir, &signer).await;
-        let kinds: Vec<(u64, &str, Option<String>)> = store
-            .rows(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|row| (row.id, row.event.detail.kind(), row.event.session))
-            .collect();
+        let kinds = row_kinds(&store);
         let s = |s: &str| Some(s.to_string());
         assert_eq!(
             kinds,
@@ -2034,18 +2056,7 @@ mod tests {
                 (12, "statements", s("s1")),
             ]
         );
-        let events: Vec<(u64, &str, Option<String>, u64)> = store
-            .events(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|e| {
-                let seq = match e.event.detail {
-                    Detail::Statement { seq, .. } | Detail::StatementDone { seq, .. } => seq,
-                    _ => 0,
-                };
-                (e.id, e.event.detail.kind(), e.event.session, seq)
-            })
-            .collect();
+        let events = event_seqs(&store);
         assert_eq!(
             events[3..],
             [
@@ -2089,12 +2100,7 @@ mod tests {
         let _ = auditor.write_ahead_statement(stored(statement("s2", 3)), &mut String::new());
         let store = stored_all(release, flushed, auditor, handle, &dir, &signer).await;
         let s = |s: &str| Some(s.to_string());
-        let kinds: Vec<(u64, &str, Option<String>)> = store
-            .rows(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|row| (row.id, row.event.detail.kind(), row.event.session))
-            .collect();
+        let kinds = row_kinds(&store);
         assert_eq!(
             kinds[1..],
             [
@@ -2104,18 +2110,7 @@ mod tests {
                 (5, "statements", s("s2")),
             ]
         );
-        let events: Vec<(u64, &str, Option<String>, u64)> = store
-            .events(&crate::audit::EventFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|e| {
-                let seq = match e.event.detail {
-                    Detail::Statement { seq, .. } | Detail::StatementDone { seq, .. } => seq,
-                    _ => 0,
-                };
-                (e.id, e.event.detail.kind(), e.event.session, seq)
-            })
-            .collect();
+        let events = event_seqs(&store);
         // s1's second statement is stored ahead of s2's completion, which
         // came before it; each session's own order holds.
         assert_eq!(
