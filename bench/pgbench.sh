@@ -11,13 +11,14 @@
 #     sluice     pgbench -> sluice (service token as the password) ->
 #                PostgreSQL (SCRAM as role "bench")
 #   For every clients x mode cell it runs ROUNDS rounds; each round runs the
-#   three paths one after the other (interleaved, starting order rotated every
-#   round) so that drift on the machine hits all three alike. It then prints
+#   paths one after the other (odd rounds forward, even rounds backward, from
+#   a starting path that moves on every round) so that drift on the machine,
+#   and what one run leaves behind for the next, hit all paths alike. It then prints
 #   the MEDIAN of the rounds: TPS of each path, sluice/direct and
 #   sluice/pgbouncer TPS ratios, and latency in ms of each path. With the
 #   noaudit path it also prints sluice/noaudit within each round and the
-#   median of those: the two ran in the same round (back to back in three
-#   rounds of four), so this paired figure is steadier than the ratio of
+#   median of those: the two ran in the same round (back to back, in either
+#   order), so this paired figure is steadier than the ratio of
 #   the two medians when the machine's throughput drifts between rounds;
 #   from six rounds on, with a 95% interval for that median (sign test).
 #   Last, a table of CPU time per transaction: the whole machine's, the
@@ -530,12 +531,21 @@ RESULTS=$TMP/results.tsv
 : >"$RESULTS"
 
 # measure LABEL CLIENTS MODE [extra pgbench args...]: ROUNDS interleaved rounds.
+# Odd rounds take the paths forward, even ones backward, each round from the
+# next starting path: every path runs in every place, and after a different
+# path in turn, so what a run leaves behind (a trail writer's last batch, the
+# kernel writing its pages back) does not always fall on the same next path.
+# sluice and noaudit still run back to back, in both orders.
 measure() {
-    local label=$1 clients=$2 mode=$3 round i path
+    local label=$1 clients=$2 mode=$3 round i path n=${#PATHS[@]}
     shift 3
     for ((round = 1; round <= ROUNDS; round++)); do
-        for ((i = 0; i < ${#PATHS[@]}; i++)); do
-            path=${PATHS[(i + round - 1) % ${#PATHS[@]}]}
+        for ((i = 0; i < n; i++)); do
+            if ((round % 2)); then
+                path=${PATHS[(round - 1 + i) % n]}
+            else
+                path=${PATHS[((round - 1 - i) % n + n) % n]}
+            fi
             run_pgbench "$path" "$clients" "$mode" "$DURATION" "$@"
             printf '  c=%-3s %-10s round %d/%d  %-9s  tps %11.1f  latency %8.3f ms  cpu/tx %6s us%s%s  steal %s%%\n' \
                 "$clients" "$label" "$round" "$ROUNDS" "$path" "$TPS" "$LAT" "$MACHINE_US" \
@@ -601,7 +611,7 @@ echo "            pgbouncer -p $PGB_PORT  PGPASSWORD=$PG_PASSWORD (cleartext to 
 echo "            sluice    -p $GW_PORT  PGPASSWORD=$TOKEN (token, SCRAM upstream)"
 [[ -n $ALT_BIN ]] && echo "            alt       -p $ALT_PORT  as sluice, the other build: $ALT_BIN"
 echo "            all with PGSSLMODE=disable over TCP on 127.0.0.1; pgbench runs on the same machine"
-echo "rounds:     $ROUNDS x ${DURATION}s per path per row, paths interleaved in rotating order"
+echo "rounds:     $ROUNDS x ${DURATION}s per path per row, paths interleaved, forward and backward in turn"
 echo
 
 python3 - "$RESULTS" "${PATHS[*]}" <<'PY'
