@@ -84,6 +84,46 @@ async fn ending_a_session_cancels_the_statement_it_left_running() {
     .await;
 }
 
+/// `/metrics` counts statements as the console does: each execution of a
+/// prepared statement (not its one Parse), and a message the gateway
+/// refuses in place, which the policy allowed, as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_executions_and_refusals_in_place() {
+    let gw = TestGateway::start("api_metrics_counts", Spec::default()).await;
+    let viewer = client(&gw, Some(ALICE));
+    let mut bob = RawClient::connect(gw.addr).await;
+    bob.login(&gw.db, BOB).await;
+    bob.send(
+        &[
+            raw::parse("twice", "SELECT 2 AS two"),
+            raw::bind("", "twice"),
+            raw::execute("", 0),
+            raw::bind("", "twice"),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    bob.until_ready().await;
+    // A portal name PostgreSQL would cut short: refused in place.
+    bob.send(&[raw::execute(&"p".repeat(64), 0), raw::sync()].concat())
+        .await;
+    let refused = bob.until_ready().await;
+    assert!(raw::first_error(&refused)[&'M'].contains("name refused"), "{refused:?}");
+
+    let live = viewer.sessions().await.unwrap();
+    assert_eq!((live[0].statements, live[0].refused), (3, 1), "{live:?}");
+    let metrics = viewer.metrics().await.unwrap();
+    for expected in [
+        "sluice_statements_total{decision=\"allow\"} 2\n",
+        "sluice_statements_total{decision=\"deny\"} 1\n",
+        "sluice_statements_total{decision=\"require_approval\"} 0\n",
+    ] {
+        assert!(metrics.contains(expected), "{expected}: {metrics}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_listed_followed_and_ended_by_an_admin() {
     let mut gw = TestGateway::start("api_sessions", Spec::default()).await;

@@ -22,11 +22,20 @@ pub struct Metrics {
     duration_sum_us: AtomicU64,
 }
 
-/// A statement's decision, as counted.
+/// How a statement is counted: as the console and the trail count them
+/// (each simple Query and FunctionCall, each execution of a prepared
+/// statement, each message refused in place), not the policy's checks (a
+/// prepared statement is checked once, at its Parse).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// It ran.
     Allow,
+    /// Refused, by the policy or by the gateway itself (the trail
+    /// unavailable, a grant that ended before its Execute, a name the
+    /// gateway cannot follow, an approval denied or expired at a held Bind).
     Deny,
+    /// A simple Query held for approval, or refused until one approves
+    /// it (`refuse_and_retry`). A held Bind counts when its hold ends.
     RequireApproval,
 }
 
@@ -54,7 +63,7 @@ impl Metrics {
     pub fn write(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "# HELP sluice_statements_total Statements checked, by the gateway's decision.\n\
+            "# HELP sluice_statements_total Statements run or refused (simple queries, function calls, executions of prepared statements), by decision.\n\
              # TYPE sluice_statements_total counter"
         );
         for (decision, counter) in [

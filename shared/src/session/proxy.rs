@@ -45,6 +45,7 @@ use crate::gate::{
 use crate::identity::Identity;
 use crate::live::{LiveSession, SessionState};
 use crate::mask::RowMasker;
+use crate::metrics::Decision;
 use crate::net::Stream;
 use crate::protocol::backend::{self, ErrorFields, ParameterStatus, ReceivedError, Severity};
 use crate::protocol::codec::{self, HEADER_LEN, printable};
@@ -2107,18 +2108,19 @@ impl<'a> Proxy<'a> {
         let text = audit_text(sql);
         if let Some(refusal) = self.audit_unavailable() {
             self.counters.refused += 1;
+            self.ctx.metrics.decided(Decision::Deny);
             self.ctx.live.note_statement(&text, true);
             self.record_statement(text, source, &Outcome::Refuse(refusal.clone()), None, "deny", None);
             return Outcome::Refuse(refusal);
         }
         let (outcome, decided) = self.decide(sql, source);
-        self.ctx.metrics.decided(match decided.decision {
-            "allow" => crate::metrics::Decision::Allow,
-            "require_approval" => crate::metrics::Decision::RequireApproval,
-            _ => crate::metrics::Decision::Deny,
-        });
         let refused = matches!(outcome, Outcome::Refuse(_));
         if refused || !matches!(source, StatementSource::Parse { .. }) {
+            self.ctx.metrics.decided(match (&outcome, decided.decision) {
+                (Outcome::Hold(_), _) | (Outcome::Refuse(_), "require_approval") => Decision::RequireApproval,
+                (Outcome::Refuse(_), _) => Decision::Deny,
+                (Outcome::Forward | Outcome::Guard(_), _) => Decision::Allow,
+            });
             self.ctx.live.note_statement(&text, refused);
         } else {
             // Counted at each Execute ([`Proxy::record_execute`]).
@@ -2323,6 +2325,7 @@ impl<'a> Proxy<'a> {
     /// trail records it.
     fn count_refused_statement(&mut self) {
         self.counters.statements += 1;
+        self.ctx.metrics.decided(Decision::Deny);
         self.ctx.live.count_statement(true);
     }
 
@@ -2334,6 +2337,7 @@ impl<'a> Proxy<'a> {
             // Portals are followed for the trail only: without it, each
             // Execute counts, a portal fetched in pieces once a piece.
             self.counters.statements += 1;
+            self.ctx.metrics.decided(Decision::Allow);
             self.ctx.live.count_statement(false);
             return Ok(());
         }
@@ -2363,8 +2367,10 @@ impl<'a> Proxy<'a> {
         self.counters.statements += 1;
         self.ctx.live.note_statement(&bound.text, false);
         if let Some(refusal) = self.audit_unavailable() {
+            self.ctx.metrics.decided(Decision::Deny);
             return Err(Stop::Audit(refusal.message));
         }
+        self.ctx.metrics.decided(Decision::Allow);
         self.pending_mark = self.record_execution(
             "execute",
             &bound.text,
