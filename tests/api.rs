@@ -86,7 +86,7 @@ async fn ending_a_session_cancels_the_statement_it_left_running() {
 
 /// `/metrics` counts statements as the console does: each execution of a
 /// prepared statement (not its one Parse), and a message the gateway
-/// refuses in place, which the policy allowed, as refused.
+/// refuses in place on its own (no policy rule refused it) as refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_executions_and_refusals_in_place() {
     let gw = TestGateway::start("api_metrics_counts", Spec::default()).await;
