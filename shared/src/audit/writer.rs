@@ -1980,8 +1980,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Statements of one session taken in one batch share a row, until the
-    /// session records something else; readers see each statement.
     /// Each row of the trail: its id, kind and session.
     fn row_kinds(store: &SqliteStore) -> Vec<(u64, &'static str, Option<String>)> {
         store
@@ -2009,6 +2007,8 @@ mod tests {
             .collect()
     }
 
+    /// Statements of one session taken in one batch share a row, until the
+    /// session records something else; readers see each statement.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sessions_statements_in_one_batch_share_a_row() {
         let (dir, auditor, handle, signer, release, flushed) = gated("rows");
