@@ -44,6 +44,10 @@
 #   AUDIT=normal           the gateway's audit trail: "normal" (the default:
 #                          survives a crash of the gateway, not of the
 #                          machine), "full" (an fsync per group commit) or "off"
+#   AUDIT_DIR=dir          where the trails go (a fresh directory in dir,
+#                          removed at the end; default: the run's scratch
+#                          directory): a tmpfs (/dev/shm) takes the disk out
+#                          of the trail's cost
 #   NOAUDIT_PATH=1         with the audit on, also run a second gateway with
 #                          the audit off (path "noaudit"), to show the
 #                          trail's cost side by side; 0 skips it
@@ -187,6 +191,7 @@ as_pg() {
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 [[ $EUID -eq 0 ]] && chown postgres:postgres "$TMP"
+TRAILS=$TMP
 SLUICE_PID=
 NOAUDIT_PID=
 ALT_PID=
@@ -216,12 +221,17 @@ cleanup() {
         as_pg "$PG_BIN/pg_ctl" -D "$TMP/data" -m fast -w -t 30 stop >/dev/null 2>&1 ||
             kill -KILL "$(head -n 1 "$TMP/data/postmaster.pid")" 2>/dev/null
     fi
+    [[ $TRAILS != "$TMP" ]] && rm -rf "$TRAILS"
     rm -rf "$TMP"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if [[ -n ${AUDIT_DIR:-} ]]; then
+    TRAILS=$(mktemp -d "$AUDIT_DIR/sluice-trail.XXXXXX") || die "AUDIT_DIR=$AUDIT_DIR: cannot make a directory there"
+fi
 
 # Five distinct free TCP ports on 127.0.0.1.
 read -r PG_PORT PGB_PORT GW_PORT NOAUDIT_PORT ALT_PORT < <(python3 -c '
@@ -369,7 +379,7 @@ EOF
 if [[ $AUDIT == off ]]; then
     sluice_config "$GW_PORT" $'[audit]\nenabled = false' >"$TMP/sluice.toml"
 else
-    sluice_config "$GW_PORT" "$(printf '[audit]\npath = "%s"\nsync = "%s"' "$TMP/audit.db" "$AUDIT")" >"$TMP/sluice.toml"
+    sluice_config "$GW_PORT" "$(printf '[audit]\npath = "%s"\nsync = "%s"' "$TRAILS/audit.db" "$AUDIT")" >"$TMP/sluice.toml"
 fi
 sluice_config "$NOAUDIT_PORT" $'[audit]\nenabled = false' >"$TMP/sluice-noaudit.toml"
 # In its own session, like the postmaster (pg_ctl) and pgbouncer (-d): a ctrl-c
@@ -393,7 +403,7 @@ fi
 if [[ -n $ALT_BIN ]]; then
     [[ -x $ALT_BIN ]] || die "ALT_BIN=$ALT_BIN is not an executable"
     # The same config as sluice's, with a trail of its own.
-    sed -e "s/^listen = .*/listen = \"127.0.0.1:$ALT_PORT\"/" -e "s|$TMP/audit.db|$TMP/audit-alt.db|" \
+    sed -e "s/^listen = .*/listen = \"127.0.0.1:$ALT_PORT\"/" -e "s|$TRAILS/audit.db|$TRAILS/audit-alt.db|" \
         "$TMP/sluice.toml" >"$TMP/sluice-alt.toml"
     echo "starting the other build ($ALT_BIN, path alt) on 127.0.0.1:$ALT_PORT"
     SLUICE_LOG=${SLUICE_LOG:-warn} "${SETSID[@]}" "$ALT_BIN" serve --config "$TMP/sluice-alt.toml" \
@@ -605,7 +615,7 @@ echo "sluice:     $SLUICE_VERSION ($SLUICE_BIN, $GIT_DESC)"
 echo "command:    pgbench -n -S -c CLIENTS -j $THREADS -T $DURATION -M MODE -h 127.0.0.1 -p PORT -U $PG_USER $DB"
 echo "            (row \"simple -C\" adds -C: a new connection per transaction)"
 echo "policy:     $POLICY"
-echo "audit:      sluice: $AUDIT$([[ " ${PATHS[*]} " == *" noaudit "* ]] && echo "; noaudit: a second sluice, same config, [audit] enabled = false")"
+echo "audit:      sluice: $AUDIT$([[ $TRAILS != "$TMP" ]] && echo " (trails in $AUDIT_DIR)")$([[ " ${PATHS[*]} " == *" noaudit "* ]] && echo "; noaudit: a second sluice, same config, [audit] enabled = false")"
 echo "paths:      direct    -p $PG_PORT  PGPASSWORD=$PG_PASSWORD (SCRAM)"
 echo "            pgbouncer -p $PGB_PORT  PGPASSWORD=$PG_PASSWORD (cleartext to pgbouncer, SCRAM upstream)"
 echo "            sluice    -p $GW_PORT  PGPASSWORD=$TOKEN (token, SCRAM upstream)"
