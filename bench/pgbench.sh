@@ -129,6 +129,8 @@ for m in "${MODES[@]}"; do
         die "ONLY_MODES: '$m' is not simple, extended or prepared"
 done
 
+# AUDIT_DIR is taken from where the script was started.
+[[ -n ${AUDIT_DIR:-} && $AUDIT_DIR != /* ]] && AUDIT_DIR=$PWD/$AUDIT_DIR
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
 SLUICE_BIN=${SLUICE_BIN:-target/release/sluice}
@@ -229,7 +231,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [[ -n ${AUDIT_DIR:-} ]]; then
+if [[ -n ${AUDIT_DIR:-} && $AUDIT != off ]]; then
     TRAILS=$(mktemp -d "$AUDIT_DIR/sluice-trail.XXXXXX") || die "AUDIT_DIR=$AUDIT_DIR: cannot make a directory there"
 fi
 
