@@ -13,8 +13,8 @@
 #   For every clients x mode cell it runs ROUNDS rounds; each round runs the
 #   paths one after the other (odd rounds forward, even rounds backward, from
 #   a starting path that moves on every round) so that drift on the machine,
-#   and what one run leaves behind for the next, hit all paths alike. It then prints
-#   the MEDIAN of the rounds: TPS of each path, sluice/direct and
+#   and what one run leaves behind for the next, hit all paths alike. It then
+#   prints the MEDIAN of the rounds: TPS of each path, sluice/direct and
 #   sluice/pgbouncer TPS ratios, and latency in ms of each path. With the
 #   noaudit path it also prints sluice/noaudit within each round and the
 #   median of those: the two ran in the same round (back to back, in either
@@ -45,9 +45,10 @@
 #                          survives a crash of the gateway, not of the
 #                          machine), "full" (an fsync per group commit) or "off"
 #   AUDIT_DIR=dir          where the trails go (a fresh directory in dir,
-#                          removed at the end; default: the run's scratch
-#                          directory): a tmpfs (/dev/shm) takes the disk out
-#                          of the trail's cost
+#                          a relative one from the current directory, removed
+#                          at the end; default: the run's scratch directory;
+#                          unused with AUDIT=off): a tmpfs (/dev/shm) takes
+#                          the disk out of the trail's cost
 #   NOAUDIT_PATH=1         with the audit on, also run a second gateway with
 #                          the audit off (path "noaudit"), to show the
 #                          trail's cost side by side; 0 skips it
